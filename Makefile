@@ -1,0 +1,33 @@
+# Quick start: `make demo` then `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+CORES ?= all
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test install dryrun lint clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, alone: the pinned CPU wheel; any other spec pulls CUDA builds.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) all
+
+dryrun: $(STAMP)
+	$(BIN)/snakemake -n all
+
+lint: $(STAMP)
+	$(BIN)/snakemake --lint
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean-demo:
+	rm -rf results logs .snakemake
