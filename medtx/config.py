@@ -1,0 +1,88 @@
+"""Config loading and validation against workflow/schemas/config.schema.yaml.
+
+Errors name the key path (``preprocess/n4/shrink_factor``) and the allowed
+values, and defaults from the schema are filled in, so code downstream reads
+every key without guessing.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from medtx.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "config.yaml"
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _fill_defaults(node: Any, schema: dict) -> None:
+    if not isinstance(node, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        if key not in node and "default" in sub:
+            node[key] = copy.deepcopy(sub["default"])
+        if key in node:
+            _fill_defaults(node[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in node.items():
+            if key not in schema.get("properties", {}):
+                _fill_defaults(value, extra)
+
+
+def _describe(err: jsonschema.ValidationError) -> str:
+    key = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"config key '{key}': {err.message}{hint}"
+    if err.validator == "enum":
+        return f"config key '{key}': {err.instance!r} is not one of {err.validator_value}"
+    if err.validator == "oneOf" and isinstance(err.instance, (str, list)):
+        return f"config key '{key}': {err.instance!r} is not a valid value ({err.schema.get('description', '')})"
+    return f"config key '{key}': {err.message}"
+
+
+def validate_config(config: dict) -> dict:
+    """Validate in place (filling defaults) and return ``config``.
+
+    Raises:
+        ConfigError: listing every problem, each with its key path.
+    """
+    schema = load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = "\n".join(f"  - {_describe(e)}" for e in errors)
+        raise ConfigError(f"invalid config ({len(errors)} problem(s)):\n{lines}")
+    _fill_defaults(config, schema)
+    for name, ds in config["datasets"].items():
+        if isinstance(ds["role"], str):
+            ds["role"] = [ds["role"]]
+        if ds["kind"] == "csv" and "generate" in ds:
+            raise ConfigError(f"config key 'datasets/{name}/generate': only bids and brats datasets can be generated")
+    return config
+
+
+def load_config(path: str | Path | None = None) -> dict:
+    """Read a YAML config (the repo's config.yaml by default) and validate it."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return validate_config(config)

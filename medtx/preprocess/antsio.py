@@ -1,0 +1,85 @@
+"""Exact conversion between (array, NIfTI affine) and ANTs images.
+
+ITK stores geometry in LPS with separate spacing and direction; NIfTI affines
+are RAS. Converting in memory (not through temp files) keeps steps fast; the
+unit tests check the result against ``ants.image_read`` of the same file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def to_ants(data: np.ndarray, affine: np.ndarray):
+    import ants
+
+    m = _LPS @ np.asarray(affine, dtype=float)[:3, :3]
+    spacing = np.linalg.norm(m, axis=0)
+    direction = m / spacing
+    origin = _LPS @ np.asarray(affine, dtype=float)[:3, 3]
+    return ants.from_numpy(
+        np.ascontiguousarray(data, dtype=np.float32),
+        origin=tuple(origin.tolist()),
+        spacing=tuple(spacing.tolist()),
+        direction=direction,
+    )
+
+
+def from_ants(img) -> tuple[np.ndarray, np.ndarray]:
+    spacing = np.asarray(img.spacing, dtype=float)
+    direction = np.asarray(img.direction, dtype=float).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS @ (direction * spacing)
+    affine[:3, 3] = _LPS @ np.asarray(img.origin, dtype=float)
+    return img.numpy().astype(np.float32), affine
+
+
+def configure_ants(*, seed: int | None, threads: int, deterministic: bool) -> None:
+    """Set ITK threads and the registration seed before any ANTs call.
+
+    antspyx ignores ``random_seed`` in ``ants.registration``; the seed it uses is
+    ``ants.config._random_seed``. With one thread and a seed, reruns give
+    identical transforms (multi-threaded metric sums are not bit-reproducible).
+    """
+    import os
+
+    n = 1 if deterministic else max(1, int(threads))
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(n)
+    os.environ["ANTS_RANDOM_SEED"] = str(seed if seed is not None else "")
+    import ants
+
+    ants.config._random_seed = seed
+
+
+def read_template(name: str, mm: float = 1.0):
+    """A template image (ANTs), resampled to ``mm`` isotropic when mm != 1."""
+    return _read_template(name, float(mm))
+
+
+def _read_template_uncached(name: str, mm: float):
+    import ants
+
+    from medtx.templates import template_path
+
+    img = ants.image_read(str(template_path(name)))
+    if mm != 1.0:
+        interp = 1 if name == "brain_mask" else 0  # 1 = nearest, 0 = linear
+        img = ants.resample_image(img, (mm, mm, mm), use_voxels=False, interp_type=interp)
+    return img
+
+
+import functools as _functools  # noqa: E402
+
+_read_template = _functools.lru_cache(maxsize=8)(_read_template_uncached)
+
+
+def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Normalized cross-correlation of two images inside a mask."""
+    x = a[mask].astype(np.float64)
+    y = b[mask].astype(np.float64)
+    x -= x.mean()
+    y -= y.mean()
+    denom = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / denom) if denom > 0 else float("nan")

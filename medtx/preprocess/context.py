@@ -1,0 +1,33 @@
+"""What every preprocessing step needs besides its files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from medtx.provenance import StepRecord
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Scan identity, backend, seed and QC thresholds shared by the steps.
+
+    Attributes:
+        scan: scan id used in file names (``sub-01`` or ``sub-01_ses-1``).
+        backend: the resolved backend, ``fsl`` or ``ants``.
+        seed: recorded in provenance; seeds antspyx registration.
+        qc: thresholds from the config's ``qc`` section.
+    """
+
+    scan: str
+    backend: str = "ants"
+    seed: int | None = 42
+    dataset: str | None = None
+    subject: str | None = None
+    threads: int = 1
+    deterministic: bool = True
+    qc: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, step: str, params: dict) -> StepRecord:
+        return StepRecord(step, scan=self.scan, backend=self.backend, params=params,
+                          seed=self.seed, dataset=self.dataset)

@@ -1,0 +1,61 @@
+"""N4 bias-field correction (antspyx), fitted inside the brain mask.
+
+Masking is both faster (~12 s vs ~40 s at 193x229x193) and better: the
+background and the skull-stripped border carry no bias information.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medtx.io import load_volume, save_nifti
+from medtx.preprocess.antsio import configure_ants, to_ants
+from medtx.preprocess.context import StepContext
+from medtx.provenance import check, package_version
+
+
+def n4_arguments(params: dict) -> dict:
+    """ants.n4_bias_field_correction keyword arguments from the config section."""
+    return {
+        "shrink_factor": int(params.get("shrink_factor", 4)),
+        "convergence": {"iters": list(params.get("iterations", [50, 50, 50, 50])),
+                        "tol": float(params.get("tol", 1e-7))},
+        "spline_param": float(params.get("spline_distance_mm", 200)),
+    }
+
+
+def run_n4(brain: str | Path, mask: str | Path, *, n4_out: str | Path, record_out: str | Path,
+           ctx: StepContext, params: dict) -> dict:
+    """Correct the bias field; the record keeps the field's range in the brain."""
+    configure_ants(seed=ctx.seed, threads=ctx.threads, deterministic=ctx.deterministic)
+    import ants
+
+    data, affine = load_volume(brain, subject=ctx.subject)
+    mask_data, _ = load_volume(mask, subject=ctx.subject, check_data=False)
+    inside = mask_data > 0.5
+    rec = ctx.record("n4", dict(params))
+    rec.set_tool("antspyx", package_version("antspyx"))
+    rec.add_input("brain", brain)
+    rec.add_input("brain_mask", mask)
+    kwargs = n4_arguments(params)
+    masked = bool(params.get("masked", True))
+    rec.call("ants.n4_bias_field_correction", mask="brain_mask" if masked else None,
+             return_bias_field=True, **kwargs)
+    field = ants.n4_bias_field_correction(
+        to_ants(data, affine), mask=to_ants(inside.astype(np.float32), affine) if masked else None,
+        return_bias_field=True, **kwargs,
+    ).numpy()
+    corrected = np.where(inside, data / np.maximum(field, 1e-6), 0.0).astype(np.float32)
+    save_nifti(corrected, affine, n4_out)
+    rec.add_output("n4", n4_out)
+    lo, hi = float(field[inside].min()), float(field[inside].max())
+    ratio = hi / lo if lo > 0 else float("inf")
+    metrics = {"bias_min": round(lo, 4), "bias_max": round(hi, 4), "bias_ratio": round(ratio, 4)}
+    rec.set_qc(metrics, [check("bias_ratio", metrics["bias_ratio"],
+                               maximum=ctx.qc.get("bias_max_ratio", 3.0))])
+    return rec.finish(record_out)
+
+
+
