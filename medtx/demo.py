@@ -222,7 +222,7 @@ def plan_brats_cohort(spec: dict | None = None) -> list[dict]:
 # ---------------------------------------------------------------- template
 
 class Template(NamedTuple):
-    t1: np.ndarray          # T1 head with skull, float32 (the brain is t1 * mask)
+    t1: np.ndarray          # T1 head with skull, air zeroed, float32 (brain: t1 * mask)
     mask: np.ndarray        # brain mask, bool
     labels: np.ndarray      # CerebrA labels, int16
     affine: np.ndarray      # shared voxel -> world (RAS, 1 mm, diagonal)
@@ -245,9 +245,23 @@ def template() -> Template:
     labels = np.rint(_read("cerebra")[0]).astype(np.int16)
     csf, wm = _tissue_levels(t1, labels)
     wm_t1 = float(np.median(t1[_white_matter(t1, mask, labels, csf, wm)]))
+    _clear_air(t1, wm_t1)
     for a in (t1, mask, labels):
         a.flags.writeable = False
     return Template(t1, mask, labels, affine, wm_t1, csf)
+
+
+def _clear_air(t1: np.ndarray, wm: float) -> None:
+    """Zero the template's faint background (about 5 % of WM) outside the head.
+
+    Left in, the edges of the template box would show through the noise of
+    every synthetic scan as a tilted rectangle.
+    """
+    head = ndi.binary_fill_holes(t1 > 0.12 * wm)
+    parts, n = ndi.label(head)
+    if n > 1:
+        head = parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+    t1 *= ndi.uniform_filter(head.astype(np.float32), 3)
 
 
 def _white_matter(t1: np.ndarray, mask: np.ndarray, labels: np.ndarray,
@@ -661,7 +675,7 @@ def brats_acquisition(row: dict, spec: dict | None = None) -> dict:
         "translation_mm": rng.uniform(-4, 4, 3).round(2).tolist(),
         "tumour_centre_mm": sites[int(rng.integers(len(sites)))].tolist(),
         "tumour_radius_mm": round(radius, 2),
-        "tumour_axes": rng.uniform(0.75, 1.25, 3).round(3).tolist(),
+        "tumour_axes": rng.uniform(0.7, 1.3, 3).round(3).tolist(),
         "tumour_rotation_deg": rng.uniform(-180, 180, 3).round(1).tolist(),
         "rim_mm": round(float(rng.uniform(3.0, 6.0)), 2),
         "edema_mm": round(float(rng.uniform(8.0, 15.0)), 2),
@@ -700,6 +714,23 @@ def _brats_base(pose: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, tu
     return base, mask, sub
 
 
+def _lobes(offsets: np.ndarray, rng: np.random.Generator, peak: float, n: int = 6) -> np.ndarray:
+    """A random function of direction from the tumour centre, max |value| = peak.
+
+    Defined on directions rather than positions so the lobes scale with the
+    tumour, whatever the size of the box it is drawn in.
+    """
+    unit = offsets / np.maximum(np.linalg.norm(offsets, axis=-1, keepdims=True), 1e-3)
+    out = np.zeros(offsets.shape[:-1], np.float32)
+    for _ in range(n):
+        v = rng.normal(size=3).astype(np.float32)
+        v /= np.linalg.norm(v)
+        out += np.cos(np.float32(np.pi * rng.uniform(1.0, 3.0)) * (unit @ v)
+                      + np.float32(rng.uniform(0, 2 * np.pi)))
+    out *= np.float32(peak / max(float(np.abs(out).max()), 1e-6))
+    return out
+
+
 def _tumour_labels(acq: dict, pose: np.ndarray, shape, offset: np.ndarray,
                    brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """BraTS labels (0/1/2/4) of an irregular ellipsoidal tumour in the brain box.
@@ -710,7 +741,7 @@ def _tumour_labels(acq: dict, pose: np.ndarray, shape, offset: np.ndarray,
     frame, _ = _brats_frame()
     centre = (np.linalg.inv(frame) @ pose @ [*acq["tumour_centre_mm"], 1.0])[:3] - offset
     r = acq["tumour_radius_mm"]
-    half = int(np.ceil(r * 1.25 * 1.2 + acq["edema_mm"] * 1.3 + 4))
+    half = int(np.ceil(r * 1.3 * 1.35 + acq["edema_mm"] * 1.3 + 4))
     lo = np.clip(np.round(centre).astype(int) - half, 0, None)
     hi = np.minimum(np.round(centre).astype(int) + half + 1, shape)
     sub = tuple(slice(a, b) for a, b in zip(lo, hi))
@@ -720,11 +751,11 @@ def _tumour_labels(acq: dict, pose: np.ndarray, shape, offset: np.ndarray,
     rot = _rotation(np.asarray(acq["tumour_rotation_deg"])).astype(np.float32)
     axes = np.float32(r) * np.asarray(acq["tumour_axes"], np.float32)
     rho = np.linalg.norm((grid @ rot) / axes, axis=-1)
-    rho *= np.exp(smooth_field(bshape, rng, 4, 0.18))
+    rho *= np.exp(_lobes(grid, rng, 0.3))  # lobulated, not a clean ellipsoid
     local_brain = brain[sub]
     core = (rho <= 1.0) & local_brain
     necrosis = core & (rho <= max(1.0 - acq["rim_mm"] / r, 0.3))
-    reach = acq["edema_mm"] * np.exp(smooth_field(bshape, rng, 4, 0.3))
+    reach = acq["edema_mm"] * np.exp(_lobes(grid, rng, 0.4))
     edema = (ndi.distance_transform_edt(~core) <= reach) & local_brain & ~core
     seg = np.zeros(shape, np.uint8)
     local = seg[sub]

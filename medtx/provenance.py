@@ -152,11 +152,19 @@ def check(metric: str, value: float, *, minimum: float | None = None,
 
 
 def merge_scan(step_files: list[str | Path], out: str | Path, *, scan: str, dataset: str,
-               subject: str, session: str | None, extra: dict[str, Any] | None = None) -> dict:
-    """Gather a scan's step records into one JSON, in pipeline order."""
+               subject: str, session: str | None, qc: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> dict:
+    """Gather a scan's step records into one JSON, judging QC against ``qc``."""
     import json
 
+    from medtx.qc import judge
+
     steps = [json.loads(Path(p).read_text()) for p in step_files]
+    for step in steps:
+        checks = step["qc"]["checks"] + judge(step, qc or {})
+        step["qc"]["checks"] = checks
+        step["qc"]["passed"] = all(c["passed"] for c in checks)
+    record_qc = {"thresholds": qc or {}}
     failed = [f"{s['step']}: {c['metric']}={c['value']:.4g}"
               for s in steps for c in s["qc"]["checks"] if not c["passed"]]
     record = {
@@ -168,6 +176,7 @@ def merge_scan(step_files: list[str | Path], out: str | Path, *, scan: str, data
         "backend": steps[0]["backend"] if steps else None,
         "qc_passed": not failed,
         "qc_failures": failed,
+        "qc": record_qc,
         "steps": steps,
         **(extra or {}),
     }

@@ -228,7 +228,12 @@ def build_scan_table(name: str, dataset: dict, *, cache_path: str | Path | None 
         raise MedtxError(f"dataset {name!r} ({path}): no usable scans"
                          + (f"; {len(excluded)} excluded" if excluded else ""))
     if cache_path:
-        write_text(table.to_csv(sep="\t", index=False), cache_path)
+        # Rewrite only on change: rules take this file as input, so a new
+        # mtime alone would rerun them.
+        text = table.to_csv(sep="\t", index=False)
+        path = Path(cache_path)
+        if not path.exists() or path.read_text() != text:
+            write_text(text, path)
     return table
 
 

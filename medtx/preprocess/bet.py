@@ -17,7 +17,7 @@ import numpy as np
 from medtx.io import atomic_path, load_volume, save_nifti
 from medtx.preprocess.antsio import configure_ants, read_template, to_ants
 from medtx.preprocess.context import StepContext
-from medtx.provenance import check, package_version
+from medtx.provenance import package_version
 
 
 def bet_command(t1: str | Path, brain_out: str | Path, params: dict) -> "object":
@@ -54,8 +54,7 @@ def run_bet(t1: str | Path, *, brain_out: str | Path, mask_out: str | Path,
         rec.add_output("transform_init", xfm_out)
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     volume = round(float(mask.sum()) * voxel_ml, 1)
-    lo, hi = ctx.qc.get("brain_volume_ml", [700, 2300])
-    rec.set_qc({"brain_volume_ml": volume}, [check("brain_volume_ml", volume, minimum=lo, maximum=hi)])
+    rec.set_qc({"brain_volume_ml": volume}, [])
     return rec.finish(record_out)
 
 

@@ -50,11 +50,13 @@ def step_records(files: dict[str, str]) -> list[str]:
 
 
 def run_chain(t1: str | Path, outdir: str | Path, *, ctx: StepContext, settings: dict,
-              subject: str | None = None, session: str | None = None) -> dict[str, str]:
+              qc: dict | None = None, subject: str | None = None,
+              session: str | None = None) -> dict[str, str]:
     """Run bet -> flirt -> n4 -> pool -> normalize; return role -> written file.
 
     Args:
         settings: the config's ``preprocess`` section (defaults filled in).
+        qc: the config's ``qc`` thresholds.
     """
     f = t1_outputs(outdir, ctx.scan)
     ants_backend = ctx.backend == "ants"
@@ -70,7 +72,7 @@ def run_chain(t1: str | Path, outdir: str | Path, *, ctx: StepContext, settings:
     run_normalize(f["pooled"], f["brain_mask"], image_out=f["preproc"],
                   record_out=f["normalize_record"], ctx=ctx, params=settings["normalize"])
     merge_scan(step_records(f), f["provenance"], scan=ctx.scan, dataset=ctx.dataset or "",
-               subject=subject or ctx.scan, session=session)
+               subject=subject or ctx.scan, session=session, qc=qc)
     return {
         "preproc": f["preproc"],
         "brain_mask": f["brain_mask"],

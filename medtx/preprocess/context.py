@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from medtx.provenance import StepRecord
 
@@ -16,8 +15,7 @@ class StepContext:
         scan: scan id used in file names (``sub-01`` or ``sub-01_ses-1``).
         backend: the resolved backend, ``fsl`` or ``ants``.
         seed: recorded in provenance; seeds antspyx registration.
-        qc: thresholds from the config's ``qc`` section.
-    """
+        """
 
     scan: str
     backend: str = "ants"
@@ -26,7 +24,6 @@ class StepContext:
     subject: str | None = None
     threads: int = 1
     deterministic: bool = True
-    qc: dict[str, Any] = field(default_factory=dict)
 
     def record(self, step: str, params: dict) -> StepRecord:
         return StepRecord(step, scan=self.scan, backend=self.backend, params=params,

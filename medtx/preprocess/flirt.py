@@ -18,7 +18,7 @@ from medtx.io import atomic_path, load_volume, save_nifti
 from medtx.preprocess.antsio import configure_ants, from_ants, ncc, read_template, to_ants
 from medtx.preprocess.context import StepContext
 from medtx.preprocess.intensity import average_pool
-from medtx.provenance import check, package_version
+from medtx.provenance import package_version
 from medtx.templates import template_path
 
 
@@ -69,8 +69,7 @@ def run_flirt(brain: str | Path, mask: str | Path, *, brain_out: str | Path,
     for role, path in (("brain", brain_out), ("brain_mask", mask_out), ("transform", xfm_out)):
         rec.add_output(role, path)
     metrics = registration_qc(warped, warped_mask)
-    rec.set_qc(metrics, [check("ncc_template", metrics["ncc_template"],
-                               minimum=ctx.qc.get("ncc_min", 0.5))])
+    rec.set_qc(metrics, [])
     return rec.finish(record_out)
 
 

@@ -1,0 +1,17 @@
+# medtx: raw brain MRI -> model-ready volumes (and, in later stages, the
+# Medical Transformer's pre-training, fine-tuning and evaluation).
+# Read as a table of contents; logic lives in the medtx package.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        get_final_output(),
+    default_target: True

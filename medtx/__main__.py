@@ -1,0 +1,5 @@
+import sys
+
+from medtx.cli import main
+
+sys.exit(main())

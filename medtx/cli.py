@@ -1,0 +1,238 @@
+"""The ``medtx`` command: what Snakemake rules call, and tools for users.
+
+    medtx preprocess T1.nii.gz --out DIR [--backend auto|fsl|ants] [--config FILE]
+    medtx step {bet,flirt,n4,pool,normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
+    medtx collect --scan ID --record FILE ... --out FILE --thumbnail PNG
+    medtx report --config FILE --out HTML
+    medtx audit [ROOT]
+    medtx demo {t1-scan,t1-participants,brats-case} --spec JSON ...
+
+A user error (bad scan, bad config, missing FSL) prints one line,
+``medtx: error: ...``, as the log's last line and exits 1; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medtx.errors import MedtxError
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in values or []:
+        if "=" not in item:
+            raise MedtxError(f"{what} must be ROLE=PATH, got {item!r}")
+        role, path = item.split("=", 1)
+        out[role] = path
+    return out
+
+
+def _json(text: str | None, what: str) -> dict:
+    if not text:
+        return {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise MedtxError(f"{what} is not valid JSON: {err}") from err
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from medtx.config import load_config
+    from medtx.io import load_volume
+    from medtx.preprocess.backend import resolve_backend
+    from medtx.preprocess.chain import run_chain
+    from medtx.preprocess.context import StepContext
+    from medtx.scans import ID_PATTERN
+
+    config = load_config(args.config)
+    settings = config["preprocess"]
+    backend = resolve_backend(args.backend or settings["backend"])
+    if backend == "fsl":
+        from medtx.preprocess.backend import require_fsl
+
+        require_fsl()
+    load_volume(args.t1)  # fail on a bad scan before anything is written
+    name = Path(args.t1).name.split(".")[0].removesuffix("_T1w")
+    scan = args.scan or (name if name.startswith("sub-") else f"sub-{''.join(c for c in name if c.isalnum()) or 'scan'}")
+    if not ID_PATTERN.match(scan.removeprefix("sub-").replace("_ses-", "")):
+        raise MedtxError(f"--scan {scan!r}: use sub-<id>[_ses-<id>] with ids in [A-Za-z0-9]")
+    ctx = StepContext(scan=scan, backend=backend, seed=config["seed"],
+                      threads=args.threads or settings["threads"],
+                      deterministic=settings["deterministic"])
+    out = run_chain(args.t1, args.out, ctx=ctx, settings=settings, qc=config["qc"])
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    from medtx.preprocess.context import StepContext
+
+    i, o = _pairs(args.input, "--input"), _pairs(args.output, "--output")
+    params = _json(args.params, "--params")
+    ctx = StepContext(**_json(args.context, "--context"))
+    if args.step == "bet":
+        from medtx.preprocess.bet import run_bet
+
+        run_bet(i["t1"], brain_out=o["brain"], mask_out=o["mask"], xfm_out=o.get("xfm"),
+                record_out=o["record"], ctx=ctx, params=params)
+    elif args.step == "flirt":
+        from medtx.preprocess.flirt import run_flirt
+
+        run_flirt(i["brain"], i["mask"], brain_out=o["brain"], mask_out=o["mask"],
+                  xfm_out=o["xfm"], record_out=o["record"], ctx=ctx, params=params,
+                  xfm_init=i.get("xfm_init"))
+    elif args.step == "n4":
+        from medtx.preprocess.n4 import run_n4
+
+        run_n4(i["brain"], i["mask"], n4_out=o["n4"], record_out=o["record"], ctx=ctx,
+               params=params)
+    elif args.step == "pool":
+        from medtx.preprocess.intensity import run_pool
+
+        run_pool(i["image"], i["mask"], image_out=o["image"], mask_out=o["mask"],
+                 record_out=o["record"], ctx=ctx, params=params)
+    elif args.step == "normalize":
+        from medtx.preprocess.intensity import run_normalize
+
+        run_normalize(i["image"], i["mask"], image_out=o["image"], record_out=o["record"],
+                      ctx=ctx, params=params)
+    elif args.step == "brats":
+        from medtx.preprocess.brats import run_brats
+
+        images = {k: v for k, v in i.items() if k != "seg"}
+        run_brats(images, i.get("seg"), image_out=o["image"], seg_out=o.get("seg"),
+                  record_out=o["record"], ctx=ctx, params=params)
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    """Merge a scan's step records and draw its QC thumbnails."""
+    from medtx.provenance import merge_scan
+    from medtx.qc_images import scan_thumbnails
+
+    panels = []
+    for item in args.panel or []:
+        label, _, rest = item.partition("=")
+        image, _, mask = rest.partition(",")
+        panels.append((label, image, mask or None))
+    extra = {}
+    if args.thumbnail:
+        scan_thumbnails(panels, args.thumbnail)
+        extra["thumbnail"] = args.thumbnail
+    merge_scan(args.record, args.out, scan=args.scan, dataset=args.dataset,
+               subject=args.subject, session=args.session or None,
+               qc=_json(args.qc, "--qc"), extra=extra)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from medtx.report import build_report, load_scan_records
+
+    records = load_scan_records(args.records) if args.records else []
+    exclusions = []
+    for table in args.scan_table or []:
+        df = pd.read_csv(table, sep="\t", dtype=str, keep_default_na=False)
+        for row in df[df["status"] == "excluded"].to_dict("records"):
+            exclusions.append({"dataset": row["dataset"], "subject": row["subject"],
+                               "session": row["session"] or None,
+                               "path": row["t1"] or row["flair"] or "", "reason": row["reason"]})
+    settings = _json(args.settings, "--settings")
+    build_report(records, exclusions, settings, args.out)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from medtx.audit import main_audit
+
+    return main_audit(args.root)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medtx import demo
+
+    spec = _json(args.spec, "--spec")
+    if args.what == "t1-scan":
+        rows = {r["subject"]: r for r in demo.plan_t1_cohort(spec)}
+        if args.subject not in rows:
+            raise MedtxError(f"subject {args.subject!r} is not in the demo plan")
+        demo.generate_t1_scan(rows[args.subject], spec, args.out)
+    elif args.what == "t1-participants":
+        demo.write_t1_participants(demo.plan_t1_cohort(spec), args.out)
+    elif args.what == "brats-case":
+        rows = {r["case"]: r for r in demo.plan_brats_cohort(spec)}
+        if args.subject not in rows:
+            raise MedtxError(f"case {args.subject!r} is not in the demo plan")
+        demo.generate_brats_case(rows[args.subject], spec, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtx", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("preprocess", help="run the whole T1 chain on one scan")
+    p.add_argument("t1", help="raw T1-weighted NIfTI")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--backend", choices=["auto", "fsl", "ants"], help="override preprocess/backend")
+    p.add_argument("--config", help="config YAML (default: the repo's config.yaml)")
+    p.add_argument("--scan", help="scan id used in file names (default: from the file name)")
+    p.add_argument("--threads", type=int, help="ITK threads when not deterministic")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("step", help="one preprocessing step (what the rules call)")
+    p.add_argument("step", choices=["bet", "flirt", "n4", "pool", "normalize", "brats"])
+    p.add_argument("--input", action="append", metavar="ROLE=PATH")
+    p.add_argument("--output", action="append", metavar="ROLE=PATH")
+    p.add_argument("--params", help="the step's config section as JSON")
+    p.add_argument("--context", help="scan, dataset, subject, backend, seed, threads as JSON")
+    p.set_defaults(func=cmd_step)
+
+    p = sub.add_parser("collect", help="merge a scan's step records and draw thumbnails")
+    p.add_argument("--scan", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--subject", required=True)
+    p.add_argument("--session")
+    p.add_argument("--record", action="append", required=True)
+    p.add_argument("--panel", action="append", metavar="LABEL=IMAGE[,MASK]")
+    p.add_argument("--thumbnail")
+    p.add_argument("--qc", help="QC thresholds as JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("report", help="the cohort provenance report (HTML)")
+    p.add_argument("--records", nargs="*", help="per-scan provenance JSONs or folders")
+    p.add_argument("--scan-table", nargs="*", help="scan tables, for the exclusions")
+    p.add_argument("--settings", help="preprocess settings as JSON (for the methods text)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("audit", help="re-hash recorded outputs; exit 1 if any changed or vanished")
+    p.add_argument("root", nargs="?", default="results")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("demo", help="write part of the synthetic demo cohort")
+    p.add_argument("what", choices=["t1-scan", "t1-participants", "brats-case"])
+    p.add_argument("--spec", required=True, help="the dataset's generate section as JSON")
+    p.add_argument("--subject", help="subject (t1-scan) or case (brats-case)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MedtxError as err:
+        print(f"medtx: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

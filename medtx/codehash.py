@@ -1,0 +1,44 @@
+"""Hashes of the medtx source files each workflow stage runs.
+
+Snakemake's code trigger sees a rule's own shell line, not the modules that
+line imports. Each rule therefore carries ``code=code_hash(stage)`` in its
+params: editing ``medtx/preprocess/n4.py`` reruns N4 and what follows it, and
+nothing before. The table below is the one place to review what each stage
+depends on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+
+_COMMON = ["errors.py", "io.py", "provenance.py", "cli.py", "config.py",
+           "preprocess/__init__.py", "preprocess/context.py"]
+_ANTS = ["preprocess/antsio.py", "templates.py", "preprocess/backend.py"]
+
+STAGE_MODULES: dict[str, list[str]] = {
+    "demo": ["demo.py", "templates.py", "io.py", "errors.py", "cli.py"],
+    "bet": _COMMON + _ANTS + ["preprocess/bet.py"],
+    "flirt": _COMMON + _ANTS + ["preprocess/flirt.py", "preprocess/intensity.py"],
+    "n4": _COMMON + ["preprocess/antsio.py", "preprocess/n4.py"],
+    "pool": _COMMON + ["preprocess/intensity.py"],
+    "normalize": _COMMON + ["preprocess/intensity.py"],
+    "brats": _COMMON + ["preprocess/brats.py", "preprocess/intensity.py"],
+    "collect": _COMMON + ["qc.py", "qc_images.py", "preprocess/chain.py"],
+    "report": _COMMON + ["report.py", "scans.py", "qc.py"],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def code_hash(stage: str) -> str:
+    """sha256 (first 16 hex digits) over the sorted source files of ``stage``."""
+    if stage not in STAGE_MODULES:
+        raise KeyError(f"no code table entry for stage {stage!r}; known: {sorted(STAGE_MODULES)}")
+    h = hashlib.sha256()
+    for rel in sorted(set(STAGE_MODULES[stage])):
+        h.update(rel.encode())
+        h.update((PACKAGE / rel).read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,251 @@
+# T1 chain, one rule per step: bet -> flirt -> n4 -> pool -> normalize.
+# Each rule's params hold exactly its config section plus the hash of the
+# code it runs, so a change reruns that step and what follows, nothing else.
+
+
+def raw_t1(wildcards):
+    return scan_row(wildcards)["t1"]
+
+
+def bet_outputs():
+    out = {"brain": T1["bet_brain"], "mask": T1["bet_mask"], "record": T1["bet_record"]}
+    if BACKEND == "ants":  # the head-to-template affine that flirt refines
+        out["xfm"] = T1["bet_xfm"]
+    return out
+
+
+def flirt_inputs(wildcards):
+    names = {"brain": T1["bet_brain"], "mask": T1["bet_mask"]}
+    if BACKEND == "ants":
+        names["xfm_init"] = T1["bet_xfm"]
+    return {k: v.format(**wildcards) for k, v in names.items()}
+
+
+def io_args(prefix, files):
+    return " ".join(f"--{prefix} {role}={{{prefix}.{role}}}" for role in files)
+
+
+rule bet:
+    input:
+        t1=raw_t1,
+    output:
+        **bet_outputs(),
+    params:
+        bet=as_json({BACKEND: PRE["bet"][BACKEND]}),
+        context=step_context,
+        code=code_hash("bet"),
+    log:
+        f"{LOGS}/preprocess/bet/{{dataset}}/{{scan}}.log",
+    group:
+        "subject"
+    threads: PRE["threads"]
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    shell:
+        "medtx step bet --input t1={input.t1} "
+        + io_args("output", bet_outputs())
+        + " --params {params.bet:q} --context {params.context:q} > {log} 2>&1"
+
+
+rule flirt:
+    input:
+        unpack(flirt_inputs),
+    output:
+        brain=T1["flirt_brain"],
+        mask=T1["flirt_mask"],
+        xfm=T1["transform"],
+        record=T1["flirt_record"],
+    params:
+        flirt=as_json({BACKEND: PRE["flirt"][BACKEND]}),
+        context=step_context,
+        code=code_hash("flirt"),
+    log:
+        f"{LOGS}/preprocess/flirt/{{dataset}}/{{scan}}.log",
+    group:
+        "subject"
+    threads: PRE["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "medtx step flirt --input brain={input.brain} --input mask={input.mask}"
+        + (" --input xfm_init={input.xfm_init}" if BACKEND == "ants" else "")
+        + " --output brain={output.brain} --output mask={output.mask}"
+        " --output xfm={output.xfm} --output record={output.record}"
+        " --params {params.flirt:q} --context {params.context:q} > {log} 2>&1"
+
+
+rule n4_correct:
+    input:
+        brain=T1["flirt_brain"],
+        mask=T1["flirt_mask"],
+    output:
+        n4=T1["n4"],
+        record=T1["n4_record"],
+    params:
+        n4=as_json(PRE["n4"]),
+        context=step_context,
+        code=code_hash("n4"),
+    log:
+        f"{LOGS}/preprocess/n4_correct/{{dataset}}/{{scan}}.log",
+    group:
+        "subject"
+    threads: PRE["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "medtx step n4 --input brain={input.brain} --input mask={input.mask}"
+        " --output n4={output.n4} --output record={output.record}"
+        " --params {params.n4:q} --context {params.context:q} > {log} 2>&1"
+
+
+rule pool:
+    input:
+        image=T1["n4"],
+        mask=T1["flirt_mask"],
+    output:
+        image=T1["pooled"],
+        mask=T1["brain_mask"],
+        record=T1["pool_record"],
+    params:
+        pool=as_json(PRE["pool"]),
+        context=step_context,
+        code=code_hash("pool"),
+    log:
+        f"{LOGS}/preprocess/pool/{{dataset}}/{{scan}}.log",
+    group:
+        "subject"
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "medtx step pool --input image={input.image} --input mask={input.mask}"
+        " --output image={output.image} --output mask={output.mask}"
+        " --output record={output.record}"
+        " --params {params.pool:q} --context {params.context:q} > {log} 2>&1"
+
+
+rule normalize:
+    input:
+        image=T1["pooled"],
+        mask=T1["brain_mask"],
+    output:
+        image=T1["preproc"],
+        record=T1["normalize_record"],
+    params:
+        normalize=as_json(PRE["normalize"]),
+        context=step_context,
+        code=code_hash("normalize"),
+    log:
+        f"{LOGS}/preprocess/normalize/{{dataset}}/{{scan}}.log",
+    group:
+        "subject"
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "medtx step normalize --input image={input.image} --input mask={input.mask}"
+        " --output image={output.image} --output record={output.record}"
+        " --params {params.normalize:q} --context {params.context:q} > {log} 2>&1"
+
+
+rule collect_provenance:
+    input:
+        records=[T1[f"{s}_record"] for s in ("bet", "flirt", "n4", "pool", "normalize")],
+        t1=raw_t1,
+        bet_mask=T1["bet_mask"],
+        flirt_brain=T1["flirt_brain"],
+        flirt_mask=T1["flirt_mask"],
+        n4=T1["n4"],
+        preproc=T1["preproc"],
+        brain_mask=T1["brain_mask"],
+    output:
+        provenance=T1["provenance"],
+        thumbnail=T1["qc_png"],
+    params:
+        qc=as_json(config["qc"]),
+        subject=lambda w: scan_row(w)["subject"],
+        session=lambda w: scan_row(w)["session"] or "",
+        code=code_hash("collect"),
+    log:
+        f"{LOGS}/preprocess/collect_provenance/{{dataset}}/{{scan}}.log",
+    wildcard_constraints:
+        dataset=one_of(t1_datasets()),
+    group:
+        "subject"
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "medtx collect --scan {wildcards.scan} --dataset {wildcards.dataset}"
+        " --subject {params.subject} --session '{params.session}'"
+        " --record {input.records[0]} --record {input.records[1]} --record {input.records[2]}"
+        " --record {input.records[3]} --record {input.records[4]}"
+        " --panel 'raw + brain mask={input.t1},{input.bet_mask}'"
+        " --panel 'affine to template={input.flirt_brain},{input.flirt_mask}'"
+        " --panel 'N4={input.n4},{input.flirt_mask}'"
+        " --panel 'model input 2 mm={input.preproc},{input.brain_mask}'"
+        " --thumbnail {output.thumbnail} --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"
+
+
+# BraTS: already skull-stripped and co-registered; crop, normalize, check labels.
+def brats_inputs(wildcards):
+    row = scan_row(wildcards)
+    files = {m: row[m] for m in PRE["brats"]["modalities"]}
+    files["seg"] = row["seg"]
+    return files
+
+
+rule brats_preprocess:
+    input:
+        unpack(brats_inputs),
+    output:
+        image=brats_files()["image"],
+        seg=brats_files()["seg"],
+        record=brats_files()["record"],
+    params:
+        brats=as_json(PRE["brats"]),
+        context=step_context,
+        inputs=lambda w, input: " ".join(f"--input {k}={v}" for k, v in input.items()),
+        code=code_hash("brats"),
+    log:
+        f"{LOGS}/preprocess/brats_preprocess/{{dataset}}/{{scan}}.log",
+    group:
+        "subject"
+    resources:
+        mem_mb=3000,
+        runtime=10,
+    shell:
+        "medtx step brats {params.inputs} --output image={output.image} --output seg={output.seg}"
+        " --output record={output.record}"
+        " --params {params.brats:q} --context {params.context:q} > {log} 2>&1"
+
+
+rule collect_brats:
+    input:
+        record=brats_files()["record"],
+        image=brats_files()["image"],
+        seg=brats_files()["seg"],
+    output:
+        provenance=brats_files()["provenance"],
+        thumbnail=brats_files()["qc_png"],
+    params:
+        qc=as_json(config["qc"]),
+        subject=lambda w: scan_row(w)["subject"],
+        code=code_hash("collect"),
+    log:
+        f"{LOGS}/preprocess/collect_brats/{{dataset}}/{{scan}}.log",
+    wildcard_constraints:
+        dataset=one_of(brats_datasets()),
+    group:
+        "subject"
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "medtx collect --scan {wildcards.scan} --dataset {wildcards.dataset}"
+        " --subject {params.subject} --record {input.record}"
+        " --panel 'crop (first modality) + tumour={input.image},{input.seg}'"
+        " --thumbnail {output.thumbnail} --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"

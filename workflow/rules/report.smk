@@ -1,0 +1,21 @@
+# The cohort provenance report: a row per scan, thumbnails, QC, exclusions,
+# and a methods paragraph generated from the settings actually used.
+
+
+rule provenance_report:
+    input:
+        records=scan_targets("provenance", "provenance"),
+        tables=[f"{RESULTS}/scans/{name}.tsv" for name in config["datasets"]],
+    output:
+        html=f"{RESULTS}/reports/provenance.html",
+    params:
+        settings=as_json({**PRE, "backend": BACKEND, "seed": config["seed"]}),
+        code=code_hash("report"),
+    log:
+        f"{LOGS}/report/provenance_report.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "medtx report --records {input.records} --scan-table {input.tables}"
+        " --settings {params.settings:q} --out {output.html} > {log} 2>&1"
