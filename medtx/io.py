@@ -76,8 +76,7 @@ def load_volume(
         raise BadScanError(path, f"expected a 3-D volume, found {len(img.shape)}-D data of shape {img.shape}", subject=subject)
     if min(shape) < 2:
         raise BadScanError(path, f"expected a 3-D volume, found shape {img.shape}", subject=subject)
-    # nibabel falls back to a zoom-only affine when sform/qform are unset; a
-    # header whose pixdim is zero still gives a singular matrix here.
+    _check_voxel_size(path, subject)
     affine = img.affine
     check_affine(affine, path, subject=subject)
     try:
@@ -87,6 +86,24 @@ def load_volume(
     if check_data:
         check_voxels(data, path, subject=subject)
     return data, affine
+
+
+def _check_voxel_size(path: str | Path, subject: str | None) -> None:
+    """Refuse zero voxel sizes when no sform/qform overrides them.
+
+    nibabel silently replaces a zero pixdim by 1 mm on load, which would give
+    a scan of unknown size a made-up geometry; read the raw header instead.
+    """
+    if not str(path).endswith(".nii.gz") and not str(path).endswith(".nii"):
+        return
+    with nib.openers.ImageOpener(str(path)) as fh:
+        raw = nib.Nifti1Header.from_fileobj(fh, check=False)
+    if int(raw["sform_code"]) == 0 and int(raw["qform_code"]) == 0:
+        zooms = [float(z) for z in raw["pixdim"][1:4]]
+        if any(z == 0 for z in zooms) or not all(np.isfinite(zooms)):
+            raise BadScanError(path, f"voxel size is zero or invalid ({zooms}) and no "
+                               "sform/qform gives the geometry: affine is zero or not invertible",
+                               subject=subject)
 
 
 def check_voxels(data: np.ndarray, path: str | Path, *, subject: str | None = None) -> None:

@@ -1,0 +1,82 @@
+"""Config validation names the bad key and fills defaults from the schema."""
+
+import copy
+
+import pytest
+import yaml
+
+from medtx.config import DEFAULT_CONFIG, load_config, validate_config
+from medtx.errors import ConfigError
+
+
+def base():
+    return copy.deepcopy(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+
+
+def test_default_config_is_valid_and_filled():
+    config = load_config()
+    assert config["preprocess"]["n4"]["shrink_factor"] >= 1
+    assert config["qc"]["ncc_min"] <= 1
+    assert all(isinstance(ds["role"], list) for ds in config["datasets"].values())
+
+
+def test_defaults_fill_missing_sections():
+    config = {"datasets": {"a": {"kind": "bids", "role": "pretrain", "path": "x"}}}
+    validate_config(config)
+    assert config["preprocess"]["backend"] == "auto"
+    assert config["preprocess"]["flirt"]["fsl"]["dof"] == 12
+    assert config["preprocess"]["flirt"]["fsl"]["cost"] == "corratio"
+    assert config["preprocess"]["pool"]["factor"] == 2
+    assert config["on_bad_scan"] == "fail"
+    assert config["datasets"]["a"]["role"] == ["pretrain"]
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c["preprocess"]["n4"].update(shrink_factor=0),
+         r"'preprocess/n4/shrink_factor': 0 is less than the minimum of 1"),
+        (lambda c: c["preprocess"].update(backend="spm"),
+         r"'preprocess/backend': 'spm' is not one of \['auto', 'fsl', 'ants'\]"),
+        (lambda c: c["preprocess"].update(bakend="ants"),
+         r"'preprocess': .*'bakend' was unexpected.*allowed keys: backend"),
+        (lambda c: c.update(on_bad_scan="skip"), r"'on_bad_scan': 'skip' is not one of"),
+        (lambda c: c["datasets"]["demo_adni"].update(kind="nii"),
+         r"'datasets/demo_adni/kind': 'nii' is not one of"),
+        (lambda c: c["datasets"]["demo_adni"].pop("path"),
+         r"'datasets/demo_adni': 'path' is a required property"),
+        (lambda c: c["datasets"]["demo_adni"].update(role="diagnosis"),
+         r"'datasets/demo_adni/role': 'diagnosis' is not a valid value"),
+        (lambda c: c["preprocess"]["flirt"]["fsl"].update(dof=8),
+         r"'preprocess/flirt/fsl/dof': 8 is not one of \[6, 7, 9, 12\]"),
+        (lambda c: c["qc"].update(ncc_min="high"), r"'qc/ncc_min': 'high' is not of type 'number'"),
+    ],
+)
+def test_schema_errors_name_the_key(edit, message):
+    config = base()
+    edit(config)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)
+
+
+def test_all_problems_reported_at_once():
+    config = base()
+    config["seed"] = -1
+    config["preprocess"]["pool"]["factor"] = 9
+    with pytest.raises(ConfigError, match=r"2 problem\(s\)") as err:
+        validate_config(config)
+    assert "'seed'" in str(err.value) and "'preprocess/pool/factor'" in str(err.value)
+
+
+def test_dataset_names_restricted():
+    config = base()
+    config["datasets"]["bad name"] = config["datasets"].pop("demo_adni")
+    with pytest.raises(ConfigError, match="bad name"):
+        validate_config(config)
+
+
+def test_unreadable_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("datasets: [unclosed")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML"):
+        load_config(path)
