@@ -118,6 +118,7 @@ def _rng(seed: int, key: str, purpose: str) -> np.random.Generator:
 # ---------------------------------------------------------------- planning
 
 def _merged(spec: dict | None, defaults: dict) -> dict:
+    """The spec over its defaults; an unknown key is refused (a typo would go unseen)."""
     spec = dict(spec or {})
     unknown = set(spec) - set(defaults) - {"diagnosis_severity"}
     if unknown:
@@ -222,7 +223,7 @@ def plan_brats_cohort(spec: dict | None = None) -> list[dict]:
 # ---------------------------------------------------------------- template
 
 class Template(NamedTuple):
-    t1: np.ndarray          # T1 head with skull, air zeroed, float32 (brain: t1 * mask)
+    t1: np.ndarray          # T1 head with skull, float32 (the brain is t1 * mask)
     mask: np.ndarray        # brain mask, bool
     labels: np.ndarray      # CerebrA labels, int16
     affine: np.ndarray      # shared voxel -> world (RAS, 1 mm, diagonal)
@@ -245,23 +246,9 @@ def template() -> Template:
     labels = np.rint(_read("cerebra")[0]).astype(np.int16)
     csf, wm = _tissue_levels(t1, labels)
     wm_t1 = float(np.median(t1[_white_matter(t1, mask, labels, csf, wm)]))
-    _clear_air(t1, wm_t1)
     for a in (t1, mask, labels):
         a.flags.writeable = False
     return Template(t1, mask, labels, affine, wm_t1, csf)
-
-
-def _clear_air(t1: np.ndarray, wm: float) -> None:
-    """Zero the template's faint background (about 5 % of WM) outside the head.
-
-    Left in, the edges of the template box would show through the noise of
-    every synthetic scan as a tilted rectangle.
-    """
-    head = ndi.binary_fill_holes(t1 > 0.12 * wm)
-    parts, n = ndi.label(head)
-    if n > 1:
-        head = parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
-    t1 *= ndi.uniform_filter(head.astype(np.float32), 3)
 
 
 def _white_matter(t1: np.ndarray, mask: np.ndarray, labels: np.ndarray,
@@ -544,10 +531,28 @@ def t1_acquisition(row: dict, spec: dict | None = None) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
+def head_weight() -> np.ndarray:
+    """1 inside the template head, 0 in the air, soft over one voxel at the scalp.
+
+    The template's air is not 0 but about 5 % of WM; left in, the edges of the
+    template box would show through the noise of every scan as a tilted
+    rectangle.
+    """
+    tpl = template()
+    head = ndi.binary_fill_holes(tpl.t1 > 0.12 * tpl.wm_t1)
+    parts, n = ndi.label(head)
+    if n > 1:
+        head = parts == 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+    weight = ndi.uniform_filter(head.astype(np.float32), 3)
+    weight.flags.writeable = False
+    return weight
+
+
+@functools.lru_cache(maxsize=None)
 def _head_box_world() -> np.ndarray:
     """(2, 3) world-space min/max corners of the template head."""
     tpl = template()
-    idx = np.nonzero(tpl.t1 > 0.12 * tpl.wm_t1)
+    idx = np.nonzero(head_weight() > 0.5)
     lo = np.array([i.min() for i in idx], float)
     hi = np.array([i.max() for i in idx], float)
     corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
@@ -591,6 +596,7 @@ def generate_t1_scan(row: dict, spec: dict | None, out_path: str | Path) -> None
     acq = t1_acquisition(row, spec)
     tpl = template()
     head, _ = apply_atrophy(tpl.t1, tpl.labels, acq["severity"], template_atrophy_maps())
+    head *= head_weight()
     _neck_falloff(head)
     centre = _head_box_world().mean(0)
     pose = _pose(acq["rotation_deg"], acq["translation_mm"], acq["scale"], centre)
@@ -638,8 +644,11 @@ def write_t1_participants(rows: list[dict], root: str | Path) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _brats_frame() -> tuple[np.ndarray, np.ndarray]:
-    """BraTS-style affine (LPS axes, 1 mm) whose centre holds the template brain, and
-    the brain's world-space bounding box."""
+    """The BraTS-style affine (LPS axes, 1 mm, 240x240x155) and the brain's world box.
+
+    The frame's centre voxel sits on the centre of the template brain, so the
+    brain fills the frame as in the real data; world coordinates stay MNI's.
+    """
     tpl = template()
     idx = np.nonzero(tpl.mask)
     lo = np.array([i.min() for i in idx], float)
@@ -745,7 +754,6 @@ def _tumour_labels(acq: dict, pose: np.ndarray, shape, offset: np.ndarray,
     lo = np.clip(np.round(centre).astype(int) - half, 0, None)
     hi = np.minimum(np.round(centre).astype(int) + half + 1, shape)
     sub = tuple(slice(a, b) for a, b in zip(lo, hi))
-    bshape = tuple(hi - lo)
     grid = np.stack(np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi)],
                                 indexing="ij"), axis=-1) - centre.astype(np.float32)
     rot = _rotation(np.asarray(acq["tumour_rotation_deg"])).astype(np.float32)
@@ -773,9 +781,9 @@ def _paint_tumour(base: dict[str, np.ndarray], seg: np.ndarray,
     w = {k: ndi.gaussian_filter((seg[box] == v).astype(np.float32), 0.7)
          for k, v in BRATS_LABELS.items()}
     texture = 1.0 + smooth_field(shape, rng, 6, 0.08)
+    core = w["necrosis"] + w["enhancing"]
     for m, (ncr, enh, ed) in TUMOUR_CONTRAST.items():
         img = base[m][box]
-        core = w["necrosis"] + w["enhancing"]
         tissue = img * (1.0 + w["edema"] * (ed - 1.0)) * (1.0 - core)
         img[...] = (tissue + (w["necrosis"] * ncr + w["enhancing"] * enh) * texture)
 
@@ -791,14 +799,13 @@ def generate_brats_case(row: dict, spec: dict | None, root: str | Path) -> None:
     """Write the five files of one synthetic BraTS 2020 case under ``root``."""
     spec = _merged(spec, BRATS_DEFAULTS)
     acq = brats_acquisition(row, spec)
-    _, box = _brats_frame()
+    frame, box = _brats_frame()
     pose = _pose(acq["rotation_deg"], acq["translation_mm"], 1.0, box.mean(0))
     base, mask, sub = _brats_base(pose)
     rng = _rng(spec["seed"], row["case"], "brats-fields")
     offset = np.array([s.start for s in sub], float)
     seg_sub = _tumour_labels(acq, pose, mask.shape, offset, _tumour_brain(base, mask), rng)
     _paint_tumour(base, seg_sub, rng)
-    frame, _ = _brats_frame()
     root = Path(root)
     for m in BRATS_MODALITIES:
         img = base[m] * np.exp(smooth_field(mask.shape, rng, 2, acq["bias_log_peak"]))

@@ -153,6 +153,11 @@ def outline(mask: np.ndarray) -> np.ndarray:
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3-D volume; ``file.nii.gz#k`` picks channel k of a 4-D one (BraTS)."""
+    name, _, channel = str(path).rpartition("#")
+    if name and channel.isdigit():
+        img = nib.load(name)
+        return np.asarray(img.dataobj[..., int(channel)], dtype=np.float32), img.affine
     return load_volume(path, check_data=False)
 
 

@@ -49,7 +49,11 @@ def apply_xfm_command(mask: str | Path, matrix: str | Path, out: str | Path):
 def run_flirt(brain: str | Path, mask: str | Path, *, brain_out: str | Path,
               mask_out: str | Path, xfm_out: str | Path, record_out: str | Path,
               ctx: StepContext, params: dict, xfm_init: str | Path | None = None) -> dict:
-    """Register a native-space brain to the template; write brain, mask, transform."""
+    """Register a native-space brain to the template; write brain, mask, transform.
+
+    With antspyx, ``xfm_init`` (the bet step's head-to-template affine) is the
+    starting point; without it the registration starts from image centres.
+    """
     data, affine = load_volume(brain, subject=ctx.subject)
     mask_data, _ = load_volume(mask, subject=ctx.subject, check_data=False)
     sub = params.get(ctx.backend, {})
@@ -59,9 +63,8 @@ def run_flirt(brain: str | Path, mask: str | Path, *, brain_out: str | Path,
     if ctx.backend == "fsl":
         warped, warped_mask = _flirt_fsl(brain, mask, xfm_out, sub, rec)
     else:
-        if xfm_init is None:
-            raise ValueError("the ants backend refines the bet step's affine: give xfm_init")
-        rec.add_input("transform_init", xfm_init)
+        if xfm_init is not None:
+            rec.add_input("transform_init", xfm_init)
         warped, warped_mask = _flirt_ants(data, affine, mask_data, xfm_init, xfm_out, sub, ctx, rec)
     tpl_affine = _template_affine()
     save_nifti(warped * warped_mask, tpl_affine, brain_out)
@@ -130,9 +133,9 @@ def _flirt_ants(data, affine, mask_data, xfm_init, xfm_out, params, ctx, rec):
     rec.set_tool("antspyx", package_version("antspyx"))
     moving = to_ants(data, affine)
     rec.call("ants.registration", fixed=f"ICBM 2009c T1 brain at {mm:g} mm", moving="brain",
-             initial_transform="transform_init", random_seed=ctx.seed, **kw)
+             initial_transform="transform_init" if xfm_init else None, random_seed=ctx.seed, **kw)
     reg = ants.registration(fixed=read_template("t1_brain", mm), moving=moving,
-                            initial_transform=[str(xfm_init)], **kw)
+                            initial_transform=[str(xfm_init)] if xfm_init else None, **kw)
     fixed = read_template("t1_brain")
     rec.call("ants.apply_transforms", fixed="ICBM 2009c T1 brain (1 mm)", moving="brain",
              interpolator="linear")

@@ -247,5 +247,8 @@ rule collect_brats:
     shell:
         "medtx collect --scan {wildcards.scan} --dataset {wildcards.dataset}"
         " --subject {params.subject} --record {input.record}"
-        " --panel 'crop (first modality) + tumour={input.image},{input.seg}'"
-        " --thumbnail {output.thumbnail} --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"
+        + "".join(
+            f" --panel '{m} + tumour={{input.image}}#{i},{{input.seg}}'"
+            for i, m in enumerate(PRE["brats"]["modalities"])
+        )
+        + " --thumbnail {output.thumbnail} --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"

@@ -1,0 +1,172 @@
+"""Real Snakemake runs of the workflow on the smallest demo cohort.
+
+One real run (module fixture) in a temp directory; the other tests dry-run
+against its outputs: the no-op rerun, what a change reruns, exclusions.
+Every snakemake call has a hard timeout.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, sphere, write_nifti
+
+pytestmark = pytest.mark.integration
+SNAKEMAKE = str(REPO / ".venv" / "bin" / "snakemake") if (REPO / ".venv" / "bin" / "snakemake").exists() else shutil.which("snakemake")
+
+
+def snakemake(workdir, *args, config="ants.yaml", env=None, timeout=900):
+    configfile = config if Path(str(config)).is_absolute() else REPO / "tests" / "configs" / config
+    cmd = ["timeout", "-k", "10", str(timeout), SNAKEMAKE, "-s", str(REPO / "Snakefile"),
+           "-d", str(workdir), "--configfile", str(configfile), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout + 30)
+
+
+def planned(proc) -> dict[str, int]:
+    """rule -> job count from a dry run's job stats table."""
+    stats, counts = False, {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("job "):
+            stats = True
+            continue
+        if stats:
+            m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+            if m:
+                counts[m.group(1)] = int(m.group(2))
+            elif line.startswith("total"):
+                break
+    return counts
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    import os
+
+    env = dict(os.environ)
+    env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env['PATH']}"
+    work = tmp_path_factory.mktemp("wf")
+    proc = snakemake(work, "--cores", "2", "all", env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work, env
+
+
+def test_lint_is_clean(tmp_path, medtx_env):
+    proc = snakemake(tmp_path, "--lint", env=medtx_env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dry_run_lists_every_step_per_scan(tmp_path, medtx_env):
+    proc = snakemake(tmp_path, "-n", "all", env=medtx_env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jobs = planned(proc)
+    for rule in ("bet", "flirt", "n4_correct", "pool", "normalize", "collect_provenance"):
+        assert jobs[rule] == 2, jobs  # one pre-training + one labelled scan
+    assert jobs["brats_preprocess"] == 1 and jobs["provenance_report"] == 1
+
+
+def test_fsl_branch_dry_run_builds_fsl_jobs(tmp_path, medtx_env):
+    proc = snakemake(tmp_path, "-n", "-p", "all", config="fsl.yaml", env=medtx_env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert planned(proc)["bet"] == 1
+    assert '{\\"fsl\\":{\\"frac\\":0.5,\\"robust\\":true}}' in proc.stdout or '"fsl":{"frac":0.5' in proc.stdout
+    assert "desc-init_xfm" not in proc.stdout  # the ants-only transform is not asked for
+
+
+def test_run_writes_model_inputs_and_report(run):
+    import nibabel as nib
+    import numpy as np
+
+    work, _ = run
+    pre = sorted(work.glob("results/preprocess/*/*/*_res-2_desc-preproc_T1w.nii.gz"))
+    assert len(pre) == 2
+    for path in pre:
+        data = np.asarray(nib.load(str(path)).dataobj)
+        assert data.shape == (96, 114, 96) and 0.0 <= data.min() and data.max() == 1.0
+    brats = list(work.glob("results/preprocess/mini_brats/*/*_desc-preproc_mri.nii.gz"))
+    assert nib.load(str(brats[0])).shape == (160, 192, 128, 4)
+    html = (work / "results/reports/provenance.html").read_text()
+    for scan in ("sub-pre001", "sub-adni001", "BraTS20_Training_001"):
+        assert scan in html
+    assert html.count("data:image/png;base64,") >= 3
+    assert (work / "results/demo/adni/participants.tsv").exists()
+
+
+def test_provenance_record_per_scan(run):
+    work, _ = run
+    record = json.loads(next(work.glob("results/preprocess/mini_adni/*/*_provenance.json")).read_text())
+    assert [s["step"] for s in record["steps"]] == ["bet", "flirt", "n4", "pool", "normalize"]
+    assert record["thumbnail"].endswith("_qc.png")
+    checks = {c["metric"] for s in record["steps"] for c in s["qc"]["checks"]}
+    assert checks == {"brain_volume_ml", "ncc_template", "bias_ratio"}
+
+
+def test_unchanged_rerun_schedules_nothing(run):
+    work, env = run
+    proc = snakemake(work, "-n", "all", env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert planned(proc) == {}, proc.stdout[-2000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_n4_change_reruns_only_n4_and_after(run, tmp_path):
+    work, env = run
+    config = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())
+    config["preprocess"]["n4"] = {"shrink_factor": 2}
+    changed = tmp_path / "n4.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    jobs = planned(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
+    assert jobs == {"n4_correct": 2, "pool": 2, "normalize": 2, "collect_provenance": 2,
+                    "provenance_report": 1, "all": 1}
+
+
+def test_qc_threshold_change_rejudges_without_recomputing(run, tmp_path):
+    work, env = run
+    config = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())
+    config["qc"] = {"ncc_min": 0.9}
+    changed = tmp_path / "qc.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    jobs = planned(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
+    assert set(jobs) == {"collect_provenance", "collect_brats", "provenance_report", "all"}
+
+
+def test_audit_finds_changed_output(run, tmp_path):
+    work, env = run
+    ok = subprocess.run(["medtx", "audit", "results"], cwd=work, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    shutil.copytree(work / "results", tmp_path / "results")  # recorded paths are relative
+    victim = next((tmp_path / "results/preprocess/mini_adni").glob("*/*_desc-n4_T1w.nii.gz"))
+    victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
+    bad = subprocess.run(["medtx", "audit", "results"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert victim.name in bad.stdout and "changed" in bad.stdout
+
+
+def test_bad_scan_fail_and_exclude(run, tmp_path):
+    """A bad scan stops the run (fail) or is excluded and reported (exclude)."""
+    work, env = run
+    cohort = tmp_path / "csvdata"
+    write_nifti(cohort / "good.nii.gz", sphere(shape=(40, 48, 40), radius=15))
+    (cohort / "bad.nii.gz").write_bytes(b"not an image at all")
+    (cohort / "scans.csv").write_text("subject,t1,age\nok1,good.nii.gz,60\nbad1,bad.nii.gz,61\n")
+    config = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())
+    config["datasets"]["extra"] = {"kind": "csv", "role": ["regression"], "path": str(cohort / "scans.csv")}
+    failing = tmp_path / "fail.yaml"
+    failing.write_text(yaml.safe_dump(config))
+    before = {p: p.stat().st_mtime_ns for p in work.glob("results/preprocess/**/*") if p.is_file()}
+    proc = snakemake(work, "-n", "all", config=failing, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert f"{cohort / 'bad.nii.gz'}: not a readable NIfTI" in proc.stdout + proc.stderr
+    config["on_bad_scan"] = "exclude"
+    excluding = tmp_path / "exclude.yaml"
+    excluding.write_text(yaml.safe_dump(config))
+    jobs = planned(snakemake(work, "-n", "all", config=excluding, env=env, timeout=120))
+    assert jobs.get("bet") == 1  # only the good new scan
+    table = (work / "results/scans/extra.tsv").read_text()
+    assert "excluded" in table and "bad.nii.gz: not a readable NIfTI" in table
+    after = {p: p.stat().st_mtime_ns for p in before}
+    assert after == before  # nothing computed before was touched
