@@ -59,15 +59,31 @@ def read_template(name: str, mm: float = 1.0):
 
 
 def _read_template_uncached(name: str, mm: float):
+    """Template at ``mm``: 2 mm is the 2x block average, the model's own grid."""
     import ants
 
     from medtx.templates import template_path
 
     img = ants.image_read(str(template_path(name)))
-    if mm != 1.0:
-        interp = 1 if name == "brain_mask" else 0  # 1 = nearest, 0 = linear
-        img = ants.resample_image(img, (mm, mm, mm), use_voxels=False, interp_type=interp)
-    return img
+    return img if mm == 1.0 else at_resolution(img, mm)
+
+
+def at_resolution(img, mm: float):
+    """``img`` block-averaged towards ``mm`` voxels when its voxels are finer.
+
+    Registration cost grows with the moving image's size, while the model's
+    input is 2 mm; the transform is in physical space, so it applies to the
+    full-resolution image unchanged. Each axis is averaged over
+    ``round(mm / spacing)`` voxels (1.0 mm -> 2, 1.5 mm -> 1), which is both
+    faster than resampling and free of aliasing.
+    """
+    from medtx.preprocess.intensity import block_pool, block_pooled_affine
+
+    factors = tuple(max(1, int(round(mm / s))) for s in img.spacing)
+    if factors == (1, 1, 1):
+        return img
+    data, affine = from_ants(img)
+    return to_ants(block_pool(data, factors), block_pooled_affine(affine, factors))
 
 
 import functools as _functools  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medtx.io import atomic_path, load_volume, save_nifti
-from medtx.preprocess.antsio import configure_ants, read_template, to_ants
+from medtx.preprocess.antsio import at_resolution, configure_ants, read_template, to_ants
 from medtx.preprocess.context import StepContext
 from medtx.provenance import package_version
 
@@ -88,9 +88,9 @@ def _bet_ants(data, affine, brain_out, mask_out, xfm_out, params, ctx, rec) -> n
     rec.set_tool("antspyx", package_version("antspyx"))
     head = to_ants(data, affine)
     fixed = read_template("t1", mm)
-    rec.call("ants.registration", fixed=f"ICBM 2009c T1 head at {mm:g} mm", moving="t1",
-             type_of_transform=kind, random_seed=ctx.seed)
-    reg = ants.registration(fixed=fixed, moving=head, type_of_transform=kind)
+    rec.call("ants.registration", fixed=f"ICBM 2009c T1 head at {mm:g} mm",
+             moving=f"t1 at {mm:g} mm", type_of_transform=kind, random_seed=ctx.seed)
+    reg = ants.registration(fixed=fixed, moving=at_resolution(head, mm), type_of_transform=kind)
     rec.call("ants.apply_transforms", fixed="t1", moving="ICBM 2009c brain mask",
              whichtoinvert=[True], interpolator="nearestNeighbor")
     mask_img = ants.apply_transforms(fixed=head, moving=read_template("brain_mask"),

@@ -96,3 +96,16 @@ def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
         metrics[mod] = percentiles(ch, brain_c, (1, 50, 99))
     rec.set_qc(metrics, [])
     return rec.finish(record_out)
+
+
+def brats_outputs(outdir: str | Path, case: str) -> dict[str, str]:
+    """Files the BraTS step and its provenance write for ``case``."""
+    d = Path(outdir)
+    names = {
+        "image": f"{case}_desc-preproc_mri.nii.gz",
+        "seg": f"{case}_desc-preproc_dseg.nii.gz",
+        "record": f"{case}_step-brats.json",
+        "provenance": f"{case}_provenance.json",
+        "qc_png": f"{case}_qc.png",
+    }
+    return {k: str(d / v) for k, v in names.items()}

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from medtx.io import atomic_path, load_volume, save_nifti
-from medtx.preprocess.antsio import configure_ants, from_ants, ncc, read_template, to_ants
+from medtx.preprocess.antsio import (
+    at_resolution,
+    configure_ants,
+    from_ants,
+    ncc,
+    read_template,
+    to_ants,
+)
 from medtx.preprocess.context import StepContext
 from medtx.preprocess.intensity import average_pool
 from medtx.provenance import package_version
@@ -132,9 +139,9 @@ def _flirt_ants(data, affine, mask_data, xfm_init, xfm_out, params, ctx, rec):
     }
     rec.set_tool("antspyx", package_version("antspyx"))
     moving = to_ants(data, affine)
-    rec.call("ants.registration", fixed=f"ICBM 2009c T1 brain at {mm:g} mm", moving="brain",
+    rec.call("ants.registration", fixed=f"ICBM 2009c T1 brain at {mm:g} mm", moving=f"brain at {mm:g} mm",
              initial_transform="transform_init" if xfm_init else None, random_seed=ctx.seed, **kw)
-    reg = ants.registration(fixed=read_template("t1_brain", mm), moving=moving,
+    reg = ants.registration(fixed=read_template("t1_brain", mm), moving=at_resolution(moving, mm),
                             initial_transform=[str(xfm_init)] if xfm_init else None, **kw)
     fixed = read_template("t1_brain")
     rec.call("ants.apply_transforms", fixed="ICBM 2009c T1 brain (1 mm)", moving="brain",

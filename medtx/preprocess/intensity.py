@@ -18,18 +18,25 @@ def pool_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
 
 def average_pool(data: np.ndarray, factor: int) -> np.ndarray:
     """Mean over non-overlapping factor^3 blocks (trailing voxels dropped)."""
-    if factor == 1:
-        return data.astype(np.float32)
-    nx, ny, nz = pool_shape(data.shape, factor)
-    cropped = data[: nx * factor, : ny * factor, : nz * factor].astype(np.float64)
-    blocks = cropped.reshape(nx, factor, ny, factor, nz, factor)
-    return blocks.mean(axis=(1, 3, 5)).astype(np.float32)
+    return block_pool(data, (factor, factor, factor))
 
 
 def pooled_affine(affine: np.ndarray, factor: int) -> np.ndarray:
     """Affine of the pooled grid: voxel i covers old voxels factor*i .. factor*i+factor-1."""
-    scale = np.diag([factor, factor, factor, 1.0])
-    scale[:3, 3] = (factor - 1) / 2.0
+    return block_pooled_affine(affine, (factor, factor, factor))
+
+
+def block_pool(data: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Mean over non-overlapping blocks with a factor per axis (remainders dropped)."""
+    fx, fy, fz = factors
+    nx, ny, nz = (s // f for s, f in zip(data.shape, factors))
+    blocks = data[: nx * fx, : ny * fy, : nz * fz].astype(np.float32)
+    return blocks.reshape(nx, fx, ny, fy, nz, fz).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+
+
+def block_pooled_affine(affine: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    scale = np.diag([*map(float, factors), 1.0])
+    scale[:3, 3] = (np.asarray(factors, dtype=float) - 1) / 2.0
     return np.asarray(affine, dtype=float) @ scale
 
 

@@ -58,6 +58,7 @@ def run(tmp_path_factory):
 def test_lint_is_clean(tmp_path, medtx_env):
     proc = snakemake(tmp_path, "--lint", env=medtx_env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
 
 def test_dry_run_lists_every_step_per_scan(tmp_path, medtx_env):

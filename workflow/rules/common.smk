@@ -1,11 +1,14 @@
-# Config validation, the scan tables, and the helpers rules use.
+# Config validation, the scan tables, and every helper the rules use.
 import json
+import re
 
 from medtx.codehash import code_hash
 from medtx.config import validate_config
 from medtx.preprocess.backend import resolve_backend
+from medtx.preprocess.brats import brats_outputs
 from medtx.preprocess.chain import t1_outputs
 from medtx.scans import build_scan_table
+from medtx.workflow import use_checkout
 
 validate_config(config)
 
@@ -13,6 +16,10 @@ RESULTS = config["results"]
 LOGS = "logs"
 BACKEND = resolve_backend(config["preprocess"]["backend"])
 PRE = config["preprocess"]
+ENV = "../../envs/medtx.yaml"
+# Rules run `python -m medtx` from this checkout, whichever Python env runs the
+# job (the project's .venv, or a conda env built from envs/medtx.yaml).
+use_checkout(workflow.basedir)
 
 # One table per dataset, built (and checked) once per run from a per-file cache.
 SCANS = {
@@ -25,6 +32,10 @@ SCANS = {
     for name, ds in config["datasets"].items()
 }
 OK = {name: t[t["status"] == "ok"] for name, t in SCANS.items()}
+
+# File names, as patterns with {dataset} and {scan}.
+T1 = t1_outputs(f"{RESULTS}/preprocess/{{dataset}}/{{scan}}", "{scan}")
+BRATS = brats_outputs(f"{RESULTS}/preprocess/{{dataset}}/{{scan}}", "{scan}")
 
 
 def as_json(obj):
@@ -77,28 +88,13 @@ def step_context(wildcards):
     )
 
 
-# File names of the T1 chain, as patterns with {dataset} and {scan}.
-T1 = t1_outputs(f"{RESULTS}/preprocess/{{dataset}}/{{scan}}", "{scan}")
-
-
-def brats_files(dataset="{dataset}", scan="{scan}"):
-    d = f"{RESULTS}/preprocess/{dataset}/{scan}/{scan}_"
-    return {
-        "image": d + "desc-preproc_mri.nii.gz",
-        "seg": d + "desc-preproc_dseg.nii.gz",
-        "record": d + "step-brats.json",
-        "provenance": d + "provenance.json",
-        "qc_png": d + "qc.png",
-    }
-
-
 def scan_targets(key_t1, key_brats=None):
     out = []
     for name, table in OK.items():
         for scan in table["scan"]:
             if is_brats(name):
                 if key_brats:
-                    out.append(brats_files(name, scan)[key_brats])
+                    out.append(BRATS[key_brats].format(dataset=name, scan=scan))
             else:
                 out.append(T1[key_t1].format(dataset=name, scan=scan))
     return out
@@ -111,6 +107,63 @@ def get_final_output():
         if ds.get("generate") and ds["kind"] == "bids"
     ]
     return demo + scan_targets("preproc", "image") + [f"{RESULTS}/reports/provenance.html"]
+
+
+# --- the demo cohort ---
+
+
+def generated(kind):
+    """Generated dataset roots -> their `generate` spec, for one kind."""
+    return {
+        ds["path"]: ds["generate"]
+        for ds in config["datasets"].values()
+        if ds.get("generate") and (ds["kind"] == "brats") == (kind == "brats")
+    }
+
+
+def root_pattern(kind):
+    return one_of([re.escape(r) for r in generated(kind)])
+
+
+# --- the T1 chain ---
+
+
+def raw_t1(wildcards):
+    return scan_row(wildcards)["t1"]
+
+
+def bet_outputs():
+    out = {"brain": T1["bet_brain"], "mask": T1["bet_mask"], "record": T1["bet_record"]}
+    if BACKEND == "ants":  # the head-to-template affine that flirt refines
+        out["xfm"] = T1["bet_xfm"]
+    return out
+
+
+def flirt_inputs(wildcards):
+    names = {"brain": T1["bet_brain"], "mask": T1["bet_mask"]}
+    if BACKEND == "ants":
+        names["xfm_init"] = T1["bet_xfm"]
+    return {k: v.format(**wildcards) for k, v in names.items()}
+
+
+def io_args(direction, roles):
+    """`--input role={input.role} ...` for the named files of a rule."""
+    return " ".join(f"--{direction} {role}={{{direction}.{role}}}" for role in roles)
+
+
+def brats_inputs(wildcards):
+    row = scan_row(wildcards)
+    files = {m: row[m] for m in PRE["brats"]["modalities"]}
+    files["seg"] = row["seg"]
+    return files
+
+
+def brats_panels():
+    """Thumbnail rows for a BraTS case: each modality with the tumour outline."""
+    return "".join(
+        f" --panel '{m} + tumour={{input.image}}#{i},{{input.seg}}'"
+        for i, m in enumerate(PRE["brats"]["modalities"])
+    )
 
 
 wildcard_constraints:

@@ -1,19 +1,5 @@
 # The built-in demo cohort: datasets with a `generate` section are made from
 # the ICBM 2009c template (see medtx/demo.py) instead of being read.
-import re
-
-
-def generated(kind):
-    return {
-        ds["path"]: ds["generate"]
-        for ds in config["datasets"].values()
-        if ds.get("generate") and (ds["kind"] == "brats") == (kind == "brats")
-    }
-
-
-def root_pattern(kind):
-    roots = generated(kind)
-    return one_of([re.escape(r) for r in roots])
 
 
 rule make_demo_t1:
@@ -26,11 +12,13 @@ rule make_demo_t1:
         f"{LOGS}/data/make_demo_t1/{{root}}/{{subject}}.log",
     wildcard_constraints:
         root=root_pattern("t1"),
+    conda:
+        ENV
     resources:
         mem_mb=3000,
         runtime=10,
     shell:
-        "medtx demo t1-scan --spec {params.spec:q} --subject {wildcards.subject}"
+        "python -m medtx demo t1-scan --spec {params.spec:q} --subject {wildcards.subject}"
         " --out {output.t1} > {log} 2>&1"
 
 
@@ -45,16 +33,25 @@ rule make_demo_participants:
         f"{LOGS}/data/make_demo_participants/{{root}}.log",
     wildcard_constraints:
         root=root_pattern("t1"),
+    conda:
+        ENV
     resources:
         mem_mb=500,
         runtime=5,
     shell:
-        "medtx demo t1-participants --spec {params.spec:q} --out {wildcards.root} > {log} 2>&1"
+        "python -m medtx demo t1-participants --spec {params.spec:q} --out {wildcards.root} > {log} 2>&1"
 
 
 rule make_demo_brats:
     output:
-        multiext("{root}/{case}/{case}_", "t1.nii.gz", "t1ce.nii.gz", "t2.nii.gz", "flair.nii.gz", "seg.nii.gz"),
+        multiext(
+            "{root}/{case}/{case}_",
+            "t1.nii.gz",
+            "t1ce.nii.gz",
+            "t2.nii.gz",
+            "flair.nii.gz",
+            "seg.nii.gz",
+        ),
     params:
         spec=lambda w: as_json(generated("brats")[w.root]),
         code=code_hash("demo"),
@@ -63,9 +60,11 @@ rule make_demo_brats:
     wildcard_constraints:
         root=root_pattern("brats"),
         case="[A-Za-z0-9_]+",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "medtx demo brats-case --spec {params.spec:q} --subject {wildcards.case}"
+        "python -m medtx demo brats-case --spec {params.spec:q} --subject {wildcards.case}"
         " --out {wildcards.root} > {log} 2>&1"

@@ -3,28 +3,6 @@
 # code it runs, so a change reruns that step and what follows, nothing else.
 
 
-def raw_t1(wildcards):
-    return scan_row(wildcards)["t1"]
-
-
-def bet_outputs():
-    out = {"brain": T1["bet_brain"], "mask": T1["bet_mask"], "record": T1["bet_record"]}
-    if BACKEND == "ants":  # the head-to-template affine that flirt refines
-        out["xfm"] = T1["bet_xfm"]
-    return out
-
-
-def flirt_inputs(wildcards):
-    names = {"brain": T1["bet_brain"], "mask": T1["bet_mask"]}
-    if BACKEND == "ants":
-        names["xfm_init"] = T1["bet_xfm"]
-    return {k: v.format(**wildcards) for k, v in names.items()}
-
-
-def io_args(prefix, files):
-    return " ".join(f"--{prefix} {role}={{{prefix}.{role}}}" for role in files)
-
-
 rule bet:
     input:
         t1=raw_t1,
@@ -39,11 +17,13 @@ rule bet:
     group:
         "subject"
     threads: PRE["threads"]
+    conda:
+        ENV
     resources:
         mem_mb=3000,
         runtime=20,
     shell:
-        "medtx step bet --input t1={input.t1} "
+        "python -m medtx step bet --input t1={input.t1} "
         + io_args("output", bet_outputs())
         + " --params {params.bet:q} --context {params.context:q} > {log} 2>&1"
 
@@ -65,11 +45,13 @@ rule flirt:
     group:
         "subject"
     threads: PRE["threads"]
+    conda:
+        ENV
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "medtx step flirt --input brain={input.brain} --input mask={input.mask}"
+        "python -m medtx step flirt --input brain={input.brain} --input mask={input.mask}"
         + (" --input xfm_init={input.xfm_init}" if BACKEND == "ants" else "")
         + " --output brain={output.brain} --output mask={output.mask}"
         " --output xfm={output.xfm} --output record={output.record}"
@@ -92,11 +74,13 @@ rule n4_correct:
     group:
         "subject"
     threads: PRE["threads"]
+    conda:
+        ENV
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "medtx step n4 --input brain={input.brain} --input mask={input.mask}"
+        "python -m medtx step n4 --input brain={input.brain} --input mask={input.mask}"
         " --output n4={output.n4} --output record={output.record}"
         " --params {params.n4:q} --context {params.context:q} > {log} 2>&1"
 
@@ -117,11 +101,13 @@ rule pool:
         f"{LOGS}/preprocess/pool/{{dataset}}/{{scan}}.log",
     group:
         "subject"
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=5,
     shell:
-        "medtx step pool --input image={input.image} --input mask={input.mask}"
+        "python -m medtx step pool --input image={input.image} --input mask={input.mask}"
         " --output image={output.image} --output mask={output.mask}"
         " --output record={output.record}"
         " --params {params.pool:q} --context {params.context:q} > {log} 2>&1"
@@ -142,11 +128,13 @@ rule normalize:
         f"{LOGS}/preprocess/normalize/{{dataset}}/{{scan}}.log",
     group:
         "subject"
+    conda:
+        ENV
     resources:
         mem_mb=1000,
         runtime=5,
     shell:
-        "medtx step normalize --input image={input.image} --input mask={input.mask}"
+        "python -m medtx step normalize --input image={input.image} --input mask={input.mask}"
         " --output image={output.image} --output record={output.record}"
         " --params {params.normalize:q} --context {params.context:q} > {log} 2>&1"
 
@@ -175,11 +163,13 @@ rule collect_provenance:
         dataset=one_of(t1_datasets()),
     group:
         "subject"
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=5,
     shell:
-        "medtx collect --scan {wildcards.scan} --dataset {wildcards.dataset}"
+        "python -m medtx collect --scan {wildcards.scan} --dataset {wildcards.dataset}"
         " --subject {params.subject} --session '{params.session}'"
         " --record {input.records[0]} --record {input.records[1]} --record {input.records[2]}"
         " --record {input.records[3]} --record {input.records[4]}"
@@ -191,20 +181,15 @@ rule collect_provenance:
 
 
 # BraTS: already skull-stripped and co-registered; crop, normalize, check labels.
-def brats_inputs(wildcards):
-    row = scan_row(wildcards)
-    files = {m: row[m] for m in PRE["brats"]["modalities"]}
-    files["seg"] = row["seg"]
-    return files
 
 
 rule brats_preprocess:
     input:
         unpack(brats_inputs),
     output:
-        image=brats_files()["image"],
-        seg=brats_files()["seg"],
-        record=brats_files()["record"],
+        image=BRATS["image"],
+        seg=BRATS["seg"],
+        record=BRATS["record"],
     params:
         brats=as_json(PRE["brats"]),
         context=step_context,
@@ -214,23 +199,25 @@ rule brats_preprocess:
         f"{LOGS}/preprocess/brats_preprocess/{{dataset}}/{{scan}}.log",
     group:
         "subject"
+    conda:
+        ENV
     resources:
         mem_mb=3000,
         runtime=10,
     shell:
-        "medtx step brats {params.inputs} --output image={output.image} --output seg={output.seg}"
+        "python -m medtx step brats {params.inputs} --output image={output.image} --output seg={output.seg}"
         " --output record={output.record}"
         " --params {params.brats:q} --context {params.context:q} > {log} 2>&1"
 
 
 rule collect_brats:
     input:
-        record=brats_files()["record"],
-        image=brats_files()["image"],
-        seg=brats_files()["seg"],
+        record=BRATS["record"],
+        image=BRATS["image"],
+        seg=BRATS["seg"],
     output:
-        provenance=brats_files()["provenance"],
-        thumbnail=brats_files()["qc_png"],
+        provenance=BRATS["provenance"],
+        thumbnail=BRATS["qc_png"],
     params:
         qc=as_json(config["qc"]),
         subject=lambda w: scan_row(w)["subject"],
@@ -241,14 +228,13 @@ rule collect_brats:
         dataset=one_of(brats_datasets()),
     group:
         "subject"
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=5,
     shell:
-        "medtx collect --scan {wildcards.scan} --dataset {wildcards.dataset}"
+        "python -m medtx collect --scan {wildcards.scan} --dataset {wildcards.dataset}"
         " --subject {params.subject} --record {input.record}"
-        + "".join(
-            f" --panel '{m} + tumour={{input.image}}#{i},{{input.seg}}'"
-            for i, m in enumerate(PRE["brats"]["modalities"])
-        )
+        + brats_panels()
         + " --thumbnail {output.thumbnail} --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"

@@ -13,9 +13,11 @@ rule provenance_report:
         code=code_hash("report"),
     log:
         f"{LOGS}/report/provenance_report.log",
+    conda:
+        ENV
     resources:
         mem_mb=2000,
         runtime=10,
     shell:
-        "medtx report --records {input.records} --scan-table {input.tables}"
+        "python -m medtx report --records {input.records} --scan-table {input.tables}"
         " --settings {params.settings:q} --out {output.html} > {log} 2>&1"
