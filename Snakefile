@@ -8,6 +8,7 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/preprocess.smk"
+include: "workflow/rules/folds.smk"
 include: "workflow/rules/report.smk"
 
 

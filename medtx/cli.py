@@ -4,6 +4,8 @@
     medtx step {bet,flirt,n4,pool,normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
     medtx collect --scan ID --record FILE ... --out FILE --thumbnail PNG
     medtx report --config FILE --out HTML
+    medtx folds --dataset D --task T --table TSV --records JSON ... --params JSON ...
+    medtx firewall --manifest TSV ... --pretrain-table TSV ... --out JSON
     medtx audit [ROOT]
     medtx demo {t1-scan,t1-participants,brats-case} --spec JSON ...
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,13 +43,23 @@ def _json(text: str | None, what: str) -> dict:
         raise MedtxError(f"{what} is not valid JSON: {err}") from err
 
 
+SCAN_PATTERN = re.compile(r"^sub-[A-Za-z0-9]+(_ses-[A-Za-z0-9]+)?$")
+
+
+def default_scan_id(t1: str) -> str:
+    """``sub-01_ses-2_T1w.nii.gz`` -> ``sub-01_ses-2``; other names -> ``sub-<alnum>``."""
+    name = Path(t1).name.split(".")[0].removesuffix("_T1w")
+    if SCAN_PATTERN.match(name):
+        return name
+    return "sub-" + ("".join(c for c in name if c.isalnum()) or "scan")
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from medtx.config import load_config
     from medtx.io import load_volume
     from medtx.preprocess.backend import resolve_backend
     from medtx.preprocess.chain import run_chain
     from medtx.preprocess.context import StepContext
-    from medtx.scans import ID_PATTERN
 
     config = load_config(args.config)
     settings = config["preprocess"]
@@ -56,9 +69,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
         require_fsl()
     load_volume(args.t1)  # fail on a bad scan before anything is written
-    name = Path(args.t1).name.split(".")[0].removesuffix("_T1w")
-    scan = args.scan or (name if name.startswith("sub-") else f"sub-{''.join(c for c in name if c.isalnum()) or 'scan'}")
-    if not ID_PATTERN.match(scan.removeprefix("sub-").replace("_ses-", "")):
+    scan = args.scan or default_scan_id(args.t1)
+    if not SCAN_PATTERN.match(scan):
         raise MedtxError(f"--scan {scan!r}: use sub-<id>[_ses-<id>] with ids in [A-Za-z0-9]")
     ctx = StepContext(scan=scan, backend=backend, seed=config["seed"],
                       threads=args.threads or settings["threads"],
@@ -147,6 +159,54 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_folds(args: argparse.Namespace) -> int:
+    """One dataset x task manifest, QC-gated, from the scan table and records."""
+    import pandas as pd
+
+    from medtx.folds import load_overrides, load_qc, make_manifest, write_manifest
+    from medtx.report import load_scan_records
+
+    params = _json(args.params, "--params")
+    table = pd.read_csv(args.table, sep="\t", dtype=str, keep_default_na=False)
+    records = load_scan_records(args.records) if args.records else []
+    records = [r for r in records if r.get("dataset") == args.dataset]
+    paths = {}
+    for rec in records:
+        outputs = [o for step in rec["steps"] for o in step["outputs"] if o["role"] == "preproc"]
+        if outputs:
+            paths[rec["scan"]] = outputs[-1]["path"]
+    overrides = load_overrides(args.overrides, reasons=True) if args.overrides else None
+    manifest, sidecar = make_manifest(
+        table, dataset=args.dataset, task=args.task, n_folds=params["n_folds"],
+        seed=params["seed"], paths=paths, label_map=params.get("label_map"),
+        age_bins=params.get("age_bins"), fractions=params["fractions"],
+        qc=load_qc(records, dataset=args.dataset), overrides=overrides,
+        method=params.get("method", "hash"),
+    )
+    write_manifest(manifest, sidecar, args.out_tsv, args.out_json)
+    return 0
+
+
+def cmd_firewall(args: argparse.Namespace) -> int:
+    """Fail, naming subjects, if any subject could leak between splits or stages."""
+    import pandas as pd
+
+    from medtx.folds import check_leakage, read_manifest
+    from medtx.io import write_json
+
+    manifests = {Path(p).name.removesuffix("_folds.tsv"): read_manifest(p) for p in args.manifest}
+    pretrain = []
+    for table in args.pretrain_table or []:
+        df = pd.read_csv(table, sep="\t", dtype=str, keep_default_na=False)
+        ok = df[df["status"] == "ok"]
+        pretrain += [(d, s) for d, s in zip(ok["dataset"], ok["subject"])]
+    identities = _json(args.identities, "--identities")
+    check_leakage(manifests, pretrain, identities)
+    write_json({"status": "passed", "manifests": sorted(manifests),
+                "pretrain_subjects": len(set(pretrain)), "identities": identities}, args.out)
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from medtx.audit import main_audit
 
@@ -212,6 +272,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("folds", help="write one dataset x task fold manifest")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--task", required=True, choices=["classification", "regression", "segmentation"])
+    p.add_argument("--table", required=True, help="the dataset's scan table (TSV)")
+    p.add_argument("--records", nargs="*", help="per-scan provenance JSONs (QC and paths)")
+    p.add_argument("--overrides", help="TSV: scan, action (include|exclude), reason")
+    p.add_argument("--params", required=True, help="the config's folds section as JSON")
+    p.add_argument("--out-tsv", required=True)
+    p.add_argument("--out-json", required=True)
+    p.set_defaults(func=cmd_folds)
+
+    p = sub.add_parser("firewall", help="stop if a subject leaks between splits or stages")
+    p.add_argument("--manifest", nargs="+", required=True)
+    p.add_argument("--pretrain-table", nargs="*", help="scan tables of pre-training datasets")
+    p.add_argument("--identities", help="person -> [dataset:subject, ...] as JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_firewall)
+
     p = sub.add_parser("audit", help="re-hash recorded outputs; exit 1 if any changed or vanished")
     p.add_argument("root", nargs="?", default="results")
     p.set_defaults(func=cmd_audit)
@@ -232,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     except MedtxError as err:
         print(f"medtx: error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:  # a library failure on input that passed our checks
+        import traceback
+
+        traceback.print_exc()
+        where = f" ({args.command} {getattr(args, 'step', '') or ''})".replace(" )", ")")
+        print(f"medtx: error{where}: unexpected {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ STAGE_MODULES: dict[str, list[str]] = {
     "brats": _COMMON + ["preprocess/brats.py", "preprocess/intensity.py"],
     "collect": _COMMON + ["qc.py", "qc_images.py", "preprocess/chain.py"],
     "report": _COMMON + ["report.py", "scans.py", "qc.py"],
+    "folds": _COMMON + ["folds.py", "report.py"],
 }
 
 

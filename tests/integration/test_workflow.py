@@ -35,11 +35,11 @@ def planned(proc) -> dict[str, int]:
             stats = True
             continue
         if stats:
+            if line.startswith("total"):
+                break
             m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
             if m:
                 counts[m.group(1)] = int(m.group(2))
-            elif line.startswith("total"):
-                break
     return counts
 
 
@@ -66,8 +66,9 @@ def test_dry_run_lists_every_step_per_scan(tmp_path, medtx_env):
     assert proc.returncode == 0, proc.stderr
     jobs = planned(proc)
     for rule in ("bet", "flirt", "n4_correct", "pool", "normalize", "collect_provenance"):
-        assert jobs[rule] == 2, jobs  # one pre-training + one labelled scan
-    assert jobs["brats_preprocess"] == 1 and jobs["provenance_report"] == 1
+        assert jobs[rule] == 10, jobs  # one pre-training + nine labelled scans
+    assert jobs["brats_preprocess"] == 3 and jobs["provenance_report"] == 1
+    assert jobs["make_folds"] == 3 and jobs["leakage_firewall"] == 1
 
 
 def test_fsl_branch_dry_run_builds_fsl_jobs(tmp_path, medtx_env):
@@ -84,16 +85,16 @@ def test_run_writes_model_inputs_and_report(run):
 
     work, _ = run
     pre = sorted(work.glob("results/preprocess/*/*/*_res-2_desc-preproc_T1w.nii.gz"))
-    assert len(pre) == 2
+    assert len(pre) == 10
     for path in pre:
         data = np.asarray(nib.load(str(path)).dataobj)
         assert data.shape == (96, 114, 96) and 0.0 <= data.min() and data.max() == 1.0
     brats = list(work.glob("results/preprocess/mini_brats/*/*_desc-preproc_mri.nii.gz"))
     assert nib.load(str(brats[0])).shape == (160, 192, 128, 4)
     html = (work / "results/reports/provenance.html").read_text()
-    for scan in ("sub-pre001", "sub-adni001", "BraTS20_Training_001"):
+    for scan in ("pre001", "adni001", "adni009", "BraTS20_Training_003"):
         assert scan in html
-    assert html.count("data:image/png;base64,") >= 3
+    assert html.count("data:image/png;base64,") >= 13
     assert (work / "results/demo/adni/participants.tsv").exists()
 
 
@@ -117,12 +118,13 @@ def test_unchanged_rerun_schedules_nothing(run):
 def test_n4_change_reruns_only_n4_and_after(run, tmp_path):
     work, env = run
     config = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())
-    config["preprocess"]["n4"] = {"shrink_factor": 2}
+    config["preprocess"]["n4"]["shrink_factor"] = 2
     changed = tmp_path / "n4.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
-    assert jobs == {"n4_correct": 2, "pool": 2, "normalize": 2, "collect_provenance": 2,
-                    "provenance_report": 1, "all": 1}
+    # manifests read the QC records, so they follow too; registration does not
+    assert jobs == {"n4_correct": 10, "pool": 10, "normalize": 10, "collect_provenance": 10,
+                    "provenance_report": 1, "make_folds": 2, "leakage_firewall": 1, "all": 1}
 
 
 def test_qc_threshold_change_rejudges_without_recomputing(run, tmp_path):
@@ -132,7 +134,8 @@ def test_qc_threshold_change_rejudges_without_recomputing(run, tmp_path):
     changed = tmp_path / "qc.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
-    assert set(jobs) == {"collect_provenance", "collect_brats", "provenance_report", "all"}
+    assert set(jobs) == {"collect_provenance", "collect_brats", "provenance_report", "make_folds",
+                         "leakage_firewall", "all"}
 
 
 def test_audit_finds_changed_output(run, tmp_path):
@@ -171,3 +174,87 @@ def test_bad_scan_fail_and_exclude(run, tmp_path):
     assert "excluded" in table and "bad.nii.gz: not a readable NIfTI" in table
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before  # nothing computed before was touched
+
+
+def test_fold_manifests_subject_level_and_complete(run):
+    import pandas as pd
+
+    work, _ = run
+    folds = work / "results/folds"
+    for task in ("classification", "regression"):
+        manifest = pd.read_csv(folds / f"mini_adni_task-{task}_folds.tsv", sep="\t", dtype=str)
+        assert len(manifest) == 9 and manifest["subject"].is_unique
+        assert sorted(manifest["fold"].astype(int).value_counts().tolist()) == [3, 3, 3]
+        for k in range(3):
+            roles = manifest.set_index("fold")[f"role_{k}"]
+            assert set(roles.loc[str(k)]) == {"test"} and set(roles.loc[str((k + 1) % 3)]) == {"val"}
+        sidecar = json.loads((folds / f"mini_adni_task-{task}_folds.json").read_text())
+        assert sidecar["seed"] == 42 and len(sidecar["subjects_sha256"]) == 64
+    seg = pd.read_csv(folds / "mini_brats_task-segmentation_folds.tsv", sep="\t", dtype=str)
+    assert len(seg) == 3 and seg["path"].str.endswith("_desc-preproc_mri.nii.gz").all()
+    cls = pd.read_csv(folds / "mini_adni_task-classification_folds.tsv", sep="\t", dtype=str)
+    # one CN, one MCI, one AD per fold
+    assert (cls.groupby("fold")["label"].nunique() == 3).all()
+    assert json.loads((folds / "firewall.json").read_text())["status"] == "passed"
+
+
+def test_manifests_are_reproducible(run, tmp_path):
+    work, env = run
+    folds = work / "results/folds"
+    before = {p.name: p.read_bytes() for p in folds.glob("*_folds.tsv")}
+    proc = snakemake(work, "--cores", "1", "--forcerun", "make_folds", "folds", env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in folds.glob("*_folds.tsv")} == before
+
+
+def test_declared_identity_leak_stops_before_training(run, tmp_path):
+    """A pre-training subject declared to be a labelled subject: the firewall fails."""
+    work, env = run
+    config = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())
+    config["identities"] = {"person1": ["mini_pretrain:pre001", "mini_adni:adni004"]}
+    leaky = tmp_path / "leak.yaml"
+    leaky.write_text(yaml.safe_dump(config))
+    firewall = work / "results/folds/firewall.json"
+    before = firewall.read_bytes()
+    proc = snakemake(work, "--cores", "1", "folds", config=leaky, env=env, timeout=300)
+    assert proc.returncode != 0
+    log = (work / "logs/folds/leakage_firewall.log").read_text()
+    assert "adni004" in log and "pre001" in log
+    assert log.strip().splitlines()[-1].startswith("medtx: error:")
+    assert not firewall.exists() or firewall.read_bytes() != before  # no stale pass left
+    # restore the passing firewall for the tests that follow
+    assert snakemake(work, "--cores", "1", "folds", env=env, timeout=300).returncode == 0
+
+
+def test_qc_failure_gates_manifest_and_override_restores(run, tmp_path):
+    import pandas as pd
+
+    work, env = run
+    config = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())
+    records = {r["scan"]: r for r in (json.loads(p.read_text()) for p in
+               work.glob("results/preprocess/mini_adni/*/*_provenance.json"))}
+    volumes = sorted((r["steps"][0]["qc"]["metrics"]["brain_volume_ml"], s) for s, r in records.items())
+    smallest_volume, smallest = volumes[0]
+    config["qc"] = {"brain_volume_ml": [smallest_volume + 0.05, 5000]}  # fails exactly one scan
+    config["results"] = "results"
+    gated = tmp_path / "gated.yaml"
+    gated.write_text(yaml.safe_dump(config))
+    target = f"results/folds/mini_adni_task-regression_folds.tsv"
+    proc = snakemake(work, "--cores", "2", target, config=gated, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = pd.read_csv(work / target, sep="\t", dtype=str)
+    assert smallest not in set(manifest["scan"])
+    sidecar = json.loads((work / target.replace(".tsv", ".json")).read_text())
+    (excl,) = [e for e in sidecar["exclusions"] if e["scan"] == smallest]
+    assert "QC failed" in excl["reason"] and "brain_volume_ml" in excl["reason"]
+    overrides = tmp_path / "overrides.tsv"
+    overrides.write_text(f"scan\taction\treason\n{smallest}\tinclude\tvisually fine\n")
+    config["folds"]["overrides"] = str(overrides)
+    gated.write_text(yaml.safe_dump(config))
+    proc = snakemake(work, "--cores", "2", target, config=gated, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = pd.read_csv(work / target, sep="\t", dtype=str)
+    assert smallest in set(manifest["scan"])
+    assert "visually fine" in (work / target.replace(".tsv", ".json")).read_text()
+    # back to the default config for any later test
+    assert snakemake(work, "--cores", "2", "all", env=env, timeout=600).returncode == 0

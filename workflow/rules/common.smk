@@ -100,13 +100,50 @@ def scan_targets(key_t1, key_brats=None):
     return out
 
 
+def dataset_targets(dataset, key):
+    """One file per usable scan of a dataset (e.g. its provenance records)."""
+    files = BRATS if is_brats(dataset) else T1
+    return [files[key].format(dataset=dataset, scan=scan) for scan in OK[dataset]["scan"]]
+
+
 def get_final_output():
     demo = [
         f"{ds['path']}/participants.tsv"
         for ds in config["datasets"].values()
         if ds.get("generate") and ds["kind"] == "bids"
     ]
-    return demo + scan_targets("preproc", "image") + [f"{RESULTS}/reports/provenance.html"]
+    return (
+        demo
+        + scan_targets("preproc", "image")
+        + [f"{RESULTS}/reports/provenance.html"]
+        + manifest_targets()
+        + [f"{RESULTS}/folds/firewall.json"]
+    )
+
+
+# --- folds ---
+
+TASKS = ("classification", "regression", "segmentation")
+FOLDS = {**config["folds"], "seed": config["folds"]["seed"] or config["seed"]}
+FOLDS.pop("overrides")
+
+
+def datasets_with_role(role):
+    return [n for n, ds in config["datasets"].items() if role in ds["role"]]
+
+
+def manifest_targets():
+    return [
+        f"{RESULTS}/folds/{name}_task-{task}_folds.tsv"
+        for name, ds in config["datasets"].items()
+        for task in TASKS
+        if task in ds["role"]
+    ]
+
+
+def folds_overrides():
+    path = config["folds"]["overrides"]
+    return [path] if path else []
 
 
 # --- the demo cohort ---

@@ -1,0 +1,61 @@
+# Fold manifests per labelled dataset and task, and the leakage firewall that
+# every training rule requires (so a leak stops the run before any training).
+
+
+rule make_folds:
+    input:
+        table=f"{RESULTS}/scans/{{dataset}}.tsv",
+        records=lambda w: dataset_targets(w.dataset, "provenance"),
+        overrides=folds_overrides(),
+    output:
+        tsv=f"{RESULTS}/folds/{{dataset}}_task-{{task}}_folds.tsv",
+        sidecar=f"{RESULTS}/folds/{{dataset}}_task-{{task}}_folds.json",
+    params:
+        folds=as_json(FOLDS),
+        overrides=lambda w, input: f"--overrides {input.overrides}" if input.overrides else "",
+        code=code_hash("folds"),
+    log:
+        f"{LOGS}/folds/make_folds/{{dataset}}_task-{{task}}.log",
+    wildcard_constraints:
+        task="classification|regression|segmentation",
+    conda:
+        ENV
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python -m medtx folds --dataset {wildcards.dataset} --task {wildcards.task}"
+        " --table {input.table} --records {input.records} {params.overrides}"
+        " --params {params.folds:q} --out-tsv {output.tsv} --out-json {output.sidecar}"
+        " > {log} 2>&1"
+
+
+rule leakage_firewall:
+    input:
+        manifests=manifest_targets(),
+        pretrain=[f"{RESULTS}/scans/{name}.tsv" for name in datasets_with_role("pretrain")],
+    output:
+        f"{RESULTS}/folds/firewall.json",
+    params:
+        identities=as_json(config["identities"]),
+        pretrain=lambda w, input: (
+            f"--pretrain-table {' '.join(input.pretrain)}" if input.pretrain else ""
+        ),
+        code=code_hash("folds"),
+    log:
+        f"{LOGS}/folds/leakage_firewall.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python -m medtx firewall --manifest {input.manifests} {params.pretrain}"
+        " --identities {params.identities:q} --out {output} > {log} 2>&1"
+
+
+rule folds:
+    input:
+        manifest_targets(),
+        f"{RESULTS}/folds/firewall.json",
+    default_target: False
