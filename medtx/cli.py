@@ -6,6 +6,7 @@
     medtx report --config FILE --out HTML
     medtx folds --dataset D --task T --table TSV --records JSON ... --params JSON ...
     medtx firewall --manifest TSV ... --pretrain-table TSV ... --out JSON
+    medtx params [--format text|tsv]
     medtx audit [ROOT]
     medtx demo {t1-scan,t1-participants,brats-case} --spec JSON ...
 
@@ -207,6 +208,24 @@ def cmd_firewall(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_params(args: argparse.Namespace) -> int:
+    """The paper's Table 3 for our models: parameters per task and preset."""
+    from medtx.models.slice_transformer import params_table
+
+    rows = params_table()
+    if args.format == "tsv":
+        print("task\tpreset\tin_channels\toutputs\tparameters\tpaper")
+        for r in rows:
+            print(f"{r['task']}\t{r['preset']}\t{r['in_channels']}\t{r['num_outputs']}\t"
+                  f"{r['parameters']}\t{r['paper']}")
+        return 0
+    print(f"{'task':15} {'preset':11} {'in':>3} {'out':>4} {'parameters':>12} {'paper (Table 3)':>16}")
+    for r in rows:
+        print(f"{r['task']:15} {r['preset']:11} {r['in_channels']:>3} {r['num_outputs']:>4} "
+              f"{r['parameters']:>12,} {r['paper']!s:>16}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from medtx.audit import main_audit
 
@@ -289,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identities", help="person -> [dataset:subject, ...] as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_firewall)
+
+    p = sub.add_parser("params", help="print Table 3: parameters of our models")
+    p.add_argument("--format", choices=["text", "tsv"], default="text")
+    p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("audit", help="re-hash recorded outputs; exit 1 if any changed or vanished")
     p.add_argument("root", nargs="?", default="results")

@@ -1,0 +1,39 @@
+"""The medtx command: one-line errors, Table 3, scan ids."""
+
+import pytest
+
+from medtx.cli import default_scan_id, main
+
+
+def test_params_prints_table3_counts(capsys):
+    assert main(["params", "--format", "tsv"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    counts = {(r[0], r[1]): int(r[4]) for r in rows}
+    assert counts[("classification", "table3")] == 2_402_163
+    assert counts[("regression", "table3")] == 2_401_777
+    assert counts[("segmentation", "table3")] == 2_410_227
+    assert counts[("classification", "paper_text")] == 2_104_083
+
+
+@pytest.mark.parametrize("path,scan", [
+    ("/d/sub-01_ses-2_T1w.nii.gz", "sub-01_ses-2"),
+    ("/d/sub-A7_T1w.nii", "sub-A7"),
+    ("atlas.nii.gz", "sub-atlas"),
+    ("my scan-3.nii.gz", "sub-myscan3"),
+])
+def test_default_scan_id(path, scan):
+    assert default_scan_id(path) == scan
+
+
+def test_bad_json_params_is_one_line(capsys):
+    code = main(["step", "n4", "--input", "brain=a", "--params", "{nope", "--context", "{}"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        "medtx: error: --params is not valid JSON: Expecting property name enclosed in double "
+        "quotes: line 1 column 2 (char 1)")
+
+
+def test_bad_scan_id(tmp_path, tiny_t1, capsys):
+    assert main(["preprocess", str(tiny_t1), "--out", str(tmp_path / "o"), "--scan", "sub-a_b",
+                 "--backend", "ants"]) == 1
+    assert "use sub-<id>[_ses-<id>]" in capsys.readouterr().err
