@@ -331,7 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except MedtxError as err:
-        print(f"medtx: error: {err}", file=sys.stderr)
+        message = str(err)
+        print(f"medtx: error: {message}", file=sys.stderr)
+        if "\n" in message:  # a list of problems: end on one summary line
+            print(f"medtx: error: {message.splitlines()[0].rstrip(':')} (listed above)",
+                  file=sys.stderr)
         return 1
     except Exception as err:  # a library failure on input that passed our checks
         import traceback

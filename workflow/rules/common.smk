@@ -32,6 +32,10 @@ SCANS = {
     for name, ds in config["datasets"].items()
 }
 OK = {name: t[t["status"] == "ok"] for name, t in SCANS.items()}
+# (dataset, scan) -> row, so input functions look rows up in O(1).
+ROWS = {
+    (name, row["scan"]): row for name, table in OK.items() for row in table.to_dict("records")
+}
 
 # File names, as patterns with {dataset} and {scan}.
 T1 = t1_outputs(f"{RESULTS}/preprocess/{{dataset}}/{{scan}}", "{scan}")
@@ -61,15 +65,13 @@ def one_of(names):
 
 
 def scan_row(wildcards):
-    table = OK.get(wildcards.dataset)
-    if table is None:
+    row = ROWS.get((wildcards.dataset, wildcards.scan))
+    if row is None:
         raise ValueError(
-            f"unknown dataset {wildcards.dataset!r}; config 'datasets' has {sorted(OK)}"
+            f"scan {wildcards.scan!r} is not a usable scan of dataset {wildcards.dataset!r}"
+            f" (datasets: {sorted(OK)})"
         )
-    rows = table[table["scan"] == wildcards.scan]
-    if rows.empty:
-        raise ValueError(f"scan {wildcards.scan!r} is not in dataset {wildcards.dataset!r}")
-    return rows.iloc[0]
+    return row
 
 
 def step_context(wildcards):

@@ -1,0 +1,236 @@
+"""The workflow on a real SLURM cluster, through the repo's profile.
+
+One run of `snakemake --profile slurm all` on the test cohort
+(tests/configs/ants.yaml: 10 T1 scans, 3 BraTS cases; the same cohort as
+tests/integration, so every stage runs), then SLURM's own records (sacct,
+the jobcomp log) are checked against what the rules ask for: every job a
+COMPLETED SLURM job with the rule's memory and time, and each scan's chain
+of steps (group "subject") one SLURM job. The only overrides of the
+profile are a short first status check and keeping the job logs.
+
+Needs a cluster: see conftest.py (as root it starts tests/slurm/cluster.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections import Counter
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.slow]
+
+VENV_BIN = REPO / ".venv" / "bin"
+SNAKEMAKE = str(VENV_BIN / "snakemake") if (VENV_BIN / "snakemake").exists() else shutil.which("snakemake")
+CONFIG = REPO / "tests" / "configs" / "ants.yaml"
+TIMEOUT = int(os.environ.get("MEDTX_SLURM_TEST_TIMEOUT", "1800"))  # seconds, whole run
+# What a scan's group job holds (group "subject" in workflow/rules/preprocess.smk).
+T1_CHAIN = ("bet", "flirt", "n4_correct", "pool", "normalize", "collect_provenance")
+BRATS_CHAIN = ("brats_preprocess", "collect_brats")
+SACCT_FIELDS = ("JobID", "JobName", "State", "ReqMem", "AllocCPUS", "Timelimit", "AllocTRES",
+                "Elapsed", "Comment")
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{VENV_BIN}{os.pathsep}{e['PATH']}"
+    return e
+
+
+def snakemake(workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile", timeout: int = 300):
+    cmd = ["timeout", "-k", "10", str(timeout), SNAKEMAKE, "--profile", str(REPO / "slurm"),
+           "-s", str(snakefile), "-d", str(workdir), *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env(),
+                          timeout=timeout + 30)
+
+
+def sacct(run_id: str, since: datetime) -> list[dict]:
+    """This run's jobs (job name = the executor's run id), allocations only."""
+    out = subprocess.run(
+        ["sacct", "-X", "-P", "--noheader", "-S", since.strftime("%Y-%m-%dT%H:%M:%S"),
+         "--name", run_id, f"--format={','.join(SACCT_FIELDS)}"],
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    return [dict(zip(SACCT_FIELDS, line.split("|"))) for line in out.splitlines() if line.strip()]
+
+
+def planned_resources(stdout: str) -> dict[str, dict[str, int]]:
+    """rule -> {mem_mb, runtime, threads, jobs} from a dry run's job listing and stats."""
+    rules: dict[str, dict[str, int]] = {}
+    rule = None
+    for line in stdout.splitlines():
+        m = re.match(r"^\s*(?:local)?rule (\w+):$", line)
+        if m:
+            rule = m.group(1)
+            rules.setdefault(rule, {"threads": 1})
+            continue
+        m = re.match(r"^\s*threads: (\d+)$", line)
+        if m and rule:
+            rules[rule]["threads"] = int(m.group(1))
+        m = re.match(r"^\s*resources: (.*)$", line)
+        if m and rule:
+            res = dict(kv.split("=", 1) for kv in m.group(1).split(", "))
+            rules[rule].update(mem_mb=int(res["mem_mb"]), runtime=int(res["runtime"]))
+    table = stdout[stdout.index("Job stats:"):]
+    for name, n in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M):
+        if name in rules:
+            rules[name]["jobs"] = int(n)
+    return rules
+
+
+def timelimit(minutes: int) -> str:
+    """Minutes as sacct prints a time limit: [D-]HH:MM:SS."""
+    days, rest = divmod(minutes, 24 * 60)
+    clock = f"{rest // 60:02d}:{rest % 60:02d}:00"
+    return f"{days}-{clock}" if days else clock
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """The dry run of the same command: the rules' resources and job counts."""
+    proc = snakemake(tmp_path_factory.mktemp("dry"), "--configfile", str(CONFIG), "-n", "all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return planned_resources(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def run(slurm_cluster, tmp_path_factory):
+    work = tmp_path_factory.mktemp("slurm_wf")
+    since = datetime.now() - timedelta(minutes=2)
+    t0 = time.monotonic()
+    proc = snakemake(work, "--configfile", str(CONFIG), "--slurm-init-seconds-before-status-checks", "5",
+                     "--slurm-keep-successful-logs", "all", timeout=TIMEOUT)
+    wall = time.monotonic() - t0
+    (work / "snakemake.stderr").write_text(proc.stderr)
+    assert proc.returncode == 0, f"rc={proc.returncode} after {wall:.0f}s\n{proc.stderr[-4000:]}"
+    run_id = re.search(r"SLURM run ID: (\S+)", proc.stderr).group(1)
+    jobs = sacct(run_id, since)
+    summary = {"wall_s": round(wall), "slurm_jobs": len(jobs), "run_id": run_id,
+               "steps": int(re.findall(r"(\d+) of \d+ steps \(100%\) done", proc.stderr)[-1]),
+               "sacct": [{k: j[k] for k in ("JobID", "State", "ReqMem", "AllocCPUS", "Timelimit",
+                                            "Elapsed", "Comment")} for j in jobs]}
+    (work / "slurm_run_summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nSLURM run: {summary['steps']} steps in {summary['slurm_jobs']} jobs, {wall:.0f} s "
+          f"wall ({work / 'slurm_run_summary.json'})")
+    return work, proc.stderr, jobs
+
+
+def rule_of(job: dict) -> str | None:
+    """The rule of an ungrouped job, from the comment the executor sets
+    (rule_<rule>[_wildcards_<values>]); None for a group job (rule_subject_...)."""
+    comment = job["Comment"].removeprefix("rule_")
+    return None if comment.startswith("subject_") else comment.split("_wildcards_")[0]
+
+
+def records(work: Path, pattern: str) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in work.glob(pattern)}
+
+
+def scan_job_ids(record: dict) -> set[str | None]:
+    """The SLURM job ids a scan's provenance record names, one per step."""
+    return {step.get("slurm_job_id") for step in record["steps"]}
+
+
+def test_outputs_exist(run):
+    work, _, _ = run
+    assert len(list(work.glob("results/preprocess/*/*/*_res-2_desc-preproc_T1w.nii.gz"))) == 10
+    assert len(list(work.glob("results/preprocess/mini_brats/*/*_desc-preproc_mri.nii.gz"))) == 3
+    assert "BraTS20_Training_003" in (work / "results/reports/provenance.html").read_text()
+    assert len(list(work.glob("results/folds/*_folds.tsv"))) == 3
+    assert json.loads((work / "results/folds/firewall.json").read_text())["status"] == "passed"
+
+
+def test_every_job_is_a_completed_slurm_job(run, planned):
+    work, stderr, jobs = run
+    assert jobs, "sacct knows no job of this run"
+    assert {j["State"] for j in jobs} == {"COMPLETED"}, [j for j in jobs if j["State"] != "COMPLETED"]
+    submitted = set(re.findall(r"submitted with SLURM jobid (\d+)", stderr))
+    assert submitted == {j["JobID"] for j in jobs}
+    # one job per ungrouped rule job, one per scan for the grouped chains
+    ungrouped = Counter(rule_of(j) for j in jobs if rule_of(j))
+    expected = {rule: r["jobs"] for rule, r in planned.items()
+                if rule not in T1_CHAIN + BRATS_CHAIN + ("all",)}
+    assert ungrouped == expected
+    grouped = [j for j in jobs if rule_of(j) is None]
+    scans = planned["bet"]["jobs"] + planned["brats_preprocess"]["jobs"]
+    assert scans == 10 + 3
+    assert len(grouped) == scans  # scans, not steps (6 per T1 scan, 2 per BraTS case)
+    assert len(jobs) == sum(expected.values()) + len(grouped)
+
+
+def test_rule_resources_reach_sbatch(run, planned):
+    work, _, jobs = run
+    by_id = {j["JobID"]: j for j in jobs}
+    for job in jobs:
+        if not rule_of(job):
+            continue
+        want = planned[rule_of(job)]
+        assert job["ReqMem"] == f"{want['mem_mb']}M", job
+        assert job["Timelimit"] == timelimit(want["runtime"]), job
+        assert job["AllocCPUS"] == str(want["threads"]), job
+    # a scan's group job: the largest memory of its steps, the sum of their times
+    for chain, pattern in ((T1_CHAIN, "results/preprocess/mini_*/sub-*/*_provenance.json"),
+                           (BRATS_CHAIN, "results/preprocess/mini_brats/*/*_provenance.json")):
+        mem = max(planned[r]["mem_mb"] for r in chain)
+        minutes = sum(planned[r]["runtime"] for r in chain)
+        for name, record in records(work, pattern).items():
+            (job_id,) = scan_job_ids(record)
+            assert by_id[job_id]["ReqMem"] == f"{mem}M", (name, by_id[job_id])
+            assert by_id[job_id]["Timelimit"] == timelimit(minutes), (name, by_id[job_id])
+
+
+def test_each_scan_is_one_slurm_job(run):
+    """Every step of a scan ran in the same SLURM job, and no two scans shared one."""
+    work, _, jobs = run
+    grouped = {j["JobID"] for j in jobs if rule_of(j) is None}
+    t1 = records(work, "results/preprocess/mini_*/sub-*/*_provenance.json")
+    brats = records(work, "results/preprocess/mini_brats/*/*_provenance.json")
+    assert len(t1) == 10 and len(brats) == 3
+    per_scan = {}
+    for name, record in {**t1, **brats}.items():
+        ids = scan_job_ids(record)
+        assert len(ids) == 1 and None not in ids, (name, ids)
+        per_scan[name] = ids.pop()
+    assert sorted(per_scan.values()) == sorted(grouped)  # one job per scan, each scan its own
+
+
+def test_jobcomp_log_agrees(run, slurm_cluster):
+    if slurm_cluster.jobcomp_log is None:
+        pytest.skip("not our test cluster: no jobcomp/filetxt log to read")
+    _, _, jobs = run
+    states = dict(re.findall(r"JobId=(\d+) .*?JobState=(\w+)", slurm_cluster.jobcomp_log.read_text()))
+    assert {states.get(j["JobID"]) for j in jobs} == {"COMPLETED"}
+
+
+def test_job_log_is_where_the_executor_says(run):
+    _, stderr, _ = run
+    logs = [Path(p) for p in re.findall(r"\(log: (\S+\.log)\)", stderr)]
+    assert logs and all(p.exists() for p in logs)
+    group_log = next(p for p in logs if p.parent.name.startswith("group_subject"))
+    text = group_log.read_text()
+    assert "Group job subject" in text and "rule bet:" in text and "--executor slurm-jobstep" in text
+
+
+def test_threads_and_gpu_resources_map_to_sbatch(slurm_cluster, tmp_path):
+    """threads -> --cpus-per-task, and gpu=1 -> --gpus=1 (fake GPUs on the test cluster)."""
+    gpu = slurm_cluster.gpus > 0
+    since = datetime.now() - timedelta(minutes=2)
+    proc = snakemake(tmp_path, "--slurm-init-seconds-before-status-checks", "3",
+                     "--config", f"gpu={gpu}", snakefile=Path(__file__).with_name("probe.smk"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cpus=2" in (tmp_path / "probe/threads.txt").read_text()
+    jobs = sacct(re.search(r"SLURM run ID: (\S+)", proc.stderr).group(1), since)
+    by_rule = {j["Comment"].removeprefix("rule_"): j for j in jobs}
+    assert by_rule["threads"]["AllocCPUS"] == "2" and by_rule["threads"]["ReqMem"] == "200M"
+    if not gpu:
+        pytest.skip("the cluster has no GPUs (gres gpu): the gpu=1 half was not run")
+    assert "gres/gpu=1" in by_rule["gpu"]["AllocTRES"]
+    assert re.search(r"cuda=\d", (tmp_path / "probe/gpu.txt").read_text())
