@@ -6,6 +6,10 @@
     medtx report --config FILE --out HTML
     medtx folds --dataset D --task T --table TSV --records JSON ... --params JSON ...
     medtx firewall --manifest TSV ... --pretrain-table TSV ... --out JSON
+    medtx cache IMAGE --out NPY [--seg SEG --seg-out NPY]
+    medtx pretrain {exemplar,masked} --images NPY ... --out PT [--init PT] --config JSON
+    medtx finetune --task T --manifest TSV --rotation K --fraction P --init PT|none ...
+    medtx evaluate --metrics JSON ... --out-dir DIR
     medtx params [--format text|tsv]
     medtx audit [ROOT]
     medtx demo {t1-scan,t1-participants,brats-case} --spec JSON ...
@@ -208,6 +212,75 @@ def cmd_firewall(args: argparse.Namespace) -> int:
     return 0
 
 
+INTERRUPTED = 3  # exit code of a training job stopped at a checkpoint (rerun resumes)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """Float16 .npy copies of model inputs (and BraTS region masks) for training."""
+    from medtx.volumes import cache_labels, cache_volume
+
+    cache_volume(args.image, args.out)
+    if args.seg:
+        cache_labels(args.seg, args.seg_out)
+    return 0
+
+
+def _pretrain_items(images: list[str]) -> list[dict]:
+    return [{"scan": Path(p).stem, "image": p, "label": "", "subject": Path(p).stem,
+             "dataset": Path(p).parent.name} for p in images]
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from medtx import stages
+
+    config = _json(args.config, "--config")
+    items = _pretrain_items(args.images)
+    if args.stage == "exemplar":
+        result = stages.pretrain_exemplar(items, out=args.out, config=config)
+    else:
+        result = stages.pretrain_masked(items, init=args.init, out=args.out, config=config)
+    return INTERRUPTED if result.status == "interrupted" else 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """One fine-tuning run: task x rotation x initialization x label fraction."""
+    from medtx import stages
+    from medtx.folds import read_manifest
+
+    config = _json(args.config, "--config")
+    manifest = read_manifest(args.manifest)
+    cache = Path(args.cache_dir)
+
+    def image(row):
+        return cache / row["dataset"] / f"{row['scan']}.npy"
+
+    def regions(row):
+        return cache / row["dataset"] / f"{row['scan']}_regions.npy" if args.task == "segmentation" else None
+
+    kw = {"rotation": args.rotation, "cache_dir_fn": image, "seg_fn": regions}
+    sidecar = Path(args.manifest).with_suffix(".json")
+    result = stages.finetune(
+        args.task,
+        stages.manifest_items(manifest, role="train", fraction=args.fraction, **kw),
+        stages.manifest_items(manifest, role="val", **kw),
+        stages.manifest_items(manifest, role="test", **kw),
+        init=None if args.init in (None, "none") else args.init,
+        use_transformer=not args.no_transformer, out=args.out,
+        predictions_out=args.predictions, metrics_out=args.metrics, config=config,
+        metadata={"manifest": str(args.manifest), "rotation": args.rotation,
+                  "fraction": args.fraction,
+                  "folds_sidecar": json.loads(sidecar.read_text()) if sidecar.exists() else None},
+    )
+    return INTERRUPTED if result.status == "interrupted" else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medtx.tables import build_tables
+
+    build_tables(args.metrics, args.out_dir)
+    return 0
+
+
 def cmd_params(args: argparse.Namespace) -> int:
     """The paper's Table 3 for our models: parameters per task and preset."""
     from medtx.models.slice_transformer import params_table
@@ -308,6 +381,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identities", help="person -> [dataset:subject, ...] as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_firewall)
+
+    p = sub.add_parser("cache", help="float16 .npy cache of a model input for training")
+    p.add_argument("image")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seg", help="BraTS labels to cache as WT/TC/ET region masks")
+    p.add_argument("--seg-out")
+    p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("pretrain", help="stage 1 (exemplar) or 2 (masked encodings) pre-training")
+    p.add_argument("stage", choices=["exemplar", "masked"])
+    p.add_argument("--images", nargs="+", required=True, help="cached .npy volumes")
+    p.add_argument("--init", help="stage-1 checkpoint (masked stage)")
+    p.add_argument("--config", help="stage config (medtx.stages.DEFAULTS keys) as JSON")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune one task x fold x init x fraction")
+    p.add_argument("--task", required=True, choices=["classification", "regression", "segmentation"])
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--rotation", type=int, required=True, help="k: test fold k, val fold k+1")
+    p.add_argument("--fraction", type=int, default=100, help="label fraction in percent")
+    p.add_argument("--init", help="pre-trained checkpoint, or none for scratch")
+    p.add_argument("--no-transformer", action="store_true", help="the w/o-transformer ablation")
+    p.add_argument("--cache-dir", required=True, help="folder of <dataset>/<scan>.npy caches")
+    p.add_argument("--config", help="stage config as JSON")
+    p.add_argument("--out", required=True, help="final checkpoint (.pt)")
+    p.add_argument("--predictions", required=True)
+    p.add_argument("--metrics", required=True)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="tables like the paper's from fine-tuning metrics")
+    p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("params", help="print Table 3: parameters of our models")
     p.add_argument("--format", choices=["text", "tsv"], default="text")

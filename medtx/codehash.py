@@ -30,6 +30,10 @@ STAGE_MODULES: dict[str, list[str]] = {
     "collect": _COMMON + ["qc.py", "qc_images.py", "preprocess/chain.py"],
     "report": _COMMON + ["report.py", "scans.py", "qc.py"],
     "folds": _COMMON + ["folds.py", "report.py"],
+    "cache": _COMMON + ["volumes.py"],
+    "train": _COMMON + ["training.py", "stages.py", "volumes.py", "metrics.py", "folds.py",
+                        "models/__init__.py", "models/slice_transformer.py", "models/pretext.py"],
+    "evaluate": _COMMON + ["tables.py", "stages.py", "metrics.py", "models/slice_transformer.py"],
 }
 
 

@@ -66,6 +66,11 @@ def validate_config(config: dict) -> dict:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise ConfigError(f"invalid config ({len(errors)} problem(s)):\n{lines}")
     _fill_defaults(config, schema)
+    fold_fractions = set(config["folds"]["fractions"]) | {100}
+    missing = sorted(set(config["train"]["fractions"]) - fold_fractions)
+    if missing:
+        raise ConfigError(f"config key 'train/fractions': {missing} not in folds/fractions "
+                          f"{sorted(fold_fractions)}; manifests hold only those subsets")
     for name, ds in config["datasets"].items():
         if isinstance(ds["role"], str):
             ds["role"] = [ds["role"]]

@@ -77,13 +77,18 @@ cmd_install() {
         if [[ ! -e $policy ]]; then
             printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && made_policy=1
         fi
-        apt-get install -y -q --no-install-recommends "${pkgs[@]}" >"${TMPDIR:-/tmp}/medtx-slurm-apt.log" 2>&1 \
-            || { [[ $made_policy == 1 ]] && rm -f "$policy"
-                 tail -20 "${TMPDIR:-/tmp}/medtx-slurm-apt.log" >&2
-                 die "apt-get install failed (run apt-get update first?)"; }
-        [[ $made_policy == 1 ]] && rm -f "$policy"
+        local log=${TMPDIR:-/tmp}/medtx-slurm-apt.log ok=1
+        if ! apt-get install -y -q --no-install-recommends "${pkgs[@]}" >"$log" 2>&1; then
+            say "apt-get install failed; running apt-get update and trying once more"
+            { apt-get update -q && apt-get install -y -q --no-install-recommends "${pkgs[@]}"; } >>"$log" 2>&1 || ok=0
+        fi
+        if [[ $made_policy == 1 ]]; then rm -f "$policy"; fi
+        if [[ $ok == 0 ]]; then
+            tail -20 "$log" >&2
+            die "apt-get install ${pkgs[*]} failed (log: $log)"
+        fi
     fi
-    say "installed: $(dpkg-query -W -f='${Package} ${Version}, ' slurm-wlm slurmdbd munge mariadb-server)"
+    say "installed: $(dpkg-query -W -f='${Package} ${Version}\n' slurm-wlm slurmdbd munge mariadb-server | paste -sd,)"
 }
 
 # --- config ----------------------------------------------------------------
@@ -168,7 +173,7 @@ EOF
     : >"$dir/cgroup.conf"
 }
 
-install_configs() { # prints "changed" when the config in use differs from before
+install_configs() { # prints the names of the config files that changed
     local new=$STATE/etc.new changed=""
     rm -rf "$new"
     write_configs "$new"
@@ -176,7 +181,7 @@ install_configs() { # prints "changed" when the config in use differs from befor
     for f in slurm.conf slurmdbd.conf gres.conf cgroup.conf; do
         if ! cmp -s "$new/$f" "$ETC/$f"; then
             cp -p "$new/$f" "$ETC/$f"
-            changed=changed
+            changed+=" $f"
         fi
     done
     rm -rf "$new"
@@ -310,12 +315,13 @@ cmd_start() {
     if ((GPUS > 0)); then make_fake_gpus; fi
     local changed
     changed=$(install_configs)
-    if [[ -n $changed ]] && { alive "$RUN/slurmctld.pid" || alive "$RUN/slurmd.pid"; }; then
-        say "config changed: restarting slurmctld and slurmd"
+    # Node, gres and accounting settings are read at start only: restart.
+    if [[ $changed =~ (slurm|gres|cgroup)\.conf ]] && { alive "$RUN/slurmctld.pid" || alive "$RUN/slurmd.pid"; }; then
+        say "changed:$changed; restarting slurmctld and slurmd"
         stop_pidfile slurmd "$RUN/slurmd.pid"
         stop_pidfile slurmctld "$RUN/slurmctld.pid"
     fi
-    if [[ -n $changed ]] && alive "$RUN/slurmdbd.pid"; then
+    if [[ $changed == *slurmdbd.conf* ]] && alive "$RUN/slurmdbd.pid"; then
         stop_pidfile slurmdbd "$RUN/slurmdbd.pid"
     fi
     start_munge

@@ -1,9 +1,11 @@
 """A SLURM cluster for the tests in this folder.
 
-Uses a running cluster if `sinfo` answers; otherwise, as root, installs and
-starts the one-node cluster of cluster.sh (apt packages, daemons under
-$MEDTX_SLURM_DIR, one fake GPU) and stops it again after the session.
-Anything else skips, with the reason.
+Uses a running cluster if `sinfo` answers. Otherwise, when the slurm tests
+were asked for (`pytest -m slurm`, or MEDTX_SLURM_START=1) and we are root,
+installs and starts the one-node cluster of cluster.sh (apt packages, daemons
+under $MEDTX_SLURM_DIR, one fake GPU) and stops it after the session
+(MEDTX_SLURM_KEEP=1 leaves it running). A plain `pytest tests` (CI) never
+installs anything: without a cluster these tests skip, saying why.
 """
 
 from __future__ import annotations
@@ -54,13 +56,20 @@ def _cluster_sh(action: str, env: dict, timeout: int) -> subprocess.CompletedPro
                           env=env, timeout=timeout)
 
 
+def _asked_for(config) -> bool:
+    return "slurm" in (config.getoption("-m") or "") or os.environ.get("MEDTX_SLURM_START") == "1"
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster():
+def slurm_cluster(pytestconfig):
     ours = STATE / "etc" / "slurm.conf"
     if _sinfo_answers():
         jobcomp = STATE / "log" / "jobcomp.log"
         yield Cluster(False, _gpus(), jobcomp if jobcomp.exists() else None)
         return
+    if not _asked_for(pytestconfig):
+        pytest.skip("no SLURM cluster answers (sinfo); `pytest -m slurm` as root starts a test "
+                    "cluster (tests/slurm/cluster.sh)")
     if os.geteuid() != 0:
         pytest.skip("no SLURM cluster answers (sinfo), and starting one needs root (apt-get, daemons)")
     env = {**os.environ, "MEDTX_SLURM_GPUS": os.environ.get("MEDTX_SLURM_GPUS", "1")}

@@ -214,22 +214,27 @@ def test_job_log_is_where_the_executor_says(run):
     _, stderr, _ = run
     logs = [Path(p) for p in re.findall(r"\(log: (\S+\.log)\)", stderr)]
     assert logs and all(p.exists() for p in logs)
-    group_log = next(p for p in logs if p.parent.name.startswith("group_subject"))
+    group_log = next(p for p in logs if p.parent.name.startswith("group_subject_bet"))
     text = group_log.read_text()
     assert "Group job subject" in text and "rule bet:" in text and "--executor slurm-jobstep" in text
 
 
-def test_threads_and_gpu_resources_map_to_sbatch(slurm_cluster, tmp_path):
-    """threads -> --cpus-per-task, and gpu=1 -> --gpus=1 (fake GPUs on the test cluster)."""
+@pytest.mark.parametrize("status_command", ["sacct", "squeue"])
+def test_threads_and_gpu_resources_map_to_sbatch(slurm_cluster, tmp_path, status_command):
+    """threads -> --cpus-per-task, gpu=1 -> --gpus=1 (fake GPUs on the test cluster);
+    under either status command (squeue: MinJobAge >= 3x the first status delay)."""
     gpu = slurm_cluster.gpus > 0
     since = datetime.now() - timedelta(minutes=2)
     proc = snakemake(tmp_path, "--slurm-init-seconds-before-status-checks", "3",
+                     "--slurm-status-command", status_command,
                      "--config", f"gpu={gpu}", snakefile=Path(__file__).with_name("probe.smk"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Falling back to 'sacct'" not in proc.stderr
     assert "cpus=2" in (tmp_path / "probe/threads.txt").read_text()
     jobs = sacct(re.search(r"SLURM run ID: (\S+)", proc.stderr).group(1), since)
     by_rule = {j["Comment"].removeprefix("rule_"): j for j in jobs}
     assert by_rule["threads"]["AllocCPUS"] == "2" and by_rule["threads"]["ReqMem"] == "200M"
+    assert by_rule["threads"]["Timelimit"] == "00:03:00"
     if not gpu:
         pytest.skip("the cluster has no GPUs (gres gpu): the gpu=1 half was not run")
     assert "gres/gpu=1" in by_rule["gpu"]["AllocTRES"]

@@ -119,7 +119,8 @@ def get_final_output():
         + scan_targets("preproc", "image")
         + [f"{RESULTS}/reports/provenance.html"]
         + manifest_targets()
-        + [f"{RESULTS}/folds/firewall.json"]
+        + [FIREWALL]
+        + ([f"{RESULTS}/tables/summary.md"] if finetune_targets("metrics.json") else [])
     )
 
 
@@ -209,3 +210,69 @@ wildcard_constraints:
     dataset="|".join(config["datasets"]),
     scan="[A-Za-z0-9_-]+",
     subject="[A-Za-z0-9]+",
+
+
+# --- training ---
+
+FIREWALL = f"{RESULTS}/folds/firewall.json"
+TRAIN = config["train"]
+TRAIN_THREADS = {**TRAIN["common"], **TRAIN["finetune"]}.get("threads", 1)
+FINETUNE = (
+    f"{RESULTS}/finetune/{{dataset}}/task-{{task}}/init-{{init}}_frac-{{frac}}/fold-{{fold}}"
+)
+
+
+def stage_config(stage):
+    """A stage's medtx.stages config: common keys, the stage's own, seed and labels."""
+    out = {"seed": config["seed"], **TRAIN["common"], **TRAIN[stage]}
+    out["label_map"] = config["folds"]["label_map"]
+    return out
+
+
+def train_resources(*, mem_mb, runtime):
+    """Cluster resources of a training job; a GPU only when train/gpu says so."""
+    res = {"mem_mb": mem_mb, "runtime": runtime}
+    if TRAIN["gpu"]:
+        res.update(gpu=1, cpus_per_gpu=TRAIN_THREADS)
+    return res
+
+
+def pretrain_caches():
+    return [
+        f"{RESULTS}/cache/{name}/{scan}.npy"
+        for name in datasets_with_role("pretrain")
+        if not is_brats(name)
+        for scan in OK[name]["scan"]
+    ]
+
+
+def finetune_inputs(wildcards):
+    ds = wildcards.dataset
+    files = {
+        "manifest": f"{RESULTS}/folds/{ds}_task-{wildcards.task}_folds.tsv",
+        "firewall": FIREWALL,
+        "caches": [f"{RESULTS}/cache/{ds}/{scan}.npy" for scan in OK[ds]["scan"]],
+    }
+    if is_brats(ds):
+        files["regions"] = [f"{RESULTS}/cache/{ds}/{scan}_regions.npy" for scan in OK[ds]["scan"]]
+    if wildcards.init != "scratch":
+        if not pretrain_caches():
+            raise ValueError(
+                f"train/inits has {wildcards.init!r}, but no dataset has role 'pretrain';"
+                " add one or use inits: [scratch]"
+            )
+        files["init"] = f"{RESULTS}/pretrain/stage-masked.pt"
+    return files
+
+
+def finetune_targets(name):
+    return [
+        f"{RESULTS}/finetune/{ds}/task-{task}/init-{init}_frac-{frac}/fold-{fold}/{name}"
+        for ds, spec in config["datasets"].items()
+        for task in TASKS
+        if task in spec["role"]
+        for init in TRAIN["inits"]
+        if init == "scratch" or pretrain_caches()
+        for frac in TRAIN["fractions"]
+        for fold in range(config["folds"]["n_folds"])
+    ]

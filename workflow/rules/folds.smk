@@ -35,7 +35,7 @@ rule leakage_firewall:
         manifests=manifest_targets(),
         pretrain=[f"{RESULTS}/scans/{name}.tsv" for name in datasets_with_role("pretrain")],
     output:
-        f"{RESULTS}/folds/firewall.json",
+        FIREWALL,
     params:
         identities=as_json(config["identities"]),
         pretrain=lambda w, input: (
@@ -57,5 +57,5 @@ rule leakage_firewall:
 rule folds:
     input:
         manifest_targets(),
-        f"{RESULTS}/folds/firewall.json",
+        FIREWALL,
     default_target: False

@@ -1,0 +1,147 @@
+# Training: a float16 cache of model inputs, stage 1 (exemplar) and stage 2
+# (masked encodings) pre-training, fine-tuning per task x fold x init x label
+# fraction, and the paper's tables. Every training rule needs the leakage
+# firewall's output, so a leak stops the run before any training job.
+
+
+rule cache_volume:
+    input:
+        image=T1["preproc"],
+    output:
+        f"{RESULTS}/cache/{{dataset}}/{{scan}}.npy",
+    params:
+        code=code_hash("cache"),
+    log:
+        f"{LOGS}/train/cache_volume/{{dataset}}/{{scan}}.log",
+    wildcard_constraints:
+        dataset=one_of(t1_datasets()),
+    group:
+        "subject"
+    conda:
+        ENV
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python -m medtx cache {input.image} --out {output} > {log} 2>&1"
+
+
+rule cache_brats:
+    input:
+        image=BRATS["image"],
+        seg=BRATS["seg"],
+    output:
+        image=f"{RESULTS}/cache/{{dataset}}/{{scan}}.npy",
+        seg=f"{RESULTS}/cache/{{dataset}}/{{scan}}_regions.npy",
+    params:
+        code=code_hash("cache"),
+    log:
+        f"{LOGS}/train/cache_brats/{{dataset}}/{{scan}}.log",
+    wildcard_constraints:
+        dataset=one_of(brats_datasets()),
+    group:
+        "subject"
+    conda:
+        ENV
+    resources:
+        mem_mb=2000,
+        runtime=5,
+    shell:
+        "python -m medtx cache {input.image} --out {output.image}"
+        " --seg {input.seg} --seg-out {output.seg} > {log} 2>&1"
+
+
+rule pretrain_exemplar:
+    input:
+        firewall=FIREWALL,
+        images=pretrain_caches(),
+    output:
+        f"{RESULTS}/pretrain/stage-exemplar.pt",
+    params:
+        config=as_json(stage_config("pretrain")),
+        code=code_hash("train"),
+    log:
+        f"{LOGS}/train/pretrain_exemplar.log",
+    threads: TRAIN_THREADS
+    conda:
+        ENV
+    resources:
+        **train_resources(mem_mb=8000, runtime=600),
+    shell:
+        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain exemplar --images {input.images}"
+        " --config {params.config:q} --out {output} > {log} 2>&1"
+
+
+rule pretrain_masked:
+    input:
+        firewall=FIREWALL,
+        init=f"{RESULTS}/pretrain/stage-exemplar.pt",
+        images=pretrain_caches(),
+    output:
+        f"{RESULTS}/pretrain/stage-masked.pt",
+    params:
+        config=as_json(stage_config("pretrain")),
+        code=code_hash("train"),
+    log:
+        f"{LOGS}/train/pretrain_masked.log",
+    threads: TRAIN_THREADS
+    conda:
+        ENV
+    resources:
+        **train_resources(mem_mb=8000, runtime=600),
+    shell:
+        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain masked --images {input.images}"
+        " --init {input.init} --config {params.config:q} --out {output} > {log} 2>&1"
+
+
+rule finetune:
+    input:
+        unpack(finetune_inputs),
+    output:
+        model=f"{FINETUNE}/model.pt",
+        predictions=f"{FINETUNE}/predictions.tsv",
+        metrics=f"{FINETUNE}/metrics.json",
+    params:
+        config=as_json(stage_config("finetune")),
+        init=lambda w, input: input.get("init", "none"),
+        ablation=lambda w: "--no-transformer" if w.init == "notransformer" else "",
+        cache=f"{RESULTS}/cache",
+        code=code_hash("train"),
+    log:
+        f"{LOGS}/train/finetune/{{dataset}}/task-{{task}}/init-{{init}}_frac-{{frac}}/fold-{{fold}}.log",
+    wildcard_constraints:
+        task="classification|regression|segmentation",
+        init="pretrained|scratch|notransformer",
+        frac="[0-9]+",
+        fold="[0-9]+",
+    threads: TRAIN_THREADS
+    conda:
+        ENV
+    resources:
+        **train_resources(mem_mb=12000, runtime=1440),
+    shell:
+        "OMP_WAIT_POLICY=PASSIVE python -m medtx finetune --task {wildcards.task}"
+        " --manifest {input.manifest} --rotation {wildcards.fold} --fraction {wildcards.frac}"
+        " --init {params.init} {params.ablation} --cache-dir {params.cache}"
+        " --config {params.config:q} --out {output.model} --predictions {output.predictions}"
+        " --metrics {output.metrics} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        metrics=finetune_targets("metrics.json"),
+    output:
+        table1=f"{RESULTS}/tables/table1.md",
+        summary=f"{RESULTS}/tables/summary.md",
+    params:
+        out_dir=f"{RESULTS}/tables",
+        code=code_hash("evaluate"),
+    log:
+        f"{LOGS}/train/evaluate.log",
+    conda:
+        ENV
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m medtx evaluate --metrics {input.metrics} --out-dir {params.out_dir} > {log} 2>&1"
