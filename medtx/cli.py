@@ -226,19 +226,27 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _pretrain_items(images: list[str]) -> list[dict]:
-    return [{"scan": Path(p).stem, "image": p, "label": "", "subject": Path(p).stem,
-             "dataset": Path(p).parent.name} for p in images]
+    """Items from cache paths ``<cache>/<dataset>/sub-<id>[_ses-<id>].npy``."""
+    items = []
+    for p in images:
+        scan = Path(p).stem
+        subject = scan.split("_ses-")[0].removeprefix("sub-")
+        items.append({"scan": scan, "image": p, "label": "", "subject": subject,
+                      "dataset": Path(p).parent.name})
+    return items
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from medtx import stages
 
     config = _json(args.config, "--config")
+    meta = _json(args.metadata, "--metadata")
     items = _pretrain_items(args.images)
     if args.stage == "exemplar":
-        result = stages.pretrain_exemplar(items, out=args.out, config=config)
+        result = stages.pretrain_exemplar(items, out=args.out, config=config, metadata=meta)
     else:
-        result = stages.pretrain_masked(items, init=args.init, out=args.out, config=config)
+        result = stages.pretrain_masked(items, init=args.init, out=args.out, config=config,
+                                        metadata=meta)
     return INTERRUPTED if result.status == "interrupted" else 0
 
 
@@ -267,7 +275,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         init=None if args.init in (None, "none") else args.init,
         use_transformer=not args.no_transformer, out=args.out,
         predictions_out=args.predictions, metrics_out=args.metrics, config=config,
-        metadata={"manifest": str(args.manifest), "rotation": args.rotation,
+        metadata={**_json(args.metadata, "--metadata"),
+                  "manifest": str(args.manifest), "rotation": args.rotation,
                   "fraction": args.fraction,
                   "folds_sidecar": json.loads(sidecar.read_text()) if sidecar.exists() else None},
     )
@@ -394,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="+", required=True, help="cached .npy volumes")
     p.add_argument("--init", help="stage-1 checkpoint (masked stage)")
     p.add_argument("--config", help="stage config (medtx.stages.DEFAULTS keys) as JSON")
+    p.add_argument("--metadata", help="stored in the checkpoint (preprocessing hash) as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_pretrain)
 
@@ -406,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-transformer", action="store_true", help="the w/o-transformer ablation")
     p.add_argument("--cache-dir", required=True, help="folder of <dataset>/<scan>.npy caches")
     p.add_argument("--config", help="stage config as JSON")
+    p.add_argument("--metadata", help="stored in the checkpoint (preprocessing hash) as JSON")
     p.add_argument("--out", required=True, help="final checkpoint (.pt)")
     p.add_argument("--predictions", required=True)
     p.add_argument("--metrics", required=True)

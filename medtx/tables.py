@@ -300,7 +300,8 @@ def _baseline_cell(runs: pd.DataFrame, col: _Column, baselines: Mapping[str, flo
         return f"{CHANCE_MAUC:.{col.digits}f}"
     if col.key != "mae":
         return MISSING
-    mask = (runs["task"] == "regression") & (runs["frac"] == frac) & (runs["predictions_path"] != "")
+    mask = ((runs["task"] == "regression") & (runs["frac"] == frac)
+            & (runs["predictions_path"] != ""))
     if col.dataset is not None:
         mask &= runs["dataset"] == col.dataset
     tsvs: dict[int, str] = {}
@@ -389,13 +390,18 @@ def table5(runs: pd.DataFrame, *, frac: int = 100) -> pd.DataFrame:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub pipe table (no tabulate needed); numbers right-aligned."""
+    """A GitHub pipe table (no tabulate needed); number columns right-aligned."""
     def cell(v: Any) -> str:
         return MISSING if v is None or (isinstance(v, float) and np.isnan(v)) else \
             str(v).replace("|", "\\|").replace("\n", " ")
 
+    def numeric(column: pd.Series) -> bool:
+        shown = [cell(v) for v in column if cell(v) != MISSING]
+        return bool(shown) and all(s[:1].isdigit() or s[:1] == "-" for s in shown)
+
     header = "| " + " | ".join(cell(c) for c in df.columns) + " |"
-    align = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(df.columns))) + "|"
+    align = "|" + "|".join("---:" if i and numeric(df.iloc[:, i]) else ":---"
+                           for i in range(len(df.columns))) + "|"
     body = ["| " + " | ".join(cell(v) for v in rec) + " |"
             for rec in df.itertuples(index=False, name=None)]
     return "\n".join([header, align, *body]) + "\n"
@@ -516,13 +522,20 @@ def plot_roc(predictions_tsvs: Sequence[str | Path], out_png: str | Path, *,
     return _save(fig, out_png)
 
 
+def _fold_label(path: str | Path) -> str:
+    try:
+        return f"fold {parse_run_path(path).fold}"
+    except MedtxError:
+        return Path(path).parent.name or str(path)
+
+
 def plot_age(predictions_tsvs: Sequence[str | Path], out_png: str | Path, *,
              title: str = "Brain age") -> Path:
     """Predicted vs true age, one colour per fold, identity line, pooled MAE in the title."""
     tables = _read_predictions(predictions_tsvs)
     fig, ax = _pyplot().subplots(figsize=(4, 4))
-    for k, t in enumerate(tables):
-        ax.scatter(t["label"], t["prediction"], s=12, label=f"fold file {k}")
+    for path, t in zip(predictions_tsvs, tables):
+        ax.scatter(t["label"], t["prediction"], s=12, label=_fold_label(path))
     both = pd.concat(tables, ignore_index=True)[["label", "prediction"]].to_numpy(float)
     lo, hi = float(np.nanmin(both)), float(np.nanmax(both))
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
@@ -557,10 +570,9 @@ def plot_curves(histories: Sequence[Mapping[str, Any]] | Mapping[str, Any],
     fig, (ax_loss, ax_val) = _pyplot().subplots(1, 2, figsize=(7, 3))
     for name, hist in runs.items():
         epochs = [e.get("epoch", i) for i, e in enumerate(hist)]
-        num = [np.nan if e.get(k) is None else float(e[k])
-               for k in ("train_loss", "val_metric") for e in hist]
-        ax_loss.plot(epochs, num[:len(hist)], marker=".", label=name)
-        ax_val.plot(epochs, num[len(hist):], marker=".", label=name)
+        for ax, key in ((ax_loss, "train_loss"), (ax_val, "val_metric")):
+            values = [np.nan if e.get(key) is None else float(e[key]) for e in hist]
+            ax.plot(epochs, values, marker=".", label=name)
     ax_loss.set(xlabel="epoch", ylabel="training loss")
     ax_val.set(xlabel="epoch", ylabel=val_label)
     if len(runs) > 1:

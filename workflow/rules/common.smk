@@ -1,4 +1,5 @@
 # Config validation, the scan tables, and every helper the rules use.
+import hashlib
 import json
 import re
 
@@ -220,6 +221,15 @@ TRAIN_THREADS = {**TRAIN["common"], **TRAIN["finetune"]}.get("threads", 1)
 FINETUNE = (
     f"{RESULTS}/finetune/{{dataset}}/task-{{task}}/init-{{init}}_frac-{{frac}}/fold-{{fold}}"
 )
+
+
+# What a checkpoint records of the preprocessing that made its inputs.
+TRAIN_METADATA = {
+    "preprocess_hash": hashlib.sha256(
+        as_json({**PRE, "backend": BACKEND}).encode()
+    ).hexdigest()[:16],
+    "backend": BACKEND,
+}
 
 
 def stage_config(stage):

@@ -59,6 +59,7 @@ rule pretrain_exemplar:
         f"{RESULTS}/pretrain/stage-exemplar.pt",
     params:
         config=as_json(stage_config("pretrain")),
+        meta=as_json(TRAIN_METADATA),
         code=code_hash("train"),
     log:
         f"{LOGS}/train/pretrain_exemplar.log",
@@ -69,7 +70,7 @@ rule pretrain_exemplar:
         **train_resources(mem_mb=8000, runtime=600),
     shell:
         "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain exemplar --images {input.images}"
-        " --config {params.config:q} --out {output} > {log} 2>&1"
+        " --config {params.config:q} --metadata {params.meta:q} --out {output} > {log} 2>&1"
 
 
 rule pretrain_masked:
@@ -81,6 +82,7 @@ rule pretrain_masked:
         f"{RESULTS}/pretrain/stage-masked.pt",
     params:
         config=as_json(stage_config("pretrain")),
+        meta=as_json(TRAIN_METADATA),
         code=code_hash("train"),
     log:
         f"{LOGS}/train/pretrain_masked.log",
@@ -91,7 +93,8 @@ rule pretrain_masked:
         **train_resources(mem_mb=8000, runtime=600),
     shell:
         "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain masked --images {input.images}"
-        " --init {input.init} --config {params.config:q} --out {output} > {log} 2>&1"
+        " --init {input.init} --config {params.config:q} --metadata {params.meta:q}"
+        " --out {output} > {log} 2>&1"
 
 
 rule finetune:
@@ -103,6 +106,7 @@ rule finetune:
         metrics=f"{FINETUNE}/metrics.json",
     params:
         config=as_json(stage_config("finetune")),
+        meta=as_json(TRAIN_METADATA),
         init=lambda w, input: input.get("init", "none"),
         ablation=lambda w: "--no-transformer" if w.init == "notransformer" else "",
         cache=f"{RESULTS}/cache",
@@ -123,7 +127,8 @@ rule finetune:
         "OMP_WAIT_POLICY=PASSIVE python -m medtx finetune --task {wildcards.task}"
         " --manifest {input.manifest} --rotation {wildcards.fold} --fraction {wildcards.frac}"
         " --init {params.init} {params.ablation} --cache-dir {params.cache}"
-        " --config {params.config:q} --out {output.model} --predictions {output.predictions}"
+        " --config {params.config:q} --metadata {params.meta:q}"
+        " --out {output.model} --predictions {output.predictions}"
         " --metrics {output.metrics} > {log} 2>&1"
 
 
