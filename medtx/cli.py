@@ -284,9 +284,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from medtx.tables import build_tables
+    """Tables 1/3/4/5 and, per dataset, ROC and brain-age plots of the pooled folds."""
+    import torch
 
-    build_tables(args.metrics, args.out_dir)
+    from medtx.tables import build_tables, parse_run_path, plot_age, plot_curves, plot_roc
+
+    out = Path(args.out_dir)
+    build_tables(args.metrics, out)
+    groups: dict[tuple, list[Path]] = {}
+    for path in map(Path, args.metrics):
+        run = parse_run_path(path)
+        groups.setdefault((run.dataset, run.task, run.init, run.frac), []).append(path.parent)
+    for (dataset, task, init, frac), folders in sorted(groups.items()):
+        name = out / f"{dataset}_task-{task}_init-{init}_frac-{frac}"
+        predictions = [f / "predictions.tsv" for f in sorted(folders)]
+        if task == "classification":
+            plot_roc(predictions, f"{name}_roc.png", title=f"ROC, {dataset}, {init}")
+        elif task == "regression":
+            plot_age(predictions, f"{name}_age.png", title=f"Brain age, {dataset}, {init}")
+        histories = {f.name: torch.load(f / "model.pt", weights_only=True).get("history", [])
+                     for f in sorted(folders)}
+        plot_curves(histories, f"{name}_curves.png")
     return 0
 
 

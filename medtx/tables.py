@@ -42,7 +42,6 @@ TASKS = ("classification", "regression", "segmentation")
 INITS = ("scratch", "pretrained", "notransformer")  # notransformer = "w/o transformer"
 FRACTIONS = (10, 30, 50, 70, 100)
 RUN_KEYS = ("dataset", "task", "init", "frac", "fold")
-RUN_FILES = ("metrics.json", "predictions.tsv")
 MISSING = "—"
 TOLERANCE = 1e-9
 
@@ -81,11 +80,11 @@ class RunId:
 def parse_run_path(path: str | Path) -> RunId:
     """A run's identity from ``.../<dataset>/task-<task>/init-<init>_frac-<frac>/fold-<k>/<file>``.
 
-    ``path`` is the run's metrics.json or predictions.tsv (or the fold directory).
-    Only the last components are read, so any results root works.
+    ``path`` is a file in the run's fold directory (metrics.json, predictions.tsv) or
+    that directory. Only the last components are read, so any results root works.
     """
     p = Path(path)
-    parts = p.parts[:-1] if p.name in RUN_FILES else p.parts
+    parts = p.parts if p.name.startswith("fold-") else p.parts[:-1]
     expected = ("expected .../<dataset>/task-<task>/init-<init>_frac-<frac>/fold-<k>/"
                 "metrics.json")
     if len(parts) < 4:
