@@ -35,7 +35,8 @@ def _sinfo_answers() -> bool:
     if not shutil.which("sinfo") or not Path(conf).exists():
         return False  # sinfo without a config retries for a minute
     try:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                              timeout=20)
     except subprocess.TimeoutExpired:
         return False
     states = proc.stdout.split()
@@ -43,7 +44,8 @@ def _sinfo_answers() -> bool:
 
 
 def _gpus() -> int:
-    out = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=20).stdout
+    out = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True,
+                         timeout=20).stdout
     for gres in out.split(","):
         parts = gres.strip().split("(")[0].split(":")
         if parts[0] == "gpu" and parts[-1].isdigit():
@@ -71,7 +73,8 @@ def slurm_cluster(pytestconfig):
         pytest.skip("no SLURM cluster answers (sinfo); `pytest -m slurm` as root starts a test "
                     "cluster (tests/slurm/cluster.sh)")
     if os.geteuid() != 0:
-        pytest.skip("no SLURM cluster answers (sinfo), and starting one needs root (apt-get, daemons)")
+        pytest.skip("no SLURM cluster answers (sinfo), and starting one needs root "
+                    "(apt-get, daemons)")
     env = {**os.environ, "MEDTX_SLURM_GPUS": os.environ.get("MEDTX_SLURM_GPUS", "1")}
     if not shutil.which("slurmctld"):
         if not shutil.which("apt-get"):

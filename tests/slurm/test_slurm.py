@@ -33,7 +33,8 @@ from tests.conftest import REPO
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.slow]
 
 VENV_BIN = REPO / ".venv" / "bin"
-SNAKEMAKE = str(VENV_BIN / "snakemake") if (VENV_BIN / "snakemake").exists() else shutil.which("snakemake")
+SNAKEMAKE = str(VENV_BIN / "snakemake") if (VENV_BIN / "snakemake").exists() \
+    else shutil.which("snakemake")
 CONFIG = REPO / "tests" / "configs" / "ants.yaml"
 TIMEOUT = int(os.environ.get("MEDTX_SLURM_TEST_TIMEOUT", "1800"))  # seconds, whole run
 TARGETS = os.environ.get("MEDTX_SLURM_TARGETS", "results/reports/provenance.html folds").split()
@@ -108,7 +109,8 @@ def run(slurm_cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm_wf")
     since = datetime.now() - timedelta(minutes=2)
     t0 = time.monotonic()
-    proc = snakemake(work, "--configfile", str(CONFIG), "--slurm-init-seconds-before-status-checks", "5",
+    proc = snakemake(work, "--configfile", str(CONFIG),
+                     "--slurm-init-seconds-before-status-checks", "5",
                      "--slurm-keep-successful-logs", *TARGETS, timeout=TIMEOUT)
     wall = time.monotonic() - t0
     (work / "snakemake.stderr").write_text(proc.stderr)
@@ -130,6 +132,12 @@ def rule_of(job: dict) -> str | None:
     (rule_<rule>[_wildcards_<values>]); None for a group job (rule_subject_...)."""
     comment = job["Comment"].removeprefix("rule_")
     return None if comment.startswith("subject_") else comment.split("_wildcards_")[0]
+
+
+def need_comments(jobs: list[dict]) -> None:
+    if not any(j["Comment"] for j in jobs):
+        pytest.skip("sacct shows no job comments (the cluster lacks "
+                    "AccountingStoreFlags=job_comment), so jobs cannot be told apart by rule")
 
 
 def job_logs(stderr: str) -> dict[str, Path]:
@@ -164,9 +172,11 @@ def test_outputs_exist(run):
 
 
 def test_every_job_is_a_completed_slurm_job(run, planned):
-    work, stderr, jobs = run
+    _, stderr, jobs = run
     assert jobs, "sacct knows no job of this run"
-    assert {j["State"] for j in jobs} == {"COMPLETED"}, [j for j in jobs if j["State"] != "COMPLETED"]
+    failed = [j for j in jobs if j["State"] != "COMPLETED"]
+    assert not failed, failed
+    need_comments(jobs)
     logs = job_logs(stderr)
     assert set(logs) == {j["JobID"] for j in jobs}
     # one job per ungrouped rule job, one per scan for the grouped chains
@@ -184,6 +194,7 @@ def test_every_job_is_a_completed_slurm_job(run, planned):
 
 def test_rule_resources_reach_sbatch(run, planned):
     _, stderr, jobs = run
+    need_comments(jobs)
     logs = job_logs(stderr)
     for job in jobs:
         if rule_of(job):
@@ -204,6 +215,7 @@ def test_rule_resources_reach_sbatch(run, planned):
 def test_each_scan_is_one_slurm_job(run):
     """Every step of a scan ran in the same SLURM job, and no two scans shared one."""
     work, _, jobs = run
+    need_comments(jobs)
     grouped = {j["JobID"] for j in jobs if rule_of(j) is None}
     t1 = records(work, "results/preprocess/mini_*/sub-*/*_provenance.json")
     brats = records(work, "results/preprocess/mini_brats/*/*_provenance.json")
@@ -220,7 +232,8 @@ def test_jobcomp_log_agrees(run, slurm_cluster):
     if slurm_cluster.jobcomp_log is None:
         pytest.skip("not our test cluster: no jobcomp/filetxt log to read")
     _, _, jobs = run
-    states = dict(re.findall(r"JobId=(\d+) .*?JobState=(\w+)", slurm_cluster.jobcomp_log.read_text()))
+    log = slurm_cluster.jobcomp_log.read_text()
+    states = dict(re.findall(r"JobId=(\d+) .*?JobState=(\w+)", log))
     assert {states.get(j["JobID"]) for j in jobs} == {"COMPLETED"}
 
 
@@ -230,7 +243,8 @@ def test_job_log_is_where_the_executor_says(run):
     assert logs and all(p.exists() for p in logs)
     group_log = next(p for p in logs if p.parent.name.startswith("group_subject_bet"))
     text = group_log.read_text()
-    assert "Group job subject" in text and "rule bet:" in text and "--executor slurm-jobstep" in text
+    assert "Group job subject" in text and "rule bet:" in text
+    assert "--executor slurm-jobstep" in text
 
 
 @pytest.mark.parametrize("status_command", ["sacct", "squeue"])
@@ -246,6 +260,7 @@ def test_threads_and_gpu_resources_map_to_sbatch(slurm_cluster, tmp_path, status
     assert "Falling back to 'sacct'" not in proc.stderr
     assert "cpus=2" in (tmp_path / "probe/threads.txt").read_text()
     jobs = sacct(re.search(r"SLURM run ID: (\S+)", proc.stderr).group(1), since)
+    need_comments(jobs)
     by_rule = {j["Comment"].removeprefix("rule_"): j for j in jobs}
     assert by_rule["threads"]["AllocCPUS"] == "2" and by_rule["threads"]["ReqMem"] == "200M"
     assert by_rule["threads"]["Timelimit"] == "00:03:00"

@@ -1,6 +1,7 @@
 # Config validation, the scan tables, and every helper the rules use.
 import hashlib
 import json
+import os
 import re
 
 from medtx.codehash import code_hash

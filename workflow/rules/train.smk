@@ -109,7 +109,7 @@ rule finetune:
         meta=as_json(TRAIN_METADATA),
         init=lambda w, input: input.get("init", "none"),
         ablation=lambda w: "--no-transformer" if w.init == "notransformer" else "",
-        cache=f"{RESULTS}/cache",
+        cache=lambda w, input: os.path.dirname(os.path.dirname(input.caches[0])),
         code=code_hash("train"),
     log:
         f"{LOGS}/train/finetune/{{dataset}}/task-{{task}}/init-{{init}}_frac-{{frac}}/fold-{{fold}}.log",
@@ -139,7 +139,7 @@ rule evaluate:
         table1=f"{RESULTS}/tables/table1.md",
         summary=f"{RESULTS}/tables/summary.md",
     params:
-        out_dir=f"{RESULTS}/tables",
+        out_dir=lambda w, output: os.path.dirname(output.summary),
         code=code_hash("evaluate"),
     log:
         f"{LOGS}/train/evaluate.log",
