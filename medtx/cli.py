@@ -289,7 +289,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from medtx.tables import build_tables, parse_run_path, plot_age, plot_curves, plot_roc
 
-    out = Path(args.out_dir)
+    out = Path(args.out_dir) if args.out_dir else Path(args.summary).parent
     build_tables(args.metrics, out)
     groups: dict[tuple, list[Path]] = {}
     for path in map(Path, args.metrics):
@@ -442,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="tables like the paper's from fine-tuning metrics")
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--out-dir", required=True)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out-dir", help="folder for the tables and plots")
+    where.add_argument("--summary", help="the summary.md to write (tables go beside it)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("params", help="print Table 3: parameters of our models")

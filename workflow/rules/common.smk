@@ -1,7 +1,6 @@
 # Config validation, the scan tables, and every helper the rules use.
 import hashlib
 import json
-import os
 import re
 
 from medtx.codehash import code_hash

@@ -109,7 +109,7 @@ rule finetune:
         meta=as_json(TRAIN_METADATA),
         init=lambda w, input: input.get("init", "none"),
         ablation=lambda w: "--no-transformer" if w.init == "notransformer" else "",
-        cache=lambda w, input: os.path.dirname(os.path.dirname(input.caches[0])),
+        cache=f"{RESULTS}/cache",
         code=code_hash("train"),
     log:
         f"{LOGS}/train/finetune/{{dataset}}/task-{{task}}/init-{{init}}_frac-{{frac}}/fold-{{fold}}.log",
@@ -139,7 +139,6 @@ rule evaluate:
         table1=f"{RESULTS}/tables/table1.md",
         summary=f"{RESULTS}/tables/summary.md",
     params:
-        out_dir=lambda w, output: os.path.dirname(output.summary),
         code=code_hash("evaluate"),
     log:
         f"{LOGS}/train/evaluate.log",
@@ -149,4 +148,4 @@ rule evaluate:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m medtx evaluate --metrics {input.metrics} --out-dir {params.out_dir} > {log} 2>&1"
+        "python -m medtx evaluate --metrics {input.metrics} --summary {output.summary} > {log} 2>&1"
