@@ -66,7 +66,7 @@ def test_dry_run_lists_every_step_per_scan(tmp_path, medtx_env):
     assert proc.returncode == 0, proc.stderr
     jobs = planned(proc)
     for rule in ("bet", "flirt", "n4_correct", "pool", "normalize", "collect_provenance"):
-        assert jobs[rule] == 10, jobs  # one pre-training + nine labelled scans
+        assert jobs[rule] == 11, jobs  # two pre-training + nine labelled scans
     assert jobs["brats_preprocess"] == 3 and jobs["provenance_report"] == 1
     assert jobs["make_folds"] == 3 and jobs["leakage_firewall"] == 1
     # 3 tasks x 3 folds x 3 initializations x 1 label fraction
@@ -87,7 +87,7 @@ def test_run_writes_model_inputs_and_report(run):
 
     work, _ = run
     pre = sorted(work.glob("results/preprocess/*/*/*_res-2_desc-preproc_T1w.nii.gz"))
-    assert len(pre) == 10
+    assert len(pre) == 11
     for path in pre:
         data = np.asarray(nib.load(str(path)).dataobj)
         assert data.shape == (96, 114, 96) and 0.0 <= data.min() and data.max() == 1.0
@@ -113,7 +113,8 @@ def test_training_outputs_and_tables(run):
     ckpt = torch.load(runs[0].parent / "model.pt", weights_only=True)
     assert ckpt["seed"] == 42 and "model" in ckpt
     stage2 = torch.load(work / "results/pretrain/stage-masked.pt", weights_only=True)
-    assert stage2["metadata"]["subjects"] == ["mini_pretrain:pre001"]
+    assert stage2["metadata"]["subjects"] == ["mini_pretrain:pre001", "mini_pretrain:pre002"]
+    assert len(stage2["metadata"]["preprocess_hash"]) == 16
     summary = (work / "results/tables/summary.md").read_text()
     assert "Table 1" in summary and "|" in summary
     assert len(manifest) > 0
@@ -146,7 +147,7 @@ def test_n4_change_reruns_only_n4_and_after(run, tmp_path):
     # everything downstream of N4 follows (manifests read the QC records, training the
     # cached volumes); extraction, registration, the demo data and BraTS do not
     for rule in ("n4_correct", "pool", "normalize", "collect_provenance", "cache_volume"):
-        assert jobs[rule] == 10, jobs
+        assert jobs[rule] == 11, jobs
     assert jobs["make_folds"] == 2 and jobs["finetune"] == 18 and jobs["pretrain_exemplar"] == 1
     for rule in ("make_demo_t1", "bet", "flirt", "brats_preprocess", "cache_brats"):
         assert rule not in jobs, jobs
