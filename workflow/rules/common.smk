@@ -223,13 +223,19 @@ FINETUNE = (
 )
 
 
-# What a checkpoint records of the preprocessing that made its inputs.
-TRAIN_METADATA = {
-    "preprocess_hash": hashlib.sha256(
-        as_json({**PRE, "backend": BACKEND}).encode()
-    ).hexdigest()[:16],
-    "backend": BACKEND,
-}
+def train_metadata(dataset=None):
+    """What a checkpoint records of the preprocessing that made its inputs.
+
+    BraTS inputs depend only on the brats settings, T1 inputs on the T1 chain, so
+    a change to N4 does not retrain a model that never saw an N4 output.
+    """
+    if dataset is not None and is_brats(dataset):
+        settings = {"brats": PRE["brats"]}
+    else:
+        settings = {k: v for k, v in PRE.items() if k != "brats"}
+        settings["backend"] = BACKEND
+    digest = hashlib.sha256(as_json(settings).encode()).hexdigest()[:16]
+    return as_json({"preprocess_hash": digest, "backend": BACKEND})
 
 
 def stage_config(stage):

@@ -59,7 +59,7 @@ rule pretrain_exemplar:
         f"{RESULTS}/pretrain/stage-exemplar.pt",
     params:
         config=as_json(stage_config("pretrain")),
-        meta=as_json(TRAIN_METADATA),
+        meta=train_metadata(),
         code=code_hash("train"),
     log:
         f"{LOGS}/train/pretrain_exemplar.log",
@@ -82,7 +82,7 @@ rule pretrain_masked:
         f"{RESULTS}/pretrain/stage-masked.pt",
     params:
         config=as_json(stage_config("pretrain")),
-        meta=as_json(TRAIN_METADATA),
+        meta=train_metadata(),
         code=code_hash("train"),
     log:
         f"{LOGS}/train/pretrain_masked.log",
@@ -106,7 +106,7 @@ rule finetune:
         metrics=f"{FINETUNE}/metrics.json",
     params:
         config=as_json(stage_config("finetune")),
-        meta=as_json(TRAIN_METADATA),
+        meta=lambda w: train_metadata(w.dataset),
         init=lambda w, input: input.get("init", "none"),
         ablation=lambda w: "--no-transformer" if w.init == "notransformer" else "",
         cache=f"{RESULTS}/cache",
