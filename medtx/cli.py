@@ -61,7 +61,6 @@ def default_scan_id(t1: str) -> str:
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from medtx.config import load_config
-    from medtx.io import load_volume
     from medtx.preprocess.backend import resolve_backend
     from medtx.preprocess.chain import run_chain
     from medtx.preprocess.context import StepContext
@@ -73,7 +72,6 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         from medtx.preprocess.backend import require_fsl
 
         require_fsl()
-    load_volume(args.t1)  # fail on a bad scan before anything is written
     scan = args.scan or default_scan_id(args.t1)
     if not SCAN_PATTERN.match(scan):
         raise MedtxError(f"--scan {scan!r}: use sub-<id>[_ses-<id>] with ids in [A-Za-z0-9]")
@@ -254,16 +252,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """One fine-tuning run: task x rotation x initialization x label fraction."""
     from medtx import stages
     from medtx.folds import read_manifest
+    from medtx.volumes import cache_paths
 
     config = _json(args.config, "--config")
     manifest = read_manifest(args.manifest)
-    cache = Path(args.cache_dir)
 
     def image(row):
-        return cache / row["dataset"] / f"{row['scan']}.npy"
+        return cache_paths(args.cache_dir, row["dataset"], row["scan"])["image"]
 
     def regions(row):
-        return cache / row["dataset"] / f"{row['scan']}_regions.npy" if args.task == "segmentation" else None
+        if args.task != "segmentation":
+            return None
+        return cache_paths(args.cache_dir, row["dataset"], row["scan"])["regions"]
 
     kw = {"rotation": args.rotation, "cache_dir_fn": image, "seg_fn": regions}
     sidecar = Path(args.manifest).with_suffix(".json")

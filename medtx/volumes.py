@@ -17,6 +17,13 @@ from medtx.io import atomic_path, load_volume
 BRATS_REGIONS = {"wt": (1, 2, 4), "tc": (1, 4), "et": (4,)}
 
 
+def cache_paths(cache_dir: str | Path, dataset: str, scan: str) -> dict[str, str]:
+    """Where a scan's cached image and (BraTS) region masks live: one naming for
+    the rules that write them and the stages that read them."""
+    base = Path(cache_dir) / dataset / scan
+    return {"image": f"{base}.npy", "regions": f"{base}_regions.npy"}
+
+
 def cache_volume(image: str | Path, out: str | Path, *, channels_last: bool = True) -> Path:
     """Write ``image`` (3-D, or 4-D channels-last) as float16 (C, X, Y, Z) .npy."""
     import nibabel as nib

@@ -9,6 +9,7 @@ from medtx.preprocess.backend import resolve_backend
 from medtx.preprocess.brats import brats_outputs
 from medtx.preprocess.chain import t1_outputs
 from medtx.scans import build_scan_table
+from medtx.volumes import cache_paths
 from medtx.workflow import use_checkout
 
 validate_config(config)
@@ -216,6 +217,13 @@ wildcard_constraints:
 # --- training ---
 
 FIREWALL = f"{RESULTS}/folds/firewall.json"
+
+
+def cache_files(dataset, scan):
+    """A scan's training-cache files (image, regions) under the results folder."""
+    return cache_paths(f"{RESULTS}/cache", dataset, scan)
+
+
 TRAIN = config["train"]
 TRAIN_THREADS = {**TRAIN["common"], **TRAIN["finetune"]}.get("threads", 1)
 FINETUNE = (
@@ -255,7 +263,7 @@ def train_resources(*, mem_mb, runtime):
 
 def pretrain_caches():
     return [
-        f"{RESULTS}/cache/{name}/{scan}.npy"
+        cache_files(name, scan)["image"]
         for name in datasets_with_role("pretrain")
         if not is_brats(name)
         for scan in OK[name]["scan"]
@@ -267,10 +275,10 @@ def finetune_inputs(wildcards):
     files = {
         "manifest": f"{RESULTS}/folds/{ds}_task-{wildcards.task}_folds.tsv",
         "firewall": FIREWALL,
-        "caches": [f"{RESULTS}/cache/{ds}/{scan}.npy" for scan in OK[ds]["scan"]],
+        "caches": [cache_files(ds, scan)["image"] for scan in OK[ds]["scan"]],
     }
     if is_brats(ds):
-        files["regions"] = [f"{RESULTS}/cache/{ds}/{scan}_regions.npy" for scan in OK[ds]["scan"]]
+        files["regions"] = [cache_files(ds, scan)["regions"] for scan in OK[ds]["scan"]]
     if wildcards.init != "scratch":
         if not pretrain_caches():
             raise ValueError(

@@ -8,7 +8,7 @@ rule cache_volume:
     input:
         image=T1["preproc"],
     output:
-        f"{RESULTS}/cache/{{dataset}}/{{scan}}.npy",
+        cache_files("{dataset}", "{scan}")["image"],
     params:
         code=code_hash("cache"),
     log:
@@ -31,8 +31,8 @@ rule cache_brats:
         image=BRATS["image"],
         seg=BRATS["seg"],
     output:
-        image=f"{RESULTS}/cache/{{dataset}}/{{scan}}.npy",
-        seg=f"{RESULTS}/cache/{{dataset}}/{{scan}}_regions.npy",
+        image=cache_files("{dataset}", "{scan}")["image"],
+        seg=cache_files("{dataset}", "{scan}")["regions"],
     params:
         code=code_hash("cache"),
     log:
