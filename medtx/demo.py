@@ -10,11 +10,14 @@ resampling have work to do), and carries a smooth multiplicative bias field
 and Rician noise at a site-specific intensity scale (N4 and min-max have work
 to do).
 
-The labels are not decorative: the anatomy follows them. Diagnosis and age set
-an atrophy severity that enlarges the ventricles, thins the cortex and shrinks
-hippocampus and amygdala on the CerebrA labels before the pose is applied, so
-AD/MCI/CN classification and age regression trained on the demo can beat
-chance for the right reason.
+The labels are not decorative: the anatomy follows them. Two severities act on
+the CerebrA labels before the pose is applied: a disease severity, mostly from
+the diagnosis, thins the cortex and shrinks hippocampus and amygdala; a
+ventricle severity, mostly from age, enlarges the ventricles (as in ageing,
+where ventricular enlargement is the most visible change). Each carries its
+own noise. AD/MCI/CN classification and age regression trained on the demo can
+therefore beat chance for the right reason, and age is not read off the
+diagnosis alone.
 
 The BraTS-like cases follow the BraTS 2020 conventions (240x240x155 at 1 mm,
 skull-stripped, co-registered t1/t1ce/t2/flair plus a seg with labels 0/1/2/4)
@@ -59,6 +62,12 @@ BRATS_DEFAULTS: dict[str, Any] = {"n_cases": 4, "seed": 0, "prefix": "BraTS20_Tr
 #: Severity added by the diagnosis; a diagnosis not listed here needs a
 #: ``diagnosis_severity`` entry in the spec.
 DIAGNOSIS_SEVERITY = {"CN": 0.0, "MCI": 1.0, "AD": 2.0}
+
+#: Ventricle severity per year of age over 50, and per unit of diagnosis severity.
+VENTRICLE_SEVERITY_PER_YEAR = 0.06
+VENTRICLE_SEVERITY_PER_DIAGNOSIS = 0.5
+#: Standard deviation of the per-subject noise on each severity.
+SEVERITY_NOISE = 0.1
 
 #: Millimetres of tissue turned to CSF per unit of severity.
 VENTRICLE_MM_PER_SEVERITY = 1.2
@@ -311,6 +320,20 @@ def atrophy_severity(age: float, diagnosis: str, table: dict[str, float] | None 
     return max(0.0, 0.02 * (float(age) - 50.0) + float(table[diagnosis]))
 
 
+def ventricle_severity(age: float, diagnosis: str, table: dict[str, float] | None = None) -> float:
+    """0.06 * (age - 50) + 0.5 * {CN: 0, MCI: 1, AD: 2}[diagnosis], floored at 0.
+
+    Age drives the ventricles more than the diagnosis does (a 35-year span adds
+    2.1, AD over CN 1.0), so the ventricles carry the age signal that a brain-age
+    model can learn, while cortex and medial temporal lobe carry the diagnosis.
+    """
+    table = DIAGNOSIS_SEVERITY if table is None else table
+    if diagnosis not in table:
+        raise MedtxError(f"no atrophy severity for diagnosis {diagnosis!r}; known: {sorted(table)}")
+    return max(0.0, VENTRICLE_SEVERITY_PER_YEAR * (float(age) - 50.0)
+               + VENTRICLE_SEVERITY_PER_DIAGNOSIS * float(table[diagnosis]))
+
+
 class AtrophyMaps(NamedTuple):
     """Severity-independent distances, computed once per anatomy.
 
@@ -402,18 +425,21 @@ def _claimed(dist: np.ndarray, radius: float) -> np.ndarray:
 
 
 def apply_atrophy(t1: np.ndarray, labels: np.ndarray, severity: float,
-                  maps: AtrophyMaps | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  maps: AtrophyMaps | None = None, *,
+                  ventricle_severity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return (t1, labels) after ventricle enlargement, cortical thinning and
-    hippocampal/amygdala shrinkage of the given severity (see atrophy_severity).
+    hippocampal/amygdala shrinkage (see atrophy_severity, ventricle_severity).
 
-    The ventricles advance 1.2 mm, the exterior CSF 0.25 mm into the cortex
-    and 0.4 mm into hippocampus and amygdala per unit of severity; claimed
-    tissue takes the CSF intensity (partially at the front) and its label
-    (the nearest ventricle's label, or 0 for cortex and medial temporal lobe).
+    The exterior CSF advances 0.25 mm into the cortex and 0.4 mm into
+    hippocampus and amygdala per unit of ``severity``, the ventricles 1.2 mm per
+    unit of ``ventricle_severity`` (default: ``severity``); claimed tissue takes
+    the CSF intensity (partially at the front) and its label (the nearest
+    ventricle's label, or 0 for cortex and medial temporal lobe).
     """
     maps = atrophy_maps(t1, labels) if maps is None else maps
     s = max(float(severity), 0.0)
-    w_v = _claimed(maps.ventricle_dist, VENTRICLE_MM_PER_SEVERITY * s)
+    v = s if ventricle_severity is None else max(float(ventricle_severity), 0.0)
+    w_v = _claimed(maps.ventricle_dist, VENTRICLE_MM_PER_SEVERITY * v)
     w_c = _claimed(maps.cortex_dist, CORTEX_MM_PER_SEVERITY * s)
     w_m = _claimed(maps.mtl_dist, MEDIAL_TEMPORAL_MM_PER_SEVERITY * s)
     w = np.maximum(np.maximum(w_v, w_c), w_m)
@@ -509,10 +535,11 @@ def t1_acquisition(row: dict, spec: dict | None = None) -> dict:
     """
     spec = _merged(spec, T1_DEFAULTS)
     rng = _rng(spec["seed"], row["subject"], "t1-acquisition")
-    base = atrophy_severity(row["age"], row["diagnosis"], _severity_table(spec))
+    table = _severity_table(spec)
+    base = atrophy_severity(row["age"], row["diagnosis"], table)
     male = row.get("sex") == "M"
     return {
-        "severity": max(0.0, base + float(rng.normal(0.0, 0.15))),
+        "severity": max(0.0, base + float(rng.normal(0.0, SEVERITY_NOISE))),
         "orientation": ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))],
         "voxel_size": VOXEL_SIZES[int(rng.integers(len(VOXEL_SIZES)))],
         "rotation_deg": rng.uniform(-10, 10, 3).round(2).tolist(),
@@ -527,6 +554,9 @@ def t1_acquisition(row: dict, spec: dict | None = None) -> dict:
         "bias_log_peak": round(float(rng.uniform(0.15, 0.22)), 3),
         "noise_frac": round(float(rng.uniform(0.02, 0.04)), 4),
         "wm_level": round(_site_level(str(row.get("site", ""))) * float(rng.uniform(0.95, 1.05)), 1),
+        # drawn last: the draws above keep their values from before it existed
+        "ventricle_severity": max(0.0, ventricle_severity(row["age"], row["diagnosis"], table)
+                                  + float(rng.normal(0.0, SEVERITY_NOISE))),
     }
 
 
@@ -588,14 +618,15 @@ def _neck_falloff(t1: np.ndarray) -> None:
 def generate_t1_scan(row: dict, spec: dict | None, out_path: str | Path) -> None:
     """Write one raw-looking T1 head scan (int16 NIfTI) for a plan_t1_cohort row.
 
-    Atrophy of the row's severity on the template labels, then one trilinear
+    Atrophy of the row's severities on the template labels, then one trilinear
     resampling through pose (rotation, translation, scale) and a smooth warp
     onto an odd grid, then a bias field, Rician noise and a site scale.
     """
     spec = _merged(spec, T1_DEFAULTS)
     acq = t1_acquisition(row, spec)
     tpl = template()
-    head, _ = apply_atrophy(tpl.t1, tpl.labels, acq["severity"], template_atrophy_maps())
+    head, _ = apply_atrophy(tpl.t1, tpl.labels, acq["severity"], template_atrophy_maps(),
+                            ventricle_severity=acq["ventricle_severity"])
     head *= head_weight()
     _neck_falloff(head)
     centre = _head_box_world().mean(0)
@@ -623,9 +654,10 @@ def write_t1_participants(rows: list[dict], root: str | Path) -> None:
               for r in rows]
     write_text("\n".join(lines) + "\n", root / "participants.tsv")
     write_json({
-        "age": {"Description": "age at scan", "Units": "year"},
+        "age": {"Description": "age at scan; sets the simulated ventricular enlargement",
+                "Units": "year"},
         "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}},
-        "diagnosis": {"Description": "clinical group; sets the simulated atrophy severity"},
+        "diagnosis": {"Description": "clinical group; sets the simulated cortical and medial temporal atrophy"},
         "site": {"Description": "acquisition site; sets the intensity scale"},
     }, root / "participants.json")
     write_json({

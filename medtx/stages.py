@@ -24,6 +24,7 @@ key is an error, naming the allowed ones).
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medtx.codehash import code_hash
 from medtx.errors import BadScanError, CohortError, ConfigError, MedtxError
 from medtx.folds import DEFAULT_LABEL_MAP, ROLES
 from medtx.io import sha256, write_json, write_text
@@ -309,9 +311,30 @@ def _subjects(items: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted({f"{i.get('dataset', '')}:{i.get('subject', '')}" for i in items})
 
 
-def _run_config(cfg: Mapping[str, Any], **run: Any) -> dict[str, Any]:
-    """What the config hash covers: the stage config plus what defines this run's data."""
-    return {**cfg, **run}
+def input_fingerprint(items: Sequence[Mapping[str, Any]]) -> str:
+    """sha256 (16 hex) of every cached input's path, size and mtime.
+
+    Part of the resume key: a requeued job sees the same files and resumes, but a
+    job that Snakemake reruns because its inputs were rewritten (new preprocessing,
+    a new cache) must not pick up the ``.last.pt`` of the previous data.
+    """
+    h = hashlib.sha256()
+    for item in items:
+        for key in ("image", "seg"):
+            if item.get(key):
+                path = Path(item[key])
+                st = path.stat() if path.exists() else None
+                h.update(f"{path}\0{st.st_size if st else -1}\0"
+                         f"{st.st_mtime_ns if st else -1}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _run_config(cfg: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
+                **run: Any) -> dict[str, Any]:
+    """What the resume key (the loop's config hash) covers: the stage config, what
+    defines this run's data, the inputs' fingerprint and the training code's hash
+    (an edit to medtx/models retrains instead of resuming a finished run)."""
+    return {**cfg, **run, "inputs": input_fingerprint(items), "code": code_hash("train")}
 
 
 def _metadata(stage: str, task: str, cfg: Mapping[str, Any], model_kwargs: Mapping[str, Any],
@@ -416,7 +439,8 @@ def pretrain_exemplar(items: Sequence[Mapping[str, Any]], *, out: str | Path,
 
     meta = _metadata("pretrain_exemplar", "pretrain", cfg, kwargs, ["encoders"], items, metadata)
     return train(model, data, loss_fn=loss_fn, out=out,
-                 config=_run_config(cfg, stage="pretrain_exemplar", train_scans=_scans(items)),
+                 config=_run_config(cfg, items, stage="pretrain_exemplar",
+                                    train_scans=_scans(items)),
                  params=model.encoders.parameters(), collate=collate, metadata=meta,
                  device=device, max_steps_this_run=max_steps_this_run, min_batch=2, log=log)
 
@@ -452,7 +476,7 @@ def pretrain_masked(items: Sequence[Mapping[str, Any]], *, init: str | Path, out
     meta = _metadata("pretrain_masked", "pretrain", cfg, kwargs, ["encoders", "transformer"],
                      items, metadata, init=info)
     return train(model, data, loss_fn=loss_fn, out=out,
-                 config=_run_config(cfg, stage="pretrain_masked", train_scans=_scans(items),
+                 config=_run_config(cfg, items, stage="pretrain_masked", train_scans=_scans(items),
                                     init_sha256=info["init_sha256"]),
                  params=[p for p in model.parameters() if p.requires_grad], collate=collate,
                  metadata=meta, device=device, max_steps_this_run=max_steps_this_run, log=log)
@@ -636,7 +660,8 @@ def finetune(task: str, train_items: Sequence[Mapping[str, Any]],
                      loss={"classification": "cross_entropy",
                            "regression": f"{cfg['loss_regression']} on standardized age",
                            "segmentation": "bce_with_logits + soft_dice"}[task])
-    run = _run_config(cfg, stage="finetune", task=task, use_transformer=use_transformer,
+    run = _run_config(cfg, [*train_items, *val_items, *test_items], stage="finetune",
+                      task=task, use_transformer=use_transformer,
                       train_scans=_scans(train_items), val_scans=_scans(val_items),
                       init_sha256=info["init_sha256"] if info else "scratch")
     result = train(model, sets["train"], loss_fn=loss_fn, out=out, config=run,

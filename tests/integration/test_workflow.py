@@ -20,9 +20,10 @@ pytestmark = pytest.mark.integration
 SNAKEMAKE = str(REPO / ".venv" / "bin" / "snakemake") if (REPO / ".venv" / "bin" / "snakemake").exists() else shutil.which("snakemake")
 
 
-def snakemake(workdir, *args, config="ants.yaml", env=None, timeout=900):
+def snakemake(workdir, *args, config="ants.yaml", env=None, timeout=900, snakefile=None):
     configfile = config if Path(str(config)).is_absolute() else REPO / "tests" / "configs" / config
-    cmd = ["timeout", "-k", "10", str(timeout), SNAKEMAKE, "-s", str(REPO / "Snakefile"),
+    snakefile = snakefile or REPO / "Snakefile"
+    cmd = ["timeout", "-k", "10", str(timeout), SNAKEMAKE, "-s", str(snakefile),
            "-d", str(workdir), "--configfile", str(configfile), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout + 30)
 
@@ -41,6 +42,23 @@ def planned(proc) -> dict[str, int]:
             if m:
                 counts[m.group(1)] = int(m.group(2))
     return counts
+
+
+def edited_config(tmp_path, name, edit) -> Path:
+    """tests/configs/ants.yaml with ``edit(config)`` applied, written to tmp_path/name."""
+    config = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())
+    edit(config)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def rerun_plan(proc) -> dict[str, int]:
+    """``planned`` without the ``all`` target rule; fails loudly on a bad dry run."""
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    jobs = planned(proc)
+    jobs.pop("all", None)
+    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -148,11 +166,73 @@ def test_n4_change_reruns_only_n4_and_after(run, tmp_path):
     # cached volumes); extraction, registration, the demo data and BraTS do not
     for rule in ("n4_correct", "pool", "normalize", "collect_provenance", "cache_volume"):
         assert jobs[rule] == 11, jobs
-    # every fine-tuning run: each needs the firewall's output, which is rewritten
-    # when a manifest is (the gate is re-checked before any training)
-    assert jobs["make_folds"] == 2 and jobs["finetune"] == 27 and jobs["pretrain_exemplar"] == 1
+    # the T1 models (new caches and manifests: 2 tasks x 3 folds x 3 inits) and the
+    # BraTS models that start from the re-pre-trained checkpoint (3 folds x 2 inits);
+    # BraTS from scratch saw no N4 output and is not retrained
+    assert jobs["make_folds"] == 2 and jobs["pretrain_exemplar"] == 1
+    assert jobs["finetune"] == 18 + 6, jobs
     for rule in ("make_demo_t1", "bet", "flirt", "brats_preprocess", "cache_brats"):
         assert rule not in jobs, jobs
+
+
+def test_finetune_lr_change_reruns_finetune_and_evaluate_only(run, tmp_path):
+    work, env = run
+    changed = edited_config(tmp_path, "lr.yaml", lambda c: c["train"]["finetune"].update(lr=1e-3))
+    jobs = rerun_plan(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
+    assert jobs == {"finetune": 27, "evaluate": 1}, jobs
+
+
+def test_model_code_edit_reruns_training_only(run, tmp_path):
+    """Editing medtx/models/ (in a copy of the checkout) retrains; nothing else reruns."""
+    work, env = run
+    checkout = tmp_path / "checkout"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for part in ("Snakefile", "workflow", "medtx", "envs"):
+        src = REPO / part
+        if src.is_dir():
+            shutil.copytree(src, checkout / part, ignore=skip)
+        else:
+            shutil.copy2(src, checkout / part)
+    model = checkout / "medtx/models/slice_transformer.py"
+    model.write_text(model.read_text() + "\n# a local edit to the model code\n")
+    env = {**env, "PYTHONPATH": str(checkout)}  # the Snakefile hashes the copy's sources
+    jobs = rerun_plan(snakemake(work, "-n", "all", env=env, timeout=120,
+                                snakefile=checkout / "Snakefile"))
+    assert jobs == {"pretrain_exemplar": 1, "pretrain_masked": 1, "finetune": 27,
+                    "evaluate": 1}, jobs
+
+
+def test_adding_a_subject_runs_only_its_preprocessing_and_training(run, tmp_path):
+    """A new subject in a BIDS dataset: its own chain, then the folds and the models
+    of that dataset; no other scan, no pre-training, no other dataset's models."""
+    from medtx.demo import plan_t1_cohort
+
+    work, env = run
+    sandbox = tmp_path / "wf"
+    shutil.copytree(work, sandbox, symlinks=True)  # copy2 keeps the mtimes
+    spec = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())["datasets"]["mini_adni"]["generate"]
+    # the labelled dataset read from disk as a plain BIDS folder, as a user's cohort is
+    on_disk = edited_config(tmp_path, "bids.yaml", lambda c: c["datasets"]["mini_adni"].pop("generate"))
+    touched = snakemake(sandbox, "--touch", "--cores", "1", "all", config=on_disk, env=env, timeout=300)
+    assert touched.returncode == 0, touched.stderr[-3000:]
+    assert rerun_plan(snakemake(sandbox, "-n", "all", config=on_disk, env=env, timeout=120)) == {}
+
+    bids = sandbox / "results/demo/adni"
+    new = plan_t1_cohort({**spec, "n_subjects": 10})[-1]
+    made = subprocess.run(
+        ["medtx", "demo", "t1-scan", "--spec", json.dumps({**spec, "n_subjects": 10}),
+         "--subject", new["subject"], "--out", str(bids / new["t1"])],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    with (bids / "participants.tsv").open("a") as f:
+        f.write(f"sub-{new['subject']}\t{new['age']}\t{new['sex']}\t{new['diagnosis']}\t{new['site']}\n")
+    jobs = rerun_plan(snakemake(sandbox, "-n", "all", config=on_disk, env=env, timeout=120))
+    for rule in ("bet", "flirt", "n4_correct", "pool", "normalize", "collect_provenance",
+                 "cache_volume"):
+        assert jobs.pop(rule) == 1, jobs
+    # mini_adni: 2 tasks x 3 folds x 3 inits; the report lists every scan
+    assert jobs == {"provenance_report": 1, "make_folds": 2, "leakage_firewall": 1,
+                    "finetune": 18, "evaluate": 1}, jobs
 
 
 def test_qc_threshold_change_rejudges_without_recomputing(run, tmp_path):

@@ -97,6 +97,25 @@ def test_severity_grows_with_age_and_diagnosis():
     assert s(75, "AD") == pytest.approx(0.02 * 25 + 2.0)
 
 
+def test_ventricle_severity_follows_age_more_than_diagnosis():
+    v = demo.ventricle_severity
+    assert v(90, "CN") - v(55, "CN") > v(70, "AD") - v(70, "CN") > 0
+    assert v(75, "AD") == pytest.approx(0.06 * 25 + 0.5 * 2.0)
+
+
+def test_ventricle_severity_moves_only_the_ventricles(atrophied):
+    tpl, out = atrophied
+    maps = demo.template_atrophy_maps()
+    t1, labels = demo.apply_atrophy(tpl.t1, tpl.labels, 1.0, maps, ventricle_severity=3.0)
+    _, same_cortex = out[1.0]
+    _, same_ventricles = out[3.0]
+    assert _volume(labels, demo.VENTRICLE_NAMES) == _volume(same_ventricles, demo.VENTRICLE_NAMES)
+    # out of the ventricles' reach, what the exterior CSF claims follows ``severity`` alone
+    far = np.isinf(maps.ventricle_dist)
+    np.testing.assert_array_equal(labels[far], same_cortex[far])
+    assert not np.array_equal(labels, same_cortex)
+
+
 def test_near_distance_is_the_euclidean_distance_up_to_its_radius():
     rng = np.random.default_rng(0)
     target = rng.random((30, 31, 32)) < 0.02

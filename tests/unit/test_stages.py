@@ -262,6 +262,28 @@ def test_finetune_resume_after_kill_equals_uninterrupted(tmp_path):
                                   pd.read_csv(tmp_path / "cut.tsv", sep="\t"))
 
 
+def test_rewritten_inputs_start_fresh_instead_of_resuming(tmp_path):
+    """A job Snakemake reruns on new data must not resume the old data's checkpoint."""
+    data = tmp_path / "data"
+    train, val, test = (write_items(data, n, seed=s, prefix=p)
+                        for n, s, p in ((4, 0, "tr"), (2, 1, "va"), (2, 2, "te")))
+    cfg = {**FAST, **TWO_CLASSES, "epochs": 2}
+    lines = []
+
+    def go(**kw):
+        return finetune("classification", train, val, test, out=tmp_path / "m.pt",
+                        predictions_out=tmp_path / "m.tsv", config=cfg, log=lines.append, **kw)
+
+    assert go(max_steps_this_run=1).status == "interrupted"
+    assert go(max_steps_this_run=1).resumed_from == (0, 1)  # same inputs: a requeue resumes
+    image = train[0]["image"]
+    np.save(image, np.load(image))  # the same scan, rewritten (e.g. after an N4 change)
+    lines.clear()
+    fresh = go()
+    assert fresh.resumed_from is None and fresh.status == "finished"
+    assert any("starting fresh" in line and "inputs" in line for line in lines), lines
+
+
 # ---------------------------------------------------------------------------- the chain
 
 

@@ -219,6 +219,17 @@ wildcard_constraints:
 FIREWALL = f"{RESULTS}/folds/firewall.json"
 
 
+def firewall_gate():
+    """The firewall as a training input: ordered after it, not retriggered by it.
+
+    A training job that runs waits for the leak check (a leak stops it), but a
+    rewritten firewall.json alone does not retrain anything: adding a labelled
+    subject re-checks the gate and retrains only the models whose manifest or
+    data changed, not pre-training or the other datasets' models.
+    """
+    return ancient(FIREWALL)
+
+
 def cache_files(dataset, scan):
     """A scan's training-cache files (image, regions) under the results folder."""
     return cache_paths(f"{RESULTS}/cache", dataset, scan)
@@ -274,7 +285,7 @@ def finetune_inputs(wildcards):
     ds = wildcards.dataset
     files = {
         "manifest": f"{RESULTS}/folds/{ds}_task-{wildcards.task}_folds.tsv",
-        "firewall": FIREWALL,
+        "firewall": firewall_gate(),
         "caches": [cache_files(ds, scan)["image"] for scan in OK[ds]["scan"]],
     }
     if is_brats(ds):

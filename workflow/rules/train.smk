@@ -1,7 +1,7 @@
 # Training: a float16 cache of model inputs, stage 1 (exemplar) and stage 2
 # (masked encodings) pre-training, fine-tuning per task x fold x init x label
-# fraction, and the paper's tables. Every training rule needs the leakage
-# firewall's output, so a leak stops the run before any training job.
+# fraction, and the paper's tables. Every training rule waits for the leakage
+# firewall (firewall_gate), so a leak stops the run before any training job.
 
 
 rule cache_volume:
@@ -53,7 +53,7 @@ rule cache_brats:
 
 rule pretrain_exemplar:
     input:
-        firewall=FIREWALL,
+        firewall=firewall_gate(),
         images=pretrain_caches(),
     output:
         f"{RESULTS}/pretrain/stage-exemplar.pt",
@@ -75,7 +75,7 @@ rule pretrain_exemplar:
 
 rule pretrain_masked:
     input:
-        firewall=FIREWALL,
+        firewall=firewall_gate(),
         init=f"{RESULTS}/pretrain/stage-exemplar.pt",
         images=pretrain_caches(),
     output:
