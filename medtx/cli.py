@@ -284,10 +284,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Tables 1/3/4/5 and, per dataset, ROC and brain-age plots of the pooled folds."""
+    """Tables 1/3/4/5 and, per dataset, ROC and brain-age plots of the pooled folds,
+    training curves, segmentation overlays (with --cache-dir), all listed in summary.md."""
     import torch
 
-    from medtx.tables import build_tables, parse_run_path, plot_age, plot_curves, plot_roc
+    from medtx.tables import (build_tables, figures_section, parse_run_path, plot_age,
+                              plot_curves, plot_roc)
 
     out = Path(args.out_dir) if args.out_dir else Path(args.summary).parent
     build_tables(args.metrics, out)
@@ -302,10 +304,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             plot_roc(predictions, f"{name}_roc.png", title=f"ROC, {dataset}, {init}")
         elif task == "regression":
             plot_age(predictions, f"{name}_age.png", title=f"Brain age, {dataset}, {init}")
+        elif args.cache_dir:
+            _draw_segmentation(sorted(folders)[0], dataset, args.cache_dir,
+                               f"{name}_overlay.png", title=f"{dataset}, {init}")
         histories = {f.name: torch.load(f / "model.pt", weights_only=True).get("history", [])
                      for f in sorted(folders)}
         plot_curves(histories, f"{name}_curves.png")
+    summary = Path(args.summary) if args.summary else out / "summary.md"
+    with summary.open("a") as fh:
+        fh.write("\n" + figures_section(out.glob("*.png"), summary.parent) + "\n")
     return 0
+
+
+def _draw_segmentation(run_dir: Path, dataset: str, cache_dir: str, out_png: str, *,
+                       title: str, n_cases: int = 2) -> None:
+    """Overlays for the first test cases of one fold's model (its predictions.tsv)."""
+    import pandas as pd
+
+    from medtx.tables import plot_segmentation
+    from medtx.volumes import cache_paths
+
+    scans = pd.read_csv(run_dir / "predictions.tsv", sep="\t", dtype={"scan": str})["scan"]
+    cases = []
+    for scan in scans[:n_cases]:
+        files = cache_paths(cache_dir, dataset, scan)
+        cases.append({"scan": scan, "image": files["image"], "seg": files["regions"]})
+    plot_segmentation(run_dir / "model.pt", cases, out_png, title=f"{title}, {run_dir.name}")
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -442,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="tables like the paper's from fine-tuning metrics")
     p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument("--cache-dir", help="folder of <dataset>/<scan>.npy caches: draws "
+                   "segmentation overlays of a few test cases")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out-dir", help="folder for the tables and plots")
     where.add_argument("--summary", help="the summary.md to write (tables go beside it)")

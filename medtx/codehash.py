@@ -36,7 +36,8 @@ STAGE_MODULES: dict[str, list[str]] = {
     "cache": _COMMON + ["volumes.py"],
     "train": _COMMON + ["training.py", "stages.py", "volumes.py", "metrics.py", "folds.py",
                         "models/__init__.py", "models/slice_transformer.py", "models/pretext.py"],
-    "evaluate": _COMMON + ["tables.py", "stages.py", "metrics.py", "models/slice_transformer.py"],
+    "evaluate": _COMMON + ["tables.py", "stages.py", "metrics.py", "volumes.py",
+                           "models/slice_transformer.py"],
 }
 
 

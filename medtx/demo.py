@@ -194,7 +194,9 @@ def plan_t1_cohort(spec: dict | None = None) -> list[dict]:
         raise ConfigError(f"no atrophy severity for diagnosis {missing}; add diagnosis_severity")
     top = max(max(table[d] for d in spec["diagnoses"]), 1e-9)
     rng = np.random.default_rng(int(spec["seed"]))
-    diagnoses = allocate(n, spec["diagnoses"])
+    # Key order must not matter: rules pass the spec as key-sorted JSON, the scan
+    # table reads it from the config; both must plan the same subjects.
+    diagnoses = allocate(n, dict(sorted(spec["diagnoses"].items())))
     rng.shuffle(diagnoses)
     site_of = [sites[i % len(sites)] for i in range(n)]
     rng.shuffle(site_of)

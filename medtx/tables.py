@@ -578,3 +578,52 @@ def plot_curves(histories: Sequence[Mapping[str, Any]] | Mapping[str, Any],
         ax_val.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+REGION_COLOURS = {"WT": "#2ca02c", "TC": "#ffbf00", "ET": "#d62728"}
+
+
+def plot_segmentation(checkpoint: str | Path, cases: Sequence[Mapping[str, Any]],
+                      out_png: str | Path, *, title: str = "Segmentation") -> Path:
+    """Per case, the axial slice with the most tumour: FLAIR with the reference
+    WT/TC/ET outlines (left) and the model's (right), at the model's input size.
+
+    ``cases``: {"scan", "image" (.npy cache), "seg" (.npy region cache)} dicts.
+    """
+    import torch
+
+    from medtx.metrics import BRATS_REGIONS
+    from medtx.stages import VolumeSet, model_from_checkpoint
+
+    if not cases:
+        raise MedtxError("no segmentation cases to draw")
+    model, ckpt = model_from_checkpoint(checkpoint)
+    data = VolumeSet(list(cases), task="segmentation",
+                     downsample=int((ckpt.get("metadata") or {}).get("downsample", 1)))
+    fig, axes = _pyplot().subplots(len(data), 2, figsize=(6, 3 * len(data)), squeeze=False)
+    for i in range(len(data)):
+        sample = data[i]
+        with torch.no_grad():
+            pred = (torch.sigmoid(model(sample["image"][None]).float())[0] > 0.5).numpy()
+        truth = sample["target"].numpy() > 0.5
+        z = int(np.argmax(truth[0].sum(axis=(0, 1)))) if truth[0].any() else truth.shape[-1] // 2
+        flair = sample["image"][-1, :, :, z].numpy().T
+        for ax, masks, name in ((axes[i, 0], truth, "reference"), (axes[i, 1], pred, "model")):
+            ax.imshow(flair, cmap="gray", origin="lower")
+            for r, region in enumerate(BRATS_REGIONS):
+                if masks[r, :, :, z].any():
+                    ax.contour(masks[r, :, :, z].T.astype(float), levels=[0.5], linewidths=1,
+                               colors=REGION_COLOURS[region])
+            ax.set_title(f"{cases[i].get('scan', i)}: {name}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"{title} (WT green, TC yellow, ET red)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def figures_section(pngs: Iterable[str | Path], relative_to: str | Path) -> str:
+    """Markdown for summary.md: every figure, grouped under its run's name."""
+    lines = ["## Figures", ""]
+    for png in sorted(map(Path, pngs)):
+        lines += [f"![{png.stem}]({png.relative_to(relative_to).as_posix()})", ""]
+    return "\n".join(lines)

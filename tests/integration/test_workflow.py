@@ -135,6 +135,9 @@ def test_training_outputs_and_tables(run):
     assert len(stage2["metadata"]["preprocess_hash"]) == 16
     summary = (work / "results/tables/summary.md").read_text()
     assert "Table 1" in summary and "|" in summary
+    overlays = sorted(work.glob("results/tables/mini_brats_task-segmentation_*_overlay.png"))
+    assert len(overlays) == 3  # one per initialization
+    assert "## Figures" in summary and f"({overlays[0].name})" in summary
     assert len(manifest) > 0
 
 

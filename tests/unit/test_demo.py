@@ -39,9 +39,10 @@ def test_plan_rows_have_the_agreed_fields():
 
 @pytest.mark.parametrize("n, proportions, expected", [
     (12, None, {"CN": 4, "MCI": 4, "AD": 4}),
-    (10, None, {"CN": 4, "MCI": 3, "AD": 3}),
+    # ties go to the alphabetically first class (a YAML mapping has no order)
+    (10, None, {"AD": 4, "CN": 3, "MCI": 3}),
     (11, {"CN": 0.6, "MCI": 0.3, "AD": 0.1}, {"CN": 7, "MCI": 3, "AD": 1}),
-    (7, {"CN": 1, "AD": 1}, {"CN": 4, "AD": 3}),
+    (7, {"CN": 1, "AD": 1}, {"AD": 4, "CN": 3}),
 ])
 def test_diagnoses_come_in_exact_proportions(n, proportions, expected):
     spec = {"n_subjects": n, **({"diagnoses": proportions} if proportions else {})}
@@ -95,6 +96,15 @@ def test_severity_grows_with_age_and_diagnosis():
     assert s(70, "CN") < s(70, "MCI") < s(70, "AD")
     assert s(60, "CN") < s(80, "CN")
     assert s(75, "AD") == pytest.approx(0.02 * 25 + 2.0)
+
+
+def test_plan_does_not_depend_on_the_order_of_the_diagnoses():
+    """Rules get the spec as key-sorted JSON, the scan table from the config's order:
+    the images and the labels must describe the same subjects."""
+    spec = {"n_subjects": 12, "seed": 12, "diagnoses": {"CN": 0.34, "MCI": 0.33, "AD": 0.33}}
+    as_rules_pass_it = json.loads(json.dumps(spec, sort_keys=True))
+    assert list(as_rules_pass_it["diagnoses"]) != list(spec["diagnoses"])
+    assert demo.plan_t1_cohort(as_rules_pass_it) == demo.plan_t1_cohort(spec)
 
 
 def test_ventricle_severity_follows_age_more_than_diagnosis():

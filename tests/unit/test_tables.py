@@ -317,3 +317,28 @@ def test_plots_are_written(study, tmp_path):
                                   tmp_path / "curves2.png"))
     with pytest.raises(MedtxError, match="no training history"):
         tables.plot_curves([], tmp_path / "none.png")
+
+
+def test_segmentation_overlay_draws_reference_and_model(tmp_path):
+    from medtx.stages import finetune
+    from tests.unit.test_stages import FAST, write_items
+
+    train, val, test = (write_items(tmp_path / "d", n, task="segmentation", seed=s, prefix=p)
+                        for n, s, p in ((2, 0, "tr"), (1, 1, "va"), (2, 2, "te")))
+    finetune("segmentation", train, val, test, out=tmp_path / "m.pt",
+             predictions_out=tmp_path / "p.tsv", config={**FAST, "epochs": 1},
+             log=lambda _: None)
+    from matplotlib.image import imread
+
+    one = imread(tables.plot_segmentation(tmp_path / "m.pt", test[:1], tmp_path / "one.png"))
+    two = imread(tables.plot_segmentation(tmp_path / "m.pt", test, tmp_path / "two.png"))
+    assert two.shape[0] == 2 * one.shape[0]  # one row of (reference, model) per case
+    with pytest.raises(MedtxError, match="no segmentation cases"):
+        tables.plot_segmentation(tmp_path / "m.pt", [], tmp_path / "none.png")
+
+
+def test_figures_section_links_every_png_relative_to_the_summary(tmp_path):
+    pngs = [tmp_path / "b_roc.png", tmp_path / "a_age.png"]
+    text = tables.figures_section(pngs, tmp_path)
+    assert text.startswith("## Figures")
+    assert text.index("(a_age.png)") < text.index("(b_roc.png)")

@@ -139,6 +139,7 @@ rule evaluate:
         table1=f"{RESULTS}/tables/table1.md",
         summary=f"{RESULTS}/tables/summary.md",
     params:
+        cache=f"{RESULTS}/cache",
         code=code_hash("evaluate"),
     log:
         f"{LOGS}/train/evaluate.log",
@@ -148,4 +149,5 @@ rule evaluate:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m medtx evaluate --metrics {input.metrics} --summary {output.summary} > {log} 2>&1"
+        "python -m medtx evaluate --metrics {input.metrics} --cache-dir {params.cache}"
+        " --summary {output.summary} > {log} 2>&1"
