@@ -1,5 +1,5 @@
-# medtx: raw brain MRI -> model-ready volumes (and, in later stages, the
-# Medical Transformer's pre-training, fine-tuning and evaluation).
+# medtx: raw brain MRI -> model-ready volumes -> fold manifests -> the Medical
+# Transformer's pre-training, fine-tuning and evaluation tables.
 # Read as a table of contents; logic lives in the medtx package.
 
 configfile: "config.yaml"
