@@ -10,6 +10,12 @@ images to process), then times, side by side:
 and prints seconds, jobs planned, and seconds per 1,000 jobs, so growth can be
 read as linear or not. Target: the 2,000-subject dry run in <= 20 s on 2 cores.
 
+A first line times the fixed cost of any `snakemake -n` (imports, plugin
+discovery) on a one-rule workflow. It includes the SLURM executor plugin's
+`scontrol show config` at import: instant without SLURM or on a cluster, but
+it waits for its 10 s timeout where SLURM is installed and its controller is
+down (start tests/slurm/cluster.sh first on such a machine).
+
     .venv/bin/python bench/dag.py [--sizes 200 2000 10000] [--keep DIR]
 """
 
@@ -75,6 +81,17 @@ def dry_run(workdir: Path, config: Path) -> tuple[float, int]:
     return seconds, jobs
 
 
+def startup(base: Path) -> float:
+    """Seconds of `snakemake -n` on a one-rule workflow: the fixed cost of a run."""
+    root = base / "startup"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "Snakefile").write_text('rule all:\n    output: "x"\n    shell: "touch {output}"\n')
+    t0 = time.perf_counter()
+    subprocess.run([str(REPO / ".venv" / "bin" / "snakemake"), "-s", str(root / "Snakefile"),
+                    "-d", str(root), "-n", "--quiet", "rules"], capture_output=True, check=True)
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 10000])
@@ -82,6 +99,7 @@ def main() -> int:
     args = parser.parse_args()
     base = Path(args.keep or tempfile.mkdtemp(prefix="medtx-dag-"))
     print(f"# snakemake dry-run planning ({os.cpu_count()} cores)")
+    print(f"# fixed cost of any snakemake -n (one-rule workflow): {startup(base):.1f} s")
     print(f"{'subjects':>9} {'jobs':>8} {'first s':>8} {'rerun s':>8} {'s/1k jobs':>10} {'vs smallest':>12}")
     first_rate = None
     for n in args.sizes:
