@@ -38,6 +38,11 @@ CONFIG = REPO / "tests" / "configs" / "slurm.yaml"
 TIMEOUT = int(os.environ.get("MEDTX_SLURM_TEST_TIMEOUT", "1800"))  # seconds, whole run
 TARGETS = os.environ.get("MEDTX_SLURM_TARGETS", "all").split()
 LOCAL_RULES = ("all", "folds")  # target rules without a command: no SLURM job
+# A step's depth in its scan's chain (workflow/rules/preprocess.smk, train.smk):
+# the record collection and the training cache both follow the last image step.
+CHAIN_DEPTH = {"bet": 0, "flirt": 1, "n4_correct": 2, "pool": 3, "normalize": 4,
+               "collect_provenance": 5, "cache_volume": 5,
+               "brats_preprocess": 0, "collect_brats": 1, "cache_brats": 1}
 SACCT_FIELDS = ("JobID", "JobName", "State", "ReqMem", "AllocCPUS", "Timelimit", "AllocTRES",
                 "Elapsed", "Comment")
 
@@ -214,12 +219,16 @@ def test_rule_resources_reach_sbatch(run, planned):
             want = planned[rule_of(job)]
             mem, minutes, cpus = want["mem_mb"], want["runtime"], want["threads"]
         else:
-            # a scan's group job: the largest memory of its steps, the sum of
-            # their times (they run one after the other), the most threads
-            chain = group_members(logs[job["JobID"]])
-            mem = max(planned[r]["mem_mb"] for r in chain)
-            minutes = sum(planned[r]["runtime"] for r in chain)
-            cpus = max(planned[r]["threads"] for r in chain)
+            # a scan's group job, as Snakemake sizes one: steps at the same depth
+            # may run side by side (their memory and threads add up), depths run
+            # one after the other (the largest layer's memory, the sum of the
+            # layers' longest times)
+            layers: dict[int, list[str]] = {}
+            for rule in group_members(logs[job["JobID"]]):
+                layers.setdefault(CHAIN_DEPTH[rule], []).append(rule)
+            mem = max(sum(planned[r]["mem_mb"] for r in layer) for layer in layers.values())
+            minutes = sum(max(planned[r]["runtime"] for r in layer) for layer in layers.values())
+            cpus = max(sum(planned[r]["threads"] for r in layer) for layer in layers.values())
         assert job["ReqMem"] == f"{mem}M", job
         assert job["Timelimit"] == timelimit(minutes), job
         assert job["AllocCPUS"] == str(cpus), job

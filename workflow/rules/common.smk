@@ -230,6 +230,19 @@ def firewall_gate():
     return ancient(FIREWALL)
 
 
+def cache_index(dataset):
+    """The file that stands for all of a dataset's caches (rule cache_index)."""
+    return f"{RESULTS}/cache/{dataset}.index.tsv"
+
+
+def dataset_caches(wildcards):
+    ds = wildcards.dataset
+    files = {"images": [cache_files(ds, scan)["image"] for scan in OK[ds]["scan"]]}
+    if is_brats(ds):
+        files["regions"] = [cache_files(ds, scan)["regions"] for scan in OK[ds]["scan"]]
+    return files
+
+
 def cache_files(dataset, scan):
     """A scan's training-cache files (image, regions) under the results folder."""
     return cache_paths(f"{RESULTS}/cache", dataset, scan)
@@ -286,10 +299,8 @@ def finetune_inputs(wildcards):
     files = {
         "manifest": f"{RESULTS}/folds/{ds}_task-{wildcards.task}_folds.tsv",
         "firewall": firewall_gate(),
-        "caches": [cache_files(ds, scan)["image"] for scan in OK[ds]["scan"]],
+        "caches": cache_index(ds),
     }
-    if is_brats(ds):
-        files["regions"] = [cache_files(ds, scan)["regions"] for scan in OK[ds]["scan"]]
     if wildcards.init != "scratch":
         if not pretrain_caches():
             raise ValueError(

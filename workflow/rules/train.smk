@@ -51,6 +51,23 @@ rule cache_brats:
         " --seg {input.seg} --seg-out {output.seg} > {log} 2>&1"
 
 
+localrules:
+    cache_index,
+
+
+rule cache_index:
+    input:
+        unpack(dataset_caches),
+    output:
+        cache_index("{dataset}"),
+    log:
+        f"{LOGS}/train/cache_index/{{dataset}}.log",
+    run:
+        from medtx.volumes import write_cache_index
+
+        write_cache_index(input.images, output[0], input.get("regions"))
+
+
 rule pretrain_exemplar:
     input:
         firewall=firewall_gate(),
