@@ -236,7 +236,7 @@ def test_adding_a_subject_runs_only_its_preprocessing_and_training(run, tmp_path
         assert jobs.pop(rule) == 1, jobs
     # mini_adni: 2 tasks x 3 folds x 3 inits; the report lists every scan
     assert jobs == {"provenance_report": 1, "make_folds": 2, "leakage_firewall": 1,
-                    "finetune": 18, "evaluate": 1}, jobs
+                    "cache_index": 1, "finetune": 18, "evaluate": 1}, jobs
 
 
 def test_qc_threshold_change_rejudges_without_recomputing(run, tmp_path):

@@ -380,3 +380,15 @@ def test_evaluate_predictions(tmp_path):
     assert out["dice_WT"] == pytest.approx(0.7) and out["dice_mean"] == pytest.approx(0.6)
     with pytest.raises(MedtxError, match=r"reg\.tsv: missing column\(s\) \['dice_WT'"):
         evaluate_predictions("segmentation", reg)
+
+
+def test_cache_index_lists_each_scan_once(tmp_path):
+    from medtx.volumes import write_cache_index
+
+    images = [str(tmp_path / f"s{i}.npy") for i in range(3)]
+    regions = [p.replace(".npy", "_regions.npy") for p in images]
+    table = pd.read_csv(write_cache_index(images, tmp_path / "i.tsv", regions), sep="\t")
+    assert table["scan"].tolist() == ["s0", "s1", "s2"]
+    assert table["regions"].tolist() == regions
+    plain = pd.read_csv(write_cache_index(images[:1], tmp_path / "j.tsv"), sep="\t")
+    assert list(plain.columns) == ["scan", "image"]
