@@ -37,7 +37,7 @@ SNAKEMAKE = str(VENV_BIN / "snakemake") if (VENV_BIN / "snakemake").exists() \
 CONFIG = REPO / "tests" / "configs" / "slurm.yaml"
 TIMEOUT = int(os.environ.get("MEDTX_SLURM_TEST_TIMEOUT", "1800"))  # seconds, whole run
 TARGETS = os.environ.get("MEDTX_SLURM_TARGETS", "all").split()
-LOCAL_RULES = ("all", "folds")  # target rules without a command: no SLURM job
+LOCAL_RULES = ("all", "folds", "cache_index")  # target and local rules: no SLURM job
 # A step's depth in its scan's chain (workflow/rules/preprocess.smk, train.smk):
 # the record collection and the training cache both follow the last image step.
 CHAIN_DEPTH = {"bet": 0, "flirt": 1, "n4_correct": 2, "pool": 3, "normalize": 4,
