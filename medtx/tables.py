@@ -604,7 +604,8 @@ def plot_segmentation(checkpoint: str | Path, cases: Sequence[Mapping[str, Any]]
     for i in range(len(data)):
         sample = data[i]
         with torch.no_grad():
-            pred = (torch.sigmoid(model(sample["image"][None]).float())[0] > 0.5).numpy()
+            # the same binarization as the Dice the run was scored with (dice_per_case)
+            pred = (model(sample["image"][None]).float()[0] > 0).numpy()
         truth = sample["target"].numpy() > 0.5
         z = int(np.argmax(truth[0].sum(axis=(0, 1)))) if truth[0].any() else truth.shape[-1] // 2
         flair = sample["image"][-1, :, :, z].numpy().T
@@ -622,7 +623,7 @@ def plot_segmentation(checkpoint: str | Path, cases: Sequence[Mapping[str, Any]]
 
 
 def figures_section(pngs: Iterable[str | Path], relative_to: str | Path) -> str:
-    """Markdown for summary.md: every figure, grouped under its run's name."""
+    """Markdown for summary.md: every figure in name order, captioned by its file stem."""
     lines = ["## Figures", ""]
     for png in sorted(map(Path, pngs)):
         lines += [f"![{png.stem}]({png.relative_to(relative_to).as_posix()})", ""]
