@@ -2,7 +2,7 @@
 
     medtx preprocess T1.nii.gz --out DIR [--backend auto|fsl|ants] [--config FILE]
     medtx step {bet,flirt,n4,pool,normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
-    medtx collect --scan ID --record FILE ... --out FILE --thumbnail PNG
+    medtx collect --record FILE ... --out FILE [--thumbnail PNG] [--qc JSON]
     medtx report --config FILE --out HTML
     medtx folds --dataset D --task T --table TSV --records JSON ... --params JSON ...
     medtx firewall --manifest TSV ... --pretrain-table TSV ... --out JSON
@@ -125,22 +125,23 @@ def cmd_step(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    """Merge a scan's step records and draw its QC thumbnails."""
-    from medtx.provenance import merge_scan
+    """Merge a scan's step records and draw its QC thumbnails.
+
+    The records name the scan and every file the steps read and wrote, so the
+    thumbnail rows are found there, not passed on the command line.
+    """
+    from medtx.preprocess.brats import brats_panels
+    from medtx.preprocess.chain import t1_panels
+    from medtx.provenance import load_step_records, merge_scan
     from medtx.qc_images import scan_thumbnails
 
-    panels = []
-    for item in args.panel or []:
-        label, _, rest = item.partition("=")
-        image, _, mask = rest.partition(",")
-        panels.append((label, image, mask or None))
     extra = {}
     if args.thumbnail:
-        scan_thumbnails(panels, args.thumbnail)
+        steps = load_step_records(args.record)
+        is_brats = any(s.get("step") == "brats" for s in steps)
+        scan_thumbnails(brats_panels(steps) if is_brats else t1_panels(steps), args.thumbnail)
         extra["thumbnail"] = args.thumbnail
-    merge_scan(args.record, args.out, scan=args.scan, dataset=args.dataset,
-               subject=args.subject, session=args.session or None,
-               qc=_json(args.qc, "--qc"), extra=extra)
+    merge_scan(args.record, args.out, qc=_json(args.qc, "--qc"), extra=extra)
     return 0
 
 
@@ -397,13 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_step)
 
     p = sub.add_parser("collect", help="merge a scan's step records and draw thumbnails")
-    p.add_argument("--scan", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--subject", required=True)
-    p.add_argument("--session")
-    p.add_argument("--record", action="append", required=True)
-    p.add_argument("--panel", action="append", metavar="LABEL=IMAGE[,MASK]")
-    p.add_argument("--thumbnail")
+    p.add_argument("--record", action="extend", nargs="+", required=True,
+                   help="the scan's step records, in chain order")
+    p.add_argument("--thumbnail", help="QC thumbnail PNG to draw from the recorded files")
     p.add_argument("--qc", help="QC thresholds as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_collect)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medtx.errors import MedtxError
 from medtx.io import sha256, write_json
 
 SCHEMA_VERSION = 1
@@ -78,12 +79,15 @@ class StepRecord:
     """
 
     def __init__(self, step: str, *, scan: str, backend: str, params: dict, seed: int | None,
-                 dataset: str | None = None):
+                 dataset: str | None = None, subject: str | None = None,
+                 session: str | None = None):
         self.data: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "step": step,
             "scan": scan,
             "dataset": dataset,
+            "subject": subject,
+            "session": session,
             "backend": backend,
             "tool": None,
             "command": None,
@@ -151,15 +155,48 @@ def check(metric: str, value: float, *, minimum: float | None = None,
     return {"metric": metric, "value": value, "min": minimum, "max": maximum, "passed": bool(ok)}
 
 
-def merge_scan(step_files: list[str | Path], out: str | Path, *, scan: str, dataset: str,
-               subject: str, session: str | None, qc: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None) -> dict:
-    """Gather a scan's step records into one JSON, judging QC against ``qc``."""
+def load_step_records(step_files: list[str | Path]) -> list[dict[str, Any]]:
+    """A scan's step records, in the order given."""
     import json
 
+    steps = []
+    for p in step_files:
+        try:
+            steps.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as err:
+            raise MedtxError(f"{p}: not a readable step record ({err})") from err
+    return steps
+
+
+def step_file(steps: list[dict[str, Any]], step: str, role: str, *,
+              direction: str = "outputs") -> str:
+    """The path a step recorded for ``role`` (an output unless ``direction="inputs"``)."""
+    for record in steps:
+        if record.get("step") == step:
+            for entry in record.get(direction, []):
+                if entry["role"] == role:
+                    return entry["path"]
+    raise MedtxError(f"no {direction[:-1]} {role!r} of step {step!r} in the step records "
+                     f"(steps: {[r.get('step') for r in steps]})")
+
+
+def merge_scan(step_files: list[str | Path], out: str | Path, *, scan: str | None = None,
+               dataset: str | None = None, subject: str | None = None,
+               session: str | None = None, qc: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> dict:
+    """Gather a scan's step records into one JSON, judging QC against ``qc``.
+
+    The scan's identity comes from the records (each step wrote it from its
+    context) unless given here.
+    """
     from medtx.qc import judge
 
-    steps = [json.loads(Path(p).read_text()) for p in step_files]
+    steps = load_step_records(step_files)
+    first = steps[0] if steps else {}
+    scan = scan or first.get("scan")
+    dataset = dataset if dataset is not None else first.get("dataset")
+    subject = subject or first.get("subject") or scan
+    session = session if session is not None else first.get("session")
     for step in steps:
         checks = step["qc"]["checks"] + judge(step, qc or {})
         step["qc"]["checks"] = checks

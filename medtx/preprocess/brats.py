@@ -15,9 +15,10 @@ from medtx.errors import BadScanError
 from medtx.io import load_volume, save_nifti
 from medtx.preprocess.context import StepContext
 from medtx.preprocess.intensity import minmax, percentiles
-from medtx.provenance import package_version
+from medtx.provenance import package_version, step_file
 
 BRATS_LABELS = (0, 1, 2, 4)
+MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 
 def crop_box(brain: np.ndarray, size: tuple[int, int, int]) -> tuple[slice, ...]:
@@ -48,11 +49,21 @@ def check_labels(seg: np.ndarray, path: str | Path, subject: str | None = None) 
     return seg.astype(np.uint8)
 
 
+def brats_panels(steps: list[dict]) -> list[tuple[str, str, str | None]]:
+    """Thumbnail rows of a BraTS case: each modality (channel) with the tumour outline."""
+    (record,) = [s for s in steps if s.get("step") == "brats"]
+    image = step_file(steps, "brats", "preproc")
+    outputs = {e["role"] for e in record["outputs"]}
+    seg = step_file(steps, "brats", "seg") if "seg" in outputs else None
+    modalities = record["params"].get("modalities", MODALITIES)
+    return [(f"{m} + tumour", f"{image}#{i}", seg) for i, m in enumerate(modalities)]
+
+
 def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
               seg_out: str | Path | None, record_out: str | Path, ctx: StepContext,
               params: dict) -> dict:
     """Crop and normalize a BraTS case into a 4-channel volume and its labels."""
-    modalities = list(params.get("modalities", ["t1", "t1ce", "t2", "flair"]))
+    modalities = list(params.get("modalities", MODALITIES))
     size = tuple(params.get("crop", [160, 192, 128]))
     rec = ctx.record("brats", dict(params))
     rec.set_tool("medtx", package_version("medtx"))

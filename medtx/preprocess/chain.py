@@ -13,7 +13,7 @@ from medtx.preprocess.context import StepContext
 from medtx.preprocess.flirt import run_flirt
 from medtx.preprocess.intensity import run_normalize, run_pool
 from medtx.preprocess.n4 import run_n4
-from medtx.provenance import merge_scan
+from medtx.provenance import merge_scan, step_file
 from medtx.templates import TEMPLATE_NAME
 
 SPACE = f"space-{TEMPLATE_NAME}"
@@ -47,6 +47,25 @@ def t1_outputs(outdir: str | Path, scan: str) -> dict[str, str]:
 
 def step_records(files: dict[str, str]) -> list[str]:
     return [files[f"{s}_record"] for s in ("bet", "flirt", "n4", "pool", "normalize")]
+
+
+# QC thumbnail rows: (label, image, mask), each file named by the step that
+# recorded it, as (step, direction, role).
+T1_PANELS = (
+    ("raw + brain mask", ("bet", "inputs", "t1"), ("bet", "outputs", "brain_mask")),
+    ("affine to template", ("flirt", "outputs", "brain"), ("flirt", "outputs", "brain_mask")),
+    ("N4", ("n4", "outputs", "n4"), ("n4", "inputs", "brain_mask")),
+    ("model input 2 mm", ("normalize", "outputs", "preproc"),
+     ("normalize", "inputs", "brain_mask")),
+)
+
+
+def t1_panels(steps: list[dict]) -> list[tuple[str, str, str]]:
+    """The T1 chain's thumbnail rows, with the files the step records name."""
+    def find(step: str, direction: str, role: str) -> str:
+        return step_file(steps, step, role, direction=direction)
+
+    return [(label, find(*image), find(*mask)) for label, image, mask in T1_PANELS]
 
 
 def run_chain(t1: str | Path, outdir: str | Path, *, ctx: StepContext, settings: dict,

@@ -15,6 +15,8 @@ class StepContext:
         scan: scan id used in file names (``sub-01`` or ``sub-01_ses-1``).
         backend: the resolved backend, ``fsl`` or ``ants``.
         seed: recorded in provenance; seeds antspyx registration.
+        subject, session: recorded in each step record (the collect step reads
+            the scan's identity from there) and named in errors.
         """
 
     scan: str
@@ -22,9 +24,11 @@ class StepContext:
     seed: int | None = 42
     dataset: str | None = None
     subject: str | None = None
+    session: str | None = None
     threads: int = 1
     deterministic: bool = True
 
     def record(self, step: str, params: dict) -> StepRecord:
         return StepRecord(step, scan=self.scan, backend=self.backend, params=params,
-                          seed=self.seed, dataset=self.dataset)
+                          seed=self.seed, dataset=self.dataset, subject=self.subject,
+                          session=self.session)

@@ -7,7 +7,7 @@ from medtx.codehash import code_hash
 from medtx.config import validate_config
 from medtx.preprocess.backend import resolve_backend
 from medtx.preprocess.brats import brats_outputs
-from medtx.preprocess.chain import t1_outputs
+from medtx.preprocess.chain import step_records, t1_outputs
 from medtx.scans import build_scan_table
 from medtx.volumes import cache_paths
 from medtx.workflow import use_checkout
@@ -84,6 +84,7 @@ def step_context(wildcards):
             "scan": wildcards.scan,
             "dataset": wildcards.dataset,
             "subject": row["subject"],
+            "session": row["session"] or None,
             "backend": BACKEND,
             "seed": config["seed"],
             "threads": PRE["threads"],
@@ -198,14 +199,6 @@ def brats_inputs(wildcards):
     files = {m: row[m] for m in PRE["brats"]["modalities"]}
     files["seg"] = row["seg"]
     return files
-
-
-def brats_panels():
-    """Thumbnail rows for a BraTS case: each modality with the tumour outline."""
-    return "".join(
-        f" --panel '{m} + tumour={{input.image}}#{i},{{input.seg}}'"
-        for i, m in enumerate(PRE["brats"]["modalities"])
-    )
 
 
 wildcard_constraints:

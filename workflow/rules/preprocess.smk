@@ -14,8 +14,6 @@ rule bet:
         code=code_hash("bet"),
     log:
         f"{LOGS}/preprocess/bet/{{dataset}}/{{scan}}.log",
-    group:
-        "subject"
     threads: PRE["threads"]
     conda:
         ENV
@@ -42,8 +40,6 @@ rule flirt:
         code=code_hash("flirt"),
     log:
         f"{LOGS}/preprocess/flirt/{{dataset}}/{{scan}}.log",
-    group:
-        "subject"
     threads: PRE["threads"]
     conda:
         ENV
@@ -71,8 +67,6 @@ rule n4_correct:
         code=code_hash("n4"),
     log:
         f"{LOGS}/preprocess/n4_correct/{{dataset}}/{{scan}}.log",
-    group:
-        "subject"
     threads: PRE["threads"]
     conda:
         ENV
@@ -99,8 +93,6 @@ rule pool:
         code=code_hash("pool"),
     log:
         f"{LOGS}/preprocess/pool/{{dataset}}/{{scan}}.log",
-    group:
-        "subject"
     conda:
         ENV
     resources:
@@ -126,8 +118,6 @@ rule normalize:
         code=code_hash("normalize"),
     log:
         f"{LOGS}/preprocess/normalize/{{dataset}}/{{scan}}.log",
-    group:
-        "subject"
     conda:
         ENV
     resources:
@@ -141,43 +131,25 @@ rule normalize:
 
 rule collect_provenance:
     input:
-        records=[T1[f"{s}_record"] for s in ("bet", "flirt", "n4", "pool", "normalize")],
-        t1=raw_t1,
-        bet_mask=T1["bet_mask"],
-        flirt_brain=T1["flirt_brain"],
-        flirt_mask=T1["flirt_mask"],
-        n4=T1["n4"],
-        preproc=T1["preproc"],
-        brain_mask=T1["brain_mask"],
+        records=step_records(T1),
     output:
         provenance=T1["provenance"],
         thumbnail=T1["qc_png"],
     params:
         qc=as_json(config["qc"]),
-        subject=lambda w: scan_row(w)["subject"],
-        session=lambda w: scan_row(w)["session"] or "",
         code=code_hash("collect"),
     log:
         f"{LOGS}/preprocess/collect_provenance/{{dataset}}/{{scan}}.log",
     wildcard_constraints:
         dataset=one_of(t1_datasets()),
-    group:
-        "subject"
     conda:
         ENV
     resources:
         mem_mb=2000,
         runtime=5,
     shell:
-        "python -m medtx collect --scan {wildcards.scan} --dataset {wildcards.dataset}"
-        " --subject {params.subject} --session '{params.session}'"
-        " --record {input.records[0]} --record {input.records[1]} --record {input.records[2]}"
-        " --record {input.records[3]} --record {input.records[4]}"
-        " --panel 'raw + brain mask={input.t1},{input.bet_mask}'"
-        " --panel 'affine to template={input.flirt_brain},{input.flirt_mask}'"
-        " --panel 'N4={input.n4},{input.flirt_mask}'"
-        " --panel 'model input 2 mm={input.preproc},{input.brain_mask}'"
-        " --thumbnail {output.thumbnail} --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"
+        "python -m medtx collect --record {input.records} --thumbnail {output.thumbnail}"
+        " --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"
 
 
 # BraTS: already skull-stripped and co-registered; crop, normalize, check labels.
@@ -197,8 +169,6 @@ rule brats_preprocess:
         code=code_hash("brats"),
     log:
         f"{LOGS}/preprocess/brats_preprocess/{{dataset}}/{{scan}}.log",
-    group:
-        "subject"
     conda:
         ENV
     resources:
@@ -213,28 +183,21 @@ rule brats_preprocess:
 rule collect_brats:
     input:
         record=BRATS["record"],
-        image=BRATS["image"],
-        seg=BRATS["seg"],
     output:
         provenance=BRATS["provenance"],
         thumbnail=BRATS["qc_png"],
     params:
         qc=as_json(config["qc"]),
-        subject=lambda w: scan_row(w)["subject"],
         code=code_hash("collect"),
     log:
         f"{LOGS}/preprocess/collect_brats/{{dataset}}/{{scan}}.log",
     wildcard_constraints:
         dataset=one_of(brats_datasets()),
-    group:
-        "subject"
     conda:
         ENV
     resources:
         mem_mb=2000,
         runtime=5,
     shell:
-        "python -m medtx collect --scan {wildcards.scan} --dataset {wildcards.dataset}"
-        " --subject {params.subject} --record {input.record}"
-        + brats_panels()
-        + " --thumbnail {output.thumbnail} --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"
+        "python -m medtx collect --record {input.record} --thumbnail {output.thumbnail}"
+        " --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"

@@ -15,8 +15,6 @@ rule cache_volume:
         f"{LOGS}/train/cache_volume/{{dataset}}/{{scan}}.log",
     wildcard_constraints:
         dataset=one_of(t1_datasets()),
-    group:
-        "subject"
     conda:
         ENV
     resources:
@@ -39,8 +37,6 @@ rule cache_brats:
         f"{LOGS}/train/cache_brats/{{dataset}}/{{scan}}.log",
     wildcard_constraints:
         dataset=one_of(brats_datasets()),
-    group:
-        "subject"
     conda:
         ENV
     resources:
