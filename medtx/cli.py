@@ -6,7 +6,6 @@
     medtx report --config FILE --out HTML
     medtx folds --dataset D --task T --table TSV --records JSON ... --params JSON ...
     medtx firewall --manifest TSV ... --pretrain-table TSV ... --out JSON
-    medtx cache IMAGE --out NPY [--seg SEG --seg-out NPY]
     medtx pretrain {exemplar,masked} --images NPY ... --out PT [--init PT] --config JSON
     medtx finetune --task T --manifest TSV --rotation K --fraction P --init PT|none ...
     medtx evaluate --metrics JSON ... --out-dir DIR
@@ -114,13 +113,14 @@ def cmd_step(args: argparse.Namespace) -> int:
         from medtx.preprocess.intensity import run_normalize
 
         run_normalize(i["image"], i["mask"], image_out=o["image"], record_out=o["record"],
-                      ctx=ctx, params=params)
+                      ctx=ctx, params=params, cache_out=o.get("cache"))
     elif args.step == "brats":
         from medtx.preprocess.brats import run_brats
 
         images = {k: v for k, v in i.items() if k != "seg"}
         run_brats(images, i.get("seg"), image_out=o["image"], seg_out=o.get("seg"),
-                  record_out=o["record"], ctx=ctx, params=params)
+                  record_out=o["record"], ctx=ctx, params=params, cache_out=o.get("cache"),
+                  regions_out=o.get("regions"))
     return 0
 
 
@@ -212,16 +212,6 @@ def cmd_firewall(args: argparse.Namespace) -> int:
 
 
 INTERRUPTED = 3  # exit code of a training job stopped at a checkpoint (rerun resumes)
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    """Float16 .npy copies of model inputs (and BraTS region masks) for training."""
-    from medtx.volumes import cache_labels, cache_volume
-
-    cache_volume(args.image, args.out)
-    if args.seg:
-        cache_labels(args.seg, args.seg_out)
-    return 0
 
 
 def _pretrain_items(images: list[str]) -> list[dict]:
@@ -429,13 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identities", help="person -> [dataset:subject, ...] as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_firewall)
-
-    p = sub.add_parser("cache", help="float16 .npy cache of a model input for training")
-    p.add_argument("image")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seg", help="BraTS labels to cache as WT/TC/ET region masks")
-    p.add_argument("--seg-out")
-    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("pretrain", help="stage 1 (exemplar) or 2 (masked encodings) pre-training")
     p.add_argument("stage", choices=["exemplar", "masked"])

@@ -16,6 +16,7 @@ from medtx.io import load_volume, save_nifti
 from medtx.preprocess.context import StepContext
 from medtx.preprocess.intensity import minmax, percentiles
 from medtx.provenance import package_version, step_file
+from medtx.volumes import BRATS_REGIONS, cache_labels, cache_volume
 
 BRATS_LABELS = (0, 1, 2, 4)
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -61,8 +62,10 @@ def brats_panels(steps: list[dict]) -> list[tuple[str, str, str | None]]:
 
 def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
               seg_out: str | Path | None, record_out: str | Path, ctx: StepContext,
-              params: dict) -> dict:
-    """Crop and normalize a BraTS case into a 4-channel volume and its labels."""
+              params: dict, cache_out: str | Path | None = None,
+              regions_out: str | Path | None = None) -> dict:
+    """Crop and normalize a BraTS case into a 4-channel volume and its labels,
+    and (``cache_out``, ``regions_out``) their float16 / WT-TC-ET training caches."""
     modalities = list(params.get("modalities", MODALITIES))
     size = tuple(params.get("crop", [160, 192, 128]))
     rec = ctx.record("brats", dict(params))
@@ -99,10 +102,16 @@ def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
         cropped = labels[box]
         save_nifti(cropped, new_affine, seg_out, dtype=np.uint8)
         rec.add_output("seg", seg_out)
-        for name, values in (("wt", (1, 2, 4)), ("tc", (1, 4)), ("et", (4,))):
+        for name, values in BRATS_REGIONS.items():
             metrics[f"{name}_voxels"] = int(np.isin(cropped, values).sum())
         metrics["tumour_fraction_kept"] = round(
             float(np.isin(cropped, (1, 2, 4)).sum() / max(np.isin(labels, (1, 2, 4)).sum(), 1)), 4)
+    if cache_out is not None:
+        rec.call("medtx.volumes.cache_volume", dtype="float16")
+        rec.add_output("cache", cache_volume(image_out, cache_out))
+    if regions_out is not None and seg_out is not None and seg is not None:
+        rec.call("medtx.volumes.cache_labels", regions=list(BRATS_REGIONS))
+        rec.add_output("regions", cache_labels(seg_out, regions_out))
     for mod, ch in zip(modalities, channels):
         metrics[mod] = percentiles(ch, brain_c, (1, 50, 99))
     rec.set_qc(metrics, [])

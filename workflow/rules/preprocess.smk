@@ -1,4 +1,6 @@
-# T1 chain, one rule per step: bet -> flirt -> n4 -> pool -> normalize.
+# T1 chain, one rule per step: bet -> flirt -> n4 -> pool -> normalize (which
+# also writes the float16 training cache: a step of its own would add a job per
+# scan for Snakemake to plan).
 # Each rule's params hold exactly its config section plus the hash of the
 # code it runs, so a change reruns that step and what follows, nothing else.
 
@@ -111,6 +113,7 @@ rule normalize:
         mask=T1["brain_mask"],
     output:
         image=T1["preproc"],
+        cache=cache_files("{dataset}", "{scan}")["image"],
         record=T1["normalize_record"],
     params:
         normalize=as_json(PRE["normalize"]),
@@ -118,6 +121,8 @@ rule normalize:
         code=code_hash("normalize"),
     log:
         f"{LOGS}/preprocess/normalize/{{dataset}}/{{scan}}.log",
+    wildcard_constraints:
+        dataset=one_of(t1_datasets()),  # the cache path is shared with brats_preprocess
     conda:
         ENV
     resources:
@@ -125,7 +130,8 @@ rule normalize:
         runtime=5,
     shell:
         "python -m medtx step normalize --input image={input.image} --input mask={input.mask}"
-        " --output image={output.image} --output record={output.record}"
+        " --output image={output.image} --output cache={output.cache}"
+        " --output record={output.record}"
         " --params {params.normalize:q} --context {params.context:q} > {log} 2>&1"
 
 
@@ -161,6 +167,8 @@ rule brats_preprocess:
     output:
         image=BRATS["image"],
         seg=BRATS["seg"],
+        cache=cache_files("{dataset}", "{scan}")["image"],
+        regions=cache_files("{dataset}", "{scan}")["regions"],
         record=BRATS["record"],
     params:
         brats=as_json(PRE["brats"]),
@@ -169,6 +177,8 @@ rule brats_preprocess:
         code=code_hash("brats"),
     log:
         f"{LOGS}/preprocess/brats_preprocess/{{dataset}}/{{scan}}.log",
+    wildcard_constraints:
+        dataset=one_of(brats_datasets()),
     conda:
         ENV
     resources:
@@ -176,7 +186,7 @@ rule brats_preprocess:
         runtime=10,
     shell:
         "python -m medtx step brats {params.inputs} --output image={output.image} --output seg={output.seg}"
-        " --output record={output.record}"
+        " --output cache={output.cache} --output regions={output.regions} --output record={output.record}"
         " --params {params.brats:q} --context {params.context:q} > {log} 2>&1"
 
 

@@ -1,50 +1,8 @@
-# Training: a float16 cache of model inputs, stage 1 (exemplar) and stage 2
+# Training: an index of each dataset's float16 caches (written by normalize and
+# brats_preprocess), stage 1 (exemplar) and stage 2
 # (masked encodings) pre-training, fine-tuning per task x fold x init x label
 # fraction, and the paper's tables. Every training rule waits for the leakage
 # firewall (firewall_gate), so a leak stops the run before any training job.
-
-
-rule cache_volume:
-    input:
-        image=T1["preproc"],
-    output:
-        cache_files("{dataset}", "{scan}")["image"],
-    params:
-        code=code_hash("cache"),
-    log:
-        f"{LOGS}/train/cache_volume/{{dataset}}/{{scan}}.log",
-    wildcard_constraints:
-        dataset=one_of(t1_datasets()),
-    conda:
-        ENV
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    shell:
-        "python -m medtx cache {input.image} --out {output} > {log} 2>&1"
-
-
-rule cache_brats:
-    input:
-        image=BRATS["image"],
-        seg=BRATS["seg"],
-    output:
-        image=cache_files("{dataset}", "{scan}")["image"],
-        seg=cache_files("{dataset}", "{scan}")["regions"],
-    params:
-        code=code_hash("cache"),
-    log:
-        f"{LOGS}/train/cache_brats/{{dataset}}/{{scan}}.log",
-    wildcard_constraints:
-        dataset=one_of(brats_datasets()),
-    conda:
-        ENV
-    resources:
-        mem_mb=2000,
-        runtime=5,
-    shell:
-        "python -m medtx cache {input.image} --out {output.image}"
-        " --seg {input.seg} --seg-out {output.seg} > {log} 2>&1"
 
 
 localrules:

@@ -41,3 +41,31 @@ def test_minmax_in_brain_reaches_exactly_zero_and_one():
 def test_minmax_constant_brain_is_an_error():
     with pytest.raises(ValueError, match="constant intensity"):
         minmax(np.ones((4, 4, 4), np.float32), np.ones((4, 4, 4), bool))
+
+
+def test_normalize_writes_the_float16_cache_of_its_output(tmp_path):
+    """The training cache is the normalized volume itself (channels-first, float16),
+    and the step records it like its NIfTI output."""
+    import nibabel as nib
+
+    from medtx.preprocess.context import StepContext
+    from medtx.preprocess.intensity import run_normalize
+    from tests.conftest import write_nifti
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((12, 14, 12), np.float32)
+    mask[2:10, 3:11, 2:10] = 1
+    image = write_nifti(tmp_path / "pooled.nii.gz", (rng.random(mask.shape) * 500 * mask).astype(np.float32))
+    maskp = write_nifti(tmp_path / "mask.nii.gz", mask)
+    rec = run_normalize(image, maskp, image_out=tmp_path / "preproc.nii.gz",
+                        record_out=tmp_path / "r.json", ctx=StepContext(scan="s"),
+                        params={"within": "brain"}, cache_out=tmp_path / "s.npy")
+    cache = np.load(tmp_path / "s.npy")
+    assert cache.dtype == np.float16 and cache.shape == (1, 12, 14, 12)
+    preproc = nib.load(str(tmp_path / "preproc.nii.gz")).get_fdata()
+    assert np.allclose(cache[0], preproc, atol=1e-3) and cache.max() == 1.0
+    assert [o["role"] for o in rec["outputs"]] == ["preproc", "cache"]
+    plain = run_normalize(image, maskp, image_out=tmp_path / "p2.nii.gz",
+                          record_out=tmp_path / "r2.json", ctx=StepContext(scan="s"),
+                          params={"within": "brain"})
+    assert [o["role"] for o in plain["outputs"]] == ["preproc"]  # no cache_out, no cache
