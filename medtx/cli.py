@@ -1,7 +1,7 @@
 """The ``medtx`` command: what Snakemake rules call, and tools for users.
 
     medtx preprocess T1.nii.gz --out DIR [--backend auto|fsl|ants] [--config FILE]
-    medtx step {bet,flirt,n4,pool,normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
+    medtx step {bet,flirt,n4,pool_normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
     medtx collect --record FILE ... --out FILE [--thumbnail PNG] [--qc JSON]
     medtx report --config FILE --out HTML
     medtx folds --dataset D --task T --table TSV --records JSON ... --params JSON ...
@@ -104,16 +104,13 @@ def cmd_step(args: argparse.Namespace) -> int:
 
         run_n4(i["brain"], i["mask"], n4_out=o["n4"], record_out=o["record"], ctx=ctx,
                params=params)
-    elif args.step == "pool":
-        from medtx.preprocess.intensity import run_pool
+    elif args.step == "pool_normalize":
+        from medtx.preprocess.intensity import run_pool_normalize
 
-        run_pool(i["image"], i["mask"], image_out=o["image"], mask_out=o["mask"],
-                 record_out=o["record"], ctx=ctx, params=params)
-    elif args.step == "normalize":
-        from medtx.preprocess.intensity import run_normalize
-
-        run_normalize(i["image"], i["mask"], image_out=o["image"], record_out=o["record"],
-                      ctx=ctx, params=params, cache_out=o.get("cache"))
+        run_pool_normalize(i["image"], i["mask"], pooled_out=o["pooled"], mask_out=o["mask"],
+                           pool_record_out=o["pool_record"], image_out=o["image"],
+                           record_out=o["record"], cache_out=o.get("cache"), ctx=ctx,
+                           params=params)
     elif args.step == "brats":
         from medtx.preprocess.brats import run_brats
 
@@ -380,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("step", help="one preprocessing step (what the rules call)")
-    p.add_argument("step", choices=["bet", "flirt", "n4", "pool", "normalize", "brats"])
+    p.add_argument("step", choices=["bet", "flirt", "n4", "pool_normalize", "brats"])
     p.add_argument("--input", action="append", metavar="ROLE=PATH")
     p.add_argument("--output", action="append", metavar="ROLE=PATH")
     p.add_argument("--params", help="the step's config section as JSON")

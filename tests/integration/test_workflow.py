@@ -83,7 +83,7 @@ def test_dry_run_lists_every_step_per_scan(tmp_path, medtx_env):
     proc = snakemake(tmp_path, "-n", "all", env=medtx_env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     jobs = planned(proc)
-    for rule in ("bet", "flirt", "n4_correct", "pool", "normalize", "collect_provenance"):
+    for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
         assert jobs[rule] == 11, jobs  # two pre-training + nine labelled scans
     assert jobs["brats_preprocess"] == 3 and jobs["provenance_report"] == 1
     assert jobs["make_folds"] == 3 and jobs["leakage_firewall"] == 1
@@ -167,7 +167,7 @@ def test_n4_change_reruns_only_n4_and_after(run, tmp_path):
     jobs = planned(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
     # everything downstream of N4 follows (manifests read the QC records, training the
     # cached volumes); extraction, registration, the demo data and BraTS do not
-    for rule in ("n4_correct", "pool", "normalize", "collect_provenance"):
+    for rule in ("n4_correct", "pool_normalize", "collect_provenance"):
         assert jobs[rule] == 11, jobs
     # the T1 models (new caches and manifests: 2 tasks x 3 folds x 3 inits) and the
     # BraTS models that start from the re-pre-trained checkpoint (3 folds x 2 inits);
@@ -231,7 +231,7 @@ def test_adding_a_subject_runs_only_its_preprocessing_and_training(run, tmp_path
     with (bids / "participants.tsv").open("a") as f:
         f.write(f"sub-{new['subject']}\t{new['age']}\t{new['sex']}\t{new['diagnosis']}\t{new['site']}\n")
     jobs = rerun_plan(snakemake(sandbox, "-n", "all", config=on_disk, env=env, timeout=120))
-    for rule in ("bet", "flirt", "n4_correct", "pool", "normalize", "collect_provenance"):
+    for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
         assert jobs.pop(rule) == 1, jobs
     # mini_adni: 2 tasks x 3 folds x 3 inits; the report lists every scan
     assert jobs == {"provenance_report": 1, "make_folds": 2, "leakage_firewall": 1,
@@ -246,7 +246,7 @@ def test_qc_threshold_change_rejudges_without_recomputing(run, tmp_path):
     changed.write_text(yaml.safe_dump(config))
     jobs = planned(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
     assert {"collect_provenance", "collect_brats", "provenance_report", "make_folds"} <= set(jobs)
-    for rule in ("bet", "flirt", "n4_correct", "pool", "normalize", "brats_preprocess"):
+    for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "brats_preprocess"):
         assert rule not in jobs, jobs
 
 

@@ -39,8 +39,8 @@ TIMEOUT = int(os.environ.get("MEDTX_SLURM_TEST_TIMEOUT", "1800"))  # seconds, wh
 TARGETS = os.environ.get("MEDTX_SLURM_TARGETS", "all").split()
 LOCAL_RULES = ("all", "folds", "cache_index")  # target and local rules: no SLURM job
 # A step's depth in its scan's chain (workflow/rules/preprocess.smk).
-CHAIN_DEPTH = {"bet": 0, "flirt": 1, "n4_correct": 2, "pool": 3, "normalize": 4,
-               "collect_provenance": 5, "brats_preprocess": 0, "collect_brats": 1}
+CHAIN_DEPTH = {"bet": 0, "flirt": 1, "n4_correct": 2, "pool_normalize": 3,
+               "collect_provenance": 4, "brats_preprocess": 0, "collect_brats": 1}
 SACCT_FIELDS = ("JobID", "JobName", "State", "ReqMem", "AllocCPUS", "Timelimit", "AllocTRES",
                 "Elapsed", "Comment")
 

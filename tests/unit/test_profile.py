@@ -23,6 +23,6 @@ def per_scan_rules() -> set[str]:
 def test_profile_groups_every_per_scan_rule():
     profile = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
     rules = per_scan_rules()
-    assert {"bet", "normalize", "collect_provenance", "brats_preprocess"} <= rules
+    assert {"bet", "pool_normalize", "collect_provenance", "brats_preprocess"} <= rules
     assert set(profile["groups"]) == rules
     assert set(profile["groups"].values()) == set(profile["group-components"]) == {"subject"}

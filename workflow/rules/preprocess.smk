@@ -1,7 +1,8 @@
-# T1 chain, one rule per step: bet -> flirt -> n4 -> pool -> normalize (which
-# also writes the float16 training cache: a step of its own would add a job per
-# scan for Snakemake to plan).
-# Each rule's params hold exactly its config section plus the hash of the
+# T1 chain: bet -> flirt -> n4 -> pool_normalize. The last rule runs two steps,
+# each with its own record: 2x average pooling, then min-max in the brain (and
+# the float16 training cache). Both take well under a second; as separate jobs
+# they cost Snakemake more planning time per scan than they take to run.
+# Each rule's params hold exactly its config sections plus the hash of the
 # code it runs, so a change reruns that step and what follows, nothing else.
 
 
@@ -81,58 +82,36 @@ rule n4_correct:
         " --params {params.n4:q} --context {params.context:q} > {log} 2>&1"
 
 
-rule pool:
+rule pool_normalize:
     input:
         image=T1["n4"],
         mask=T1["flirt_mask"],
     output:
-        image=T1["pooled"],
+        pooled=T1["pooled"],
         mask=T1["brain_mask"],
-        record=T1["pool_record"],
+        pool_record=T1["pool_record"],
+        image=T1["preproc"],
+        cache=cache_files("{dataset}", "{scan}")["image"],
+        record=T1["normalize_record"],
     params:
-        pool=as_json(PRE["pool"]),
+        settings=as_json({"pool": PRE["pool"], "normalize": PRE["normalize"]}),
         context=step_context,
-        code=code_hash("pool"),
+        code=code_hash("pool_normalize"),
     log:
-        f"{LOGS}/preprocess/pool/{{dataset}}/{{scan}}.log",
+        f"{LOGS}/preprocess/pool_normalize/{{dataset}}/{{scan}}.log",
+    wildcard_constraints:
+        dataset=one_of(t1_datasets()),  # the cache path is shared with brats_preprocess
     conda:
         ENV
     resources:
         mem_mb=2000,
         runtime=5,
     shell:
-        "python -m medtx step pool --input image={input.image} --input mask={input.mask}"
-        " --output image={output.image} --output mask={output.mask}"
-        " --output record={output.record}"
-        " --params {params.pool:q} --context {params.context:q} > {log} 2>&1"
-
-
-rule normalize:
-    input:
-        image=T1["pooled"],
-        mask=T1["brain_mask"],
-    output:
-        image=T1["preproc"],
-        cache=cache_files("{dataset}", "{scan}")["image"],
-        record=T1["normalize_record"],
-    params:
-        normalize=as_json(PRE["normalize"]),
-        context=step_context,
-        code=code_hash("normalize"),
-    log:
-        f"{LOGS}/preprocess/normalize/{{dataset}}/{{scan}}.log",
-    wildcard_constraints:
-        dataset=one_of(t1_datasets()),  # the cache path is shared with brats_preprocess
-    conda:
-        ENV
-    resources:
-        mem_mb=1000,
-        runtime=5,
-    shell:
-        "python -m medtx step normalize --input image={input.image} --input mask={input.mask}"
-        " --output image={output.image} --output cache={output.cache}"
-        " --output record={output.record}"
-        " --params {params.normalize:q} --context {params.context:q} > {log} 2>&1"
+        "python -m medtx step pool_normalize --input image={input.image} --input mask={input.mask}"
+        " --output pooled={output.pooled} --output mask={output.mask}"
+        " --output pool_record={output.pool_record} --output image={output.image}"
+        " --output cache={output.cache} --output record={output.record}"
+        " --params {params.settings:q} --context {params.context:q} > {log} 2>&1"
 
 
 rule collect_provenance:

@@ -69,3 +69,31 @@ def test_normalize_writes_the_float16_cache_of_its_output(tmp_path):
                           record_out=tmp_path / "r2.json", ctx=StepContext(scan="s"),
                           params={"within": "brain"})
     assert [o["role"] for o in plain["outputs"]] == ["preproc"]  # no cache_out, no cache
+
+
+def test_pool_normalize_writes_both_steps_records(tmp_path):
+    """One job, two steps: each keeps its own record, params and outputs, and the
+    normalize step reads what the pool step wrote."""
+    import json
+
+    from medtx.preprocess.context import StepContext
+    from medtx.preprocess.intensity import run_pool_normalize
+    from tests.conftest import write_nifti
+
+    rng = np.random.default_rng(2)
+    mask = np.zeros((16, 18, 16), np.float32)
+    mask[3:13, 4:14, 3:13] = 1
+    image = write_nifti(tmp_path / "n4.nii.gz", (rng.random(mask.shape) * 900 * mask).astype(np.float32))
+    maskp = write_nifti(tmp_path / "mask.nii.gz", mask)
+    pool, norm = run_pool_normalize(
+        image, maskp, pooled_out=tmp_path / "pooled.nii.gz", mask_out=tmp_path / "pmask.nii.gz",
+        pool_record_out=tmp_path / "pool.json", image_out=tmp_path / "preproc.nii.gz",
+        record_out=tmp_path / "norm.json", cache_out=tmp_path / "s.npy", ctx=StepContext(scan="s"),
+        params={"pool": {"factor": 2}, "normalize": {"within": "brain"}})
+    assert (pool["step"], norm["step"]) == ("pool", "normalize")
+    assert pool["params"] == {"factor": 2} and norm["params"] == {"within": "brain"}
+    assert pool["qc"]["metrics"]["shape"] == [8, 9, 8] == norm["qc"]["metrics"]["shape"]
+    pooled_out = {o["role"]: o["path"] for o in pool["outputs"]}["pooled"]
+    assert {i["role"]: i["path"] for i in norm["inputs"]}["pooled"] == pooled_out
+    assert json.loads((tmp_path / "norm.json").read_text())["outputs"][1]["role"] == "cache"
+    assert np.load(tmp_path / "s.npy").shape == (1, 8, 9, 8)
