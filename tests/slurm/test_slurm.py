@@ -177,7 +177,7 @@ def scan_job_ids(record: dict) -> set[str | None]:
 def test_outputs_exist(run, planned):
     work, _, _ = run
     t1 = work.glob("results/preprocess/*/*/*_res-2_desc-preproc_T1w.nii.gz")
-    assert len(list(t1)) == planned["normalize"]["jobs"] == 2
+    assert len(list(t1)) == planned["pool_normalize"]["jobs"] == 2
     brats = work.glob("results/preprocess/mini_brats/*/*_desc-preproc_mri.nii.gz")
     assert len(list(brats)) == planned["brats_preprocess"]["jobs"] == 3
     assert "BraTS20_Training_003" in (work / "results/reports/provenance.html").read_text()
