@@ -129,16 +129,16 @@ def cmd_collect(args: argparse.Namespace) -> int:
     """
     from medtx.preprocess.brats import brats_panels
     from medtx.preprocess.chain import t1_panels
-    from medtx.provenance import load_step_records, merge_scan
+    from medtx.provenance import load_step_records, merge_steps
     from medtx.qc_images import scan_thumbnails
 
+    steps = load_step_records(args.record)
     extra = {}
     if args.thumbnail:
-        steps = load_step_records(args.record)
         is_brats = any(s.get("step") == "brats" for s in steps)
         scan_thumbnails(brats_panels(steps) if is_brats else t1_panels(steps), args.thumbnail)
         extra["thumbnail"] = args.thumbnail
-    merge_scan(args.record, args.out, qc=_json(args.qc, "--qc"), extra=extra)
+    merge_steps(steps, args.out, qc=_json(args.qc, "--qc"), extra=extra)
     return 0
 
 

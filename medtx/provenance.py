@@ -180,18 +180,22 @@ def step_file(steps: list[dict[str, Any]], step: str, role: str, *,
                      f"(steps: {[r.get('step') for r in steps]})")
 
 
-def merge_scan(step_files: list[str | Path], out: str | Path, *, scan: str | None = None,
-               dataset: str | None = None, subject: str | None = None,
-               session: str | None = None, qc: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None) -> dict:
-    """Gather a scan's step records into one JSON, judging QC against ``qc``.
+def merge_scan(step_files: list[str | Path], out: str | Path, **identity_and_qc: Any) -> dict:
+    """Gather a scan's step record files into one JSON (see ``merge_steps``)."""
+    return merge_steps(load_step_records(step_files), out, **identity_and_qc)
+
+
+def merge_steps(steps: list[dict[str, Any]], out: str | Path, *, scan: str | None = None,
+                dataset: str | None = None, subject: str | None = None,
+                session: str | None = None, qc: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> dict:
+    """Gather a scan's loaded step records into one JSON, judging QC against ``qc``.
 
     The scan's identity comes from the records (each step wrote it from its
     context) unless given here.
     """
     from medtx.qc import judge
 
-    steps = load_step_records(step_files)
     first = steps[0] if steps else {}
     scan = scan or first.get("scan")
     dataset = dataset if dataset is not None else first.get("dataset")
