@@ -105,7 +105,8 @@ def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
         for name, values in BRATS_REGIONS.items():
             metrics[f"{name}_voxels"] = int(np.isin(cropped, values).sum())
         metrics["tumour_fraction_kept"] = round(
-            float(np.isin(cropped, (1, 2, 4)).sum() / max(np.isin(labels, (1, 2, 4)).sum(), 1)), 4)
+            float(np.isin(cropped, BRATS_REGIONS["wt"]).sum()
+                  / max(np.isin(labels, BRATS_REGIONS["wt"]).sum(), 1)), 4)
     if cache_out is not None:
         rec.call("medtx.volumes.cache_volume", dtype="float16")
         rec.add_output("cache", cache_volume(image_out, cache_out))
