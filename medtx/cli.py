@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from medtx.errors import MedtxError
+from medtx.scan_ids import SCAN_ID_PATTERN, scan_identity
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -47,13 +47,10 @@ def _json(text: str | None, what: str) -> dict:
         raise MedtxError(f"{what} is not valid JSON: {err}") from err
 
 
-SCAN_PATTERN = re.compile(r"^sub-[A-Za-z0-9]+(_ses-[A-Za-z0-9]+)?$")
-
-
 def default_scan_id(t1: str) -> str:
     """``sub-01_ses-2_T1w.nii.gz`` -> ``sub-01_ses-2``; other names -> ``sub-<alnum>``."""
     name = Path(t1).name.split(".")[0].removesuffix("_T1w")
-    if SCAN_PATTERN.match(name):
+    if SCAN_ID_PATTERN.match(name):
         return name
     return "sub-" + ("".join(c for c in name if c.isalnum()) or "scan")
 
@@ -72,7 +69,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
         require_fsl()
     scan = args.scan or default_scan_id(args.t1)
-    if not SCAN_PATTERN.match(scan):
+    if not SCAN_ID_PATTERN.match(scan):
         raise MedtxError(f"--scan {scan!r}: use sub-<id>[_ses-<id>] with ids in [A-Za-z0-9]")
     ctx = StepContext(scan=scan, backend=backend, seed=config["seed"],
                       threads=args.threads or settings["threads"],
@@ -87,7 +84,11 @@ def cmd_step(args: argparse.Namespace) -> int:
 
     i, o = _pairs(args.input, "--input"), _pairs(args.output, "--output")
     params = _json(args.params, "--params")
-    ctx = StepContext(**_json(args.context, "--context"))
+    context = _json(args.context, "--context")
+    if args.scan:  # the rules pass the id; subject and session are read from it
+        context.update(scan=args.scan, dataset=args.dataset,
+                       **scan_identity(args.scan, brats=args.step == "brats"))
+    ctx = StepContext(**context)
     if args.step == "bet":
         from medtx.preprocess.bet import run_bet
 
@@ -381,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", metavar="ROLE=PATH")
     p.add_argument("--output", action="append", metavar="ROLE=PATH")
     p.add_argument("--params", help="the step's config section as JSON")
-    p.add_argument("--context", help="scan, dataset, subject, backend, seed, threads as JSON")
+    p.add_argument("--context", help="backend, seed, threads, deterministic as JSON (and the"
+                   " scan's identity, unless --scan is given)")
+    p.add_argument("--scan", help="scan id (sub-<id>[_ses-<id>], or a BraTS case)")
+    p.add_argument("--dataset", help="the scan's dataset, recorded in provenance")
     p.set_defaults(func=cmd_step)
 
     p = sub.add_parser("collect", help="merge a scan's step records and draw thumbnails")

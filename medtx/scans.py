@@ -21,17 +21,13 @@ import pandas as pd
 
 from medtx.errors import BadScanError, CohortError, MedtxError
 from medtx.io import load_volume, write_text
+from medtx.scan_ids import brats_subject, scan_id
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
 LABEL_COLUMNS = ("diagnosis", "age", "sex", "site")
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair", "seg")
 COLUMNS = ["dataset", "kind", "subject", "session", "scan", "t1", "t1ce", "t2", "flair", "seg",
            *LABEL_COLUMNS, "status", "reason", "signature"]
-
-
-def scan_id(subject: str, session: str | None) -> str:
-    """``sub-<subject>[_ses-<session>]``, the name used in every output path."""
-    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
 
 
 def _row(dataset: str, kind: str, subject: str, session: str | None, **fields: Any) -> dict:
@@ -137,7 +133,7 @@ def read_brats(name: str, root: Path):
     rows, problems = [], []
     for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         case = case_dir.name
-        subject = re.sub(r"[^A-Za-z0-9]", "", case)
+        subject = brats_subject(case)
         files = {}
         for mod in BRATS_MODALITIES:
             found = sorted(case_dir.glob(f"*_{mod}.nii.gz")) + sorted(case_dir.glob(f"*_{mod}.nii"))
@@ -261,7 +257,7 @@ def generated_rows(name: str, dataset: dict) -> list[dict]:
         rows = []
         for plan in demo.plan_brats_cohort(spec):
             files = {m: str(root / rel) for m, rel in plan["files"].items()}
-            row = _row(name, "brats", re.sub(r"[^A-Za-z0-9]", "", plan["case"]), None, **files)
+            row = _row(name, "brats", brats_subject(plan["case"]), None, **files)
             row["scan"] = plan["case"]
             rows.append(row)
         return rows

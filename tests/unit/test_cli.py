@@ -37,3 +37,35 @@ def test_bad_scan_id(tmp_path, tiny_t1, capsys):
     assert main(["preprocess", str(tiny_t1), "--out", str(tmp_path / "o"), "--scan", "sub-a_b",
                  "--backend", "ants"]) == 1
     assert "use sub-<id>[_ses-<id>]" in capsys.readouterr().err
+
+
+def test_step_records_the_identity_read_from_scan(tmp_path):
+    """The rules pass --scan/--dataset; subject and session come from the id."""
+    import json
+
+    import numpy as np
+
+    from tests.conftest import write_nifti
+
+    mask = np.zeros((8, 8, 8), np.float32)
+    mask[2:6, 2:6, 2:6] = 1
+    image = write_nifti(tmp_path / "n4.nii.gz", mask * np.arange(8, dtype=np.float32) * 100)
+    maskp = write_nifti(tmp_path / "mask.nii.gz", mask)
+    outs = {"pooled": "pooled.nii.gz", "mask": "pmask.nii.gz", "pool_record": "pool.json",
+            "image": "preproc.nii.gz", "record": "norm.json"}
+    args = ["step", "pool_normalize", "--input", f"image={image}", "--input", f"mask={maskp}"]
+    for role, name in outs.items():
+        args += ["--output", f"{role}={tmp_path / name}"]
+    assert main([*args, "--params", '{"pool": {"factor": 2}, "normalize": {"within": "brain"}}',
+                 "--context", '{"backend": "ants", "seed": 7}',
+                 "--scan", "sub-0295_ses-m06", "--dataset", "adni"]) == 0
+    for name in ("pool.json", "norm.json"):
+        record = json.loads((tmp_path / name).read_text())
+        assert (record["scan"], record["dataset"], record["subject"], record["session"],
+                record["seed"]) == ("sub-0295_ses-m06", "adni", "0295", "m06", 7)
+
+
+def test_step_names_a_scan_id_it_cannot_read(capsys):
+    code = main(["step", "n4", "--params", "{}", "--context", "{}", "--scan", "0295"])
+    assert code == 1
+    assert "scan id '0295'" in capsys.readouterr().err

@@ -10,8 +10,9 @@ from medtx.preprocess.brats import brats_outputs
 from medtx.preprocess.chain import step_records, t1_outputs
 from medtx.scans import build_scan_table
 from medtx.volumes import cache_paths
-from medtx.workflow import use_checkout
+from medtx.workflow import plan_with_fewer_gc_passes, restore_gc, use_checkout
 
+plan_with_fewer_gc_passes()  # back to the defaults in onstart, before any job runs
 validate_config(config)
 
 RESULTS = config["results"]
@@ -22,6 +23,11 @@ ENV = "../../envs/medtx.yaml"
 # Rules run `python -m medtx` from this checkout, whichever Python env runs the
 # job (the project's .venv, or a conda env built from envs/medtx.yaml).
 use_checkout(workflow.basedir)
+
+
+onstart:
+    restore_gc()
+
 
 # One table per dataset, built (and checked) once per run from a per-file cache.
 SCANS = {
@@ -76,21 +82,18 @@ def scan_row(wildcards):
     return row
 
 
-def step_context(wildcards):
-    """What a step needs besides files: identity, backend, seed, threads."""
-    row = scan_row(wildcards)
-    return as_json(
-        {
-            "scan": wildcards.scan,
-            "dataset": wildcards.dataset,
-            "subject": row["subject"],
-            "session": row["session"] or None,
-            "backend": BACKEND,
-            "seed": config["seed"],
-            "threads": PRE["threads"],
-            "deterministic": PRE["deterministic"],
-        }
-    )
+# What every step needs besides its files and its scan. The scan's identity
+# goes on the command line from the wildcards (--scan, --dataset) and the step
+# reads subject and session from the id: one static string per rule plans
+# faster than a per-scan params function (3 % of a 2,000-subject dry run).
+STEP_CONTEXT = as_json(
+    {
+        "backend": BACKEND,
+        "seed": config["seed"],
+        "threads": PRE["threads"],
+        "deterministic": PRE["deterministic"],
+    }
+)
 
 
 def scan_targets(key_t1, key_brats=None):
@@ -182,11 +185,11 @@ def bet_outputs():
     return out
 
 
-def flirt_inputs(wildcards):
+def flirt_inputs():
     names = {"brain": T1["bet_brain"], "mask": T1["bet_mask"]}
-    if BACKEND == "ants":
+    if BACKEND == "ants":  # bet's head-to-template affine, refined here
         names["xfm_init"] = T1["bet_xfm"]
-    return {k: v.format(**wildcards) for k, v in names.items()}
+    return names
 
 
 def io_args(direction, roles):

@@ -13,7 +13,7 @@ rule bet:
         **bet_outputs(),
     params:
         bet=as_json({BACKEND: PRE["bet"][BACKEND]}),
-        context=step_context,
+        context=STEP_CONTEXT,
         code=code_hash("bet"),
     log:
         f"{LOGS}/preprocess/bet/{{dataset}}/{{scan}}.log",
@@ -26,12 +26,13 @@ rule bet:
     shell:
         "python -m medtx step bet --input t1={input.t1} "
         + io_args("output", bet_outputs())
-        + " --params {params.bet:q} --context {params.context:q} > {log} 2>&1"
+        + " --params {params.bet:q} --context {params.context:q}"
+        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
 
 
 rule flirt:
     input:
-        unpack(flirt_inputs),
+        **flirt_inputs(),
     output:
         brain=T1["flirt_brain"],
         mask=T1["flirt_mask"],
@@ -39,7 +40,7 @@ rule flirt:
         record=T1["flirt_record"],
     params:
         flirt=as_json({BACKEND: PRE["flirt"][BACKEND]}),
-        context=step_context,
+        context=STEP_CONTEXT,
         code=code_hash("flirt"),
     log:
         f"{LOGS}/preprocess/flirt/{{dataset}}/{{scan}}.log",
@@ -54,7 +55,8 @@ rule flirt:
         + (" --input xfm_init={input.xfm_init}" if BACKEND == "ants" else "")
         + " --output brain={output.brain} --output mask={output.mask}"
         " --output xfm={output.xfm} --output record={output.record}"
-        " --params {params.flirt:q} --context {params.context:q} > {log} 2>&1"
+        " --params {params.flirt:q} --context {params.context:q}"
+        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
 
 
 rule n4_correct:
@@ -66,7 +68,7 @@ rule n4_correct:
         record=T1["n4_record"],
     params:
         n4=as_json(PRE["n4"]),
-        context=step_context,
+        context=STEP_CONTEXT,
         code=code_hash("n4"),
     log:
         f"{LOGS}/preprocess/n4_correct/{{dataset}}/{{scan}}.log",
@@ -79,7 +81,8 @@ rule n4_correct:
     shell:
         "python -m medtx step n4 --input brain={input.brain} --input mask={input.mask}"
         " --output n4={output.n4} --output record={output.record}"
-        " --params {params.n4:q} --context {params.context:q} > {log} 2>&1"
+        " --params {params.n4:q} --context {params.context:q}"
+        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
 
 
 rule pool_normalize:
@@ -95,7 +98,7 @@ rule pool_normalize:
         record=T1["normalize_record"],
     params:
         settings=as_json({"pool": PRE["pool"], "normalize": PRE["normalize"]}),
-        context=step_context,
+        context=STEP_CONTEXT,
         code=code_hash("pool_normalize"),
     log:
         f"{LOGS}/preprocess/pool_normalize/{{dataset}}/{{scan}}.log",
@@ -111,7 +114,8 @@ rule pool_normalize:
         " --output pooled={output.pooled} --output mask={output.mask}"
         " --output pool_record={output.pool_record} --output image={output.image}"
         " --output cache={output.cache} --output record={output.record}"
-        " --params {params.settings:q} --context {params.context:q} > {log} 2>&1"
+        " --params {params.settings:q} --context {params.context:q}"
+        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
 
 
 rule collect_provenance:
@@ -151,7 +155,7 @@ rule brats_preprocess:
         record=BRATS["record"],
     params:
         brats=as_json(PRE["brats"]),
-        context=step_context,
+        context=STEP_CONTEXT,
         inputs=lambda w, input: " ".join(f"--input {k}={v}" for k, v in input.items()),
         code=code_hash("brats"),
     log:
@@ -166,7 +170,8 @@ rule brats_preprocess:
     shell:
         "python -m medtx step brats {params.inputs} --output image={output.image} --output seg={output.seg}"
         " --output cache={output.cache} --output regions={output.regions} --output record={output.record}"
-        " --params {params.brats:q} --context {params.context:q} > {log} 2>&1"
+        " --params {params.brats:q} --context {params.context:q}"
+        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
 
 
 rule collect_brats:
