@@ -86,8 +86,9 @@ def cmd_step(args: argparse.Namespace) -> int:
     params = _json(args.params, "--params")
     context = _json(args.context, "--context")
     if args.scan:  # the rules pass the id; subject and session are read from it
-        context.update(scan=args.scan, dataset=args.dataset,
-                       **scan_identity(args.scan, brats=args.step == "brats"))
+        context.update(scan=args.scan, **scan_identity(args.scan, brats=args.step == "brats"))
+    if args.dataset:
+        context["dataset"] = args.dataset
     ctx = StepContext(**context)
     if args.step == "bet":
         from medtx.preprocess.bet import run_bet

@@ -17,9 +17,10 @@ PACKAGE = Path(__file__).resolve().parent
 
 # cli.py and config.py are left out on purpose: the command line only
 # dispatches (its arguments are in each rule's shell line, which Snakemake's
-# own code trigger sees), and config values reach rules through params.
+# own code trigger sees), and config values reach rules through params. What
+# it reads from a scan id (subject, session) comes from scan_ids.py, hashed.
 _COMMON = ["errors.py", "io.py", "provenance.py", "preprocess/__init__.py",
-           "preprocess/context.py"]
+           "preprocess/context.py", "scan_ids.py"]
 _ANTS = ["preprocess/antsio.py", "templates.py", "preprocess/backend.py"]
 
 STAGE_MODULES: dict[str, list[str]] = {

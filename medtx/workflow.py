@@ -16,7 +16,6 @@ def use_checkout(basedir: str) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(parts)
 
 
-
 # CPython collects its youngest generation every 700 net allocations, and every
 # pass walks objects that are still alive. Planning a 2,000-subject DAG creates
 # millions of objects that all stay alive (jobs, files, wildcards), so with the
