@@ -69,8 +69,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
         require_fsl()
     scan = args.scan or default_scan_id(args.t1)
-    if not SCAN_ID_PATTERN.match(scan):
-        raise MedtxError(f"--scan {scan!r}: use sub-<id>[_ses-<id>] with ids in [A-Za-z0-9]")
+    scan_identity(scan)  # a --scan that is not sub-<id>[_ses-<id>] is named here
     ctx = StepContext(scan=scan, backend=backend, seed=config["seed"],
                       threads=args.threads or settings["threads"],
                       deterministic=settings["deterministic"])
