@@ -1,6 +1,6 @@
-# Training: an index of each dataset's float16 caches (written by normalize and
-# brats_preprocess), stage 1 (exemplar) and stage 2
-# (masked encodings) pre-training, fine-tuning per task x fold x init x label
+# Training: an index of each dataset's float16 caches (written by the rules
+# pool_normalize and brats_preprocess), stage 1 (exemplar) and stage 2 (masked
+# encodings) pre-training, fine-tuning per task x fold x init x label
 # fraction, and the paper's tables. Every training rule waits for the leakage
 # firewall (firewall_gate), so a leak stops the run before any training job.
 
