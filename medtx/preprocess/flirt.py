@@ -25,8 +25,8 @@ from medtx.preprocess.antsio import (
 )
 from medtx.preprocess.context import StepContext
 from medtx.preprocess.intensity import average_pool
-from medtx.provenance import package_version
-from medtx.templates import template_path
+from medtx.provenance.records import package_version
+from medtx.data.templates import template_path
 
 
 def flirt_command(brain: str | Path, out: str | Path, matrix_out: str | Path, params: dict):
@@ -107,7 +107,7 @@ def _template_affine() -> np.ndarray:
 
 def _flirt_fsl(brain, mask, xfm_out, params, rec):
     from medtx.preprocess.backend import require_fsl
-    from medtx.provenance import fsl_version
+    from medtx.provenance.records import fsl_version
 
     require_fsl()
     rec.set_tool("fsl", fsl_version())
@@ -156,3 +156,10 @@ def _flirt_ants(data, affine, mask_data, xfm_init, xfm_out, params, ctx, rec):
     with atomic_path(xfm_out) as dst:
         shutil.copyfile(reg["fwdtransforms"][0], dst)
     return from_ants(warped)[0], warped_mask.numpy() > 0.5
+
+
+def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
+    """``medtx step flirt``: the rule's files by role."""
+    return run_flirt(i["brain"], i["mask"], brain_out=o["brain"], mask_out=o["mask"],
+                     xfm_out=o["xfm"], record_out=o["record"], ctx=ctx, params=params,
+                     xfm_init=i.get("xfm_init"))

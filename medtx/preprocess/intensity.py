@@ -61,7 +61,7 @@ def run_pool(image: str | Path, mask: str | Path, *, image_out: str | Path,
              mask_out: str | Path, record_out: str | Path, ctx, params: dict) -> dict:
     """2x average pooling of the N4-corrected brain and its mask (96x114x96)."""
     from medtx.io import load_volume, save_nifti
-    from medtx.provenance import package_version
+    from medtx.provenance.records import package_version
 
     factor = int(params.get("factor", 2))
     data, affine = load_volume(image, subject=ctx.subject)
@@ -88,8 +88,8 @@ def run_normalize(image: str | Path, mask: str | Path, *, image_out: str | Path,
     """Min-max to [0, 1] inside the brain: the model-ready float32 volume, and
     (``cache_out``) its float16 training cache."""
     from medtx.io import load_volume, save_nifti
-    from medtx.provenance import package_version
-    from medtx.volumes import cache_volume
+    from medtx.provenance.records import package_version
+    from medtx.data.cache import cache_volume
 
     data, affine = load_volume(image, subject=ctx.subject)
     mask_data, _ = load_volume(mask, subject=ctx.subject, check_data=False)
@@ -103,7 +103,7 @@ def run_normalize(image: str | Path, mask: str | Path, *, image_out: str | Path,
     save_nifti(out, affine, image_out)
     rec.add_output("preproc", image_out)
     if cache_out is not None:
-        rec.call("medtx.volumes.cache_volume", dtype="float16")
+        rec.call("medtx.data.cache.cache_volume", dtype="float16")
         rec.add_output("cache", cache_volume(image_out, cache_out))
     stats = percentiles(out, inside if inside is not None else np.ones(out.shape, bool))
     stats.update({"min": float(out.min()), "max": float(out.max()), "shape": list(out.shape)})
@@ -126,3 +126,11 @@ def run_pool_normalize(image: str | Path, mask: str | Path, *, pooled_out: str |
     normalized = run_normalize(pooled_out, mask_out, image_out=image_out, record_out=record_out,
                                ctx=ctx, params=params.get("normalize", {}), cache_out=cache_out)
     return pooled, normalized
+
+
+def run_step(i: dict, o: dict, params: dict, ctx) -> tuple[dict, dict]:
+    """``medtx step pool_normalize``: the rule's files by role."""
+    return run_pool_normalize(i["image"], i["mask"], pooled_out=o["pooled"], mask_out=o["mask"],
+                              pool_record_out=o["pool_record"], image_out=o["image"],
+                              record_out=o["record"], cache_out=o.get("cache"), ctx=ctx,
+                              params=params)

@@ -13,7 +13,7 @@ import numpy as np
 from medtx.io import load_volume, save_nifti
 from medtx.preprocess.antsio import configure_ants, to_ants
 from medtx.preprocess.context import StepContext
-from medtx.provenance import package_version
+from medtx.provenance.records import package_version
 
 
 def n4_arguments(params: dict) -> dict:
@@ -58,4 +58,7 @@ def run_n4(brain: str | Path, mask: str | Path, *, n4_out: str | Path, record_ou
     return rec.finish(record_out)
 
 
-
+def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
+    """``medtx step n4``: the rule's files by role."""
+    return run_n4(i["brain"], i["mask"], n4_out=o["n4"], record_out=o["record"], ctx=ctx,
+                  params=params)

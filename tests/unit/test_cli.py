@@ -2,7 +2,8 @@
 
 import pytest
 
-from medtx.cli import default_scan_id, main
+from medtx.cli import main
+from medtx.preprocess.chain import default_scan_id
 
 
 def test_params_prints_table3_counts(capsys):

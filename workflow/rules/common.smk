@@ -3,14 +3,14 @@ import hashlib
 import json
 import re
 
-from medtx.codehash import code_hash
 from medtx.config import validate_config
+from medtx.data.scans import build_scan_table
+from medtx.domain import INITS, TASKS
 from medtx.preprocess.backend import resolve_backend
-from medtx.preprocess.brats import brats_outputs
-from medtx.preprocess.chain import step_records, t1_outputs
-from medtx.scans import build_scan_table
-from medtx.volumes import cache_paths
-from medtx.workflow import plan_with_fewer_gc_passes, restore_gc, use_checkout
+from medtx.workflow import paths
+from medtx.workflow.codehash import code_hash
+from medtx.workflow.hooks import plan_with_fewer_gc_passes, restore_gc, use_checkout
+from medtx.workflow.paths import brats_outputs, step_records, t1_outputs
 
 # Rarer GC passes while the DAG is built (12 % of a 2,000-subject dry run);
 # onstart restores the defaults before the first job. Jobs Snakemake spawns
@@ -37,7 +37,7 @@ SCANS = {
     name: build_scan_table(
         name,
         ds,
-        cache_path=f"{RESULTS}/scans/{name}.tsv",
+        cache_path=paths.scan_table(RESULTS, name),
         on_bad_scan=config["on_bad_scan"],
     )
     for name, ds in config["datasets"].items()
@@ -49,8 +49,8 @@ ROWS = {
 }
 
 # File names, as patterns with {dataset} and {scan}.
-T1 = t1_outputs(f"{RESULTS}/preprocess/{{dataset}}/{{scan}}", "{scan}")
-BRATS = brats_outputs(f"{RESULTS}/preprocess/{{dataset}}/{{scan}}", "{scan}")
+T1 = t1_outputs(paths.preprocess_dir(RESULTS, "{dataset}", "{scan}"), "{scan}")
+BRATS = brats_outputs(paths.preprocess_dir(RESULTS, "{dataset}", "{scan}"), "{scan}")
 
 
 def as_json(obj):
@@ -126,16 +126,15 @@ def get_final_output():
     return (
         demo
         + scan_targets("preproc", "image")
-        + [f"{RESULTS}/reports/provenance.html"]
+        + [paths.report(RESULTS)]
         + manifest_targets()
         + [FIREWALL]
-        + ([f"{RESULTS}/tables/summary.md"] if finetune_targets("metrics.json") else [])
+        + ([f"{paths.tables_dir(RESULTS)}/summary.md"] if finetune_targets("metrics.json") else [])
     )
 
 
 # --- folds ---
 
-TASKS = ("classification", "regression", "segmentation")
 FOLDS = {**config["folds"], "seed": config["folds"]["seed"] or config["seed"]}
 FOLDS.pop("overrides")
 
@@ -146,7 +145,7 @@ def datasets_with_role(role):
 
 def manifest_targets():
     return [
-        f"{RESULTS}/folds/{name}_task-{task}_folds.tsv"
+        paths.manifest(RESULTS, name, task)
         for name, ds in config["datasets"].items()
         for task in TASKS
         if task in ds["role"]
@@ -215,7 +214,7 @@ wildcard_constraints:
 
 # --- training ---
 
-FIREWALL = f"{RESULTS}/folds/firewall.json"
+FIREWALL = paths.firewall(RESULTS)
 
 
 def firewall_gate():
@@ -231,7 +230,7 @@ def firewall_gate():
 
 def cache_index(dataset):
     """The file that stands for all of a dataset's caches (rule cache_index)."""
-    return f"{RESULTS}/cache/{dataset}.index.tsv"
+    return paths.cache_index(RESULTS, dataset)
 
 
 def dataset_caches(wildcards):
@@ -244,14 +243,12 @@ def dataset_caches(wildcards):
 
 def cache_files(dataset, scan):
     """A scan's training-cache files (image, regions) under the results folder."""
-    return cache_paths(f"{RESULTS}/cache", dataset, scan)
+    return paths.cache_paths(paths.cache_dir(RESULTS), dataset, scan)
 
 
 TRAIN = config["train"]
 TRAIN_THREADS = {**TRAIN["common"], **TRAIN["finetune"]}.get("threads", 1)
-FINETUNE = (
-    f"{RESULTS}/finetune/{{dataset}}/task-{{task}}/init-{{init}}_frac-{{frac}}/fold-{{fold}}"
-)
+FINETUNE = paths.finetune_dir(RESULTS, "{dataset}", "{task}", "{init}", "{frac}", "{fold}")
 
 
 def train_metadata(dataset=None):
@@ -284,40 +281,40 @@ def train_resources(*, mem_mb, runtime):
     return res
 
 
-def pretrain_caches():
+def pretrain_indexes():
+    """The cache indexes of the T1 pre-training datasets that have usable scans."""
     return [
-        cache_files(name, scan)["image"]
+        cache_index(name)
         for name in datasets_with_role("pretrain")
-        if not is_brats(name)
-        for scan in OK[name]["scan"]
+        if not is_brats(name) and len(OK[name])
     ]
 
 
 def finetune_inputs(wildcards):
     ds = wildcards.dataset
     files = {
-        "manifest": f"{RESULTS}/folds/{ds}_task-{wildcards.task}_folds.tsv",
+        "manifest": paths.manifest(RESULTS, ds, wildcards.task),
         "firewall": firewall_gate(),
         "caches": cache_index(ds),
     }
     if wildcards.init != "scratch":
-        if not pretrain_caches():
+        if not pretrain_indexes():
             raise ValueError(
                 f"train/inits has {wildcards.init!r}, but no dataset has role 'pretrain';"
                 " add one or use inits: [scratch]"
             )
-        files["init"] = f"{RESULTS}/pretrain/stage-masked.pt"
+        files["init"] = paths.pretrain_checkpoint(RESULTS, "masked")
     return files
 
 
 def finetune_targets(name):
     return [
-        f"{RESULTS}/finetune/{ds}/task-{task}/init-{init}_frac-{frac}/fold-{fold}/{name}"
+        f"{paths.finetune_dir(RESULTS, ds, task, init, frac, fold)}/{name}"
         for ds, spec in config["datasets"].items()
         for task in TASKS
         if task in spec["role"]
         for init in TRAIN["inits"]
-        if init == "scratch" or pretrain_caches()
+        if init == "scratch" or pretrain_indexes()
         for frac in TRAIN["fractions"]
         for fold in range(config["folds"]["n_folds"])
     ]

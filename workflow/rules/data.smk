@@ -1,5 +1,5 @@
 # The built-in demo cohort: datasets with a `generate` section are made from
-# the ICBM 2009c template (see medtx/demo.py) instead of being read.
+# the ICBM 2009c template (see medtx/data/demo.py) instead of being read.
 
 
 rule make_demo_t1:

@@ -4,12 +4,12 @@
 
 rule make_folds:
     input:
-        table=f"{RESULTS}/scans/{{dataset}}.tsv",
+        table=paths.scan_table(RESULTS, "{dataset}"),
         records=lambda w: dataset_targets(w.dataset, "provenance"),
         overrides=folds_overrides(),
     output:
-        tsv=f"{RESULTS}/folds/{{dataset}}_task-{{task}}_folds.tsv",
-        sidecar=f"{RESULTS}/folds/{{dataset}}_task-{{task}}_folds.json",
+        tsv=paths.manifest(RESULTS, "{dataset}", "{task}"),
+        sidecar=paths.manifest_sidecar(RESULTS, "{dataset}", "{task}"),
     params:
         folds=as_json(FOLDS),
         overrides=lambda w, input: f"--overrides {input.overrides}" if input.overrides else "",
@@ -17,7 +17,7 @@ rule make_folds:
     log:
         f"{LOGS}/folds/make_folds/{{dataset}}_task-{{task}}.log",
     wildcard_constraints:
-        task="classification|regression|segmentation",
+        task=one_of(TASKS),
     conda:
         ENV
     resources:
@@ -33,7 +33,7 @@ rule make_folds:
 rule leakage_firewall:
     input:
         manifests=manifest_targets(),
-        pretrain=[f"{RESULTS}/scans/{name}.tsv" for name in datasets_with_role("pretrain")],
+        pretrain=[paths.scan_table(RESULTS, name) for name in datasets_with_role("pretrain")],
     output:
         FIREWALL,
     params:

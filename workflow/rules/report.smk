@@ -5,9 +5,9 @@
 rule provenance_report:
     input:
         records=scan_targets("provenance", "provenance"),
-        tables=[f"{RESULTS}/scans/{name}.tsv" for name in config["datasets"]],
+        tables=[paths.scan_table(RESULTS, name) for name in config["datasets"]],
     output:
-        html=f"{RESULTS}/reports/provenance.html",
+        html=paths.report(RESULTS),
     params:
         settings=as_json({**PRE, "backend": BACKEND, "seed": config["seed"]}),
         code=code_hash("report"),

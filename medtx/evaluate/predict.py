@@ -1,0 +1,141 @@
+"""A model's predictions on a split, the per-scan predictions TSV and its test metrics.
+
+Fine-tuning uses ``predict`` for validation and for the test set; the tables read
+``evaluate_predictions`` back from the TSV it wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from medtx.domain import REGION_NAMES, TASKS
+from medtx.errors import ConfigError, MedtxError
+from medtx.evaluate.metrics import mae, mauc
+from medtx.models.slice_transformer import MedicalTransformer
+from medtx.train.data import VolumeSet, collate
+
+
+def dice_per_case(logits: Tensor, target: Tensor) -> Tensor:
+    """Hard Dice (sigmoid > 0.5) per case and region: (B, K); empty vs empty = 1.0,
+    as ``medtx.evaluate.metrics.dice``."""
+    pred = logits > 0
+    truth = target > 0.5
+    dims = tuple(range(2, logits.ndim))
+    inter = (pred & truth).sum(dims).double()
+    total = pred.sum(dims).double() + truth.sum(dims).double()
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+
+
+def selection_mauc(y: np.ndarray, probs: np.ndarray) -> float:
+    """mAUC for model selection: over the classes present when a small validation
+    fold lacks some (probabilities renormalized over them); the mean log-probability
+    of the true class when only one class is present."""
+    present = sorted(set(np.asarray(y).tolist()))
+    if len(present) == probs.shape[1]:
+        return mauc(y, probs)
+    if len(present) >= 2:
+        sub = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
+        remap = {c: i for i, c in enumerate(present)}
+        return mauc(np.array([remap[c] for c in y]), sub)
+    return float(np.mean(np.log(probs[np.arange(len(y)), y] + 1e-12)))
+
+
+@torch.no_grad()
+def predict(model: MedicalTransformer, data: VolumeSet, *, batch_size: int,
+            device: torch.device, target_stats: tuple[float, float] = (0.0, 1.0),
+            amp: bool = False) -> dict[str, np.ndarray]:
+    """Run ``model`` over ``data``: {"target", "probs" | "age" | "dice" (n, 3)}."""
+    was_training = model.training
+    model.eval()
+    use_amp = amp and device.type == "cuda"
+    dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
+                                         collate_fn=collate)
+    outs, targets = [], []
+    for batch in loader:
+        x = batch["image"].to(device)
+        target = batch["target"].to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+            logits = model(x).float()
+        if data.task == "classification":
+            outs.append(torch.softmax(logits, dim=1).cpu())
+        elif data.task == "regression":
+            mean, std = target_stats
+            outs.append((logits[:, 0] * std + mean).cpu())
+        else:
+            outs.append(dice_per_case(logits, target).cpu())
+        targets.append(batch["index"] if data.task == "segmentation" else target.cpu())
+    model.train(was_training)
+    key = {"classification": "probs", "regression": "age", "segmentation": "dice"}[data.task]
+    return {key: torch.cat(outs).double().numpy(), "target": torch.cat(targets).numpy()}
+
+
+
+def prediction_table(task: str, items: Sequence[Mapping[str, Any]],
+                     pred: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """The per-scan predictions TSV's rows (see ``finetune``)."""
+    base = pd.DataFrame({"scan": [i.get("scan", "") for i in items],
+                         "subject": [i.get("subject", "") for i in items],
+                         "label": [i.get("label", "") for i in items]})
+    if task == "classification":
+        probs = pred["probs"]
+        base["prediction"] = probs.argmax(axis=1)
+        for c in range(probs.shape[1]):
+            base[f"p_{c}"] = probs[:, c]
+    elif task == "regression":
+        base["prediction"] = pred["age"]
+    else:
+        for r, name in enumerate(REGION_NAMES):
+            base[f"dice_{name}"] = pred["dice"][:, r]
+    return base
+
+
+def evaluate_predictions(task: str, predictions_tsv: str | Path) -> dict[str, Any]:
+    """Test metrics from a predictions TSV written by ``finetune``.
+
+    classification: mAUC (Hand & Till, ``medtx.evaluate.metrics.mauc``; over the classes present,
+    listed in ``mauc_classes``, when the test set lacks some) and accuracy;
+    regression: MAE (years); segmentation: mean Dice of WT, TC, ET and their mean.
+    """
+    path = Path(predictions_tsv)
+    try:
+        table = pd.read_csv(path, sep="\t", dtype={"scan": str, "subject": str})
+    except (OSError, pd.errors.EmptyDataError) as err:
+        raise MedtxError(f"{path}: cannot read predictions ({err})") from err
+    if task == "classification":
+        prob_cols = sorted((c for c in table.columns if c.startswith("p_")),
+                           key=lambda c: int(c[2:]))
+        need = ["label"] + (prob_cols or ["p_0"])
+    elif task == "regression":
+        need = ["label", "prediction"]
+    elif task == "segmentation":
+        need = [f"dice_{r}" for r in REGION_NAMES]
+    else:
+        raise ConfigError(f"task {task!r} is not one of {list(TASKS)}")
+    missing = [c for c in need if c not in table.columns]
+    if missing or table.empty:
+        raise MedtxError(f"{path}: {'no rows' if table.empty else f'missing column(s) {missing}'}"
+                         f" for {task} predictions (columns: {list(table.columns)})")
+    out: dict[str, Any] = {"task": task, "n": int(len(table))}
+    if task == "classification":
+        y = table["label"].astype(int).to_numpy()
+        probs = table[prob_cols].to_numpy(dtype=np.float64)
+        present = sorted(set(y.tolist()))
+        out["mauc"] = selection_mauc(y, probs) if len(present) >= 2 else None
+        out["mauc_classes"] = present
+        out["accuracy"] = float((probs.argmax(axis=1) == y).mean())
+    elif task == "regression":
+        out["mae"] = mae(table["label"].to_numpy(float), table["prediction"].to_numpy(float))
+    else:
+        for r in REGION_NAMES:
+            out[f"dice_{r}"] = float(table[f"dice_{r}"].mean())
+        out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGION_NAMES]))
+    return out
+

@@ -1,0 +1,35 @@
+"""QC thresholds applied to the metrics the steps record.
+
+Steps record metrics only; pass/fail is decided when a scan's records are
+merged, so changing a threshold re-judges scans without recomputing them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medtx.provenance.records import check
+
+# metric -> (step, config key under qc, bound)
+QC_RULES = {
+    "brain_volume_ml": ("bet", "brain_volume_ml", "range"),
+    "ncc_template": ("flirt", "ncc_min", "min"),
+    "bias_ratio": ("n4", "bias_max_ratio", "max"),
+}
+
+
+def judge(step: dict[str, Any], thresholds: dict[str, Any]) -> list[dict[str, Any]]:
+    """Checks for one step record's metrics against ``thresholds``."""
+    checks = []
+    for metric, value in step["qc"]["metrics"].items():
+        rule = QC_RULES.get(metric)
+        if not rule or rule[0] != step["step"] or rule[1] not in thresholds:
+            continue
+        bound = thresholds[rule[1]]
+        if rule[2] == "range":
+            checks.append(check(metric, value, minimum=bound[0], maximum=bound[1]))
+        elif rule[2] == "min":
+            checks.append(check(metric, value, minimum=bound))
+        else:
+            checks.append(check(metric, value, maximum=bound))
+    return checks

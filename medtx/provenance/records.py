@@ -1,0 +1,225 @@
+"""Per-step provenance records: what ran, on what, with which tool, and QC.
+
+Each preprocessing step writes one JSON record; ``merge_scan`` gathers the
+steps of a scan into ``<scan>_provenance.json``, which the cohort report and
+``medtx audit`` read. A record holds enough to rerun or cite the step: inputs
+and outputs with sha256, the exact command line (FSL) or function and
+arguments (antspyx), parameters, tool versions, backend, seed, timing, host,
+SLURM job id and QC metrics with pass/fail.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import importlib.metadata
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from medtx.errors import MedtxError
+from medtx.io import sha256, write_json
+
+SCHEMA_VERSION = 1
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+@functools.lru_cache(maxsize=None)
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def fsl_version() -> str | None:
+    """FSL's version from ``$FSLDIR/etc/fslversion`` (None when FSL is absent)."""
+    fsldir = os.environ.get("FSLDIR")
+    if not fsldir:
+        return None
+    path = Path(fsldir) / "etc" / "fslversion"
+    try:
+        return path.read_text().strip().split(":")[0] or None
+    except OSError:
+        return None
+
+
+def tool_versions() -> dict[str, str | None]:
+    return {
+        "medtx": package_version("medtx"),
+        "antspyx": package_version("antspyx"),
+        "nipype": package_version("nipype"),
+        "nibabel": package_version("nibabel"),
+        "numpy": package_version("numpy"),
+        "fsl": fsl_version(),
+    }
+
+
+def file_entry(role: str, path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    return {"role": role, "path": str(path), "sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+class StepRecord:
+    """Collects one step's provenance while it runs.
+
+    Example:
+        rec = StepRecord("n4", scan="sub-01", backend="ants", params=p, seed=42)
+        rec.add_input("t1", path)
+        rec.call("ants.n4_bias_field_correction", shrink_factor=4)
+        ... do the work ...
+        rec.add_output("n4", out_path)
+        rec.set_qc({"bias_max": 1.3}, [check("bias_max", 1.3, maximum=2.0)])
+        rec.finish(json_path)
+    """
+
+    def __init__(self, step: str, *, scan: str, backend: str, params: dict, seed: int | None,
+                 dataset: str | None = None, subject: str | None = None,
+                 session: str | None = None):
+        self.data: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "step": step,
+            "scan": scan,
+            "dataset": dataset,
+            "subject": subject,
+            "session": session,
+            "backend": backend,
+            "tool": None,
+            "command": None,
+            "function": None,
+            "arguments": None,
+            "params": params,
+            "seed": seed,
+            "inputs": [],
+            "outputs": [],
+            "versions": tool_versions(),
+            "host": socket.gethostname(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "start": _now(),
+            "end": None,
+            "duration_s": None,
+            "qc": {"metrics": {}, "checks": [], "passed": True},
+        }
+        self._t0 = time.perf_counter()
+
+    def add_input(self, role: str, path: str | Path) -> None:
+        self.data["inputs"].append(file_entry(role, path))
+
+    def add_output(self, role: str, path: str | Path) -> None:
+        self.data["outputs"].append(file_entry(role, path))
+
+    def set_tool(self, name: str, version: str | None) -> None:
+        self.data["tool"] = {"name": name, "version": version}
+
+    def command(self, cmdline: str) -> None:
+        """Record an external command line (appended when a step runs several)."""
+        prev = self.data["command"]
+        self.data["command"] = cmdline if prev is None else f"{prev}\n{cmdline}"
+
+    def call(self, function: str, **arguments: Any) -> None:
+        """Record a library call and its arguments (several calls are kept in order)."""
+        entry = {"function": function, "arguments": arguments}
+        if self.data["function"] is None:
+            self.data["function"], self.data["arguments"] = function, arguments
+            self.data["calls"] = [entry]
+        else:
+            self.data["calls"].append(entry)
+
+    def set_qc(self, metrics: dict[str, Any], checks: list[dict[str, Any]]) -> None:
+        self.data["qc"] = {
+            "metrics": metrics,
+            "checks": checks,
+            "passed": all(c["passed"] for c in checks),
+        }
+
+    def finish(self, path: str | Path) -> dict[str, Any]:
+        self.data["end"] = _now()
+        self.data["duration_s"] = round(time.perf_counter() - self._t0, 3)
+        write_json(self.data, path)
+        return self.data
+
+
+def check(metric: str, value: float, *, minimum: float | None = None,
+          maximum: float | None = None) -> dict[str, Any]:
+    """One QC check of ``value`` against optional bounds."""
+    ok = value == value  # NaN fails
+    if minimum is not None:
+        ok = ok and value >= minimum
+    if maximum is not None:
+        ok = ok and value <= maximum
+    return {"metric": metric, "value": value, "min": minimum, "max": maximum, "passed": bool(ok)}
+
+
+def load_step_records(step_files: list[str | Path]) -> list[dict[str, Any]]:
+    """A scan's step records, in the order given."""
+    import json
+
+    steps = []
+    for p in step_files:
+        try:
+            steps.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError) as err:
+            raise MedtxError(f"{p}: not a readable step record ({err})") from err
+    return steps
+
+
+def step_file(steps: list[dict[str, Any]], step: str, role: str, *,
+              direction: str = "outputs") -> str:
+    """The path a step recorded for ``role`` (an output unless ``direction="inputs"``)."""
+    for record in steps:
+        if record.get("step") == step:
+            for entry in record.get(direction, []):
+                if entry["role"] == role:
+                    return entry["path"]
+    raise MedtxError(f"no {direction[:-1]} {role!r} of step {step!r} in the step records "
+                     f"(steps: {[r.get('step') for r in steps]})")
+
+
+def merge_scan(step_files: list[str | Path], out: str | Path, **identity_and_qc: Any) -> dict:
+    """Gather a scan's step record files into one JSON (see ``merge_steps``)."""
+    return merge_steps(load_step_records(step_files), out, **identity_and_qc)
+
+
+def merge_steps(steps: list[dict[str, Any]], out: str | Path, *, scan: str | None = None,
+                dataset: str | None = None, subject: str | None = None,
+                session: str | None = None, qc: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> dict:
+    """Gather a scan's loaded step records into one JSON, judging QC against ``qc``.
+
+    The scan's identity comes from the records (each step wrote it from its
+    context) unless given here.
+    """
+    from medtx.provenance.qc import judge
+
+    first = steps[0] if steps else {}
+    scan = scan or first.get("scan")
+    dataset = dataset if dataset is not None else first.get("dataset")
+    subject = subject or first.get("subject") or scan
+    session = session if session is not None else first.get("session")
+    for step in steps:
+        checks = step["qc"]["checks"] + judge(step, qc or {})
+        step["qc"]["checks"] = checks
+        step["qc"]["passed"] = all(c["passed"] for c in checks)
+    record_qc = {"thresholds": qc or {}}
+    failed = [f"{s['step']}: {c['metric']}={c['value']:.4g}"
+              for s in steps for c in s["qc"]["checks"] if not c["passed"]]
+    record = {
+        "schema": SCHEMA_VERSION,
+        "scan": scan,
+        "dataset": dataset,
+        "subject": subject,
+        "session": session,
+        "backend": steps[0]["backend"] if steps else None,
+        "qc_passed": not failed,
+        "qc_failures": failed,
+        "qc": record_qc,
+        "steps": steps,
+        **(extra or {}),
+    }
+    write_json(record, out)
+    return record

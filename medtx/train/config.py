@@ -1,0 +1,117 @@
+"""The training stages' config: every key a stage reads, its default, its check.
+
+``resolve_config`` is the one place the code checks these values; the config
+schema (``workflow/schemas/config.schema.yaml``, ``$defs/training``) states the
+same defaults and bounds for the workflow, and a test holds the two together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from medtx.domain import DEFAULT_LABEL_MAP
+from medtx.errors import ConfigError
+from medtx.models.registry import DEFAULT_BACKBONE, backbone
+
+
+# The loop's own config keys and their defaults (the stages add theirs: DEFAULTS below).
+TRAIN_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4,  # Adam learning rate
+    "lr_decay": 0.99,  # ExponentialLR gamma, applied once per epoch
+    "epochs": 150,  # maximum number of epochs
+    "patience": 30,  # epochs without a better selection metric before stopping
+    "batch_size": 10,  # volumes per step
+    "checkpoint_minutes": 10,  # minutes between mid-epoch checkpoints (<= 0: epoch ends only)
+    "threads": 2,  # torch CPU threads (CPU only)
+    "seed": 42,  # seeds python/numpy/torch, the data order and every step's generators
+    "amp": True,  # mixed precision on CUDA (ignored on CPU)
+    "num_workers": 0,  # DataLoader worker processes
+    "log_every": 10,  # steps between progress lines
+}
+
+
+def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``TRAIN_DEFAULTS`` overlaid with ``config`` (other keys kept), values checked."""
+    cfg = {**TRAIN_DEFAULTS, **(config or {})}
+    problems = []
+
+    def positive_int(key: str, minimum: int = 1) -> None:
+        v = cfg[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            problems.append(f"{key} must be an integer >= {minimum}, not {v!r}")
+
+    for key in ("epochs", "batch_size", "threads", "log_every"):
+        positive_int(key)
+    for key in ("patience", "num_workers", "seed"):
+        positive_int(key, 0)
+    if not isinstance(cfg["lr"], (int, float)) or not cfg["lr"] > 0:
+        problems.append(f"lr must be a positive number, not {cfg['lr']!r}")
+    if not isinstance(cfg["lr_decay"], (int, float)) or not 0 < cfg["lr_decay"] <= 1:
+        problems.append(f"lr_decay must be in (0, 1], not {cfg['lr_decay']!r}")
+    if cfg["checkpoint_minutes"] is not None and not isinstance(cfg["checkpoint_minutes"],
+                                                                (int, float)):
+        problems.append(f"checkpoint_minutes must be a number, not {cfg['checkpoint_minutes']!r}")
+    if not isinstance(cfg["amp"], bool):
+        problems.append(f"amp must be true or false, not {cfg['amp']!r}")
+    if problems:
+        raise ConfigError("bad training config: " + "; ".join(problems))
+    return cfg
+
+
+
+# Every config key a stage reads, with its default. The loop's own keys
+# (TRAIN_DEFAULTS) come first.
+DEFAULTS: dict[str, Any] = {
+    "preset": "table3",  # model preset (medtx.models.PRESETS): table3 (d=64) or paper_text
+    **TRAIN_DEFAULTS,  # lr 1e-4, lr_decay 0.99, epochs 150, patience 30, batch_size 10,
+    # checkpoint_minutes 10, threads 2, seed 42, amp True, num_workers 0, log_every 10
+    "downsample": 1,  # average-pool volumes by this factor on load (2: 96x114x96 -> 48x57x48)
+    "loss_regression": "l1",  # l1 | mse, on standardized ages
+    "label_map": dict(DEFAULT_LABEL_MAP),  # diagnosis -> class index; K = number of classes
+    "margin": 1.0,  # stage 1: triplet margin
+    "mask_ratio": 0.1,  # stage 2: fraction of slices masked per plane
+    "mask_token": "constant",  # stage 2: constant (encoder output of a blank slice) | learned
+}
+REGRESSION_LOSSES = ("l1", "mse")
+MASK_TOKENS = ("constant", "learned")
+
+
+def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``DEFAULTS`` overlaid with ``config``; unknown keys and bad values raise ConfigError."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown training config key(s) {unknown}; allowed: {sorted(DEFAULTS)}")
+    cfg = resolve_train_config({**DEFAULTS, **config})
+    problems = []
+    presets = backbone(DEFAULT_BACKBONE).presets
+    if cfg["preset"] not in presets:
+        problems.append(f"preset {cfg['preset']!r} is not one of {sorted(presets)}")
+    ds = cfg["downsample"]
+    if not isinstance(ds, int) or isinstance(ds, bool) or ds < 1:
+        problems.append(f"downsample must be an integer >= 1, not {ds!r}")
+    if cfg["loss_regression"] not in REGRESSION_LOSSES:
+        problems.append(f"loss_regression {cfg['loss_regression']!r} is not one of "
+                        f"{list(REGRESSION_LOSSES)}")
+    if cfg["mask_token"] not in MASK_TOKENS:
+        problems.append(f"mask_token {cfg['mask_token']!r} is not one of {list(MASK_TOKENS)}")
+    if not isinstance(cfg["margin"], (int, float)) or cfg["margin"] <= 0:
+        problems.append(f"margin must be a positive number, not {cfg['margin']!r}")
+    if not isinstance(cfg["mask_ratio"], (int, float)) or not 0 < cfg["mask_ratio"] < 1:
+        problems.append(f"mask_ratio must be in (0, 1), not {cfg['mask_ratio']!r}")
+    lm = cfg["label_map"]
+    if not isinstance(lm, Mapping) or not lm:
+        problems.append(f"label_map must be a non-empty mapping, not {lm!r}")
+    elif sorted(set(lm.values())) != list(range(len(set(lm.values())))):
+        problems.append(f"label_map values must be the class indices 0..K-1, not "
+                        f"{sorted(set(lm.values()))}")
+    if problems:
+        raise ConfigError("bad training config: " + "; ".join(problems))
+    cfg["label_map"] = {str(k): int(v) for k, v in lm.items()}
+    return cfg
+
+
+def n_classes(cfg: Mapping[str, Any]) -> int:
+    return len(set(cfg["label_map"].values()))
+

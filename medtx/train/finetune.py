@@ -1,0 +1,222 @@
+"""Fine-tuning, the paper's third stage: one task model per fold, init and fraction.
+
+A task model (diagnosis, brain age, tumour segmentation) starts from the
+pre-trained encoders (+ transformer), or from scratch, and is selected by its
+validation metric (mAUC max / MAE min / mean Dice max); the best state then
+predicts the test set: a per-scan TSV and a JSON of the test metrics.
+
+Losses: cross-entropy; L1 (default, ``loss_regression: l1``: the paper reports
+MAE, and L1 optimizes it directly) or MSE on standardized ages (the training
+set's mean/std, stored in the checkpoint, so the head starts near the right
+scale); BCE-with-logits + soft Dice over the WT/TC/ET region channels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from medtx.data.cache import read_cache_index
+from medtx.domain import REGION_NAMES, TASKS, RunId
+from medtx.folds.manifest import read_manifest
+from medtx.errors import CohortError, ConfigError, MedtxError
+from medtx.evaluate.metrics import mae
+from medtx.evaluate.predict import evaluate_predictions, prediction_table, predict, selection_mauc
+from medtx.io import write_json, write_text
+from medtx.models.slice_transformer import MedicalTransformer
+from medtx.models.registry import build
+from medtx.train.checkpoints import (
+    load_pretrained,
+    model_kwargs,
+    run_config,
+    scans_of,
+    stage_metadata,
+)
+from medtx.train.config import n_classes, resolve_config
+from medtx.train.data import VolumeSet, collate, manifest_items, read_cached
+from medtx.train.loop import (
+    TrainResult,
+    default_log,
+    load_state,
+    pick_device,
+    seed_everything,
+    train,
+)
+from medtx.train.losses import segmentation_loss
+
+def finetune(task: str, train_items: Sequence[Mapping[str, Any]],
+             val_items: Sequence[Mapping[str, Any]], test_items: Sequence[Mapping[str, Any]],
+             *, init: str | Path | None = None, use_transformer: bool = True,
+             out: str | Path, predictions_out: str | Path, metrics_out: str | Path | None = None,
+             config: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
+             device: str | torch.device | None = None, max_steps_this_run: int | None = None,
+             log: Callable[[str], None] | None = None,
+             run: Mapping[str, Any] | None = None) -> TrainResult:
+    """Stage 3: train a task model, select it on validation, predict the test set.
+
+    Args:
+        task: classification (K = classes of ``label_map``), regression (brain age) or
+            segmentation (WT/TC/ET from as many channels as the cached images have).
+        train_items, val_items, test_items: ``manifest_items`` of one fold.
+        init: a pre-trained checkpoint (stage 1 or 2), or None for scratch. Its
+            trained encoders (+ transformer when ``use_transformer``) are loaded; heads
+            are fresh; 1-channel stems are inflated for 4-channel input.
+        use_transformer: False is the "w/o transformer" ablation (encoders only).
+        out: the final checkpoint (best-by-validation state + metadata).
+        predictions_out: per-scan test predictions TSV: scan, subject, label, then
+            prediction + p_0..p_{K-1} (classification), prediction = age in years
+            (regression), or dice_WT, dice_TC, dice_ET (segmentation).
+        metrics_out: the test metrics JSON (default: predictions_out with .json).
+        config: ``DEFAULTS`` keys.
+        metadata: stored in the checkpoint (fold sidecar, preprocessing fingerprint).
+        device, max_steps_this_run, log: as ``medtx.train.loop.train``.
+        run: the run's identity (``RunId.as_dict()``), recorded in the checkpoint and
+            the metrics JSON, where the tables read it.
+
+    Returns:
+        The TrainResult; ``extra["metrics"]`` holds the test metrics unless interrupted
+        (then nothing is predicted and the next call resumes).
+    """
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r} is not one of {list(TASKS)}")
+    cfg = resolve_config(config)
+    for name, items in (("training", train_items), ("validation", val_items),
+                        ("test", test_items)):
+        if not items:
+            raise MedtxError(f"finetune {task}: no {name} scans")
+    sets = {name: VolumeSet(items, task=task, downsample=cfg["downsample"])
+            for name, items in (("train", train_items), ("val", val_items),
+                                ("test", test_items))}
+    dev = pick_device(device)
+    if task == "classification":
+        k = n_classes(cfg)
+        bad = [f"scan {i.get('scan')!r}: class {t}" for s in sets.values()
+               for i, t in zip(s.items, s.targets) if not 0 <= t < k]
+        if bad:
+            raise CohortError(bad, what=f"class labels (label_map has {k} classes: "
+                              f"{cfg['label_map']})")
+        outputs, channels = k, 1
+    elif task == "regression":
+        outputs, channels = 1, 1
+    else:
+        outputs = len(REGION_NAMES)
+        first = train_items[0]
+        channels = int(read_cached(first["image"], scan=first.get("scan")).shape[0])
+    stats = (0.0, 1.0)
+    if task == "regression":
+        ages = np.asarray(sets["train"].targets, dtype=np.float64)
+        std = float(ages.std())
+        stats = (float(ages.mean()), std if std > 1e-8 else 1.0)
+
+    seed_everything(cfg["seed"])
+    kwargs = model_kwargs(cfg, task, outputs, channels, use_transformer)
+    model = build(kwargs)
+    info = None
+    if init is not None:
+        parts = ("encoders", "transformer") if use_transformer else ("encoders",)
+        info = load_pretrained(model, init, parts=parts)
+        (log or default_log)(f"[finetune] loaded {', '.join(info['loaded'])} from {init}")
+    mean_t, std_t = (torch.tensor(v, dtype=torch.float32) for v in stats)
+
+    def loss_fn(m: MedicalTransformer, batch: dict[str, Tensor], ctx) -> Tensor:
+        logits = m(batch["image"])
+        if task == "classification":
+            return F.cross_entropy(logits.float(), batch["target"])
+        if task == "regression":
+            z = (batch["target"] - mean_t.to(logits.device)) / std_t.to(logits.device)
+            loss = F.l1_loss if cfg["loss_regression"] == "l1" else F.mse_loss
+            return loss(logits[:, 0].float(), z)
+        return segmentation_loss(logits, batch["target"])
+
+    def validate(m: MedicalTransformer) -> float:
+        pred = predict(m, sets["val"], batch_size=cfg["batch_size"], device=dev,
+                       target_stats=stats, amp=cfg["amp"])
+        if task == "classification":
+            return selection_mauc(pred["target"], pred["probs"])
+        if task == "regression":
+            return mae(pred["target"], pred["age"])
+        return float(pred["dice"].mean())
+
+    mode = "min" if task == "regression" else "max"
+    selected_by = {"classification": "val mAUC", "regression": "val MAE",
+                   "segmentation": "val mean Dice"}[task]
+    trained = ["encoders", "head"] + (["transformer"] if use_transformer else [])
+    meta = stage_metadata("finetune", task, cfg, kwargs, trained, train_items,
+                          {**(metadata or {}), "run": dict(run) if run else None},
+                     init=info, val_scans=scans_of(val_items), selected_by=selected_by,
+                     target_mean=stats[0], target_std=stats[1], label_map=cfg["label_map"],
+                     loss={"classification": "cross_entropy",
+                           "regression": f"{cfg['loss_regression']} on standardized age",
+                           "segmentation": "bce_with_logits + soft_dice"}[task])
+    run = run_config(cfg, [*train_items, *val_items, *test_items], stage="finetune",
+                      task=task, use_transformer=use_transformer,
+                      train_scans=scans_of(train_items), val_scans=scans_of(val_items),
+                      init_sha256=info["init_sha256"] if info else "scratch")
+    result = train(model, sets["train"], loss_fn=loss_fn, out=out, config=run,
+                   validate=validate, mode=mode, collate=collate, metadata=meta, device=dev,
+                   max_steps_this_run=max_steps_this_run, log=log)
+    if result.status == "interrupted":
+        return result
+
+    model.load_state_dict(load_state(out)["model"])
+    pred = predict(model, sets["test"], batch_size=cfg["batch_size"], device=dev,
+                   target_stats=stats, amp=cfg["amp"])
+    table = prediction_table(task, sets["test"].items, pred)
+    write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"), predictions_out)
+    metrics = evaluate_predictions(task, predictions_out)
+    metrics_out = (Path(metrics_out) if metrics_out is not None
+                   else Path(predictions_out).with_suffix(".json"))
+    write_json({"run": dict(run) if run else None, **metrics, "selected_by": selected_by, "val_metric": result.best_metric,
+                "best_epoch": result.best_epoch, "epochs_done": result.epochs_done,
+                "status": result.status, "checkpoint": str(out),
+                "predictions": str(predictions_out), "init": str(init) if init else "scratch",
+                "use_transformer": use_transformer}, metrics_out)
+    result.extra["metrics"] = metrics
+    return result
+
+
+def finetune_fold(run: RunId, *, manifest: str | Path, cache_index: str | Path,
+                  init_checkpoint: str | Path | None, out: str | Path,
+                  predictions_out: str | Path, metrics_out: str | Path,
+                  config: Mapping[str, Any], metadata: Mapping[str, Any]) -> TrainResult:
+    """``medtx finetune``: one run, its scans from the manifest, their files from the index.
+
+    The fold's sidecar (seed, subject hash, exclusions) and the run's identity go
+    into the checkpoint; a manifest scan missing from the cache index is an error
+    naming it.
+    """
+    if (run.init == "scratch") != (init_checkpoint is None):
+        raise MedtxError(f"init {run.init!r} " + ("takes no checkpoint" if init_checkpoint
+                                                  else "needs the pre-trained checkpoint"))
+    table = read_manifest(manifest)
+    index = read_cache_index(cache_index).set_index("scan")
+    missing = sorted(set(table["scan"]) - set(index.index))
+    if missing:
+        raise MedtxError(f"{cache_index}: no cache for scan(s) {missing[:5]} of {manifest}")
+
+    def image(row: Mapping[str, Any]) -> str:
+        return index.at[row["scan"], "image"]
+
+    def regions(row: Mapping[str, Any]) -> str | None:
+        return index.at[row["scan"], "regions"] if run.task == "segmentation" else None
+
+    kw = {"fold": run.fold, "cache_dir_fn": image, "seg_fn": regions}
+    sidecar = Path(manifest).with_suffix(".json")
+    return finetune(
+        run.task,
+        manifest_items(table, role="train", fraction=run.frac, **kw),
+        manifest_items(table, role="val", **kw),
+        manifest_items(table, role="test", **kw),
+        init=init_checkpoint, use_transformer=run.use_transformer, out=out,
+        predictions_out=predictions_out, metrics_out=metrics_out, config=config,
+        metadata={**metadata, "manifest": str(manifest), "cache_index": str(cache_index),
+                  "folds_sidecar": json.loads(sidecar.read_text()) if sidecar.exists() else None},
+        run=run.as_dict(),
+    )

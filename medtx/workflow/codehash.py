@@ -1,0 +1,121 @@
+"""Hashes of the medtx code each workflow stage runs, derived from its imports.
+
+Snakemake's code trigger sees a rule's own shell line, not the modules that
+line imports. Each rule therefore carries ``code=code_hash(stage)`` in its
+params. A stage names only its entry module(s) (``STAGE_ENTRIES``); the hash
+covers every medtx module they import, directly or through others, read from
+the source with ``ast``: imports inside functions count too, and so do the
+``__init__.py`` of each package on the way (Python runs them on import). A new
+import is covered without anyone listing it, and an edit reruns exactly the
+stages whose closure holds the edited file.
+
+``cli.py`` is in no closure: it only parses arguments and calls one library
+function per command (the rules' shell lines, which Snakemake sees, carry the
+arguments).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent
+ROOT = "medtx"
+
+# The module(s) whose function each stage's command calls. Everything they
+# import is found from here.
+STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
+    "demo": ("medtx.data.demo",),
+    "bet": ("medtx.preprocess.bet",),
+    "flirt": ("medtx.preprocess.flirt",),
+    "n4": ("medtx.preprocess.n4",),
+    "pool_normalize": ("medtx.preprocess.intensity",),
+    "brats": ("medtx.preprocess.brats",),
+    "collect": ("medtx.provenance.collect",),
+    "report": ("medtx.provenance.report",),
+    "folds": ("medtx.folds.manifest", "medtx.folds.firewall"),
+    "cache_index": ("medtx.data.cache",),
+    "pretrain": ("medtx.train.pretrain",),
+    "finetune": ("medtx.train.finetune",),
+    "evaluate": ("medtx.evaluate.summary",),
+}
+
+
+def module_file(name: str) -> Path | None:
+    """The source file of medtx module ``name`` (a module or a package), or None."""
+    parts = name.split(".")
+    if parts[0] != ROOT:
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _package_of(name: str, path: Path) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def imported_modules(name: str) -> set[str]:
+    """The medtx modules that module ``name`` imports anywhere in its source."""
+    path = module_file(name)
+    if path is None:
+        raise KeyError(f"no medtx module {name!r}")
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the importing module's package
+                anchor = _package_of(name, path).split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            # `from medtx.models import slice_transformer` imports a module by name
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return {m for m in found if m.split(".")[0] == ROOT and module_file(m) is not None}
+
+
+def _with_packages(name: str) -> set[str]:
+    """``name`` and every package above it (their ``__init__`` runs on import)."""
+    parts = name.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+@functools.lru_cache(maxsize=None)
+def closure(entries: tuple[str, ...]) -> tuple[str, ...]:
+    """Every medtx module that importing ``entries`` can run, sorted."""
+    seen: set[str] = set()
+    todo = [m for e in entries for m in _with_packages(e)]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        if module_file(name) is None:
+            raise KeyError(f"no medtx module {name!r}")
+        seen.add(name)
+        for imported in imported_modules(name):
+            todo.extend(_with_packages(imported) - seen)
+    return tuple(sorted(seen))
+
+
+def stage_files(stage: str) -> list[str]:
+    """The source files (relative to the package's parent) in ``stage``'s hash."""
+    if stage not in STAGE_ENTRIES:
+        raise KeyError(f"no code entry for stage {stage!r}; known: {sorted(STAGE_ENTRIES)}")
+    files = {module_file(m) for m in closure(STAGE_ENTRIES[stage])}
+    return sorted(str(f.relative_to(PACKAGE.parent)) for f in files if f is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def code_hash(stage: str) -> str:
+    """sha256 (first 16 hex digits) over the sorted source files of ``stage``'s closure."""
+    h = hashlib.sha256()
+    for rel in stage_files(stage):
+        h.update(rel.encode())
+        h.update((PACKAGE.parent / rel).read_bytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,345 @@
+"""Result tables and figures from synthetic fine-tuning run folders.
+
+Each run's metrics JSON is written the way ``medtx.train.finetune.finetune`` writes it: the test
+metrics from ``medtx.evaluate.predict.evaluate_predictions`` on the predictions TSV, plus the
+selection fields.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medtx.evaluate import figures, tables
+from medtx.errors import MedtxError
+from medtx.io import write_json, write_text
+from medtx.evaluate.metrics import mauc
+from medtx.evaluate.predict import evaluate_predictions
+
+CLS, REG, SEG = "classification", "regression", "segmentation"
+
+
+def run_dir(root: Path, dataset: str, task: str, init: str, frac: int, fold: int) -> Path:
+    return (root / "finetune" / dataset / f"task-{task}" / f"init-{init}_frac-{frac}"
+            / f"fold-{fold}")
+
+
+def write_run(root: Path, dataset: str, task: str, init: str, frac: int, fold: int,
+              table: pd.DataFrame) -> Path:
+    """Write predictions.tsv + metrics.json (as finetune does) and return the JSON path."""
+    d = run_dir(root, dataset, task, init, frac, fold)
+    tsv = write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"),
+                     d / "predictions.tsv")
+    metrics = evaluate_predictions(task, tsv)
+    run = {"dataset": dataset, "task": task, "init": init, "frac": frac, "fold": fold}
+    return write_json({"run": run, **metrics, "selected_by": "val", "val_metric": 0.5, "best_epoch": 1,
+                       "status": "done", "init": "scratch" if init == "scratch" else "pre.pt",
+                       "use_transformer": init != "notransformer"}, d / "metrics.json")
+
+
+def reg_table(labels, error: float) -> pd.DataFrame:
+    """Ages predicted ``error`` years too high: MAE = error exactly."""
+    y = np.asarray(labels, dtype=float)
+    return pd.DataFrame({"scan": [f"s{i}" for i in range(len(y))],
+                         "subject": [f"sub{i}" for i in range(len(y))],
+                         "label": y, "prediction": y + error})
+
+
+def seg_table(wt: float, tc: float, et: float, n: int = 2) -> pd.DataFrame:
+    return pd.DataFrame({"scan": [f"c{i}" for i in range(n)],
+                         "subject": [f"c{i}" for i in range(n)], "label": [""] * n,
+                         "dice_WT": [wt] * n, "dice_TC": [tc] * n, "dice_ET": [et] * n})
+
+
+def cls_table(seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    logits = rng.normal(size=(6, 3)) + 1.5 * np.eye(3)[y]
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    p = np.round(p, 4)
+    p[:, 2] = 1 - p[:, 0] - p[:, 1]
+    t = pd.DataFrame({"scan": [f"a{seed}_{i}" for i in range(6)],
+                      "subject": [f"a{seed}_{i}" for i in range(6)],
+                      "label": y, "prediction": p.argmax(axis=1)})
+    for c in range(3):
+        t[f"p_{c}"] = p[:, c]
+    return t
+
+
+REG_LABELS = {0: [60, 70], 1: [80, 90], 2: [70, 80]}
+
+
+@pytest.fixture
+def study(tmp_path) -> dict:
+    """3 folds; regression (pretrained, scratch, notransformer) at 100 %, pretrained at 10 %;
+    classification pretrained + scratch; segmentation pretrained only (2 folds)."""
+    root = tmp_path / "results"
+    paths = []
+    for fold, labels in REG_LABELS.items():
+        paths.append(write_run(root, "demo_adni", REG, "pretrained", 100, fold,
+                               reg_table(labels, [2.0, 3.0, 4.0][fold])))
+        paths.append(write_run(root, "demo_adni", REG, "scratch", 100, fold,
+                               reg_table(labels, 6.0)))
+        paths.append(write_run(root, "demo_adni", REG, "notransformer", 100, fold,
+                               reg_table(labels, 5.0)))
+        paths.append(write_run(root, "demo_adni", REG, "pretrained", 10, fold,
+                               reg_table(labels, [7.0, 8.0, 9.0][fold])))
+        for init in ("pretrained", "scratch"):
+            paths.append(write_run(root, "demo_adni", CLS, init, 100, fold,
+                                   cls_table(fold + (10 if init == "scratch" else 0))))
+    for fold, dice in enumerate([(0.8, 0.6, 0.5), (0.9, 0.7, 0.4)]):
+        paths.append(write_run(root, "demo_brats", SEG, "pretrained", 100, fold,
+                               seg_table(*dice)))
+    return {"root": root, "paths": paths}
+
+
+# ---------------------------------------------------------------------------- identity
+
+
+def test_identity_is_read_from_the_record_not_the_folder(tmp_path):
+    path = write_run(tmp_path, "demo_adni", REG, "notransformer", 30, 2, reg_table([60, 70], 1.0))
+    moved = tmp_path / "renamed" / "anything" / "metrics.json"
+    moved.parent.mkdir(parents=True)
+    path.rename(moved)
+    (path.parent / "predictions.tsv").rename(moved.parent / "predictions.tsv")
+    run = tables.collect_runs([moved]).iloc[0]
+    assert (run["dataset"], run["task"], run["init"], run["frac"], run["fold"]) == (
+        "demo_adni", REG, "notransformer", 30, 2)
+    assert run["mae"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("run, why", [
+    (None, "no run identity recorded"),
+    ({"dataset": "d", "task": "diagnosis", "init": "scratch", "frac": 100, "fold": 0}, "task"),
+    ({"dataset": "d", "task": REG, "init": "imagenet", "frac": 100, "fold": 0}, "init"),
+    ({"dataset": "d", "task": REG, "init": "scratch", "frac": 150, "fold": 0}, "fraction"),
+    ({"dataset": "d", "task": REG, "init": "scratch", "frac": "10", "fold": 0}, "fraction"),
+    ({"dataset": "d", "task": REG, "init": "scratch", "frac": 10, "fold": -1}, "fold"),
+    ({"dataset": "", "task": REG, "init": "scratch", "frac": 10, "fold": 0}, "no dataset"),
+])
+def test_missing_or_bad_identity_is_refused_naming_the_file(tmp_path, run, why):
+    path = write_run(tmp_path, "d", REG, "scratch", 100, 0, reg_table([60, 70], 1.0))
+    stored = json.loads(path.read_text())
+    stored["run"] = run
+    path.write_text(json.dumps(stored))
+    with pytest.raises(MedtxError, match=re.escape(why)) as err:
+        tables.collect_runs([path])
+    assert str(path) in str(err.value)
+
+
+# ---------------------------------------------------------------------------- cells
+
+
+def test_format_mean_std_uses_sample_std():
+    assert tables.format_mean_std([1, 2, 3]) == "2.000 ± 1.000"
+    assert tables.format_mean_std([2.0, 3.0, 4.0], 2) == "3.00 ± 1.00"
+    assert tables.format_mean_std([0.5]) == "0.500"
+    assert tables.format_mean_std([np.nan, None, 0.25]) == "0.250"
+    assert tables.format_mean_std([]) == tables.MISSING == "—"
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def test_collect_runs_recomputes_metrics(study):
+    runs = tables.collect_runs(study["paths"])
+    assert len(runs) == len(study["paths"]) == 20
+    assert (runs["source"] == "predictions.tsv").all()
+    reg = runs[(runs["task"] == REG) & (runs["init"] == "pretrained") & (runs["frac"] == 100)]
+    assert reg["mae"].tolist() == pytest.approx([2.0, 3.0, 4.0])
+    cls = runs[(runs["task"] == CLS) & (runs["init"] == "scratch")].iloc[0]
+    t = cls_table(10)
+    assert cls["mauc"] == pytest.approx(mauc(t["label"], t[["p_0", "p_1", "p_2"]].to_numpy()))
+
+
+def test_stale_metrics_json_is_detected(study):
+    path = run_dir(study["root"], "demo_adni", REG, "scratch", 100, 1) / "metrics.json"
+    stored = json.loads(path.read_text())
+    stored["mae"] += 0.01
+    path.write_text(json.dumps(stored))
+    with pytest.raises(MedtxError, match="stale") as err:
+        tables.collect_runs(study["paths"])
+    assert str(path) in str(err.value) and "mae" in str(err.value)
+
+
+def test_metrics_without_predictions_are_used_and_marked(study):
+    d = run_dir(study["root"], "demo_brats", SEG, "pretrained", 100, 0)
+    (d / "predictions.tsv").unlink()
+    runs = tables.collect_runs(study["paths"])
+    row = runs[(runs["task"] == SEG) & (runs["fold"] == 0)].iloc[0]
+    assert row["dice_WT"] == pytest.approx(0.8) and row["source"].startswith("metrics.json")
+
+
+def test_one_run_twice_is_refused(study):
+    with pytest.raises(MedtxError, match="several metrics files"):
+        tables.collect_runs(study["paths"][:1] * 2)
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+HEADLINE_COLUMNS = ["mAUC", "MAE (years)", "Dice WT", "Dice TC", "Dice ET"]
+
+
+def test_table1_values_rows_and_paper_reference(study):
+    t1 = tables.table1(tables.collect_runs(study["paths"])).set_index("init")
+    assert list(t1.index) == ["scratch", "pretrained", "notransformer",
+                              "chance / baseline", "paper (Jun et al.)"]
+    assert list(t1.columns) == HEADLINE_COLUMNS + ["n folds", "source"]
+    assert t1.loc["pretrained", "MAE (years)"] == "3.00 ± 1.00"
+    assert t1.loc["scratch", "MAE (years)"] == "6.00 ± 0.00"
+    # Dice WT 0.8, 0.9: mean 0.85, sample std 0.0707
+    assert t1.loc["pretrained", "Dice WT"] == "0.850 ± 0.071"
+    assert t1.loc["pretrained", "Dice ET"] == "0.450 ± 0.071"
+    assert t1.loc["pretrained", "n folds"] == "2–3"
+    # segmentation was never trained from scratch or without the transformer
+    assert t1.loc["scratch", "Dice WT"] == "—" and t1.loc["notransformer", "mAUC"] == "—"
+    paper = t1.loc["paper (Jun et al.)"]
+    assert [paper[c] for c in HEADLINE_COLUMNS] == ["0.835", "3.49", "0.873", "0.697", "0.588"]
+    assert paper["source"] == "published, not reproduced"
+    assert set(t1.loc[["scratch", "pretrained", "notransformer"], "source"]) == {"reproduced"}
+
+
+def test_table1_chance_and_mean_age_baseline(study):
+    runs = tables.collect_runs(study["paths"])
+    base = tables.table1(runs).set_index("init").loc["chance / baseline"]
+    # mean of the other folds' labels: fold 0 -> 80 (MAE 15), 1 -> 70 (15), 2 -> 75 (5)
+    assert base["MAE (years)"] == "11.67 ± 5.77"
+    assert base["mAUC"] == "0.500" and base["Dice WT"] == "—"
+    given = tables.table1(runs, baselines={"regression": 5.7}).set_index("init")
+    assert given.loc["chance / baseline", "MAE (years)"] == "5.70"
+
+
+def test_mean_age_baseline_never_uses_the_folds_own_labels(study):
+    d = {f: run_dir(study["root"], "demo_adni", REG, "scratch", 100, f) / "predictions.tsv"
+         for f in REG_LABELS}
+    assert tables.mean_age_baseline(d) == pytest.approx({0: 15.0, 1: 15.0, 2: 5.0})
+
+
+def test_table4_rows_are_label_fractions(study):
+    t4 = tables.table4(tables.collect_runs(study["paths"])).set_index("label fraction (%)")
+    assert list(t4.index) == [10, 30, 50, 70, 100]
+    assert list(t4.columns) == [f"{c}, {i}" for c in HEADLINE_COLUMNS
+                                for i in ("pretrained", "scratch")] + ["n folds"]
+    assert t4.loc[10, "MAE (years), pretrained"] == "8.00 ± 1.00"
+    assert t4.loc[10, "MAE (years), scratch"] == "—"
+    assert t4.loc[30].drop("n folds").eq("—").all() and t4.loc[30, "n folds"] == "—"
+    assert t4.loc[100, "MAE (years), pretrained"] == "3.00 ± 1.00"
+
+
+def test_table5_with_and_without_transformer(study):
+    t5 = tables.table5(tables.collect_runs(study["paths"])).set_index("model")
+    assert list(t5.index) == ["with transformer (pretrained)", "w/o transformer (notransformer)"]
+    assert list(t5.columns) == HEADLINE_COLUMNS + ["n folds"]
+    assert t5.iloc[1]["MAE (years)"] == "5.00 ± 0.00" and t5.iloc[1]["Dice WT"] == "—"
+
+
+def test_tables_of_no_runs_are_all_missing():
+    runs = tables.collect_runs([])
+    t1 = tables.table1(runs).set_index("init")
+    assert (t1.loc[["scratch", "pretrained"], HEADLINE_COLUMNS] == "—").all().all()
+    assert t1.loc["chance / baseline", "MAE (years)"] == "—"
+
+
+def test_a_task_on_two_datasets_gets_a_column_each(study):
+    extra = write_run(study["root"], "demo_camcan", REG, "pretrained", 100, 0,
+                      reg_table([30, 40], 1.0))
+    t1 = tables.table1(tables.collect_runs(study["paths"] + [extra])).set_index("init")
+    assert t1.loc["pretrained", "MAE (years) [demo_camcan]"] == "1.00"
+    assert t1.loc["pretrained", "MAE (years) [demo_adni]"] == "3.00 ± 1.00"
+
+
+def test_table3_matches_the_papers_counts():
+    t3 = tables.table3()
+    table3 = t3[t3["preset"] == "table3"].set_index("task")
+    assert table3.loc["classification", "parameters"] == "2,402,163"
+    assert (table3["matches paper"] == "yes").all()
+    assert (t3.loc[t3["preset"] == "paper_text", "paper (printed)"] == "—").all()
+
+
+def assert_pipe_table(md: str, n_columns: int, n_rows: int) -> None:
+    lines = [l for l in md.splitlines() if l.startswith("|")]
+    assert len(lines) == 2 + n_rows
+    assert re.fullmatch(r"\|(:?-{3,}:?\|)+", lines[1])
+    for line in lines:
+        assert len(re.findall(r"(?<!\\)\|", line)) == n_columns + 1
+
+
+def test_write_table_writes_tsv_and_markdown(tmp_path):
+    df = pd.DataFrame({"init": ["a|b", "c"], "mAUC": ["0.5 ± 0.1", "—"]})
+    tsv, md = tables.write_table(df, tmp_path / "t.tsv", tmp_path / "t.md", caption="Cap.")
+    assert pd.read_csv(tsv, sep="\t").equals(df)
+    text = md.read_text()
+    assert text.startswith("**Cap.**\n\n")
+    assert_pipe_table(text, 2, 2)
+    assert "a\\|b" in text
+
+
+def test_build_tables_writes_everything(study, tmp_path):
+    out = tables.build_tables(study["paths"], tmp_path / "tables")
+    for name in ("table1", "table3", "table4", "table5"):
+        assert out[f"{name}_tsv"].exists() and out[f"{name}_md"].exists()
+    t1 = pd.read_csv(out["table1_tsv"], sep="\t")
+    assert t1.shape == (5, 8)
+    assert_pipe_table(out["table1_md"].read_text(), 8, 5)
+    summary = out["summary"].read_text()
+    assert "synthetic" in summary and "not comparable" in summary
+    assert summary.count("\n|:---|") == 4  # one pipe table per table
+    assert len(pd.read_csv(out["runs"], sep="\t")) == 20
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    pixels = matplotlib.image.imread(str(path))
+    assert pixels.std() > 0.05  # not a blank canvas
+
+
+def test_plots_are_written(study, tmp_path):
+    cls = [run_dir(study["root"], "demo_adni", CLS, "pretrained", 100, f) / "predictions.tsv"
+           for f in range(3)]
+    reg = [run_dir(study["root"], "demo_adni", REG, "pretrained", 100, f) / "predictions.tsv"
+           for f in range(3)]
+    assert_png(figures.plot_roc(cls, tmp_path / "roc.png", class_names=["CN", "MCI", "AD"]))
+    assert_png(figures.plot_age(reg, tmp_path / "age.png"))
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_metric": 0.5 + 0.05 * e}
+               for e in range(5)]
+    assert_png(figures.plot_curves(history, tmp_path / "curves.png"))
+    assert_png(figures.plot_curves({"pretrained": {"history": history}, "scratch": history},
+                                  tmp_path / "curves2.png"))
+    with pytest.raises(MedtxError, match="no training history"):
+        figures.plot_curves([], tmp_path / "none.png")
+
+
+def test_segmentation_overlay_draws_reference_and_model(tmp_path):
+    from medtx.train.finetune import finetune
+    from tests.unit.train.test_stages import FAST, write_items
+
+    train, val, test = (write_items(tmp_path / "d", n, task="segmentation", seed=s, prefix=p)
+                        for n, s, p in ((2, 0, "tr"), (1, 1, "va"), (2, 2, "te")))
+    finetune("segmentation", train, val, test, out=tmp_path / "m.pt",
+             predictions_out=tmp_path / "p.tsv", config={**FAST, "epochs": 1},
+             log=lambda _: None)
+    from matplotlib.image import imread
+
+    one = imread(figures.plot_segmentation(tmp_path / "m.pt", test[:1], tmp_path / "one.png"))
+    two = imread(figures.plot_segmentation(tmp_path / "m.pt", test, tmp_path / "two.png"))
+    assert two.shape[0] == 2 * one.shape[0]  # one row of (reference, model) per case
+    with pytest.raises(MedtxError, match="no segmentation cases"):
+        figures.plot_segmentation(tmp_path / "m.pt", [], tmp_path / "none.png")
+
+
+def test_figures_section_links_every_png_relative_to_the_summary(tmp_path):
+    pngs = [tmp_path / "b_roc.png", tmp_path / "a_age.png"]
+    text = figures.figures_section(pngs, tmp_path)
+    assert text.startswith("## Figures")
+    assert text.index("(a_age.png)") < text.index("(b_roc.png)")
