@@ -23,7 +23,12 @@ demo: $(STAMP)
 dryrun: $(STAMP)
 	$(BIN)/snakemake -n all
 
+# ruff (lint, format), snakefmt, mypy on the package, Snakemake's own linter
 lint: $(STAMP)
+	$(BIN)/ruff check medtx tests bench
+	$(BIN)/ruff format --check medtx tests bench
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/mypy
 	$(BIN)/snakemake --lint
 
 test: $(STAMP)

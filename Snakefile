@@ -2,6 +2,12 @@
 # Transformer's pre-training, fine-tuning and evaluation tables.
 # Read as a table of contents; logic lives in the medtx package.
 
+from snakemake.utils import min_version
+
+# the workflow API (include:, default_target, the executor plugin interface)
+min_version("9.0")
+
+
 configfile: "config.yaml"
 
 
@@ -14,6 +20,6 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         get_final_output(),
-    default_target: True

@@ -77,9 +77,18 @@ def dry_run(workdir: Path, config: Path, *, profile: bool = False) -> tuple[floa
     extra = ["--profile", str(REPO / "slurm")] if profile else []
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "snakemake"), *snakemake_args(workdir, config),
-         *extra, "-n", "--quiet", "rules", "all"],
-        capture_output=True, text=True, env=env,
+        [
+            str(REPO / ".venv" / "bin" / "snakemake"),
+            *snakemake_args(workdir, config),
+            *extra,
+            "-n",
+            "--quiet",
+            "rules",
+            "all",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     seconds = time.perf_counter() - t0
     if proc.returncode:
@@ -118,9 +127,19 @@ sys.exit(main(sys.argv[1:]))
 def make_outputs(workdir: Path, config: Path) -> None:
     """Every output of `all`, empty, with Snakemake's metadata: a finished run."""
     proc = subprocess.run(
-        [str(REPO / ".venv" / "bin" / "python"), "-c", TOUCH_ALL,
-         *snakemake_args(workdir, config), "--touch", "--cores", "1000000", "all"],
-        capture_output=True, text=True)
+        [
+            str(REPO / ".venv" / "bin" / "python"),
+            "-c",
+            TOUCH_ALL,
+            *snakemake_args(workdir, config),
+            "--touch",
+            "--cores",
+            "1000000",
+            "all",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])
 
@@ -131,8 +150,20 @@ def startup(base: Path) -> float:
     root.mkdir(parents=True, exist_ok=True)
     (root / "Snakefile").write_text('rule all:\n    output: "x"\n    shell: "touch {output}"\n')
     t0 = time.perf_counter()
-    subprocess.run([str(REPO / ".venv" / "bin" / "snakemake"), "-s", str(root / "Snakefile"),
-                    "-d", str(root), "-n", "--quiet", "rules"], capture_output=True, check=True)
+    subprocess.run(
+        [
+            str(REPO / ".venv" / "bin" / "snakemake"),
+            "-s",
+            str(root / "Snakefile"),
+            "-d",
+            str(root),
+            "-n",
+            "--quiet",
+            "rules",
+        ],
+        capture_output=True,
+        check=True,
+    )
     return time.perf_counter() - t0
 
 
@@ -140,14 +171,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 10000])
     parser.add_argument("--keep", help="keep the synthetic cohorts here")
-    parser.add_argument("--no-unchanged", action="store_true",
-                        help="skip the unchanged-rerun column (its setup touches every output)")
+    parser.add_argument(
+        "--no-unchanged",
+        action="store_true",
+        help="skip the unchanged-rerun column (its setup touches every output)",
+    )
     args = parser.parse_args()
     base = Path(args.keep or tempfile.mkdtemp(prefix="medtx-dag-"))
     print(f"# snakemake dry-run planning ({os.cpu_count()} cores)")
     print(f"# fixed cost of any snakemake -n (one-rule workflow): {startup(base):.1f} s")
-    print(f"{'subjects':>9} {'jobs':>8} {'first s':>8} {'again s':>8} {'profile s':>10}"
-          f" {'unchanged s':>12} {'s/1k jobs':>10} {'vs smallest':>12}")
+    print(
+        f"{'subjects':>9} {'jobs':>8} {'first s':>8} {'again s':>8} {'profile s':>10}"
+        f" {'unchanged s':>12} {'s/1k jobs':>10} {'vs smallest':>12}"
+    )
     first_rate = None
     for n in args.sizes:
         root = base / f"n{n}"
@@ -162,8 +198,10 @@ def main() -> int:
             unchanged = f"{seconds:.1f} ({left} jobs)" if left else f"{seconds:.1f}"
         rate = again / max(jobs, 1) * 1000
         first_rate = first_rate or rate
-        print(f"{n:>9} {jobs:>8} {first:>8.1f} {again:>8.1f} {with_profile:>10.1f}"
-              f" {unchanged:>12} {rate:>10.2f} {rate / first_rate:>11.2f}x")
+        print(
+            f"{n:>9} {jobs:>8} {first:>8.1f} {again:>8.1f} {with_profile:>10.1f}"
+            f" {unchanged:>12} {rate:>10.2f} {rate / first_rate:>11.2f}x"
+        )
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return 0

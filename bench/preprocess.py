@@ -36,10 +36,13 @@ def chain_settings(name: str) -> tuple[str, dict]:
 
     settings = load_config()["preprocess"]
     if name == "defaults":
-        settings["flirt"]["ants"] = {"type_of_transform": "Affine", "registration_mm": 1.0,
-                                     "aff_iterations": [2100, 1200, 1200, 10],
-                                     "aff_shrink_factors": [6, 4, 2, 1],
-                                     "aff_smoothing_sigmas": [3, 2, 1, 0]}
+        settings["flirt"]["ants"] = {
+            "type_of_transform": "Affine",
+            "registration_mm": 1.0,
+            "aff_iterations": [2100, 1200, 1200, 10],
+            "aff_shrink_factors": [6, 4, 2, 1],
+            "aff_smoothing_sigmas": [3, 2, 1, 0],
+        }
         settings["n4"] = {"masked": False}
     return ("fsl" if name == "fsl" else "ants"), settings
 
@@ -49,34 +52,68 @@ def worker(name: str, t1: str, out: str, threads: int, ref_mask: str | None) -> 
     import nibabel as nib
     import numpy as np
 
+    from medtx.data.templates import template_path
+    from medtx.preprocess.antsio import ncc
     from medtx.preprocess.bet import run_bet
     from medtx.preprocess.context import StepContext
-    from medtx.workflow.paths import t1_outputs
     from medtx.preprocess.flirt import run_flirt
-    from medtx.preprocess.intensity import run_normalize, run_pool
+    from medtx.preprocess.intensity import average_pool, run_normalize, run_pool
     from medtx.preprocess.n4 import run_n4
-    from medtx.preprocess.antsio import ncc
-    from medtx.preprocess.intensity import average_pool
-    from medtx.data.templates import template_path
+    from medtx.workflow.paths import t1_outputs
 
     backend, s = chain_settings(name)
-    ctx = StepContext(scan="sub-bench", backend=backend, seed=42, threads=threads,
-                      deterministic=threads == 1)
+    ctx = StepContext(
+        scan="sub-bench", backend=backend, seed=42, threads=threads, deterministic=threads == 1
+    )
     f = t1_outputs(out, "sub-bench")
     ants_init = backend == "ants" and name != "defaults"
     t0 = time.perf_counter()
     recs = [
-        run_bet(t1, brain_out=f["bet_brain"], mask_out=f["bet_mask"], record_out=f["bet_record"],
-                xfm_out=f["bet_xfm"] if backend == "ants" else None, ctx=ctx, params=s["bet"]),
-        run_flirt(f["bet_brain"], f["bet_mask"], brain_out=f["flirt_brain"], mask_out=f["flirt_mask"],
-                  xfm_out=f["transform"], record_out=f["flirt_record"], ctx=ctx, params=s["flirt"],
-                  xfm_init=f["bet_xfm"] if ants_init else None),
-        run_n4(f["flirt_brain"], f["flirt_mask"], n4_out=f["n4"], record_out=f["n4_record"],
-               ctx=ctx, params=s["n4"]),
-        run_pool(f["n4"], f["flirt_mask"], image_out=f["pooled"], mask_out=f["brain_mask"],
-                 record_out=f["pool_record"], ctx=ctx, params=s["pool"]),
-        run_normalize(f["pooled"], f["brain_mask"], image_out=f["preproc"],
-                      record_out=f["normalize_record"], ctx=ctx, params=s["normalize"]),
+        run_bet(
+            t1,
+            brain_out=f["bet_brain"],
+            mask_out=f["bet_mask"],
+            record_out=f["bet_record"],
+            xfm_out=f["bet_xfm"] if backend == "ants" else None,
+            ctx=ctx,
+            params=s["bet"],
+        ),
+        run_flirt(
+            f["bet_brain"],
+            f["bet_mask"],
+            brain_out=f["flirt_brain"],
+            mask_out=f["flirt_mask"],
+            xfm_out=f["transform"],
+            record_out=f["flirt_record"],
+            ctx=ctx,
+            params=s["flirt"],
+            xfm_init=f["bet_xfm"] if ants_init else None,
+        ),
+        run_n4(
+            f["flirt_brain"],
+            f["flirt_mask"],
+            n4_out=f["n4"],
+            record_out=f["n4_record"],
+            ctx=ctx,
+            params=s["n4"],
+        ),
+        run_pool(
+            f["n4"],
+            f["flirt_mask"],
+            image_out=f["pooled"],
+            mask_out=f["brain_mask"],
+            record_out=f["pool_record"],
+            ctx=ctx,
+            params=s["pool"],
+        ),
+        run_normalize(
+            f["pooled"],
+            f["brain_mask"],
+            image_out=f["preproc"],
+            record_out=f["normalize_record"],
+            ctx=ctx,
+            params=s["normalize"],
+        ),
     ]
     total = time.perf_counter() - t0
     tpl = np.asarray(nib.load(str(template_path("t1_brain"))).dataobj, dtype=np.float32)
@@ -87,10 +124,15 @@ def worker(name: str, t1: str, out: str, threads: int, ref_mask: str | None) -> 
     if ref_mask:
         mask = np.asarray(nib.load(f["bet_mask"]).dataobj) > 0
         ref = np.squeeze(np.asarray(nib.load(ref_mask).dataobj)) > 0
-        quality["mask_dice_ref"] = round(float(2 * (mask & ref).sum() / (mask.sum() + ref.sum())), 4)
-    return {"steps": {r["step"]: r["duration_s"] for r in recs}, "total_s": round(total, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            **quality}
+        quality["mask_dice_ref"] = round(
+            float(2 * (mask & ref).sum() / (mask.sum() + ref.sum())), 4
+        )
+    return {
+        "steps": {r["step"]: r["duration_s"] for r in recs},
+        "total_s": round(total, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **quality,
+    }
 
 
 def scans(n_demo: int, workdir: Path) -> list[tuple[str, str, str | None]]:
@@ -112,7 +154,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="ITK threads per chain (2 cores: 2)")
     parser.add_argument("--demo", type=int, default=1, help="demo scans to add to the atlas")
     parser.add_argument("--out", help="keep outputs here (default: a temp folder)")
-    parser.add_argument("--worker", nargs=4, metavar=("CHAIN", "T1", "OUT", "REF"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=4, metavar=("CHAIN", "T1", "OUT", "REF"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         name, t1, out, ref = args.worker
@@ -127,29 +171,52 @@ def main() -> int:
     for label, t1, ref in scans(args.demo, work):
         for chain in chains:
             out = work / chain / label.split()[1]
-            proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads),
-                                   "--worker", chain, t1, str(out), ref or "-"],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(args.threads),
+                    "--worker",
+                    chain,
+                    t1,
+                    str(out),
+                    ref or "-",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode:
                 print(proc.stderr[-2000:], file=sys.stderr)
                 return 1
             results[(label, chain)] = json.loads(proc.stdout.strip().splitlines()[-1])
 
     print(f"# medtx preprocessing benchmark ({os.cpu_count()} cores, {args.threads} ITK threads)")
-    print(f"{'scan':28} {'chain':9} {'bet':>6} {'flirt':>6} {'n4':>6} {'pool+norm':>9} "
-          f"{'total s':>8} {'peak MB':>8} {'Dice ref':>8} {'NCC':>6} {'speed-up':>8}")
+    print(
+        f"{'scan':28} {'chain':9} {'bet':>6} {'flirt':>6} {'n4':>6} {'pool+norm':>9} "
+        f"{'total s':>8} {'peak MB':>8} {'Dice ref':>8} {'NCC':>6} {'speed-up':>8}"
+    )
     for (label, chain), r in results.items():
         s = r["steps"]
         ref_total = results[(label, "defaults")]["total_s"]
-        print(f"{label:28} {chain:9} {s['bet']:6.1f} {s['flirt']:6.1f} {s['n4']:6.1f} "
-              f"{s['pool'] + s['normalize']:9.2f} {r['total_s']:8.1f} {r['peak_rss_mb']:8.0f} "
-              f"{r.get('mask_dice_ref', float('nan')):8.3f} {r['ncc_template_2mm']:6.3f} "
-              f"{ref_total / r['total_s']:7.2f}x")
-    mean = lambda c, k: sum(r[k] for (l, ch), r in results.items() if ch == c) / max(1, sum(ch == c for _, ch in results))
+        print(
+            f"{label:28} {chain:9} {s['bet']:6.1f} {s['flirt']:6.1f} {s['n4']:6.1f} "
+            f"{s['pool'] + s['normalize']:9.2f} {r['total_s']:8.1f} {r['peak_rss_mb']:8.0f} "
+            f"{r.get('mask_dice_ref', float('nan')):8.3f} {r['ncc_template_2mm']:6.3f} "
+            f"{ref_total / r['total_s']:7.2f}x"
+        )
+
+    def mean(chain: str, key: str) -> float:
+        values = [r[key] for (_, ch), r in results.items() if ch == chain]
+        return sum(values) / max(1, len(values))
+
     print()
     for chain in chains:
-        print(f"mean {chain:9} {mean(chain, 'total_s'):6.1f} s/scan   NCC {mean(chain, 'ncc_template_2mm'):.3f}"
-              f"   speed-up vs defaults {mean('defaults', 'total_s') / mean(chain, 'total_s'):.2f}x")
+        print(
+            f"mean {chain:9} {mean(chain, 'total_s'):6.1f} s/scan"
+            f"   NCC {mean(chain, 'ncc_template_2mm'):.3f}"
+            f"   speed-up vs defaults {mean('defaults', 'total_s') / mean(chain, 'total_s'):.2f}x"
+        )
     print(f"outputs: {work}")
     return 0
 

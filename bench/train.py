@@ -4,7 +4,7 @@
 At 96x114x96 (the paper's input) and, for the demo, 48x57x48, measures per
 volume: forward+backward+optimizer step of the classification model (CPU, the
 given threads; and CUDA with AMP when a GPU is present), and the loader
-(``medtx.stages.VolumeSet`` reading a memory-mapped float16 .npy cache). The
+(``medtx.train.data.VolumeSet`` reading a memory-mapped float16 .npy cache). The
 loader must be >= 10x faster than the step. Run it with the same threads the
 training rules use; OMP_WAIT_POLICY=PASSIVE is set as the rules set it.
 
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from medtx.models.slice_transformer import build_model  # noqa: E402
-from medtx.stages import VolumeSet  # noqa: E402
+from medtx.train.data import VolumeSet  # noqa: E402
 
 
 def step_seconds(device: str, downsample: int, steps: int, amp: bool) -> float:
@@ -58,7 +58,12 @@ def load_seconds(downsample: int, n: int = 20) -> float:
         items = []
         for i in range(n):
             path = Path(tmp) / f"v{i}.npy"
-            np.save(path, np.random.default_rng(i).random((1, 96, 114, 96), dtype=np.float32).astype(np.float16))
+            np.save(
+                path,
+                np.random.default_rng(i)
+                .random((1, 96, 114, 96), dtype=np.float32)
+                .astype(np.float16),
+            )
             items.append({"scan": f"v{i}", "image": str(path), "label": "1"})
         data = VolumeSet(items, task="classification", downsample=downsample)
         t0 = time.perf_counter()
@@ -73,8 +78,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# training step vs loader ({os.cpu_count()} cores, {args.threads} torch threads,"
-          f" torch {torch.__version__})")
+    print(
+        f"# training step vs loader ({os.cpu_count()} cores, {args.threads} torch threads,"
+        f" torch {torch.__version__})"
+    )
     print(f"{'input':>12} {'device':>7} {'step s/vol':>11} {'load s/vol':>11} {'step/load':>10}")
     for downsample in (1, 2):
         shape = "x".join(str(s // downsample) for s in (96, 114, 96))
@@ -82,8 +89,10 @@ def main() -> int:
         runs = [("cpu", False)] + ([("cuda", True)] if torch.cuda.is_available() else [])
         for device, amp in runs:
             step = step_seconds(device, downsample, args.steps, amp)
-            print(f"{shape:>12} {device + ('+amp' if amp else ''):>7} {step:>11.3f} {load:>11.4f}"
-                  f" {step / load:>9.0f}x")
+            print(
+                f"{shape:>12} {device + ('+amp' if amp else ''):>7} {step:>11.3f} {load:>11.4f}"
+                f" {step / load:>9.0f}x"
+            )
     return 0
 
 

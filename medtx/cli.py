@@ -28,8 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-from medtx.errors import MedtxError
 from medtx.domain import INITS, TASKS
+from medtx.errors import MedtxError
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -55,17 +55,27 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from medtx.config import load_config
     from medtx.preprocess.chain import preprocess_scan
 
-    out = preprocess_scan(args.t1, args.out, config=load_config(args.config),
-                          backend=args.backend, scan=args.scan, threads=args.threads)
+    out = preprocess_scan(
+        args.t1,
+        args.out,
+        config=load_config(args.config),
+        backend=args.backend,
+        scan=args.scan,
+        threads=args.threads,
+    )
     print(json.dumps(out, indent=2))
     return 0
 
 
 # Each step's module; its run_step(inputs, outputs, params, ctx) maps the rule's
 # files to the step's function (so that mapping is in the step's code hash).
-STEP_MODULES = {"bet": "medtx.preprocess.bet", "flirt": "medtx.preprocess.flirt",
-                "n4": "medtx.preprocess.n4", "pool_normalize": "medtx.preprocess.intensity",
-                "brats": "medtx.preprocess.brats"}
+STEP_MODULES = {
+    "bet": "medtx.preprocess.bet",
+    "flirt": "medtx.preprocess.flirt",
+    "n4": "medtx.preprocess.n4",
+    "pool_normalize": "medtx.preprocess.intensity",
+    "brats": "medtx.preprocess.brats",
+}
 
 
 def cmd_step(args: argparse.Namespace) -> int:
@@ -75,8 +85,12 @@ def cmd_step(args: argparse.Namespace) -> int:
 
     inputs, outputs = _pairs(args.input, "--input"), _pairs(args.output, "--output")
     params = _json(args.params, "--params")
-    ctx = step_context(_json(args.context, "--context"), scan=args.scan, dataset=args.dataset,
-                       brats=args.step == "brats")
+    ctx = step_context(
+        _json(args.context, "--context"),
+        scan=args.scan,
+        dataset=args.dataset,
+        brats=args.step == "brats",
+    )
     importlib.import_module(STEP_MODULES[args.step]).run_step(inputs, outputs, params, ctx)
     return 0
 
@@ -91,25 +105,34 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from medtx.provenance.report import write_report
 
-    write_report(args.records or [], args.scan_table or [], _json(args.settings, "--settings"),
-                 args.out)
+    write_report(
+        args.records or [], args.scan_table or [], _json(args.settings, "--settings"), args.out
+    )
     return 0
 
 
 def cmd_folds(args: argparse.Namespace) -> int:
     from medtx.folds.manifest import manifest_from_files
 
-    manifest_from_files(dataset=args.dataset, task=args.task, table=args.table,
-                        records=args.records or [], params=_json(args.params, "--params"),
-                        out_tsv=args.out_tsv, out_json=args.out_json, overrides=args.overrides)
+    manifest_from_files(
+        dataset=args.dataset,
+        task=args.task,
+        table=args.table,
+        records=args.records or [],
+        params=_json(args.params, "--params"),
+        out_tsv=args.out_tsv,
+        out_json=args.out_json,
+        overrides=args.overrides,
+    )
     return 0
 
 
 def cmd_firewall(args: argparse.Namespace) -> int:
     from medtx.folds.firewall import run_firewall
 
-    run_firewall(args.manifest, args.pretrain_table or [],
-                 _json(args.identities, "--identities"), args.out)
+    run_firewall(
+        args.manifest, args.pretrain_table or [], _json(args.identities, "--identities"), args.out
+    )
     return 0
 
 
@@ -119,9 +142,14 @@ INTERRUPTED = 3  # exit code of a training job stopped at a checkpoint (rerun re
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from medtx.train.pretrain import pretrain_stage
 
-    result = pretrain_stage(args.stage, args.index, init=args.init, out=args.out,
-                            config=_json(args.config, "--config"),
-                            metadata=_json(args.metadata, "--metadata"))
+    result = pretrain_stage(
+        args.stage,
+        args.index,
+        init=args.init,
+        out=args.out,
+        config=_json(args.config, "--config"),
+        metadata=_json(args.metadata, "--metadata"),
+    )
     return INTERRUPTED if result.status == "interrupted" else 0
 
 
@@ -134,10 +162,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise MedtxError(f"finetune: {err}") from err
     result = finetune_fold(
-        run, manifest=args.manifest, cache_index=args.cache_index,
-        init_checkpoint=args.init_checkpoint, out=args.out, predictions_out=args.predictions,
-        metrics_out=args.metrics, config=_json(args.config, "--config"),
-        metadata=_json(args.metadata, "--metadata"))
+        run,
+        manifest=args.manifest,
+        cache_index=args.cache_index,
+        init_checkpoint=args.init_checkpoint,
+        out=args.out,
+        predictions_out=args.predictions,
+        metrics_out=args.metrics,
+        config=_json(args.config, "--config"),
+        metadata=_json(args.metadata, "--metadata"),
+    )
     return INTERRUPTED if result.status == "interrupted" else 0
 
 
@@ -187,15 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", metavar="ROLE=PATH")
     p.add_argument("--output", action="append", metavar="ROLE=PATH")
     p.add_argument("--params", help="the step's config section as JSON")
-    p.add_argument("--context", help="backend, seed, threads, deterministic as JSON (and the"
-                   " scan's identity, unless --scan is given)")
+    p.add_argument(
+        "--context",
+        help="backend, seed, threads, deterministic as JSON (and the"
+        " scan's identity, unless --scan is given)",
+    )
     p.add_argument("--scan", help="scan id (sub-<id>[_ses-<id>], or a BraTS case)")
     p.add_argument("--dataset", help="the scan's dataset, recorded in provenance")
     p.set_defaults(func=cmd_step)
 
     p = sub.add_parser("collect", help="merge a scan's step records and draw thumbnails")
-    p.add_argument("--record", action="extend", nargs="+", required=True,
-                   help="the scan's step records, in chain order")
+    p.add_argument(
+        "--record",
+        action="extend",
+        nargs="+",
+        required=True,
+        help="the scan's step records, in chain order",
+    )
     p.add_argument("--thumbnail", help="QC thumbnail PNG to draw from the recorded files")
     p.add_argument("--qc", help="QC thresholds as JSON")
     p.add_argument("--out", required=True)
@@ -228,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="stage 1 (exemplar) or 2 (masked encodings) pre-training")
     p.add_argument("stage", choices=["exemplar", "masked"])
-    p.add_argument("--index", nargs="+", required=True,
-                   help="cache indexes (TSV) of the pre-training datasets")
+    p.add_argument(
+        "--index", nargs="+", required=True, help="cache indexes (TSV) of the pre-training datasets"
+    )
     p.add_argument("--init", help="stage-1 checkpoint (masked stage)")
     p.add_argument("--config", help="stage config (medtx.train.config.DEFAULTS keys) as JSON")
     p.add_argument("--metadata", help="stored in the checkpoint (preprocessing hash) as JSON")
@@ -239,8 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune one dataset x task x init x fraction x fold")
     p.add_argument("--dataset", required=True)
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--init", required=True, choices=INITS,
-                   help="pretrained, scratch, or notransformer (the w/o-transformer ablation)")
+    p.add_argument(
+        "--init",
+        required=True,
+        choices=INITS,
+        help="pretrained, scratch, or notransformer (the w/o-transformer ablation)",
+    )
     p.add_argument("--fraction", type=int, default=100, help="label fraction in percent")
     p.add_argument("--fold", type=int, required=True, help="k: test fold k, val fold k+1")
     p.add_argument("--manifest", required=True)
@@ -285,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err)
         print(f"medtx: error: {message}", file=sys.stderr)
         if "\n" in message:  # a list of problems: end on one summary line
-            print(f"medtx: error: {message.splitlines()[0].rstrip(':')} (listed above)",
-                  file=sys.stderr)
+            print(
+                f"medtx: error: {message.splitlines()[0].rstrip(':')} (listed above)",
+                file=sys.stderr,
+            )
         return 1
     except Exception as err:  # a library failure on input that passed our checks
         import traceback

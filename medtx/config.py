@@ -25,19 +25,39 @@ def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
-def _fill_defaults(node: Any, schema: dict) -> None:
+def _resolve_ref(schema: dict, root: dict) -> dict:
+    """``schema`` with its local ``$ref`` (``#/$defs/...``) merged in, so shared blocks
+    get their defaults filled too; the referring schema's own keywords win."""
+    ref = schema.get("$ref")
+    if ref is None:
+        return schema
+    if not ref.startswith("#/"):
+        raise ConfigError(f"config schema: only local $ref (#/...) are supported, not {ref!r}")
+    target: Any = root
+    for part in ref[2:].split("/"):
+        target = target[part.replace("~1", "/").replace("~0", "~")]
+    own = {k: v for k, v in schema.items() if k != "$ref"}
+    return {**_resolve_ref(target, root), **own}
+
+
+def _fill_defaults(node: Any, schema: dict, root: dict | None = None) -> None:
+    """Fill ``default`` values of keys left out of ``node`` (``root``: the whole schema)."""
+    root = schema if root is None else root
+    schema = _resolve_ref(schema, root)
     if not isinstance(node, dict):
         return
-    for key, sub in schema.get("properties", {}).items():
+    properties = schema.get("properties", {})
+    for key, sub in properties.items():
+        sub = _resolve_ref(sub, root)
         if key not in node and "default" in sub:
             node[key] = copy.deepcopy(sub["default"])
         if key in node:
-            _fill_defaults(node[key], sub)
+            _fill_defaults(node[key], sub, root)
     extra = schema.get("additionalProperties")
     if isinstance(extra, dict):
         for key, value in node.items():
-            if key not in schema.get("properties", {}):
-                _fill_defaults(value, extra)
+            if key not in properties:
+                _fill_defaults(value, extra, root)
 
 
 def _describe(err: jsonschema.ValidationError) -> str:
@@ -49,7 +69,8 @@ def _describe(err: jsonschema.ValidationError) -> str:
     if err.validator == "enum":
         return f"config key '{key}': {err.instance!r} is not one of {err.validator_value}"
     if err.validator == "oneOf" and isinstance(err.instance, (str, list)):
-        return f"config key '{key}': {err.instance!r} is not a valid value ({err.schema.get('description', '')})"
+        what = err.schema.get("description", "")
+        return f"config key '{key}': {err.instance!r} is not a valid value ({what})"
     return f"config key '{key}': {err.message}"
 
 
@@ -69,13 +90,18 @@ def validate_config(config: dict) -> dict:
     fold_fractions = set(config["folds"]["fractions"]) | {100}
     missing = sorted(set(config["train"]["fractions"]) - fold_fractions)
     if missing:
-        raise ConfigError(f"config key 'train/fractions': {missing} not in folds/fractions "
-                          f"{sorted(fold_fractions)}; manifests hold only those subsets")
+        raise ConfigError(
+            f"config key 'train/fractions': {missing} not in folds/fractions "
+            f"{sorted(fold_fractions)}; manifests hold only those subsets"
+        )
     for name, ds in config["datasets"].items():
         if isinstance(ds["role"], str):
             ds["role"] = [ds["role"]]
         if ds["kind"] == "csv" and "generate" in ds:
-            raise ConfigError(f"config key 'datasets/{name}/generate': only bids and brats datasets can be generated")
+            raise ConfigError(
+                f"config key 'datasets/{name}/generate': only bids and brats "
+                "datasets can be generated"
+            )
     return config
 
 

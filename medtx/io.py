@@ -14,8 +14,9 @@ import json
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -38,8 +39,14 @@ def load_nifti(path: str | Path, *, subject: str | None = None) -> nib.Nifti1Ima
         raise BadScanError(path, "not a NIfTI file (expected .nii or .nii.gz)", subject=subject)
     try:
         img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, OSError, EOFError, zlib.error,
-            gzip.BadGzipFile, ValueError) as err:
+    except (
+        nib.filebasedimages.ImageFileError,
+        OSError,
+        EOFError,
+        zlib.error,
+        gzip.BadGzipFile,
+        ValueError,
+    ) as err:
         raise BadScanError(path, f"not a readable NIfTI file ({err})", subject=subject) from err
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BadScanError(path, f"not a NIfTI image ({type(img).__name__})", subject=subject)
@@ -50,7 +57,9 @@ def check_affine(affine: np.ndarray, path: str | Path, *, subject: str | None = 
     """A voxel-to-world affine must be finite and invertible."""
     affine = np.asarray(affine, dtype=float)
     if affine.shape != (4, 4):
-        raise BadScanError(path, f"affine shape must be (4, 4), not {affine.shape}", subject=subject)
+        raise BadScanError(
+            path, f"affine shape must be (4, 4), not {affine.shape}", subject=subject
+        )
     if not np.all(np.isfinite(affine)):
         raise BadScanError(path, "affine has NaN or Inf entries", subject=subject)
     det = np.linalg.det(affine[:3, :3])
@@ -73,7 +82,11 @@ def load_volume(
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        raise BadScanError(path, f"expected a 3-D volume, found {len(img.shape)}-D data of shape {img.shape}", subject=subject)
+        raise BadScanError(
+            path,
+            f"expected a 3-D volume, found {len(img.shape)}-D data of shape {img.shape}",
+            subject=subject,
+        )
     if min(shape) < 2:
         raise BadScanError(path, f"expected a 3-D volume, found shape {img.shape}", subject=subject)
     _check_voxel_size(path, subject)
@@ -82,7 +95,9 @@ def load_volume(
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except (OSError, EOFError, zlib.error, ValueError) as err:
-        raise BadScanError(path, f"truncated or corrupt image data ({err})", subject=subject) from err
+        raise BadScanError(
+            path, f"truncated or corrupt image data ({err})", subject=subject
+        ) from err
     if check_data:
         check_voxels(data, path, subject=subject)
     return data, affine
@@ -101,9 +116,12 @@ def _check_voxel_size(path: str | Path, subject: str | None) -> None:
     if int(raw["sform_code"]) == 0 and int(raw["qform_code"]) == 0:
         zooms = [float(z) for z in raw["pixdim"][1:4]]
         if any(z == 0 for z in zooms) or not all(np.isfinite(zooms)):
-            raise BadScanError(path, f"voxel size is zero or invalid ({zooms}) and no "
-                               "sform/qform gives the geometry: affine is zero or not invertible",
-                               subject=subject)
+            raise BadScanError(
+                path,
+                f"voxel size is zero or invalid ({zooms}) and no "
+                "sform/qform gives the geometry: affine is zero or not invertible",
+                subject=subject,
+            )
 
 
 def check_voxels(data: np.ndarray, path: str | Path, *, subject: str | None = None) -> None:
@@ -114,7 +132,9 @@ def check_voxels(data: np.ndarray, path: str | Path, *, subject: str | None = No
     if not np.any(data):
         raise BadScanError(path, "image is all zeros", subject=subject)
     if float(data.max()) == float(data.min()):
-        raise BadScanError(path, f"image is constant (every voxel = {float(data.max()):g})", subject=subject)
+        raise BadScanError(
+            path, f"image is constant (every voxel = {float(data.max()):g})", subject=subject
+        )
 
 
 @contextlib.contextmanager

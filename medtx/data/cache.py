@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,11 +20,12 @@ from medtx.domain import regions_from_labels
 from medtx.errors import MedtxError
 from medtx.io import atomic_path, load_volume
 
+
 def cache_volume(image: str | Path, out: str | Path, *, channels_last: bool = True) -> Path:
     """Write ``image`` (3-D, or 4-D channels-last) as float16 (C, X, Y, Z) .npy."""
     import nibabel as nib
 
-    img = nib.load(str(image))
+    img: Any = nib.load(str(image))
     if img.ndim == 3:
         data, _ = load_volume(image)
         array = data[None]
@@ -54,8 +56,15 @@ def load_cached(path: str | Path) -> np.ndarray:
 INDEX_COLUMNS = ("dataset", "subject", "session", "scan", "image", "regions")
 
 
-def write_cache_index(dataset: str, scans: Sequence[str], images: Sequence[str], out: str | Path,
-                      regions: Sequence[str] | None = None, *, brats: bool = False) -> Path:
+def write_cache_index(
+    dataset: str,
+    scans: Sequence[str],
+    images: Sequence[str],
+    out: str | Path,
+    regions: Sequence[str] | None = None,
+    *,
+    brats: bool = False,
+) -> Path:
     """One dataset's cached volumes as a TSV: who each scan is, and its cache files.
 
     Training reads scans and their identity from here (never from file names).
@@ -65,14 +74,23 @@ def write_cache_index(dataset: str, scans: Sequence[str], images: Sequence[str],
     or changed scan still retrains the dataset's models.
     """
     if len(scans) != len(images) or (regions is not None and len(regions) != len(images)):
-        raise MedtxError(f"{out}: {len(scans)} scans but {len(images)} cached images"
-                         + (f" and {len(regions)} region masks" if regions is not None else ""))
+        raise MedtxError(
+            f"{out}: {len(scans)} scans but {len(images)} cached images"
+            + (f" and {len(regions)} region masks" if regions is not None else "")
+        )
     rows = []
     for i, (scan, image) in enumerate(zip(scans, images)):
         who = scan_identity(scan, brats=brats)
-        rows.append({"dataset": dataset, "subject": who["subject"], "session": who["session"] or "",
-                     "scan": scan, "image": str(image),
-                     "regions": str(regions[i]) if regions is not None else ""})
+        rows.append(
+            {
+                "dataset": dataset,
+                "subject": who["subject"],
+                "session": who["session"] or "",
+                "scan": scan,
+                "image": str(image),
+                "regions": str(regions[i]) if regions is not None else "",
+            }
+        )
     table = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
     with atomic_path(out) as tmp:
         table.to_csv(tmp, sep="\t", index=False)

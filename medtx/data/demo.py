@@ -24,6 +24,9 @@ skull-stripped, co-registered t1/t1ce/t2/flair plus a seg with labels 0/1/2/4)
 so the segmentation branch (crop, per-modality normalisation, label
 conversion) runs on files shaped exactly like the real ones.
 
+The module is long because it is one generative model (anatomy, pose, warp,
+bias, noise, tumours) whose parts share the template and its labels.
+
 Everything is deterministic given the spec's seed and the subject (or case) id:
 each scan draws from its own random stream, so a rerun of one Snakemake job
 rewrites the same bytes regardless of which other jobs ran.
@@ -43,10 +46,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from medtx import __version__
+from medtx.data.templates import cerebra_label_names, template_path
 from medtx.domain import BRATS_MODALITIES
 from medtx.errors import ConfigError, MedtxError
 from medtx.io import save_nifti, write_json, write_text
-from medtx.data.templates import cerebra_label_names, template_path
 
 # ---------------------------------------------------------------- constants
 
@@ -84,13 +87,30 @@ MTL_REACH_MM = 3.0
 VENTRICLE_NAMES = ("Lateral Ventricle", "Inferior Lateral Ventricle", "Third Ventricle")
 MEDIAL_TEMPORAL_NAMES = ("Hippocampus", "Amygdala")
 #: CerebrA structures that are not Desikan cortex; every other label is cortex.
-NON_CORTICAL_NAMES = frozenset({
-    "Brainstem", "Third Ventricle", "Fourth Ventricle", "Optic Chiasm", "Lateral Ventricle",
-    "Inferior Lateral Ventricle", "Cerebellum Gray Matter", "Cerebellum White Matter",
-    "Thalamus", "Caudate", "Putamen", "Pallidum", "Hippocampus", "Amygdala",
-    "Accumbens Area", "Ventral Diencephalon", "Basal Forebrain", "Vermal lobules I-V",
-    "Vermal lobules VI-VII", "Vermal lobules VIII-X",
-})
+NON_CORTICAL_NAMES = frozenset(
+    {
+        "Brainstem",
+        "Third Ventricle",
+        "Fourth Ventricle",
+        "Optic Chiasm",
+        "Lateral Ventricle",
+        "Inferior Lateral Ventricle",
+        "Cerebellum Gray Matter",
+        "Cerebellum White Matter",
+        "Thalamus",
+        "Caudate",
+        "Putamen",
+        "Pallidum",
+        "Hippocampus",
+        "Amygdala",
+        "Accumbens Area",
+        "Ventral Diencephalon",
+        "Basal Forebrain",
+        "Vermal lobules I-V",
+        "Vermal lobules VI-VII",
+        "Vermal lobules VIII-X",
+    }
+)
 
 VOXEL_SIZES = ((1.2, 1.2, 1.2), (1.0, 1.0, 1.2), (1.1, 1.1, 1.3), (1.3, 1.3, 1.3))
 ORIENTATIONS = ("LAS", "RAS")
@@ -113,6 +133,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 # ---------------------------------------------------------------- randomness
 
+
 def _stable_int(text: str) -> int:
     """A process-independent hash (Python's ``hash`` is salted per process)."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
@@ -120,11 +141,13 @@ def _stable_int(text: str) -> int:
 
 def _rng(seed: int, key: str, purpose: str) -> np.random.Generator:
     """One random stream per (seed, subject, purpose): jobs never share draws."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), _stable_int(key),
-                                                         _stable_int(purpose)]))
+    return np.random.default_rng(
+        np.random.SeedSequence([int(seed), _stable_int(key), _stable_int(purpose)])
+    )
 
 
 # ---------------------------------------------------------------- planning
+
 
 def _merged(spec: dict | None, defaults: dict) -> dict:
     """The spec over its defaults; an unknown key is refused (a typo would go unseen)."""
@@ -155,8 +178,10 @@ def allocate(n: int, proportions: dict[str, float]) -> list[str]:
 
 
 def _severity_table(spec: dict) -> dict[str, float]:
-    return {**DIAGNOSIS_SEVERITY, **{k: float(v) for k, v in
-                                     (spec.get("diagnosis_severity") or {}).items()}}
+    return {
+        **DIAGNOSIS_SEVERITY,
+        **{k: float(v) for k, v in (spec.get("diagnosis_severity") or {}).items()},
+    }
 
 
 def _draw_age(rng: np.random.Generator, rank: float, lo: float, hi: float) -> float:
@@ -204,13 +229,17 @@ def plan_t1_cohort(spec: dict | None = None) -> list[dict]:
     rows = []
     for i, (dx, site) in enumerate(zip(diagnoses, site_of), start=1):
         subject = f"{prefix}{i:0{width}d}"
-        rows.append({
-            "subject": subject, "session": None,
-            "age": _draw_age(rng, max(table[dx], 0.0) / top, lo, hi),
-            "sex": "F" if rng.random() < 0.5 else "M",
-            "diagnosis": dx, "site": site,
-            "t1": f"sub-{subject}/anat/sub-{subject}_T1w.nii.gz",
-        })
+        rows.append(
+            {
+                "subject": subject,
+                "session": None,
+                "age": _draw_age(rng, max(table[dx], 0.0) / top, lo, hi),
+                "sex": "F" if rng.random() < 0.5 else "M",
+                "diagnosis": dx,
+                "site": site,
+                "t1": f"sub-{subject}/anat/sub-{subject}_T1w.nii.gz",
+            }
+        )
     return rows
 
 
@@ -221,7 +250,9 @@ def plan_brats_cohort(spec: dict | None = None) -> list[dict]:
     if n < 1:
         raise ConfigError(f"n_cases must be >= 1, not {n}")
     if not _SAFE_ID.match(prefix):
-        raise ConfigError(f"prefix is used in file names: letters, digits, _ and - only, not {prefix!r}")
+        raise ConfigError(
+            f"prefix is used in file names: letters, digits, _ and - only, not {prefix!r}"
+        )
     width = max(3, len(str(n)))
     rows = []
     for i in range(1, n + 1):
@@ -233,21 +264,22 @@ def plan_brats_cohort(spec: dict | None = None) -> list[dict]:
 
 # ---------------------------------------------------------------- template
 
+
 class Template(NamedTuple):
-    t1: np.ndarray          # T1 head with skull, float32 (the brain is t1 * mask)
-    mask: np.ndarray        # brain mask, bool
-    labels: np.ndarray      # CerebrA labels, int16
-    affine: np.ndarray      # shared voxel -> world (RAS, 1 mm, diagonal)
-    wm_t1: float            # typical white-matter and ventricle T1 levels
+    t1: np.ndarray  # T1 head with skull, float32 (the brain is t1 * mask)
+    mask: np.ndarray  # brain mask, bool
+    labels: np.ndarray  # CerebrA labels, int16
+    affine: np.ndarray  # shared voxel -> world (RAS, 1 mm, diagonal)
+    wm_t1: float  # typical white-matter and ventricle T1 levels
     csf_t1: float
 
 
 def _read(name: str) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(str(template_path(name)))
+    img: Any = nib.load(str(template_path(name)))
     return np.asarray(img.dataobj, dtype=np.float32), img.affine
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def template() -> Template:
     """The template volumes as read-only arrays, loaded once per process."""
     t1, affine = _read("t1")
@@ -262,19 +294,19 @@ def template() -> Template:
     return Template(t1, mask, labels, affine, wm_t1, csf)
 
 
-def _white_matter(t1: np.ndarray, mask: np.ndarray, labels: np.ndarray,
-                  csf: float, wm: float) -> np.ndarray:
+def _white_matter(
+    t1: np.ndarray, mask: np.ndarray, labels: np.ndarray, csf: float, wm: float
+) -> np.ndarray:
     """Unlabelled bright voxels inside the brain: cerebral white matter."""
     return mask & (labels == 0) & (t1 > csf + 0.75 * (wm - csf))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def template_t2() -> tuple[np.ndarray, float]:
     """The template T2 (read-only) and its white-matter level; only BraTS needs it."""
     tpl = template()
     t2 = _read("t2")[0]
-    level = float(np.median(t2[_white_matter(tpl.t1, tpl.mask, tpl.labels, tpl.csf_t1,
-                                             tpl.wm_t1)]))
+    level = float(np.median(t2[_white_matter(tpl.t1, tpl.mask, tpl.labels, tpl.csf_t1, tpl.wm_t1)]))
     t2.flags.writeable = False
     return t2, level
 
@@ -310,6 +342,7 @@ def _tissue_levels(t1: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 # ---------------------------------------------------------------- atrophy
 
+
 def atrophy_severity(age: float, diagnosis: str, table: dict[str, float] | None = None) -> float:
     """severity = 0.02 * (age - 50) + {CN: 0, MCI: 1, AD: 2}[diagnosis], floored at 0.
 
@@ -332,8 +365,11 @@ def ventricle_severity(age: float, diagnosis: str, table: dict[str, float] | Non
     table = DIAGNOSIS_SEVERITY if table is None else table
     if diagnosis not in table:
         raise MedtxError(f"no atrophy severity for diagnosis {diagnosis!r}; known: {sorted(table)}")
-    return max(0.0, VENTRICLE_SEVERITY_PER_YEAR * (float(age) - 50.0)
-               + VENTRICLE_SEVERITY_PER_DIAGNOSIS * float(table[diagnosis]))
+    return max(
+        0.0,
+        VENTRICLE_SEVERITY_PER_YEAR * (float(age) - 50.0)
+        + VENTRICLE_SEVERITY_PER_DIAGNOSIS * float(table[diagnosis]),
+    )
 
 
 class AtrophyMaps(NamedTuple):
@@ -343,17 +379,20 @@ class AtrophyMaps(NamedTuple):
     the structure that grows into them; +inf elsewhere. Thresholding them at a
     severity-dependent radius gives a smooth, monotone effect.
     """
-    ventricle_dist: np.ndarray   # non-ventricle tissue -> nearest ventricle
+
+    ventricle_dist: np.ndarray  # non-ventricle tissue -> nearest ventricle
     ventricle_label: np.ndarray  # label of that nearest ventricle
-    cortex_dist: np.ndarray      # cortical voxels -> nearest exterior CSF
-    mtl_dist: np.ndarray         # hippocampus/amygdala -> nearest CSF
+    cortex_dist: np.ndarray  # cortical voxels -> nearest exterior CSF
+    mtl_dist: np.ndarray  # hippocampus/amygdala -> nearest CSF
     csf_value: float
 
 
 def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     idx = np.nonzero(mask)
-    return tuple(slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n))
-                 for i, n in zip(idx, mask.shape))
+    return tuple(
+        slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n))
+        for i, n in zip(idx, mask.shape)
+    )
 
 
 def _near_distance(target: np.ndarray, candidates: np.ndarray, radius: float) -> np.ndarray:
@@ -367,18 +406,23 @@ def _near_distance(target: np.ndarray, candidates: np.ndarray, radius: float) ->
     box = _box(candidates, r + 1)
     tgt = np.pad(target[box], r)
     shape = tgt.shape[0] - 2 * r, tgt.shape[1] - 2 * r, tgt.shape[2] - 2 * r
-    offsets = [(float(np.sqrt(a * a + b * b + c * c)), (a, b, c))
-               for a in range(-r, r + 1) for b in range(-r, r + 1) for c in range(-r, r + 1)]
+    offsets = [
+        (float(np.sqrt(a * a + b * b + c * c)), (a, b, c))
+        for a in range(-r, r + 1)
+        for b in range(-r, r + 1)
+        for c in range(-r, r + 1)
+    ]
     local = np.full(shape, np.inf, dtype=np.float32)
     for d, (a, b, c) in sorted((o for o in offsets if 0 < o[0] <= radius), reverse=True):
-        local[tgt[r + a:r + a + shape[0], r + b:r + b + shape[1], r + c:r + c + shape[2]]] = d
+        local[tgt[r + a : r + a + shape[0], r + b : r + b + shape[1], r + c : r + c + shape[2]]] = d
     dist = np.full(target.shape, np.inf, dtype=np.float32)
     dist[box] = np.where(candidates[box] & ~target[box], local, np.inf)
     return dist
 
 
-def _ventricle_distance(labels: np.ndarray, vent: np.ndarray,
-                        tissue: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _ventricle_distance(
+    labels: np.ndarray, vent: np.ndarray, tissue: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Distance from tissue to the nearest ventricle, and that ventricle's label."""
     box = _box(vent, int(VENTRICLE_REACH_MM))
     d, ind = ndi.distance_transform_edt(~vent[box], return_indices=True)
@@ -407,7 +451,7 @@ def atrophy_maps(t1: np.ndarray, labels: np.ndarray) -> AtrophyMaps:
     return AtrophyMaps(vdist, vlabel, cdist, mdist, csf)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def template_atrophy_maps() -> AtrophyMaps:
     """Atrophy maps of the template head, computed once per process."""
     tpl = template()
@@ -426,9 +470,14 @@ def _claimed(dist: np.ndarray, radius: float) -> np.ndarray:
     return np.clip(radius + 1.0 - dist, 0.0, 1.0, dtype=np.float32)
 
 
-def apply_atrophy(t1: np.ndarray, labels: np.ndarray, severity: float,
-                  maps: AtrophyMaps | None = None, *,
-                  ventricle_severity: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def apply_atrophy(
+    t1: np.ndarray,
+    labels: np.ndarray,
+    severity: float,
+    maps: AtrophyMaps | None = None,
+    *,
+    ventricle_severity: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (t1, labels) after ventricle enlargement, cortical thinning and
     hippocampal/amygdala shrinkage (see atrophy_severity, ventricle_severity).
 
@@ -456,14 +505,16 @@ def apply_atrophy(t1: np.ndarray, labels: np.ndarray, severity: float,
 
 # ---------------------------------------------------------------- smooth fields
 
+
 def _cosine_basis(n: int, k: int) -> np.ndarray:
     """(n, k) low-frequency cosines over one axis: cos(pi * f * u), u in [0, 1]."""
     u = np.linspace(0.0, 1.0, n, dtype=np.float32)
     return np.cos(np.pi * u[:, None] * np.arange(k, dtype=np.float32)[None, :])
 
 
-def smooth_field(shape: tuple[int, int, int], rng: np.random.Generator, k: int,
-                 peak: float) -> np.ndarray:
+def smooth_field(
+    shape: tuple[int, ...], rng: np.random.Generator, k: int, peak: float
+) -> np.ndarray:
     """A random smooth 3-D field with max |value| = peak, built separably.
 
     A sum of k^3 cosine products (no constant term) is evaluated as two small
@@ -517,12 +568,16 @@ def _grid_coords(shape, vox_to_src: np.ndarray) -> np.ndarray:
     coords = np.empty((3, *shape), dtype=np.float32)
     for c in range(3):
         m = vox_to_src[c].astype(np.float32)
-        coords[c] = (m[0] * axes[0][:, None, None] + m[1] * axes[1][None, :, None]
-                     + (m[2] * axes[2] + m[3])[None, None, :])
+        coords[c] = (
+            m[0] * axes[0][:, None, None]
+            + m[1] * axes[1][None, :, None]
+            + (m[2] * axes[2] + m[3])[None, None, :]
+        )
     return coords
 
 
 # ---------------------------------------------------------------- T1 cohort
+
 
 def _site_level(site: str) -> float:
     """White-matter intensity of a site's scanner, 1000-3000, fixed per site name."""
@@ -551,18 +606,26 @@ def t1_acquisition(row: dict, spec: dict | None = None) -> dict:
         "warp_mm": round(float(rng.uniform(2.0, 3.0)), 2),
         # (left, right, posterior, anterior, inferior, superior) margins; a
         # negative inferior margin cuts into the neck.
-        "margins_mm": [*rng.uniform(4, 20, 4).round(1).tolist(),
-                       round(float(rng.uniform(-15, 25)), 1), round(float(rng.uniform(4, 20)), 1)],
+        "margins_mm": [
+            *rng.uniform(4, 20, 4).round(1).tolist(),
+            round(float(rng.uniform(-15, 25)), 1),
+            round(float(rng.uniform(4, 20)), 1),
+        ],
         "bias_log_peak": round(float(rng.uniform(0.15, 0.22)), 3),
         "noise_frac": round(float(rng.uniform(0.02, 0.04)), 4),
-        "wm_level": round(_site_level(str(row.get("site", ""))) * float(rng.uniform(0.95, 1.05)), 1),
+        "wm_level": round(
+            _site_level(str(row.get("site", ""))) * float(rng.uniform(0.95, 1.05)), 1
+        ),
         # drawn last: the draws above keep their values from before it existed
-        "ventricle_severity": max(0.0, ventricle_severity(row["age"], row["diagnosis"], table)
-                                  + float(rng.normal(0.0, SEVERITY_NOISE))),
+        "ventricle_severity": max(
+            0.0,
+            ventricle_severity(row["age"], row["diagnosis"], table)
+            + float(rng.normal(0.0, SEVERITY_NOISE)),
+        ),
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def head_weight() -> np.ndarray:
     """1 inside the template head, 0 in the air, soft over one voxel at the scalp.
 
@@ -580,24 +643,26 @@ def head_weight() -> np.ndarray:
     return weight
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _head_box_world() -> np.ndarray:
     """(2, 3) world-space min/max corners of the template head."""
     tpl = template()
     idx = np.nonzero(head_weight() > 0.5)
     lo = np.array([i.min() for i in idx], float)
     hi = np.array([i.max() for i in idx], float)
-    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
-                        for c in (lo[2], hi[2])])
+    corners = np.array(
+        [[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
+    )
     world = (tpl.affine @ corners.T).T[:, :3]
     return np.stack([world.min(0), world.max(0)])
 
 
-def _output_grid(acq: dict, pose: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
+def _output_grid(acq: dict, pose: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and affine of an axis-aligned grid covering the posed head plus margins."""
     lo, hi = _head_box_world()
-    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
-                        for z in (lo[2], hi[2])])
+    corners = np.array(
+        [[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])]
+    )
     world = (pose @ corners.T).T[:, :3]
     m = np.asarray(acq["margins_mm"], float)
     lo, hi = world.min(0) - m[0::2], world.max(0) + m[1::2]
@@ -627,8 +692,13 @@ def generate_t1_scan(row: dict, spec: dict | None, out_path: str | Path) -> None
     spec = _merged(spec, T1_DEFAULTS)
     acq = t1_acquisition(row, spec)
     tpl = template()
-    head, _ = apply_atrophy(tpl.t1, tpl.labels, acq["severity"], template_atrophy_maps(),
-                            ventricle_severity=acq["ventricle_severity"])
+    head, _ = apply_atrophy(
+        tpl.t1,
+        tpl.labels,
+        acq["severity"],
+        template_atrophy_maps(),
+        ventricle_severity=acq["ventricle_severity"],
+    )
     head *= head_weight()
     _neck_falloff(head)
     centre = _head_box_world().mean(0)
@@ -639,8 +709,9 @@ def generate_t1_scan(row: dict, spec: dict | None, out_path: str | Path) -> None
     coords = _grid_coords(shape, to_src)
     for c in range(3):  # the warp, in template voxels (the template affine is diagonal)
         coords[c] += smooth_field(shape, rng, 4, acq["warp_mm"] / abs(tpl.affine[c, c]))
-    img = ndi.map_coordinates(head, coords, order=1, mode="constant", cval=0.0,
-                              output=np.float32, prefilter=False)
+    img = ndi.map_coordinates(
+        head, coords, order=1, mode="constant", cval=0.0, output=np.float32, prefilter=False
+    )
     del coords, head
     img *= np.exp(smooth_field(shape, rng, 3, acq["bias_log_peak"]))
     img *= np.float32(acq["wm_level"] / tpl.wm_t1)
@@ -652,31 +723,48 @@ def write_t1_participants(rows: list[dict], root: str | Path) -> None:
     """Write BIDS participants.tsv (+ .json column descriptions) and dataset_description.json."""
     root = Path(root)
     lines = ["participant_id\tage\tsex\tdiagnosis\tsite"]
-    lines += [f"sub-{r['subject']}\t{float(r['age']):.1f}\t{r['sex']}\t{r['diagnosis']}\t{r['site']}"
-              for r in rows]
+    lines += [
+        f"sub-{r['subject']}\t{float(r['age']):.1f}\t{r['sex']}\t{r['diagnosis']}\t{r['site']}"
+        for r in rows
+    ]
     write_text("\n".join(lines) + "\n", root / "participants.tsv")
-    write_json({
-        "age": {"Description": "age at scan; sets the simulated ventricular enlargement",
-                "Units": "year"},
-        "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}},
-        "diagnosis": {"Description": "clinical group; sets the simulated cortical and medial temporal atrophy"},
-        "site": {"Description": "acquisition site; sets the intensity scale"},
-    }, root / "participants.json")
-    write_json({
-        "Name": "medtx synthetic demo cohort (T1w)",
-        "BIDSVersion": "1.8.0",
-        "DatasetType": "raw",
-        "GeneratedBy": [{
-            "Name": "medtx demo", "Version": __version__,
-            "Description": "synthetic T1w heads from the ICBM 2009c symmetric template with "
-                           "simulated atrophy, pose, warp, bias field and noise",
-        }],
-    }, root / "dataset_description.json")
+    write_json(
+        {
+            "age": {
+                "Description": "age at scan; sets the simulated ventricular enlargement",
+                "Units": "year",
+            },
+            "sex": {"Description": "sex", "Levels": {"F": "female", "M": "male"}},
+            "diagnosis": {
+                "Description": "clinical group; sets the simulated cortical and medial "
+                "temporal atrophy"
+            },
+            "site": {"Description": "acquisition site; sets the intensity scale"},
+        },
+        root / "participants.json",
+    )
+    write_json(
+        {
+            "Name": "medtx synthetic demo cohort (T1w)",
+            "BIDSVersion": "1.8.0",
+            "DatasetType": "raw",
+            "GeneratedBy": [
+                {
+                    "Name": "medtx demo",
+                    "Version": __version__,
+                    "Description": "synthetic T1w heads from the ICBM 2009c symmetric "
+                    "template with simulated atrophy, pose, warp, bias field and noise",
+                }
+            ],
+        },
+        root / "dataset_description.json",
+    )
 
 
 # ---------------------------------------------------------------- BraTS cohort
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _brats_frame() -> tuple[np.ndarray, np.ndarray]:
     """The BraTS-style affine (LPS axes, 1 mm, 240x240x155) and the brain's world box.
 
@@ -695,7 +783,7 @@ def _brats_frame() -> tuple[np.ndarray, np.ndarray]:
     return affine, box
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tumour_sites() -> np.ndarray:
     """Template world coordinates of deep cerebral white matter (>= 15 mm inside)."""
     tpl = template()
@@ -741,8 +829,9 @@ def _brats_base(pose: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, tu
     shift[:3, 3] = lo
     to_src = np.linalg.inv(tpl.affine) @ np.linalg.inv(pose) @ frame @ shift
     coords = _grid_coords(tuple(hi - lo), to_src)
-    sample = functools.partial(ndi.map_coordinates, coordinates=coords, order=1,
-                               output=np.float32, prefilter=False)
+    sample = functools.partial(
+        ndi.map_coordinates, coordinates=coords, order=1, output=np.float32, prefilter=False
+    )
     mask = sample(tpl.mask.astype(np.float32)) > 0.5
     t2_tpl, wm_t2 = template_t2()
     t1 = sample(tpl.t1) / np.float32(tpl.wm_t1)
@@ -768,14 +857,22 @@ def _lobes(offsets: np.ndarray, rng: np.random.Generator, peak: float, n: int = 
     for _ in range(n):
         v = rng.normal(size=3).astype(np.float32)
         v /= np.linalg.norm(v)
-        out += np.cos(np.float32(np.pi * rng.uniform(1.0, 3.0)) * (unit @ v)
-                      + np.float32(rng.uniform(0, 2 * np.pi)))
+        out += np.cos(
+            np.float32(np.pi * rng.uniform(1.0, 3.0)) * (unit @ v)
+            + np.float32(rng.uniform(0, 2 * np.pi))
+        )
     out *= np.float32(peak / max(float(np.abs(out).max()), 1e-6))
     return out
 
 
-def _tumour_labels(acq: dict, pose: np.ndarray, shape, offset: np.ndarray,
-                   brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _tumour_labels(
+    acq: dict,
+    pose: np.ndarray,
+    shape,
+    offset: np.ndarray,
+    brain: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """BraTS labels (0/1/2/4) of an irregular ellipsoidal tumour in the brain box.
 
     Necrotic core inside an enhancing rim of a few mm; edema reaches a further
@@ -788,8 +885,10 @@ def _tumour_labels(acq: dict, pose: np.ndarray, shape, offset: np.ndarray,
     lo = np.clip(np.round(centre).astype(int) - half, 0, None)
     hi = np.minimum(np.round(centre).astype(int) + half + 1, shape)
     sub = tuple(slice(a, b) for a, b in zip(lo, hi))
-    grid = np.stack(np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi)],
-                                indexing="ij"), axis=-1) - centre.astype(np.float32)
+    grid = np.stack(
+        np.meshgrid(*[np.arange(a, b, dtype=np.float32) for a, b in zip(lo, hi)], indexing="ij"),
+        axis=-1,
+    ) - centre.astype(np.float32)
     rot = _rotation(np.asarray(acq["tumour_rotation_deg"])).astype(np.float32)
     axes = np.float32(r) * np.asarray(acq["tumour_axes"], np.float32)
     rho = np.linalg.norm((grid @ rot) / axes, axis=-1)
@@ -807,19 +906,20 @@ def _tumour_labels(acq: dict, pose: np.ndarray, shape, offset: np.ndarray,
     return seg
 
 
-def _paint_tumour(base: dict[str, np.ndarray], seg: np.ndarray,
-                  rng: np.random.Generator) -> None:
+def _paint_tumour(base: dict[str, np.ndarray], seg: np.ndarray, rng: np.random.Generator) -> None:
     """Give each compartment its contrast, with partial volume and a mild texture."""
     box = _box(seg > 0, 3)
     shape = seg[box].shape
-    w = {k: ndi.gaussian_filter((seg[box] == v).astype(np.float32), 0.7)
-         for k, v in BRATS_LABELS.items()}
+    w = {
+        k: ndi.gaussian_filter((seg[box] == v).astype(np.float32), 0.7)
+        for k, v in BRATS_LABELS.items()
+    }
     texture = 1.0 + smooth_field(shape, rng, 6, 0.08)
     core = w["necrosis"] + w["enhancing"]
     for m, (ncr, enh, ed) in TUMOUR_CONTRAST.items():
         img = base[m][box]
         tissue = img * (1.0 + w["edema"] * (ed - 1.0)) * (1.0 - core)
-        img[...] = (tissue + (w["necrosis"] * ncr + w["enhancing"] * enh) * texture)
+        img[...] = tissue + (w["necrosis"] * ncr + w["enhancing"] * enh) * texture
 
 
 def _tumour_brain(base: dict[str, np.ndarray], mask: np.ndarray) -> np.ndarray:

@@ -19,21 +19,42 @@ from typing import Any
 
 import pandas as pd
 
+from medtx.data.scan_ids import brats_subject, scan_id
 from medtx.domain import BRATS_FILES
 from medtx.errors import BadScanError, CohortError, MedtxError
 from medtx.io import load_volume, write_text
-from medtx.data.scan_ids import brats_subject, scan_id
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
 LABEL_COLUMNS = ("diagnosis", "age", "sex", "site")
-COLUMNS = ["dataset", "kind", "subject", "session", "scan", "t1", "t1ce", "t2", "flair", "seg",
-           *LABEL_COLUMNS, "status", "reason", "signature"]
+COLUMNS = [
+    "dataset",
+    "kind",
+    "subject",
+    "session",
+    "scan",
+    "t1",
+    "t1ce",
+    "t2",
+    "flair",
+    "seg",
+    *LABEL_COLUMNS,
+    "status",
+    "reason",
+    "signature",
+]
 
 
 def _row(dataset: str, kind: str, subject: str, session: str | None, **fields: Any) -> dict:
-    row = {c: None for c in COLUMNS}
-    row.update(dataset=dataset, kind=kind, subject=subject, session=session,
-               scan=scan_id(subject, session), status="ok", reason="")
+    row: dict[str, Any] = {c: None for c in COLUMNS}
+    row.update(
+        dataset=dataset,
+        kind=kind,
+        subject=subject,
+        session=session,
+        scan=scan_id(subject, session),
+        status="ok",
+        reason="",
+    )
     row.update(fields)
     return row
 
@@ -50,8 +71,13 @@ def _check_id(value: Any, what: str, where: str) -> str | None:
 
 # --- readers: each returns (rows, problems); a problem with a row excludes it ---
 
-def read_bids(name: str, root: Path) -> tuple[list[dict], list[tuple[dict | None, str]]]:
-    rows, problems = [], []
+# A dataset reader's result: usable rows, and (row or None, problem) for the rest.
+ReadResult = tuple[list[dict], list[tuple[dict | None, str]]]
+
+
+def read_bids(name: str, root: Path) -> ReadResult:
+    rows: list[dict] = []
+    problems: list[tuple[dict | None, str]] = []
     participants = root / "participants.tsv"
     if not root.is_dir():
         raise MedtxError(f"dataset {name!r}: BIDS folder {root} does not exist")
@@ -59,10 +85,14 @@ def read_bids(name: str, root: Path) -> tuple[list[dict], list[tuple[dict | None
     if participants.exists():
         table = pd.read_csv(participants, sep="\t", dtype=str, keep_default_na=False)
         if "participant_id" not in table.columns:
-            raise MedtxError(f"{participants}: no participant_id column (found {list(table.columns)})")
+            raise MedtxError(
+                f"{participants}: no participant_id column (found {list(table.columns)})"
+            )
         dup = table["participant_id"][table["participant_id"].duplicated()].unique()
         for pid in dup:
-            problems.append((None, f"{participants}: participant_id {pid!r} is listed more than once"))
+            problems.append(
+                (None, f"{participants}: participant_id {pid!r} is listed more than once")
+            )
         for rec in table.to_dict("records"):
             labels[rec["participant_id"].removeprefix("sub-")] = rec
     on_disk = {p.name.removeprefix("sub-") for p in root.glob("sub-*") if p.is_dir()}
@@ -76,9 +106,12 @@ def read_bids(name: str, root: Path) -> tuple[list[dict], list[tuple[dict | None
             continue
         if subject not in on_disk:
             row = _row(name, "bids", subject, None, **lab)
-            problems.append((row, f"{participants}: sub-{subject} is listed but {sub_dir} does not exist"))
+            problems.append(
+                (row, f"{participants}: sub-{subject} is listed but {sub_dir} does not exist")
+            )
             continue
-        for session in sessions or [None]:
+        visits: list[str | None] = list(sessions) or [None]  # None: no session level
+        for session in visits:
             anat = sub_dir / (f"ses-{session}" if session else "") / "anat"
             t1s = sorted(anat.glob("*_T1w.nii.gz")) + sorted(anat.glob("*_T1w.nii"))
             row = _row(name, "bids", subject, session, t1=str(t1s[0]) if t1s else None, **lab)
@@ -91,7 +124,7 @@ def read_bids(name: str, root: Path) -> tuple[list[dict], list[tuple[dict | None
     return rows, problems
 
 
-def read_csv(name: str, path: Path, columns: dict[str, str] | None = None):
+def read_csv(name: str, path: Path, columns: dict[str, str] | None = None) -> ReadResult:
     if not path.is_file():
         raise MedtxError(f"dataset {name!r}: CSV file {path} does not exist")
     cols = {k: k for k in ("subject", "session", "t1", *LABEL_COLUMNS)}
@@ -101,7 +134,9 @@ def read_csv(name: str, path: Path, columns: dict[str, str] | None = None):
     for need in ("subject", "t1"):
         if cols[need] not in table.columns:
             raise MedtxError(f"{path}: missing column {cols[need]!r} (found {list(table.columns)})")
-    rows, problems, seen = [], [], {}
+    rows: list[dict] = []
+    problems: list[tuple[dict | None, str]] = []
+    seen: dict[tuple[str, str | None], int] = {}
     for i, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
         subject = str(rec[cols["subject"]]).strip().removeprefix("sub-")
         session = str(rec.get(cols["session"], "")).strip().removeprefix("ses-") or None
@@ -115,8 +150,11 @@ def read_csv(name: str, path: Path, columns: dict[str, str] | None = None):
             problem = _check_id(session, "session id", where)
         key = (subject, session)
         if not problem and key in seen:
-            problem = (f"{where}: duplicate row for subject {subject!r}"
-                       + (f" session {session!r}" if session else "") + f" (first on line {seen[key]})")
+            problem = (
+                f"{where}: duplicate row for subject {subject!r}"
+                + (f" session {session!r}" if session else "")
+                + f" (first on line {seen[key]})"
+            )
         seen.setdefault(key, i)
         if not problem and not t1:
             problem = f"{where}: no T1 path for subject {subject!r}"
@@ -127,14 +165,15 @@ def read_csv(name: str, path: Path, columns: dict[str, str] | None = None):
     return rows, problems
 
 
-def read_brats(name: str, root: Path):
+def read_brats(name: str, root: Path) -> ReadResult:
     if not root.is_dir():
         raise MedtxError(f"dataset {name!r}: BraTS folder {root} does not exist")
-    rows, problems = [], []
+    rows: list[dict] = []
+    problems: list[tuple[dict | None, str]] = []
     for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         case = case_dir.name
         subject = brats_subject(case)
-        files = {}
+        files: dict[str, str | None] = {}
         for mod in BRATS_FILES:
             found = sorted(case_dir.glob(f"*_{mod}.nii.gz")) + sorted(case_dir.glob(f"*_{mod}.nii"))
             files[mod] = str(found[0]) if found else None
@@ -156,6 +195,7 @@ def _label(value: Any) -> Any:
 
 
 # --- checks with a per-file cache ---
+
 
 def file_signature(path: str) -> str:
     st = os.stat(path)
@@ -188,16 +228,18 @@ def check_row(row: dict, cache: dict[str, tuple[str, str]]) -> str | None:
     return None
 
 
-def build_scan_table(name: str, dataset: dict, *, cache_path: str | Path | None = None,
-                     on_bad_scan: str = "fail") -> pd.DataFrame:
+def build_scan_table(
+    name: str, dataset: dict, *, cache_path: str | Path | None = None, on_bad_scan: str = "fail"
+) -> pd.DataFrame:
     """Read, check and cache one dataset's scan table.
 
     Raises:
         CohortError: listing every bad scan, when ``on_bad_scan`` is ``fail``.
     """
     kind, path = dataset["kind"], Path(dataset["path"])
+    problems: list[tuple[dict | None, str]] = []
     if dataset.get("generate"):
-        rows, problems = generated_rows(name, dataset), []
+        rows = generated_rows(name, dataset)
     elif kind == "bids":
         rows, problems = read_bids(name, path)
     elif kind == "csv":
@@ -215,14 +257,17 @@ def build_scan_table(name: str, dataset: dict, *, cache_path: str | Path | None 
         rows = [r for r in rows if not any(r is p[0] for p in problems)]
     if problems and on_bad_scan == "fail":
         raise CohortError([p for _, p in problems], what=f"dataset {name!r}")
-    excluded = []
-    for row, problem in problems:
-        if row is not None:
-            excluded.append({**row, "status": "excluded", "reason": problem})
+    excluded = [
+        {**bad, "status": "excluded", "reason": problem}
+        for bad, problem in problems
+        if bad is not None
+    ]
     table = pd.DataFrame(rows + excluded, columns=COLUMNS)
     if not rows:
-        raise MedtxError(f"dataset {name!r} ({path}): no usable scans"
-                         + (f"; {len(excluded)} excluded" if excluded else ""))
+        raise MedtxError(
+            f"dataset {name!r} ({path}): no usable scans"
+            + (f"; {len(excluded)} excluded" if excluded else "")
+        )
     if cache_path:
         # Rewrite only on change: rules take this file as input, so a new
         # mtime alone would rerun them.
@@ -262,8 +307,14 @@ def generated_rows(name: str, dataset: dict) -> list[dict]:
             rows.append(row)
         return rows
     return [
-        _row(name, "bids", p["subject"], p.get("session"), t1=str(root / p["t1"]),
-             **{k: p.get(k) for k in LABEL_COLUMNS})
+        _row(
+            name,
+            "bids",
+            p["subject"],
+            p.get("session"),
+            t1=str(root / p["t1"]),
+            **{k: p.get(k) for k in LABEL_COLUMNS},
+        )
         for p in demo.plan_t1_cohort(spec)
     ]
 
@@ -279,9 +330,15 @@ def excluded_scans(table_paths: list[str]) -> list[dict]:
     for path in table_paths:
         table = read_scan_table(path)
         for row in table[table["status"] == "excluded"].to_dict("records"):
-            rows.append({"dataset": row["dataset"], "subject": row["subject"],
-                         "session": row["session"] or None,
-                         "path": row["t1"] or row["flair"] or "", "reason": row["reason"]})
+            rows.append(
+                {
+                    "dataset": row["dataset"],
+                    "subject": row["subject"],
+                    "session": row["session"] or None,
+                    "path": row["t1"] or row["flair"] or "",
+                    "reason": row["reason"],
+                }
+            )
     return rows
 
 

@@ -34,7 +34,7 @@ def template_path(name: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cerebra_label_names() -> dict[int, str]:
     """CerebrA label value -> structure name (e.g. 'Lateral Ventricle')."""
     import csv

@@ -19,8 +19,10 @@ from medtx.io import atomic_path
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -37,16 +39,23 @@ def _save(fig, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
-def plot_roc(predictions_tsvs: Sequence[str | Path], out_png: str | Path, *,
-             class_names: Sequence[str] | None = None, title: str = "ROC") -> Path:
+def plot_roc(
+    predictions_tsvs: Sequence[str | Path],
+    out_png: str | Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    title: str = "ROC",
+) -> Path:
     """One-vs-rest ROC curve per class, predictions pooled over folds."""
     from sklearn.metrics import auc, roc_curve
 
     table = pd.concat(_read_predictions(predictions_tsvs), ignore_index=True)
     probs = sorted((c for c in table.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
     if not probs or table[probs].isna().any().any():
-        raise MedtxError(f"classification predictions need p_0..p_K-1 in every file "
-                         f"({list(map(str, predictions_tsvs))})")
+        raise MedtxError(
+            f"classification predictions need p_0..p_K-1 in every file "
+            f"({list(map(str, predictions_tsvs))})"
+        )
     y = table["label"].astype(int).to_numpy()
     fig, ax = _pyplot().subplots(figsize=(4, 4))
     for c, col in enumerate(probs):
@@ -55,15 +64,23 @@ def plot_roc(predictions_tsvs: Sequence[str | Path], out_png: str | Path, *,
             fpr, tpr, _ = roc_curve(y == c, table[col].to_numpy(float))
             ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.2f})")
     ax.plot([0, 1], [0, 1], "k:", lw=1, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate",
-           title=f"{title} (n = {len(y)}, {len(predictions_tsvs)} fold(s))")
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=f"{title} (n = {len(y)}, {len(predictions_tsvs)} fold(s))",
+    )
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return _save(fig, out_png)
 
 
-def plot_age(predictions_tsvs: Sequence[str | Path], out_png: str | Path, *,
-             title: str = "Brain age", labels: Sequence[str] | None = None) -> Path:
+def plot_age(
+    predictions_tsvs: Sequence[str | Path],
+    out_png: str | Path,
+    *,
+    title: str = "Brain age",
+    labels: Sequence[str] | None = None,
+) -> Path:
     """Predicted vs true age, one colour per fold, identity line, pooled MAE in the title.
 
     ``labels`` name the files in the legend (default: each file's folder name).
@@ -77,8 +94,11 @@ def plot_age(predictions_tsvs: Sequence[str | Path], out_png: str | Path, *,
     lo, hi = float(np.nanmin(both)), float(np.nanmax(both))
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
     mae = float(np.nanmean(np.abs(both[:, 1] - both[:, 0])))
-    ax.set(xlabel="true age (years)", ylabel="predicted age (years)",
-           title=f"{title}: MAE {mae:.2f} y (n = {len(both)})")
+    ax.set(
+        xlabel="true age (years)",
+        ylabel="predicted age (years)",
+        title=f"{title}: MAE {mae:.2f} y (n = {len(both)})",
+    )
     if len(tables) <= 10:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -90,8 +110,12 @@ def _history(h: Any) -> list[Mapping[str, Any]]:
     return list(h["history"]) if isinstance(h, Mapping) else list(h)
 
 
-def plot_curves(histories: Sequence[Mapping[str, Any]] | Mapping[str, Any],
-                out_png: str | Path, *, val_label: str = "validation metric") -> Path:
+def plot_curves(
+    histories: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    out_png: str | Path,
+    *,
+    val_label: str = "validation metric",
+) -> Path:
     """Training loss and validation metric per epoch.
 
     ``histories``: one history (a list of {"epoch", "train_loss", "val_metric"} dicts,
@@ -121,8 +145,13 @@ def plot_curves(histories: Sequence[Mapping[str, Any]] | Mapping[str, Any],
 REGION_COLOURS = {"WT": "#2ca02c", "TC": "#ffbf00", "ET": "#d62728"}
 
 
-def plot_segmentation(checkpoint: str | Path, cases: Sequence[Mapping[str, Any]],
-                      out_png: str | Path, *, title: str = "Segmentation") -> Path:
+def plot_segmentation(
+    checkpoint: str | Path,
+    cases: Sequence[Mapping[str, Any]],
+    out_png: str | Path,
+    *,
+    title: str = "Segmentation",
+) -> Path:
     """Per case, the axial slice with the most tumour: FLAIR with the reference
     WT/TC/ET outlines (left) and the model's (right), at the model's input size.
 
@@ -136,8 +165,11 @@ def plot_segmentation(checkpoint: str | Path, cases: Sequence[Mapping[str, Any]]
     if not cases:
         raise MedtxError("no segmentation cases to draw")
     model, ckpt = model_from_checkpoint(checkpoint)
-    data = VolumeSet(list(cases), task="segmentation",
-                     downsample=int((ckpt.get("metadata") or {}).get("downsample", 1)))
+    data = VolumeSet(
+        list(cases),
+        task="segmentation",
+        downsample=int((ckpt.get("metadata") or {}).get("downsample", 1)),
+    )
     fig, axes = _pyplot().subplots(len(data), 2, figsize=(6, 3 * len(data)), squeeze=False)
     for i in range(len(data)):
         sample = data[i]
@@ -151,8 +183,12 @@ def plot_segmentation(checkpoint: str | Path, cases: Sequence[Mapping[str, Any]]
             ax.imshow(flair, cmap="gray", origin="lower")
             for r, region in enumerate(BRATS_REGIONS):
                 if masks[r, :, :, z].any():
-                    ax.contour(masks[r, :, :, z].T.astype(float), levels=[0.5], linewidths=1,
-                               colors=REGION_COLOURS[region])
+                    ax.contour(
+                        masks[r, :, :, z].T.astype(float),
+                        levels=[0.5],
+                        linewidths=1,
+                        colors=REGION_COLOURS[region],
+                    )
             ax.set_title(f"{cases[i].get('scan', i)}: {name}", fontsize=8)
             ax.axis("off")
     fig.suptitle(f"{title} (WT green, TC yellow, ET red)", fontsize=9)

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the paper's three tasks (DESIGN.md §6).
+"""Evaluation metrics of the paper's three tasks (Jun et al. 2021).
 
 - Diagnosis (AD/MCI/CN): mAUC, Hand & Till's multi-class AUC (the mean over class
   pairs of the pairwise AUCs), as scikit-learn's one-vs-one macro average.
@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from medtx.domain import BRATS_REGIONS, regions_from_labels
 
+
 def mauc(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Hand & Till (2001) multi-class AUC of class probabilities.
 
@@ -26,15 +27,15 @@ def mauc(y_true: np.ndarray, probs: np.ndarray) -> float:
     y = np.asarray(y_true).ravel()
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] != y.shape[0]:
-        raise ValueError(f"probs must be (n, K) with n = {y.shape[0]} labels, "
-                         f"not {p.shape}")
+        raise ValueError(f"probs must be (n, K) with n = {y.shape[0]} labels, not {p.shape}")
     missing = sorted(set(range(p.shape[1])) - set(np.unique(y).tolist()))
     if missing:
         raise ValueError(f"mAUC needs every class among the labels; missing {missing}")
     if p.shape[1] == 2:
         return float(roc_auc_score(y, p[:, 1]))
-    return float(roc_auc_score(y, p, multi_class="ovo", average="macro",
-                               labels=np.arange(p.shape[1])))
+    return float(
+        roc_auc_score(y, p, multi_class="ovo", average="macro", labels=np.arange(p.shape[1]))
+    )
 
 
 def mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -70,6 +71,7 @@ def dice_brats(pred_regions: np.ndarray, labels: np.ndarray) -> dict[str, float]
     pred = np.asarray(pred_regions)
     truth = regions_from_labels(labels)
     if pred.shape != truth.shape:
-        raise ValueError(f"pred_regions must be (3, *labels.shape) = {truth.shape}, "
-                         f"not {pred.shape}")
+        raise ValueError(
+            f"pred_regions must be (3, *labels.shape) = {truth.shape}, not {pred.shape}"
+        )
     return {name: dice(p, t) for name, p, t in zip(BRATS_REGIONS, pred, truth)}

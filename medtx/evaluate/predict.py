@@ -48,16 +48,23 @@ def selection_mauc(y: np.ndarray, probs: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def predict(model: MedicalTransformer, data: VolumeSet, *, batch_size: int,
-            device: torch.device, target_stats: tuple[float, float] = (0.0, 1.0),
-            amp: bool = False) -> dict[str, np.ndarray]:
+def predict(
+    model: MedicalTransformer,
+    data: VolumeSet,
+    *,
+    batch_size: int,
+    device: torch.device,
+    target_stats: tuple[float, float] = (0.0, 1.0),
+    amp: bool = False,
+) -> dict[str, np.ndarray]:
     """Run ``model`` over ``data``: {"target", "probs" | "age" | "dice" (n, 3)}."""
     was_training = model.training
     model.eval()
     use_amp = amp and device.type == "cuda"
     dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False,
-                                         collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=False, collate_fn=collate
+    )
     outs, targets = [], []
     for batch in loader:
         x = batch["image"].to(device)
@@ -77,13 +84,17 @@ def predict(model: MedicalTransformer, data: VolumeSet, *, batch_size: int,
     return {key: torch.cat(outs).double().numpy(), "target": torch.cat(targets).numpy()}
 
 
-
-def prediction_table(task: str, items: Sequence[Mapping[str, Any]],
-                     pred: Mapping[str, np.ndarray]) -> pd.DataFrame:
+def prediction_table(
+    task: str, items: Sequence[Mapping[str, Any]], pred: Mapping[str, np.ndarray]
+) -> pd.DataFrame:
     """The per-scan predictions TSV's rows (see ``finetune``)."""
-    base = pd.DataFrame({"scan": [i.get("scan", "") for i in items],
-                         "subject": [i.get("subject", "") for i in items],
-                         "label": [i.get("label", "") for i in items]})
+    base = pd.DataFrame(
+        {
+            "scan": [i.get("scan", "") for i in items],
+            "subject": [i.get("subject", "") for i in items],
+            "label": [i.get("label", "") for i in items],
+        }
+    )
     if task == "classification":
         probs = pred["probs"]
         base["prediction"] = probs.argmax(axis=1)
@@ -110,8 +121,9 @@ def evaluate_predictions(task: str, predictions_tsv: str | Path) -> dict[str, An
     except (OSError, pd.errors.EmptyDataError) as err:
         raise MedtxError(f"{path}: cannot read predictions ({err})") from err
     if task == "classification":
-        prob_cols = sorted((c for c in table.columns if c.startswith("p_")),
-                           key=lambda c: int(c[2:]))
+        prob_cols = sorted(
+            (c for c in table.columns if c.startswith("p_")), key=lambda c: int(c[2:])
+        )
         need = ["label"] + (prob_cols or ["p_0"])
     elif task == "regression":
         need = ["label", "prediction"]
@@ -121,8 +133,10 @@ def evaluate_predictions(task: str, predictions_tsv: str | Path) -> dict[str, An
         raise ConfigError(f"task {task!r} is not one of {list(TASKS)}")
     missing = [c for c in need if c not in table.columns]
     if missing or table.empty:
-        raise MedtxError(f"{path}: {'no rows' if table.empty else f'missing column(s) {missing}'}"
-                         f" for {task} predictions (columns: {list(table.columns)})")
+        raise MedtxError(
+            f"{path}: {'no rows' if table.empty else f'missing column(s) {missing}'}"
+            f" for {task} predictions (columns: {list(table.columns)})"
+        )
     out: dict[str, Any] = {"task": task, "n": int(len(table))}
     if task == "classification":
         y = table["label"].astype(int).to_numpy()
@@ -138,4 +152,3 @@ def evaluate_predictions(task: str, predictions_tsv: str | Path) -> dict[str, An
             out[f"dice_{r}"] = float(table[f"dice_{r}"].mean())
         out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGION_NAMES]))
     return out
-

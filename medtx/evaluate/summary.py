@@ -24,8 +24,9 @@ from medtx.train.loop import load_state
 OVERLAY_CASES = 2  # test cases drawn per segmentation group
 
 
-def evaluate_runs(metrics_paths: Sequence[str | Path], out_dir: str | Path,
-                  summary: str | Path | None = None) -> Path:
+def evaluate_runs(
+    metrics_paths: Sequence[str | Path], out_dir: str | Path, summary: str | Path | None = None
+) -> Path:
     """Tables 1/3/4/5 and figures for every run group; returns summary.md's path.
 
     Figures: ROC (classification) and predicted-vs-true age (regression) over the
@@ -40,19 +41,27 @@ def evaluate_runs(metrics_paths: Sequence[str | Path], out_dir: str | Path,
         name = out / f"{dataset}_task-{task}_init-{init}_frac-{frac}"
         folders = [Path(p).parent for p in group["metrics_path"]]
         predictions = [f / "predictions.tsv" for f in folders]
-        checkpoints = {f"fold {k}": load_state(f / "model.pt") for k, f in
-                       zip(group["fold"], folders)}
+        checkpoints = {
+            f"fold {k}": load_state(f / "model.pt") for k, f in zip(group["fold"], folders)
+        }
         if task == "classification":
             plot_roc(predictions, f"{name}_roc.png", title=f"ROC, {dataset}, {init}")
         elif task == "regression":
-            plot_age(predictions, f"{name}_age.png", title=f"Brain age, {dataset}, {init}",
-                     labels=list(checkpoints))
+            plot_age(
+                predictions,
+                f"{name}_age.png",
+                title=f"Brain age, {dataset}, {init}",
+                labels=list(checkpoints),
+            )
         else:
             first = next(iter(checkpoints.values()))
-            _draw_segmentation(folders[0], first, f"{name}_overlay.png",
-                               title=f"{dataset}, {init}, fold {group['fold'].iloc[0]}")
-        plot_curves({k: c.get("history", []) for k, c in checkpoints.items()},
-                    f"{name}_curves.png")
+            _draw_segmentation(
+                folders[0],
+                first,
+                f"{name}_overlay.png",
+                title=f"{dataset}, {init}, fold {group['fold'].iloc[0]}",
+            )
+        plot_curves({k: c.get("history", []) for k, c in checkpoints.items()}, f"{name}_curves.png")
     path = Path(summary) if summary else out / "summary.md"
     with path.open("a") as fh:
         fh.write("\n" + figures_section(out.glob("*.png"), path.parent) + "\n")
@@ -74,7 +83,10 @@ def _draw_segmentation(run_dir: Path, checkpoint: dict, out_png: str, *, title: 
         return  # a run trained outside the workflow: no recorded cache to draw from
     index = read_cache_index(index_path).set_index("scan")
     scans = pd.read_csv(run_dir / "predictions.tsv", sep="\t", dtype={"scan": str})["scan"]
-    cases = [{"scan": s, "image": index.at[s, "image"], "seg": index.at[s, "regions"]}
-             for s in scans[:OVERLAY_CASES] if s in index.index]
+    cases = [
+        {"scan": s, "image": index.at[s, "image"], "seg": index.at[s, "regions"]}
+        for s in scans[:OVERLAY_CASES]
+        if s in index.index
+    ]
     if cases:
         plot_segmentation(run_dir / "model.pt", cases, out_png, title=title)

@@ -44,8 +44,11 @@ TOLERANCE = 1e-9
 HEADLINES: dict[str, tuple[tuple[str, str, int], ...]] = {
     "classification": (("mauc", "mAUC", 3),),
     "regression": (("mae", "MAE (years)", 2),),
-    "segmentation": (("dice_WT", "Dice WT", 3), ("dice_TC", "Dice TC", 3),
-                     ("dice_ET", "Dice ET", 3)),
+    "segmentation": (
+        ("dice_WT", "Dice WT", 3),
+        ("dice_TC", "Dice TC", 3),
+        ("dice_ET", "Dice ET", 3),
+    ),
 }
 # Every metric ``evaluate_predictions`` returns, as run-table columns.
 METRIC_KEYS = ("n", "mauc", "accuracy", "mae", "dice_WT", "dice_TC", "dice_ET", "dice_mean")
@@ -54,8 +57,10 @@ PAPER = {"mauc": 0.835, "mae": 3.49, "dice_WT": 0.873, "dice_TC": 0.697, "dice_E
 PAPER_ROW = "paper (Jun et al.)"
 BASELINE_ROW = "chance / baseline"
 CHANCE_MAUC = 0.5
-INIT_TITLES = {"pretrained": "with transformer (pretrained)",
-               "notransformer": "w/o transformer (notransformer)"}
+INIT_TITLES = {
+    "pretrained": "with transformer (pretrained)",
+    "notransformer": "w/o transformer (notransformer)",
+}
 
 
 # ---------------------------------------------------------------------------- runs
@@ -65,10 +70,12 @@ def run_identity(stored: Mapping[str, Any], path: str | Path) -> RunId:
     """The identity a run recorded in its metrics JSON (``run``), checked."""
     record = stored.get("run")
     if not isinstance(record, Mapping):
-        raise MedtxError(f"{path}: no run identity recorded (a metrics file from before "
-                         "medtx recorded it, or not a fine-tuning run's); rerun fine-tuning")
+        raise MedtxError(
+            f"{path}: no run identity recorded (a metrics file from before "
+            "medtx recorded it, or not a fine-tuning run's); rerun fine-tuning"
+        )
     try:
-        return RunId(**{k: record.get(k) for k in RunId.KEYS})
+        return RunId(*[record.get(k) for k in RunId.KEYS])  # type: ignore[arg-type]  # checked
     except (TypeError, ValueError) as err:
         raise MedtxError(f"{path}: bad run identity {dict(record)}: {err}") from err
 
@@ -87,8 +94,7 @@ def _same(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return a is None and b is None
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-        return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) \
-            and list(a) == list(b)
+        return isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)
     try:
         return math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=TOLERANCE)
     except (TypeError, ValueError):
@@ -104,25 +110,40 @@ def _run_row(path: Path) -> dict[str, Any]:
     metrics, source = stored, "metrics.json (no predictions.tsv to check)"
     if tsv.exists():
         metrics, source = evaluate_predictions(run.task, tsv), "predictions.tsv"
-        stale = [f"{k}: stored {stored.get(k, 'nothing')!r}, predictions give {v!r}"
-                 for k, v in metrics.items()
-                 if k != "task" and (k not in stored or not _same(stored[k], v))]
+        stale = [
+            f"{k}: stored {stored.get(k, 'nothing')!r}, predictions give {v!r}"
+            for k, v in metrics.items()
+            if k != "task" and (k not in stored or not _same(stored[k], v))
+        ]
         if stale:
-            raise MedtxError(f"{path}: stale metrics, they disagree with {tsv.name} "
-                             f"beside it ({'; '.join(stale)}); rerun the evaluation")
+            raise MedtxError(
+                f"{path}: stale metrics, they disagree with {tsv.name} "
+                f"beside it ({'; '.join(stale)}); rerun the evaluation"
+            )
     row: dict[str, Any] = run.as_dict()
     for key in METRIC_KEYS:
         value = metrics.get(key)
         row[key] = np.nan if value is None else value
-    row.update({key: stored.get(key) for key in ("selected_by", "val_metric", "best_epoch",
-                                                 "status")})
-    row.update(source=source, metrics_path=str(path),
-               predictions_path=str(tsv) if tsv.exists() else "")
+    row.update(
+        {key: stored.get(key) for key in ("selected_by", "val_metric", "best_epoch", "status")}
+    )
+    row.update(
+        source=source, metrics_path=str(path), predictions_path=str(tsv) if tsv.exists() else ""
+    )
     return row
 
 
-RUN_COLUMNS = (*RUN_KEYS, *METRIC_KEYS, "selected_by", "val_metric", "best_epoch", "status",
-               "source", "metrics_path", "predictions_path")
+RUN_COLUMNS = (
+    *RUN_KEYS,
+    *METRIC_KEYS,
+    "selected_by",
+    "val_metric",
+    "best_epoch",
+    "status",
+    "source",
+    "metrics_path",
+    "predictions_path",
+)
 
 
 def collect_runs(metrics_paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -135,8 +156,9 @@ def collect_runs(metrics_paths: Iterable[str | Path]) -> pd.DataFrame:
     runs = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
     dup = runs[runs.duplicated(list(RUN_KEYS), keep=False)]
     if not dup.empty:
-        raise MedtxError("several metrics files for one run: "
-                         + ", ".join(dup["metrics_path"].tolist()))
+        raise MedtxError(
+            "several metrics files for one run: " + ", ".join(dup["metrics_path"].tolist())
+        )
     runs["frac"] = runs["frac"].astype(int)
     runs["fold"] = runs["fold"].astype(int)
     return runs.sort_values(list(RUN_KEYS), ignore_index=True)
@@ -236,8 +258,9 @@ def mean_age_baseline(predictions_tsvs: Mapping[int, str | Path]) -> dict[int, f
     return out
 
 
-def _baseline_cell(runs: pd.DataFrame, col: _Column, baselines: Mapping[str, float] | None,
-                   frac: int) -> str:
+def _baseline_cell(
+    runs: pd.DataFrame, col: _Column, baselines: Mapping[str, float] | None, frac: int
+) -> str:
     given = dict(baselines or {})
     if col.task in given and given[col.task] is not None:
         return f"{float(given[col.task]):.{col.digits}f}"
@@ -245,8 +268,9 @@ def _baseline_cell(runs: pd.DataFrame, col: _Column, baselines: Mapping[str, flo
         return f"{CHANCE_MAUC:.{col.digits}f}"
     if col.key != "mae":
         return MISSING
-    mask = ((runs["task"] == "regression") & (runs["frac"] == frac)
-            & (runs["predictions_path"] != ""))
+    mask = (
+        (runs["task"] == "regression") & (runs["frac"] == frac) & (runs["predictions_path"] != "")
+    )
     if col.dataset is not None:
         mask &= runs["dataset"] == col.dataset
     tsvs: dict[int, str] = {}
@@ -258,8 +282,9 @@ def _baseline_cell(runs: pd.DataFrame, col: _Column, baselines: Mapping[str, flo
 # ---------------------------------------------------------------------------- tables
 
 
-def table1(runs: pd.DataFrame, *, baselines: Mapping[str, float] | None = None,
-           frac: int = 100) -> pd.DataFrame:
+def table1(
+    runs: pd.DataFrame, *, baselines: Mapping[str, float] | None = None, frac: int = 100
+) -> pd.DataFrame:
     """Table 1: each task's headline metric per initialization at ``frac`` % labels.
 
     Rows: scratch, pretrained, notransformer (when run), the chance / baseline row
@@ -269,14 +294,26 @@ def table1(runs: pd.DataFrame, *, baselines: Mapping[str, float] | None = None,
     """
     cols = _columns(runs)
     inits = [i for i in INITS if i != "notransformer" or (runs["init"] == i).any()]
-    rows = [{"init": init, **_init_row(runs, cols, init=init, frac=frac),
-             "source": "reproduced"} for init in inits]
-    rows.append({"init": BASELINE_ROW,
-                 **{c.label: _baseline_cell(runs, c, baselines, frac) for c in cols},
-                 "n folds": MISSING, "source": "baseline"})
-    rows.append({"init": PAPER_ROW,
-                 **{c.label: f"{PAPER[c.key]:.{c.digits}f}" for c in cols},
-                 "n folds": MISSING, "source": "published, not reproduced"})
+    rows = [
+        {"init": init, **_init_row(runs, cols, init=init, frac=frac), "source": "reproduced"}
+        for init in inits
+    ]
+    rows.append(
+        {
+            "init": BASELINE_ROW,
+            **{c.label: _baseline_cell(runs, c, baselines, frac) for c in cols},
+            "n folds": MISSING,
+            "source": "baseline",
+        }
+    )
+    rows.append(
+        {
+            "init": PAPER_ROW,
+            **{c.label: f"{PAPER[c.key]:.{c.digits}f}" for c in cols},
+            "n folds": MISSING,
+            "source": "published, not reproduced",
+        }
+    )
     return pd.DataFrame(rows, columns=["init", *[c.label for c in cols], "n folds", "source"])
 
 
@@ -287,15 +324,24 @@ def table3(rows: Sequence[Mapping[str, Any]] | None = None) -> pd.DataFrame:
     """
     if rows is None:
         from medtx.models.slice_transformer import params_table
+
         rows = params_table()
     out = []
     for r in rows:
-        n, printed = int(r["parameters"]), str(r.get("paper") or "")
-        out.append({"task": r["task"], "preset": r["preset"],
-                    "in channels": r["in_channels"], "outputs": r["num_outputs"],
-                    "parameters": f"{n:,}", "paper (printed)": printed or MISSING,
-                    "matches paper": (MISSING if not printed
-                                      else "yes" if _printed_match(n, printed) else "no")})
+        n, printed = int(str(r["parameters"])), str(r.get("paper") or "")
+        out.append(
+            {
+                "task": r["task"],
+                "preset": r["preset"],
+                "in channels": r["in_channels"],
+                "outputs": r["num_outputs"],
+                "parameters": f"{n:,}",
+                "paper (printed)": printed or MISSING,
+                "matches paper": (
+                    MISSING if not printed else "yes" if _printed_match(n, printed) else "no"
+                ),
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -304,8 +350,12 @@ def _printed_match(n: int, printed: str) -> bool:
     return printed in (f"{n // 1000 / 1000:.3f}M", f"{n / 1e6:.3f}M")
 
 
-def table4(runs: pd.DataFrame, *, fractions: Sequence[int] = FRACTIONS,
-           inits: Sequence[str] = ("pretrained", "scratch")) -> pd.DataFrame:
+def table4(
+    runs: pd.DataFrame,
+    *,
+    fractions: Sequence[int] = FRACTIONS,
+    inits: Sequence[str] = ("pretrained", "scratch"),
+) -> pd.DataFrame:
     """Table 4: headline metrics per label fraction (rows), pre-trained vs scratch."""
     cols = _columns(runs)
     fracs = sorted(set(fractions) | set(runs["frac"].astype(int)))
@@ -326,8 +376,10 @@ def table4(runs: pd.DataFrame, *, fractions: Sequence[int] = FRACTIONS,
 def table5(runs: pd.DataFrame, *, frac: int = 100) -> pd.DataFrame:
     """Table 5: with vs without the transformer (both from pre-trained encoders)."""
     cols = _columns(runs)
-    rows = [{"model": INIT_TITLES[init], **_init_row(runs, cols, init=init, frac=frac)}
-            for init in ("pretrained", "notransformer")]
+    rows = [
+        {"model": INIT_TITLES[init], **_init_row(runs, cols, init=init, frac=frac)}
+        for init in ("pretrained", "notransformer")
+    ]
     return pd.DataFrame(rows, columns=["model", *[c.label for c in cols], "n folds"])
 
 
@@ -336,24 +388,36 @@ def table5(runs: pd.DataFrame, *, frac: int = 100) -> pd.DataFrame:
 
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub pipe table (no tabulate needed); number columns right-aligned."""
+
     def cell(v: Any) -> str:
-        return MISSING if v is None or (isinstance(v, float) and np.isnan(v)) else \
-            str(v).replace("|", "\\|").replace("\n", " ")
+        return (
+            MISSING
+            if v is None or (isinstance(v, float) and np.isnan(v))
+            else str(v).replace("|", "\\|").replace("\n", " ")
+        )
 
     def numeric(column: pd.Series) -> bool:
         shown = [cell(v) for v in column if cell(v) != MISSING]
         return bool(shown) and all(s[:1].isdigit() or s[:1] == "-" for s in shown)
 
     header = "| " + " | ".join(cell(c) for c in df.columns) + " |"
-    align = "|" + "|".join("---:" if i and numeric(df.iloc[:, i]) else ":---"
-                           for i in range(len(df.columns))) + "|"
-    body = ["| " + " | ".join(cell(v) for v in rec) + " |"
-            for rec in df.itertuples(index=False, name=None)]
+    align = (
+        "|"
+        + "|".join(
+            "---:" if i and numeric(df.iloc[:, i]) else ":---" for i in range(len(df.columns))
+        )
+        + "|"
+    )
+    body = [
+        "| " + " | ".join(cell(v) for v in rec) + " |"
+        for rec in df.itertuples(index=False, name=None)
+    ]
     return "\n".join([header, align, *body]) + "\n"
 
 
-def write_table(df: pd.DataFrame, tsv_path: str | Path, md_path: str | Path, *,
-                caption: str) -> tuple[Path, Path]:
+def write_table(
+    df: pd.DataFrame, tsv_path: str | Path, md_path: str | Path, *, caption: str
+) -> tuple[Path, Path]:
     """Write ``df`` as a TSV (data only) and as Markdown (bold caption + pipe table)."""
     with atomic_path(tsv_path) as tmp:
         df.to_csv(tmp, sep="\t", index=False)
@@ -362,54 +426,80 @@ def write_table(df: pd.DataFrame, tsv_path: str | Path, md_path: str | Path, *,
 
 
 CAPTIONS = {
-    "table1": ("Table 1. Test performance at 100 % labels, mean ± std over folds: "
-               "mAUC (AD/MCI/CN), MAE in years (brain age), Dice (BraTS WT/TC/ET). "
-               "Chance / baseline: mAUC 0.5; MAE of predicting the mean age of the other "
-               "folds' test labels unless a baseline was given. The paper row is the "
-               "published result (Jun et al. 2021), not reproduced here."),
-    "table3": ("Table 3. Trainable parameters per task. Preset table3 (d = 64, d_ff = 128) "
-               "matches the paper's printed counts; paper_text (d_emb 16, d_ff 64, as the "
-               "paper's text states) does not, so the text and Table 3 disagree."),
-    "table4": ("Table 4. Test performance by label fraction, pre-trained vs trained from "
-               "scratch, mean ± std over folds."),
-    "table5": ("Table 5. With vs without the transformer: pre-trained encoders with the "
-               "fine-tuned slice transformer, or the encoders alone, at 100 % labels."),
+    "table1": (
+        "Table 1. Test performance at 100 % labels, mean ± std over folds: "
+        "mAUC (AD/MCI/CN), MAE in years (brain age), Dice (BraTS WT/TC/ET). "
+        "Chance / baseline: mAUC 0.5; MAE of predicting the mean age of the other "
+        "folds' test labels unless a baseline was given. The paper row is the "
+        "published result (Jun et al. 2021), not reproduced here."
+    ),
+    "table3": (
+        "Table 3. Trainable parameters per task. Preset table3 (d = 64, d_ff = 128) "
+        "matches the paper's printed counts; paper_text (d_emb 16, d_ff 64, as the "
+        "paper's text states) does not, so the text and Table 3 disagree."
+    ),
+    "table4": (
+        "Table 4. Test performance by label fraction, pre-trained vs trained from "
+        "scratch, mean ± std over folds."
+    ),
+    "table5": (
+        "Table 5. With vs without the transformer: pre-trained encoders with the "
+        "fine-tuned slice transformer, or the encoders alone, at 100 % labels."
+    ),
 }
 
 
 def _note(runs: pd.DataFrame) -> str:
     datasets = sorted(runs["dataset"].unique())
     n_folds = runs.groupby(["dataset", "task"])["fold"].nunique()
-    folds = f"{n_folds.min()}–{n_folds.max()}" if len(n_folds) and n_folds.min() != n_folds.max() \
+    folds = (
+        f"{n_folds.min()}–{n_folds.max()}"
+        if len(n_folds) and n_folds.min() != n_folds.max()
         else str(n_folds.max() if len(n_folds) else 0)
-    what = (f"{len(runs)} fine-tuning run(s) on {', '.join(datasets) or 'no dataset'}, "
-            f"{folds} fold(s) per task")
+    )
+    what = (
+        f"{len(runs)} fine-tuning run(s) on {', '.join(datasets) or 'no dataset'}, "
+        f"{folds} fold(s) per task"
+    )
     if any(d.startswith("demo") for d in datasets):
-        return (f"These tables summarize {what}. The demo cohort is synthetic and tiny "
-                "(a handful of generated scans, few epochs on downsampled volumes), so the "
-                "numbers only show that the workflow runs end to end; they are not "
-                "comparable to the paper's, whose row is quoted from the publication, not "
-                "reproduced.")
-    return (f"These tables summarize {what}. Metrics are recomputed from each run's "
-            "predictions. The paper row is quoted from the publication, not reproduced; "
-            "compare with it only where cohort, preprocessing and protocol match.")
+        return (
+            f"These tables summarize {what}. The demo cohort is synthetic and tiny "
+            "(a handful of generated scans, few epochs on downsampled volumes), so the "
+            "numbers only show that the workflow runs end to end; they are not "
+            "comparable to the paper's, whose row is quoted from the publication, not "
+            "reproduced."
+        )
+    return (
+        f"These tables summarize {what}. Metrics are recomputed from each run's "
+        "predictions. The paper row is quoted from the publication, not reproduced; "
+        "compare with it only where cohort, preprocessing and protocol match."
+    )
 
 
-def build_tables(metrics_paths: Iterable[str | Path], out_dir: str | Path, *,
-                 baselines: Mapping[str, float] | None = None,
-                 note: str | None = None) -> dict[str, Path]:
+def build_tables(
+    metrics_paths: Iterable[str | Path],
+    out_dir: str | Path,
+    *,
+    baselines: Mapping[str, float] | None = None,
+    note: str | None = None,
+) -> dict[str, Path]:
     """Write table1/3/4/5 (.tsv, .md), runs.tsv (every run) and summary.md to ``out_dir``.
 
     Returns {"table1_tsv", "table1_md", ..., "runs", "summary"} -> path.
     """
     out = Path(out_dir)
     runs = collect_runs(metrics_paths)
-    tables = {"table1": table1(runs, baselines=baselines), "table3": table3(),
-              "table4": table4(runs), "table5": table5(runs)}
+    tables = {
+        "table1": table1(runs, baselines=baselines),
+        "table3": table3(),
+        "table4": table4(runs),
+        "table5": table5(runs),
+    }
     written: dict[str, Path] = {}
     for name, df in tables.items():
         written[f"{name}_tsv"], written[f"{name}_md"] = write_table(
-            df, out / f"{name}.tsv", out / f"{name}.md", caption=CAPTIONS[name])
+            df, out / f"{name}.tsv", out / f"{name}.md", caption=CAPTIONS[name]
+        )
     with atomic_path(out / "runs.tsv") as tmp:
         runs.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     written["runs"] = out / "runs.tsv"

@@ -28,8 +28,6 @@ class LeakageError(CohortError):
         super().__init__(problems, what="the fold manifests (subject leakage)")
 
 
-# --- the leakage firewall ---
-
 _ROLE_COLUMN = re.compile(r"^role_(\d+)$")
 _NS_ID = re.compile(r"^[^:\s]+:[A-Za-z0-9]+$")
 
@@ -53,8 +51,9 @@ def _identity_map(identities: Mapping[str, Sequence[str]] | None) -> dict[str, s
     return alias
 
 
-def _named(manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame]
-           ) -> list[tuple[str, pd.DataFrame]]:
+def _named(
+    manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame],
+) -> list[tuple[str, pd.DataFrame]]:
     if isinstance(manifests, Mapping):
         return [(f"manifest {name!r}", m) for name, m in manifests.items()]
     out = []
@@ -64,9 +63,11 @@ def _named(manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame]
     return out
 
 
-def leakage_report(manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame],
-                   pretrain: Iterable[tuple[str, str] | str],
-                   identities: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+def leakage_report(
+    manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame],
+    pretrain: Iterable[tuple[str, str] | str],
+    identities: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
     """Every subject that leaks, one line per subject and manifest; [] when clean.
 
     Subjects are compared as ``dataset:subject``; ids declared the same person
@@ -90,8 +91,9 @@ def leakage_report(manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame
         missing = [c for c in ("dataset", "subject") if c not in m.columns]
         folds = sorted(int(g.group(1)) for c in m.columns if (g := _ROLE_COLUMN.match(c)))
         if missing or not folds:
-            raise MedtxError(f"{name}: not a fold manifest (missing "
-                             f"{', '.join(missing) or 'role_<k> columns'})")
+            raise MedtxError(
+                f"{name}: not a fold manifest (missing {', '.join(missing) or 'role_<k> columns'})"
+            )
         ns_ids = [f"{cell_text(d)}:{cell_text(s)}" for d, s in zip(m["dataset"], m["subject"])]
         shared: dict[str, list[str]] = {}
         evaluated: dict[str, list[str]] = {}
@@ -103,24 +105,30 @@ def leakage_report(manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame
                     evaluated.setdefault(who(ns), []).append(f"{cell_text(r)} of fold {k} as {ns}")
             for person, by_role in roles.items():
                 if len(by_role) > 1:
-                    parts = [f"{r} ({', '.join(sorted(by_role[r]))})"
-                             for r in SPLITS if r in by_role]
+                    parts = [
+                        f"{r} ({', '.join(sorted(by_role[r]))})" for r in SPLITS if r in by_role
+                    ]
                     parts += [f"{r!r}" for r in sorted(set(by_role) - set(SPLITS))]
                     shared.setdefault(person, []).append(f"fold {k}: {' and '.join(parts)}")
         for person in sorted(shared):
-            problems.append(f"{person} is in more than one split of {name}: "
-                            + "; ".join(shared[person]))
+            problems.append(
+                f"{person} is in more than one split of {name}: " + "; ".join(shared[person])
+            )
         for person in sorted(evaluated):
             places = sorted(set(evaluated[person]), key=evaluated[person].index)
-            problems.append(f"{person} is a pre-training subject (as "
-                            f"{', '.join(sorted(set(pre[person])))}) and is evaluated in "
-                            f"{name}: " + ", ".join(places))
+            problems.append(
+                f"{person} is a pre-training subject (as "
+                f"{', '.join(sorted(set(pre[person])))}) and is evaluated in "
+                f"{name}: " + ", ".join(places)
+            )
     return problems
 
 
-def check_leakage(manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame],
-                  pretrain: Iterable[tuple[str, str] | str],
-                  identities: Mapping[str, Sequence[str]] | None = None) -> None:
+def check_leakage(
+    manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame],
+    pretrain: Iterable[tuple[str, str] | str],
+    identities: Mapping[str, Sequence[str]] | None = None,
+) -> None:
     """Raise ``LeakageError`` listing every leaking subject; return None when clean.
 
     Run before any training: a test score on a subject the model saw is
@@ -131,18 +139,23 @@ def check_leakage(manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame]
         raise LeakageError(problems)
 
 
-
-
-def run_firewall(manifest_paths: Sequence[str | Path], pretrain_tables: Sequence[str],
-                 identities: Mapping[str, Sequence[str]] | None, out: str | Path) -> dict:
+def run_firewall(
+    manifest_paths: Sequence[str | Path],
+    pretrain_tables: Sequence[str],
+    identities: Mapping[str, Sequence[str]] | None,
+    out: str | Path,
+) -> dict:
     """``medtx firewall``: fail, naming subjects, on any leak; else write the pass record."""
     from medtx.data.scans import usable_subjects
 
-    manifests = {Path(p).name.removesuffix("_folds.tsv"): read_manifest(p)
-                 for p in manifest_paths}
+    manifests = {Path(p).name.removesuffix("_folds.tsv"): read_manifest(p) for p in manifest_paths}
     pretrain = usable_subjects(list(pretrain_tables))
     check_leakage(manifests, pretrain, identities)
-    result = {"status": "passed", "manifests": sorted(manifests),
-              "pretrain_subjects": len(set(pretrain)), "identities": dict(identities or {})}
+    result = {
+        "status": "passed",
+        "manifests": sorted(manifests),
+        "pretrain_subjects": len(set(pretrain)),
+        "identities": dict(identities or {}),
+    }
     write_json(result, out)
     return result

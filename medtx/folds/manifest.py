@@ -1,9 +1,13 @@
 """Subject-level, stratified, seeded fold manifests (the firewall is ``firewall.py``).
 
+The module is long because grouping, stratification, QC gating, overrides and the
+nested label fractions all decide one manifest together, and the measurements
+below are the reasons for its defaults.
+
 ``make_manifest`` turns one dataset's scan table into a manifest: one row per
 usable scan with its preprocessed path, label, fold, and for every fold k
 the scan's role (``role_k``: train/val/test) and the smallest label fraction
-that holds it (``frac_k``). Rotation k tests on fold k, validates on fold
+that holds it (``frac_k``). Run k tests on fold k, validates on fold
 (k + 1) % n and trains on the rest, so each fold is test once and validation
 once. All sessions of a subject share one fold, so no person is in two splits.
 Scans that were excluded as bad input, failed QC or lack a label are left out
@@ -85,6 +89,7 @@ BASE_COLUMNS = ["dataset", "subject", "session", "scan", "path", "label", "fold"
 
 # --- small helpers ---
 
+
 def cell_text(value: Any) -> str:
     """A table cell as text: None and NaN become ''."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -108,8 +113,10 @@ def subjects_sha256(subjects: Iterable[str]) -> str:
 
 # --- inputs: QC records and the overrides file ---
 
-def load_qc(records: Iterable[str | Path | Mapping[str, Any]], *,
-            dataset: str | None = None) -> dict[str, tuple[bool, str]]:
+
+def load_qc(
+    records: Iterable[str | Path | Mapping[str, Any]], *, dataset: str | None = None
+) -> dict[str, tuple[bool, str]]:
     """scan -> (QC passed, failures) from per-scan provenance JSONs.
 
     Args:
@@ -137,8 +144,9 @@ def load_qc(records: Iterable[str | Path | Mapping[str, Any]], *,
     return out
 
 
-def load_overrides(path: str | Path, *, reasons: bool = False
-                   ) -> dict[str, str] | dict[str, tuple[str, str]]:
+def load_overrides(
+    path: str | Path, *, reasons: bool = False
+) -> dict[str, str] | dict[str, tuple[str, str]]:
     """Read a user's QC overrides: a TSV with columns scan, action, reason.
 
     ``action`` is ``include`` (use a scan that failed QC) or ``exclude`` (drop
@@ -155,12 +163,15 @@ def load_overrides(path: str | Path, *, reasons: bool = False
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError as err:
-        raise MedtxError(f"{path}: empty overrides file "
-                         "(expected columns scan, action, reason)") from err
+        raise MedtxError(
+            f"{path}: empty overrides file (expected columns scan, action, reason)"
+        ) from err
     missing = [c for c in ("scan", "action") if c not in table.columns]
     if missing:
-        raise MedtxError(f"{path}: missing column(s) {', '.join(map(repr, missing))} "
-                         f"(found {list(table.columns)}; expected scan, action, reason)")
+        raise MedtxError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))} "
+            f"(found {list(table.columns)}; expected scan, action, reason)"
+        )
     out: dict[str, tuple[str, str]] = {}
     first_line: dict[str, int] = {}
     problems = []
@@ -171,11 +182,15 @@ def load_overrides(path: str | Path, *, reasons: bool = False
         if not scan:
             problems.append(f"{where}: empty scan")
         elif action not in OVERRIDE_ACTIONS:
-            problems.append(f"{where}: action {rec['action']!r} for scan {scan!r} must be "
-                            f"one of {', '.join(OVERRIDE_ACTIONS)}")
+            problems.append(
+                f"{where}: action {rec['action']!r} for scan {scan!r} must be "
+                f"one of {', '.join(OVERRIDE_ACTIONS)}"
+            )
         elif scan in out and out[scan][0] != action:
-            problems.append(f"{where}: scan {scan!r} is set to {action!r} here but to "
-                            f"{out[scan][0]!r} on line {first_line[scan]}")
+            problems.append(
+                f"{where}: scan {scan!r} is set to {action!r} here but to "
+                f"{out[scan][0]!r} on line {first_line[scan]}"
+            )
         else:
             out.setdefault(scan, (action, reason))
             first_line.setdefault(scan, line)
@@ -184,8 +199,9 @@ def load_overrides(path: str | Path, *, reasons: bool = False
     return out if reasons else {scan: action for scan, (action, _) in out.items()}
 
 
-def _overrides_for(overrides: Mapping[str, Any] | None, dataset: str,
-                   scans: set[str]) -> dict[str, tuple[str, str]]:
+def _overrides_for(
+    overrides: Mapping[str, Any] | None, dataset: str, scans: set[str]
+) -> dict[str, tuple[str, str]]:
     """Overrides that apply to ``dataset``: bare scan ids, or ``dataset:scan``."""
     out: dict[str, tuple[str, str]] = {}
     problems = []
@@ -196,8 +212,10 @@ def _overrides_for(overrides: Mapping[str, Any] | None, dataset: str,
         if sep and prefix != dataset:
             continue
         if action not in OVERRIDE_ACTIONS:
-            problems.append(f"override for scan {key!r}: action {action!r} must be "
-                            f"one of {', '.join(OVERRIDE_ACTIONS)}")
+            problems.append(
+                f"override for scan {key!r}: action {action!r} must be "
+                f"one of {', '.join(OVERRIDE_ACTIONS)}"
+            )
             continue
         if sep and scan not in scans:
             problems.append(f"override {key!r}: dataset {dataset!r} has no scan {scan!r}")
@@ -211,8 +229,10 @@ def _overrides_for(overrides: Mapping[str, Any] | None, dataset: str,
 
 # --- strata ---
 
-def _label_of(task: str, rec: dict, label_map: Mapping[str, int], dataset: str
-              ) -> tuple[Any, str | None, str | None]:
+
+def _label_of(
+    task: str, rec: dict, label_map: Mapping[str, int], dataset: str
+) -> tuple[Any, str | None, str | None]:
     """(label, reason to exclude, error) for one scan row."""
     subject = cell_text(rec.get("subject"))
     if task == "classification":
@@ -220,9 +240,15 @@ def _label_of(task: str, rec: dict, label_map: Mapping[str, int], dataset: str
         if not diagnosis:
             return None, "missing diagnosis label", None
         if diagnosis not in label_map:
-            return None, None, (f"dataset {dataset!r} subject {subject!r} scan {rec['scan']!r}: "
-                                f"diagnosis {diagnosis!r} is not in the label map "
-                                f"({', '.join(label_map)})")
+            return (
+                None,
+                None,
+                (
+                    f"dataset {dataset!r} subject {subject!r} scan {rec['scan']!r}: "
+                    f"diagnosis {diagnosis!r} is not in the label map "
+                    f"({', '.join(label_map)})"
+                ),
+            )
         return int(label_map[diagnosis]), None, None
     if task == "regression":
         age = cell_text(rec.get("age"))
@@ -233,8 +259,14 @@ def _label_of(task: str, rec: dict, label_map: Mapping[str, int], dataset: str
         except ValueError:
             value = float("nan")
         if not math.isfinite(value):
-            return None, None, (f"dataset {dataset!r} subject {subject!r} scan {rec['scan']!r}: "
-                                f"age {age!r} is not a number")
+            return (
+                None,
+                None,
+                (
+                    f"dataset {dataset!r} subject {subject!r} scan {rec['scan']!r}: "
+                    f"age {age!r} is not a number"
+                ),
+            )
         return value, None, None
     return "", None, None
 
@@ -245,8 +277,13 @@ def _bin_name(edges: list[float], b: int) -> str:
     return f"[{lo:g}, {hi:g})"
 
 
-def age_strata(ages: Mapping[str, float], n_folds: int, age_bins: Sequence[float] | None = None,
-               *, dataset: str = "?") -> tuple[list[float], dict[str, int]]:
+def age_strata(
+    ages: Mapping[str, float],
+    n_folds: int,
+    age_bins: Sequence[float] | None = None,
+    *,
+    dataset: str = "?",
+) -> tuple[list[float], dict[str, int]]:
     """Age bin of each subject, and the interior bin edges used.
 
     Bins are [-inf, e0), [e0, e1), ..., [e_last, inf). Without ``age_bins`` the
@@ -262,16 +299,20 @@ def age_strata(ages: Mapping[str, float], n_folds: int, age_bins: Sequence[float
 
     def small_bins(edges: list[float], bins: dict[str, int]) -> list[str]:
         counts = pd.Series(bins).value_counts()
-        return [f"age bin {_bin_name(edges, b)} has {c} subjects, {n_folds} folds "
-                f"need ≥ {n_folds}" for b, c in sorted(counts.items()) if c < n_folds]
+        return [
+            f"age bin {_bin_name(edges, b)} has {c} subjects, {n_folds} folds need ≥ {n_folds}"
+            for b, c in sorted(counts.items())
+            if c < n_folds
+        ]
 
     if age_bins is not None:
         edges = sorted(float(e) for e in age_bins)
         bins = assign(edges)
         small = small_bins(edges, bins)
         if small:
-            raise CohortError([f"too few to stratify: {p}" for p in small],
-                              what=f"dataset {dataset!r} age bins")
+            raise CohortError(
+                [f"too few to stratify: {p}" for p in small], what=f"dataset {dataset!r} age bins"
+            )
         return edges, bins
     for n_bins in range(min(MAX_AGE_BINS, len(values) // n_folds), 1, -1):
         qs = np.quantile(values, np.linspace(0, 1, n_bins + 1)[1:-1])
@@ -279,13 +320,18 @@ def age_strata(ages: Mapping[str, float], n_folds: int, age_bins: Sequence[float
         bins = assign(edges)
         if len(set(bins.values())) >= 2 and not small_bins(edges, bins):
             return edges, bins
-    raise CohortError([f"too few to stratify by age: {len(values)} subjects in "
-                       f"{len(set(values.tolist()))} distinct ages cannot fill 2 age bins of "
-                       f"≥ {n_folds} subjects ({n_folds} folds); give fewer folds or age_bins"],
-                      what=f"dataset {dataset!r}")
+    raise CohortError(
+        [
+            f"too few to stratify by age: {len(values)} subjects in "
+            f"{len(set(values.tolist()))} distinct ages cannot fill 2 age bins of "
+            f"≥ {n_folds} subjects ({n_folds} folds); give fewer folds or age_bins"
+        ],
+        what=f"dataset {dataset!r}",
+    )
 
 
 # --- fold assignment ---
+
 
 def hash_folds(strata: Mapping[str, Any], n_folds: int, seed: int) -> dict[str, int]:
     """Stratified subject -> fold by contiguous blocks of a seeded hash order.
@@ -297,8 +343,9 @@ def hash_folds(strata: Mapping[str, Any], n_folds: int, seed: int) -> dict[str, 
     base = int(_hash(seed, "offset", ""), 16) % n_folds
     folds = {}
     for i, name in enumerate(names):
-        members = sorted((s for s in strata if strata[s] == name),
-                         key=lambda s: (_hash(seed, "fold", s), s))
+        members = sorted(
+            (s for s in strata if strata[s] == name), key=lambda s: (_hash(seed, "fold", s), s)
+        )
         offset = base + (i * n_folds) // len(names)
         m = len(members)
         for rank, subject in enumerate(members):
@@ -344,8 +391,10 @@ def fraction_order(subjects: Iterable[str], strata: Mapping[str, Any], seed: int
     for t in range(total):
         open_keys = [k for k in keys if taken[k] < len(by[k])]
         # deficit * total, in integers: (t + 1) * m_k - taken_k * total
-        best = max(open_keys, key=lambda k: ((t + 1) * len(by[k]) - taken[k] * total,
-                                             len(by[k]), -keys.index(k)))
+        best = max(
+            open_keys,
+            key=lambda k: ((t + 1) * len(by[k]) - taken[k] * total, len(by[k]), -keys.index(k)),
+        )
         order.append(by[best][taken[best]])
         taken[best] += 1
     return order
@@ -353,28 +402,38 @@ def fraction_order(subjects: Iterable[str], strata: Mapping[str, Any], seed: int
 
 # --- the manifest ---
 
+
 def _check_args(task: str, n_folds: int, fractions: Sequence[int], method: str) -> list[int]:
     if task not in TASKS:
         raise MedtxError(f"task {task!r} is not one of {', '.join(TASKS)}")
     if method not in METHODS:
         raise MedtxError(f"fold method {method!r} is not one of {', '.join(METHODS)}")
     if not isinstance(n_folds, (int, np.integer)) or n_folds < 3:
-        raise MedtxError(f"n_folds must be an integer ≥ 3 (a test, a validation and at least one "
-                         f"training fold), not {n_folds!r}")
+        raise MedtxError(
+            f"n_folds must be an integer ≥ 3 (a test, a validation and at least one "
+            f"training fold), not {n_folds!r}"
+        )
     fracs = sorted({int(p) for p in fractions} | {100})
     if any(p < 1 or p > 100 for p in fracs):
         raise MedtxError(f"fractions must be percentages in 1..100, not {list(fractions)}")
     return fracs
 
 
-def make_manifest(table: pd.DataFrame, *, dataset: str, task: str, n_folds: int = 5,
-                  seed: int = 42, paths: Mapping[str, str],
-                  label_map: Mapping[str, int] | None = None,
-                  age_bins: Sequence[float] | None = None,
-                  fractions: Sequence[int] = FRACTIONS,
-                  qc: Mapping[str, tuple[bool, str]] | None = None,
-                  overrides: Mapping[str, Any] | None = None,
-                  method: str = "hash") -> tuple[pd.DataFrame, dict]:
+def make_manifest(
+    table: pd.DataFrame,
+    *,
+    dataset: str,
+    task: str,
+    n_folds: int = 5,
+    seed: int = 42,
+    paths: Mapping[str, str],
+    label_map: Mapping[str, int] | None = None,
+    age_bins: Sequence[float] | None = None,
+    fractions: Sequence[int] = FRACTIONS,
+    qc: Mapping[str, tuple[bool, str]] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    method: str = "hash",
+) -> tuple[pd.DataFrame, dict]:
     """Build one dataset's fold manifest and its sidecar.
 
     Args:
@@ -410,12 +469,13 @@ def make_manifest(table: pd.DataFrame, *, dataset: str, task: str, n_folds: int 
 
     fracs = _check_args(task, n_folds, fractions, method)
     label_map = {str(k): int(v) for k, v in (label_map or DEFAULT_LABEL_MAP).items()}
-    kept, exclusions, applied = _select_scans(table, dataset, task, label_map, qc or {},
-                                              overrides)
+    kept, exclusions, applied = _select_scans(table, dataset, task, label_map, qc or {}, overrides)
     no_path = [r["scan"] for r in kept if not cell_text(paths.get(r["scan"]))]
     if no_path:
-        raise MedtxError(f"dataset {dataset!r}: no preprocessed path for scan(s) "
-                         f"{', '.join(no_path[:10])}" + (" ..." if len(no_path) > 10 else ""))
+        raise MedtxError(
+            f"dataset {dataset!r}: no preprocessed path for scan(s) "
+            f"{', '.join(no_path[:10])}" + (" ..." if len(no_path) > 10 else "")
+        )
     first: dict[str, dict] = {}  # a subject's stratum comes from its first session
     for rec in kept:
         first.setdefault(rec["subject"], rec)
@@ -440,9 +500,16 @@ def make_manifest(table: pd.DataFrame, *, dataset: str, task: str, n_folds: int 
     out = []
     for rec in kept:
         s = rec["subject"]
-        row = {"dataset": dataset, "subject": s, "session": rec["session"], "scan": rec["scan"],
-               "path": cell_text(paths[rec["scan"]]), "label": rec["label"], "fold": fold_of[s],
-               "override": rec["override"]}
+        row = {
+            "dataset": dataset,
+            "subject": s,
+            "session": rec["session"],
+            "scan": rec["scan"],
+            "path": cell_text(paths[rec["scan"]]),
+            "label": rec["label"],
+            "fold": fold_of[s],
+            "override": rec["override"],
+        }
         for k in range(n_folds):
             row[f"role_{k}"], row[f"frac_{k}"] = role[s, k], frac[s, k]
         out.append(row)
@@ -452,14 +519,16 @@ def make_manifest(table: pd.DataFrame, *, dataset: str, task: str, n_folds: int 
     folds_info = []
     for k in range(n_folds):
         members = [s for s in subjects if fold_of[s] == k]
-        info: dict[str, Any] = {"fold": k, "n_subjects": len(members),
-                                "n_scans": int((manifest["fold"] == k).sum())}
+        info: dict[str, Any] = {
+            "fold": k,
+            "n_subjects": len(members),
+            "n_scans": int((manifest["fold"] == k).sum()),
+        }
         if task == "classification":
             info["class_counts"] = {names[c]: sum(strata[s] == c for s in members) for c in names}
         elif task == "regression":
             info["age_mean"] = round(float(np.mean([first[s]["label"] for s in members])), 2)
-            info["age_bin_counts"] = {names[b]: sum(strata[s] == b for s in members)
-                                      for b in names}
+            info["age_bin_counts"] = {names[b]: sum(strata[s] == b for s in members) for b in names}
         info["train_subjects_by_fraction"] = frac_counts[k]
         folds_info.append(info)
     sidecar = {
@@ -482,9 +551,14 @@ def make_manifest(table: pd.DataFrame, *, dataset: str, task: str, n_folds: int 
     return manifest, sidecar
 
 
-def _select_scans(table: pd.DataFrame, dataset: str, task: str, label_map: Mapping[str, int],
-                  qc: Mapping[str, tuple[bool, str]], overrides: Mapping[str, Any] | None
-                  ) -> tuple[list[dict], list[dict], list[dict]]:
+def _select_scans(
+    table: pd.DataFrame,
+    dataset: str,
+    task: str,
+    label_map: Mapping[str, int],
+    qc: Mapping[str, tuple[bool, str]],
+    overrides: Mapping[str, Any] | None,
+) -> tuple[list[dict], list[dict], list[dict]]:
     """(kept rows with label, exclusions, overrides as applied), in subject order.
 
     Order of judgement: bad input, override exclude, bad label (an error),
@@ -495,7 +569,10 @@ def _select_scans(table: pd.DataFrame, dataset: str, task: str, label_map: Mappi
         raise MedtxError(f"dataset {dataset!r}: no scans in the scan table")
     for rec in rows:
         rec["subject"], rec["session"], rec["scan"] = (
-            cell_text(rec.get("subject")), cell_text(rec.get("session")), cell_text(rec.get("scan")))
+            cell_text(rec.get("subject")),
+            cell_text(rec.get("session")),
+            cell_text(rec.get("scan")),
+        )
     rows.sort(key=lambda r: (r["subject"], r["session"], r["scan"]))
     dup = sorted(scan for scan, c in Counter(r["scan"] for r in rows).items() if c > 1)
     if dup:
@@ -531,31 +608,51 @@ def _select_scans(table: pd.DataFrame, dataset: str, task: str, label_map: Mappi
             elif action == "include":
                 note = "not needed: the scan passed QC"
         if action:
-            entry = {"scan": scan, "subject": rec["subject"], "session": rec["session"],
-                     "action": action, "reason": why, "applied": note is None}
+            entry = {
+                "scan": scan,
+                "subject": rec["subject"],
+                "session": rec["session"],
+                "action": action,
+                "reason": why,
+                "applied": note is None,
+            }
             if note:
                 entry["note"] = note
             applied.append(entry)
         if reason:
-            exclusions.append({"scan": scan, "subject": rec["subject"],
-                               "session": rec["session"], "reason": reason})
+            exclusions.append(
+                {
+                    "scan": scan,
+                    "subject": rec["subject"],
+                    "session": rec["session"],
+                    "reason": reason,
+                }
+            )
         else:
             kept.append({**rec, "label": label, "override": forced})
     if errors:
         raise CohortError(errors, what=f"dataset {dataset!r} labels")
     if n_unlabelled and n_unlabelled == n_good:
-        raise MedtxError(f"dataset {dataset!r}: every scan lacks a "
-                         f"{'diagnosis' if task == 'classification' else 'age'} label "
-                         f"({n_unlabelled} scans); check the participants table")
+        raise MedtxError(
+            f"dataset {dataset!r}: every scan lacks a "
+            f"{'diagnosis' if task == 'classification' else 'age'} label "
+            f"({n_unlabelled} scans); check the participants table"
+        )
     if not kept:
-        raise MedtxError(f"dataset {dataset!r}: no scan left after exclusions "
-                         f"({len(exclusions)} excluded)")
+        raise MedtxError(
+            f"dataset {dataset!r}: no scan left after exclusions ({len(exclusions)} excluded)"
+        )
     return kept, exclusions, applied
 
 
-def _stratify(first: Mapping[str, dict], dataset: str, task: str, n_folds: int,
-              label_map: Mapping[str, int], age_bins: Sequence[float] | None
-              ) -> tuple[dict[str, int], dict[int, str], dict[str, Any]]:
+def _stratify(
+    first: Mapping[str, dict],
+    dataset: str,
+    task: str,
+    n_folds: int,
+    label_map: Mapping[str, int],
+    age_bins: Sequence[float] | None,
+) -> tuple[dict[str, int], dict[int, str], dict[str, Any]]:
     """(subject -> stratum, stratum -> name, sidecar extras), checking sizes first."""
     subjects = sorted(first)
     n = len(subjects)
@@ -567,23 +664,31 @@ def _stratify(first: Mapping[str, dict], dataset: str, task: str, n_folds: int,
         counts = Counter(strata.values())
         names = {v: "/".join(d for d in label_map if label_map[d] == v) for v in sorted(counts)}
         if n < len(counts) * n_folds:
-            raise MedtxError(f"{where}: {n} subjects are too few to stratify {len(counts)} classes "
-                             f"into {n_folds} folds (need ≥ {len(counts) * n_folds})")
-        small = [f"too few to stratify: class {names[c]} has {counts[c]} subjects, {n_folds} "
-                 f"folds need ≥ {n_folds}" for c in names if counts[c] < n_folds]
+            raise MedtxError(
+                f"{where}: {n} subjects are too few to stratify {len(counts)} classes "
+                f"into {n_folds} folds (need ≥ {len(counts) * n_folds})"
+            )
+        small = [
+            f"too few to stratify: class {names[c]} has {counts[c]} subjects, {n_folds} "
+            f"folds need ≥ {n_folds}"
+            for c in names
+            if counts[c] < n_folds
+        ]
         if small:
             raise CohortError(small, what=where)
         return strata, names, {"label_map": dict(label_map)}
     if task == "regression":
-        edges, strata = age_strata({s: first[s]["label"] for s in subjects}, n_folds, age_bins,
-                                   dataset=dataset)
+        edges, strata = age_strata(
+            {s: first[s]["label"] for s in subjects}, n_folds, age_bins, dataset=dataset
+        )
         names = {b: _bin_name(edges, b) for b in sorted(set(strata.values()))}
         return strata, names, {"age_bins": edges}
     return dict.fromkeys(subjects, 0), {0: "all"}, {}
 
 
-def write_manifest(manifest: pd.DataFrame, sidecar: Mapping[str, Any], tsv_path: str | Path,
-                   json_path: str | Path) -> None:
+def write_manifest(
+    manifest: pd.DataFrame, sidecar: Mapping[str, Any], tsv_path: str | Path, json_path: str | Path
+) -> None:
     """Write the manifest TSV and its sidecar JSON, each atomically."""
     write_text(manifest.to_csv(sep="\t", index=False), tsv_path)
     write_json(dict(sidecar), json_path)
@@ -607,9 +712,16 @@ def moved_subjects(old: pd.DataFrame, new: pd.DataFrame) -> list[str]:
 
 # --- the stability figures in the module docstring ---
 
-def benchmark_stability(method: str, *, task: str = "classification", n_subjects: int = 60,
-                        n_folds: int = 5, seeds: Iterable[int] = range(200),
-                        age_bins: Sequence[float] | None = None) -> dict[str, float]:
+
+def benchmark_stability(
+    method: str,
+    *,
+    task: str = "classification",
+    n_subjects: int = 60,
+    n_folds: int = 5,
+    seeds: Iterable[int] = range(200),
+    age_bins: Sequence[float] | None = None,
+) -> dict[str, float]:
     """Fraction of existing subjects whose fold changes when one subject is added.
 
     Returns mean and max over seeds of the plain fraction and of the fraction
@@ -621,16 +733,38 @@ def benchmark_stability(method: str, *, task: str = "classification", n_subjects
     for seed in seeds:
         rng = np.random.default_rng(seed)
         classes = list(DEFAULT_LABEL_MAP)
-        rows = [{"dataset": "d", "subject": f"s{i:03d}", "session": "", "scan": f"sub-s{i:03d}",
-                 "diagnosis": classes[i % 3], "age": f"{rng.uniform(55, 90):.1f}", "status": "ok"}
-                for i in range(n_subjects)]
-        rows.append({**rows[0], "subject": "new", "scan": "sub-new",
-                     "diagnosis": classes[int(rng.integers(3))],
-                     "age": f"{rng.uniform(55, 90):.1f}"})
+        rows = [
+            {
+                "dataset": "d",
+                "subject": f"s{i:03d}",
+                "session": "",
+                "scan": f"sub-s{i:03d}",
+                "diagnosis": classes[i % 3],
+                "age": f"{rng.uniform(55, 90):.1f}",
+                "status": "ok",
+            }
+            for i in range(n_subjects)
+        ]
+        rows.append(
+            {
+                **rows[0],
+                "subject": "new",
+                "scan": "sub-new",
+                "diagnosis": classes[int(rng.integers(3))],
+                "age": f"{rng.uniform(55, 90):.1f}",
+            }
+        )
         table = pd.DataFrame(rows)
         paths = {r["scan"]: "x" for r in rows}
-        kw = dict(dataset="d", task=task, n_folds=n_folds, seed=seed, paths=paths, method=method,
-                  age_bins=age_bins)
+        kw: dict[str, Any] = dict(
+            dataset="d",
+            task=task,
+            n_folds=n_folds,
+            seed=seed,
+            paths=paths,
+            method=method,
+            age_bins=age_bins,
+        )
         old, _ = make_manifest(table.iloc[:-1], **kw)
         new, _ = make_manifest(table, **kw)
         a = old.set_index("subject")["fold"]
@@ -640,10 +774,13 @@ def benchmark_stability(method: str, *, task: str = "classification", n_subjects
         np.add.at(overlap, (a.to_numpy(), b.to_numpy()), 1)
         r, c = linear_sum_assignment(-overlap)
         relabelled.append(1 - overlap[r, c].sum() / len(a))
-    return {"mean": float(np.mean(plain)), "max": float(np.max(plain)),
-            "relabelled_mean": float(np.mean(relabelled)),
-            "relabelled_max": float(np.max(relabelled)),
-            "zero_moved": float(np.mean(np.array(plain) == 0))}
+    return {
+        "mean": float(np.mean(plain)),
+        "max": float(np.max(plain)),
+        "relabelled_mean": float(np.mean(relabelled)),
+        "relabelled_max": float(np.max(relabelled)),
+        "zero_moved": float(np.mean(np.array(plain) == 0)),
+    }
 
 
 def preproc_paths(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
@@ -656,10 +793,17 @@ def preproc_paths(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
     return paths
 
 
-def manifest_from_files(*, dataset: str, task: str, table: str | Path,
-                        records: Sequence[str | Path], params: Mapping[str, Any],
-                        out_tsv: str | Path, out_json: str | Path,
-                        overrides: str | Path | None = None) -> pd.DataFrame:
+def manifest_from_files(
+    *,
+    dataset: str,
+    task: str,
+    table: str | Path,
+    records: Sequence[str | Path],
+    params: Mapping[str, Any],
+    out_tsv: str | Path,
+    out_json: str | Path,
+    overrides: str | Path | None = None,
+) -> pd.DataFrame:
     """``medtx folds``: one dataset x task manifest, QC-gated, from the scan table and records.
 
     Args:
@@ -672,9 +816,15 @@ def manifest_from_files(*, dataset: str, task: str, table: str | Path,
     loaded = load_scan_records(list(records)) if records else []
     loaded = [r for r in loaded if r.get("dataset") == dataset]
     manifest, sidecar = make_manifest(
-        read_scan_table(table), dataset=dataset, task=task, n_folds=params["n_folds"],
-        seed=params["seed"], paths=preproc_paths(loaded), label_map=params.get("label_map"),
-        age_bins=params.get("age_bins"), fractions=params["fractions"],
+        read_scan_table(table),
+        dataset=dataset,
+        task=task,
+        n_folds=params["n_folds"],
+        seed=params["seed"],
+        paths=preproc_paths(loaded),
+        label_map=params.get("label_map"),
+        age_bins=params.get("age_bins"),
+        fractions=params["fractions"],
         qc=load_qc(loaded, dataset=dataset),
         overrides=load_overrides(overrides, reasons=True) if overrides else None,
         method=params.get("method", "hash"),

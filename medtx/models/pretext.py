@@ -1,4 +1,4 @@
-"""Self-supervised pre-training of the Medical Transformer (DESIGN.md §6).
+"""Self-supervised pre-training of the Medical Transformer (Jun et al. 2021).
 
 Stage 1, exemplar network: each plane encoder learns that a volume and a non-linear
 intensity remap of it (Models Genesis' Bézier transform, a separate curve per plane)
@@ -24,15 +24,15 @@ from torch import Tensor, nn
 from medtx.models.slice_transformer import (
     PLANES,
     MedicalTransformer,
-    PlaneEncoder,
     volume_to_slices,
 )
 
 # ---------------------------------------------------------------------------- stage 1
 
 
-def bezier_curve(rng: np.random.Generator, *, n_points: int = 1000
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def bezier_curve(
+    rng: np.random.Generator, *, n_points: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
     """A sampled cubic Bézier from (0, 0) to (1, 1) with control points P1, P2 ~ U[0,1]².
 
     Both coordinates are non-decreasing in t for any control points in the unit square,
@@ -45,8 +45,13 @@ def bezier_curve(rng: np.random.Generator, *, n_points: int = 1000
     return np.maximum.accumulate(pts[:, 0]), np.maximum.accumulate(pts[:, 1])
 
 
-def bezier_intensity(x: np.ndarray | Tensor, rng: np.random.Generator, *,
-                     flip_prob: float = 0.5, n_points: int = 1000) -> np.ndarray | Tensor:
+def bezier_intensity(
+    x: np.ndarray | Tensor,
+    rng: np.random.Generator,
+    *,
+    flip_prob: float = 0.5,
+    n_points: int = 1000,
+) -> np.ndarray | Tensor:
     """Models Genesis' non-linear intensity transform of a volume in [0, 1].
 
     Looks every intensity up on a random Bézier curve (``np.interp``); with probability
@@ -62,46 +67,60 @@ def bezier_intensity(x: np.ndarray | Tensor, rng: np.random.Generator, *,
     """
     values = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
     if values.size and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
-        raise ValueError(f"bezier_intensity needs intensities in [0, 1], got "
-                         f"[{values.min():.4g}, {values.max():.4g}]")
+        raise ValueError(
+            f"bezier_intensity needs intensities in [0, 1], got "
+            f"[{values.min():.4g}, {values.max():.4g}]"
+        )
     xs, ys = bezier_curve(rng, n_points=n_points)
     if rng.random() < flip_prob:
         ys = ys[::-1]
-    out = np.interp(values, xs, ys).astype(values.dtype if values.dtype.kind == "f"
-                                           else np.float32)
+    out = np.interp(values, xs, ys).astype(values.dtype if values.dtype.kind == "f" else np.float32)
     return torch.from_numpy(out).to(x.device) if isinstance(x, Tensor) else out
 
 
 def plane_positives(volumes: Tensor, rng: np.random.Generator) -> tuple[Tensor, ...]:
     """Per plane, every volume of the batch remapped with its own fresh Bézier curve."""
-    return tuple(torch.stack([bezier_intensity(v, rng) for v in volumes]) for _ in PLANES)
+    return tuple(
+        torch.stack([torch.as_tensor(bezier_intensity(v, rng)) for v in volumes]) for _ in PLANES
+    )
 
 
 def batch_negatives(x: Tensor) -> Tensor:
     """The negative for batch item i is item i - 1 (another volume of the batch)."""
     if x.shape[0] < 2:
-        raise ValueError(f"exemplar training needs at least 2 volumes per batch for "
-                         f"negatives, got {x.shape[0]}")
+        raise ValueError(
+            f"exemplar training needs at least 2 volumes per batch for negatives, got {x.shape[0]}"
+        )
     return x.roll(1, dims=0)
 
 
-def triplet_loss(anchor: Sequence[Tensor], positive: Sequence[Tensor],
-                 negative: Sequence[Tensor], margin: float = 1.0) -> Tensor:
+def triplet_loss(
+    anchor: Sequence[Tensor],
+    positive: Sequence[Tensor],
+    negative: Sequence[Tensor],
+    margin: float = 1.0,
+) -> Tensor:
     """L2 triplet loss on slice-averaged embeddings, mean over planes.
 
     Each argument holds per plane the slice embeddings (B, N_p, d); a single tensor
     counts as one plane. Per plane: mean over the batch of
     max(0, |a - p| - |a - n| + margin) with a, p, n averaged over slices.
     """
-    planes = [(anchor, positive, negative)] if isinstance(anchor, Tensor) else list(
-        zip(anchor, positive, negative, strict=True))
-    losses = [F.triplet_margin_loss(a.mean(dim=1), p.mean(dim=1), n.mean(dim=1),
-                                    margin=margin, p=2.0) for a, p, n in planes]
+    planes = (
+        [(anchor, positive, negative)]
+        if isinstance(anchor, Tensor)
+        else list(zip(anchor, positive, negative, strict=True))
+    )
+    losses = [
+        F.triplet_margin_loss(a.mean(dim=1), p.mean(dim=1), n.mean(dim=1), margin=margin, p=2.0)
+        for a, p, n in planes
+    ]
     return torch.stack(losses).mean()
 
 
-def exemplar_loss(model: MedicalTransformer, volumes: Tensor, rng: np.random.Generator,
-                  *, margin: float = 1.0) -> Tensor:
+def exemplar_loss(
+    model: MedicalTransformer, volumes: Tensor, rng: np.random.Generator, *, margin: float = 1.0
+) -> Tensor:
     """Stage-1 loss for a batch (B >= 2) of volumes in [0, 1], encoders only."""
     model.check_input(volumes)
     positives = plane_positives(volumes, rng)
@@ -117,8 +136,9 @@ def exemplar_loss(model: MedicalTransformer, volumes: Tensor, rng: np.random.Gen
 # ---------------------------------------------------------------------------- stage 2
 
 
-def mask_slices(n_slices: int, ratio: float = 0.1, generator: torch.Generator | None = None
-                ) -> Tensor:
+def mask_slices(
+    n_slices: int, ratio: float = 0.1, generator: torch.Generator | None = None
+) -> Tensor:
     """Sorted indices of int(ratio·N) distinct slices to mask (9/11/9 at 96/114/96).
 
     At least one slice is masked, so sequences shorter than 1/ratio (tiny test volumes)
@@ -149,16 +169,19 @@ def apply_mask(embeddings: Tensor, mask: Tensor, replacement: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def constant_slice_embedding(encoder: PlaneEncoder, slice_shape: tuple[int, int, int],
-                             value: float = 0.0) -> Tensor:
+def constant_slice_embedding(
+    encoder: nn.Module, slice_shape: tuple[int, ...], value: float = 0.0
+) -> Tensor:
     """The encoder's output (d,) for a constant slice of shape (C, H, W).
 
     The slice is encoded as a stack of its own, so the volume's statistics do not leak
     in. For the default ``value`` 0 every conv output is zero and this is exactly the
     encoder's final bias: a vector that carries no image content.
     """
-    slices = torch.full((1, 1, *slice_shape), float(value),
-                        dtype=encoder.fc.weight.dtype, device=encoder.fc.weight.device)
+    weight = next(encoder.parameters())
+    slices = torch.full(
+        (1, 1, *slice_shape), float(value), dtype=weight.dtype, device=weight.device
+    )
     return encoder(slices)[0][0, 0]
 
 
@@ -173,8 +196,9 @@ class MaskToken(nn.Module):
         return self.tokens[plane]
 
 
-def masked_prediction_loss(pred: Sequence[Tensor], target: Sequence[Tensor],
-                           mask: Sequence[Tensor]) -> Tensor:
+def masked_prediction_loss(
+    pred: Sequence[Tensor], target: Sequence[Tensor], mask: Sequence[Tensor]
+) -> Tensor:
     """MSE between predicted and true encodings at the masked slices, summed over planes.
 
     Per plane: pred and target (B, N_p, d); mask as indices (M,) or bool (N_p,)/(B, N_p).
@@ -188,9 +212,14 @@ def masked_prediction_loss(pred: Sequence[Tensor], target: Sequence[Tensor],
     return total
 
 
-def masked_encoding_loss(model: MedicalTransformer, volumes: Tensor, *, ratio: float = 0.1,
-                         generator: torch.Generator | None = None,
-                         mask_token: MaskToken | None = None) -> Tensor:
+def masked_encoding_loss(
+    model: MedicalTransformer,
+    volumes: Tensor,
+    *,
+    ratio: float = 0.1,
+    generator: torch.Generator | None = None,
+    mask_token: MaskToken | None = None,
+) -> Tensor:
     """Stage-2 loss: frozen encoders, a fresh mask per volume and plane, transformer predicts.
 
     The replacement is ``mask_token(plane)`` if given, else the encoder output of a

@@ -1,13 +1,16 @@
 """The Medical Transformer: three per-plane slice encoders and one slice transformer.
 
+The module is long because encoders, transformer, heads and presets are one model,
+whose parameter counts are checked against the paper's Table 3 as a whole.
+
 Jun, Jeong, Heo and Suk, "Medical Transformer: Universal Brain Encoder for 3D MRI
 Analysis", arXiv:2104.13633 (2021); IEEE TNNLS (2023). A 3D volume is read as three
 sequences of 2D slices (sagittal, coronal, axial). Each plane has its own 2D conv
 encoder that turns a slice into a d-vector; one transformer, shared by the planes,
 lets the slice vectors see each other; light heads read the result out.
 
-Origin of the design (DESIGN.md §6): the paper gives the overall shape; what it
-leaves open follows the authors' public pre-training code as DESIGN.md §6 records it:
+Origin of the design: the paper (Jun et al. 2021) gives the overall shape; what it
+leaves open follows the authors' public pre-training code:
 a ResNet-18 of BasicBlocks with widths 16/32/64/128 and InstanceNorm without affine;
 an Annotated-Transformer/BERT-style encoder (input·√d + sinusoidal position + a
 3-entry segment embedding, pre-LN sublayers, a final LayerNorm) whose 4 attention
@@ -61,10 +64,22 @@ SEG_MAP_CHANNELS = sum(ENCODER_WIDTHS[:3])  # layer1-3: 16 + 32 + 64 = 112 per p
 
 # Hyperparameters by name; ``build_model`` applies them. See the module docstring.
 PRESETS: dict[str, dict[str, float | int]] = {
-    "table3": {"d_model": 64, "d_ff": 128, "n_heads": 4, "head_dim": 256, "n_layers": 1,
-               "dropout": 0.1},
-    "paper_text": {"d_model": 16, "d_ff": 64, "n_heads": 4, "head_dim": 4, "n_layers": 1,
-                   "dropout": 0.1},
+    "table3": {
+        "d_model": 64,
+        "d_ff": 128,
+        "n_heads": 4,
+        "head_dim": 256,
+        "n_layers": 1,
+        "dropout": 0.1,
+    },
+    "paper_text": {
+        "d_model": 16,
+        "d_ff": 64,
+        "n_heads": 4,
+        "head_dim": 4,
+        "n_layers": 1,
+        "dropout": 0.1,
+    },
 }
 # Per task: (num_outputs, in_channels) of the paper's experiments.
 TASK_DEFAULTS: dict[str, tuple[int, int]] = {
@@ -97,8 +112,9 @@ def slices_to_volume(slices: Tensor, plane: int) -> Tensor:
 def sinusoidal_position(n: int, d: int, *, device=None, dtype=None) -> Tensor:
     """Vaswani et al.'s fixed position code, (n, d): sin on even, cos on odd channels."""
     position = torch.arange(n, device=device, dtype=torch.float64)[:, None]
-    freq = torch.exp(torch.arange(0, d, 2, device=device, dtype=torch.float64)
-                     * (-math.log(10000.0) / d))
+    freq = torch.exp(
+        torch.arange(0, d, 2, device=device, dtype=torch.float64) * (-math.log(10000.0) / d)
+    )
     code = torch.zeros(n, d, device=device, dtype=torch.float64)
     code[:, 0::2] = torch.sin(position * freq)
     code[:, 1::2] = torch.cos(position * freq)
@@ -113,7 +129,7 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
 def inflate_stem(weight: Tensor, in_channels: int) -> Tensor:
     """A 1-channel stem kernel (out, 1, k, k) repeated over ``in_channels`` inputs.
 
-    Used to start a 4-modality BraTS encoder from T1 pre-training (DESIGN.md §6).
+    Used to start a 4-modality BraTS encoder from T1 pre-training (as the authors' code does).
     No 1/C rescaling: the InstanceNorm after the stem is scale-invariant.
     """
     if weight.ndim != 4 or weight.shape[1] != 1:
@@ -165,8 +181,11 @@ class BasicBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.norm = SliceStackNorm()
-        self.shortcut = (nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
-                         if stride != 1 or in_ch != out_ch else None)
+        self.shortcut = (
+            nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
+            if stride != 1 or in_ch != out_ch
+            else None
+        )
 
     def forward(self, x: Tensor, n: int) -> Tensor:
         out = F.relu(self.norm(self.conv1(x), n))
@@ -193,8 +212,9 @@ class PlaneEncoder(nn.Module):
         self.stem = nn.Conv2d(in_channels, w[0], 7, 2, 3, bias=False)
         self.norm = SliceStackNorm()
         self.layers = nn.ModuleList(
-            nn.ModuleList([BasicBlock(c_in, c_out, 1 if i == 0 else 2),
-                           BasicBlock(c_out, c_out, 1)])
+            nn.ModuleList(
+                [BasicBlock(c_in, c_out, 1 if i == 0 else 2), BasicBlock(c_out, c_out, 1)]
+            )
             for i, (c_in, c_out) in enumerate(zip((w[0],) + w[:-1], w))
         )
         self.fc = nn.Linear(w[-1], d_model)
@@ -202,14 +222,15 @@ class PlaneEncoder(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, slices: Tensor, *, return_maps: bool = False
-                ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    def forward(
+        self, slices: Tensor, *, return_maps: bool = False
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         b, n = slices.shape[:2]
         x = slices.flatten(0, 1)  # 'b n c h w -> (b n) c h w'
         x = F.max_pool2d(F.relu(self.norm(self.stem(x), n)), 3, 2, 1)
         maps = []
         for stage in self.layers:
-            for block in stage:
+            for block in stage:  # type: ignore[attr-defined]  # an nn.Sequential of blocks
                 x = block(x, n)
             maps.append(x)
         emb = self.fc(x.mean(dim=(2, 3))).unflatten(0, (b, n))
@@ -233,8 +254,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # 'b n (h e) -> b h n e' for q, k and v
-        q, k, v = (f(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
-                   for f in (self.q, self.k, self.v))
+        q, k, v = (
+            f(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for f in (self.q, self.k, self.v)
+        )
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         return self.out(y.transpose(1, 2).flatten(2))  # 'b h n e -> b n (h e)'
@@ -243,14 +265,15 @@ class SelfAttention(nn.Module):
 class TransformerLayer(nn.Module):
     """Pre-LN layer: x + drop(attn(LN x)), then x + drop(ff(LN x)); GELU feed-forward."""
 
-    def __init__(self, *, d_model: int, d_ff: int, n_heads: int, head_dim: int,
-                 dropout: float):
+    def __init__(self, *, d_model: int, d_ff: int, n_heads: int, head_dim: int, dropout: float):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model=d_model, n_heads=n_heads, head_dim=head_dim,
-                                  dropout=dropout)
-        self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout),
-                                nn.Linear(d_ff, d_model))
+        self.attn = SelfAttention(
+            d_model=d_model, n_heads=n_heads, head_dim=head_dim, dropout=dropout
+        )
+        self.ff = nn.Sequential(
+            nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model)
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -277,17 +300,28 @@ class SliceTransformer(nn.Module):
         joint: one 306-token sequence (True) or three per-plane sequences (False).
     """
 
-    def __init__(self, *, d_model: int = 64, d_ff: int = 128, n_heads: int = 4,
-                 head_dim: int = 256, n_layers: int = 1, dropout: float = 0.1,
-                 joint: bool = True):
+    def __init__(
+        self,
+        *,
+        d_model: int = 64,
+        d_ff: int = 128,
+        n_heads: int = 4,
+        head_dim: int = 256,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        joint: bool = True,
+    ):
         super().__init__()
         self.d_model, self.joint = d_model, joint
         self.plane_embedding = nn.Embedding(len(PLANES), d_model)
         nn.init.normal_(self.plane_embedding.weight, std=0.02)
         self.drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            TransformerLayer(d_model=d_model, d_ff=d_ff, n_heads=n_heads, head_dim=head_dim,
-                             dropout=dropout) for _ in range(n_layers))
+            TransformerLayer(
+                d_model=d_model, d_ff=d_ff, n_heads=n_heads, head_dim=head_dim, dropout=dropout
+            )
+            for _ in range(n_layers)
+        )
         self.norm = nn.LayerNorm(d_model)
 
     def embed(self, x: Tensor, plane: int) -> Tensor:
@@ -348,11 +382,10 @@ class SegmentationHead(nn.Module):
         """Columns of the linear weight: per-plane embedding blocks, per-plane map blocks."""
         d, w = self.d_model, self.linear.weight
         emb = list(w[:, : 3 * d].split(d, dim=1))
-        maps = w[:, 3 * d:].split(SEG_MAP_CHANNELS, dim=1)
+        maps = w[:, 3 * d :].split(SEG_MAP_CHANNELS, dim=1)
         return emb, [list(m.split(ENCODER_WIDTHS[:3], dim=1)) for m in maps]
 
-    def forward(self, planes: tuple[Tensor, ...], maps: tuple[tuple[Tensor, ...], ...]
-                ) -> Tensor:
+    def forward(self, planes: tuple[Tensor, ...], maps: tuple[tuple[Tensor, ...], ...]) -> Tensor:
         (b, nx, _), ny, nz = planes[0].shape, planes[1].shape[1], planes[2].shape[1]
         w_emb, w_maps = self.weight_blocks()
         out = self.linear.bias.view(1, -1, 1, 1, 1)
@@ -362,19 +395,20 @@ class SegmentationHead(nn.Module):
             out = out + (x @ w_emb[p].T).transpose(1, 2).reshape(along[p])
         sizes = ((ny, nz), (nx, nz), (nx, ny))
         for p, plane_maps in enumerate(maps):
-            proj = 0
+            proj: Tensor | float = 0.0
             for m, w in zip(plane_maps, w_maps[p]):
                 k = torch.einsum("bnchw,kc->bnkhw", m, w).flatten(0, 1)
-                proj = proj + F.interpolate(k, size=sizes[p], mode="bilinear",
-                                            align_corners=False)
-            out = out + slices_to_volume(proj.unflatten(0, (b, -1)), p)
+                proj = proj + F.interpolate(k, size=sizes[p], mode="bilinear", align_corners=False)
+            out = out + slices_to_volume(torch.as_tensor(proj).unflatten(0, (b, -1)), p)
         return out
 
 
 def upsample_maps(maps: tuple[Tensor, ...], size: tuple[int, int]) -> Tensor:
     """A plane's layer1-3 maps (B, N, C_k, h_k, w_k) upsampled and stacked: (B, N, 112, H, W)."""
-    ups = [F.interpolate(m.flatten(0, 1), size=size, mode="bilinear", align_corners=False)
-           for m in maps]
+    ups = [
+        F.interpolate(m.flatten(0, 1), size=size, mode="bilinear", align_corners=False)
+        for m in maps
+    ]
     return torch.cat(ups, dim=1).unflatten(0, maps[0].shape[:2])
 
 
@@ -382,11 +416,14 @@ def feature_map_3d(planes: tuple[Tensor, ...]) -> Tensor:
     """The literal 3D map F[x,y,z] = [E_sag[x]; E_cor[y]; E_ax[z]]: (B, 3d, X, Y, Z)."""
     sag, cor, ax = planes
     (b, nx, d), ny, nz = sag.shape, cor.shape[1], ax.shape[1]
-    return torch.cat([
-        sag.transpose(1, 2)[:, :, :, None, None].expand(b, d, nx, ny, nz),
-        cor.transpose(1, 2)[:, :, None, :, None].expand(b, d, nx, ny, nz),
-        ax.transpose(1, 2)[:, :, None, None, :].expand(b, d, nx, ny, nz),
-    ], dim=1)
+    return torch.cat(
+        [
+            sag.transpose(1, 2)[:, :, :, None, None].expand(b, d, nx, ny, nz),
+            cor.transpose(1, 2)[:, :, None, :, None].expand(b, d, nx, ny, nz),
+            ax.transpose(1, 2)[:, :, None, None, :].expand(b, d, nx, ny, nz),
+        ],
+        dim=1,
+    )
 
 
 def literal_pooled_logits(head: PooledHead, planes: tuple[Tensor, ...]) -> Tensor:
@@ -395,8 +432,9 @@ def literal_pooled_logits(head: PooledHead, planes: tuple[Tensor, ...]) -> Tenso
     return voxels.mean(dim=(1, 2, 3))
 
 
-def literal_segmentation_logits(head: SegmentationHead, planes: tuple[Tensor, ...],
-                                maps: tuple[tuple[Tensor, ...], ...]) -> Tensor:
+def literal_segmentation_logits(
+    head: SegmentationHead, planes: tuple[Tensor, ...], maps: tuple[tuple[Tensor, ...], ...]
+) -> Tensor:
     """Reference for tests: the full 528-channel volume, then the per-voxel Linear."""
     nx, ny, nz = (x.shape[1] for x in planes)
     sizes = ((ny, nz), (nx, nz), (nx, ny))
@@ -445,34 +483,68 @@ class MedicalTransformer(nn.Module):
         torch.Size([2, 3])
     """
 
-    def __init__(self, *, task: Task, num_outputs: int, in_channels: int = 1,
-                 d_model: int = 64, d_ff: int = 128, n_heads: int = 4, head_dim: int = 256,
-                 n_layers: int = 1, dropout: float = 0.1, use_transformer: bool = True,
-                 joint_planes: bool = True):
+    def __init__(
+        self,
+        *,
+        task: Task,
+        num_outputs: int,
+        in_channels: int = 1,
+        d_model: int = 64,
+        d_ff: int = 128,
+        n_heads: int = 4,
+        head_dim: int = 256,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        use_transformer: bool = True,
+        joint_planes: bool = True,
+    ):
         super().__init__()
-        check_hyperparameters(task=task, num_outputs=num_outputs, in_channels=in_channels,
-                              d_model=d_model, d_ff=d_ff, n_heads=n_heads, head_dim=head_dim,
-                              n_layers=n_layers, dropout=dropout)
+        check_hyperparameters(
+            task=task,
+            num_outputs=num_outputs,
+            in_channels=in_channels,
+            d_model=d_model,
+            d_ff=d_ff,
+            n_heads=n_heads,
+            head_dim=head_dim,
+            n_layers=n_layers,
+            dropout=dropout,
+        )
         self.task, self.in_channels, self.d_model = task, in_channels, d_model
-        self.encoders = nn.ModuleList(PlaneEncoder(in_channels=in_channels, d_model=d_model)
-                                      for _ in PLANES)
-        self.transformer = (SliceTransformer(d_model=d_model, d_ff=d_ff, n_heads=n_heads,
-                                             head_dim=head_dim, n_layers=n_layers,
-                                             dropout=dropout, joint=joint_planes)
-                            if use_transformer else None)
+        self.encoders = nn.ModuleList(
+            PlaneEncoder(in_channels=in_channels, d_model=d_model) for _ in PLANES
+        )
+        self.transformer = (
+            SliceTransformer(
+                d_model=d_model,
+                d_ff=d_ff,
+                n_heads=n_heads,
+                head_dim=head_dim,
+                n_layers=n_layers,
+                dropout=dropout,
+                joint=joint_planes,
+            )
+            if use_transformer
+            else None
+        )
         head = SegmentationHead if task == "segmentation" else PooledHead
         self.head = head(d_model=d_model, num_outputs=num_outputs)
 
     def check_input(self, volume: Tensor) -> None:
         if volume.ndim != 5:
-            raise ValueError(f"input must be 5D (B, C, X, Y, Z), but it is {volume.ndim}D "
-                             f"with shape {tuple(volume.shape)}")
+            raise ValueError(
+                f"input must be 5D (B, C, X, Y, Z), but it is {volume.ndim}D "
+                f"with shape {tuple(volume.shape)}"
+            )
         if volume.shape[1] != self.in_channels:
-            raise ValueError(f"input has {volume.shape[1]} channel(s), but the model was "
-                             f"built for in_channels={self.in_channels}")
+            raise ValueError(
+                f"input has {volume.shape[1]} channel(s), but the model was "
+                f"built for in_channels={self.in_channels}"
+            )
 
-    def encode_plane(self, volume: Tensor, plane: int, *, return_maps: bool = False
-                     ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    def encode_plane(
+        self, volume: Tensor, plane: int, *, return_maps: bool = False
+    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
         """One plane's encoder on a volume: (B, N_p, d) and optionally its maps."""
         return self.encoders[plane](volume_to_slices(volume, plane), return_maps=return_maps)
 
@@ -480,8 +552,8 @@ class MedicalTransformer(nn.Module):
         """Encoder outputs for all planes, before the transformer."""
         self.check_input(volume)
         out = [self.encode_plane(volume, p, return_maps=return_maps) for p in range(3)]
-        maps = tuple(m for _, m in out) if return_maps else None
-        return PlaneFeatures(tuple(e for e, _ in out), maps)
+        maps = tuple(m for _, m in out if m is not None) if return_maps else None
+        return PlaneFeatures(tuple(e for e, _ in out), maps)  # type: ignore[arg-type]
 
     def contextualize(self, embeddings: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         """The shared transformer over the planes' slice vectors (identity without it)."""
@@ -489,7 +561,8 @@ class MedicalTransformer(nn.Module):
 
     def forward_features(self, volume: Tensor) -> PlaneFeatures:
         feats = self.encode(volume, return_maps=self.task == "segmentation")
-        return PlaneFeatures(self.contextualize(feats.embeddings), feats.maps)
+        embeddings = self.contextualize(feats.embeddings)
+        return PlaneFeatures(embeddings, feats.maps)  # type: ignore[arg-type]  # one per plane
 
     def forward_head(self, features: PlaneFeatures) -> Tensor:
         """(B, K) for classification/regression, (B, K, X, Y, Z) logits for segmentation."""
@@ -501,16 +574,31 @@ class MedicalTransformer(nn.Module):
         return self.forward_head(self.forward_features(volume))
 
 
-def check_hyperparameters(*, task: str, num_outputs: int, in_channels: int, d_model: int,
-                          d_ff: int, n_heads: int, head_dim: int, n_layers: int,
-                          dropout: float) -> None:
+def check_hyperparameters(
+    *,
+    task: str,
+    num_outputs: int,
+    in_channels: int,
+    d_model: int,
+    d_ff: int,
+    n_heads: int,
+    head_dim: int,
+    n_layers: int,
+    dropout: float,
+) -> None:
     """Raise one ConfigError listing every bad hyperparameter."""
     problems = []
     if task not in get_args(Task):
         problems.append(f"task {task!r} is not one of {get_args(Task)}")
-    for name, value in (("num_outputs", num_outputs), ("in_channels", in_channels),
-                        ("d_model", d_model), ("d_ff", d_ff), ("n_heads", n_heads),
-                        ("head_dim", head_dim), ("n_layers", n_layers)):
+    for name, value in (
+        ("num_outputs", num_outputs),
+        ("in_channels", in_channels),
+        ("d_model", d_model),
+        ("d_ff", d_ff),
+        ("n_heads", n_heads),
+        ("head_dim", head_dim),
+        ("n_layers", n_layers),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{name} must be a positive integer, not {value!r}")
     if isinstance(d_model, int) and d_model % 2:
@@ -521,9 +609,14 @@ def check_hyperparameters(*, task: str, num_outputs: int, in_channels: int, d_mo
         raise ConfigError("bad MedicalTransformer hyperparameters: " + "; ".join(problems))
 
 
-def build_model(preset: str = "table3", task: Task = "classification", *,
-                num_outputs: int | None = None, in_channels: int | None = None,
-                **overrides) -> MedicalTransformer:
+def build_model(
+    preset: str = "table3",
+    task: Task = "classification",
+    *,
+    num_outputs: int | None = None,
+    in_channels: int | None = None,
+    **overrides,
+) -> MedicalTransformer:
     """A model from a named preset; outputs and channels default to the paper's task.
 
     Args:
@@ -539,10 +632,12 @@ def build_model(preset: str = "table3", task: Task = "classification", *,
         raise ConfigError(f"unknown task {task!r}; choose one of {sorted(TASK_DEFAULTS)}")
     outputs, channels = TASK_DEFAULTS[task]
     kwargs = {**PRESETS[preset], **overrides}
-    return MedicalTransformer(task=task, num_outputs=outputs if num_outputs is None
-                              else num_outputs,
-                              in_channels=channels if in_channels is None else in_channels,
-                              **kwargs)
+    return MedicalTransformer(
+        task=task,
+        num_outputs=outputs if num_outputs is None else num_outputs,
+        in_channels=channels if in_channels is None else in_channels,
+        **kwargs,
+    )
 
 
 def params_table() -> list[dict[str, object]]:
@@ -550,10 +645,17 @@ def params_table() -> list[dict[str, object]]:
     rows = []
     for preset in PRESETS:
         for task, (outputs, channels) in TASK_DEFAULTS.items():
-            model = build_model(preset, task)
-            rows.append({"task": task, "preset": preset, "in_channels": channels,
-                         "num_outputs": outputs, "parameters": count_parameters(model),
-                         "paper": TABLE3_PRINTED[task] if preset == "table3" else ""})
+            model = build_model(preset, task)  # type: ignore[arg-type]  # a Task by construction
+            rows.append(
+                {
+                    "task": task,
+                    "preset": preset,
+                    "in_channels": channels,
+                    "num_outputs": outputs,
+                    "parameters": count_parameters(model),
+                    "paper": TABLE3_PRINTED[task] if preset == "table3" else "",
+                }
+            )
     return rows
 
 
@@ -561,11 +663,18 @@ def format_params_table(rows: list[dict[str, object]], fmt: str = "text") -> str
     """``params_table`` as aligned text (with thousands separators) or TSV."""
     if fmt == "tsv":
         lines = ["task\tpreset\tin_channels\toutputs\tparameters\tpaper"]
-        lines += [f"{r['task']}\t{r['preset']}\t{r['in_channels']}\t{r['num_outputs']}\t"
-                  f"{r['parameters']}\t{r['paper']}" for r in rows]
+        lines += [
+            f"{r['task']}\t{r['preset']}\t{r['in_channels']}\t{r['num_outputs']}\t"
+            f"{r['parameters']}\t{r['paper']}"
+            for r in rows
+        ]
         return "\n".join(lines)
-    lines = [f"{'task':15} {'preset':11} {'in':>3} {'out':>4} {'parameters':>12} "
-             f"{'paper (Table 3)':>16}"]
-    lines += [f"{r['task']!s:15} {r['preset']!s:11} {r['in_channels']!s:>3} "
-              f"{r['num_outputs']!s:>4} {r['parameters']:>12,} {r['paper']!s:>16}" for r in rows]
+    lines = [
+        f"{'task':15} {'preset':11} {'in':>3} {'out':>4} {'parameters':>12} {'paper (Table 3)':>16}"
+    ]
+    lines += [
+        f"{r['task']!s:15} {r['preset']!s:11} {r['in_channels']!s:>3} "
+        f"{r['num_outputs']!s:>4} {r['parameters']:>12,} {r['paper']!s:>16}"
+        for r in rows
+    ]
     return "\n".join(lines)

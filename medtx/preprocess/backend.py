@@ -34,7 +34,9 @@ def fsl_available() -> bool:
 def resolve_backend(name: str) -> str:
     """Turn ``auto | fsl | ants`` into the backend that will run."""
     if name not in BACKENDS:
-        raise ConfigError(f"config key 'preprocess/backend': {name!r} is not one of {list(BACKENDS)}")
+        raise ConfigError(
+            f"config key 'preprocess/backend': {name!r} is not one of {list(BACKENDS)}"
+        )
     if name == "auto":
         return "fsl" if fsl_available() else "ants"
     return name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,18 +21,30 @@ from medtx.preprocess.context import StepContext
 from medtx.provenance.records import package_version
 
 
-def bet_command(t1: str | Path, brain_out: str | Path, params: dict) -> "object":
+def bet_command(t1: str | Path, brain_out: str | Path, params: dict) -> Any:
     """The nipype BET interface for ``params`` (its ``.cmdline`` is what runs)."""
     from nipype.interfaces import fsl
 
     fsl.FSLCommand.set_default_output_type("NIFTI_GZ")
-    return fsl.BET(in_file=str(t1), out_file=str(brain_out), mask=True,
-                   frac=float(params.get("frac", 0.5)), robust=bool(params.get("robust", True)))
+    return fsl.BET(
+        in_file=str(t1),
+        out_file=str(brain_out),
+        mask=True,
+        frac=float(params.get("frac", 0.5)),
+        robust=bool(params.get("robust", True)),
+    )
 
 
-def run_bet(t1: str | Path, *, brain_out: str | Path, mask_out: str | Path,
-            record_out: str | Path, ctx: StepContext, params: dict,
-            xfm_out: str | Path | None = None) -> dict:
+def run_bet(
+    t1: str | Path,
+    *,
+    brain_out: str | Path,
+    mask_out: str | Path,
+    record_out: str | Path,
+    ctx: StepContext,
+    params: dict,
+    xfm_out: str | Path | None = None,
+) -> dict:
     """Extract the brain of one raw T1 scan; write brain, mask and the record.
 
     Args:
@@ -88,14 +101,28 @@ def _bet_ants(data, affine, brain_out, mask_out, xfm_out, params, ctx, rec) -> n
     rec.set_tool("antspyx", package_version("antspyx"))
     head = to_ants(data, affine)
     fixed = read_template("t1", mm)
-    rec.call("ants.registration", fixed=f"ICBM 2009c T1 head at {mm:g} mm",
-             moving=f"t1 at {mm:g} mm", type_of_transform=kind, random_seed=ctx.seed)
+    rec.call(
+        "ants.registration",
+        fixed=f"ICBM 2009c T1 head at {mm:g} mm",
+        moving=f"t1 at {mm:g} mm",
+        type_of_transform=kind,
+        random_seed=ctx.seed,
+    )
     reg = ants.registration(fixed=fixed, moving=at_resolution(head, mm), type_of_transform=kind)
-    rec.call("ants.apply_transforms", fixed="t1", moving="ICBM 2009c brain mask",
-             whichtoinvert=[True], interpolator="nearestNeighbor")
-    mask_img = ants.apply_transforms(fixed=head, moving=read_template("brain_mask"),
-                                     transformlist=reg["fwdtransforms"], whichtoinvert=[True],
-                                     interpolator="nearestNeighbor")
+    rec.call(
+        "ants.apply_transforms",
+        fixed="t1",
+        moving="ICBM 2009c brain mask",
+        whichtoinvert=[True],
+        interpolator="nearestNeighbor",
+    )
+    mask_img = ants.apply_transforms(
+        fixed=head,
+        moving=read_template("brain_mask"),
+        transformlist=reg["fwdtransforms"],
+        whichtoinvert=[True],
+        interpolator="nearestNeighbor",
+    )
     mask = mask_img.numpy() > 0.5
     save_nifti(np.where(mask, data, 0.0), affine, brain_out)
     save_nifti(mask.astype(np.uint8), affine, mask_out, dtype=np.uint8)
@@ -112,5 +139,12 @@ def _fsl_version() -> str | None:
 
 def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
     """``medtx step bet``: the rule's files by role."""
-    return run_bet(i["t1"], brain_out=o["brain"], mask_out=o["mask"], xfm_out=o.get("xfm"),
-                   record_out=o["record"], ctx=ctx, params=params)
+    return run_bet(
+        i["t1"],
+        brain_out=o["brain"],
+        mask_out=o["mask"],
+        xfm_out=o.get("xfm"),
+        record_out=o["record"],
+        ctx=ctx,
+        params=params,
+    )

@@ -1,6 +1,6 @@
 """BraTS 2020 cases: already skull-stripped and co-registered at 1 mm.
 
-Only three things apply (DESIGN.md §4): a 160x192x128 crop centred on the
+Only three things apply (as in the paper's BraTS setup): a 160x192x128 crop centred on the
 brain, per-modality min-max inside the brain, and a check of the labels
 (1 necrosis/non-enhancing core, 2 edema, 4 enhancing tumour).
 """
@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from medtx.data.cache import cache_labels, cache_volume
+from medtx.domain import BRATS_LABELS, BRATS_MODALITIES, BRATS_REGIONS
 from medtx.errors import BadScanError
 from medtx.io import load_volume, save_nifti
 from medtx.preprocess.context import StepContext
 from medtx.preprocess.intensity import minmax, percentiles
 from medtx.provenance.records import package_version
-from medtx.data.cache import cache_labels, cache_volume
-from medtx.domain import BRATS_LABELS, BRATS_MODALITIES, BRATS_REGIONS
-
 
 
 def crop_box(brain: np.ndarray, size: tuple[int, int, int]) -> tuple[slice, ...]:
@@ -44,27 +43,42 @@ def check_labels(seg: np.ndarray, path: str | Path, subject: str | None = None) 
         raise BadScanError(path, "segmentation has non-integer values", subject=subject)
     unexpected = sorted(set(values.astype(int).tolist()) - set(BRATS_LABELS))
     if unexpected:
-        raise BadScanError(path, f"unexpected label value(s) {unexpected}; BraTS 2020 uses "
-                           f"{list(BRATS_LABELS)}", subject=subject)
+        raise BadScanError(
+            path,
+            f"unexpected label value(s) {unexpected}; BraTS 2020 uses {list(BRATS_LABELS)}",
+            subject=subject,
+        )
     return seg.astype(np.uint8)
 
 
-def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
-              seg_out: str | Path | None, record_out: str | Path, ctx: StepContext,
-              params: dict, cache_out: str | Path | None = None,
-              regions_out: str | Path | None = None) -> dict:
+def run_brats(
+    images: dict[str, str],
+    seg: str | None,
+    *,
+    image_out: str | Path,
+    seg_out: str | Path | None,
+    record_out: str | Path,
+    ctx: StepContext,
+    params: dict,
+    cache_out: str | Path | None = None,
+    regions_out: str | Path | None = None,
+) -> dict:
     """Crop and normalize a BraTS case into a 4-channel volume and its labels,
     and (``cache_out``, ``regions_out``) their float16 / WT-TC-ET training caches."""
     modalities = list(params.get("modalities", BRATS_MODALITIES))
     size = tuple(params.get("crop", [160, 192, 128]))
     rec = ctx.record("brats", dict(params))
     rec.set_tool("medtx", package_version("medtx"))
-    volumes, affine = [], None
+    volumes: list[np.ndarray] = []
+    affine: np.ndarray | None = None
     for mod in modalities:
         data, aff = load_volume(images[mod], subject=ctx.subject)
         if volumes and data.shape != volumes[0].shape:
-            raise BadScanError(images[mod], f"shape {data.shape} differs from the case's "
-                               f"{modalities[0]} {volumes[0].shape}", subject=ctx.subject)
+            raise BadScanError(
+                images[mod],
+                f"shape {data.shape} differs from the case's {modalities[0]} {volumes[0].shape}",
+                subject=ctx.subject,
+            )
         volumes.append(data)
         affine = aff if affine is None else affine
         rec.add_input(mod, images[mod])
@@ -78,12 +92,16 @@ def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
     channels = [minmax(v[box], brain_c) for v in volumes]
     rec.call("medtx.preprocess.intensity.minmax", within="brain", per="modality")
     offset = np.array([s.start for s in box] + [1.0])
+    assert affine is not None  # modalities is never empty (the schema's minItems)
     new_affine = affine.copy()
     new_affine[:3, 3] = (affine @ offset)[:3]
     save_nifti(np.stack(channels, axis=-1), new_affine, image_out)
     rec.add_output("preproc", image_out)
-    metrics = {"crop_start": [s.start for s in box], "brain_voxels": int(brain_c.sum()),
-               "brain_fraction_kept": round(float(brain_c.sum() / max(brain.sum(), 1)), 4)}
+    metrics = {
+        "crop_start": [s.start for s in box],
+        "brain_voxels": int(brain_c.sum()),
+        "brain_fraction_kept": round(float(brain_c.sum() / max(brain.sum(), 1)), 4),
+    }
     if seg is not None and seg_out is not None:
         labels, _ = load_volume(seg, subject=ctx.subject, check_data=False)
         labels = check_labels(labels, seg, ctx.subject)
@@ -94,8 +112,12 @@ def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
         for name, values in BRATS_REGIONS.items():
             metrics[f"{name.lower()}_voxels"] = int(np.isin(cropped, values).sum())
         metrics["tumour_fraction_kept"] = round(
-            float(np.isin(cropped, BRATS_REGIONS["WT"]).sum()
-                  / max(np.isin(labels, BRATS_REGIONS["WT"]).sum(), 1)), 4)
+            float(
+                np.isin(cropped, BRATS_REGIONS["WT"]).sum()
+                / max(np.isin(labels, BRATS_REGIONS["WT"]).sum(), 1)
+            ),
+            4,
+        )
     if cache_out is not None:
         rec.call("medtx.data.cache.cache_volume", dtype="float16")
         rec.add_output("cache", cache_volume(image_out, cache_out))
@@ -111,6 +133,14 @@ def run_brats(images: dict[str, str], seg: str | None, *, image_out: str | Path,
 def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
     """``medtx step brats``: the rule's files by role (one input per modality, seg)."""
     images = {k: v for k, v in i.items() if k != "seg"}
-    return run_brats(images, i.get("seg"), image_out=o["image"], seg_out=o.get("seg"),
-                     record_out=o["record"], ctx=ctx, params=params, cache_out=o.get("cache"),
-                     regions_out=o.get("regions"))
+    return run_brats(
+        images,
+        i.get("seg"),
+        image_out=o["image"],
+        seg_out=o.get("seg"),
+        record_out=o["record"],
+        ctx=ctx,
+        params=params,
+        cache_out=o.get("cache"),
+        regions_out=o.get("regions"),
+    )

@@ -19,9 +19,17 @@ from medtx.preprocess.n4 import run_n4
 from medtx.provenance.records import merge_scan
 from medtx.workflow.paths import step_records, t1_outputs
 
-def run_chain(t1: str | Path, outdir: str | Path, *, ctx: StepContext, settings: dict,
-              qc: dict | None = None, subject: str | None = None,
-              session: str | None = None) -> dict[str, str]:
+
+def run_chain(
+    t1: str | Path,
+    outdir: str | Path,
+    *,
+    ctx: StepContext,
+    settings: dict,
+    qc: dict | None = None,
+    subject: str | None = None,
+    session: str | None = None,
+) -> dict[str, str]:
     """Run bet -> flirt -> n4 -> pool -> normalize; return role -> written file.
 
     Args:
@@ -30,19 +38,60 @@ def run_chain(t1: str | Path, outdir: str | Path, *, ctx: StepContext, settings:
     """
     f = t1_outputs(outdir, ctx.scan)
     ants_backend = ctx.backend == "ants"
-    run_bet(t1, brain_out=f["bet_brain"], mask_out=f["bet_mask"], record_out=f["bet_record"],
-            xfm_out=f["bet_xfm"] if ants_backend else None, ctx=ctx, params=settings["bet"])
-    run_flirt(f["bet_brain"], f["bet_mask"], brain_out=f["flirt_brain"], mask_out=f["flirt_mask"],
-              xfm_out=f["transform"], record_out=f["flirt_record"], ctx=ctx,
-              params=settings["flirt"], xfm_init=f["bet_xfm"] if ants_backend else None)
-    run_n4(f["flirt_brain"], f["flirt_mask"], n4_out=f["n4"], record_out=f["n4_record"], ctx=ctx,
-           params=settings["n4"])
-    run_pool(f["n4"], f["flirt_mask"], image_out=f["pooled"], mask_out=f["brain_mask"],
-             record_out=f["pool_record"], ctx=ctx, params=settings["pool"])
-    run_normalize(f["pooled"], f["brain_mask"], image_out=f["preproc"],
-                  record_out=f["normalize_record"], ctx=ctx, params=settings["normalize"])
-    merge_scan(step_records(f), f["provenance"], scan=ctx.scan, dataset=ctx.dataset or "",
-               subject=subject or ctx.scan, session=session, qc=qc)
+    run_bet(
+        t1,
+        brain_out=f["bet_brain"],
+        mask_out=f["bet_mask"],
+        record_out=f["bet_record"],
+        xfm_out=f["bet_xfm"] if ants_backend else None,
+        ctx=ctx,
+        params=settings["bet"],
+    )
+    run_flirt(
+        f["bet_brain"],
+        f["bet_mask"],
+        brain_out=f["flirt_brain"],
+        mask_out=f["flirt_mask"],
+        xfm_out=f["transform"],
+        record_out=f["flirt_record"],
+        ctx=ctx,
+        params=settings["flirt"],
+        xfm_init=f["bet_xfm"] if ants_backend else None,
+    )
+    run_n4(
+        f["flirt_brain"],
+        f["flirt_mask"],
+        n4_out=f["n4"],
+        record_out=f["n4_record"],
+        ctx=ctx,
+        params=settings["n4"],
+    )
+    run_pool(
+        f["n4"],
+        f["flirt_mask"],
+        image_out=f["pooled"],
+        mask_out=f["brain_mask"],
+        record_out=f["pool_record"],
+        ctx=ctx,
+        params=settings["pool"],
+    )
+    run_normalize(
+        f["pooled"],
+        f["brain_mask"],
+        image_out=f["preproc"],
+        record_out=f["normalize_record"],
+        ctx=ctx,
+        params=settings["normalize"],
+    )
+    merge_scan(
+        step_records(f),
+        f["provenance"],
+        scan=ctx.scan,
+        dataset=ctx.dataset or "",
+        subject=subject or ctx.scan,
+        session=session,
+        qc=qc,
+    )
     return {
         "preproc": f["preproc"],
         "brain_mask": f["brain_mask"],
@@ -62,9 +111,15 @@ def default_scan_id(t1: str | Path) -> str:
     return "sub-" + ("".join(c for c in name if c.isalnum()) or "scan")
 
 
-def preprocess_scan(t1: str | Path, outdir: str | Path, *, config: dict,
-                    backend: str | None = None, scan: str | None = None,
-                    threads: int | None = None) -> dict[str, str]:
+def preprocess_scan(
+    t1: str | Path,
+    outdir: str | Path,
+    *,
+    config: dict,
+    backend: str | None = None,
+    scan: str | None = None,
+    threads: int | None = None,
+) -> dict[str, str]:
     """``medtx preprocess``: one scan through the chain, outside Snakemake.
 
     Args:
@@ -79,7 +134,11 @@ def preprocess_scan(t1: str | Path, outdir: str | Path, *, config: dict,
         require_fsl()
     scan = scan or default_scan_id(t1)
     scan_identity(scan)  # a --scan that is not sub-<id>[_ses-<id>] is named here
-    ctx = StepContext(scan=scan, backend=backend, seed=config["seed"],
-                      threads=threads or settings["threads"],
-                      deterministic=settings["deterministic"])
+    ctx = StepContext(
+        scan=scan,
+        backend=backend,
+        seed=config["seed"],
+        threads=threads or settings["threads"],
+        deterministic=settings["deterministic"],
+    )
     return run_chain(t1, outdir, ctx=ctx, settings=settings, qc=config["qc"])

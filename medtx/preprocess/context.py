@@ -18,7 +18,7 @@ class StepContext:
         seed: recorded in provenance; seeds antspyx registration.
         subject, session: recorded in each step record (the collect step reads
             the scan's identity from there) and named in errors.
-        """
+    """
 
     scan: str
     backend: str = "ants"
@@ -30,13 +30,21 @@ class StepContext:
     deterministic: bool = True
 
     def record(self, step: str, params: dict) -> StepRecord:
-        return StepRecord(step, scan=self.scan, backend=self.backend, params=params,
-                          seed=self.seed, dataset=self.dataset, subject=self.subject,
-                          session=self.session)
+        return StepRecord(
+            step,
+            scan=self.scan,
+            backend=self.backend,
+            params=params,
+            seed=self.seed,
+            dataset=self.dataset,
+            subject=self.subject,
+            session=self.session,
+        )
 
 
-def step_context(context: dict, *, scan: str | None = None, dataset: str | None = None,
-                 brats: bool = False) -> StepContext:
+def step_context(
+    context: dict, *, scan: str | None = None, dataset: str | None = None, brats: bool = False
+) -> StepContext:
     """A rule's static context (backend, seed, threads, deterministic) plus the scan.
 
     Rules pass only the scan id; subject and session are read back from it

@@ -11,9 +11,11 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from medtx.data.templates import template_path
 from medtx.io import atomic_path, load_volume, save_nifti
 from medtx.preprocess.antsio import (
     at_resolution,
@@ -26,7 +28,6 @@ from medtx.preprocess.antsio import (
 from medtx.preprocess.context import StepContext
 from medtx.preprocess.intensity import average_pool
 from medtx.provenance.records import package_version
-from medtx.data.templates import template_path
 
 
 def flirt_command(brain: str | Path, out: str | Path, matrix_out: str | Path, params: dict):
@@ -35,11 +36,18 @@ def flirt_command(brain: str | Path, out: str | Path, matrix_out: str | Path, pa
 
     fsl.FSLCommand.set_default_output_type("NIFTI_GZ")
     r = int(params.get("searchr", 90))
-    return fsl.FLIRT(in_file=str(brain), reference=str(template_path("t1_brain")),
-                     out_file=str(out), out_matrix_file=str(matrix_out),
-                     dof=int(params.get("dof", 12)), cost=params.get("cost", "corratio"),
-                     searchr_x=[-r, r], searchr_y=[-r, r], searchr_z=[-r, r],
-                     interp=params.get("interp", "trilinear"))
+    return fsl.FLIRT(
+        in_file=str(brain),
+        reference=str(template_path("t1_brain")),
+        out_file=str(out),
+        out_matrix_file=str(matrix_out),
+        dof=int(params.get("dof", 12)),
+        cost=params.get("cost", "corratio"),
+        searchr_x=[-r, r],
+        searchr_y=[-r, r],
+        searchr_z=[-r, r],
+        interp=params.get("interp", "trilinear"),
+    )
 
 
 def apply_xfm_command(mask: str | Path, matrix: str | Path, out: str | Path):
@@ -47,15 +55,29 @@ def apply_xfm_command(mask: str | Path, matrix: str | Path, out: str | Path):
     from nipype.interfaces import fsl
 
     fsl.FSLCommand.set_default_output_type("NIFTI_GZ")
-    return fsl.FLIRT(in_file=str(mask), reference=str(template_path("t1_brain")),
-                     out_file=str(out), apply_xfm=True, in_matrix_file=str(matrix),
-                     out_matrix_file=str(Path(out).with_suffix("").with_suffix(".mat")),
-                     interp="nearestneighbour")
+    return fsl.FLIRT(
+        in_file=str(mask),
+        reference=str(template_path("t1_brain")),
+        out_file=str(out),
+        apply_xfm=True,
+        in_matrix_file=str(matrix),
+        out_matrix_file=str(Path(out).with_suffix("").with_suffix(".mat")),
+        interp="nearestneighbour",
+    )
 
 
-def run_flirt(brain: str | Path, mask: str | Path, *, brain_out: str | Path,
-              mask_out: str | Path, xfm_out: str | Path, record_out: str | Path,
-              ctx: StepContext, params: dict, xfm_init: str | Path | None = None) -> dict:
+def run_flirt(
+    brain: str | Path,
+    mask: str | Path,
+    *,
+    brain_out: str | Path,
+    mask_out: str | Path,
+    xfm_out: str | Path,
+    record_out: str | Path,
+    ctx: StepContext,
+    params: dict,
+    xfm_init: str | Path | None = None,
+) -> dict:
     """Register a native-space brain to the template; write brain, mask, transform.
 
     With antspyx, ``xfm_init`` (the bet step's head-to-template affine) is the
@@ -102,7 +124,8 @@ def registration_qc(warped: np.ndarray, warped_mask: np.ndarray) -> dict[str, fl
 def _template_affine() -> np.ndarray:
     import nibabel as nib
 
-    return nib.load(str(template_path("t1_brain"))).affine
+    img: Any = nib.load(str(template_path("t1_brain")))
+    return img.affine
 
 
 def _flirt_fsl(brain, mask, xfm_out, params, rec):
@@ -139,20 +162,42 @@ def _flirt_ants(data, affine, mask_data, xfm_init, xfm_out, params, ctx, rec):
     }
     rec.set_tool("antspyx", package_version("antspyx"))
     moving = to_ants(data, affine)
-    rec.call("ants.registration", fixed=f"ICBM 2009c T1 brain at {mm:g} mm", moving=f"brain at {mm:g} mm",
-             initial_transform="transform_init" if xfm_init else None, random_seed=ctx.seed, **kw)
-    reg = ants.registration(fixed=read_template("t1_brain", mm), moving=at_resolution(moving, mm),
-                            initial_transform=[str(xfm_init)] if xfm_init else None, **kw)
+    rec.call(
+        "ants.registration",
+        fixed=f"ICBM 2009c T1 brain at {mm:g} mm",
+        moving=f"brain at {mm:g} mm",
+        initial_transform="transform_init" if xfm_init else None,
+        random_seed=ctx.seed,
+        **kw,
+    )
+    reg = ants.registration(
+        fixed=read_template("t1_brain", mm),
+        moving=at_resolution(moving, mm),
+        initial_transform=[str(xfm_init)] if xfm_init else None,
+        **kw,
+    )
     fixed = read_template("t1_brain")
-    rec.call("ants.apply_transforms", fixed="ICBM 2009c T1 brain (1 mm)", moving="brain",
-             interpolator="linear")
-    warped = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=reg["fwdtransforms"],
-                                   interpolator="linear")
-    rec.call("ants.apply_transforms", fixed="ICBM 2009c T1 brain (1 mm)", moving="brain_mask",
-             interpolator="nearestNeighbor")
-    warped_mask = ants.apply_transforms(fixed=fixed, moving=to_ants(mask_data, affine),
-                                        transformlist=reg["fwdtransforms"],
-                                        interpolator="nearestNeighbor")
+    rec.call(
+        "ants.apply_transforms",
+        fixed="ICBM 2009c T1 brain (1 mm)",
+        moving="brain",
+        interpolator="linear",
+    )
+    warped = ants.apply_transforms(
+        fixed=fixed, moving=moving, transformlist=reg["fwdtransforms"], interpolator="linear"
+    )
+    rec.call(
+        "ants.apply_transforms",
+        fixed="ICBM 2009c T1 brain (1 mm)",
+        moving="brain_mask",
+        interpolator="nearestNeighbor",
+    )
+    warped_mask = ants.apply_transforms(
+        fixed=fixed,
+        moving=to_ants(mask_data, affine),
+        transformlist=reg["fwdtransforms"],
+        interpolator="nearestNeighbor",
+    )
     with atomic_path(xfm_out) as dst:
         shutil.copyfile(reg["fwdtransforms"][0], dst)
     return from_ants(warped)[0], warped_mask.numpy() > 0.5
@@ -160,6 +205,14 @@ def _flirt_ants(data, affine, mask_data, xfm_init, xfm_out, params, ctx, rec):
 
 def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
     """``medtx step flirt``: the rule's files by role."""
-    return run_flirt(i["brain"], i["mask"], brain_out=o["brain"], mask_out=o["mask"],
-                     xfm_out=o["xfm"], record_out=o["record"], ctx=ctx, params=params,
-                     xfm_init=i.get("xfm_init"))
+    return run_flirt(
+        i["brain"],
+        i["mask"],
+        brain_out=o["brain"],
+        mask_out=o["mask"],
+        xfm_out=o["xfm"],
+        record_out=o["record"],
+        ctx=ctx,
+        params=params,
+        xfm_init=i.get("xfm_init"),
+    )

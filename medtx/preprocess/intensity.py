@@ -7,6 +7,7 @@ Pooling comes before min-max so the output reaches exactly 1 in the brain
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,15 +27,19 @@ def pooled_affine(affine: np.ndarray, factor: int) -> np.ndarray:
     return block_pooled_affine(affine, (factor, factor, factor))
 
 
-def block_pool(data: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+def block_pool(data: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """Mean over non-overlapping blocks with a factor per axis (remainders dropped)."""
     fx, fy, fz = factors
     nx, ny, nz = (s // f for s, f in zip(data.shape, factors))
     blocks = data[: nx * fx, : ny * fy, : nz * fz].astype(np.float32)
-    return blocks.reshape(nx, fx, ny, fy, nz, fz).mean(axis=(1, 3, 5), dtype=np.float64).astype(np.float32)
+    return (
+        blocks.reshape(nx, fx, ny, fy, nz, fz)
+        .mean(axis=(1, 3, 5), dtype=np.float64)
+        .astype(np.float32)
+    )
 
 
-def block_pooled_affine(affine: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+def block_pooled_affine(affine: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     scale = np.diag([*map(float, factors), 1.0])
     scale[:3, 3] = (np.asarray(factors, dtype=float) - 1) / 2.0
     return np.asarray(affine, dtype=float) @ scale
@@ -57,8 +62,16 @@ def percentiles(data: np.ndarray, mask: np.ndarray, qs=(1, 5, 50, 95, 99)) -> di
     return {f"p{q}": round(float(v), 5) for q, v in zip(qs, values)}
 
 
-def run_pool(image: str | Path, mask: str | Path, *, image_out: str | Path,
-             mask_out: str | Path, record_out: str | Path, ctx, params: dict) -> dict:
+def run_pool(
+    image: str | Path,
+    mask: str | Path,
+    *,
+    image_out: str | Path,
+    mask_out: str | Path,
+    record_out: str | Path,
+    ctx,
+    params: dict,
+) -> dict:
     """2x average pooling of the N4-corrected brain and its mask (96x114x96)."""
     from medtx.io import load_volume, save_nifti
     from medtx.provenance.records import package_version
@@ -82,14 +95,21 @@ def run_pool(image: str | Path, mask: str | Path, *, image_out: str | Path,
     return rec.finish(record_out)
 
 
-def run_normalize(image: str | Path, mask: str | Path, *, image_out: str | Path,
-                  record_out: str | Path, ctx, params: dict,
-                  cache_out: str | Path | None = None) -> dict:
+def run_normalize(
+    image: str | Path,
+    mask: str | Path,
+    *,
+    image_out: str | Path,
+    record_out: str | Path,
+    ctx,
+    params: dict,
+    cache_out: str | Path | None = None,
+) -> dict:
     """Min-max to [0, 1] inside the brain: the model-ready float32 volume, and
     (``cache_out``) its float16 training cache."""
+    from medtx.data.cache import cache_volume
     from medtx.io import load_volume, save_nifti
     from medtx.provenance.records import package_version
-    from medtx.data.cache import cache_volume
 
     data, affine = load_volume(image, subject=ctx.subject)
     mask_data, _ = load_volume(mask, subject=ctx.subject, check_data=False)
@@ -105,32 +125,65 @@ def run_normalize(image: str | Path, mask: str | Path, *, image_out: str | Path,
     if cache_out is not None:
         rec.call("medtx.data.cache.cache_volume", dtype="float16")
         rec.add_output("cache", cache_volume(image_out, cache_out))
-    stats = percentiles(out, inside if inside is not None else np.ones(out.shape, bool))
+    stats: dict[str, Any] = percentiles(
+        out, inside if inside is not None else np.ones(out.shape, bool)
+    )
     stats.update({"min": float(out.min()), "max": float(out.max()), "shape": list(out.shape)})
     rec.set_qc(stats, [])
     return rec.finish(record_out)
 
 
-def run_pool_normalize(image: str | Path, mask: str | Path, *, pooled_out: str | Path,
-                       mask_out: str | Path, pool_record_out: str | Path,
-                       image_out: str | Path, record_out: str | Path, ctx, params: dict,
-                       cache_out: str | Path | None = None) -> tuple[dict, dict]:
+def run_pool_normalize(
+    image: str | Path,
+    mask: str | Path,
+    *,
+    pooled_out: str | Path,
+    mask_out: str | Path,
+    pool_record_out: str | Path,
+    image_out: str | Path,
+    record_out: str | Path,
+    ctx,
+    params: dict,
+    cache_out: str | Path | None = None,
+) -> tuple[dict, dict]:
     """Pool, then normalize, as one workflow job with a record per step.
 
     ``params`` holds both config sections: ``{"pool": ..., "normalize": ...}``.
     Each step takes well under a second; as two jobs they cost Snakemake more
     planning time per scan (thousands of scans) than they take to run.
     """
-    pooled = run_pool(image, mask, image_out=pooled_out, mask_out=mask_out,
-                      record_out=pool_record_out, ctx=ctx, params=params.get("pool", {}))
-    normalized = run_normalize(pooled_out, mask_out, image_out=image_out, record_out=record_out,
-                               ctx=ctx, params=params.get("normalize", {}), cache_out=cache_out)
+    pooled = run_pool(
+        image,
+        mask,
+        image_out=pooled_out,
+        mask_out=mask_out,
+        record_out=pool_record_out,
+        ctx=ctx,
+        params=params.get("pool", {}),
+    )
+    normalized = run_normalize(
+        pooled_out,
+        mask_out,
+        image_out=image_out,
+        record_out=record_out,
+        ctx=ctx,
+        params=params.get("normalize", {}),
+        cache_out=cache_out,
+    )
     return pooled, normalized
 
 
 def run_step(i: dict, o: dict, params: dict, ctx) -> tuple[dict, dict]:
     """``medtx step pool_normalize``: the rule's files by role."""
-    return run_pool_normalize(i["image"], i["mask"], pooled_out=o["pooled"], mask_out=o["mask"],
-                              pool_record_out=o["pool_record"], image_out=o["image"],
-                              record_out=o["record"], cache_out=o.get("cache"), ctx=ctx,
-                              params=params)
+    return run_pool_normalize(
+        i["image"],
+        i["mask"],
+        pooled_out=o["pooled"],
+        mask_out=o["mask"],
+        pool_record_out=o["pool_record"],
+        image_out=o["image"],
+        record_out=o["record"],
+        cache_out=o.get("cache"),
+        ctx=ctx,
+        params=params,
+    )

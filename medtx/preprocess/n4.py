@@ -20,14 +20,23 @@ def n4_arguments(params: dict) -> dict:
     """ants.n4_bias_field_correction keyword arguments from the config section."""
     return {
         "shrink_factor": int(params.get("shrink_factor", 4)),
-        "convergence": {"iters": list(params.get("iterations", [50, 50, 50, 50])),
-                        "tol": float(params.get("tol", 1e-7))},
+        "convergence": {
+            "iters": list(params.get("iterations", [50, 50, 50, 50])),
+            "tol": float(params.get("tol", 1e-7)),
+        },
         "spline_param": float(params.get("spline_distance_mm", 200)),
     }
 
 
-def run_n4(brain: str | Path, mask: str | Path, *, n4_out: str | Path, record_out: str | Path,
-           ctx: StepContext, params: dict) -> dict:
+def run_n4(
+    brain: str | Path,
+    mask: str | Path,
+    *,
+    n4_out: str | Path,
+    record_out: str | Path,
+    ctx: StepContext,
+    params: dict,
+) -> dict:
     """Correct the bias field; the record keeps the field's range in the brain."""
     configure_ants(seed=ctx.seed, threads=ctx.threads, deterministic=ctx.deterministic)
     import ants
@@ -41,11 +50,17 @@ def run_n4(brain: str | Path, mask: str | Path, *, n4_out: str | Path, record_ou
     rec.add_input("brain_mask", mask)
     kwargs = n4_arguments(params)
     masked = bool(params.get("masked", True))
-    rec.call("ants.n4_bias_field_correction", mask="brain_mask" if masked else None,
-             return_bias_field=True, **kwargs)
+    rec.call(
+        "ants.n4_bias_field_correction",
+        mask="brain_mask" if masked else None,
+        return_bias_field=True,
+        **kwargs,
+    )
     field = ants.n4_bias_field_correction(
-        to_ants(data, affine), mask=to_ants(inside.astype(np.float32), affine) if masked else None,
-        return_bias_field=True, **kwargs,
+        to_ants(data, affine),
+        mask=to_ants(inside.astype(np.float32), affine) if masked else None,
+        return_bias_field=True,
+        **kwargs,
     ).numpy()
     corrected = np.where(inside, data / np.maximum(field, 1e-6), 0.0).astype(np.float32)
     save_nifti(corrected, affine, n4_out)
@@ -60,5 +75,6 @@ def run_n4(brain: str | Path, mask: str | Path, *, n4_out: str | Path, record_ou
 
 def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
     """``medtx step n4``: the rule's files by role."""
-    return run_n4(i["brain"], i["mask"], n4_out=o["n4"], record_out=o["record"], ctx=ctx,
-                  params=params)
+    return run_n4(
+        i["brain"], i["mask"], n4_out=o["n4"], record_out=o["record"], ctx=ctx, params=params
+    )

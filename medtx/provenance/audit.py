@@ -33,7 +33,7 @@ def _records(records_or_root: Any) -> list[tuple[str | None, Mapping[str, Any]]]
         items = [records_or_root]
     else:
         items = records_or_root
-    out = []
+    out: list[tuple[str | None, Mapping[str, Any]]] = []
     for item in items:
         if isinstance(item, Mapping):
             out.append((None, item))
@@ -54,8 +54,9 @@ def _hash(path: Path) -> str | None:
         raise MedtxError(f"{path}: cannot read a recorded output to re-hash it ({err})") from err
 
 
-def audit_outputs(records_or_root: Any, *, base_dir: str | Path | None = None
-                  ) -> tuple[list[dict[str, Any]], int]:
+def audit_outputs(
+    records_or_root: Any, *, base_dir: str | Path | None = None
+) -> tuple[list[dict[str, Any]], int]:
     """Like ``audit``, also returning how many distinct files were hashed."""
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     cache: dict[Path, str | None] = {}
@@ -78,15 +79,17 @@ def audit_outputs(records_or_root: Any, *, base_dir: str | Path | None = None
                     status = CHANGED
                 else:
                     continue
-                problems.append({
-                    "path": str(raw),
-                    "scan": record.get("scan"),
-                    "step": step.get("step"),
-                    "status": status,
-                    "recorded_sha256": recorded,
-                    "current_sha256": current,
-                    "provenance": source,
-                })
+                problems.append(
+                    {
+                        "path": str(raw),
+                        "scan": record.get("scan"),
+                        "step": step.get("step"),
+                        "status": status,
+                        "recorded_sha256": recorded,
+                        "current_sha256": current,
+                        "provenance": source,
+                    }
+                )
     return problems, len(cache)
 
 
@@ -113,20 +116,22 @@ def format_audit(problems: list[dict[str, Any]], n_files: int) -> str:
     if not problems:
         return f"audit: all {n_files} recorded output file(s) match their sha256."
     lines = []
-    for p in sorted(problems, key=lambda p: (p["status"], str(p["path"]), str(p["scan"]),
-                                              str(p["step"]))):
+    for p in sorted(
+        problems, key=lambda p: (p["status"], str(p["path"]), str(p["scan"]), str(p["step"]))
+    ):
         where = f"(scan {p.get('scan')}, step {p.get('step')})"
         rec = (p.get("recorded_sha256") or "?")[:12]
         if p["status"] == MISSING:
             lines.append(f"MISSING  {p['path']}  {where}: recorded sha256 {rec}..., file is gone")
         else:
             cur = (p.get("current_sha256") or "?")[:12]
-            lines.append(f"CHANGED  {p['path']}  {where}: recorded sha256 {rec}..., "
-                         f"now {cur}...")
+            lines.append(f"CHANGED  {p['path']}  {where}: recorded sha256 {rec}..., now {cur}...")
     n_changed = sum(p["status"] == CHANGED for p in problems)
     n_missing = sum(p["status"] == MISSING for p in problems)
-    lines.append(f"audit: {len(problems)} problem(s) among {n_files} recorded output file(s): "
-                 f"{n_changed} changed, {n_missing} missing.")
+    lines.append(
+        f"audit: {len(problems)} problem(s) among {n_files} recorded output file(s): "
+        f"{n_changed} changed, {n_missing} missing."
+    )
     return "\n".join(lines)
 
 

@@ -6,12 +6,12 @@ thumbnail rows are found there, not passed on the command line.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from medtx.domain import BRATS_MODALITIES
 from medtx.provenance.records import load_step_records, merge_steps, step_file
 from medtx.provenance.thumbnails import scan_thumbnails
-
 
 # QC thumbnail rows: (label, image, mask), each file named by the step that
 # recorded it, as (step, direction, role).
@@ -19,13 +19,17 @@ T1_PANELS = (
     ("raw + brain mask", ("bet", "inputs", "t1"), ("bet", "outputs", "brain_mask")),
     ("affine to template", ("flirt", "outputs", "brain"), ("flirt", "outputs", "brain_mask")),
     ("N4", ("n4", "outputs", "n4"), ("n4", "inputs", "brain_mask")),
-    ("model input 2 mm", ("normalize", "outputs", "preproc"),
-     ("normalize", "inputs", "brain_mask")),
+    (
+        "model input 2 mm",
+        ("normalize", "outputs", "preproc"),
+        ("normalize", "inputs", "brain_mask"),
+    ),
 )
 
 
 def t1_panels(steps: list[dict]) -> list[tuple[str, str, str]]:
     """The T1 chain's thumbnail rows, with the files the step records name."""
+
     def find(step: str, direction: str, role: str) -> str:
         return step_file(steps, step, role, direction=direction)
 
@@ -42,8 +46,13 @@ def brats_panels(steps: list[dict]) -> list[tuple[str, str, str | None]]:
     return [(f"{m} + tumour", f"{image}#{i}", seg) for i, m in enumerate(modalities)]
 
 
-def collect_scan(record_files: list[str], out: str | Path, *, thumbnail: str | None = None,
-                 qc: dict | None = None) -> dict:
+def collect_scan(
+    record_files: Sequence[str | Path],
+    out: str | Path,
+    *,
+    thumbnail: str | None = None,
+    qc: dict | None = None,
+) -> dict:
     """``medtx collect``: merge a scan's step records and draw its QC thumbnail strip."""
     steps = load_step_records(record_files)
     extra = {}

@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
@@ -78,9 +79,18 @@ class StepRecord:
         rec.finish(json_path)
     """
 
-    def __init__(self, step: str, *, scan: str, backend: str, params: dict, seed: int | None,
-                 dataset: str | None = None, subject: str | None = None,
-                 session: str | None = None):
+    def __init__(
+        self,
+        step: str,
+        *,
+        scan: str,
+        backend: str,
+        params: dict,
+        seed: int | None,
+        dataset: str | None = None,
+        subject: str | None = None,
+        session: str | None = None,
+    ):
         self.data: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "step": step,
@@ -144,8 +154,9 @@ class StepRecord:
         return self.data
 
 
-def check(metric: str, value: float, *, minimum: float | None = None,
-          maximum: float | None = None) -> dict[str, Any]:
+def check(
+    metric: str, value: float, *, minimum: float | None = None, maximum: float | None = None
+) -> dict[str, Any]:
     """One QC check of ``value`` against optional bounds."""
     ok = value == value  # NaN fails
     if minimum is not None:
@@ -155,7 +166,7 @@ def check(metric: str, value: float, *, minimum: float | None = None,
     return {"metric": metric, "value": value, "min": minimum, "max": maximum, "passed": bool(ok)}
 
 
-def load_step_records(step_files: list[str | Path]) -> list[dict[str, Any]]:
+def load_step_records(step_files: Sequence[str | Path]) -> list[dict[str, Any]]:
     """A scan's step records, in the order given."""
     import json
 
@@ -168,27 +179,37 @@ def load_step_records(step_files: list[str | Path]) -> list[dict[str, Any]]:
     return steps
 
 
-def step_file(steps: list[dict[str, Any]], step: str, role: str, *,
-              direction: str = "outputs") -> str:
+def step_file(
+    steps: list[dict[str, Any]], step: str, role: str, *, direction: str = "outputs"
+) -> str:
     """The path a step recorded for ``role`` (an output unless ``direction="inputs"``)."""
     for record in steps:
         if record.get("step") == step:
             for entry in record.get(direction, []):
                 if entry["role"] == role:
                     return entry["path"]
-    raise MedtxError(f"no {direction[:-1]} {role!r} of step {step!r} in the step records "
-                     f"(steps: {[r.get('step') for r in steps]})")
+    raise MedtxError(
+        f"no {direction[:-1]} {role!r} of step {step!r} in the step records "
+        f"(steps: {[r.get('step') for r in steps]})"
+    )
 
 
-def merge_scan(step_files: list[str | Path], out: str | Path, **identity_and_qc: Any) -> dict:
+def merge_scan(step_files: Sequence[str | Path], out: str | Path, **identity_and_qc: Any) -> dict:
     """Gather a scan's step record files into one JSON (see ``merge_steps``)."""
     return merge_steps(load_step_records(step_files), out, **identity_and_qc)
 
 
-def merge_steps(steps: list[dict[str, Any]], out: str | Path, *, scan: str | None = None,
-                dataset: str | None = None, subject: str | None = None,
-                session: str | None = None, qc: dict[str, Any] | None = None,
-                extra: dict[str, Any] | None = None) -> dict:
+def merge_steps(
+    steps: list[dict[str, Any]],
+    out: str | Path,
+    *,
+    scan: str | None = None,
+    dataset: str | None = None,
+    subject: str | None = None,
+    session: str | None = None,
+    qc: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict:
     """Gather a scan's loaded step records into one JSON, judging QC against ``qc``.
 
     The scan's identity comes from the records (each step wrote it from its
@@ -206,8 +227,12 @@ def merge_steps(steps: list[dict[str, Any]], out: str | Path, *, scan: str | Non
         step["qc"]["checks"] = checks
         step["qc"]["passed"] = all(c["passed"] for c in checks)
     record_qc = {"thresholds": qc or {}}
-    failed = [f"{s['step']}: {c['metric']}={c['value']:.4g}"
-              for s in steps for c in s["qc"]["checks"] if not c["passed"]]
+    failed = [
+        f"{s['step']}: {c['metric']}={c['value']:.4g}"
+        for s in steps
+        for c in s["qc"]["checks"]
+        if not c["passed"]
+    ]
     record = {
         "schema": SCHEMA_VERSION,
         "scan": scan,

@@ -7,7 +7,8 @@ counts, a methods paragraph generated from the settings actually used, a row
 per scan (step durations, QC metrics with pass/fail, thumbnail), the
 exclusions with their reasons, the tool versions across the cohort, and per
 scan the exact commands or function calls with the sha256 of every input and
-output.
+output. The module is long because the page, its CSS and the per-step methods
+text are one document.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ STEP_TITLES = {
     "pool": "pooling",
     "normalize": "normalization",
 }
-TEMPLATE_DESCRIPTION = ("the ICBM 2009c nonlinear symmetric template (MNI152NLin2009cSym) "
-                        "at 1 mm isotropic resolution (193×229×193 voxels)")
+TEMPLATE_DESCRIPTION = (
+    "the ICBM 2009c nonlinear symmetric template (MNI152NLin2009cSym) "
+    "at 1 mm isotropic resolution (193×229×193 voxels)"
+)
 TEMPLATE_SHAPE = (193, 229, 193)
 PROVENANCE_GLOB = "*_provenance.json"
 
@@ -61,8 +64,10 @@ def load_scan_record(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MedtxError(f"{path}: not a readable provenance JSON ({err})") from err
     if not isinstance(record, dict) or not isinstance(record.get("steps"), list):
-        raise MedtxError(f"{path}: not a per-scan provenance record (expected an object "
-                         "with a 'steps' list, as medtx.provenance.records.merge_scan writes)")
+        raise MedtxError(
+            f"{path}: not a per-scan provenance record (expected an object "
+            "with a 'steps' list, as medtx.provenance.records.merge_scan writes)"
+        )
     return record
 
 
@@ -144,25 +149,41 @@ _ANTS_METRICS = {
     "meansquares": "mean squares",
     "cc": "cross-correlation",
 }
-_ANTS_DOF = {"Rigid": 6, "QuickRigid": 6, "DenseRigid": 6, "BOLDRigid": 6, "Similarity": 7,
-             "Affine": 12, "AffineFast": 12, "BOLDAffine": 12, "TRSAA": 12}
+_ANTS_DOF = {
+    "Rigid": 6,
+    "QuickRigid": 6,
+    "DenseRigid": 6,
+    "BOLDRigid": 6,
+    "Similarity": 7,
+    "Affine": 12,
+    "AffineFast": 12,
+    "BOLDAffine": 12,
+    "TRSAA": 12,
+}
 
 
 def _bet_text(backend: str, bet: dict[str, Any], versions: Mapping[str, Any]) -> str:
     if backend == "fsl":
-        opts = [f"fractional intensity threshold {_fmt(bet['frac'])}" if "frac" in bet
-                else "default fractional intensity threshold"]
+        opts = [
+            f"fractional intensity threshold {_fmt(bet['frac'])}"
+            if "frac" in bet
+            else "default fractional intensity threshold"
+        ]
         if "robust" in bet:
-            opts.append("robust brain-centre estimation" if bet["robust"]
-                        else "no robust brain-centre estimation")
+            opts.append(
+                "robust brain-centre estimation"
+                if bet["robust"]
+                else "no robust brain-centre estimation"
+            )
         if "vertical_gradient" in bet:
             opts.append(f"vertical gradient {_fmt(bet['vertical_gradient'])}")
         if bet.get("reduce_bias"):
             opts.append("bias-field and neck clean-up")
         if bet.get("remove_eyes"):
             opts.append("eye and optic-nerve clean-up")
-        opts += _extras(bet, ("frac", "robust", "vertical_gradient", "reduce_bias",
-                              "remove_eyes", "mask"))
+        opts += _extras(
+            bet, ("frac", "robust", "vertical_gradient", "reduce_bias", "remove_eyes", "mask")
+        )
         return f"brain-extracted with {_tool('FSL BET', versions, 'fsl')}{_join(opts)}"
     if backend == "ants":
         method = str(bet.get("method", "template")).lower()
@@ -174,8 +195,10 @@ def _bet_text(backend: str, bet: dict[str, Any], versions: Mapping[str, Any]) ->
         if "type_of_transform" in bet:
             opts.append(f"type_of_transform {_fmt(bet['type_of_transform'])}")
         opts += _extras(bet, ("method", "type_of_transform"))
-        return ("brain-extracted by propagating the ICBM 2009c brain mask to native space "
-                f"after a head-to-template registration{_join(opts)}")
+        return (
+            "brain-extracted by propagating the ICBM 2009c brain mask to native space "
+            f"after a head-to-template registration{_join(opts)}"
+        )
     opts = _extras(bet, ())
     return f"brain-extracted{_join(opts)}"
 
@@ -186,23 +209,31 @@ def _flirt_text(backend: str, flirt: dict[str, Any], versions: Mapping[str, Any]
         how = "affinely" if dof == 12 else "linearly"
         opts = [f"{_fmt(dof)} degrees of freedom"]
         cost = flirt.get("cost")
-        opts.append(f"{_FLIRT_COSTS.get(str(cost), str(cost))} cost" if cost
-                    else "correlation ratio cost, the FLIRT default")
+        opts.append(
+            f"{_FLIRT_COSTS.get(str(cost), str(cost))} cost"
+            if cost
+            else "correlation ratio cost, the FLIRT default"
+        )
         if "interp" in flirt:
             opts.append(f"{_fmt(flirt['interp'])} interpolation")
         if "bins" in flirt:
             opts.append(f"{_fmt(flirt['bins'])} histogram bins")
         opts += _extras(flirt, ("dof", "cost", "interp", "bins"))
-        return (f"registered {how} to {TEMPLATE_DESCRIPTION} with "
-                f"{_tool('FSL FLIRT', versions, 'fsl')}{_join(opts)}")
+        return (
+            f"registered {how} to {TEMPLATE_DESCRIPTION} with "
+            f"{_tool('FSL FLIRT', versions, 'fsl')}{_join(opts)}"
+        )
     if backend == "ants":
         tot = flirt.get("type_of_transform", "Affine")
         dof = _ANTS_DOF.get(str(tot))
         how = "affinely" if dof == 12 else "linearly"
         opts = [f"type_of_transform {tot}" + (f", {dof} degrees of freedom" if dof else "")]
         metric = flirt.get("aff_metric")
-        opts.append(f"{_ANTS_METRICS.get(str(metric).lower(), str(metric))} metric" if metric
-                    else "Mattes mutual information metric, the antspyx default")
+        opts.append(
+            f"{_ANTS_METRICS.get(str(metric).lower(), str(metric))} metric"
+            if metric
+            else "Mattes mutual information metric, the antspyx default"
+        )
         if "aff_sampling" in flirt:
             opts.append(f"{_fmt(flirt['aff_sampling'])} histogram bins")
         if "aff_random_sampling_rate" in flirt:
@@ -215,11 +246,23 @@ def _flirt_text(backend: str, flirt: dict[str, Any], versions: Mapping[str, Any]
             opts.append(f"smoothing sigmas {_fmt(flirt['aff_smoothing_sigmas'])}")
         if "interpolator" in flirt:
             opts.append(f"{_fmt(flirt['interpolator'])} interpolation")
-        opts += _extras(flirt, ("type_of_transform", "aff_metric", "aff_sampling",
-                                "aff_random_sampling_rate", "aff_iterations",
-                                "aff_shrink_factors", "aff_smoothing_sigmas", "interpolator"))
-        return (f"registered {how} to {TEMPLATE_DESCRIPTION} with "
-                f"{_tool('antspyx', versions, 'antspyx')} ants.registration{_join(opts)}")
+        opts += _extras(
+            flirt,
+            (
+                "type_of_transform",
+                "aff_metric",
+                "aff_sampling",
+                "aff_random_sampling_rate",
+                "aff_iterations",
+                "aff_shrink_factors",
+                "aff_smoothing_sigmas",
+                "interpolator",
+            ),
+        )
+        return (
+            f"registered {how} to {TEMPLATE_DESCRIPTION} with "
+            f"{_tool('antspyx', versions, 'antspyx')} ants.registration{_join(opts)}"
+        )
     return f"registered to {TEMPLATE_DESCRIPTION}{_join(_extras(flirt, ()))}"
 
 
@@ -239,10 +282,13 @@ def _n4_text(n4: dict[str, Any], versions: Mapping[str, Any]) -> str:
     spline = n4.get("spline_distance_mm", n4.get("spline_param"))
     if spline is not None:
         opts.append(f"B-spline control-point spacing {_fmt(spline)} mm")
-    opts += _extras(n4, ("masked", "shrink_factor", "iterations", "tol", "spline_distance_mm",
-                         "spline_param"))
-    return ("corrected for intensity inhomogeneity with N4 "
-            f"({_tool('antspyx', versions, 'antspyx')}{'; ' + ', '.join(opts) if opts else ''})")
+    opts += _extras(
+        n4, ("masked", "shrink_factor", "iterations", "tol", "spline_distance_mm", "spline_param")
+    )
+    return (
+        "corrected for intensity inhomogeneity with N4 "
+        f"({_tool('antspyx', versions, 'antspyx')}{'; ' + ', '.join(opts) if opts else ''})"
+    )
 
 
 def _pool_text(pool: dict[str, Any]) -> str:
@@ -263,7 +309,8 @@ def _normalize_text(norm: dict[str, Any]) -> str:
     method = str(norm.get("method", "minmax")).lower()
     within = norm.get("within", "brain")
     where = {"brain": "within the brain mask", "image": "over the whole image"}.get(
-        str(within), f"within {within}")
+        str(within), f"within {within}"
+    )
     extras = _extras(norm, ("method", "within"))
     if method in ("minmax", "min-max", "min_max"):
         return f"min-max normalized to [0, 1] {where}{_join(extras)}"
@@ -296,9 +343,11 @@ def methods_paragraph(settings: Mapping[str, Any], versions: Mapping[str, Any]) 
     ]
     norm = _normalize_text(_section(settings, "normalize", backend))
     medtx = _version(versions, "medtx")
-    text = (f"Images were preprocessed with medtx{' ' + medtx if medtx else ''} "
-            f"using its {backend} backend. T1-weighted images were {'; '.join(steps)}; "
-            f"and finally {norm}.")
+    text = (
+        f"Images were preprocessed with medtx{' ' + medtx if medtx else ''} "
+        f"using its {backend} backend. T1-weighted images were {'; '.join(steps)}; "
+        f"and finally {norm}."
+    )
 
     seed = settings.get("seed")
     deterministic = settings.get("deterministic")
@@ -427,8 +476,10 @@ def _thumbnail_html(record: Mapping[str, Any], base_dir: Path) -> str:
     except OSError:
         return f'<span class="missing" title="{_e(thumb)}">thumbnail missing</span>'
     b64 = base64.b64encode(data).decode("ascii")
-    return (f'<img class="thumb" alt="QC thumbnail of {_e(record.get("scan"))}" '
-            f'title="{_e(thumb)}" src="data:image/png;base64,{b64}">')
+    return (
+        f'<img class="thumb" alt="QC thumbnail of {_e(record.get("scan"))}" '
+        f'title="{_e(thumb)}" src="data:image/png;base64,{b64}">'
+    )
 
 
 def _qc_html(record: Mapping[str, Any]) -> str:
@@ -437,18 +488,24 @@ def _qc_html(record: Mapping[str, Any]) -> str:
         qc = step.get("qc") or {}
         checked = {c.get("metric") for c in qc.get("checks", [])}
         for c in qc.get("checks", []):
-            bounds = f"{_num(c.get('min'), 'g') if c.get('min') is not None else '−∞'} … " \
-                     f"{_num(c.get('max'), 'g') if c.get('max') is not None else '∞'}"
+            bounds = (
+                f"{_num(c.get('min'), 'g') if c.get('min') is not None else '−∞'} … "
+                f"{_num(c.get('max'), 'g') if c.get('max') is not None else '∞'}"
+            )
             cls = "ok" if c.get("passed") else "bad"
             mark = "✓" if c.get("passed") else "✗"
-            spans.append(f'<span class="{cls}" title="{_e(step.get("step"))}: allowed '
-                         f'{_e(bounds)}">{mark} {_e(c.get("metric"))} '
-                         f'{_e(_num(c.get("value"), ".4g"))}</span>')
+            spans.append(
+                f'<span class="{cls}" title="{_e(step.get("step"))}: allowed '
+                f'{_e(bounds)}">{mark} {_e(c.get("metric"))} '
+                f"{_e(_num(c.get('value'), '.4g'))}</span>"
+            )
         for metric, value in (qc.get("metrics") or {}).items():
             if metric not in checked:
                 shown = _num(value, ".4g") if isinstance(value, (int, float)) else _fmt(value)
-                spans.append(f'<span class="info" title="{_e(step.get("step"))}: not checked">'
-                             f"{_e(metric)} {_e(shown)}</span>")
+                spans.append(
+                    f'<span class="info" title="{_e(step.get("step"))}: not checked">'
+                    f"{_e(metric)} {_e(shown)}</span>"
+                )
     return "".join(spans) or '<span class="missing">no checks</span>'
 
 
@@ -464,9 +521,12 @@ def _files_html(title: str, files: list[Mapping[str, Any]]) -> str:
     rows = "".join(
         f"<tr><td>{_e(f.get('role'))}</td><td>{_e(f.get('path'))}</td>"
         f"<td class=num>{_e(f.get('bytes'))}</td><td class=sha>{_e(f.get('sha256'))}</td></tr>"
-        for f in files)
-    return (f"<p><b>{_e(title)}</b></p><table><tr><th>role</th><th>path</th><th>bytes</th>"
-            f"<th>sha256</th></tr>{rows}</table>")
+        for f in files
+    )
+    return (
+        f"<p><b>{_e(title)}</b></p><table><tr><th>role</th><th>path</th><th>bytes</th>"
+        f"<th>sha256</th></tr>{rows}</table>"
+    )
 
 
 def _step_details(step: Mapping[str, Any]) -> str:
@@ -481,25 +541,39 @@ def _step_details(step: Mapping[str, Any]) -> str:
         ("end", step.get("end")),
         ("duration", f"{_num(step.get('duration_s'), '.2f')} s"),
     ]
-    out = [f"<h4>{_e(step.get('step'))}</h4><p>"
-           + " · ".join(f"<b>{_e(k)}</b> {_e(v)}" for k, v in meta) + "</p>"]
+    out = [
+        f"<h4>{_e(step.get('step'))}</h4><p>"
+        + " · ".join(f"<b>{_e(k)}</b> {_e(v)}" for k, v in meta)
+        + "</p>"
+    ]
     if step.get("command"):
         out.append(f"<p><b>command</b></p><pre>{_e(step['command'])}</pre>")
-    calls = step.get("calls") or ([{"function": step["function"],
-                                    "arguments": step.get("arguments")}]
-                                  if step.get("function") else [])
+    calls = step.get("calls") or (
+        [{"function": step["function"], "arguments": step.get("arguments")}]
+        if step.get("function")
+        else []
+    )
     if calls:
-        out.append("<p><b>function calls</b></p><pre>"
-                   + _e("\n".join(_call_text(c) for c in calls)) + "</pre>")
+        out.append(
+            "<p><b>function calls</b></p><pre>"
+            + _e("\n".join(_call_text(c) for c in calls))
+            + "</pre>"
+        )
     if step.get("params"):
-        out.append("<p><b>parameters</b></p><pre>"
-                   + _e(json.dumps(step["params"], sort_keys=True, default=str)) + "</pre>")
+        out.append(
+            "<p><b>parameters</b></p><pre>"
+            + _e(json.dumps(step["params"], sort_keys=True, default=str))
+            + "</pre>"
+        )
     out.append(_files_html("inputs", step.get("inputs") or []))
     out.append(_files_html("outputs", step.get("outputs") or []))
     qc = step.get("qc") or {}
     if qc.get("metrics"):
-        out.append("<p><b>QC metrics</b></p><pre>"
-                   + _e(json.dumps(qc["metrics"], sort_keys=True, default=str)) + "</pre>")
+        out.append(
+            "<p><b>QC metrics</b></p><pre>"
+            + _e(json.dumps(qc["metrics"], sort_keys=True, default=str))
+            + "</pre>"
+        )
     return "".join(out)
 
 
@@ -507,10 +581,15 @@ def _sort_key(record: Mapping[str, Any]) -> tuple[str, str]:
     return (str(record.get("dataset") or ""), str(record.get("scan") or ""))
 
 
-def build_report(scan_records: list[dict[str, Any]], exclusions: list[dict[str, Any]],
-                 settings: Mapping[str, Any], out_html: str | Path, *,
-                 title: str = "medtx preprocessing provenance",
-                 base_dir: str | Path | None = None) -> Path:
+def build_report(
+    scan_records: list[dict[str, Any]],
+    exclusions: list[dict[str, Any]],
+    settings: Mapping[str, Any],
+    out_html: str | Path,
+    *,
+    title: str = "medtx preprocessing provenance",
+    base_dir: str | Path | None = None,
+) -> Path:
     """Write the cohort provenance report as one self-contained HTML file.
 
     Args:
@@ -567,12 +646,15 @@ def build_report(scan_records: list[dict[str, Any]], exclusions: list[dict[str, 
             f'<td><a href="#scan-{i}">{_e(r.get("subject") or r.get("scan"))}</a></td>'
             f"<td>{_e(r.get('session') or '—')}</td><td>{_e(r.get('backend'))}</td>"
             f"{cells}<td class=num>{_e(_num(total))}</td><td>{status}</td>"
-            f'<td class="qc">{_qc_html(r)}</td><td>{_thumbnail_html(r, base)}</td></tr>')
+            f'<td class="qc">{_qc_html(r)}</td><td>{_thumbnail_html(r, base)}</td></tr>'
+        )
     if rows:
         parts.append(
             "<table><tr><th>dataset</th><th>subject</th><th>session</th><th>backend</th>"
             f"{head}<th>total (s)</th><th>QC</th><th>QC metrics</th><th>thumbnail</th></tr>"
-            + "".join(rows) + "</table>")
+            + "".join(rows)
+            + "</table>"
+        )
     else:
         parts.append('<p class="missing">No scans were processed.</p>')
 
@@ -582,11 +664,19 @@ def build_report(scan_records: list[dict[str, Any]], exclusions: list[dict[str, 
             f'<tr class="exclusion"><td>{_e(x.get("dataset"))}</td><td>{_e(x.get("subject"))}</td>'
             f"<td>{_e(x.get('session') or '—')}</td><td>{_e(x.get('path'))}</td>"
             f"<td>{_e(x.get('reason'))}</td></tr>"
-            for x in sorted(exclusions, key=lambda x: (str(x.get("dataset") or ""),
-                                                       str(x.get("subject") or ""),
-                                                       str(x.get("session") or ""))))
-        parts.append("<table><tr><th>dataset</th><th>subject</th><th>session</th><th>path</th>"
-                     f"<th>reason</th></tr>{ex_rows}</table>")
+            for x in sorted(
+                exclusions,
+                key=lambda x: (
+                    str(x.get("dataset") or ""),
+                    str(x.get("subject") or ""),
+                    str(x.get("session") or ""),
+                ),
+            )
+        )
+        parts.append(
+            "<table><tr><th>dataset</th><th>subject</th><th>session</th><th>path</th>"
+            f"<th>reason</th></tr>{ex_rows}</table>"
+        )
     else:
         parts.append("<p>No scans were excluded.</p>")
 
@@ -599,11 +689,17 @@ def build_report(scan_records: list[dict[str, Any]], exclusions: list[dict[str, 
             text = "<br>".join(
                 f"{_e(v if v is not None else 'not installed / not recorded')}"
                 + (f" ({n} scans)" if mixed else "")
-                for v, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
-            v_rows.append(f'<tr{" class=warn" if mixed else ""}><td>{_e(tool)}</td>'
-                          f"<td>{text}</td><td class=num>{sum(counts.values())}</td></tr>")
-        parts.append("<table><tr><th>tool</th><th>version</th><th>scans</th></tr>"
-                     + "".join(v_rows) + "</table>")
+                for v, n in sorted(counts.items(), key=lambda kv: str(kv[0]))
+            )
+            v_rows.append(
+                f"<tr{' class=warn' if mixed else ''}><td>{_e(tool)}</td>"
+                f"<td>{text}</td><td class=num>{sum(counts.values())}</td></tr>"
+            )
+        parts.append(
+            "<table><tr><th>tool</th><th>version</th><th>scans</th></tr>"
+            + "".join(v_rows)
+            + "</table>"
+        )
     else:
         parts.append('<p class="missing">No tool versions recorded.</p>')
 
@@ -613,13 +709,19 @@ def build_report(scan_records: list[dict[str, Any]], exclusions: list[dict[str, 
         parts.append(
             f'<details id="scan-{i}"><summary>{_e(r.get("dataset"))} / {_e(r.get("scan"))}'
             f" — {_e(verdict)}</summary>"
-            + "".join(_step_details(s) for s in r.get("steps", [])) + "</details>")
+            + "".join(_step_details(s) for s in r.get("steps", []))
+            + "</details>"
+        )
     parts.append("</body></html>\n")
     return write_text("".join(parts), out_html)
 
 
-def write_report(record_paths: list[str], scan_tables: list[str], settings: Mapping[str, Any],
-                 out_html: str | Path) -> Path:
+def write_report(
+    record_paths: list[str],
+    scan_tables: list[str],
+    settings: Mapping[str, Any],
+    out_html: str | Path,
+) -> Path:
     """``medtx report``: the cohort report from the scans' records and scan tables."""
     from medtx.data.scans import excluded_scans
 

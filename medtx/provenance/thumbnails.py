@@ -21,9 +21,11 @@ mask on another grid than its volume is still drawn in the right place.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -80,12 +82,21 @@ def plane_slices(data: np.ndarray, affine: np.ndarray) -> list[PlaneSlice]:
     cor = data[:, j0, :].T[::-1, :]  # rows: S->I, cols: L->R
     axi = data[:, :, k0].T[::-1, :]  # rows: A->P, cols: L->R
     return [
-        PlaneSlice("sagittal", sag, (vk, vj),
-                   np.array([[0, 0, i0], [0, -1, nj - 1], [-1, 0, nk - 1]], dtype=float)),
-        PlaneSlice("coronal", cor, (vk, vi),
-                   np.array([[0, 1, 0], [0, 0, j0], [-1, 0, nk - 1]], dtype=float)),
-        PlaneSlice("axial", axi, (vj, vi),
-                   np.array([[0, 1, 0], [-1, 0, nj - 1], [0, 0, k0]], dtype=float)),
+        PlaneSlice(
+            "sagittal",
+            sag,
+            (vk, vj),
+            np.array([[0, 0, i0], [0, -1, nj - 1], [-1, 0, nk - 1]], dtype=float),
+        ),
+        PlaneSlice(
+            "coronal",
+            cor,
+            (vk, vi),
+            np.array([[0, 1, 0], [0, 0, j0], [-1, 0, nk - 1]], dtype=float),
+        ),
+        PlaneSlice(
+            "axial", axi, (vj, vi), np.array([[0, 1, 0], [-1, 0, nj - 1], [0, 0, k0]], dtype=float)
+        ),
     ]
 
 
@@ -103,8 +114,9 @@ def window(slices: list[np.ndarray]) -> tuple[float, float]:
     return lo, hi
 
 
-def display_grid(shape: tuple[int, int], pixel_mm: tuple[float, float],
-                 cell: int) -> tuple[np.ndarray, np.ndarray]:
+def display_grid(
+    shape: tuple[int, int], pixel_mm: tuple[float, float], cell: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Source (row, col) coordinates of each displayed pixel, aspect-correct in ``cell``."""
     h, w = shape
     height_mm, width_mm = h * pixel_mm[0], w * pixel_mm[1]
@@ -130,8 +142,14 @@ def _bilinear(image: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
     return top * (1 - fr) + bottom * fr
 
 
-def sample_mask(mask: np.ndarray, mask_affine: np.ndarray, vol_affine: np.ndarray,
-                to_voxel: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
+def sample_mask(
+    mask: np.ndarray,
+    mask_affine: np.ndarray,
+    vol_affine: np.ndarray,
+    to_voxel: np.ndarray,
+    rr: np.ndarray,
+    cc: np.ndarray,
+) -> np.ndarray:
     """Nearest-neighbour mask values at displayed pixels, through world coordinates."""
     display = np.stack([rr.ravel(), cc.ravel(), np.ones(rr.size)])
     ijk = to_voxel @ display
@@ -147,8 +165,13 @@ def sample_mask(mask: np.ndarray, mask_affine: np.ndarray, vol_affine: np.ndarra
 def outline(mask: np.ndarray) -> np.ndarray:
     """In-plane boundary: mask XOR its erosion by the 4-neighbourhood."""
     padded = np.pad(mask, 1, constant_values=False)
-    eroded = (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1]
-              & padded[1:-1, :-2] & padded[1:-1, 2:])
+    eroded = (
+        padded[1:-1, 1:-1]
+        & padded[:-2, 1:-1]
+        & padded[2:, 1:-1]
+        & padded[1:-1, :-2]
+        & padded[1:-1, 2:]
+    )
     return mask & ~eroded
 
 
@@ -156,16 +179,16 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3-D volume; ``file.nii.gz#k`` picks channel k of a 4-D one (BraTS)."""
     name, _, channel = str(path).rpartition("#")
     if name and channel.isdigit():
-        img = nib.load(name)
+        img: Any = nib.load(name)
         return np.asarray(img.dataobj[..., int(channel)], dtype=np.float32), img.affine
     return load_volume(path, check_data=False)
 
 
-def _render_row(data: np.ndarray, affine: np.ndarray,
-                mask: tuple[np.ndarray, np.ndarray] | None, cell: int) -> list[np.ndarray]:
+def _render_row(
+    data: np.ndarray, affine: np.ndarray, mask: tuple[np.ndarray, np.ndarray] | None, cell: int
+) -> list[np.ndarray]:
     """Three cells (uint8 palette indices, ``cell`` x ``cell``) for one panel."""
-    cdata, caffine = canonical_volume(np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0),
-                                      affine)
+    cdata, caffine = canonical_volume(np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0), affine)
     slices = plane_slices(cdata, caffine)
     lo, hi = window([s.image for s in slices])
     cells = []
@@ -178,7 +201,7 @@ def _render_row(data: np.ndarray, affine: np.ndarray,
             idx[outline(m)] = RED
         out = np.zeros((cell, cell), dtype=np.uint8)
         top, left = (cell - idx.shape[0]) // 2, (cell - idx.shape[1]) // 2
-        out[top:top + idx.shape[0], left:left + idx.shape[1]] = idx
+        out[top : top + idx.shape[0], left : left + idx.shape[1]] = idx
         cells.append(out)
     return cells
 
@@ -197,7 +220,7 @@ def _fit(text: str, font, width: int) -> str:
     return text + "..."
 
 
-def scan_thumbnails(panels: list[Panel], out_png: str | Path, *, cell: int = CELL_PX) -> Path:
+def scan_thumbnails(panels: Sequence[Panel], out_png: str | Path, *, cell: int = CELL_PX) -> Path:
     """Write a PNG of mid-slices, one row per panel, with mask outlines in red.
 
     Args:
@@ -222,8 +245,9 @@ def scan_thumbnails(panels: list[Panel], out_png: str | Path, *, cell: int = CEL
     for p in panels:
         if len(p) != 3:
             raise MedtxError(f"a panel is (label, volume, mask or None), not {p!r}")
-    paths = list(dict.fromkeys(Path(p) for _, vol, mask in panels
-                               for p in (vol, mask) if p is not None))
+    paths = list(
+        dict.fromkeys(Path(p) for _, vol, mask in panels for p in (vol, mask) if p is not None)
+    )
     workers = max(1, min(len(paths), os.cpu_count() or 1, 4))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         loaded = dict(zip(paths, pool.map(_load, paths)))
@@ -245,7 +269,7 @@ def scan_thumbnails(panels: list[Panel], out_png: str | Path, *, cell: int = CEL
         texts.append((2, y + 1, f"{label}   {grid} mm", 0))
         for col, img in enumerate(_render_row(data, affine, mask, cell)):
             x = col * (cell + GAP_PX)
-            canvas[y + LABEL_PX:y + LABEL_PX + cell, x:x + cell] = img
+            canvas[y + LABEL_PX : y + LABEL_PX + cell, x : x + cell] = img
 
     image = Image.frombytes("P", (width, height), canvas.tobytes())
     image.putpalette(_palette())

@@ -12,13 +12,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from medtx.errors import ConfigError, MedtxError
 from medtx.io import sha256
 from medtx.models.registry import build
 from medtx.models.slice_transformer import MedicalTransformer, inflate_state_dict
 from medtx.train.loop import MODEL_FORMAT, load_state
 from medtx.workflow.codehash import code_hash
-
 
 
 def scans_of(items: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -42,13 +43,15 @@ def input_fingerprint(items: Sequence[Mapping[str, Any]]) -> str:
             if item.get(key):
                 path = Path(item[key])
                 st = path.stat() if path.exists() else None
-                h.update(f"{path}\0{st.st_size if st else -1}\0"
-                         f"{st.st_mtime_ns if st else -1}\n".encode())
+                h.update(
+                    f"{path}\0{st.st_size if st else -1}\0{st.st_mtime_ns if st else -1}\n".encode()
+                )
     return h.hexdigest()[:16]
 
 
-def run_config(cfg: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
-                **run: Any) -> dict[str, Any]:
+def run_config(
+    cfg: Mapping[str, Any], items: Sequence[Mapping[str, Any]], **run: Any
+) -> dict[str, Any]:
     """What the resume key (the loop's config hash) covers: the stage config, what
     defines this run's data, the inputs' fingerprint and the training code's hash
     (an edit to medtx/models retrains instead of resuming a finished run)."""
@@ -56,20 +59,40 @@ def run_config(cfg: Mapping[str, Any], items: Sequence[Mapping[str, Any]],
     return {**cfg, **run, "inputs": input_fingerprint(items), "code": code}
 
 
-def stage_metadata(stage: str, task: str, cfg: Mapping[str, Any], model_kwargs: Mapping[str, Any],
-              trained: Sequence[str], train_items: Sequence[Mapping[str, Any]],
-              extra: Mapping[str, Any] | None, **more: Any) -> dict[str, Any]:
+def stage_metadata(
+    stage: str,
+    task: str,
+    cfg: Mapping[str, Any],
+    model_kwargs: Mapping[str, Any],
+    trained: Sequence[str],
+    train_items: Sequence[Mapping[str, Any]],
+    extra: Mapping[str, Any] | None,
+    **more: Any,
+) -> dict[str, Any]:
     meta = dict(extra or {})
-    meta.update({
-        "stage": stage, "task": task, "preset": cfg["preset"], "model_kwargs": dict(model_kwargs),
-        "trained": list(trained), "downsample": cfg["downsample"], "seed": cfg["seed"],
-        "subjects": subjects_of(train_items), "train_scans": scans_of(train_items), **more,
-    })
+    meta.update(
+        {
+            "stage": stage,
+            "task": task,
+            "preset": cfg["preset"],
+            "model_kwargs": dict(model_kwargs),
+            "trained": list(trained),
+            "downsample": cfg["downsample"],
+            "seed": cfg["seed"],
+            "subjects": subjects_of(train_items),
+            "train_scans": scans_of(train_items),
+            **more,
+        }
+    )
     return meta
 
 
-def load_pretrained(model: MedicalTransformer, init: str | Path, *,
-                    parts: Sequence[str] = ("encoders", "transformer")) -> dict[str, Any]:
+def load_pretrained(
+    model: MedicalTransformer,
+    init: str | Path,
+    *,
+    parts: Sequence[str] = ("encoders", "transformer"),
+) -> dict[str, Any]:
     """Load the ``parts`` (state-dict prefixes) of a pre-trained checkpoint into ``model``.
 
     Only parts the checkpoint's stage trained are taken (stage 1 trains the encoders
@@ -82,8 +105,7 @@ def load_pretrained(model: MedicalTransformer, init: str | Path, *,
     ckpt = load_state(init)
     state = ckpt.get("model")
     if ckpt.get("format") != MODEL_FORMAT or not isinstance(state, Mapping):
-        raise MedtxError(f"{init}: not a medtx model checkpoint (format "
-                         f"{ckpt.get('format')!r})")
+        raise MedtxError(f"{init}: not a medtx model checkpoint (format {ckpt.get('format')!r})")
     trained = (ckpt.get("metadata") or {}).get("trained") or list(parts)
     take = [p for p in parts if p in trained]
     if "encoders" not in take:
@@ -92,20 +114,29 @@ def load_pretrained(model: MedicalTransformer, init: str | Path, *,
     if model.in_channels != 1:
         keep = inflate_state_dict(keep, model.in_channels)
     own = model.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in keep.items() if k in own and own[k].shape != v.shape]
+    bad = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in keep.items()
+        if k in own and own[k].shape != v.shape
+    ]
     missing = sorted(k for k in keep if k not in own)
     if bad or missing:
         preset = (ckpt.get("metadata") or {}).get("preset")
-        raise ConfigError(f"{init} (preset {preset!r}) does not fit this model: "
-                          + "; ".join(bad[:5] + [f"no key {k}" for k in missing[:5]]))
+        raise ConfigError(
+            f"{init} (preset {preset!r}) does not fit this model: "
+            + "; ".join(bad[:5] + [f"no key {k}" for k in missing[:5]])
+        )
     model.load_state_dict(keep, strict=False)
-    return {"init": str(init), "init_sha256": sha256(init),
-            "init_stage": (ckpt.get("metadata") or {}).get("stage"), "loaded": take,
-            "keys": len(keep)}
+    return {
+        "init": str(init),
+        "init_sha256": sha256(init),
+        "init_stage": (ckpt.get("metadata") or {}).get("stage"),
+        "loaded": take,
+        "keys": len(keep),
+    }
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[MedicalTransformer, dict[str, Any]]:
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a stage's model from its final checkpoint: (model in eval mode, checkpoint)."""
     ckpt = load_state(path)
     meta = ckpt.get("metadata") or {}
@@ -115,13 +146,18 @@ def model_from_checkpoint(path: str | Path) -> tuple[MedicalTransformer, dict[st
     result = model.load_state_dict(ckpt["model"], strict=False)
     unexpected = [k for k in result.unexpected_keys if not k.startswith("mask_token.")]
     if result.missing_keys or unexpected:
-        raise MedtxError(f"{path}: state does not match its model (missing "
-                         f"{result.missing_keys[:5]}, unexpected {unexpected[:5]})")
+        raise MedtxError(
+            f"{path}: state does not match its model (missing "
+            f"{result.missing_keys[:5]}, unexpected {unexpected[:5]})"
+        )
     return model.eval(), ckpt
 
 
-
-
 def model_kwargs(cfg, task, num_outputs, in_channels, use_transformer=True) -> dict[str, Any]:
-    return {"preset": cfg["preset"], "task": task, "num_outputs": int(num_outputs),
-            "in_channels": int(in_channels), "use_transformer": bool(use_transformer)}
+    return {
+        "preset": cfg["preset"],
+        "task": task,
+        "num_outputs": int(num_outputs),
+        "in_channels": int(in_channels),
+        "use_transformer": bool(use_transformer),
+    }

@@ -14,7 +14,6 @@ from medtx.domain import DEFAULT_LABEL_MAP
 from medtx.errors import ConfigError
 from medtx.models.registry import DEFAULT_BACKBONE, backbone
 
-
 # The loop's own config keys and their defaults (the stages add theirs: DEFAULTS below).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "lr": 1e-4,  # Adam learning rate
@@ -22,13 +21,22 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "epochs": 150,  # maximum number of epochs
     "patience": 30,  # epochs without a better selection metric before stopping
     "batch_size": 10,  # volumes per step
-    "checkpoint_minutes": 10,  # minutes between mid-epoch checkpoints (<= 0: epoch ends only)
+    "checkpoint_minutes": 10,  # minutes between mid-epoch checkpoints (0/None: epoch ends only)
     "threads": 2,  # torch CPU threads (CPU only)
     "seed": 42,  # seeds python/numpy/torch, the data order and every step's generators
     "amp": True,  # mixed precision on CUDA (ignored on CPU)
     "num_workers": 0,  # DataLoader worker processes
     "log_every": 10,  # steps between progress lines
 }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (as JSON Schema's ``number``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -38,26 +46,27 @@ def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
     def positive_int(key: str, minimum: int = 1) -> None:
         v = cfg[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        if not _is_int(v) or v < minimum:
             problems.append(f"{key} must be an integer >= {minimum}, not {v!r}")
 
-    for key in ("epochs", "batch_size", "threads", "log_every"):
+    # patience >= 1: the loop stops once `patience` epochs in a row did not improve, so 0
+    # would stop after the first epoch whatever it scored (patience = epochs: no early stop).
+    for key in ("epochs", "patience", "batch_size", "threads", "log_every"):
         positive_int(key)
-    for key in ("patience", "num_workers", "seed"):
+    for key in ("num_workers", "seed"):
         positive_int(key, 0)
-    if not isinstance(cfg["lr"], (int, float)) or not cfg["lr"] > 0:
+    if not _is_number(cfg["lr"]) or not cfg["lr"] > 0:
         problems.append(f"lr must be a positive number, not {cfg['lr']!r}")
-    if not isinstance(cfg["lr_decay"], (int, float)) or not 0 < cfg["lr_decay"] <= 1:
+    if not _is_number(cfg["lr_decay"]) or not 0 < cfg["lr_decay"] <= 1:
         problems.append(f"lr_decay must be in (0, 1], not {cfg['lr_decay']!r}")
-    if cfg["checkpoint_minutes"] is not None and not isinstance(cfg["checkpoint_minutes"],
-                                                                (int, float)):
-        problems.append(f"checkpoint_minutes must be a number, not {cfg['checkpoint_minutes']!r}")
+    minutes = cfg["checkpoint_minutes"]
+    if minutes is not None and (not _is_number(minutes) or minutes < 0):
+        problems.append(f"checkpoint_minutes must be a number >= 0 or null, not {minutes!r}")
     if not isinstance(cfg["amp"], bool):
         problems.append(f"amp must be true or false, not {cfg['amp']!r}")
     if problems:
         raise ConfigError("bad training config: " + "; ".join(problems))
     return cfg
-
 
 
 # Every config key a stage reads, with its default. The loop's own keys
@@ -75,6 +84,8 @@ DEFAULTS: dict[str, Any] = {
 }
 REGRESSION_LOSSES = ("l1", "mse")
 MASK_TOKENS = ("constant", "learned")
+# As preprocess/pool/factor: beyond 4 the 2 mm volumes shrink below 24 voxels a side.
+DOWNSAMPLE_MAX = 4
 
 
 def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -86,26 +97,29 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     cfg = resolve_train_config({**DEFAULTS, **config})
     problems = []
     presets = backbone(DEFAULT_BACKBONE).presets
-    if cfg["preset"] not in presets:
+    if not isinstance(cfg["preset"], str) or cfg["preset"] not in presets:  # a list: unhashable
         problems.append(f"preset {cfg['preset']!r} is not one of {sorted(presets)}")
     ds = cfg["downsample"]
-    if not isinstance(ds, int) or isinstance(ds, bool) or ds < 1:
-        problems.append(f"downsample must be an integer >= 1, not {ds!r}")
+    if not _is_int(ds) or not 1 <= ds <= DOWNSAMPLE_MAX:
+        problems.append(f"downsample must be an integer >= 1 and <= {DOWNSAMPLE_MAX}, not {ds!r}")
     if cfg["loss_regression"] not in REGRESSION_LOSSES:
-        problems.append(f"loss_regression {cfg['loss_regression']!r} is not one of "
-                        f"{list(REGRESSION_LOSSES)}")
+        problems.append(
+            f"loss_regression {cfg['loss_regression']!r} is not one of {list(REGRESSION_LOSSES)}"
+        )
     if cfg["mask_token"] not in MASK_TOKENS:
         problems.append(f"mask_token {cfg['mask_token']!r} is not one of {list(MASK_TOKENS)}")
-    if not isinstance(cfg["margin"], (int, float)) or cfg["margin"] <= 0:
+    if not _is_number(cfg["margin"]) or cfg["margin"] <= 0:
         problems.append(f"margin must be a positive number, not {cfg['margin']!r}")
-    if not isinstance(cfg["mask_ratio"], (int, float)) or not 0 < cfg["mask_ratio"] < 1:
+    # mask_ratio < 1: masking every slice would leave no context to predict from
+    if not _is_number(cfg["mask_ratio"]) or not 0 < cfg["mask_ratio"] < 1:
         problems.append(f"mask_ratio must be in (0, 1), not {cfg['mask_ratio']!r}")
     lm = cfg["label_map"]
     if not isinstance(lm, Mapping) or not lm:
         problems.append(f"label_map must be a non-empty mapping, not {lm!r}")
     elif sorted(set(lm.values())) != list(range(len(set(lm.values())))):
-        problems.append(f"label_map values must be the class indices 0..K-1, not "
-                        f"{sorted(set(lm.values()))}")
+        problems.append(
+            f"label_map values must be the class indices 0..K-1, not {sorted(set(lm.values()))}"
+        )
     if problems:
         raise ConfigError("bad training config: " + "; ".join(problems))
     cfg["label_map"] = {str(k): int(v) for k, v in lm.items()}
@@ -114,4 +128,3 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
 
 def n_classes(cfg: Mapping[str, Any]) -> int:
     return len(set(cfg["label_map"].values()))
-

@@ -24,7 +24,6 @@ from medtx.errors import BadScanError, CohortError, ConfigError, MedtxError
 DATA_TASKS = (*TASKS, "pretrain")
 
 
-
 def downsample_volume(volume: Tensor, factor: int) -> Tensor:
     """Average-pool (C, X, Y, Z) by ``factor`` in each axis (sizes floor-divided)."""
     if factor == 1:
@@ -43,8 +42,7 @@ def downsample_regions(regions: Tensor, factor: int) -> Tensor:
     return F.max_pool3d(regions[None], factor)[0]
 
 
-def read_cached(path: str | Path, *, scan: str | None = None, what: str = "volume"
-                ) -> np.ndarray:
+def read_cached(path: str | Path, *, scan: str | None = None, what: str = "volume") -> np.ndarray:
     """A cached .npy as float32 (C, X, Y, Z) (a 3-D array gets a channel axis)."""
     path = Path(path)
     if not path.is_file():
@@ -56,8 +54,12 @@ def read_cached(path: str | Path, *, scan: str | None = None, what: str = "volum
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4:
-        raise BadScanError(path, f"cached {what} must be 3-D or 4-D (C, X, Y, Z), but it is "
-                           f"{array.ndim}-D with shape {array.shape}", subject=scan)
+        raise BadScanError(
+            path,
+            f"cached {what} must be 3-D or 4-D (C, X, Y, Z), but it is "
+            f"{array.ndim}-D with shape {array.shape}",
+            subject=scan,
+        )
     out = np.asarray(array, dtype=np.float32)
     if not np.isfinite(out).all():
         raise BadScanError(path, f"cached {what} has NaN or Inf voxels", subject=scan)
@@ -92,7 +94,7 @@ class VolumeSet(torch.utils.data.Dataset):
             where = f"item {n} (scan {item.get('scan', '?')!r})"
             if not item.get("image"):
                 problems.append(f"{where}: no 'image' cache path")
-            target = None
+            target: float | None = None
             if task == "classification":
                 try:
                     target = int(str(item.get("label")).strip())
@@ -127,16 +129,19 @@ class VolumeSet(torch.utils.data.Dataset):
             out["target"] = torch.tensor(self.targets[i], dtype=torch.float32)
         elif self.task == "segmentation":
             item = self.items[i]
-            regions = torch.from_numpy(read_cached(item["seg"], scan=item.get("scan"),
-                                                   what="region masks"))
+            regions = torch.from_numpy(
+                read_cached(item["seg"], scan=item.get("scan"), what="region masks")
+            )
             out["target"] = downsample_regions((regions > 0.5).float(), self.downsample)
         return out
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Tensor]:
     """Stack a list of ``VolumeSet`` items into one batch dict."""
-    batch = {"image": torch.stack([s["image"] for s in samples]),
-             "index": torch.tensor([s["index"] for s in samples], dtype=torch.long)}
+    batch = {
+        "image": torch.stack([s["image"] for s in samples]),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+    }
     if "target" in samples[0]:
         batch["target"] = torch.stack([s["target"] for s in samples])
     return batch
@@ -151,10 +156,15 @@ def default_cache_path(row: Mapping[str, Any]) -> Path:
     return Path(path)
 
 
-def manifest_items(manifest: pd.DataFrame, *, fold: int, role: str, fraction: int = 100,
-                   cache_dir_fn: Callable[[Mapping[str, Any]], str | Path] | None = None,
-                   seg_fn: Callable[[Mapping[str, Any]], str | Path] | None = None
-                   ) -> list[dict[str, Any]]:
+def manifest_items(
+    manifest: pd.DataFrame,
+    *,
+    fold: int,
+    role: str,
+    fraction: int = 100,
+    cache_dir_fn: Callable[[Mapping[str, Any]], str | Path] | None = None,
+    seg_fn: Callable[[Mapping[str, Any]], str | Path] | None = None,
+) -> list[dict[str, Any]]:
     """The scans of one role in fold ``fold`` of a fold manifest, as items.
 
     Training rows are those with ``role_<k> == "train"`` and ``frac_<k> <= fraction``
@@ -177,8 +187,10 @@ def manifest_items(manifest: pd.DataFrame, *, fold: int, role: str, fraction: in
     column, frac_column = f"role_{fold}", f"frac_{fold}"
     if column not in manifest.columns:
         have = sorted(c for c in manifest.columns if c.startswith("role_"))
-        raise MedtxError(f"the manifest has no fold {fold} (column {column!r}); it has "
-                         f"{have or 'no role_<k> columns'}")
+        raise MedtxError(
+            f"the manifest has no fold {fold} (column {column!r}); it has "
+            f"{have or 'no role_<k> columns'}"
+        )
     if role not in SPLITS:
         raise ConfigError(f"role {role!r} is not one of {list(SPLITS)}")
     rows = manifest[manifest[column].astype(str).str.strip() == role]
@@ -186,20 +198,26 @@ def manifest_items(manifest: pd.DataFrame, *, fold: int, role: str, fraction: in
         fracs = pd.to_numeric(rows[frac_column], errors="coerce")
         if fracs.isna().any():
             bad = rows.loc[fracs.isna(), "scan"].tolist()
-            raise MedtxError(f"training rows of fold {fold} without a {frac_column}: "
-                             f"{bad[:5]}")
+            raise MedtxError(f"training rows of fold {fold} without a {frac_column}: {bad[:5]}")
         rows = rows[fracs <= fraction]
     if rows.empty:
-        raise MedtxError(f"the manifest has no {role} scans in fold {fold}"
-                         + (f" at fraction {fraction}%" if role == "train" else ""))
+        raise MedtxError(
+            f"the manifest has no {role} scans in fold {fold}"
+            + (f" at fraction {fraction}%" if role == "train" else "")
+        )
     to_image = cache_dir_fn or default_cache_path
     items = []
     for rec in rows.to_dict("records"):
         seg = seg_fn(rec) if seg_fn else rec.get("seg") or None
-        items.append({"dataset": rec.get("dataset", ""), "subject": rec.get("subject", ""),
-                      "session": rec.get("session", ""), "scan": rec["scan"],
-                      "image": str(to_image(rec)), "label": rec.get("label", ""),
-                      "seg": str(seg) if seg else None})
+        items.append(
+            {
+                "dataset": rec.get("dataset", ""),
+                "subject": rec.get("subject", ""),
+                "session": rec.get("session", ""),
+                "scan": rec["scan"],
+                "image": str(to_image(rec)),
+                "label": rec.get("label", ""),
+                "seg": str(seg) if seg else None,
+            }
+        )
     return items
-
-

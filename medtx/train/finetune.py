@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -25,13 +25,13 @@ from torch import Tensor
 
 from medtx.data.cache import read_cache_index
 from medtx.domain import REGION_NAMES, TASKS, RunId
-from medtx.folds.manifest import read_manifest
 from medtx.errors import CohortError, ConfigError, MedtxError
 from medtx.evaluate.metrics import mae
-from medtx.evaluate.predict import evaluate_predictions, prediction_table, predict, selection_mauc
+from medtx.evaluate.predict import evaluate_predictions, predict, prediction_table, selection_mauc
+from medtx.folds.manifest import read_manifest
 from medtx.io import write_json, write_text
-from medtx.models.slice_transformer import MedicalTransformer
 from medtx.models.registry import build
+from medtx.models.slice_transformer import MedicalTransformer
 from medtx.train.checkpoints import (
     load_pretrained,
     model_kwargs,
@@ -51,14 +51,25 @@ from medtx.train.loop import (
 )
 from medtx.train.losses import segmentation_loss
 
-def finetune(task: str, train_items: Sequence[Mapping[str, Any]],
-             val_items: Sequence[Mapping[str, Any]], test_items: Sequence[Mapping[str, Any]],
-             *, init: str | Path | None = None, use_transformer: bool = True,
-             out: str | Path, predictions_out: str | Path, metrics_out: str | Path | None = None,
-             config: Mapping[str, Any] | None = None, metadata: Mapping[str, Any] | None = None,
-             device: str | torch.device | None = None, max_steps_this_run: int | None = None,
-             log: Callable[[str], None] | None = None,
-             run: Mapping[str, Any] | None = None) -> TrainResult:
+
+def finetune(
+    task: str,
+    train_items: Sequence[Mapping[str, Any]],
+    val_items: Sequence[Mapping[str, Any]],
+    test_items: Sequence[Mapping[str, Any]],
+    *,
+    init: str | Path | None = None,
+    use_transformer: bool = True,
+    out: str | Path,
+    predictions_out: str | Path,
+    metrics_out: str | Path | None = None,
+    config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    max_steps_this_run: int | None = None,
+    log: Callable[[str], None] | None = None,
+    run: Mapping[str, Any] | None = None,
+) -> TrainResult:
     """Stage 3: train a task model, select it on validation, predict the test set.
 
     Args:
@@ -87,21 +98,26 @@ def finetune(task: str, train_items: Sequence[Mapping[str, Any]],
     if task not in TASKS:
         raise ConfigError(f"task {task!r} is not one of {list(TASKS)}")
     cfg = resolve_config(config)
-    for name, items in (("training", train_items), ("validation", val_items),
-                        ("test", test_items)):
+    for name, items in (("training", train_items), ("validation", val_items), ("test", test_items)):
         if not items:
             raise MedtxError(f"finetune {task}: no {name} scans")
-    sets = {name: VolumeSet(items, task=task, downsample=cfg["downsample"])
-            for name, items in (("train", train_items), ("val", val_items),
-                                ("test", test_items))}
+    sets = {
+        name: VolumeSet(items, task=task, downsample=cfg["downsample"])
+        for name, items in (("train", train_items), ("val", val_items), ("test", test_items))
+    }
     dev = pick_device(device)
     if task == "classification":
         k = n_classes(cfg)
-        bad = [f"scan {i.get('scan')!r}: class {t}" for s in sets.values()
-               for i, t in zip(s.items, s.targets) if not 0 <= t < k]
+        bad = [
+            f"scan {i.get('scan')!r}: class {t}"
+            for s in sets.values()
+            for i, t in zip(s.items, s.targets)
+            if not 0 <= t < k
+        ]
         if bad:
-            raise CohortError(bad, what=f"class labels (label_map has {k} classes: "
-                              f"{cfg['label_map']})")
+            raise CohortError(
+                bad, what=f"class labels (label_map has {k} classes: {cfg['label_map']})"
+            )
         outputs, channels = k, 1
     elif task == "regression":
         outputs, channels = 1, 1
@@ -117,7 +133,7 @@ def finetune(task: str, train_items: Sequence[Mapping[str, Any]],
 
     seed_everything(cfg["seed"])
     kwargs = model_kwargs(cfg, task, outputs, channels, use_transformer)
-    model = build(kwargs)
+    model = cast(MedicalTransformer, build(kwargs))
     info = None
     if init is not None:
         parts = ("encoders", "transformer") if use_transformer else ("encoders",)
@@ -136,56 +152,121 @@ def finetune(task: str, train_items: Sequence[Mapping[str, Any]],
         return segmentation_loss(logits, batch["target"])
 
     def validate(m: MedicalTransformer) -> float:
-        pred = predict(m, sets["val"], batch_size=cfg["batch_size"], device=dev,
-                       target_stats=stats, amp=cfg["amp"])
+        pred = predict(
+            m,
+            sets["val"],
+            batch_size=cfg["batch_size"],
+            device=dev,
+            target_stats=stats,
+            amp=cfg["amp"],
+        )
         if task == "classification":
             return selection_mauc(pred["target"], pred["probs"])
         if task == "regression":
             return mae(pred["target"], pred["age"])
         return float(pred["dice"].mean())
 
-    mode = "min" if task == "regression" else "max"
-    selected_by = {"classification": "val mAUC", "regression": "val MAE",
-                   "segmentation": "val mean Dice"}[task]
+    mode: Literal["max", "min"] = "min" if task == "regression" else "max"
+    selected_by = {
+        "classification": "val mAUC",
+        "regression": "val MAE",
+        "segmentation": "val mean Dice",
+    }[task]
     trained = ["encoders", "head"] + (["transformer"] if use_transformer else [])
-    meta = stage_metadata("finetune", task, cfg, kwargs, trained, train_items,
-                          {**(metadata or {}), "run": dict(run) if run else None},
-                     init=info, val_scans=scans_of(val_items), selected_by=selected_by,
-                     target_mean=stats[0], target_std=stats[1], label_map=cfg["label_map"],
-                     loss={"classification": "cross_entropy",
-                           "regression": f"{cfg['loss_regression']} on standardized age",
-                           "segmentation": "bce_with_logits + soft_dice"}[task])
-    run = run_config(cfg, [*train_items, *val_items, *test_items], stage="finetune",
-                      task=task, use_transformer=use_transformer,
-                      train_scans=scans_of(train_items), val_scans=scans_of(val_items),
-                      init_sha256=info["init_sha256"] if info else "scratch")
-    result = train(model, sets["train"], loss_fn=loss_fn, out=out, config=run,
-                   validate=validate, mode=mode, collate=collate, metadata=meta, device=dev,
-                   max_steps_this_run=max_steps_this_run, log=log)
+    meta = stage_metadata(
+        "finetune",
+        task,
+        cfg,
+        kwargs,
+        trained,
+        train_items,
+        {**(metadata or {}), "run": dict(run) if run else None},
+        init=info,
+        val_scans=scans_of(val_items),
+        selected_by=selected_by,
+        target_mean=stats[0],
+        target_std=stats[1],
+        label_map=cfg["label_map"],
+        loss={
+            "classification": "cross_entropy",
+            "regression": f"{cfg['loss_regression']} on standardized age",
+            "segmentation": "bce_with_logits + soft_dice",
+        }[task],
+    )
+    resume_key = run_config(
+        cfg,
+        [*train_items, *val_items, *test_items],
+        stage="finetune",
+        task=task,
+        use_transformer=use_transformer,
+        train_scans=scans_of(train_items),
+        val_scans=scans_of(val_items),
+        init_sha256=info["init_sha256"] if info else "scratch",
+    )
+    result = train(
+        model,
+        sets["train"],
+        loss_fn=loss_fn,
+        out=out,
+        config=resume_key,
+        validate=validate,
+        mode=mode,
+        collate=collate,
+        metadata=meta,
+        device=dev,
+        max_steps_this_run=max_steps_this_run,
+        log=log,
+    )
     if result.status == "interrupted":
         return result
 
     model.load_state_dict(load_state(out)["model"])
-    pred = predict(model, sets["test"], batch_size=cfg["batch_size"], device=dev,
-                   target_stats=stats, amp=cfg["amp"])
+    pred = predict(
+        model,
+        sets["test"],
+        batch_size=cfg["batch_size"],
+        device=dev,
+        target_stats=stats,
+        amp=cfg["amp"],
+    )
     table = prediction_table(task, sets["test"].items, pred)
     write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"), predictions_out)
     metrics = evaluate_predictions(task, predictions_out)
-    metrics_out = (Path(metrics_out) if metrics_out is not None
-                   else Path(predictions_out).with_suffix(".json"))
-    write_json({"run": dict(run) if run else None, **metrics, "selected_by": selected_by, "val_metric": result.best_metric,
-                "best_epoch": result.best_epoch, "epochs_done": result.epochs_done,
-                "status": result.status, "checkpoint": str(out),
-                "predictions": str(predictions_out), "init": str(init) if init else "scratch",
-                "use_transformer": use_transformer}, metrics_out)
+    metrics_out = (
+        Path(metrics_out) if metrics_out is not None else Path(predictions_out).with_suffix(".json")
+    )
+    write_json(
+        {
+            "run": dict(run) if run else None,
+            **metrics,
+            "selected_by": selected_by,
+            "val_metric": result.best_metric,
+            "best_epoch": result.best_epoch,
+            "epochs_done": result.epochs_done,
+            "status": result.status,
+            "checkpoint": str(out),
+            "predictions": str(predictions_out),
+            "init": str(init) if init else "scratch",
+            "use_transformer": use_transformer,
+        },
+        metrics_out,
+    )
     result.extra["metrics"] = metrics
     return result
 
 
-def finetune_fold(run: RunId, *, manifest: str | Path, cache_index: str | Path,
-                  init_checkpoint: str | Path | None, out: str | Path,
-                  predictions_out: str | Path, metrics_out: str | Path,
-                  config: Mapping[str, Any], metadata: Mapping[str, Any]) -> TrainResult:
+def finetune_fold(
+    run: RunId,
+    *,
+    manifest: str | Path,
+    cache_index: str | Path,
+    init_checkpoint: str | Path | None,
+    out: str | Path,
+    predictions_out: str | Path,
+    metrics_out: str | Path,
+    config: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+) -> TrainResult:
     """``medtx finetune``: one run, its scans from the manifest, their files from the index.
 
     The fold's sidecar (seed, subject hash, exclusions) and the run's identity go
@@ -193,8 +274,10 @@ def finetune_fold(run: RunId, *, manifest: str | Path, cache_index: str | Path,
     naming it.
     """
     if (run.init == "scratch") != (init_checkpoint is None):
-        raise MedtxError(f"init {run.init!r} " + ("takes no checkpoint" if init_checkpoint
-                                                  else "needs the pre-trained checkpoint"))
+        raise MedtxError(
+            f"init {run.init!r} "
+            + ("takes no checkpoint" if init_checkpoint else "needs the pre-trained checkpoint")
+        )
     table = read_manifest(manifest)
     index = read_cache_index(cache_index).set_index("scan")
     missing = sorted(set(table["scan"]) - set(index.index))
@@ -207,16 +290,24 @@ def finetune_fold(run: RunId, *, manifest: str | Path, cache_index: str | Path,
     def regions(row: Mapping[str, Any]) -> str | None:
         return index.at[row["scan"], "regions"] if run.task == "segmentation" else None
 
-    kw = {"fold": run.fold, "cache_dir_fn": image, "seg_fn": regions}
+    kw: dict[str, Any] = {"fold": run.fold, "cache_dir_fn": image, "seg_fn": regions}
     sidecar = Path(manifest).with_suffix(".json")
     return finetune(
         run.task,
         manifest_items(table, role="train", fraction=run.frac, **kw),
         manifest_items(table, role="val", **kw),
         manifest_items(table, role="test", **kw),
-        init=init_checkpoint, use_transformer=run.use_transformer, out=out,
-        predictions_out=predictions_out, metrics_out=metrics_out, config=config,
-        metadata={**metadata, "manifest": str(manifest), "cache_index": str(cache_index),
-                  "folds_sidecar": json.loads(sidecar.read_text()) if sidecar.exists() else None},
+        init=init_checkpoint,
+        use_transformer=run.use_transformer,
+        out=out,
+        predictions_out=predictions_out,
+        metrics_out=metrics_out,
+        config=config,
+        metadata={
+            **metadata,
+            "manifest": str(manifest),
+            "cache_index": str(cache_index),
+            "folds_sidecar": json.loads(sidecar.read_text()) if sidecar.exists() else None,
+        },
         run=run.as_dict(),
     )

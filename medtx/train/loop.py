@@ -1,7 +1,13 @@
 """A training loop that survives a cluster's walltime: checkpoints, exact resume, logs.
 
-``train`` runs any model and loss the stages (``medtx.train.pretrain``, ``medtx.train.finetune``) hand it, the way a
-long SLURM job should run:
+The module is long because the loop's state, its checkpoint layout, resuming and
+signal handling must change together: a resumed run continues exactly the run
+that was stopped.
+
+``train`` runs any model and loss the stages (``medtx.train.pretrain``,
+``medtx.train.finetune``) hand it, the way a long SLURM job should run. It builds a
+``Trainer`` (the model, optimizer, scheduler, scaler and this run's bookkeeping) whose
+counters live in a ``TrainState`` (the loop's part of ``<out>.last.pt``) and runs it:
 
 - **Device**: ``cuda`` when available, else CPU (``device=`` overrides). On CUDA the
   step runs under ``torch.autocast`` (bfloat16 where supported, else float16 with a
@@ -49,10 +55,10 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -140,22 +146,29 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, min_batch: int = 1
-                  ) -> list[list[int]]:
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, min_batch: int = 1
+) -> list[list[int]]:
     """The epoch's batches of indices; a last batch smaller than ``min_batch`` is dropped."""
     order = epoch_order(n, seed, epoch)
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     return [b for b in batches if len(b) >= min_batch]
 
 
 def rng_state() -> dict[str, Any]:
     """python, numpy and torch RNG states as tensors and lists (weights_only-safe)."""
     py = random.getstate()
-    key, keys, pos, has_gauss, gauss = np.random.get_state()
+    legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
+    key, keys, pos, has_gauss, gauss = legacy
     state = {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"key": key, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "numpy": {
+            "key": key,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -167,8 +180,15 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (
+            n["key"],
+            n["keys"].numpy().astype(np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(RuntimeError, IndexError):
@@ -212,6 +232,14 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- the loop
+
+
+class MapDataset(Protocol):
+    """What the loop needs of a dataset: its length and an item by index."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 @dataclass
@@ -258,13 +286,65 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class TrainState:
+    """The loop's counters: everything besides the model, optimizer, scheduler, scaler
+    and RNG states that a resumed run needs to continue exactly where a run stopped.
+
+    Its fields, in this order and under these names, are top-level keys of
+    ``<out>.last.pt`` (``to_checkpoint``/``from_checkpoint``): renaming one breaks the
+    resume of every saved run.
+    """
+
+    epoch: int = 0  # completed epochs (the running epoch's index)
+    step_in_epoch: int = 0  # batches done in the running epoch
+    global_step: int = 0  # optimizer steps in all runs
+    epoch_loss_sum: float = 0.0  # the running epoch's loss, summed over volumes
+    epoch_volumes: int = 0
+    epoch_steps: int = 0
+    epoch_seconds: float = 0.0  # step time only (not checkpoints, not validation)
+    best_metric: float | None = None
+    best_epoch: int = -1
+    best_state: dict[str, Tensor] | None = None  # a CPU copy, kept apart from the model
+    patience_counter: int = 0  # epochs since the last improvement
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0  # wall time of all runs, up to the last save
+    status: str = "running"  # then "finished" or "early_stopped"
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The fields as weights_only-safe checkpoint entries, in field order."""
+        return {f.name: to_primitive(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_checkpoint(cls, saved: Mapping[str, Any]) -> TrainState:
+        """The state stored in a ``<out>.last.pt`` dict (its other keys are ignored)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+
+    def next_epoch(self) -> None:
+        """Move to the next epoch: its per-epoch counters start at zero."""
+        self.epoch += 1
+        self.step_in_epoch, self.epoch_steps, self.epoch_volumes = 0, 0, 0
+        self.epoch_loss_sum, self.epoch_seconds = 0.0, 0.0
+
+
+@dataclass
+class _EpochClock:
+    """Wall-clock marks of the running epoch; not saved (a resumed run restarts them)."""
+
+    last_save: float  # checkpoint_minutes count from here
+    last_log: float  # a progress line's vol/s counts from here
+    step_start: float  # step time (epoch_seconds) counts from here
+    logged_volumes: int = 0  # volumes since last_log
+
+
 class _StopFlag:
     """Set by SIGTERM/SIGUSR1 while the loop runs (main thread only)."""
 
     def __init__(self, enabled: bool, log: Callable[[str], None]):
         self.signal: int | None = None
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.log, self.previous = log, {}
+        self.log = log
+        self.previous: dict[int, Any] = {}  # the handlers to put back
 
     def __enter__(self):
         if self.enabled:
@@ -275,8 +355,10 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         self.signal = signum
-        self.log(f"[train] received signal {signal.Signals(signum).name}: checkpointing "
-                 "after this step and stopping")
+        self.log(
+            f"[train] received signal {signal.Signals(signum).name}: checkpointing "
+            "after this step and stopping"
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -289,20 +371,421 @@ def _better(metric: float, best: float | None, mode: str) -> bool:
     return metric > best if mode == "max" else metric < best
 
 
-def train(model: nn.Module, dataset: Sequence[Any], *,
-          loss_fn: Callable[[nn.Module, Any, StepContext], Tensor],
-          out: str | Path,
-          config: Mapping[str, Any] | None = None,
-          validate: Callable[[nn.Module], float] | None = None,
-          mode: Literal["max", "min"] = "max",
-          params: Iterable[nn.Parameter] | None = None,
-          collate: Callable[[list[Any]], Any] | None = None,
-          metadata: Mapping[str, Any] | None = None,
-          device: str | torch.device | None = None,
-          max_steps_this_run: int | None = None,
-          min_batch: int = 1,
-          log: Callable[[str], None] | None = None,
-          handle_signals: bool = True) -> TrainResult:
+class Trainer:
+    """One call of ``train``: the model, its optimizer, scheduler and scaler, a
+    ``TrainState``, and this run's own bookkeeping (steps run, why it stopped).
+
+    Construction checks the arguments and sets up (threads, seeds, device, AMP);
+    ``run`` resumes from ``<out>.last.pt`` when it may, trains and writes ``<out>``.
+    A Trainer runs once: its optimizer and state belong to that run.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataset: MapDataset,
+        *,
+        loss_fn: Callable[[Any, Any, StepContext], Tensor],
+        out: str | Path,
+        config: Mapping[str, Any] | None = None,
+        validate: Callable[[Any], float] | None = None,
+        mode: Literal["max", "min"] = "max",
+        params: Iterable[nn.Parameter] | None = None,
+        collate: Callable[[list[Any]], Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        max_steps_this_run: int | None = None,
+        min_batch: int = 1,
+        log: Callable[[str], None] | None = None,
+        handle_signals: bool = True,
+    ):
+        """Arguments as ``train``'s. Long because the setup order is part of the
+        behaviour: RNGs are seeded before anything else may draw from them."""
+        self.log = log or default_log
+        self.cfg = cfg = resolve_train_config(config)
+        self.mode = mode if validate is not None else "min"
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"mode must be 'max' or 'min', not {self.mode!r}")
+        if len(dataset) == 0:
+            raise MedtxError("no training data: the dataset is empty")
+        self.model, self.dataset, self.loss_fn, self.validate_fn = model, dataset, loss_fn, validate
+        self.out = Path(out)
+        self.last = last_path(self.out)
+        self.device = dev = pick_device(device)
+        if dev.type == "cpu":
+            torch.set_num_threads(cfg["threads"])
+        self.seed = int(cfg["seed"])
+        self.config_hash = config_hash(cfg)
+        self.seeds = seed_everything(self.seed)
+
+        self.use_amp = bool(cfg["amp"]) and dev.type == "cuda"
+        self.amp_dtype = (
+            torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
+        )
+        model.to(dev)
+        trained = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+        if not trained:
+            raise MedtxError("nothing to train: no parameter requires a gradient")
+        self.optimizer = torch.optim.Adam(trained, lr=float(cfg["lr"]))
+        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(
+            self.optimizer, gamma=float(cfg["lr_decay"])
+        )
+        self.scaler = torch.amp.GradScaler(
+            dev.type, enabled=self.use_amp and self.amp_dtype == torch.float16
+        )
+
+        self.collate = collate or torch.utils.data.default_collate
+        self.metadata = metadata
+        self.max_steps_this_run = max_steps_this_run
+        self.min_batch = min_batch
+        self.handle_signals = handle_signals
+        minutes = cfg["checkpoint_minutes"]
+        self.interval = minutes * 60.0 if minutes and minutes > 0 else math.inf
+
+        self.state = TrainState()
+        self.resumed_from: tuple[int, int] | None = None
+        self.steps_run = 0  # optimizer steps in this run (max_steps_this_run counts these)
+        self.stop_reason: str | None = None  # set when a signal or max_steps_this_run stops
+        self.elapsed_mark = time.monotonic()  # state.elapsed_s counts up to here
+        self.stop_flag: _StopFlag | None = None  # installed while run() trains
+
+    # -- the run
+
+    def run(self) -> TrainResult:
+        """Resume or start afresh, train epoch by epoch until finished, early-stopped or
+        asked to stop, then finish."""
+        self.resume()
+        self.elapsed_mark = time.monotonic()
+        if self.resumed_from is None:
+            amp_note = f" amp {str(self.amp_dtype).split('.')[-1]}" if self.use_amp else ""
+            self.log(
+                f"[train] start: device {self.device}{amp_note}, {len(self.dataset)} "
+                f"volumes, batch {self.cfg['batch_size']}, up to {self.cfg['epochs']} "
+                f"epochs, seed {self.seed}, config {self.config_hash}, checkpoint "
+                f"{self.last}"
+            )
+        with _StopFlag(self.handle_signals, self.log) as self.stop_flag:
+            while self.state.status == "running":
+                self.stop_reason = self.should_stop()
+                # before any step: max_steps_this_run=0, or a signal during validation
+                if self.stop_reason:
+                    self.save_last()
+                    break
+                if not self.run_epoch():
+                    break
+                self.end_epoch()
+        return self.finish()
+
+    def resume(self) -> None:
+        """Load ``<out>.last.pt`` into the model, optimizer, scheduler, scaler, RNGs and
+        state when it was written for this config; otherwise keep the fresh start (with
+        a warning line when the file exists but cannot be used)."""
+        if not self.last.exists():
+            return
+        saved = _try_load(self.last, self.log)
+        if saved is None:
+            return
+        if saved.get("format") != CHECKPOINT_FORMAT or saved.get("config_hash") != self.config_hash:
+            changed = _changed_keys(saved.get("config") or {}, self.cfg)
+            self.log(
+                f"[train] WARNING: {self.last} was written for another config (hash "
+                f"{saved.get('config_hash')} != {self.config_hash}; changed: {changed}); "
+                "starting fresh"
+            )
+            return
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+        st = self.state = TrainState.from_checkpoint(saved)
+        self.resumed_from = (st.epoch, st.step_in_epoch)
+        self.log(
+            f"[train] resuming from {self.last}: epoch {st.epoch + 1}, step "
+            f"{st.step_in_epoch} in it, global step {st.global_step}"
+        )
+
+    def should_stop(self) -> str | None:
+        """Why to checkpoint and stop now (a signal, ``max_steps_this_run``), or None."""
+        if self.stop_flag is not None and self.stop_flag.signal is not None:
+            return f"signal {signal.Signals(self.stop_flag.signal).name}"
+        if self.max_steps_this_run is not None and self.steps_run >= self.max_steps_this_run:
+            return f"max_steps_this_run={self.max_steps_this_run}"
+        return None
+
+    # -- an epoch
+
+    def run_epoch(self) -> bool:
+        """Train the epoch's batches not done yet (all but the first ``step_in_epoch``:
+        a mid-epoch resume skips those), checkpointing every ``checkpoint_minutes``.
+        False when a stop request ended it early (the state is saved then)."""
+        st = self.state
+        batches = epoch_batches(
+            len(self.dataset), self.cfg["batch_size"], self.seed, st.epoch, self.min_batch
+        )
+        if not batches:
+            raise MedtxError(
+                f"no training batch: {len(self.dataset)} volume(s) and batches "
+                f"need at least {self.min_batch}"
+            )
+        self.model.train()
+        started = time.monotonic()
+        todo = batches[st.step_in_epoch :]
+        loader: Iterable[Any] = (
+            torch.utils.data.DataLoader(
+                self.dataset,  # type: ignore[arg-type]  # any indexable sequence works
+                batch_sampler=todo,
+                collate_fn=self.collate,
+                num_workers=self.cfg["num_workers"],
+                pin_memory=self.device.type == "cuda",
+            )
+            if todo
+            else []
+        )
+        clock = _EpochClock(last_save=started, last_log=started, step_start=time.monotonic())
+        for indices, batch in zip(todo, loader):
+            loss = self.step(batch)
+            now = time.monotonic()
+            self.count_step(float(loss.detach()), len(indices), len(batches), now, clock)
+            self.stop_reason = self.should_stop()
+            if self.stop_reason or now - clock.last_save >= self.interval:
+                self.save_last()
+                clock.last_save = time.monotonic()
+                clock.step_start += clock.last_save - now  # checkpoint time is not step time
+            if self.stop_reason:
+                return False
+        return True
+
+    def step(self, batch: Any) -> Tensor:
+        """One optimizer step on ``batch``; returns the loss. Torch and the loss's own
+        generators are seeded by the global step, so a resumed run redraws the same."""
+        st = self.state
+        step_seed = derived_seed(self.seed, 1, st.global_step)
+        torch.manual_seed(step_seed)
+        ctx = StepContext(
+            epoch=st.epoch,
+            step=st.step_in_epoch,
+            global_step=st.global_step,
+            rng=np.random.default_rng([self.seed, 2, st.global_step]),
+            generator=torch.Generator().manual_seed(step_seed),
+            device=self.device,
+        )
+        batch = to_device(batch, self.device)
+        with self.autocast():
+            loss = self.loss_fn(self.model, batch, ctx)
+        if not torch.isfinite(loss.detach()).all():
+            raise MedtxError(
+                f"training loss is {loss.item()} at epoch {st.epoch + 1}, step "
+                f"{st.step_in_epoch + 1} (global {st.global_step + 1}); lower lr "
+                f"(now {self.scheduler.get_last_lr()[0]:.3g}) or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss
+
+    def count_step(
+        self, loss: float, volumes: int, n_batches: int, now: float, clock: _EpochClock
+    ) -> None:
+        """Count a finished step in the state; a progress line every ``log_every``."""
+        st = self.state
+        st.epoch_seconds += now - clock.step_start
+        clock.step_start = now
+        st.step_in_epoch += 1
+        st.global_step += 1
+        st.epoch_loss_sum += loss * volumes
+        st.epoch_volumes += volumes
+        st.epoch_steps += 1
+        self.steps_run += 1
+        clock.logged_volumes += volumes
+        if st.step_in_epoch % self.cfg["log_every"] == 0:
+            elapsed = st.elapsed_s + now - self.elapsed_mark
+            self.log(
+                f"[train] epoch {st.epoch + 1}/{self.cfg['epochs']} step "
+                f"{st.step_in_epoch}/{n_batches} global {st.global_step} "
+                f"loss {loss:.4f} (avg {st.epoch_loss_sum / st.epoch_volumes:.4f}) "
+                f"{clock.logged_volumes / max(now - clock.last_log, 1e-9):.2f} vol/s "
+                f"elapsed {format_seconds(elapsed)}"
+            )
+            clock.last_log, clock.logged_volumes = now, 0
+
+    def end_epoch(self) -> None:
+        """After an epoch's last step: select, decay the learning rate, record, decide
+        whether to go on (patience, ``epochs``) and checkpoint."""
+        st, cfg = self.state, self.cfg
+        train_loss = st.epoch_loss_sum / max(st.epoch_volumes, 1)
+        t_val = time.monotonic()
+        metric = self.validate(train_loss)
+        improved = self.keep_if_better(metric)
+        lr = self.scheduler.get_last_lr()[0]
+        with warnings.catch_warnings():  # a resume at an epoch's end has no optimizer step
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
+            self.scheduler.step()
+        seconds = st.epoch_seconds + time.monotonic() - t_val
+        st.history.append(
+            {
+                "epoch": st.epoch,
+                "train_loss": train_loss,
+                "val_metric": metric if self.validate_fn is not None else None,
+                "lr": lr,
+                "steps": st.epoch_steps,
+                "seconds": seconds,
+                "improved": improved,
+            }
+        )
+        what = "val" if self.validate_fn is not None else "train loss (selects)"
+        self.log(
+            f"[train] epoch {st.epoch + 1}/{cfg['epochs']} done: train loss "
+            f"{train_loss:.4f}, {what} {metric:.4f} (best {format_metric(st.best_metric)} "
+            f"at epoch {st.best_epoch + 1}, patience {st.patience_counter}/"
+            f"{cfg['patience']}), lr {lr:.3g}, {seconds:.1f} s, "
+            f"{st.epoch_volumes / max(st.epoch_seconds, 1e-9):.2f} vol/s"
+        )
+        st.next_epoch()
+        if st.patience_counter >= cfg["patience"]:
+            st.status = "early_stopped"
+            self.log(f"[train] early stop: {cfg['patience']} epoch(s) without improvement")
+        elif st.epoch >= cfg["epochs"]:
+            st.status = "finished"
+        self.save_last()
+
+    def validate(self, train_loss: float) -> float:
+        """The epoch's selection metric: ``validate`` (eval mode, no_grad, autocast), or
+        the epoch's mean training loss without one."""
+        if self.validate_fn is None:
+            return train_loss
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            metric = float(self.validate_fn(self.model))
+        self.model.train()
+        return metric
+
+    def keep_if_better(self, metric: float) -> bool:
+        """Keep a copy of the model when ``metric`` beats the best so far (patience
+        restarts), else count an epoch without improvement. True when it did."""
+        st = self.state
+        if not _better(metric, st.best_metric, self.mode):
+            st.patience_counter += 1
+            return False
+        st.best_metric, st.best_epoch = metric, st.epoch
+        st.best_state = state_copy(self.model)
+        st.patience_counter = 0
+        return True
+
+    def autocast(self) -> torch.autocast:
+        """Mixed precision on CUDA when ``amp`` is on; a no-op context otherwise."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+
+    # -- checkpoints and the end
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The resumable state, as ``<out>.last.pt`` stores it."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": FORMAT_VERSION,
+            "config_hash": self.config_hash,
+            "config": to_primitive(self.cfg),
+            "seed": self.seed,
+            "seeds": self.seeds,
+            "mode": self.mode,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            **self.state.to_checkpoint(),
+        }
+
+    def save_last(self) -> None:
+        """Add the time since the last save to ``elapsed_s``; write ``<out>.last.pt``
+        atomically (a kill mid-write leaves the previous one)."""
+        now = time.monotonic()
+        self.state.elapsed_s += now - self.elapsed_mark
+        self.elapsed_mark = now
+        state = self.checkpoint()
+        with atomic_path(self.last) as tmp:
+            torch.save(state, tmp)
+
+    def final_checkpoint(self) -> dict[str, Any]:
+        """What ``<out>`` holds: the best state (the last one if none was better than
+        nothing), the config, the caller's metadata and the run's record."""
+        st = self.state
+        return {
+            "format": MODEL_FORMAT,
+            "version": FORMAT_VERSION,
+            "model": st.best_state if st.best_state is not None else state_copy(self.model),
+            "config": to_primitive(self.cfg),
+            "config_hash": self.config_hash,
+            "seed": self.seed,
+            "seeds": self.seeds,
+            "metadata": to_primitive(dict(self.metadata or {})),
+            "mode": self.mode,
+            "selected_by": "validation" if self.validate_fn is not None else "training loss",
+            "best_metric": st.best_metric,
+            "best_epoch": st.best_epoch,
+            "epochs_done": st.epoch,
+            "global_step": st.global_step,
+            "status": st.status,
+            "history": to_primitive(st.history),
+            "elapsed_s": st.elapsed_s,
+            "device": str(self.device),
+            "amp": str(self.amp_dtype).split(".")[-1] if self.use_amp else None,
+            "torch_version": str(torch.__version__),
+        }
+
+    def finish(self) -> TrainResult:
+        """The run's result; after "finished" or "early_stopped" ``<out>`` is written
+        first (an interrupted run leaves only ``<out>.last.pt``)."""
+        st = self.state
+        common: dict[str, Any] = {
+            "epochs_done": st.epoch,
+            "global_step": st.global_step,
+            "best_metric": st.best_metric,
+            "best_epoch": st.best_epoch,
+            "history": st.history,
+            "resumed_from": self.resumed_from,
+            "steps_this_run": self.steps_run,
+            "seconds": st.elapsed_s,
+            "device": str(self.device),
+        }
+        if self.stop_reason:
+            self.log(
+                f"[train] interrupted ({self.stop_reason}) at epoch {st.epoch + 1}, step "
+                f"{st.step_in_epoch}, global step {st.global_step}; state saved to "
+                f"{self.last}"
+            )
+            return TrainResult(status="interrupted", out=None, **common)
+        final = self.final_checkpoint()
+        with atomic_path(self.out) as tmp:
+            torch.save(final, tmp)
+        self.log(
+            f"[train] {st.status} after {st.epoch} epoch(s), {st.global_step} steps, "
+            f"{format_seconds(st.elapsed_s)}; best {format_metric(st.best_metric)} at "
+            f"epoch {st.best_epoch + 1}; wrote {self.out}"
+        )
+        return TrainResult(status=st.status, out=self.out, **common)
+
+
+def train(
+    model: nn.Module,
+    dataset: MapDataset,
+    *,
+    loss_fn: Callable[[Any, Any, StepContext], Tensor],
+    out: str | Path,
+    config: Mapping[str, Any] | None = None,
+    validate: Callable[[Any], float] | None = None,
+    mode: Literal["max", "min"] = "max",
+    params: Iterable[nn.Parameter] | None = None,
+    collate: Callable[[list[Any]], Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    max_steps_this_run: int | None = None,
+    min_batch: int = 1,
+    log: Callable[[str], None] | None = None,
+    handle_signals: bool = True,
+) -> TrainResult:
     """Train ``model`` on ``dataset``; checkpoint, resume, select by validation.
 
     Args:
@@ -332,235 +815,23 @@ def train(model: nn.Module, dataset: Sequence[Any], *,
         {"format", "model" (best state), "config", "config_hash", "metadata", "seed",
         "best_metric", "best_epoch", "mode", "history", "status", ...}.
     """
-    log = log or default_log
-    cfg = resolve_train_config(config)
-    mode = mode if validate is not None else "min"
-    if mode not in ("max", "min"):
-        raise ConfigError(f"mode must be 'max' or 'min', not {mode!r}")
-    if len(dataset) == 0:
-        raise MedtxError("no training data: the dataset is empty")
-    out = Path(out)
-    last = last_path(out)
-    dev = pick_device(device)
-    if dev.type == "cpu":
-        torch.set_num_threads(cfg["threads"])
-    seed = int(cfg["seed"])
-    chash = config_hash(cfg)
-    seeds = seed_everything(seed)
-
-    use_amp = bool(cfg["amp"]) and dev.type == "cuda"
-    amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported()
-                 else torch.float16)
-    model.to(dev)
-    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-    if not params:
-        raise MedtxError("nothing to train: no parameter requires a gradient")
-    optimizer = torch.optim.Adam(params, lr=float(cfg["lr"]))
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(cfg["lr_decay"]))
-    scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and amp_dtype == torch.float16)
-
-    st: dict[str, Any] = {
-        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0,
-        "epoch_volumes": 0, "epoch_steps": 0, "epoch_seconds": 0.0, "best_metric": None,
-        "best_epoch": -1, "best_state": None, "patience_counter": 0, "history": [],
-        "elapsed_s": 0.0, "status": "running",
-    }
-    resumed_from = None
-    if last.exists():
-        saved = _try_load(last, log)
-        if saved is None:
-            pass
-        elif saved.get("format") != CHECKPOINT_FORMAT or saved.get("config_hash") != chash:
-            changed = _changed_keys(saved.get("config") or {}, cfg)
-            log(f"[train] WARNING: {last} was written for another config (hash "
-                f"{saved.get('config_hash')} != {chash}; changed: {changed}); starting fresh")
-        else:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            if saved.get("scaler"):
-                scaler.load_state_dict(saved["scaler"])
-            set_rng_state(saved["rng"])
-            for key in st:
-                st[key] = saved[key]
-            resumed_from = (st["epoch"], st["step_in_epoch"])
-            log(f"[train] resuming from {last}: epoch {st['epoch'] + 1}, step "
-                f"{st['step_in_epoch']} in it, global step {st['global_step']}")
-
-    def checkpoint() -> None:
-        state = {
-            "format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "config_hash": chash,
-            "config": to_primitive(cfg), "seed": seed, "seeds": seeds, "mode": mode,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state(), **{k: to_primitive(v) for k, v in st.items()},
-        }
-        with atomic_path(last) as tmp:
-            torch.save(state, tmp)
-
-    def stop_requested() -> str | None:
-        if stop.signal is not None:
-            return f"signal {signal.Signals(stop.signal).name}"
-        if max_steps_this_run is not None and steps_run >= max_steps_this_run:
-            return f"max_steps_this_run={max_steps_this_run}"
-        return None
-
-    def save() -> None:
-        nonlocal run_start
-        now = time.monotonic()
-        st["elapsed_s"] += now - run_start
-        run_start = now
-        checkpoint()
-
-    collate = collate or torch.utils.data.default_collate
-    log_every, minutes = cfg["log_every"], cfg["checkpoint_minutes"]
-    interval = minutes * 60.0 if minutes and minutes > 0 else math.inf
-    run_start = time.monotonic()
-    steps_run = 0
-    stop_reason = None
-    if resumed_from is None:
-        amp_note = f" amp {str(amp_dtype).split('.')[-1]}" if use_amp else ""
-        log(f"[train] start: device {dev}{amp_note}, {len(dataset)} volumes, batch "
-            f"{cfg['batch_size']}, up to {cfg['epochs']} epochs, seed {seed}, config {chash}, "
-            f"checkpoint {last}")
-
-    with _StopFlag(handle_signals, log) as stop:
-        while st["status"] == "running":
-            stop_reason = stop_requested()
-            if stop_reason:  # before any step: max_steps_this_run=0, or a signal in validation
-                save()
-                break
-            epoch = st["epoch"]
-            batches = epoch_batches(len(dataset), cfg["batch_size"], seed, epoch, min_batch)
-            if not batches:
-                raise MedtxError(f"no training batch: {len(dataset)} volume(s) and batches "
-                                 f"need at least {min_batch}")
-            model.train()
-            last_save = last_log = time.monotonic()
-            logged_volumes = 0
-            todo = batches[st["step_in_epoch"]:]
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=todo, collate_fn=collate,
-                num_workers=cfg["num_workers"], pin_memory=dev.type == "cuda") if todo else []
-            t_step = time.monotonic()
-            for indices, batch in zip(todo, loader):
-                step_seed = derived_seed(seed, 1, st["global_step"])
-                torch.manual_seed(step_seed)
-                ctx = StepContext(epoch=epoch, step=st["step_in_epoch"],
-                                  global_step=st["global_step"],
-                                  rng=np.random.default_rng([seed, 2, st["global_step"]]),
-                                  generator=torch.Generator().manual_seed(step_seed),
-                                  device=dev)
-                batch = to_device(batch, dev)
-                with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = loss_fn(model, batch, ctx)
-                if not torch.isfinite(loss.detach()).all():
-                    raise MedtxError(
-                        f"training loss is {loss.item()} at epoch {epoch + 1}, step "
-                        f"{st['step_in_epoch'] + 1} (global {st['global_step'] + 1}); lower lr "
-                        f"(now {scheduler.get_last_lr()[0]:.3g}) or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                now = time.monotonic()
-                st["epoch_seconds"] += now - t_step
-                t_step = now
-                st["step_in_epoch"] += 1
-                st["global_step"] += 1
-                st["epoch_loss_sum"] += float(loss.detach()) * len(indices)
-                st["epoch_volumes"] += len(indices)
-                st["epoch_steps"] += 1
-                steps_run += 1
-                logged_volumes += len(indices)
-                if st["step_in_epoch"] % log_every == 0:
-                    elapsed = st["elapsed_s"] + now - run_start
-                    log(f"[train] epoch {epoch + 1}/{cfg['epochs']} step "
-                        f"{st['step_in_epoch']}/{len(batches)} global {st['global_step']} "
-                        f"loss {float(loss.detach()):.4f} (avg "
-                        f"{st['epoch_loss_sum'] / st['epoch_volumes']:.4f}) "
-                        f"{logged_volumes / max(now - last_log, 1e-9):.2f} vol/s "
-                        f"elapsed {format_seconds(elapsed)}")
-                    last_log, logged_volumes = now, 0
-                stop_reason = stop_requested()
-                if stop_reason or now - last_save >= interval:
-                    save()
-                    last_save = time.monotonic()
-                    t_step += last_save - now  # checkpoint time is not step time
-                if stop_reason:
-                    break
-            if stop_reason:
-                break
-
-            # end of epoch: select, decay, record, checkpoint
-            train_loss = st["epoch_loss_sum"] / max(st["epoch_volumes"], 1)
-            t_val = time.monotonic()
-            if validate is not None:
-                model.eval()
-                with torch.no_grad(), torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                    metric = float(validate(model))
-                model.train()
-            else:
-                metric = train_loss
-            improved = _better(metric, st["best_metric"], mode)
-            if improved:
-                st["best_metric"], st["best_epoch"] = metric, epoch
-                st["best_state"] = state_copy(model)
-                st["patience_counter"] = 0
-            else:
-                st["patience_counter"] += 1
-            lr = scheduler.get_last_lr()[0]
-            with warnings.catch_warnings():  # a resume at an epoch's end has no optimizer step
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
-                scheduler.step()
-            seconds = st["epoch_seconds"] + time.monotonic() - t_val
-            st["history"].append({"epoch": epoch, "train_loss": train_loss,
-                                  "val_metric": metric if validate is not None else None,
-                                  "lr": lr, "steps": st["epoch_steps"], "seconds": seconds,
-                                  "improved": improved})
-            what = "val" if validate is not None else "train loss (selects)"
-            log(f"[train] epoch {epoch + 1}/{cfg['epochs']} done: train loss {train_loss:.4f}, "
-                f"{what} {metric:.4f} (best {format_metric(st['best_metric'])} at epoch "
-                f"{st['best_epoch'] + 1}, patience {st['patience_counter']}/{cfg['patience']}), "
-                f"lr {lr:.3g}, {seconds:.1f} s, "
-                f"{st['epoch_volumes'] / max(st['epoch_seconds'], 1e-9):.2f} vol/s")
-            st.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss_sum=0.0, epoch_volumes=0,
-                      epoch_steps=0, epoch_seconds=0.0)
-            if st["patience_counter"] >= cfg["patience"]:
-                st["status"] = "early_stopped"
-                log(f"[train] early stop: {cfg['patience']} epoch(s) without improvement")
-            elif st["epoch"] >= cfg["epochs"]:
-                st["status"] = "finished"
-            save()
-
-    common = dict(epochs_done=st["epoch"], global_step=st["global_step"],
-                  best_metric=st["best_metric"], best_epoch=st["best_epoch"],
-                  history=st["history"], resumed_from=resumed_from, steps_this_run=steps_run,
-                  seconds=st["elapsed_s"], device=str(dev))
-    if stop_reason:
-        log(f"[train] interrupted ({stop_reason}) at epoch {st['epoch'] + 1}, step "
-            f"{st['step_in_epoch']}, global step {st['global_step']}; state saved to {last}")
-        return TrainResult(status="interrupted", out=None, **common)
-
-    final = {
-        "format": MODEL_FORMAT, "version": FORMAT_VERSION,
-        "model": st["best_state"] if st["best_state"] is not None else state_copy(model),
-        "config": to_primitive(cfg), "config_hash": chash, "seed": seed, "seeds": seeds,
-        "metadata": to_primitive(dict(metadata or {})), "mode": mode,
-        "selected_by": "validation" if validate is not None else "training loss",
-        "best_metric": st["best_metric"], "best_epoch": st["best_epoch"],
-        "epochs_done": st["epoch"], "global_step": st["global_step"],
-        "status": st["status"], "history": to_primitive(st["history"]),
-        "elapsed_s": st["elapsed_s"], "device": str(dev),
-        "amp": str(amp_dtype).split(".")[-1] if use_amp else None,
-        "torch_version": str(torch.__version__),
-    }
-    with atomic_path(out) as tmp:
-        torch.save(final, tmp)
-    log(f"[train] {st['status']} after {st['epoch']} epoch(s), {st['global_step']} steps, "
-        f"{format_seconds(st['elapsed_s'])}; best {format_metric(st['best_metric'])} at epoch "
-        f"{st['best_epoch'] + 1}; wrote {out}")
-    return TrainResult(status=st["status"], out=out, **common)
+    return Trainer(
+        model,
+        dataset,
+        loss_fn=loss_fn,
+        out=out,
+        config=config,
+        validate=validate,
+        mode=mode,
+        params=params,
+        collate=collate,
+        metadata=metadata,
+        device=device,
+        max_steps_this_run=max_steps_this_run,
+        min_batch=min_batch,
+        log=log,
+        handle_signals=handle_signals,
+    ).run()
 
 
 def _try_load(path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
@@ -572,7 +843,11 @@ def _try_load(path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
 
 
 def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    keys = sorted(k for k in set(old) | set(new) if k not in RUNTIME_KEYS
-                  and json.dumps(old.get(k), sort_keys=True, default=str)
-                  != json.dumps(new.get(k), sort_keys=True, default=str))
+    keys = sorted(
+        k
+        for k in set(old) | set(new)
+        if k not in RUNTIME_KEYS
+        and json.dumps(old.get(k), sort_keys=True, default=str)
+        != json.dumps(new.get(k), sort_keys=True, default=str)
+    )
     return ", ".join(keys) or "(format)"

@@ -22,6 +22,6 @@ def soft_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tenso
 
 def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
     """BCE-with-logits + soft Dice on the WT/TC/ET region channels."""
-    return (F.binary_cross_entropy_with_logits(logits.float(), target)
-            + soft_dice_loss(logits, target))
-
+    return F.binary_cross_entropy_with_logits(logits.float(), target) + soft_dice_loss(
+        logits, target
+    )

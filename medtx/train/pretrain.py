@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -19,8 +19,8 @@ from torch import Tensor
 from medtx.data.cache import read_cache_index
 from medtx.errors import MedtxError
 from medtx.models.pretext import MaskToken, exemplar_loss, masked_encoding_loss
-from medtx.models.slice_transformer import MedicalTransformer
 from medtx.models.registry import build
+from medtx.models.slice_transformer import MedicalTransformer
 from medtx.train.checkpoints import (
     load_pretrained,
     model_kwargs,
@@ -32,12 +32,17 @@ from medtx.train.config import n_classes, resolve_config
 from medtx.train.data import VolumeSet, collate
 from medtx.train.loop import TrainResult, seed_everything, train
 
-def pretrain_exemplar(items: Sequence[Mapping[str, Any]], *, out: str | Path,
-                      config: Mapping[str, Any] | None = None,
-                      metadata: Mapping[str, Any] | None = None,
-                      device: str | torch.device | None = None,
-                      max_steps_this_run: int | None = None,
-                      log: Callable[[str], None] | None = None) -> TrainResult:
+
+def pretrain_exemplar(
+    items: Sequence[Mapping[str, Any]],
+    *,
+    out: str | Path,
+    config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    max_steps_this_run: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Stage 1: train the three plane encoders with the exemplar (triplet) loss.
 
     The whole classification model of the preset is built so the checkpoint loads into
@@ -52,27 +57,43 @@ def pretrain_exemplar(items: Sequence[Mapping[str, Any]], *, out: str | Path,
         raise MedtxError(f"exemplar pre-training needs at least 2 volumes, got {len(data)}")
     seed_everything(cfg["seed"])
     kwargs = model_kwargs(cfg, "classification", n_classes(cfg), 1)
-    model = build(kwargs)
+    model = cast(MedicalTransformer, build(kwargs))
     model.requires_grad_(False)
     model.encoders.requires_grad_(True)
 
     def loss_fn(m: MedicalTransformer, batch: dict[str, Tensor], ctx) -> Tensor:
         return exemplar_loss(m, batch["image"], ctx.rng, margin=float(cfg["margin"]))
 
-    meta = stage_metadata("pretrain_exemplar", "pretrain", cfg, kwargs, ["encoders"], items, metadata)
-    return train(model, data, loss_fn=loss_fn, out=out,
-                 config=run_config(cfg, items, stage="pretrain_exemplar",
-                                    train_scans=scans_of(items)),
-                 params=model.encoders.parameters(), collate=collate, metadata=meta,
-                 device=device, max_steps_this_run=max_steps_this_run, min_batch=2, log=log)
+    meta = stage_metadata(
+        "pretrain_exemplar", "pretrain", cfg, kwargs, ["encoders"], items, metadata
+    )
+    return train(
+        model,
+        data,
+        loss_fn=loss_fn,
+        out=out,
+        config=run_config(cfg, items, stage="pretrain_exemplar", train_scans=scans_of(items)),
+        params=model.encoders.parameters(),
+        collate=collate,
+        metadata=meta,
+        device=device,
+        max_steps_this_run=max_steps_this_run,
+        min_batch=2,
+        log=log,
+    )
 
 
-def pretrain_masked(items: Sequence[Mapping[str, Any]], *, init: str | Path, out: str | Path,
-                    config: Mapping[str, Any] | None = None,
-                    metadata: Mapping[str, Any] | None = None,
-                    device: str | torch.device | None = None,
-                    max_steps_this_run: int | None = None,
-                    log: Callable[[str], None] | None = None) -> TrainResult:
+def pretrain_masked(
+    items: Sequence[Mapping[str, Any]],
+    *,
+    init: str | Path,
+    out: str | Path,
+    config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    max_steps_this_run: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
     """Stage 2: frozen stage-1 encoders; train the transformer on masked slice encodings.
 
     ``mask_token: learned`` adds a trained mask vector per plane (saved as
@@ -83,26 +104,53 @@ def pretrain_masked(items: Sequence[Mapping[str, Any]], *, init: str | Path, out
     data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"])
     seed_everything(cfg["seed"])
     kwargs = model_kwargs(cfg, "classification", n_classes(cfg), 1)
-    model = build(kwargs)
+    model = cast(MedicalTransformer, build(kwargs))
     info = load_pretrained(model, init, parts=("encoders",))
     model.requires_grad_(False)
+    assert model.transformer is not None  # built with use_transformer=True
     model.transformer.requires_grad_(True)
     mask_token = None
     if cfg["mask_token"] == "learned":
         mask_token = model.mask_token = MaskToken(d_model=model.d_model)
 
     def loss_fn(m: MedicalTransformer, batch: dict[str, Tensor], ctx) -> Tensor:
-        return masked_encoding_loss(m, batch["image"], ratio=float(cfg["mask_ratio"]),
-                                    generator=ctx.generator, mask_token=mask_token)
+        return masked_encoding_loss(
+            m,
+            batch["image"],
+            ratio=float(cfg["mask_ratio"]),
+            generator=ctx.generator,
+            mask_token=mask_token,
+        )
 
-    meta = stage_metadata("pretrain_masked", "pretrain", cfg, kwargs, ["encoders", "transformer"],
-                     items, metadata, init=info)
-    return train(model, data, loss_fn=loss_fn, out=out,
-                 config=run_config(cfg, items, stage="pretrain_masked", train_scans=scans_of(items),
-                                    init_sha256=info["init_sha256"]),
-                 params=[p for p in model.parameters() if p.requires_grad], collate=collate,
-                 metadata=meta, device=device, max_steps_this_run=max_steps_this_run, log=log)
-
+    meta = stage_metadata(
+        "pretrain_masked",
+        "pretrain",
+        cfg,
+        kwargs,
+        ["encoders", "transformer"],
+        items,
+        metadata,
+        init=info,
+    )
+    return train(
+        model,
+        data,
+        loss_fn=loss_fn,
+        out=out,
+        config=run_config(
+            cfg,
+            items,
+            stage="pretrain_masked",
+            train_scans=scans_of(items),
+            init_sha256=info["init_sha256"],
+        ),
+        params=[p for p in model.parameters() if p.requires_grad],
+        collate=collate,
+        metadata=meta,
+        device=device,
+        max_steps_this_run=max_steps_this_run,
+        log=log,
+    )
 
 
 def items_from_indexes(indexes: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -110,15 +158,28 @@ def items_from_indexes(indexes: Sequence[str | Path]) -> list[dict[str, Any]]:
     items = []
     for path in indexes:
         for row in read_cache_index(path).to_dict("records"):
-            items.append({"dataset": row["dataset"], "subject": row["subject"],
-                          "session": row["session"], "scan": row["scan"], "image": row["image"],
-                          "label": ""})
+            items.append(
+                {
+                    "dataset": row["dataset"],
+                    "subject": row["subject"],
+                    "session": row["session"],
+                    "scan": row["scan"],
+                    "image": row["image"],
+                    "label": "",
+                }
+            )
     return items
 
 
-def pretrain_stage(stage: str, indexes: Sequence[str | Path], *, out: str | Path,
-                   config: Mapping[str, Any], metadata: Mapping[str, Any],
-                   init: str | Path | None = None) -> TrainResult:
+def pretrain_stage(
+    stage: str,
+    indexes: Sequence[str | Path],
+    *,
+    out: str | Path,
+    config: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    init: str | Path | None = None,
+) -> TrainResult:
     """``medtx pretrain {exemplar,masked}``: one stage on the scans the indexes list."""
     items = items_from_indexes(indexes)
     if stage == "exemplar":

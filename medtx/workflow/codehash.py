@@ -86,7 +86,7 @@ def _with_packages(name: str) -> set[str]:
     return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def closure(entries: tuple[str, ...]) -> tuple[str, ...]:
     """Every medtx module that importing ``entries`` can run, sorted."""
     seen: set[str] = set()
@@ -111,7 +111,7 @@ def stage_files(stage: str) -> list[str]:
     return sorted(str(f.relative_to(PACKAGE.parent)) for f in files if f is not None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_hash(stage: str) -> str:
     """sha256 (first 16 hex digits) over the sorted source files of ``stage``'s closure."""
     h = hashlib.sha256()

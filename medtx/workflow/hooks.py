@@ -12,7 +12,9 @@ def use_checkout(basedir: str) -> None:
     Jobs inherit the variable, locally and through SLURM (sbatch exports the
     environment), whichever Python env (.venv or a conda env) runs them.
     """
-    parts = [basedir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != basedir]
+    parts = [basedir] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != basedir
+    ]
     os.environ["PYTHONPATH"] = os.pathsep.join(parts)
 
 

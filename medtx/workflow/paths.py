@@ -103,8 +103,9 @@ def pretrain_checkpoint(results: str, stage: str) -> str:
     return f"{results}/pretrain/stage-{stage}.pt"
 
 
-def finetune_dir(results: str, dataset: str, task: str, init: str, frac: str | int,
-                 fold: str | int) -> str:
+def finetune_dir(
+    results: str, dataset: str, task: str, init: str, frac: str | int, fold: str | int
+) -> str:
     """One fine-tuning run: model.pt, predictions.tsv, metrics.json."""
     return f"{results}/finetune/{dataset}/task-{task}/init-{init}_frac-{frac}/fold-{fold}"
 

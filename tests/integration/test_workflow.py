@@ -17,14 +17,30 @@ import yaml
 from tests.conftest import REPO, sphere, write_nifti
 
 pytestmark = pytest.mark.integration
-SNAKEMAKE = str(REPO / ".venv" / "bin" / "snakemake") if (REPO / ".venv" / "bin" / "snakemake").exists() else shutil.which("snakemake")
+SNAKEMAKE = (
+    str(REPO / ".venv" / "bin" / "snakemake")
+    if (REPO / ".venv" / "bin" / "snakemake").exists()
+    else shutil.which("snakemake")
+)
 
 
 def snakemake(workdir, *args, config="ants.yaml", env=None, timeout=900, snakefile=None):
     configfile = config if Path(str(config)).is_absolute() else REPO / "tests" / "configs" / config
     snakefile = snakefile or REPO / "Snakefile"
-    cmd = ["timeout", "-k", "10", str(timeout), SNAKEMAKE, "-s", str(snakefile),
-           "-d", str(workdir), "--configfile", str(configfile), *args]
+    cmd = [
+        "timeout",
+        "-k",
+        "10",
+        str(timeout),
+        SNAKEMAKE,
+        "-s",
+        str(snakefile),
+        "-d",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout + 30)
 
 
@@ -95,7 +111,10 @@ def test_fsl_branch_dry_run_builds_fsl_jobs(tmp_path, medtx_env):
     proc = snakemake(tmp_path, "-n", "-p", "all", config="fsl.yaml", env=medtx_env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert planned(proc)["bet"] == 1
-    assert '{\\"fsl\\":{\\"frac\\":0.5,\\"robust\\":true}}' in proc.stdout or '"fsl":{"frac":0.5' in proc.stdout
+    assert (
+        '{\\"fsl\\":{\\"frac\\":0.5,\\"robust\\":true}}' in proc.stdout
+        or '"fsl":{"frac":0.5' in proc.stdout
+    )
     assert "desc-init_xfm" not in proc.stdout  # the ants-only transform is not asked for
 
 
@@ -143,7 +162,9 @@ def test_training_outputs_and_tables(run):
 
 def test_provenance_record_per_scan(run):
     work, _ = run
-    record = json.loads(next(work.glob("results/preprocess/mini_adni/*/*_provenance.json")).read_text())
+    record = json.loads(
+        next(work.glob("results/preprocess/mini_adni/*/*_provenance.json")).read_text()
+    )
     assert [s["step"] for s in record["steps"]] == ["bet", "flirt", "n4", "pool", "normalize"]
     assert record["thumbnail"].endswith("_qc.png")
     checks = {c["metric"] for s in record["steps"] for c in s["qc"]["checks"]}
@@ -206,16 +227,19 @@ def plan_after_code_edit(run, tmp_path, rel, text="\n"):
     work, env = run
     checkout = edited_checkout(tmp_path, rel, text)
     env = {**env, "PYTHONPATH": str(checkout)}  # the Snakefile hashes the copy's sources
-    return rerun_plan(snakemake(work, "-n", "all", env=env, timeout=120,
-                                snakefile=checkout / "Snakefile"))
+    return rerun_plan(
+        snakemake(work, "-n", "all", env=env, timeout=120, snakefile=checkout / "Snakefile")
+    )
 
 
 def test_model_code_edit_reruns_training_only(run, tmp_path):
     """Editing medtx/models/ (in a copy of the checkout) retrains; nothing else reruns."""
-    jobs = plan_after_code_edit(run, tmp_path, "medtx/models/slice_transformer.py",
-                                "\n# a local edit to the model code\n")
-    assert jobs == {"pretrain_exemplar": 1, "pretrain_masked": 1, "finetune": 27,
-                    "evaluate": 1}, jobs
+    jobs = plan_after_code_edit(
+        run, tmp_path, "medtx/models/slice_transformer.py", "\n# a local edit to the model code\n"
+    )
+    assert jobs == {"pretrain_exemplar": 1, "pretrain_masked": 1, "finetune": 27, "evaluate": 1}, (
+        jobs
+    )
 
 
 def test_whitespace_edit_deep_in_extraction_reruns_extraction_and_after(run, tmp_path):
@@ -225,8 +249,16 @@ def test_whitespace_edit_deep_in_extraction_reruns_extraction_and_after(run, tmp
     for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
         assert jobs[rule] == 11, jobs  # every T1 scan
     assert jobs["brats_preprocess"] == 3 and jobs["collect_brats"] == 3, jobs  # it pools too
-    for rule in ("provenance_report", "make_folds", "leakage_firewall", "cache_index",
-                 "pretrain_exemplar", "pretrain_masked", "finetune", "evaluate"):
+    for rule in (
+        "provenance_report",
+        "make_folds",
+        "leakage_firewall",
+        "cache_index",
+        "pretrain_exemplar",
+        "pretrain_masked",
+        "finetune",
+        "evaluate",
+    ):
         assert jobs.get(rule), (rule, jobs)
     assert not any(rule.startswith("make_demo") for rule in jobs), jobs
 
@@ -244,28 +276,55 @@ def test_adding_a_subject_runs_only_its_preprocessing_and_training(run, tmp_path
     work, env = run
     sandbox = tmp_path / "wf"
     shutil.copytree(work, sandbox, symlinks=True)  # copy2 keeps the mtimes
-    spec = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())["datasets"]["mini_adni"]["generate"]
+    spec = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())["datasets"]["mini_adni"][
+        "generate"
+    ]
     # the labelled dataset read from disk as a plain BIDS folder, as a user's cohort is
-    on_disk = edited_config(tmp_path, "bids.yaml", lambda c: c["datasets"]["mini_adni"].pop("generate"))
-    touched = snakemake(sandbox, "--touch", "--cores", "1", "all", config=on_disk, env=env, timeout=300)
+    on_disk = edited_config(
+        tmp_path, "bids.yaml", lambda c: c["datasets"]["mini_adni"].pop("generate")
+    )
+    touched = snakemake(
+        sandbox, "--touch", "--cores", "1", "all", config=on_disk, env=env, timeout=300
+    )
     assert touched.returncode == 0, touched.stderr[-3000:]
     assert rerun_plan(snakemake(sandbox, "-n", "all", config=on_disk, env=env, timeout=120)) == {}
 
     bids = sandbox / "results/demo/adni"
     new = plan_t1_cohort({**spec, "n_subjects": 10})[-1]
     made = subprocess.run(
-        ["medtx", "demo", "t1-scan", "--spec", json.dumps({**spec, "n_subjects": 10}),
-         "--subject", new["subject"], "--out", str(bids / new["t1"])],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            "medtx",
+            "demo",
+            "t1-scan",
+            "--spec",
+            json.dumps({**spec, "n_subjects": 10}),
+            "--subject",
+            new["subject"],
+            "--out",
+            str(bids / new["t1"]),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert made.returncode == 0, made.stderr
     with (bids / "participants.tsv").open("a") as f:
-        f.write(f"sub-{new['subject']}\t{new['age']}\t{new['sex']}\t{new['diagnosis']}\t{new['site']}\n")
+        f.write(
+            f"sub-{new['subject']}\t{new['age']}\t{new['sex']}\t{new['diagnosis']}\t{new['site']}\n"
+        )
     jobs = rerun_plan(snakemake(sandbox, "-n", "all", config=on_disk, env=env, timeout=120))
     for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
         assert jobs.pop(rule) == 1, jobs
     # mini_adni: 2 tasks x 3 folds x 3 inits; the report lists every scan
-    assert jobs == {"provenance_report": 1, "make_folds": 2, "leakage_firewall": 1,
-                    "cache_index": 1, "finetune": 18, "evaluate": 1}, jobs
+    assert jobs == {
+        "provenance_report": 1,
+        "make_folds": 2,
+        "leakage_firewall": 1,
+        "cache_index": 1,
+        "finetune": 18,
+        "evaluate": 1,
+    }, jobs
 
 
 def test_qc_threshold_change_rejudges_without_recomputing(run, tmp_path):
@@ -282,12 +341,16 @@ def test_qc_threshold_change_rejudges_without_recomputing(run, tmp_path):
 
 def test_audit_finds_changed_output(run, tmp_path):
     work, env = run
-    ok = subprocess.run(["medtx", "audit", "results"], cwd=work, env=env, capture_output=True, text=True)
+    ok = subprocess.run(
+        ["medtx", "audit", "results"], cwd=work, env=env, capture_output=True, text=True
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     shutil.copytree(work / "results", tmp_path / "results")  # recorded paths are relative
     victim = next((tmp_path / "results/preprocess/mini_adni").glob("*/*_desc-n4_T1w.nii.gz"))
     victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
-    bad = subprocess.run(["medtx", "audit", "results"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    bad = subprocess.run(
+        ["medtx", "audit", "results"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert bad.returncode == 1
     assert victim.name in bad.stdout and "changed" in bad.stdout
 
@@ -300,7 +363,11 @@ def test_bad_scan_fail_and_exclude(run, tmp_path):
     (cohort / "bad.nii.gz").write_bytes(b"not an image at all")
     (cohort / "scans.csv").write_text("subject,t1,age\nok1,good.nii.gz,60\nbad1,bad.nii.gz,61\n")
     config = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())
-    config["datasets"]["extra"] = {"kind": "csv", "role": ["regression"], "path": str(cohort / "scans.csv")}
+    config["datasets"]["extra"] = {
+        "kind": "csv",
+        "role": ["regression"],
+        "path": str(cohort / "scans.csv"),
+    }
     failing = tmp_path / "fail.yaml"
     failing.write_text(yaml.safe_dump(config))
     before = {p: p.stat().st_mtime_ns for p in work.glob("results/preprocess/**/*") if p.is_file()}
@@ -329,7 +396,9 @@ def test_fold_manifests_subject_level_and_complete(run):
         assert sorted(manifest["fold"].astype(int).value_counts().tolist()) == [3, 3, 3]
         for k in range(3):
             roles = manifest.set_index("fold")[f"role_{k}"]
-            assert set(roles.loc[str(k)]) == {"test"} and set(roles.loc[str((k + 1) % 3)]) == {"val"}
+            assert set(roles.loc[str(k)]) == {"test"} and set(roles.loc[str((k + 1) % 3)]) == {
+                "val"
+            }
         sidecar = json.loads((folds / f"mini_adni_task-{task}_folds.json").read_text())
         assert sidecar["seed"] == 42 and len(sidecar["subjects_sha256"]) == 64
     seg = pd.read_csv(folds / "mini_brats_task-segmentation_folds.tsv", sep="\t", dtype=str)
@@ -345,8 +414,17 @@ def test_manifests_are_reproducible(run, tmp_path):
     folds = work / "results/folds"
     before = {p.name: p.read_bytes() for p in folds.glob("*_folds.tsv")}
     # --until: --forcerun alone would also retrain everything downstream of the manifests
-    proc = snakemake(work, "--cores", "1", "--forcerun", "make_folds", "--until",
-                     "leakage_firewall", env=env, timeout=300)
+    proc = snakemake(
+        work,
+        "--cores",
+        "1",
+        "--forcerun",
+        "make_folds",
+        "--until",
+        "leakage_firewall",
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in folds.glob("*_folds.tsv")} == before
 
@@ -375,9 +453,16 @@ def test_qc_failure_gates_manifest_and_override_restores(run, tmp_path):
 
     work, env = run
     config = yaml.safe_load((REPO / "tests/configs/ants.yaml").read_text())
-    records = {r["scan"]: r for r in (json.loads(p.read_text()) for p in
-               work.glob("results/preprocess/mini_adni/*/*_provenance.json"))}
-    volumes = sorted((r["steps"][0]["qc"]["metrics"]["brain_volume_ml"], s) for s, r in records.items())
+    records = {
+        r["scan"]: r
+        for r in (
+            json.loads(p.read_text())
+            for p in work.glob("results/preprocess/mini_adni/*/*_provenance.json")
+        )
+    }
+    volumes = sorted(
+        (r["steps"][0]["qc"]["metrics"]["brain_volume_ml"], s) for s, r in records.items()
+    )
     smallest_volume, smallest = volumes[0]
     config["qc"] = {"brain_volume_ml": [smallest_volume + 0.05, 5000]}  # fails exactly one scan
     config["results"] = "results"

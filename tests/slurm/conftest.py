@@ -35,8 +35,9 @@ def _sinfo_answers() -> bool:
     if not shutil.which("sinfo") or not Path(conf).exists():
         return False  # sinfo without a config retries for a minute
     try:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                              timeout=20)
+        proc = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20
+        )
     except subprocess.TimeoutExpired:
         return False
     states = proc.stdout.split()
@@ -44,8 +45,9 @@ def _sinfo_answers() -> bool:
 
 
 def _gpus() -> int:
-    out = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True,
-                         timeout=20).stdout
+    out = subprocess.run(
+        ["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=20
+    ).stdout
     for gres in out.split(","):
         parts = gres.strip().split("(")[0].split(":")
         if parts[0] == "gpu" and parts[-1].isdigit():
@@ -54,8 +56,9 @@ def _gpus() -> int:
 
 
 def _cluster_sh(action: str, env: dict, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(CLUSTER_SH), action], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(CLUSTER_SH), action], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def _asked_for(config) -> bool:
@@ -70,11 +73,14 @@ def slurm_cluster(pytestconfig):
         yield Cluster(False, _gpus(), jobcomp if jobcomp.exists() else None)
         return
     if not _asked_for(pytestconfig):
-        pytest.skip("no SLURM cluster answers (sinfo); `pytest -m slurm` as root starts a test "
-                    "cluster (tests/slurm/cluster.sh)")
+        pytest.skip(
+            "no SLURM cluster answers (sinfo); `pytest -m slurm` as root starts a test "
+            "cluster (tests/slurm/cluster.sh)"
+        )
     if os.geteuid() != 0:
-        pytest.skip("no SLURM cluster answers (sinfo), and starting one needs root "
-                    "(apt-get, daemons)")
+        pytest.skip(
+            "no SLURM cluster answers (sinfo), and starting one needs root (apt-get, daemons)"
+        )
     env = {**os.environ, "MEDTX_SLURM_GPUS": os.environ.get("MEDTX_SLURM_GPUS", "1")}
     if not shutil.which("slurmctld"):
         if not shutil.which("apt-get"):

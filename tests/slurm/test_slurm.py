@@ -32,17 +32,34 @@ from tests.conftest import REPO
 pytestmark = [pytest.mark.slurm, pytest.mark.integration, pytest.mark.slow]
 
 VENV_BIN = REPO / ".venv" / "bin"
-SNAKEMAKE = str(VENV_BIN / "snakemake") if (VENV_BIN / "snakemake").exists() \
-    else shutil.which("snakemake")
+SNAKEMAKE = (
+    str(VENV_BIN / "snakemake") if (VENV_BIN / "snakemake").exists() else shutil.which("snakemake")
+)
 CONFIG = REPO / "tests" / "configs" / "slurm.yaml"
 TIMEOUT = int(os.environ.get("MEDTX_SLURM_TEST_TIMEOUT", "1800"))  # seconds, whole run
 TARGETS = os.environ.get("MEDTX_SLURM_TARGETS", "all").split()
 LOCAL_RULES = ("all", "folds", "cache_index")  # target and local rules: no SLURM job
 # A step's depth in its scan's chain (workflow/rules/preprocess.smk).
-CHAIN_DEPTH = {"bet": 0, "flirt": 1, "n4_correct": 2, "pool_normalize": 3,
-               "collect_provenance": 4, "brats_preprocess": 0, "collect_brats": 1}
-SACCT_FIELDS = ("JobID", "JobName", "State", "ReqMem", "AllocCPUS", "Timelimit", "AllocTRES",
-                "Elapsed", "Comment")
+CHAIN_DEPTH = {
+    "bet": 0,
+    "flirt": 1,
+    "n4_correct": 2,
+    "pool_normalize": 3,
+    "collect_provenance": 4,
+    "brats_preprocess": 0,
+    "collect_brats": 1,
+}
+SACCT_FIELDS = (
+    "JobID",
+    "JobName",
+    "State",
+    "ReqMem",
+    "AllocCPUS",
+    "Timelimit",
+    "AllocTRES",
+    "Elapsed",
+    "Comment",
+)
 
 
 def env() -> dict:
@@ -52,18 +69,44 @@ def env() -> dict:
 
 
 def snakemake(workdir: Path, *args: str, snakefile: Path = REPO / "Snakefile", timeout: int = 300):
-    cmd = ["timeout", "-k", "10", str(timeout), SNAKEMAKE, "--profile", str(REPO / "slurm"),
-           "-s", str(snakefile), "-d", str(workdir), *args]
-    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env(),
-                          timeout=timeout + 30)
+    cmd = [
+        "timeout",
+        "-k",
+        "10",
+        str(timeout),
+        SNAKEMAKE,
+        "--profile",
+        str(REPO / "slurm"),
+        "-s",
+        str(snakefile),
+        "-d",
+        str(workdir),
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=workdir, capture_output=True, text=True, env=env(), timeout=timeout + 30
+    )
 
 
 def sacct(run_id: str, since: datetime) -> list[dict]:
     """This run's jobs (job name = the executor's run id), allocations only."""
     out = subprocess.run(
-        ["sacct", "-X", "-P", "--noheader", "-S", since.strftime("%Y-%m-%dT%H:%M:%S"),
-         "--name", run_id, f"--format={','.join(SACCT_FIELDS)}"],
-        capture_output=True, text=True, check=True, timeout=60).stdout
+        [
+            "sacct",
+            "-X",
+            "-P",
+            "--noheader",
+            "-S",
+            since.strftime("%Y-%m-%dT%H:%M:%S"),
+            "--name",
+            run_id,
+            f"--format={','.join(SACCT_FIELDS)}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
     return [dict(zip(SACCT_FIELDS, line.split("|"))) for line in out.splitlines() if line.strip()]
 
 
@@ -84,7 +127,7 @@ def planned_resources(stdout: str) -> dict[str, dict[str, int]]:
         if m and rule:
             res = dict(kv.split("=", 1) for kv in m.group(1).split(", "))
             rules[rule].update(mem_mb=int(res["mem_mb"]), runtime=int(res["runtime"]))
-    table = stdout[stdout.index("Job stats:"):]
+    table = stdout[stdout.index("Job stats:") :]
     for name, n in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M):
         if name in rules:
             rules[name]["jobs"] = int(n)
@@ -119,21 +162,47 @@ def run(slurm_cluster, config, tmp_path_factory):
     work = tmp_path_factory.mktemp("slurm_wf")
     since = datetime.now() - timedelta(minutes=2)
     t0 = time.monotonic()
-    proc = snakemake(work, "--configfile", str(config),
-                     "--slurm-init-seconds-before-status-checks", "5",
-                     "--slurm-keep-successful-logs", *TARGETS, timeout=TIMEOUT)
+    proc = snakemake(
+        work,
+        "--configfile",
+        str(config),
+        "--slurm-init-seconds-before-status-checks",
+        "5",
+        "--slurm-keep-successful-logs",
+        *TARGETS,
+        timeout=TIMEOUT,
+    )
     wall = time.monotonic() - t0
     (work / "snakemake.stderr").write_text(proc.stderr)
     assert proc.returncode == 0, f"rc={proc.returncode} after {wall:.0f}s\n{proc.stderr[-4000:]}"
     run_id = re.search(r"SLURM run ID: (\S+)", proc.stderr).group(1)
     jobs = sacct(run_id, since)
-    summary = {"wall_s": round(wall), "slurm_jobs": len(jobs), "run_id": run_id,
-               "steps": int(re.findall(r"(\d+) of \d+ steps \(100%\) done", proc.stderr)[-1]),
-               "sacct": [{k: j[k] for k in ("JobID", "State", "ReqMem", "AllocCPUS", "Timelimit",
-                                            "Elapsed", "Comment")} for j in jobs]}
+    summary = {
+        "wall_s": round(wall),
+        "slurm_jobs": len(jobs),
+        "run_id": run_id,
+        "steps": int(re.findall(r"(\d+) of \d+ steps \(100%\) done", proc.stderr)[-1]),
+        "sacct": [
+            {
+                k: j[k]
+                for k in (
+                    "JobID",
+                    "State",
+                    "ReqMem",
+                    "AllocCPUS",
+                    "Timelimit",
+                    "Elapsed",
+                    "Comment",
+                )
+            }
+            for j in jobs
+        ],
+    }
     (work / "slurm_run_summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nSLURM run: {summary['steps']} steps in {summary['slurm_jobs']} jobs, {wall:.0f} s "
-          f"wall ({work / 'slurm_run_summary.json'})")
+    print(
+        f"\nSLURM run: {summary['steps']} steps in {summary['slurm_jobs']} jobs, {wall:.0f} s "
+        f"wall ({work / 'slurm_run_summary.json'})"
+    )
     return work, proc.stderr, jobs
 
 
@@ -146,14 +215,18 @@ def rule_of(job: dict) -> str | None:
 
 def need_comments(jobs: list[dict]) -> None:
     if not any(j["Comment"] for j in jobs):
-        pytest.skip("sacct shows no job comments (the cluster lacks "
-                    "AccountingStoreFlags=job_comment), so jobs cannot be told apart by rule")
+        pytest.skip(
+            "sacct shows no job comments (the cluster lacks "
+            "AccountingStoreFlags=job_comment), so jobs cannot be told apart by rule"
+        )
 
 
 def job_logs(stderr: str) -> dict[str, Path]:
     """SLURM job id -> its log, as the executor announces each submission."""
-    return {jid: Path(path) for jid, path in
-            re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+\.log)\)", stderr)}
+    return {
+        jid: Path(path)
+        for jid, path in re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+\.log)\)", stderr)
+    }
 
 
 def group_members(log: Path) -> list[str]:
@@ -184,7 +257,9 @@ def test_outputs_exist(run, planned):
     assert len(list(work.glob("results/folds/*_folds.tsv"))) == 1
     assert json.loads((work / "results/folds/firewall.json").read_text())["status"] == "passed"
     if "all" in TARGETS:
-        runs = list(work.glob("results/finetune/mini_brats/task-segmentation/*/fold-*/metrics.json"))
+        runs = list(
+            work.glob("results/finetune/mini_brats/task-segmentation/*/fold-*/metrics.json")
+        )
         assert len(runs) == planned["finetune"]["jobs"] == 6  # 3 folds x 2 inits
         assert (work / "results/tables/summary.md").exists()
 
@@ -201,8 +276,11 @@ def test_every_job_is_a_completed_slurm_job(run, planned):
     grouped = [j for j in jobs if rule_of(j) is None]
     in_groups = Counter(r for j in grouped for r in group_members(logs[j["JobID"]]))
     ungrouped = Counter(rule_of(j) for j in jobs if rule_of(j))
-    assert ungrouped == {rule: r["jobs"] for rule, r in planned.items()
-                         if rule not in set(in_groups) | set(LOCAL_RULES)}
+    assert ungrouped == {
+        rule: r["jobs"]
+        for rule, r in planned.items()
+        if rule not in set(in_groups) | set(LOCAL_RULES)
+    }
     assert all(in_groups[rule] == planned[rule]["jobs"] for rule in in_groups), in_groups
     scans = planned["bet"]["jobs"] + planned["brats_preprocess"]["jobs"]
     assert scans == 2 + 3
@@ -241,11 +319,17 @@ def test_training_ran_as_slurm_jobs_without_a_gpu(run, planned):
         pytest.skip(f"targets {TARGETS} do not include training")
     _, _, jobs = run
     need_comments(jobs)
-    training = [j for j in jobs if rule_of(j) in ("pretrain_exemplar", "pretrain_masked",
-                                                  "finetune", "evaluate")]
+    training = [
+        j
+        for j in jobs
+        if rule_of(j) in ("pretrain_exemplar", "pretrain_masked", "finetune", "evaluate")
+    ]
     assert Counter(rule_of(j) for j in training) == {
-        "pretrain_exemplar": 1, "pretrain_masked": 1, "finetune": planned["finetune"]["jobs"],
-        "evaluate": 1}
+        "pretrain_exemplar": 1,
+        "pretrain_masked": 1,
+        "finetune": planned["finetune"]["jobs"],
+        "evaluate": 1,
+    }
     assert all("gpu" not in j["AllocTRES"] for j in training), training
     assert {j["State"] for j in training} == {"COMPLETED"}
 
@@ -291,9 +375,16 @@ def test_threads_and_gpu_resources_map_to_sbatch(slurm_cluster, tmp_path, status
     under either status command (squeue: MinJobAge >= 3x the first status delay)."""
     gpu = slurm_cluster.gpus > 0
     since = datetime.now() - timedelta(minutes=2)
-    proc = snakemake(tmp_path, "--slurm-init-seconds-before-status-checks", "3",
-                     "--slurm-status-command", status_command,
-                     "--config", f"gpu={gpu}", snakefile=Path(__file__).with_name("probe.smk"))
+    proc = snakemake(
+        tmp_path,
+        "--slurm-init-seconds-before-status-checks",
+        "3",
+        "--slurm-status-command",
+        status_command,
+        "--config",
+        f"gpu={gpu}",
+        snakefile=Path(__file__).with_name("probe.smk"),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Falling back to 'sacct'" not in proc.stderr
     assert "cpus=2" in (tmp_path / "probe/threads.txt").read_text()

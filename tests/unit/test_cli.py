@@ -16,12 +16,15 @@ def test_params_prints_table3_counts(capsys):
     assert counts[("classification", "paper_text")] == 2_104_083
 
 
-@pytest.mark.parametrize("path,scan", [
-    ("/d/sub-01_ses-2_T1w.nii.gz", "sub-01_ses-2"),
-    ("/d/sub-A7_T1w.nii", "sub-A7"),
-    ("atlas.nii.gz", "sub-atlas"),
-    ("my scan-3.nii.gz", "sub-myscan3"),
-])
+@pytest.mark.parametrize(
+    "path,scan",
+    [
+        ("/d/sub-01_ses-2_T1w.nii.gz", "sub-01_ses-2"),
+        ("/d/sub-A7_T1w.nii", "sub-A7"),
+        ("atlas.nii.gz", "sub-atlas"),
+        ("my scan-3.nii.gz", "sub-myscan3"),
+    ],
+)
 def test_default_scan_id(path, scan):
     assert default_scan_id(path) == scan
 
@@ -31,12 +34,26 @@ def test_bad_json_params_is_one_line(capsys):
     assert code == 1
     assert capsys.readouterr().err.strip() == (
         "medtx: error: --params is not valid JSON: Expecting property name enclosed in double "
-        "quotes: line 1 column 2 (char 1)")
+        "quotes: line 1 column 2 (char 1)"
+    )
 
 
 def test_bad_scan_id(tmp_path, tiny_t1, capsys):
-    assert main(["preprocess", str(tiny_t1), "--out", str(tmp_path / "o"), "--scan", "sub-a_b",
-                 "--backend", "ants"]) == 1
+    assert (
+        main(
+            [
+                "preprocess",
+                str(tiny_t1),
+                "--out",
+                str(tmp_path / "o"),
+                "--scan",
+                "sub-a_b",
+                "--backend",
+                "ants",
+            ]
+        )
+        == 1
+    )
     assert "use sub-<id>[_ses-<id>]" in capsys.readouterr().err
 
 
@@ -52,18 +69,41 @@ def test_step_records_the_identity_read_from_scan(tmp_path):
     mask[2:6, 2:6, 2:6] = 1
     image = write_nifti(tmp_path / "n4.nii.gz", mask * np.arange(8, dtype=np.float32) * 100)
     maskp = write_nifti(tmp_path / "mask.nii.gz", mask)
-    outs = {"pooled": "pooled.nii.gz", "mask": "pmask.nii.gz", "pool_record": "pool.json",
-            "image": "preproc.nii.gz", "record": "norm.json"}
+    outs = {
+        "pooled": "pooled.nii.gz",
+        "mask": "pmask.nii.gz",
+        "pool_record": "pool.json",
+        "image": "preproc.nii.gz",
+        "record": "norm.json",
+    }
     args = ["step", "pool_normalize", "--input", f"image={image}", "--input", f"mask={maskp}"]
     for role, name in outs.items():
         args += ["--output", f"{role}={tmp_path / name}"]
-    assert main([*args, "--params", '{"pool": {"factor": 2}, "normalize": {"within": "brain"}}',
-                 "--context", '{"backend": "ants", "seed": 7}',
-                 "--scan", "sub-0295_ses-m06", "--dataset", "adni"]) == 0
+    assert (
+        main(
+            [
+                *args,
+                "--params",
+                '{"pool": {"factor": 2}, "normalize": {"within": "brain"}}',
+                "--context",
+                '{"backend": "ants", "seed": 7}',
+                "--scan",
+                "sub-0295_ses-m06",
+                "--dataset",
+                "adni",
+            ]
+        )
+        == 0
+    )
     for name in ("pool.json", "norm.json"):
         record = json.loads((tmp_path / name).read_text())
-        assert (record["scan"], record["dataset"], record["subject"], record["session"],
-                record["seed"]) == ("sub-0295_ses-m06", "adni", "0295", "m06", 7)
+        assert (
+            record["scan"],
+            record["dataset"],
+            record["subject"],
+            record["session"],
+            record["seed"],
+        ) == ("sub-0295_ses-m06", "adni", "0295", "m06", 7)
 
 
 def test_step_names_a_scan_id_it_cannot_read(capsys):

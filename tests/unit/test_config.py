@@ -34,21 +34,35 @@ def test_defaults_fill_missing_sections():
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda c: c["preprocess"]["n4"].update(shrink_factor=0),
-         r"'preprocess/n4/shrink_factor': 0 is less than the minimum of 1"),
-        (lambda c: c["preprocess"].update(backend="spm"),
-         r"'preprocess/backend': 'spm' is not one of \['auto', 'fsl', 'ants'\]"),
-        (lambda c: c["preprocess"].update(bakend="ants"),
-         r"'preprocess': .*'bakend' was unexpected.*allowed keys: backend"),
+        (
+            lambda c: c["preprocess"]["n4"].update(shrink_factor=0),
+            r"'preprocess/n4/shrink_factor': 0 is less than the minimum of 1",
+        ),
+        (
+            lambda c: c["preprocess"].update(backend="spm"),
+            r"'preprocess/backend': 'spm' is not one of \['auto', 'fsl', 'ants'\]",
+        ),
+        (
+            lambda c: c["preprocess"].update(bakend="ants"),
+            r"'preprocess': .*'bakend' was unexpected.*allowed keys: backend",
+        ),
         (lambda c: c.update(on_bad_scan="skip"), r"'on_bad_scan': 'skip' is not one of"),
-        (lambda c: c["datasets"]["demo_adni"].update(kind="nii"),
-         r"'datasets/demo_adni/kind': 'nii' is not one of"),
-        (lambda c: c["datasets"]["demo_adni"].pop("path"),
-         r"'datasets/demo_adni': 'path' is a required property"),
-        (lambda c: c["datasets"]["demo_adni"].update(role="diagnosis"),
-         r"'datasets/demo_adni/role': 'diagnosis' is not a valid value"),
-        (lambda c: c["preprocess"]["flirt"]["fsl"].update(dof=8),
-         r"'preprocess/flirt/fsl/dof': 8 is not one of \[6, 7, 9, 12\]"),
+        (
+            lambda c: c["datasets"]["demo_adni"].update(kind="nii"),
+            r"'datasets/demo_adni/kind': 'nii' is not one of",
+        ),
+        (
+            lambda c: c["datasets"]["demo_adni"].pop("path"),
+            r"'datasets/demo_adni': 'path' is a required property",
+        ),
+        (
+            lambda c: c["datasets"]["demo_adni"].update(role="diagnosis"),
+            r"'datasets/demo_adni/role': 'diagnosis' is not a valid value",
+        ),
+        (
+            lambda c: c["preprocess"]["flirt"]["fsl"].update(dof=8),
+            r"'preprocess/flirt/fsl/dof': 8 is not one of \[6, 7, 9, 12\]",
+        ),
         (lambda c: c["qc"].update(ncc_min="high"), r"'qc/ncc_min': 'high' is not of type 'number'"),
     ],
 )

@@ -86,7 +86,9 @@ def _raw_header_nifti(path, *, srow=None):
 
 def test_zero_affine(tmp_path):
     path = _raw_header_nifti(tmp_path / "zero_affine.nii.gz", srow=np.zeros((3, 4)))
-    with pytest.raises(BadScanError, match=r"zero_affine\.nii\.gz: affine is zero or not invertible"):
+    with pytest.raises(
+        BadScanError, match=r"zero_affine\.nii\.gz: affine is zero or not invertible"
+    ):
         load_volume(path)
 
 

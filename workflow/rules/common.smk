@@ -45,7 +45,9 @@ SCANS = {
 OK = {name: t[t["status"] == "ok"] for name, t in SCANS.items()}
 # (dataset, scan) -> row, so input functions look rows up in O(1).
 ROWS = {
-    (name, row["scan"]): row for name, table in OK.items() for row in table.to_dict("records")
+    (name, row["scan"]): row
+    for name, table in OK.items()
+    for row in table.to_dict("records")
 }
 
 # File names, as patterns with {dataset} and {scan}.
@@ -114,7 +116,9 @@ def scan_targets(key_t1, key_brats=None):
 def dataset_targets(dataset, key):
     """One file per usable scan of a dataset (e.g. its provenance records)."""
     files = BRATS if is_brats(dataset) else T1
-    return [files[key].format(dataset=dataset, scan=scan) for scan in OK[dataset]["scan"]]
+    return [
+        files[key].format(dataset=dataset, scan=scan) for scan in OK[dataset]["scan"]
+    ]
 
 
 def get_final_output():
@@ -129,7 +133,11 @@ def get_final_output():
         + [paths.report(RESULTS)]
         + manifest_targets()
         + [FIREWALL]
-        + ([f"{paths.tables_dir(RESULTS)}/summary.md"] if finetune_targets("metrics.json") else [])
+        + (
+            [f"{paths.tables_dir(RESULTS)}/summary.md"]
+            if finetune_targets("metrics.json")
+            else []
+        )
     )
 
 
@@ -248,7 +256,9 @@ def cache_files(dataset, scan):
 
 TRAIN = config["train"]
 TRAIN_THREADS = {**TRAIN["common"], **TRAIN["finetune"]}.get("threads", 1)
-FINETUNE = paths.finetune_dir(RESULTS, "{dataset}", "{task}", "{init}", "{frac}", "{fold}")
+FINETUNE = paths.finetune_dir(
+    RESULTS, "{dataset}", "{task}", "{init}", "{frac}", "{fold}"
+)
 
 
 def train_metadata(dataset=None):
@@ -267,7 +277,7 @@ def train_metadata(dataset=None):
 
 
 def stage_config(stage):
-    """A stage's medtx.stages config: common keys, the stage's own, seed and labels."""
+    """A stage's medtx.train.config config: common keys, the stage's own, seed and labels."""
     out = {"seed": config["seed"], **TRAIN["common"], **TRAIN[stage]}
     out["label_map"] = config["folds"]["label_map"]
     return out

@@ -5,9 +5,6 @@
 rule make_demo_t1:
     output:
         t1="{root}/sub-{subject}/anat/sub-{subject}_T1w.nii.gz",
-    params:
-        spec=lambda w: as_json(generated("t1")[w.root]),
-        code=code_hash("demo"),
     log:
         f"{LOGS}/data/make_demo_t1/{{root}}/{{subject}}.log",
     wildcard_constraints:
@@ -17,6 +14,9 @@ rule make_demo_t1:
     resources:
         mem_mb=3000,
         runtime=10,
+    params:
+        spec=lambda w: as_json(generated("t1")[w.root]),
+        code=code_hash("demo"),
     shell:
         "python -m medtx demo t1-scan --spec {params.spec:q} --subject {wildcards.subject}"
         " --out {output.t1} > {log} 2>&1"
@@ -26,9 +26,6 @@ rule make_demo_participants:
     output:
         tsv="{root}/participants.tsv",
         description="{root}/dataset_description.json",
-    params:
-        spec=lambda w: as_json(generated("t1")[w.root]),
-        code=code_hash("demo"),
     log:
         f"{LOGS}/data/make_demo_participants/{{root}}.log",
     wildcard_constraints:
@@ -38,6 +35,9 @@ rule make_demo_participants:
     resources:
         mem_mb=500,
         runtime=5,
+    params:
+        spec=lambda w: as_json(generated("t1")[w.root]),
+        code=code_hash("demo"),
     shell:
         "python -m medtx demo t1-participants --spec {params.spec:q} --out {wildcards.root} > {log} 2>&1"
 
@@ -52,9 +52,6 @@ rule make_demo_brats:
             "flair.nii.gz",
             "seg.nii.gz",
         ),
-    params:
-        spec=lambda w: as_json(generated("brats")[w.root]),
-        code=code_hash("demo"),
     log:
         f"{LOGS}/data/make_demo_brats/{{root}}/{{case}}.log",
     wildcard_constraints:
@@ -65,6 +62,9 @@ rule make_demo_brats:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        spec=lambda w: as_json(generated("brats")[w.root]),
+        code=code_hash("demo"),
     shell:
         "python -m medtx demo brats-case --spec {params.spec:q} --subject {wildcards.case}"
         " --out {wildcards.root} > {log} 2>&1"

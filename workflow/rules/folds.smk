@@ -10,10 +10,6 @@ rule make_folds:
     output:
         tsv=paths.manifest(RESULTS, "{dataset}", "{task}"),
         sidecar=paths.manifest_sidecar(RESULTS, "{dataset}", "{task}"),
-    params:
-        folds=as_json(FOLDS),
-        overrides=lambda w, input: f"--overrides {input.overrides}" if input.overrides else "",
-        code=code_hash("folds"),
     log:
         f"{LOGS}/folds/make_folds/{{dataset}}_task-{{task}}.log",
     wildcard_constraints:
@@ -23,6 +19,12 @@ rule make_folds:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        folds=as_json(FOLDS),
+        overrides=lambda w, input: (
+            f"--overrides {input.overrides}" if input.overrides else ""
+        ),
+        code=code_hash("folds"),
     shell:
         "python -m medtx folds --dataset {wildcards.dataset} --task {wildcards.task}"
         " --table {input.table} --records {input.records} {params.overrides}"
@@ -33,15 +35,11 @@ rule make_folds:
 rule leakage_firewall:
     input:
         manifests=manifest_targets(),
-        pretrain=[paths.scan_table(RESULTS, name) for name in datasets_with_role("pretrain")],
+        pretrain=[
+            paths.scan_table(RESULTS, name) for name in datasets_with_role("pretrain")
+        ],
     output:
         FIREWALL,
-    params:
-        identities=as_json(config["identities"]),
-        pretrain=lambda w, input: (
-            f"--pretrain-table {' '.join(input.pretrain)}" if input.pretrain else ""
-        ),
-        code=code_hash("folds"),
     log:
         f"{LOGS}/folds/leakage_firewall.log",
     conda:
@@ -49,13 +47,19 @@ rule leakage_firewall:
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        identities=as_json(config["identities"]),
+        pretrain=lambda w, input: (
+            f"--pretrain-table {' '.join(input.pretrain)}" if input.pretrain else ""
+        ),
+        code=code_hash("folds"),
     shell:
         "python -m medtx firewall --manifest {input.manifests} {params.pretrain}"
         " --identities {params.identities:q} --out {output} > {log} 2>&1"
 
 
 rule folds:
+    default_target: False
     input:
         manifest_targets(),
         FIREWALL,
-    default_target: False

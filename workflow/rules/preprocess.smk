@@ -11,18 +11,18 @@ rule bet:
         t1=raw_t1,
     output:
         **bet_outputs(),
+    log:
+        f"{LOGS}/preprocess/bet/{{dataset}}/{{scan}}.log",
+    conda:
+        ENV
+    threads: PRE["threads"]
+    resources:
+        mem_mb=3000,
+        runtime=20,
     params:
         bet=as_json({BACKEND: PRE["bet"][BACKEND]}),
         context=STEP_CONTEXT,
         code=code_hash("bet"),
-    log:
-        f"{LOGS}/preprocess/bet/{{dataset}}/{{scan}}.log",
-    threads: PRE["threads"]
-    conda:
-        ENV
-    resources:
-        mem_mb=3000,
-        runtime=20,
     shell:
         "python -m medtx step bet --input t1={input.t1} "
         + io_args("output", bet_outputs())
@@ -38,18 +38,18 @@ rule flirt:
         mask=T1["flirt_mask"],
         xfm=T1["transform"],
         record=T1["flirt_record"],
+    log:
+        f"{LOGS}/preprocess/flirt/{{dataset}}/{{scan}}.log",
+    conda:
+        ENV
+    threads: PRE["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         flirt=as_json({BACKEND: PRE["flirt"][BACKEND]}),
         context=STEP_CONTEXT,
         code=code_hash("flirt"),
-    log:
-        f"{LOGS}/preprocess/flirt/{{dataset}}/{{scan}}.log",
-    threads: PRE["threads"]
-    conda:
-        ENV
-    resources:
-        mem_mb=4000,
-        runtime=30,
     shell:
         "python -m medtx step flirt --input brain={input.brain} --input mask={input.mask}"
         + (" --input xfm_init={input.xfm_init}" if BACKEND == "ants" else "")
@@ -66,18 +66,18 @@ rule n4_correct:
     output:
         n4=T1["n4"],
         record=T1["n4_record"],
+    log:
+        f"{LOGS}/preprocess/n4_correct/{{dataset}}/{{scan}}.log",
+    conda:
+        ENV
+    threads: PRE["threads"]
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         n4=as_json(PRE["n4"]),
         context=STEP_CONTEXT,
         code=code_hash("n4"),
-    log:
-        f"{LOGS}/preprocess/n4_correct/{{dataset}}/{{scan}}.log",
-    threads: PRE["threads"]
-    conda:
-        ENV
-    resources:
-        mem_mb=4000,
-        runtime=30,
     shell:
         "python -m medtx step n4 --input brain={input.brain} --input mask={input.mask}"
         " --output n4={output.n4} --output record={output.record}"
@@ -96,10 +96,6 @@ rule pool_normalize:
         image=T1["preproc"],
         cache=cache_files("{dataset}", "{scan}")["image"],
         record=T1["normalize_record"],
-    params:
-        settings=as_json({"pool": PRE["pool"], "normalize": PRE["normalize"]}),
-        context=STEP_CONTEXT,
-        code=code_hash("pool_normalize"),
     log:
         f"{LOGS}/preprocess/pool_normalize/{{dataset}}/{{scan}}.log",
     wildcard_constraints:
@@ -109,6 +105,10 @@ rule pool_normalize:
     resources:
         mem_mb=2000,
         runtime=5,
+    params:
+        settings=as_json({"pool": PRE["pool"], "normalize": PRE["normalize"]}),
+        context=STEP_CONTEXT,
+        code=code_hash("pool_normalize"),
     shell:
         "python -m medtx step pool_normalize --input image={input.image} --input mask={input.mask}"
         " --output pooled={output.pooled} --output mask={output.mask}"
@@ -124,9 +124,6 @@ rule collect_provenance:
     output:
         provenance=T1["provenance"],
         thumbnail=T1["qc_png"],
-    params:
-        qc=as_json(config["qc"]),
-        code=code_hash("collect"),
     log:
         f"{LOGS}/preprocess/collect_provenance/{{dataset}}/{{scan}}.log",
     wildcard_constraints:
@@ -136,6 +133,9 @@ rule collect_provenance:
     resources:
         mem_mb=2000,
         runtime=5,
+    params:
+        qc=as_json(config["qc"]),
+        code=code_hash("collect"),
     shell:
         "python -m medtx collect --record {input.records} --thumbnail {output.thumbnail}"
         " --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"
@@ -153,11 +153,6 @@ rule brats_preprocess:
         cache=cache_files("{dataset}", "{scan}")["image"],
         regions=cache_files("{dataset}", "{scan}")["regions"],
         record=BRATS["record"],
-    params:
-        brats=as_json(PRE["brats"]),
-        context=STEP_CONTEXT,
-        inputs=lambda w, input: " ".join(f"--input {k}={v}" for k, v in input.items()),
-        code=code_hash("brats"),
     log:
         f"{LOGS}/preprocess/brats_preprocess/{{dataset}}/{{scan}}.log",
     wildcard_constraints:
@@ -167,6 +162,11 @@ rule brats_preprocess:
     resources:
         mem_mb=3000,
         runtime=10,
+    params:
+        brats=as_json(PRE["brats"]),
+        context=STEP_CONTEXT,
+        inputs=lambda w, input: " ".join(f"--input {k}={v}" for k, v in input.items()),
+        code=code_hash("brats"),
     shell:
         "python -m medtx step brats {params.inputs} --output image={output.image} --output seg={output.seg}"
         " --output cache={output.cache} --output regions={output.regions} --output record={output.record}"
@@ -180,9 +180,6 @@ rule collect_brats:
     output:
         provenance=BRATS["provenance"],
         thumbnail=BRATS["qc_png"],
-    params:
-        qc=as_json(config["qc"]),
-        code=code_hash("collect"),
     log:
         f"{LOGS}/preprocess/collect_brats/{{dataset}}/{{scan}}.log",
     wildcard_constraints:
@@ -192,6 +189,9 @@ rule collect_brats:
     resources:
         mem_mb=2000,
         runtime=5,
+    params:
+        qc=as_json(config["qc"]),
+        code=code_hash("collect"),
     shell:
         "python -m medtx collect --record {input.record} --thumbnail {output.thumbnail}"
         " --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"

@@ -8,9 +8,6 @@ rule provenance_report:
         tables=[paths.scan_table(RESULTS, name) for name in config["datasets"]],
     output:
         html=paths.report(RESULTS),
-    params:
-        settings=as_json({**PRE, "backend": BACKEND, "seed": config["seed"]}),
-        code=code_hash("report"),
     log:
         f"{LOGS}/report/provenance_report.log",
     conda:
@@ -18,6 +15,9 @@ rule provenance_report:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        settings=as_json({**PRE, "backend": BACKEND, "seed": config["seed"]}),
+        code=code_hash("report"),
     shell:
         "python -m medtx report --records {input.records} --scan-table {input.tables}"
         " --settings {params.settings:q} --out {output.html} > {log} 2>&1"

@@ -38,17 +38,17 @@ rule pretrain_exemplar:
         indexes=pretrain_indexes(),
     output:
         paths.pretrain_checkpoint(RESULTS, "exemplar"),
+    log:
+        f"{LOGS}/train/pretrain_exemplar.log",
+    conda:
+        ENV
+    threads: TRAIN_THREADS
+    resources:
+        **train_resources(mem_mb=8000, runtime=600),
     params:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
         code=code_hash("pretrain"),
-    log:
-        f"{LOGS}/train/pretrain_exemplar.log",
-    threads: TRAIN_THREADS
-    conda:
-        ENV
-    resources:
-        **train_resources(mem_mb=8000, runtime=600),
     shell:
         "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain exemplar --index {input.indexes}"
         " --config {params.config:q} --metadata {params.meta:q} --out {output} > {log} 2>&1"
@@ -61,17 +61,17 @@ rule pretrain_masked:
         indexes=pretrain_indexes(),
     output:
         paths.pretrain_checkpoint(RESULTS, "masked"),
+    log:
+        f"{LOGS}/train/pretrain_masked.log",
+    conda:
+        ENV
+    threads: TRAIN_THREADS
+    resources:
+        **train_resources(mem_mb=8000, runtime=600),
     params:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
         code=code_hash("pretrain"),
-    log:
-        f"{LOGS}/train/pretrain_masked.log",
-    threads: TRAIN_THREADS
-    conda:
-        ENV
-    resources:
-        **train_resources(mem_mb=8000, runtime=600),
     shell:
         "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain masked --index {input.indexes}"
         " --init {input.init} --config {params.config:q} --metadata {params.meta:q}"
@@ -85,11 +85,6 @@ rule finetune:
         model=f"{FINETUNE}/model.pt",
         predictions=f"{FINETUNE}/predictions.tsv",
         metrics=f"{FINETUNE}/metrics.json",
-    params:
-        config=as_json(stage_config("finetune")),
-        meta=lambda w: train_metadata(w.dataset),
-        init=lambda w, input: f"--init-checkpoint {input.init}" if input.get("init") else "",
-        code=code_hash("finetune"),
     log:
         f"{LOGS}/train/finetune/{{dataset}}/task-{{task}}/init-{{init}}_frac-{{frac}}/fold-{{fold}}.log",
     wildcard_constraints:
@@ -97,11 +92,18 @@ rule finetune:
         init=one_of(INITS),
         frac="[0-9]+",
         fold="[0-9]+",
-    threads: TRAIN_THREADS
     conda:
         ENV
+    threads: TRAIN_THREADS
     resources:
         **train_resources(mem_mb=12000, runtime=1440),
+    params:
+        config=as_json(stage_config("finetune")),
+        meta=lambda w: train_metadata(w.dataset),
+        init=lambda w, input: (
+            f"--init-checkpoint {input.init}" if input.get("init") else ""
+        ),
+        code=code_hash("finetune"),
     shell:
         "OMP_WAIT_POLICY=PASSIVE python -m medtx finetune --dataset {wildcards.dataset}"
         " --task {wildcards.task} --init {wildcards.init} --fraction {wildcards.frac}"
@@ -118,8 +120,6 @@ rule evaluate:
     output:
         table1=f"{paths.tables_dir(RESULTS)}/table1.md",
         summary=f"{paths.tables_dir(RESULTS)}/summary.md",
-    params:
-        code=code_hash("evaluate"),
     log:
         f"{LOGS}/train/evaluate.log",
     conda:
@@ -127,6 +127,8 @@ rule evaluate:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=code_hash("evaluate"),
     shell:
         "python -m medtx evaluate --metrics {input.metrics}"
         " --summary {output.summary} > {log} 2>&1"

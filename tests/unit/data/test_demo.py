@@ -12,8 +12,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from medtx.data import demo
-from medtx.errors import ConfigError
 from medtx.data.templates import TEMPLATE_SHAPE
+from medtx.errors import ConfigError
 
 # ---------------------------------------------------------------- planning
 
@@ -37,13 +37,16 @@ def test_plan_rows_have_the_agreed_fields():
     assert Counter(r["site"] for r in rows) == {"a": 4, "b": 4, "c": 4}
 
 
-@pytest.mark.parametrize("n, proportions, expected", [
-    (12, None, {"CN": 4, "MCI": 4, "AD": 4}),
-    # ties go to the alphabetically first class (a YAML mapping has no order)
-    (10, None, {"AD": 4, "CN": 3, "MCI": 3}),
-    (11, {"CN": 0.6, "MCI": 0.3, "AD": 0.1}, {"CN": 7, "MCI": 3, "AD": 1}),
-    (7, {"CN": 1, "AD": 1}, {"AD": 4, "CN": 3}),
-])
+@pytest.mark.parametrize(
+    "n, proportions, expected",
+    [
+        (12, None, {"CN": 4, "MCI": 4, "AD": 4}),
+        # ties go to the alphabetically first class (a YAML mapping has no order)
+        (10, None, {"AD": 4, "CN": 3, "MCI": 3}),
+        (11, {"CN": 0.6, "MCI": 0.3, "AD": 0.1}, {"CN": 7, "MCI": 3, "AD": 1}),
+        (7, {"CN": 1, "AD": 1}, {"AD": 4, "CN": 3}),
+    ],
+)
 def test_diagnoses_come_in_exact_proportions(n, proportions, expected):
     spec = {"n_subjects": n, **({"diagnoses": proportions} if proportions else {})}
     rows = demo.plan_t1_cohort(spec)
@@ -55,25 +58,33 @@ def test_diagnoses_come_in_exact_proportions(n, proportions, expected):
 
 def test_patients_are_older_than_controls_with_overlap():
     rows = demo.plan_t1_cohort({"n_subjects": 300, "seed": 1})
-    ages = {dx: np.array([r["age"] for r in rows if r["diagnosis"] == dx])
-            for dx in ("CN", "MCI", "AD")}
+    ages = {
+        dx: np.array([r["age"] for r in rows if r["diagnosis"] == dx]) for dx in ("CN", "MCI", "AD")
+    }
     assert ages["CN"].mean() + 1 < ages["MCI"].mean()
     assert ages["MCI"].mean() + 1 < ages["AD"].mean()
     assert ages["AD"].min() < ages["CN"].max()
 
 
-@pytest.mark.parametrize("spec", [
-    {"prefix": "demo_x"}, {"n_subjects": 0}, {"age": [80, 60]},
-    {"diagnoses": {"CN": 1, "FTD": 1}}, {"n_subject": 3},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"prefix": "demo_x"},
+        {"n_subjects": 0},
+        {"age": [80, 60]},
+        {"diagnoses": {"CN": 1, "FTD": 1}},
+        {"n_subject": 3},
+    ],
+)
 def test_bad_specs_are_refused(spec):
     with pytest.raises(ConfigError):
         demo.plan_t1_cohort(spec)
 
 
 def test_unknown_diagnosis_is_allowed_with_a_severity():
-    rows = demo.plan_t1_cohort({"diagnoses": {"CN": 1, "FTD": 1},
-                                "diagnosis_severity": {"FTD": 1.5}})
+    rows = demo.plan_t1_cohort(
+        {"diagnoses": {"CN": 1, "FTD": 1}, "diagnosis_severity": {"FTD": 1.5}}
+    )
     assert Counter(r["diagnosis"] for r in rows) == {"CN": 6, "FTD": 6}
 
 
@@ -82,8 +93,9 @@ def test_brats_plan():
     assert rows == demo.plan_brats_cohort({"n_cases": 3})
     assert [r["case"] for r in rows] == [f"BraTS20_Training_{i:03d}" for i in (1, 2, 3)]
     case = rows[0]["case"]
-    assert rows[0]["files"] == {m: f"{case}/{case}_{m}.nii.gz"
-                                for m in ("t1", "t1ce", "t2", "flair", "seg")}
+    assert rows[0]["files"] == {
+        m: f"{case}/{case}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair", "seg")
+    }
     with pytest.raises(ConfigError):
         demo.plan_brats_cohort({"prefix": "../x"})
 
@@ -164,8 +176,14 @@ def test_ventricles_grow_and_hippocampus_shrinks_with_severity(atrophied):
     assert all(a > b for a, b in zip(hippo, hippo[1:])), hippo
     assert amyg[-1] < amyg[0]
     assert vent[3] > 2 * vent[0]  # AD-like ventricles are much larger
-    cortex = [int(np.count_nonzero(demo.in_labels(out[s][1], demo.label_ids(
-        demo.NON_CORTICAL_NAMES, exclude=True)))) for s in sorted(out)]
+    cortex = [
+        int(
+            np.count_nonzero(
+                demo.in_labels(out[s][1], demo.label_ids(demo.NON_CORTICAL_NAMES, exclude=True))
+            )
+        )
+        for s in sorted(out)
+    ]
     assert all(a >= b for a, b in zip(cortex, cortex[1:])) and cortex[3] < 0.95 * cortex[0]
 
 
@@ -231,8 +249,10 @@ def test_acquisition_varies_between_subjects():
     acqs = [demo.t1_acquisition(r, {}) for r in rows]
     assert len({tuple(a["voxel_size"]) for a in acqs}) > 1
     assert len({a["margins_mm"][4] > 0 for a in acqs}) == 2  # neck kept and cut
-    severity = {dx: [a["severity"] for a, r in zip(acqs, rows) if r["diagnosis"] == dx]
-                for dx in ("CN", "AD")}
+    severity = {
+        dx: [a["severity"] for a, r in zip(acqs, rows) if r["diagnosis"] == dx]
+        for dx in ("CN", "AD")
+    }
     assert min(severity["AD"]) > max(severity["CN"])
 
 
@@ -300,9 +320,13 @@ def test_brats_contrasts_are_plausible(brats_case):
     seg, t1 = a["seg"], a["t1"].astype(float)
     brain = t1 > 0
     wm = brain & (seg == 0) & (t1 > np.percentile(t1[brain], 75))
-    mean = {m: {k: a[m][sel].astype(float).mean() for k, sel in
-                (("wm", wm), (1, seg == 1), (2, seg == 2), (4, seg == 4))}
-            for m in demo.BRATS_MODALITIES}
+    mean = {
+        m: {
+            k: a[m][sel].astype(float).mean()
+            for k, sel in (("wm", wm), (1, seg == 1), (2, seg == 2), (4, seg == 4))
+        }
+        for m in demo.BRATS_MODALITIES
+    }
     assert mean["flair"][2] > 1.3 * mean["flair"]["wm"]
     assert mean["t2"][2] > 1.3 * mean["t2"]["wm"] and mean["t2"][1] > mean["t2"]["wm"]
     assert mean["t1ce"][4] > 2 * mean["t1ce"][1]
@@ -318,8 +342,9 @@ def test_brats_case_is_deterministic(brats_case, tmp_path):
     row, _, _, arrays = brats_case
     demo.generate_brats_case(row, {"seed": 5}, tmp_path)
     for m in ("seg", "flair"):
-        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / row["files"][m]).dataobj),
-                                      arrays[m])
+        np.testing.assert_array_equal(
+            np.asarray(nib.load(tmp_path / row["files"][m]).dataobj), arrays[m]
+        )
 
 
 def test_brats_readme_says_synthetic(tmp_path):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from medtx.errors import MedtxError
 from medtx.data.scan_ids import brats_subject, scan_id, scan_identity
+from medtx.errors import MedtxError
 
 
 @pytest.mark.parametrize("subject,session", [("01", None), ("A7", "2"), ("ADNI002S0295", "m06")])
@@ -13,7 +13,9 @@ def test_identity_is_the_inverse_of_scan_id(subject, session):
 
 def test_brats_case_keeps_its_letters_and_digits():
     assert scan_identity("BraTS2021_00012", brats=True) == {
-        "subject": "BraTS202100012", "session": None}
+        "subject": "BraTS202100012",
+        "session": None,
+    }
     assert brats_subject("BraTS2021_00012") == "BraTS202100012"
 
 

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 
 import medtx.data.scans as scans
-from medtx.errors import CohortError, MedtxError
 from medtx.data.scans import build_scan_table
+from medtx.errors import CohortError, MedtxError
 from tests.conftest import sphere, write_nifti
 
 
@@ -17,7 +17,9 @@ def make_bids(root, subjects=("01", "02"), participants=None, sessions=None):
             name = f"sub-{sub}" + (f"_ses-{ses}" if ses else "") + "_T1w.nii.gz"
             write_nifti(anat / name, sphere(seed=i))
     lines = participants or [f"sub-{s}\t{60 + i}\tAD" for i, s in enumerate(subjects)]
-    (root / "participants.tsv").write_text("participant_id\tage\tdiagnosis\n" + "\n".join(lines) + "\n")
+    (root / "participants.tsv").write_text(
+        "participant_id\tage\tdiagnosis\n" + "\n".join(lines) + "\n"
+    )
     return root
 
 
@@ -61,12 +63,16 @@ def test_fail_mode_collects_every_problem(tmp_path):
     (tmp_path / "sub-03" / "anat" / "sub-03_T1w.nii.gz").write_text("not nifti")
     with pytest.raises(CohortError, match=r"2 problem\(s\)") as err:
         build_scan_table("ds", bids(tmp_path))
-    assert "all zeros" in str(err.value) and "sub-03_T1w.nii.gz: not a readable NIfTI" in str(err.value)
+    assert "all zeros" in str(err.value) and "sub-03_T1w.nii.gz: not a readable NIfTI" in str(
+        err.value
+    )
 
 
 def test_subject_ids_must_be_alphanumeric(tmp_path):
     make_bids(tmp_path, subjects=("01", "0x_2"), participants=["sub-01\t1\tCN", "sub-0x_2\t2\tCN"])
-    with pytest.raises(CohortError, match=r"subject id '0x_2' has characters outside \[A-Za-z0-9\]"):
+    with pytest.raises(
+        CohortError, match=r"subject id '0x_2' has characters outside \[A-Za-z0-9\]"
+    ):
         build_scan_table("ds", bids(tmp_path))
 
 
@@ -93,7 +99,9 @@ def test_csv_relative_paths_and_labels(tmp_path):
 
 def test_csv_duplicate_rows_named_with_lines(tmp_path):
     ds = write_csv(tmp_path, ["a1,1,s0.nii.gz,70,CN", "a1,1,s1.nii.gz,70,CN"])
-    with pytest.raises(CohortError, match=r"line 3: duplicate row for subject 'a1' session '1' \(first on line 2\)"):
+    with pytest.raises(
+        CohortError, match=r"line 3: duplicate row for subject 'a1' session '1' \(first on line 2\)"
+    ):
         build_scan_table("c", ds)
 
 
@@ -142,8 +150,11 @@ def test_brats_missing_modality(tmp_path):
                 continue
             data = sphere() if mod != "seg" else (sphere() > 50).astype(np.float32)
             write_nifti(tmp_path / case / f"{case}_{mod}.nii.gz", data)
-    table = build_scan_table("b", {"kind": "brats", "role": ["segmentation"], "path": str(tmp_path)},
-                             on_bad_scan="exclude")
+    table = build_scan_table(
+        "b",
+        {"kind": "brats", "role": ["segmentation"], "path": str(tmp_path)},
+        on_bad_scan="exclude",
+    )
     assert table.loc[table["status"] == "ok", "scan"].tolist() == ["BraTS20_Training_001"]
     assert "missing flair" in table.loc[table["status"] == "excluded", "reason"].iloc[0]
     assert table["subject"].iloc[0] == "BraTS20Training001"

@@ -15,45 +15,70 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medtx.evaluate import figures, tables
 from medtx.errors import MedtxError
-from medtx.io import write_json, write_text
+from medtx.evaluate import figures, tables
 from medtx.evaluate.metrics import mauc
 from medtx.evaluate.predict import evaluate_predictions
+from medtx.io import write_json, write_text
 
 CLS, REG, SEG = "classification", "regression", "segmentation"
 
 
 def run_dir(root: Path, dataset: str, task: str, init: str, frac: int, fold: int) -> Path:
-    return (root / "finetune" / dataset / f"task-{task}" / f"init-{init}_frac-{frac}"
-            / f"fold-{fold}")
+    return (
+        root / "finetune" / dataset / f"task-{task}" / f"init-{init}_frac-{frac}" / f"fold-{fold}"
+    )
 
 
-def write_run(root: Path, dataset: str, task: str, init: str, frac: int, fold: int,
-              table: pd.DataFrame) -> Path:
+def write_run(
+    root: Path, dataset: str, task: str, init: str, frac: int, fold: int, table: pd.DataFrame
+) -> Path:
     """Write predictions.tsv + metrics.json (as finetune does) and return the JSON path."""
     d = run_dir(root, dataset, task, init, frac, fold)
-    tsv = write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"),
-                     d / "predictions.tsv")
+    tsv = write_text(
+        table.to_csv(sep="\t", index=False, float_format="%.6g"), d / "predictions.tsv"
+    )
     metrics = evaluate_predictions(task, tsv)
     run = {"dataset": dataset, "task": task, "init": init, "frac": frac, "fold": fold}
-    return write_json({"run": run, **metrics, "selected_by": "val", "val_metric": 0.5, "best_epoch": 1,
-                       "status": "done", "init": "scratch" if init == "scratch" else "pre.pt",
-                       "use_transformer": init != "notransformer"}, d / "metrics.json")
+    return write_json(
+        {
+            "run": run,
+            **metrics,
+            "selected_by": "val",
+            "val_metric": 0.5,
+            "best_epoch": 1,
+            "status": "done",
+            "init": "scratch" if init == "scratch" else "pre.pt",
+            "use_transformer": init != "notransformer",
+        },
+        d / "metrics.json",
+    )
 
 
 def reg_table(labels, error: float) -> pd.DataFrame:
     """Ages predicted ``error`` years too high: MAE = error exactly."""
     y = np.asarray(labels, dtype=float)
-    return pd.DataFrame({"scan": [f"s{i}" for i in range(len(y))],
-                         "subject": [f"sub{i}" for i in range(len(y))],
-                         "label": y, "prediction": y + error})
+    return pd.DataFrame(
+        {
+            "scan": [f"s{i}" for i in range(len(y))],
+            "subject": [f"sub{i}" for i in range(len(y))],
+            "label": y,
+            "prediction": y + error,
+        }
+    )
 
 
 def seg_table(wt: float, tc: float, et: float, n: int = 2) -> pd.DataFrame:
-    return pd.DataFrame({"scan": [f"c{i}" for i in range(n)],
-                         "subject": [f"c{i}" for i in range(n)], "label": [""] * n,
-                         "dice_WT": [wt] * n, "dice_TC": [tc] * n, "dice_ET": [et] * n})
+    return pd.DataFrame(
+        {
+            "scan": [f"c{i}" for i in range(n)],
+            "subject": [f"c{i}" for i in range(n)],
+            "label": [""] * n,
+            "dice_WT": [wt] * n,
+            "dice_TC": [tc] * n,
+            "dice_ET": [et] * n,
+        }
+    )
 
 
 def cls_table(seed: int) -> pd.DataFrame:
@@ -63,9 +88,14 @@ def cls_table(seed: int) -> pd.DataFrame:
     p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     p = np.round(p, 4)
     p[:, 2] = 1 - p[:, 0] - p[:, 1]
-    t = pd.DataFrame({"scan": [f"a{seed}_{i}" for i in range(6)],
-                      "subject": [f"a{seed}_{i}" for i in range(6)],
-                      "label": y, "prediction": p.argmax(axis=1)})
+    t = pd.DataFrame(
+        {
+            "scan": [f"a{seed}_{i}" for i in range(6)],
+            "subject": [f"a{seed}_{i}" for i in range(6)],
+            "label": y,
+            "prediction": p.argmax(axis=1),
+        }
+    )
     for c in range(3):
         t[f"p_{c}"] = p[:, c]
     return t
@@ -81,20 +111,48 @@ def study(tmp_path) -> dict:
     root = tmp_path / "results"
     paths = []
     for fold, labels in REG_LABELS.items():
-        paths.append(write_run(root, "demo_adni", REG, "pretrained", 100, fold,
-                               reg_table(labels, [2.0, 3.0, 4.0][fold])))
-        paths.append(write_run(root, "demo_adni", REG, "scratch", 100, fold,
-                               reg_table(labels, 6.0)))
-        paths.append(write_run(root, "demo_adni", REG, "notransformer", 100, fold,
-                               reg_table(labels, 5.0)))
-        paths.append(write_run(root, "demo_adni", REG, "pretrained", 10, fold,
-                               reg_table(labels, [7.0, 8.0, 9.0][fold])))
+        paths.append(
+            write_run(
+                root,
+                "demo_adni",
+                REG,
+                "pretrained",
+                100,
+                fold,
+                reg_table(labels, [2.0, 3.0, 4.0][fold]),
+            )
+        )
+        paths.append(
+            write_run(root, "demo_adni", REG, "scratch", 100, fold, reg_table(labels, 6.0))
+        )
+        paths.append(
+            write_run(root, "demo_adni", REG, "notransformer", 100, fold, reg_table(labels, 5.0))
+        )
+        paths.append(
+            write_run(
+                root,
+                "demo_adni",
+                REG,
+                "pretrained",
+                10,
+                fold,
+                reg_table(labels, [7.0, 8.0, 9.0][fold]),
+            )
+        )
         for init in ("pretrained", "scratch"):
-            paths.append(write_run(root, "demo_adni", CLS, init, 100, fold,
-                                   cls_table(fold + (10 if init == "scratch" else 0))))
+            paths.append(
+                write_run(
+                    root,
+                    "demo_adni",
+                    CLS,
+                    init,
+                    100,
+                    fold,
+                    cls_table(fold + (10 if init == "scratch" else 0)),
+                )
+            )
     for fold, dice in enumerate([(0.8, 0.6, 0.5), (0.9, 0.7, 0.4)]):
-        paths.append(write_run(root, "demo_brats", SEG, "pretrained", 100, fold,
-                               seg_table(*dice)))
+        paths.append(write_run(root, "demo_brats", SEG, "pretrained", 100, fold, seg_table(*dice)))
     return {"root": root, "paths": paths}
 
 
@@ -109,19 +167,27 @@ def test_identity_is_read_from_the_record_not_the_folder(tmp_path):
     (path.parent / "predictions.tsv").rename(moved.parent / "predictions.tsv")
     run = tables.collect_runs([moved]).iloc[0]
     assert (run["dataset"], run["task"], run["init"], run["frac"], run["fold"]) == (
-        "demo_adni", REG, "notransformer", 30, 2)
+        "demo_adni",
+        REG,
+        "notransformer",
+        30,
+        2,
+    )
     assert run["mae"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("run, why", [
-    (None, "no run identity recorded"),
-    ({"dataset": "d", "task": "diagnosis", "init": "scratch", "frac": 100, "fold": 0}, "task"),
-    ({"dataset": "d", "task": REG, "init": "imagenet", "frac": 100, "fold": 0}, "init"),
-    ({"dataset": "d", "task": REG, "init": "scratch", "frac": 150, "fold": 0}, "fraction"),
-    ({"dataset": "d", "task": REG, "init": "scratch", "frac": "10", "fold": 0}, "fraction"),
-    ({"dataset": "d", "task": REG, "init": "scratch", "frac": 10, "fold": -1}, "fold"),
-    ({"dataset": "", "task": REG, "init": "scratch", "frac": 10, "fold": 0}, "no dataset"),
-])
+@pytest.mark.parametrize(
+    "run, why",
+    [
+        (None, "no run identity recorded"),
+        ({"dataset": "d", "task": "diagnosis", "init": "scratch", "frac": 100, "fold": 0}, "task"),
+        ({"dataset": "d", "task": REG, "init": "imagenet", "frac": 100, "fold": 0}, "init"),
+        ({"dataset": "d", "task": REG, "init": "scratch", "frac": 150, "fold": 0}, "fraction"),
+        ({"dataset": "d", "task": REG, "init": "scratch", "frac": "10", "fold": 0}, "fraction"),
+        ({"dataset": "d", "task": REG, "init": "scratch", "frac": 10, "fold": -1}, "fold"),
+        ({"dataset": "", "task": REG, "init": "scratch", "frac": 10, "fold": 0}, "no dataset"),
+    ],
+)
 def test_missing_or_bad_identity_is_refused_naming_the_file(tmp_path, run, why):
     path = write_run(tmp_path, "d", REG, "scratch", 100, 0, reg_table([60, 70], 1.0))
     stored = json.loads(path.read_text())
@@ -188,8 +254,13 @@ HEADLINE_COLUMNS = ["mAUC", "MAE (years)", "Dice WT", "Dice TC", "Dice ET"]
 
 def test_table1_values_rows_and_paper_reference(study):
     t1 = tables.table1(tables.collect_runs(study["paths"])).set_index("init")
-    assert list(t1.index) == ["scratch", "pretrained", "notransformer",
-                              "chance / baseline", "paper (Jun et al.)"]
+    assert list(t1.index) == [
+        "scratch",
+        "pretrained",
+        "notransformer",
+        "chance / baseline",
+        "paper (Jun et al.)",
+    ]
     assert list(t1.columns) == HEADLINE_COLUMNS + ["n folds", "source"]
     assert t1.loc["pretrained", "MAE (years)"] == "3.00 ± 1.00"
     assert t1.loc["scratch", "MAE (years)"] == "6.00 ± 0.00"
@@ -216,16 +287,19 @@ def test_table1_chance_and_mean_age_baseline(study):
 
 
 def test_mean_age_baseline_never_uses_the_folds_own_labels(study):
-    d = {f: run_dir(study["root"], "demo_adni", REG, "scratch", 100, f) / "predictions.tsv"
-         for f in REG_LABELS}
+    d = {
+        f: run_dir(study["root"], "demo_adni", REG, "scratch", 100, f) / "predictions.tsv"
+        for f in REG_LABELS
+    }
     assert tables.mean_age_baseline(d) == pytest.approx({0: 15.0, 1: 15.0, 2: 5.0})
 
 
 def test_table4_rows_are_label_fractions(study):
     t4 = tables.table4(tables.collect_runs(study["paths"])).set_index("label fraction (%)")
     assert list(t4.index) == [10, 30, 50, 70, 100]
-    assert list(t4.columns) == [f"{c}, {i}" for c in HEADLINE_COLUMNS
-                                for i in ("pretrained", "scratch")] + ["n folds"]
+    assert list(t4.columns) == [
+        f"{c}, {i}" for c in HEADLINE_COLUMNS for i in ("pretrained", "scratch")
+    ] + ["n folds"]
     assert t4.loc[10, "MAE (years), pretrained"] == "8.00 ± 1.00"
     assert t4.loc[10, "MAE (years), scratch"] == "—"
     assert t4.loc[30].drop("n folds").eq("—").all() and t4.loc[30, "n folds"] == "—"
@@ -247,8 +321,9 @@ def test_tables_of_no_runs_are_all_missing():
 
 
 def test_a_task_on_two_datasets_gets_a_column_each(study):
-    extra = write_run(study["root"], "demo_camcan", REG, "pretrained", 100, 0,
-                      reg_table([30, 40], 1.0))
+    extra = write_run(
+        study["root"], "demo_camcan", REG, "pretrained", 100, 0, reg_table([30, 40], 1.0)
+    )
     t1 = tables.table1(tables.collect_runs(study["paths"] + [extra])).set_index("init")
     assert t1.loc["pretrained", "MAE (years) [demo_camcan]"] == "1.00"
     assert t1.loc["pretrained", "MAE (years) [demo_adni]"] == "3.00 ± 1.00"
@@ -263,7 +338,7 @@ def test_table3_matches_the_papers_counts():
 
 
 def assert_pipe_table(md: str, n_columns: int, n_rows: int) -> None:
-    lines = [l for l in md.splitlines() if l.startswith("|")]
+    lines = [line for line in md.splitlines() if line.startswith("|")]
     assert len(lines) == 2 + n_rows
     assert re.fullmatch(r"\|(:?-{3,}:?\|)+", lines[1])
     for line in lines:
@@ -305,17 +380,25 @@ def assert_png(path: Path) -> None:
 
 
 def test_plots_are_written(study, tmp_path):
-    cls = [run_dir(study["root"], "demo_adni", CLS, "pretrained", 100, f) / "predictions.tsv"
-           for f in range(3)]
-    reg = [run_dir(study["root"], "demo_adni", REG, "pretrained", 100, f) / "predictions.tsv"
-           for f in range(3)]
+    cls = [
+        run_dir(study["root"], "demo_adni", CLS, "pretrained", 100, f) / "predictions.tsv"
+        for f in range(3)
+    ]
+    reg = [
+        run_dir(study["root"], "demo_adni", REG, "pretrained", 100, f) / "predictions.tsv"
+        for f in range(3)
+    ]
     assert_png(figures.plot_roc(cls, tmp_path / "roc.png", class_names=["CN", "MCI", "AD"]))
     assert_png(figures.plot_age(reg, tmp_path / "age.png"))
-    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_metric": 0.5 + 0.05 * e}
-               for e in range(5)]
+    history = [
+        {"epoch": e, "train_loss": 1.0 / (e + 1), "val_metric": 0.5 + 0.05 * e} for e in range(5)
+    ]
     assert_png(figures.plot_curves(history, tmp_path / "curves.png"))
-    assert_png(figures.plot_curves({"pretrained": {"history": history}, "scratch": history},
-                                  tmp_path / "curves2.png"))
+    assert_png(
+        figures.plot_curves(
+            {"pretrained": {"history": history}, "scratch": history}, tmp_path / "curves2.png"
+        )
+    )
     with pytest.raises(MedtxError, match="no training history"):
         figures.plot_curves([], tmp_path / "none.png")
 
@@ -324,11 +407,20 @@ def test_segmentation_overlay_draws_reference_and_model(tmp_path):
     from medtx.train.finetune import finetune
     from tests.unit.train.test_stages import FAST, write_items
 
-    train, val, test = (write_items(tmp_path / "d", n, task="segmentation", seed=s, prefix=p)
-                        for n, s, p in ((2, 0, "tr"), (1, 1, "va"), (2, 2, "te")))
-    finetune("segmentation", train, val, test, out=tmp_path / "m.pt",
-             predictions_out=tmp_path / "p.tsv", config={**FAST, "epochs": 1},
-             log=lambda _: None)
+    train, val, test = (
+        write_items(tmp_path / "d", n, task="segmentation", seed=s, prefix=p)
+        for n, s, p in ((2, 0, "tr"), (1, 1, "va"), (2, 2, "te"))
+    )
+    finetune(
+        "segmentation",
+        train,
+        val,
+        test,
+        out=tmp_path / "m.pt",
+        predictions_out=tmp_path / "p.tsv",
+        config={**FAST, "epochs": 1},
+        log=lambda _: None,
+    )
     from matplotlib.image import imread
 
     one = imread(figures.plot_segmentation(tmp_path / "m.pt", test[:1], tmp_path / "one.png"))

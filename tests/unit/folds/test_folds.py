@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medtx.data.scans import COLUMNS
 from medtx.errors import CohortError, MedtxError
 from medtx.folds.firewall import LeakageError, check_leakage, leakage_report
 from medtx.folds.manifest import (
@@ -18,7 +19,6 @@ from medtx.folds.manifest import (
     subjects_sha256,
     write_manifest,
 )
-from medtx.data.scans import COLUMNS
 
 CLASSES = ["CN", "MCI", "AD"]
 N_FOLDS = 5
@@ -32,12 +32,19 @@ def cohort(n=40, dataset="adni", seed=0, diagnoses=None):
         subject = f"S{i:03d}"
         age = rng.uniform(55, 90)
         diagnosis = (diagnoses or CLASSES)[i % len(diagnoses or CLASSES)]
-        for ses in (["1", "2"] if i % 4 == 0 else [""]):
+        for ses in ["1", "2"] if i % 4 == 0 else [""]:
             row = dict.fromkeys(COLUMNS, "")
-            row.update(dataset=dataset, kind="bids", subject=subject, session=ses,
-                       scan=f"sub-{subject}" + (f"_ses-{ses}" if ses else ""),
-                       t1=f"raw/{subject}_{ses}.nii.gz", diagnosis=diagnosis,
-                       age=f"{age + (1.5 if ses == '2' else 0):.1f}", status="ok")
+            row.update(
+                dataset=dataset,
+                kind="bids",
+                subject=subject,
+                session=ses,
+                scan=f"sub-{subject}" + (f"_ses-{ses}" if ses else ""),
+                t1=f"raw/{subject}_{ses}.nii.gz",
+                diagnosis=diagnosis,
+                age=f"{age + (1.5 if ses == '2' else 0):.1f}",
+                status="ok",
+            )
             rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -48,8 +55,9 @@ def paths_of(table):
 
 def manifest_of(table=None, **kw):
     table = cohort() if table is None else table
-    args = dict(dataset="adni", task="classification", n_folds=N_FOLDS, seed=42,
-                paths=paths_of(table))
+    args = dict(
+        dataset="adni", task="classification", n_folds=N_FOLDS, seed=42, paths=paths_of(table)
+    )
     args.update(kw)
     return make_manifest(table, **args)
 
@@ -60,6 +68,7 @@ def per_subject(manifest):
 
 # --- grouping and fold roles ---
 
+
 @pytest.mark.parametrize("method", ["hash", "sklearn"])
 def test_sessions_share_a_fold_and_each_subject_has_one_role(method):
     manifest, sidecar = manifest_of(method=method)
@@ -69,7 +78,7 @@ def test_sessions_share_a_fold_and_each_subject_has_one_role(method):
         assert manifest.groupby("subject")[f"role_{k}"].nunique().max() == 1
         assert set(manifest[f"role_{k}"]) == {"train", "val", "test"}
     subjects = per_subject(manifest)
-    tests = [set(subjects.index[subjects["role_%d" % k] == "test"]) for k in range(N_FOLDS)]
+    tests = [set(subjects.index[subjects[f"role_{k}"] == "test"]) for k in range(N_FOLDS)]
     assert sum(len(t) for t in tests) == 40 and set().union(*tests) == set(subjects.index)
     assert sidecar["n_subjects"] == 40 and sidecar["n_scans"] == 50
     assert sidecar["subjects_sha256"] == subjects_sha256(subjects.index)
@@ -85,6 +94,7 @@ def test_fold_k_tests_fold_k_and_validates_fold_k_plus_1():
 
 
 # --- stratification ---
+
 
 @pytest.mark.parametrize("method", ["hash", "sklearn"])
 def test_class_counts_per_fold_within_one_of_proportion(method):
@@ -123,6 +133,7 @@ def test_regression_with_given_age_bins():
 
 # --- label fractions ---
 
+
 def test_fractions_are_nested_and_stratified():
     manifest, sidecar = manifest_of(cohort(n=60))
     subjects = per_subject(manifest)
@@ -133,7 +144,8 @@ def test_fractions_are_nested_and_stratified():
         sets = {p: set(train.index[frac <= p]) for p in (10, 30, 50, 70, 100)}
         assert sets[10] < sets[30] < sets[50] < sets[70] < sets[100] == set(train.index)
         assert {p: len(s) for p, s in sets.items()} == {
-            int(p): n for p, n in sidecar["folds"][k]["train_subjects_by_fraction"].items()}
+            int(p): n for p, n in sidecar["folds"][k]["train_subjects_by_fraction"].items()
+        }
         assert len(sets[10]) == int(np.ceil(0.1 * len(train)))
         share = train["label"].value_counts(normalize=True)
         for p in (10, 30, 50, 70):
@@ -152,6 +164,7 @@ def test_tiny_fraction_keeps_one_subject():
 
 
 # --- determinism and stability ---
+
 
 def test_same_inputs_give_identical_files_and_another_seed_differs(tmp_path):
     table = cohort()
@@ -195,12 +208,17 @@ def test_moved_subjects_names_who_changed_fold():
 
 # --- QC gating and overrides ---
 
+
 def test_qc_failed_scan_is_left_out_with_its_reason():
     qc = {"sub-S001": (False, "bet: brain_volume_ml=412")}
     manifest, sidecar = manifest_of(qc=qc)
     assert "sub-S001" not in set(manifest["scan"])
-    assert {"scan": "sub-S001", "subject": "S001", "session": "",
-            "reason": "QC failed: bet: brain_volume_ml=412"} in sidecar["exclusions"]
+    assert {
+        "scan": "sub-S001",
+        "subject": "S001",
+        "session": "",
+        "reason": "QC failed: bet: brain_volume_ml=412",
+    } in sidecar["exclusions"]
 
 
 def test_override_include_brings_back_a_qc_failure_and_is_recorded():
@@ -209,9 +227,16 @@ def test_override_include_brings_back_a_qc_failure_and_is_recorded():
     row = manifest[manifest["scan"] == "sub-S001"]
     assert len(row) == 1 and row["override"].item() == "include"
     assert (manifest.loc[manifest["scan"] != "sub-S001", "override"] == "").all()
-    assert sidecar["overrides"] == [{"scan": "sub-S001", "subject": "S001", "session": "",
-                                     "action": "include", "reason": "checked by eye",
-                                     "applied": True}]
+    assert sidecar["overrides"] == [
+        {
+            "scan": "sub-S001",
+            "subject": "S001",
+            "session": "",
+            "action": "include",
+            "reason": "checked by eye",
+            "applied": True,
+        }
+    ]
     assert not any(e["scan"] == "sub-S001" for e in sidecar["exclusions"])
 
 
@@ -253,17 +278,22 @@ def test_bad_input_and_missing_label_are_listed_not_split():
     manifest, sidecar = manifest_of(table, overrides={"sub-S002": "include"})
     assert not {"sub-S002", "sub-S003"} & set(manifest["scan"])
     reasons = {e["scan"]: e["reason"] for e in sidecar["exclusions"]}
-    assert reasons == {"sub-S002": "excluded as bad input: image is all zeros",
-                       "sub-S003": "missing diagnosis label"}
+    assert reasons == {
+        "sub-S002": "excluded as bad input: image is all zeros",
+        "sub-S003": "missing diagnosis label",
+    }
     assert sidecar["overrides"][0]["applied"] is False
     assert "bad input" in sidecar["overrides"][0]["note"]
 
 
 def test_load_qc_reads_provenance_records(tmp_path):
-    for scan, ok, failures in [("sub-S001", False, ["bet: brain_volume_ml=412"]),
-                               ("sub-S002", True, [])]:
-        (tmp_path / f"{scan}.json").write_text(json.dumps(
-            {"scan": scan, "dataset": "adni", "qc_passed": ok, "qc_failures": failures}))
+    for scan, ok, failures in [
+        ("sub-S001", False, ["bet: brain_volume_ml=412"]),
+        ("sub-S002", True, []),
+    ]:
+        (tmp_path / f"{scan}.json").write_text(
+            json.dumps({"scan": scan, "dataset": "adni", "qc_passed": ok, "qc_failures": failures})
+        )
     qc = load_qc(sorted(tmp_path.glob("*.json")), dataset="adni")
     assert qc == {"sub-S001": (False, "bet: brain_volume_ml=412"), "sub-S002": (True, "")}
     assert load_qc(sorted(tmp_path.glob("*.json")), dataset="oasis") == {}
@@ -271,8 +301,9 @@ def test_load_qc_reads_provenance_records(tmp_path):
 
 def test_load_overrides(tmp_path):
     path = tmp_path / "overrides.tsv"
-    path.write_text("scan\taction\treason\n"
-                    "sub-S001\tinclude\tfine by eye\nsub-S004\texclude\tmotion\n")
+    path.write_text(
+        "scan\taction\treason\nsub-S001\tinclude\tfine by eye\nsub-S004\texclude\tmotion\n"
+    )
     assert load_overrides(path) == {"sub-S001": "include", "sub-S004": "exclude"}
     assert load_overrides(path, reasons=True)["sub-S004"] == ("exclude", "motion")
 
@@ -280,8 +311,9 @@ def test_load_overrides(tmp_path):
 def test_load_overrides_names_file_and_line_of_a_bad_action(tmp_path):
     path = tmp_path / "overrides.tsv"
     path.write_text("scan\taction\treason\nsub-S001\tinclude\tok\nsub-S004\tdrop\tmotion\n")
-    with pytest.raises(CohortError,
-                       match=r"overrides.tsv line 3: action 'drop' for scan 'sub-S004'"):
+    with pytest.raises(
+        CohortError, match=r"overrides.tsv line 3: action 'drop' for scan 'sub-S004'"
+    ):
         load_overrides(path)
 
 
@@ -294,16 +326,23 @@ def test_load_overrides_names_a_missing_column(tmp_path):
 
 # --- segmentation ---
 
+
 def test_segmentation_splits_without_labels():
     rows = []
     for i in range(12):
         row = dict.fromkeys(COLUMNS, "")
-        row.update(dataset="brats", kind="brats", subject=f"BraTS20Training{i:03d}",
-                   scan=f"BraTS20_Training_{i:03d}", status="ok")
+        row.update(
+            dataset="brats",
+            kind="brats",
+            subject=f"BraTS20Training{i:03d}",
+            scan=f"BraTS20_Training_{i:03d}",
+            status="ok",
+        )
         rows.append(row)
     table = pd.DataFrame(rows, columns=COLUMNS)
-    manifest, sidecar = make_manifest(table, dataset="brats", task="segmentation", n_folds=3,
-                                      paths=paths_of(table))
+    manifest, sidecar = make_manifest(
+        table, dataset="brats", task="segmentation", n_folds=3, paths=paths_of(table)
+    )
     assert (manifest["label"] == "").all()
     assert sorted(manifest["fold"].value_counts()) == [4, 4, 4]
     assert "class_counts" not in sidecar["folds"][0] and "label_map" not in sidecar
@@ -311,14 +350,18 @@ def test_segmentation_splits_without_labels():
 
 # --- bad input ---
 
+
 def test_fewer_subjects_than_folds():
     with pytest.raises(MedtxError, match=r"dataset 'adni': 4 subjects are fewer than the 5 folds"):
         manifest_of(cohort(n=4))
 
 
 def test_fewer_subjects_than_classes_times_folds():
-    with pytest.raises(MedtxError, match=r"12 subjects are too few to stratify 3 classes into "
-                                         r"5 folds \(need ≥ 15\)"):
+    with pytest.raises(
+        MedtxError,
+        match=r"12 subjects are too few to stratify 3 classes into "
+        r"5 folds \(need ≥ 15\)",
+    ):
         manifest_of(cohort(n=12))
 
 
@@ -326,32 +369,38 @@ def test_a_class_too_small_to_stratify():
     table = cohort(n=40)
     ad = sorted(set(table.loc[table["diagnosis"] == "AD", "subject"]))
     table = table[~table["subject"].isin(ad[3:])]
-    with pytest.raises(CohortError, match="too few to stratify: class AD has 3 subjects, "
-                                          "5 folds need ≥ 5"):
+    with pytest.raises(
+        CohortError, match="too few to stratify: class AD has 3 subjects, 5 folds need ≥ 5"
+    ):
         manifest_of(table)
 
 
 def test_unknown_diagnosis_names_value_dataset_and_subject():
     table = cohort()
     table.loc[table["subject"] == "S007", "diagnosis"] = "Dementia"
-    with pytest.raises(CohortError, match=r"dataset 'adni' subject 'S007' scan 'sub-S007': "
-                                          r"diagnosis 'Dementia' is not in the label map"):
+    with pytest.raises(
+        CohortError,
+        match=r"dataset 'adni' subject 'S007' scan 'sub-S007': "
+        r"diagnosis 'Dementia' is not in the label map",
+    ):
         manifest_of(table)
 
 
 def test_non_numeric_age_names_value_and_subject():
     table = cohort()
     table.loc[table["subject"] == "S009", "age"] = "seventy"
-    with pytest.raises(CohortError,
-                       match=r"subject 'S009' scan 'sub-S009': age 'seventy' is not a number"):
+    with pytest.raises(
+        CohortError, match=r"subject 'S009' scan 'sub-S009': age 'seventy' is not a number"
+    ):
         manifest_of(table, task="regression")
 
 
 def test_every_label_missing():
     table = cohort()
     table["diagnosis"] = ""
-    with pytest.raises(MedtxError,
-                       match=r"dataset 'adni': every scan lacks a diagnosis label \(50 scans\)"):
+    with pytest.raises(
+        MedtxError, match=r"dataset 'adni': every scan lacks a diagnosis label \(50 scans\)"
+    ):
         manifest_of(table)
 
 
@@ -363,8 +412,11 @@ def test_too_few_for_two_age_bins():
 def test_given_age_bin_too_small():
     table = cohort(n=40)
     table.loc[table["subject"].isin(["S001", "S002", "S003"]), "age"] = "50"
-    with pytest.raises(CohortError, match=r"too few to stratify: age bin \[-inf, 54\) has 3 "
-                                          r"subjects, 5 folds need ≥ 5"):
+    with pytest.raises(
+        CohortError,
+        match=r"too few to stratify: age bin \[-inf, 54\) has 3 "
+        r"subjects, 5 folds need ≥ 5",
+    ):
         manifest_of(table, task="regression", age_bins=[54])
 
 
@@ -380,6 +432,7 @@ def test_bad_arguments_and_missing_paths():
 
 
 # --- the leakage firewall ---
+
 
 def two_manifests():
     adni, _ = manifest_of(cohort(dataset="adni"), dataset="adni")
@@ -407,8 +460,10 @@ def test_a_subject_in_two_splits_of_a_fold_is_named():
     other = bad[bad["subject"] == subject].iloc[[0]].copy()
     other["role_0"] = "train"
     bad = pd.concat([bad, other], ignore_index=True)
-    expected = (rf"adni:{subject} is in more than one split of manifest 0 \(adni\): "
-                rf"fold 0: train \(adni:{subject}\) and test \(adni:{subject}\)")
+    expected = (
+        rf"adni:{subject} is in more than one split of manifest 0 \(adni\): "
+        rf"fold 0: train \(adni:{subject}\) and test \(adni:{subject}\)"
+    )
     with pytest.raises(LeakageError, match=expected):
         check_leakage([bad], [])
 
@@ -421,8 +476,12 @@ def test_a_pretraining_subject_in_val_or_test_is_named():
     with pytest.raises(LeakageError) as err:
         check_leakage({"adni_cls": adni, "oasis_age": oasis}, pretrain)
     message = str(err.value)
-    assert f"adni:{val} is a pre-training subject (as adni:{val}) and is evaluated in " \
-           f"manifest 'adni_cls': " in message and f"val of fold 2 as adni:{val}" in message
+    assert (
+        f"adni:{val} is a pre-training subject (as adni:{val}) and is evaluated in "
+        f"manifest 'adni_cls': "
+        in message
+        and f"val of fold 2 as adni:{val}" in message
+    )
     assert f"oasis:{test} is a pre-training subject" in message
     assert f"test of fold 1 as oasis:{test}" in message
     # each subject is listed once per manifest, with every fold it is evaluated in
@@ -438,17 +497,22 @@ def test_declared_identity_links_subjects_across_datasets():
     pretrain = [("ukb", "U77")]
     identities = {"P1": ["ukb:U77", f"oasis:{subject}"]}
     assert leakage_report([oasis], pretrain) == []
-    with pytest.raises(LeakageError, match=rf"person 'P1' is a pre-training subject \(as ukb:U77\) "
-                                           rf"and is evaluated in manifest 0 \(oasis\): .*val of "
-                                           rf"fold 3 as oasis:{subject}"):
+    with pytest.raises(
+        LeakageError,
+        match=rf"person 'P1' is a pre-training subject \(as ukb:U77\) "
+        rf"and is evaluated in manifest 0 \(oasis\): .*val of "
+        rf"fold 3 as oasis:{subject}",
+    ):
         check_leakage([oasis], pretrain, identities)
     # one person in train (adni) and test (oasis) of a pooled manifest
     pooled = pd.concat([adni, oasis], ignore_index=True)
     a, o = a_subject_in(adni, "train"), a_subject_in(oasis, "test")
     problems = leakage_report([pooled], [], {"P2": [f"adni:{a}", f"oasis:{o}"]})
     assert len(problems) == 1
-    assert problems[0].startswith(f"person 'P2' is in more than one split of manifest 0 "
-                                  f"(adni, oasis): fold 0: train (adni:{a}) and test (oasis:{o})")
+    assert problems[0].startswith(
+        f"person 'P2' is in more than one split of manifest 0 "
+        f"(adni, oasis): fold 0: train (adni:{a}) and test (oasis:{o})"
+    )
 
 
 def test_bad_identity_declarations():

@@ -140,8 +140,9 @@ def test_constant_slice_embedding_is_encoder_bias():
 def test_masked_encoding_loss_trains_transformer_not_encoders(learned):
     model = build_model("table3", "regression")
     token = MaskToken(d_model=64) if learned else None
-    loss = masked_encoding_loss(model, tiny_volumes(), generator=torch.Generator().manual_seed(0),
-                                mask_token=token)
+    loss = masked_encoding_loss(
+        model, tiny_volumes(), generator=torch.Generator().manual_seed(0), mask_token=token
+    )
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
     assert model.transformer.layers[0].attn.q.weight.grad is not None

@@ -110,8 +110,9 @@ def test_pooled_head_equals_linear_on_3d_map_then_average():
     model = build_model("table3", "classification").double().eval()
     with torch.no_grad():
         feats = model.forward_features(small_volume(dtype=torch.float64, shape=UNEQUAL))
-        torch.testing.assert_close(model.forward_head(feats),
-                                   literal_pooled_logits(model.head, feats.embeddings))
+        torch.testing.assert_close(
+            model.forward_head(feats), literal_pooled_logits(model.head, feats.embeddings)
+        )
 
 
 def test_segmentation_projection_before_upsampling_is_exact():
@@ -133,8 +134,11 @@ def test_gradient_reaches_every_parameter():
     ):
         model = build_model("table3", task)
         loss_fn(model(small_volume(channels=channels))).backward()
-        missing = [n for n, p in model.named_parameters()
-                   if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0]
+        missing = [
+            n
+            for n, p in model.named_parameters()
+            if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
+        ]
         assert not missing, f"{task}: no gradient for {missing}"
 
 
@@ -153,8 +157,9 @@ def test_inflated_encoder_sees_four_copies_of_t1_as_t1():
     copies = slices.repeat(1, 4, 1, 1)
     with torch.no_grad():  # the stem output is 4x larger; the norm after it is scale-free
         torch.testing.assert_close(brats.stem(copies), 4 * t1.stem(slices))
-        torch.testing.assert_close(brats(copies[None])[0], t1(slices[None])[0],
-                                   rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(
+            brats(copies[None])[0], t1(slices[None])[0], rtol=1e-2, atol=1e-2
+        )
 
 
 @pytest.mark.parametrize(

@@ -56,8 +56,15 @@ PARAMS = {"crop": [24, 32, 24], "modalities": ["t1", "t1ce", "t2", "flair"]}
 
 def test_run_brats_writes_four_channels_and_labels(tmp_path):
     images, segp = _case(tmp_path)
-    rec = run_brats(images, segp, image_out=tmp_path / "o.nii.gz", seg_out=tmp_path / "s.nii.gz",
-                    record_out=tmp_path / "r.json", ctx=StepContext(scan="c"), params=PARAMS)
+    rec = run_brats(
+        images,
+        segp,
+        image_out=tmp_path / "o.nii.gz",
+        seg_out=tmp_path / "s.nii.gz",
+        record_out=tmp_path / "r.json",
+        ctx=StepContext(scan="c"),
+        params=PARAMS,
+    )
     out = nib.load(str(tmp_path / "o.nii.gz")).get_fdata()
     assert out.shape == (24, 32, 24, 4)
     assert out.min() == 0.0 and np.allclose(out.reshape(-1, 4).max(axis=0), 1.0)
@@ -72,9 +79,17 @@ def test_run_brats_writes_training_caches_it_records(tmp_path):
     """The float16 channels-first image and the WT/TC/ET masks the models read,
     recorded with their hashes like the step's other outputs."""
     images, segp = _case(tmp_path)
-    rec = run_brats(images, segp, image_out=tmp_path / "o.nii.gz", seg_out=tmp_path / "s.nii.gz",
-                    record_out=tmp_path / "r.json", ctx=StepContext(scan="c"), params=PARAMS,
-                    cache_out=tmp_path / "c.npy", regions_out=tmp_path / "c_regions.npy")
+    rec = run_brats(
+        images,
+        segp,
+        image_out=tmp_path / "o.nii.gz",
+        seg_out=tmp_path / "s.nii.gz",
+        record_out=tmp_path / "r.json",
+        ctx=StepContext(scan="c"),
+        params=PARAMS,
+        cache_out=tmp_path / "c.npy",
+        regions_out=tmp_path / "c_regions.npy",
+    )
     image = np.load(tmp_path / "c.npy")
     assert image.dtype == np.float16 and image.shape == (4, 24, 32, 24)
     channels_last = nib.load(str(tmp_path / "o.nii.gz")).get_fdata()
@@ -82,7 +97,8 @@ def test_run_brats_writes_training_caches_it_records(tmp_path):
     regions = np.load(tmp_path / "c_regions.npy")
     labels = nib.load(str(tmp_path / "s.nii.gz")).get_fdata()
     assert regions.shape == (3, 24, 32, 24)
-    assert [int(r.sum()) for r in regions] == [int(np.isin(labels, v).sum())
-                                               for v in ((1, 2, 4), (1, 4), (4,))]
+    assert [int(r.sum()) for r in regions] == [
+        int(np.isin(labels, v).sum()) for v in ((1, 2, 4), (1, 4), (4,))
+    ]
     outputs = {o["role"]: o for o in rec["outputs"]}
     assert {"cache", "regions"} <= set(outputs) and all(o["sha256"] for o in outputs.values())

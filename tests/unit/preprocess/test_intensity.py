@@ -55,19 +55,32 @@ def test_normalize_writes_the_float16_cache_of_its_output(tmp_path):
     rng = np.random.default_rng(0)
     mask = np.zeros((12, 14, 12), np.float32)
     mask[2:10, 3:11, 2:10] = 1
-    image = write_nifti(tmp_path / "pooled.nii.gz", (rng.random(mask.shape) * 500 * mask).astype(np.float32))
+    image = write_nifti(
+        tmp_path / "pooled.nii.gz", (rng.random(mask.shape) * 500 * mask).astype(np.float32)
+    )
     maskp = write_nifti(tmp_path / "mask.nii.gz", mask)
-    rec = run_normalize(image, maskp, image_out=tmp_path / "preproc.nii.gz",
-                        record_out=tmp_path / "r.json", ctx=StepContext(scan="s"),
-                        params={"within": "brain"}, cache_out=tmp_path / "s.npy")
+    rec = run_normalize(
+        image,
+        maskp,
+        image_out=tmp_path / "preproc.nii.gz",
+        record_out=tmp_path / "r.json",
+        ctx=StepContext(scan="s"),
+        params={"within": "brain"},
+        cache_out=tmp_path / "s.npy",
+    )
     cache = np.load(tmp_path / "s.npy")
     assert cache.dtype == np.float16 and cache.shape == (1, 12, 14, 12)
     preproc = nib.load(str(tmp_path / "preproc.nii.gz")).get_fdata()
     assert np.allclose(cache[0], preproc, atol=1e-3) and cache.max() == 1.0
     assert [o["role"] for o in rec["outputs"]] == ["preproc", "cache"]
-    plain = run_normalize(image, maskp, image_out=tmp_path / "p2.nii.gz",
-                          record_out=tmp_path / "r2.json", ctx=StepContext(scan="s"),
-                          params={"within": "brain"})
+    plain = run_normalize(
+        image,
+        maskp,
+        image_out=tmp_path / "p2.nii.gz",
+        record_out=tmp_path / "r2.json",
+        ctx=StepContext(scan="s"),
+        params={"within": "brain"},
+    )
     assert [o["role"] for o in plain["outputs"]] == ["preproc"]  # no cache_out, no cache
 
 
@@ -83,13 +96,22 @@ def test_pool_normalize_writes_both_steps_records(tmp_path):
     rng = np.random.default_rng(2)
     mask = np.zeros((16, 18, 16), np.float32)
     mask[3:13, 4:14, 3:13] = 1
-    image = write_nifti(tmp_path / "n4.nii.gz", (rng.random(mask.shape) * 900 * mask).astype(np.float32))
+    image = write_nifti(
+        tmp_path / "n4.nii.gz", (rng.random(mask.shape) * 900 * mask).astype(np.float32)
+    )
     maskp = write_nifti(tmp_path / "mask.nii.gz", mask)
     pool, norm = run_pool_normalize(
-        image, maskp, pooled_out=tmp_path / "pooled.nii.gz", mask_out=tmp_path / "pmask.nii.gz",
-        pool_record_out=tmp_path / "pool.json", image_out=tmp_path / "preproc.nii.gz",
-        record_out=tmp_path / "norm.json", cache_out=tmp_path / "s.npy", ctx=StepContext(scan="s"),
-        params={"pool": {"factor": 2}, "normalize": {"within": "brain"}})
+        image,
+        maskp,
+        pooled_out=tmp_path / "pooled.nii.gz",
+        mask_out=tmp_path / "pmask.nii.gz",
+        pool_record_out=tmp_path / "pool.json",
+        image_out=tmp_path / "preproc.nii.gz",
+        record_out=tmp_path / "norm.json",
+        cache_out=tmp_path / "s.npy",
+        ctx=StepContext(scan="s"),
+        params={"pool": {"factor": 2}, "normalize": {"within": "brain"}},
+    )
     assert (pool["step"], norm["step"]) == ("pool", "normalize")
     assert pool["params"] == {"factor": 2} and norm["params"] == {"within": "brain"}
     assert pool["qc"]["metrics"]["shape"] == [8, 9, 8] == norm["qc"]["metrics"]["shape"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import medtx.provenance.audit
-from medtx.provenance.audit import audit, audit_outputs, format_audit, main_audit
 from medtx.io import save_nifti
+from medtx.provenance.audit import audit, audit_outputs, format_audit, main_audit
 from medtx.provenance.records import StepRecord, merge_scan
 
 
@@ -26,8 +26,14 @@ def make_scan(root, scan, *, relative=False):
             rec.add_output("mask", save_nifti(np.ones((6, 6, 6)), np.eye(4), d / "mask.nii.gz"))
         rec.finish(d / f"{step}.json")
         files[step] = out
-    merge_scan([d / "bet.json", d / "n4.json"], d / f"{scan}_provenance.json", scan=scan,
-               dataset="demo", subject=scan[4:], session=None)
+    merge_scan(
+        [d / "bet.json", d / "n4.json"],
+        d / f"{scan}_provenance.json",
+        scan=scan,
+        dataset="demo",
+        subject=scan[4:],
+        session=None,
+    )
     return files
 
 
@@ -98,8 +104,19 @@ def test_relative_paths_resolve_against_base_dir(tmp_path, monkeypatch):
 
 def test_format_audit():
     assert "all 3 recorded" in format_audit([], 3)
-    text = format_audit([{"path": "a.nii.gz", "scan": "s", "step": "n4", "status": "missing",
-                          "recorded_sha256": "f" * 64, "current_sha256": None}], 3)
+    text = format_audit(
+        [
+            {
+                "path": "a.nii.gz",
+                "scan": "s",
+                "step": "n4",
+                "status": "missing",
+                "recorded_sha256": "f" * 64,
+                "current_sha256": None,
+            }
+        ],
+        3,
+    )
     assert text.splitlines()[0].startswith("MISSING  a.nii.gz  (scan s, step n4)")
     assert "1 changed" not in text and "0 changed, 1 missing" in text
 

@@ -2,10 +2,8 @@
 
 import json
 
-import pytest
-
-from medtx.provenance.records import StepRecord, merge_scan
 from medtx.provenance.qc import judge
+from medtx.provenance.records import StepRecord, merge_scan
 
 
 def make_step(tmp_path, step, metrics, name=None):
@@ -38,12 +36,20 @@ def test_judge_uses_thresholds():
 
 
 def test_merge_judges_and_lists_failures(tmp_path):
-    files = [make_step(tmp_path, "bet", {"brain_volume_ml": 1200.0}),
-             make_step(tmp_path, "flirt", {"ncc_template": 0.1}),
-             make_step(tmp_path, "n4", {"bias_ratio": 1.3})]
-    rec = merge_scan(files, tmp_path / "p.json", scan="sub-01", dataset="d", subject="01",
-                     session=None, qc={"brain_volume_ml": [700, 2300], "ncc_min": 0.25,
-                                       "bias_max_ratio": 3.0})
+    files = [
+        make_step(tmp_path, "bet", {"brain_volume_ml": 1200.0}),
+        make_step(tmp_path, "flirt", {"ncc_template": 0.1}),
+        make_step(tmp_path, "n4", {"bias_ratio": 1.3}),
+    ]
+    rec = merge_scan(
+        files,
+        tmp_path / "p.json",
+        scan="sub-01",
+        dataset="d",
+        subject="01",
+        session=None,
+        qc={"brain_volume_ml": [700, 2300], "ncc_min": 0.25, "bias_max_ratio": 3.0},
+    )
     assert rec["qc_passed"] is False
     assert rec["qc_failures"] == ["flirt: ncc_template=0.1"]
     assert [s["qc"]["passed"] for s in rec["steps"]] == [True, False, True]
@@ -51,11 +57,12 @@ def test_merge_judges_and_lists_failures(tmp_path):
 
 def chain_records(tmp_path, image, *, subject="01", session="2"):
     """Step records of a T1 chain whose files are all ``image``, as the steps record them."""
-    from medtx.provenance.collect import T1_PANELS
     from medtx.preprocess.context import StepContext
+    from medtx.provenance.collect import T1_PANELS
 
-    ctx = StepContext(scan=f"sub-{subject}_ses-{session}", dataset="d", subject=subject,
-                      session=session)
+    ctx = StepContext(
+        scan=f"sub-{subject}_ses-{session}", dataset="d", subject=subject, session=session
+    )
     roles = {}
     for _, *files in T1_PANELS:
         for step, direction, role in files:
@@ -75,7 +82,11 @@ def test_merge_takes_the_scan_identity_from_the_records(tmp_path, tiny_t1):
     files = chain_records(tmp_path, tiny_t1)
     rec = merge_scan(files, tmp_path / "p.json")
     assert (rec["scan"], rec["dataset"], rec["subject"], rec["session"]) == (
-        "sub-01_ses-2", "d", "01", "2")
+        "sub-01_ses-2",
+        "d",
+        "01",
+        "2",
+    )
     assert merge_scan(files, tmp_path / "q.json", subject="x")["subject"] == "x"
 
 
@@ -94,8 +105,22 @@ def test_collect_draws_the_recorded_files(tmp_path, tiny_t1):
     assert {p[1] for p in panels} == {str(tiny_t1)}
 
     png, out = tmp_path / "qc.png", tmp_path / "prov.json"
-    assert main(["collect", "--record", *map(str, files), "--thumbnail", str(png),
-                 "--qc", "{}", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "--record",
+                *map(str, files),
+                "--thumbnail",
+                str(png),
+                "--qc",
+                "{}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with Image.open(png) as im:
         assert im.size[::-1] == thumbnail_shape(len(T1_PANELS))
     assert json.loads(out.read_text())["thumbnail"] == str(png)
@@ -108,22 +133,36 @@ def test_collect_names_a_step_that_did_not_record_a_file(tmp_path, tiny_t1, caps
     data = json.loads(files[2].read_text())  # n4
     data["outputs"] = []
     files[2].write_text(json.dumps(data))
-    assert main(["collect", "--record", *map(str, files), "--thumbnail",
-                 str(tmp_path / "qc.png"), "--out", str(tmp_path / "p.json")]) == 1
+    assert (
+        main(
+            [
+                "collect",
+                "--record",
+                *map(str, files),
+                "--thumbnail",
+                str(tmp_path / "qc.png"),
+                "--out",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "no output 'n4' of step 'n4'" in err
     assert not (tmp_path / "p.json").exists()
 
 
 def test_brats_panels_show_each_recorded_modality_with_the_tumour(tmp_path, tiny_t1):
-    from medtx.provenance.collect import brats_panels
     from medtx.preprocess.context import StepContext
+    from medtx.provenance.collect import brats_panels
 
     rec = StepContext(scan="sub-c1").record("brats", {"modalities": ["t1", "flair"]})
     rec.add_output("preproc", tiny_t1)
     rec.add_output("seg", tiny_t1)
     step = rec.finish(tmp_path / "brats.json")
-    assert brats_panels([step]) == [("t1 + tumour", f"{tiny_t1}#0", str(tiny_t1)),
-                                     ("flair + tumour", f"{tiny_t1}#1", str(tiny_t1))]
+    assert brats_panels([step]) == [
+        ("t1 + tumour", f"{tiny_t1}#0", str(tiny_t1)),
+        ("flair + tumour", f"{tiny_t1}#1", str(tiny_t1)),
+    ]
     step["outputs"] = step["outputs"][:1]  # a case without labels: no outline
     assert [p[2] for p in brats_panels([step])] == [None, None]

@@ -12,14 +12,16 @@ import pytest
 from medtx.errors import MedtxError
 from medtx.io import save_nifti, write_text
 from medtx.provenance.records import StepRecord, check, merge_scan
-from medtx.provenance.thumbnails import scan_thumbnails
 from medtx.provenance.report import build_report, load_scan_records, methods_paragraph
+from medtx.provenance.thumbnails import scan_thumbnails
 
 SETTINGS = {
     "backend": "ants",
     "bet": {"fsl": {"frac": 0.5, "robust": True}, "ants": {"type_of_transform": "AffineFast"}},
-    "flirt": {"fsl": {"dof": 12, "cost": "corratio"},
-              "ants": {"type_of_transform": "Affine", "aff_iterations": [2100, 1200, 1200, 10]}},
+    "flirt": {
+        "fsl": {"dof": 12, "cost": "corratio"},
+        "ants": {"type_of_transform": "Affine", "aff_iterations": [2100, 1200, 1200, 10]},
+    },
     "n4": {"masked": True, "shrink_factor": 4, "iterations": [50, 50, 50, 50], "tol": 1e-7},
     "pool": {"factor": 2},
     "normalize": {"method": "minmax", "within": "brain"},
@@ -38,19 +40,28 @@ def make_scan(root, dataset, subject, *, volume_ml=1350.0, thumbnail=True, sessi
     brain = save_nifti(rng.normal(size=(8, 8, 8)), np.eye(4), d / f"{scan}_desc-brain_T1w.nii.gz")
     n4 = save_nifti(rng.normal(size=(8, 8, 8)), np.eye(4), d / f"{scan}_desc-n4_T1w.nii.gz")
 
-    bet = StepRecord("bet", scan=scan, backend="ants", params={"type_of_transform": "AffineFast"},
-                     seed=42, dataset=dataset)
+    bet = StepRecord(
+        "bet",
+        scan=scan,
+        backend="ants",
+        params={"type_of_transform": "AffineFast"},
+        seed=42,
+        dataset=dataset,
+    )
     bet.set_tool("antspyx", "0.6.3")
     bet.add_input("t1", raw)
     bet.call("ants.registration", type_of_transform="AffineFast")
     bet.call("ants.apply_transforms", interpolator="nearestNeighbor")
     bet.add_output("brain", brain)
-    bet.set_qc({"brain_volume_ml": volume_ml},
-               [check("brain_volume_ml", volume_ml, minimum=800, maximum=2200)])
+    bet.set_qc(
+        {"brain_volume_ml": volume_ml},
+        [check("brain_volume_ml", volume_ml, minimum=800, maximum=2200)],
+    )
     bet.finish(d / "bet.json")
 
-    n4s = StepRecord("n4", scan=scan, backend="ants", params={"shrink_factor": 4}, seed=42,
-                     dataset=dataset)
+    n4s = StepRecord(
+        "n4", scan=scan, backend="ants", params={"shrink_factor": 4}, seed=42, dataset=dataset
+    )
     n4s.set_tool("antspyx", "0.6.3")
     n4s.add_input("brain", brain)
     n4s.command("echo 'n4 <quoted> & done'")
@@ -62,8 +73,15 @@ def make_scan(root, dataset, subject, *, volume_ml=1350.0, thumbnail=True, sessi
     if thumbnail:
         png = scan_thumbnails([("raw", raw, None)], d / f"{scan}_qc.png")
         extra["thumbnail"] = str(png.relative_to(root))
-    return merge_scan([d / "bet.json", d / "n4.json"], d / f"{scan}_provenance.json",
-                      scan=scan, dataset=dataset, subject=subject, session=session, extra=extra)
+    return merge_scan(
+        [d / "bet.json", d / "n4.json"],
+        d / f"{scan}_provenance.json",
+        scan=scan,
+        dataset=dataset,
+        subject=subject,
+        session=session,
+        extra=extra,
+    )
 
 
 @pytest.fixture
@@ -73,15 +91,23 @@ def cohort(tmp_path):
         make_scan(tmp_path, "demo_adni", "a01", volume_ml=500.0),  # fails QC
         make_scan(tmp_path, "demo_adni", "<script>alert(1)</script>", thumbnail=False),
     ]
-    exclusions = [{"dataset": "demo_adni", "subject": "a09", "session": None,
-                   "path": "data/a09.nii.gz", "reason": "brain_volume_ml=310 below 800"}]
+    exclusions = [
+        {
+            "dataset": "demo_adni",
+            "subject": "a09",
+            "session": None,
+            "path": "data/a09.nii.gz",
+            "reason": "brain_volume_ml=310 below 800",
+        }
+    ]
     return tmp_path, recs, exclusions
 
 
 def _render(cohort, **kw):
     root, recs, exclusions = cohort
-    out = build_report(recs, exclusions, SETTINGS, root / "report" / "report.html",
-                       base_dir=root, **kw)
+    out = build_report(
+        recs, exclusions, SETTINGS, root / "report" / "report.html", base_dir=root, **kw
+    )
     return out.read_text()
 
 
@@ -168,8 +194,15 @@ def test_methods_paragraph_follows_settings():
     assert methods_paragraph(extra, VERSIONS) != ants
 
 
-@pytest.mark.parametrize("settings", [{}, {"backend": "fsl"}, {"backend": "ants", "bet": None},
-                                      {"backend": "ants", "n4": {}, "pool": {"factor": "two"}}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"backend": "fsl"},
+        {"backend": "ants", "bet": None},
+        {"backend": "ants", "n4": {}, "pool": {"factor": "two"}},
+    ],
+)
 def test_methods_paragraph_survives_missing_keys(settings):
     text = methods_paragraph(settings, {})
     assert text.startswith("Images were preprocessed") and text.endswith(".")

@@ -47,8 +47,15 @@ def scan(tmp_path):
     paff[:3, 3] += 0.5
     pool = save_nifti(pooled, paff, tmp_path / "pool.nii.gz")
     pool_mask = save_nifti(pmask, paff, tmp_path / "pool_mask.nii.gz", dtype=np.uint8)
-    return {"vol": vol, "mask": msk, "pool": pool, "pool_mask": pool_mask,
-            "affine": affine, "data": data, "maskdata": mask}
+    return {
+        "vol": vol,
+        "mask": msk,
+        "pool": pool,
+        "pool_mask": pool_mask,
+        "affine": affine,
+        "data": data,
+        "maskdata": mask,
+    }
 
 
 def _rgb(path):
@@ -65,17 +72,22 @@ def _row_slice(row, cell=CELL_PX):
 
 
 def test_png_size_and_red_outline_only_where_a_mask_is_given(scan, tmp_path):
-    out = scan_thumbnails([("brain", scan["vol"], scan["mask"]), ("raw", scan["vol"], None)],
-                          tmp_path / "qc" / "sub-01_qc.png")
+    out = scan_thumbnails(
+        [("brain", scan["vol"], scan["mask"]), ("raw", scan["vol"], None)],
+        tmp_path / "qc" / "sub-01_qc.png",
+    )
     assert out == tmp_path / "qc" / "sub-01_qc.png"
     rgb = _rgb(out)
-    assert rgb.shape[:2] == thumbnail_shape(2) == (HEADER_PX + 2 * (LABEL_PX + CELL_PX),
-                                                   3 * CELL_PX + 4)
+    assert (
+        rgb.shape[:2]
+        == thumbnail_shape(2)
+        == (HEADER_PX + 2 * (LABEL_PX + CELL_PX), 3 * CELL_PX + 4)
+    )
     red = _red(rgb)
     assert red[_row_slice(0)].sum() > 50  # outline in all three planes of row 0
     for col in range(3):
         x = col * (CELL_PX + 2)
-        assert red[_row_slice(0), x:x + CELL_PX].any()
+        assert red[_row_slice(0), x : x + CELL_PX].any()
     assert not red[_row_slice(1)].any()
     assert out.stat().st_size < 150_000
     assert not list(tmp_path.joinpath("qc").glob(".*tmp*"))  # atomic write left no temp file
@@ -120,13 +132,14 @@ def test_canonical_orientation_puts_superior_up(tmp_path):
         assert np.allclose(cdata, data), name
         sag, cor, axi = plane_slices(cdata, caff)
         for s in (sag, cor):
-            top, bottom = s.image[: s.image.shape[0] // 2], s.image[s.image.shape[0] // 2:]
+            top, bottom = s.image[: s.image.shape[0] // 2], s.image[s.image.shape[0] // 2 :]
             assert top.sum() > 0 and bottom.sum() == 0, (name, s.plane)
     # and through the whole PNG: the sagittal cell is bright at the top only
     path = save_nifti(data[:, :, ::-1], flipped, tmp_path / "flip.nii.gz")
-    cell = _rgb(scan_thumbnails([("flip", path, None)], tmp_path / "f.png"))[_row_slice(0),
-                                                                            :CELL_PX, 0]
-    assert cell[: CELL_PX // 2].max() > 200 and cell[CELL_PX // 2:].max() < 50
+    cell = _rgb(scan_thumbnails([("flip", path, None)], tmp_path / "f.png"))[
+        _row_slice(0), :CELL_PX, 0
+    ]
+    assert cell[: CELL_PX // 2].max() > 200 and cell[CELL_PX // 2 :].max() < 50
 
 
 def test_aspect_follows_voxel_size():

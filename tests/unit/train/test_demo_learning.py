@@ -17,8 +17,16 @@ pytestmark = pytest.mark.slow
 
 LABELS = {"CN": 0, "MCI": 1, "AD": 2}
 SPEC = {"n_subjects": 30, "seed": 5, "age": [55, 90], "prefix": "s"}
-CONFIG = {"downsample": 4, "epochs": 20, "patience": 20, "lr": 3e-4, "batch_size": 2,
-          "threads": 1, "seed": 42, "label_map": LABELS}
+CONFIG = {
+    "downsample": 4,
+    "epochs": 20,
+    "patience": 20,
+    "lr": 3e-4,
+    "batch_size": 2,
+    "threads": 1,
+    "seed": 42,
+    "label_map": LABELS,
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +39,15 @@ def cohort(tmp_path_factory):
     items = {"train": [], "val": [], "test": []}
     for i, row in enumerate(rows):
         acq = demo.t1_acquisition(row, SPEC)
-        t1, _ = demo.apply_atrophy(tpl.t1, tpl.labels, acq["severity"], maps,
-                                   ventricle_severity=acq["ventricle_severity"])
+        t1, _ = demo.apply_atrophy(
+            tpl.t1, tpl.labels, acq["severity"], maps, ventricle_severity=acq["ventricle_severity"]
+        )
         volume = minmax(average_pool(t1 * tpl.mask, 2), brain)
         path = root / f"{row['subject']}.npy"
         np.save(path, volume[None].astype(np.float16))
         items[("train", "val", "test")[i % 3]].append(
-            {"scan": row["subject"], "subject": row["subject"], "image": str(path), "row": row})
+            {"scan": row["subject"], "subject": row["subject"], "image": str(path), "row": row}
+        )
     return root, items
 
 
@@ -48,9 +58,14 @@ def labelled(items, key):
 def run(tmp_path, cohort, task, key):
     _, items = cohort
     sets = [labelled(items[r], key) for r in ("train", "val", "test")]
-    result = finetune(task, *sets, out=tmp_path / f"{task}.pt",
-                      predictions_out=tmp_path / f"{task}.tsv", config=CONFIG,
-                      log=lambda _: None)
+    result = finetune(
+        task,
+        *sets,
+        out=tmp_path / f"{task}.pt",
+        predictions_out=tmp_path / f"{task}.tsv",
+        config=CONFIG,
+        log=lambda _: None,
+    )
     return sets, result.extra["metrics"]
 
 

@@ -4,6 +4,7 @@ A toy network with dropout and a loss that draws from the step's generators keep
 these tests fast while exercising every RNG the real stages use.
 """
 
+import dataclasses
 import os
 import signal
 
@@ -17,6 +18,7 @@ from medtx.errors import ConfigError, MedtxError
 from medtx.train.loop import (
     CHECKPOINT_FORMAT,
     MODEL_FORMAT,
+    TrainState,
     config_hash,
     epoch_batches,
     epoch_order,
@@ -26,8 +28,16 @@ from medtx.train.loop import (
     train,
 )
 
-BASE = {"lr": 1e-2, "lr_decay": 0.9, "epochs": 3, "patience": 10, "batch_size": 4,
-        "seed": 7, "log_every": 1, "threads": 1}
+BASE = {
+    "lr": 1e-2,
+    "lr_decay": 0.9,
+    "epochs": 3,
+    "patience": 10,
+    "batch_size": 4,
+    "seed": 7,
+    "log_every": 1,
+    "threads": 1,
+}
 
 
 def toy_data(n=10, seed=0):
@@ -57,8 +67,15 @@ def val_metric(data):
 def run(tmp_path, name, config=BASE, lines=None, **kw):
     data = toy_data()
     kw.setdefault("validate", val_metric(toy_data(6, seed=1)))
-    return train(toy_model(), data, loss_fn=toy_loss, out=tmp_path / name, config=config,
-                 log=(lines.append if lines is not None else lambda _: None), **kw)
+    return train(
+        toy_model(),
+        data,
+        loss_fn=toy_loss,
+        out=tmp_path / name,
+        config=config,
+        log=(lines.append if lines is not None else lambda _: None),
+        **kw,
+    )
 
 
 def states_close(a, b, atol=1e-6):
@@ -100,10 +117,13 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path):
     final_whole = load_state(tmp_path / "whole.pt")
     final_cut = load_state(tmp_path / "cut.pt")
     states_close(final_whole["model"], final_cut["model"])
-    states_close(torch.load(last_path(tmp_path / "whole.pt"), weights_only=True)["model"],
-                 torch.load(last_path(tmp_path / "cut.pt"), weights_only=True)["model"])
+    states_close(
+        torch.load(last_path(tmp_path / "whole.pt"), weights_only=True)["model"],
+        torch.load(last_path(tmp_path / "cut.pt"), weights_only=True)["model"],
+    )
     assert [h["train_loss"] for h in whole.history] == pytest.approx(
-        [h["train_loss"] for h in rest.history], abs=1e-6)
+        [h["train_loss"] for h in rest.history], abs=1e-6
+    )
 
 
 def test_interrupt_at_an_epoch_end_resumes_at_the_next_epoch(tmp_path):
@@ -111,8 +131,9 @@ def test_interrupt_at_an_epoch_end_resumes_at_the_next_epoch(tmp_path):
     assert cut.status == "interrupted"
     rest = run(tmp_path, "cut.pt")
     whole = run(tmp_path, "whole.pt")
-    states_close(load_state(tmp_path / "whole.pt")["model"],
-                 load_state(tmp_path / "cut.pt")["model"])
+    states_close(
+        load_state(tmp_path / "whole.pt")["model"], load_state(tmp_path / "cut.pt")["model"]
+    )
     assert len(rest.history) == len(whole.history) == 3
 
 
@@ -127,21 +148,41 @@ def test_config_mismatch_starts_fresh_with_a_warning(tmp_path):
 
 def test_runtime_keys_do_not_block_a_resume(tmp_path):
     run(tmp_path, "m.pt", max_steps_this_run=4)
-    rest = run(tmp_path, "m.pt", config={**BASE, "threads": 2, "log_every": 5,
-                                         "checkpoint_minutes": 60})
+    rest = run(
+        tmp_path, "m.pt", config={**BASE, "threads": 2, "log_every": 5, "checkpoint_minutes": 60}
+    )
     assert rest.resumed_from == (1, 1)
     assert config_hash({**BASE, "threads": 2}) == config_hash(BASE)
     assert config_hash({**BASE, "seed": 8}) != config_hash(BASE)
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
-    run(tmp_path, "m.pt", metadata={"task": "toy", "subjects": ["d:s1", "d:s2"],
-                                    "fold_sidecar": {"seed": 42, "n_folds": 5}})
+    run(
+        tmp_path,
+        "m.pt",
+        metadata={
+            "task": "toy",
+            "subjects": ["d:s1", "d:s2"],
+            "fold_sidecar": {"seed": 42, "n_folds": 5},
+        },
+    )
     state = torch.load(last_path(tmp_path / "m.pt"), map_location="cpu", weights_only=True)
     assert state["format"] == CHECKPOINT_FORMAT
-    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "global_step",
-                "step_in_epoch", "best_metric", "best_state", "patience_counter", "rng",
-                "history", "config_hash"):
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "global_step",
+        "step_in_epoch",
+        "best_metric",
+        "best_state",
+        "patience_counter",
+        "rng",
+        "history",
+        "config_hash",
+    ):
         assert key in state, key
     final = torch.load(tmp_path / "m.pt", map_location="cpu", weights_only=True)
     assert final["format"] == MODEL_FORMAT and final["status"] == "finished"
@@ -149,6 +190,110 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     assert final["metadata"]["subjects"] == ["d:s1", "d:s2"]
     assert [h["epoch"] for h in final["history"]] == [0, 1, 2]
     assert all(h["seconds"] >= 0 for h in final["history"])
+
+
+# Other modules and saved runs read these layouts: a change must be deliberate.
+LAST_KEYS = [
+    "format",
+    "version",
+    "config_hash",
+    "config",
+    "seed",
+    "seeds",
+    "mode",
+    "model",
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "epoch",
+    "step_in_epoch",
+    "global_step",
+    "epoch_loss_sum",
+    "epoch_volumes",
+    "epoch_steps",
+    "epoch_seconds",
+    "best_metric",
+    "best_epoch",
+    "best_state",
+    "patience_counter",
+    "history",
+    "elapsed_s",
+    "status",
+]
+FINAL_KEYS = [
+    "format",
+    "version",
+    "model",
+    "config",
+    "config_hash",
+    "seed",
+    "seeds",
+    "metadata",
+    "mode",
+    "selected_by",
+    "best_metric",
+    "best_epoch",
+    "epochs_done",
+    "global_step",
+    "status",
+    "history",
+    "elapsed_s",
+    "device",
+    "amp",
+    "torch_version",
+]
+
+
+def test_checkpoint_layouts_are_fixed(tmp_path):
+    run(tmp_path, "m.pt", max_steps_this_run=4)
+    assert list(torch.load(last_path(tmp_path / "m.pt"), weights_only=True)) == LAST_KEYS
+    run(tmp_path, "m.pt")
+    assert list(torch.load(last_path(tmp_path / "m.pt"), weights_only=True)) == LAST_KEYS
+    assert list(torch.load(tmp_path / "m.pt", weights_only=True)) == FINAL_KEYS
+
+
+def test_train_state_round_trips_through_a_checkpoint(tmp_path):
+    state = TrainState(
+        epoch=2,
+        step_in_epoch=1,
+        global_step=7,
+        epoch_loss_sum=1.5,
+        epoch_volumes=4,
+        epoch_steps=1,
+        epoch_seconds=0.25,
+        best_metric=-0.5,
+        best_epoch=1,
+        best_state={"w": torch.arange(3.0)},
+        patience_counter=1,
+        history=[
+            {
+                "epoch": 0,
+                "train_loss": 1.0,
+                "val_metric": None,
+                "lr": 0.01,
+                "steps": 3,
+                "seconds": 0.1,
+                "improved": True,
+            }
+        ],
+        elapsed_s=3.0,
+        status="running",
+    )
+    torch.save(state.to_checkpoint(), tmp_path / "s.pt")
+    back = TrainState.from_checkpoint(torch.load(tmp_path / "s.pt", weights_only=True))
+    assert torch.equal(back.best_state["w"], state.best_state["w"])
+    assert dataclasses.replace(back, best_state=None) == dataclasses.replace(state, best_state=None)
+    # a run's saved state is the tail of <out>.last.pt and reads back to the same entries
+    run(tmp_path, "m.pt", max_steps_this_run=4)
+    saved = torch.load(last_path(tmp_path / "m.pt"), weights_only=True)
+    entries = TrainState.from_checkpoint(saved).to_checkpoint()
+    assert list(saved)[-len(entries) :] == list(entries)
+    assert (entries["epoch"], entries["step_in_epoch"], entries["global_step"]) == (1, 1, 4)
+    for key, value in entries.items():
+        if key != "best_state":
+            assert value == saved[key], key
+    states_close(entries["best_state"], saved["best_state"], atol=0)
 
 
 def test_unreadable_last_checkpoint_starts_fresh(tmp_path):
@@ -167,8 +312,14 @@ def test_time_based_checkpoint_is_written_mid_epoch(tmp_path):
             seen.append(last_path(tmp_path / "m.pt").exists())
         return toy_loss(model, batch, ctx)
 
-    train(toy_model(), toy_data(), loss_fn=loss, out=tmp_path / "m.pt",
-          config={**BASE, "epochs": 1, "checkpoint_minutes": 1e-9}, log=lambda _: None)
+    train(
+        toy_model(),
+        toy_data(),
+        loss_fn=loss,
+        out=tmp_path / "m.pt",
+        config={**BASE, "epochs": 1, "checkpoint_minutes": 1e-9},
+        log=lambda _: None,
+    )
     assert seen == [True]
 
 
@@ -179,8 +330,14 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
         return toy_loss(model, batch, ctx)
 
     before = signal.getsignal(signal.SIGTERM)
-    result = train(toy_model(), toy_data(), loss_fn=loss, out=tmp_path / "m.pt", config=BASE,
-                   log=lambda _: None)
+    result = train(
+        toy_model(),
+        toy_data(),
+        loss_fn=loss,
+        out=tmp_path / "m.pt",
+        config=BASE,
+        log=lambda _: None,
+    )
     assert result.status == "interrupted" and result.global_step == 2
     assert torch.load(last_path(tmp_path / "m.pt"), weights_only=True)["global_step"] == 2
     assert signal.getsignal(signal.SIGTERM) == before
@@ -198,8 +355,14 @@ def test_early_stopping_keeps_the_best_validation_state(tmp_path):
         return next(scripted)
 
     lines = []
-    result = run(tmp_path, "m.pt", config={**BASE, "epochs": 10, "patience": 3},
-                 validate=validate, mode="max", lines=lines)
+    result = run(
+        tmp_path,
+        "m.pt",
+        config={**BASE, "epochs": 10, "patience": 3},
+        validate=validate,
+        mode="max",
+        lines=lines,
+    )
     assert result.status == "early_stopped"
     assert result.epochs_done == 5  # best at epoch 2 (index 1), then 3 without improvement
     assert result.best_epoch == 1 and result.best_metric == 0.9
@@ -257,8 +420,14 @@ def test_nan_loss_raises_with_epoch_and_step(tmp_path):
         return toy_loss(model, batch, ctx) * (float("nan") if ctx.global_step == 2 else 1.0)
 
     with pytest.raises(MedtxError, match=r"training loss is nan at epoch 1, step 3"):
-        train(toy_model(), toy_data(), loss_fn=loss, out=tmp_path / "m.pt", config=BASE,
-              log=lambda _: None)
+        train(
+            toy_model(),
+            toy_data(),
+            loss_fn=loss,
+            out=tmp_path / "m.pt",
+            config=BASE,
+            log=lambda _: None,
+        )
 
 
 def test_cuda_requested_without_cuda_is_an_error(tmp_path):

@@ -7,17 +7,17 @@ import pandas as pd
 import pytest
 import torch
 
+from medtx.data.cache import cache_volume
 from medtx.errors import BadScanError, CohortError, ConfigError, MedtxError
 from medtx.evaluate.metrics import dice, mauc
-from medtx.models import build_model
 from medtx.evaluate.predict import dice_per_case, evaluate_predictions
+from medtx.models import build_model
 from medtx.train.checkpoints import load_pretrained, model_from_checkpoint
 from medtx.train.config import DEFAULTS, resolve_config
 from medtx.train.data import VolumeSet, collate, manifest_items
 from medtx.train.finetune import finetune
-from medtx.train.pretrain import pretrain_exemplar, pretrain_masked
 from medtx.train.loop import last_path, load_state
-from medtx.data.cache import cache_volume
+from medtx.train.pretrain import pretrain_exemplar, pretrain_masked
 from tests.conftest import sphere, write_nifti
 
 TINY = (16, 20, 12)
@@ -46,13 +46,21 @@ def write_items(root, n, *, task="classification", shape=TINY, seed=0, prefix="s
     items = []
     for i in range(n):
         scan = f"{prefix}{i:02d}"
-        item = {"dataset": "toy", "subject": scan, "session": "", "scan": scan,
-                "image": str(root / f"{scan}.npy"), "label": "", "seg": None}
+        item = {
+            "dataset": "toy",
+            "subject": scan,
+            "session": "",
+            "scan": scan,
+            "image": str(root / f"{scan}.npy"),
+            "label": "",
+            "seg": None,
+        }
         if task == "segmentation":
             centre = [rng.uniform(5, s - 5) for s in shape]
             wt, tc, et = (ball(shape, centre, r) for r in (4.5, 3.0, 1.8))
-            image = np.stack([rng.uniform(0, 0.2, shape) + 0.5 * wt * (c + 1) / 4
-                              for c in range(4)])
+            image = np.stack(
+                [rng.uniform(0, 0.2, shape) + 0.5 * wt * (c + 1) / 4 for c in range(4)]
+            )
             np.save(item["image"], image.astype(np.float16))
             item["seg"] = str(root / f"{scan}_regions.npy")
             np.save(item["seg"], np.stack([wt, tc, et]).astype(np.uint8))
@@ -105,7 +113,11 @@ def test_volume_set_reads_the_volumes_cache(tmp_path):
     npy = cache_volume(nifti, tmp_path / "sub-01.npy")
     item = {"scan": "sub-01", "image": str(npy), "label": "1"}
     assert VolumeSet([item], task="classification", downsample=2)[0]["image"].shape == (
-        1, 12, 14, 10)
+        1,
+        12,
+        14,
+        10,
+    )
 
 
 def test_bad_items_are_named(tmp_path):
@@ -123,11 +135,20 @@ def manifest(n=10):
     rows = []
     for i in range(n):
         role = "test" if i < 2 else "val" if i < 4 else "train"
-        rows.append({"dataset": "toy", "subject": f"s{i}", "session": "", "scan": f"sub-s{i}",
-                     "path": f"/data/sub-s{i}_T1w.nii.gz", "label": str(i % 2), "fold": "0",
-                     "override": "", "role_0": role,
-                     "frac_0": ("10" if i < 5 else "50" if i < 7 else "100")
-                     if role == "train" else ""})
+        rows.append(
+            {
+                "dataset": "toy",
+                "subject": f"s{i}",
+                "session": "",
+                "scan": f"sub-s{i}",
+                "path": f"/data/sub-s{i}_T1w.nii.gz",
+                "label": str(i % 2),
+                "fold": "0",
+                "override": "",
+                "role_0": role,
+                "frac_0": ("10" if i < 5 else "50" if i < 7 else "100") if role == "train" else "",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -137,7 +158,10 @@ def test_manifest_items_by_role_and_fraction():
     assert [i["scan"] for i in train] == [f"sub-s{i}" for i in range(4, 10)]
     assert train[0]["image"] == "/data/sub-s4_T1w.npy" and train[0]["seg"] is None
     assert [i["scan"] for i in manifest_items(m, fold=0, role="train", fraction=50)] == [
-        "sub-s4", "sub-s5", "sub-s6"]
+        "sub-s4",
+        "sub-s5",
+        "sub-s6",
+    ]
     assert len(manifest_items(m, fold=0, role="test", fraction=10)) == 2
     custom = manifest_items(m, fold=0, role="val", cache_dir_fn=lambda r: f"c/{r['scan']}.npy")
     assert [i["image"] for i in custom] == ["c/sub-s2.npy", "c/sub-s3.npy"]
@@ -162,11 +186,21 @@ def test_config_keys_are_checked():
 
 def test_finetune_classification_learns_a_blob(tmp_path):
     data = tmp_path / "data"
-    train, val, test = (write_items(data, n, seed=s, prefix=p)
-                        for n, s, p in ((16, 0, "tr"), (8, 1, "va"), (6, 2, "te")))
+    train, val, test = (
+        write_items(data, n, seed=s, prefix=p)
+        for n, s, p in ((16, 0, "tr"), (8, 1, "va"), (6, 2, "te"))
+    )
     cfg = {**FAST, **TWO_CLASSES, "epochs": 3, "patience": 3}
-    result = finetune("classification", train, val, test, out=tmp_path / "m.pt",
-                      predictions_out=tmp_path / "pred.tsv", config=cfg, log=lambda _: None)
+    result = finetune(
+        "classification",
+        train,
+        val,
+        test,
+        out=tmp_path / "m.pt",
+        predictions_out=tmp_path / "pred.tsv",
+        config=cfg,
+        log=lambda _: None,
+    )
     assert result.status == "finished"
     assert result.best_metric > 0.9
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -184,11 +218,21 @@ def test_finetune_classification_learns_a_blob(tmp_path):
 
 def test_finetune_regression_writes_predictions_and_metrics(tmp_path):
     data = tmp_path / "data"
-    train, val, test = (write_items(data, n, task="regression", seed=s, prefix=p)
-                        for n, s, p in ((4, 0, "tr"), (2, 1, "va"), (3, 2, "te")))
-    result = finetune("regression", train, val, test, out=tmp_path / "m.pt",
-                      predictions_out=tmp_path / "pred.tsv", metrics_out=tmp_path / "m.json",
-                      config={**FAST, "epochs": 1, "loss_regression": "mse"}, log=lambda _: None)
+    train, val, test = (
+        write_items(data, n, task="regression", seed=s, prefix=p)
+        for n, s, p in ((4, 0, "tr"), (2, 1, "va"), (3, 2, "te"))
+    )
+    result = finetune(
+        "regression",
+        train,
+        val,
+        test,
+        out=tmp_path / "m.pt",
+        predictions_out=tmp_path / "pred.tsv",
+        metrics_out=tmp_path / "m.json",
+        config={**FAST, "epochs": 1, "loss_regression": "mse"},
+        log=lambda _: None,
+    )
     table = pd.read_csv(tmp_path / "pred.tsv", sep="\t")
     assert list(table.columns) == ["scan", "subject", "label", "prediction"]
     assert table["prediction"].between(0, 150).all()  # de-standardized to years
@@ -201,19 +245,72 @@ def test_finetune_regression_writes_predictions_and_metrics(tmp_path):
     assert result.extra["metrics"]["mae"] == metrics["mae"]
 
 
+def test_finetune_fold_reads_the_cache_index_and_records_the_run(tmp_path):
+    """The workflow's entry point: scans from the manifest, files from the cache index,
+    the run's identity written into metrics.json and the checkpoint."""
+    from medtx.data.cache import write_cache_index
+    from medtx.domain import RunId
+    from medtx.train.finetune import finetune_fold
+
+    items = write_items(tmp_path / "cache", 10, task="regression", prefix="sub-s")
+    table = manifest()
+    table["scan"] = [i["scan"] for i in items]
+    table["label"] = [i["label"] for i in items]
+    manifest_tsv = tmp_path / "toy_task-regression_folds.tsv"
+    table.to_csv(manifest_tsv, sep="\t", index=False)
+    index = write_cache_index(
+        "toy", [i["scan"] for i in items], [i["image"] for i in items], tmp_path / "toy.tsv"
+    )
+    run = RunId("toy", "regression", "scratch", 50, 0)
+    kw = dict(
+        manifest=manifest_tsv,
+        cache_index=index,
+        init_checkpoint=None,
+        out=tmp_path / "model.pt",
+        predictions_out=tmp_path / "predictions.tsv",
+        metrics_out=tmp_path / "metrics.json",
+        config={**FAST, "epochs": 1},
+        metadata={"preprocess_hash": "x"},
+    )
+    finetune_fold(run, **kw)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["run"] == run.as_dict()
+    meta = load_state(tmp_path / "model.pt")["metadata"]
+    assert meta["run"] == run.as_dict() and meta["cache_index"] == str(index)
+    assert meta["train_scans"] == [items[i]["scan"] for i in (4, 5, 6)]  # frac_0 <= 50
+    assert len(pd.read_csv(tmp_path / "predictions.tsv", sep="\t")) == 2  # test fold 0
+    with pytest.raises(MedtxError, match="init 'pretrained' needs the pre-trained checkpoint"):
+        finetune_fold(RunId("toy", "regression", "pretrained", 50, 0), **kw)
+    short = write_cache_index(
+        "toy", [i["scan"] for i in items[:9]], [i["image"] for i in items[:9]], tmp_path / "s.tsv"
+    )
+    with pytest.raises(MedtxError, match=r"s\.tsv: no cache for scan\(s\) \['sub-s09'\]"):
+        finetune_fold(run, **{**kw, "cache_index": short})
+
+
 def test_finetune_segmentation_writes_dice_per_case(tmp_path):
     data = tmp_path / "data"
-    train, val, test = (write_items(data, n, task="segmentation", seed=s, prefix=p)
-                        for n, s, p in ((2, 0, "tr"), (1, 1, "va"), (2, 2, "te")))
-    finetune("segmentation", train, val, test, out=tmp_path / "m.pt",
-             predictions_out=tmp_path / "pred.tsv", config={**FAST, "epochs": 1},
-             log=lambda _: None)
+    train, val, test = (
+        write_items(data, n, task="segmentation", seed=s, prefix=p)
+        for n, s, p in ((2, 0, "tr"), (1, 1, "va"), (2, 2, "te"))
+    )
+    finetune(
+        "segmentation",
+        train,
+        val,
+        test,
+        out=tmp_path / "m.pt",
+        predictions_out=tmp_path / "pred.tsv",
+        config={**FAST, "epochs": 1},
+        log=lambda _: None,
+    )
     table = pd.read_csv(tmp_path / "pred.tsv", sep="\t")
     assert list(table.columns) == ["scan", "subject", "label", "dice_WT", "dice_TC", "dice_ET"]
     assert len(table) == 2 and table[["dice_WT", "dice_TC", "dice_ET"]].stack().between(0, 1).all()
     metrics = json.loads((tmp_path / "pred.json").read_text())
     assert metrics["dice_mean"] == pytest.approx(
-        table[["dice_WT", "dice_TC", "dice_ET"]].to_numpy().mean())
+        table[["dice_WT", "dice_TC", "dice_ET"]].to_numpy().mean()
+    )
     assert load_state(tmp_path / "m.pt")["metadata"]["model_kwargs"]["in_channels"] == 4
 
 
@@ -227,20 +324,31 @@ def test_dice_per_case_matches_metrics_dice():
     for b in range(2):
         for r in range(3):
             assert got[b, r].item() == pytest.approx(
-                dice((logits[b, r] > 0).numpy(), target[b, r].numpy()))
+                dice((logits[b, r] > 0).numpy(), target[b, r].numpy())
+            )
     assert got[1, 2] == 1.0
 
 
 def test_finetune_resume_after_kill_equals_uninterrupted(tmp_path):
     data = tmp_path / "data"
-    train, val, test = (write_items(data, n, seed=s, prefix=p)
-                        for n, s, p in ((8, 0, "tr"), (4, 1, "va"), (2, 2, "te")))
+    train, val, test = (
+        write_items(data, n, seed=s, prefix=p)
+        for n, s, p in ((8, 0, "tr"), (4, 1, "va"), (2, 2, "te"))
+    )
     cfg = {**FAST, **TWO_CLASSES, "epochs": 2}
 
     def go(name, **kw):
-        return finetune("classification", train, val, test, out=tmp_path / f"{name}.pt",
-                        predictions_out=tmp_path / f"{name}.tsv", config=cfg,
-                        log=lambda _: None, **kw)
+        return finetune(
+            "classification",
+            train,
+            val,
+            test,
+            out=tmp_path / f"{name}.pt",
+            predictions_out=tmp_path / f"{name}.tsv",
+            config=cfg,
+            log=lambda _: None,
+            **kw,
+        )
 
     go("whole")
     cut = go("cut", max_steps_this_run=3)  # epoch 2, step 1 of 2
@@ -250,21 +358,33 @@ def test_finetune_resume_after_kill_equals_uninterrupted(tmp_path):
     a, b = load_state(tmp_path / "whole.pt")["model"], load_state(tmp_path / "cut.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole.tsv", sep="\t"),
-                                  pd.read_csv(tmp_path / "cut.tsv", sep="\t"))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "whole.tsv", sep="\t"), pd.read_csv(tmp_path / "cut.tsv", sep="\t")
+    )
 
 
 def test_rewritten_inputs_start_fresh_instead_of_resuming(tmp_path):
     """A job Snakemake reruns on new data must not resume the old data's checkpoint."""
     data = tmp_path / "data"
-    train, val, test = (write_items(data, n, seed=s, prefix=p)
-                        for n, s, p in ((4, 0, "tr"), (2, 1, "va"), (2, 2, "te")))
+    train, val, test = (
+        write_items(data, n, seed=s, prefix=p)
+        for n, s, p in ((4, 0, "tr"), (2, 1, "va"), (2, 2, "te"))
+    )
     cfg = {**FAST, **TWO_CLASSES, "epochs": 2}
     lines = []
 
     def go(**kw):
-        return finetune("classification", train, val, test, out=tmp_path / "m.pt",
-                        predictions_out=tmp_path / "m.tsv", config=cfg, log=lines.append, **kw)
+        return finetune(
+            "classification",
+            train,
+            val,
+            test,
+            out=tmp_path / "m.pt",
+            predictions_out=tmp_path / "m.tsv",
+            config=cfg,
+            log=lines.append,
+            **kw,
+        )
 
     assert go(max_steps_this_run=1).status == "interrupted"
     assert go(max_steps_this_run=1).resumed_from == (0, 1)  # same inputs: a requeue resumes
@@ -285,22 +405,31 @@ def test_pretrain_chain_loads_weights_into_finetune(tmp_path):
     cfg = {**FAST, **TWO_CLASSES, "epochs": 1}
     s1 = pretrain_exemplar(pre, out=tmp_path / "s1.pt", config=cfg, log=lambda _: None)
     assert s1.status == "finished" and s1.global_step == 1
-    s2 = pretrain_masked(pre, init=tmp_path / "s1.pt", out=tmp_path / "s2.pt", config=cfg,
-                         log=lambda _: None)
+    s2 = pretrain_masked(
+        pre, init=tmp_path / "s1.pt", out=tmp_path / "s2.pt", config=cfg, log=lambda _: None
+    )
     assert s2.status == "finished" and s2.global_step == 2
     st1, st2 = (load_state(tmp_path / f"{s}.pt") for s in ("s1", "s2"))
     assert st1["metadata"]["trained"] == ["encoders"]
     assert st1["selected_by"] == "training loss" and st2["metadata"]["init"]["loaded"] == [
-        "encoders"]
+        "encoders"
+    ]
     enc = [k for k in st2["model"] if k.startswith("encoders.")]
     trf = [k for k in st2["model"] if k.startswith("transformer.")]
     assert all(torch.equal(st1["model"][k], st2["model"][k]) for k in enc)  # frozen in stage 2
     assert any(not torch.equal(st1["model"][k], st2["model"][k]) for k in trf)  # trained
 
-    train, val, test = (write_items(data, n, seed=s, prefix=p)
-                        for n, s, p in ((4, 0, "tr"), (2, 1, "va"), (2, 2, "te")))
-    kw = dict(init=tmp_path / "s2.pt", out=tmp_path / "ft.pt",
-              predictions_out=tmp_path / "ft.tsv", config=cfg, log=lambda _: None)
+    train, val, test = (
+        write_items(data, n, seed=s, prefix=p)
+        for n, s, p in ((4, 0, "tr"), (2, 1, "va"), (2, 2, "te"))
+    )
+    kw = dict(
+        init=tmp_path / "s2.pt",
+        out=tmp_path / "ft.pt",
+        predictions_out=tmp_path / "ft.tsv",
+        config=cfg,
+        log=lambda _: None,
+    )
     loaded = finetune("classification", train, val, test, max_steps_this_run=0, **kw)
     assert loaded.status == "interrupted"  # the state as loaded, before any step
     start = torch.load(last_path(tmp_path / "ft.pt"), weights_only=True)["model"]
@@ -317,22 +446,33 @@ def test_pretrain_chain_loads_weights_into_finetune(tmp_path):
 
     # BraTS: the 1-channel stems are inflated over 4 modalities
     seg = write_items(data / "seg", 2, task="segmentation", seed=6)
-    finetune("segmentation", seg[:1], seg[1:], seg[1:], init=tmp_path / "s2.pt",
-             out=tmp_path / "seg.pt", predictions_out=tmp_path / "seg.tsv", config=cfg,
-             max_steps_this_run=0, log=lambda _: None)
+    finetune(
+        "segmentation",
+        seg[:1],
+        seg[1:],
+        seg[1:],
+        init=tmp_path / "s2.pt",
+        out=tmp_path / "seg.pt",
+        predictions_out=tmp_path / "seg.tsv",
+        config=cfg,
+        max_steps_this_run=0,
+        log=lambda _: None,
+    )
     stem = torch.load(last_path(tmp_path / "seg.pt"), weights_only=True)["model"][
-        "encoders.0.stem.weight"]
+        "encoders.0.stem.weight"
+    ]
     assert stem.shape[1] == 4
     for c in range(4):
-        assert torch.equal(stem[:, c:c + 1], st2["model"]["encoders.0.stem.weight"])
+        assert torch.equal(stem[:, c : c + 1], st2["model"]["encoders.0.stem.weight"])
 
 
 def test_learned_mask_token_is_trained_and_saved(tmp_path):
     pre = write_items(tmp_path, 2, seed=5, prefix="pre")
     cfg = {**FAST, "epochs": 1, "mask_token": "learned"}
     pretrain_exemplar(pre, out=tmp_path / "s1.pt", config=cfg, log=lambda _: None)
-    pretrain_masked(pre, init=tmp_path / "s1.pt", out=tmp_path / "s2.pt", config=cfg,
-                    log=lambda _: None)
+    pretrain_masked(
+        pre, init=tmp_path / "s1.pt", out=tmp_path / "s2.pt", config=cfg, log=lambda _: None
+    )
     model, ckpt = model_from_checkpoint(tmp_path / "s2.pt")
     assert ckpt["model"]["mask_token.tokens"].shape == (3, model.d_model)
     assert ckpt["metadata"]["stage"] == "pretrain_masked"
@@ -352,22 +492,46 @@ def test_pretrained_preset_mismatch_is_named(tmp_path):
 
 def test_evaluate_predictions(tmp_path):
     cls = tmp_path / "cls.tsv"
-    pd.DataFrame({"scan": list("abcd"), "subject": list("abcd"), "label": [0, 1, 2, 1],
-                  "prediction": [0, 1, 2, 0], "p_0": [.8, .1, .1, .5], "p_1": [.1, .8, .1, .3],
-                  "p_2": [.1, .1, .8, .2]}).to_csv(cls, sep="\t", index=False)
+    pd.DataFrame(
+        {
+            "scan": list("abcd"),
+            "subject": list("abcd"),
+            "label": [0, 1, 2, 1],
+            "prediction": [0, 1, 2, 0],
+            "p_0": [0.8, 0.1, 0.1, 0.5],
+            "p_1": [0.1, 0.8, 0.1, 0.3],
+            "p_2": [0.1, 0.1, 0.8, 0.2],
+        }
+    ).to_csv(cls, sep="\t", index=False)
     out = evaluate_predictions("classification", cls)
     assert out["n"] == 4 and out["accuracy"] == 0.75 and out["mauc_classes"] == [0, 1, 2]
     assert out["mauc"] == pytest.approx(
-        mauc(np.array([0, 1, 2, 1]), np.array([[.8, .1, .1], [.1, .8, .1], [.1, .1, .8],
-                                               [.5, .3, .2]])))
+        mauc(
+            np.array([0, 1, 2, 1]),
+            np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.5, 0.3, 0.2]]),
+        )
+    )
     reg = tmp_path / "reg.tsv"
-    pd.DataFrame({"scan": ["a", "b"], "subject": ["a", "b"], "label": [60.0, 70.0],
-                  "prediction": [62.0, 69.0]}).to_csv(reg, sep="\t", index=False)
+    pd.DataFrame(
+        {
+            "scan": ["a", "b"],
+            "subject": ["a", "b"],
+            "label": [60.0, 70.0],
+            "prediction": [62.0, 69.0],
+        }
+    ).to_csv(reg, sep="\t", index=False)
     assert evaluate_predictions("regression", reg)["mae"] == pytest.approx(1.5)
     seg = tmp_path / "seg.tsv"
-    pd.DataFrame({"scan": ["a", "b"], "subject": ["a", "b"], "label": ["", ""],
-                  "dice_WT": [0.8, 0.6], "dice_TC": [0.5, 0.7], "dice_ET": [1.0, 0.0]}).to_csv(
-        seg, sep="\t", index=False)
+    pd.DataFrame(
+        {
+            "scan": ["a", "b"],
+            "subject": ["a", "b"],
+            "label": ["", ""],
+            "dice_WT": [0.8, 0.6],
+            "dice_TC": [0.5, 0.7],
+            "dice_ET": [1.0, 0.0],
+        }
+    ).to_csv(seg, sep="\t", index=False)
     out = evaluate_predictions("segmentation", seg)
     assert out["dice_WT"] == pytest.approx(0.7) and out["dice_mean"] == pytest.approx(0.6)
     with pytest.raises(MedtxError, match=r"reg\.tsv: missing column\(s\) \['dice_WT'"):
@@ -388,8 +552,11 @@ def test_cache_index_lists_each_scan_once_with_its_identity(tmp_path):
     assert set(table["dataset"]) == {"adni"}
     plain = read_cache_index(write_cache_index("adni", scans[:1], images[:1], tmp_path / "j.tsv"))
     assert plain["regions"].tolist() == [""]
-    brats = read_cache_index(write_cache_index("brats", ["BraTS20_Training_001"], images[:1],
-                                               tmp_path / "b.tsv", brats=True))
+    brats = read_cache_index(
+        write_cache_index(
+            "brats", ["BraTS20_Training_001"], images[:1], tmp_path / "b.tsv", brats=True
+        )
+    )
     assert brats["subject"].tolist() == ["BraTS20Training001"]
     with pytest.raises(MedtxError, match="2 scans but 3 cached images"):
         write_cache_index("adni", scans[:2], images, tmp_path / "k.tsv")

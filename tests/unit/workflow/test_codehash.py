@@ -22,11 +22,14 @@ def test_hash_covers_every_module_importing_the_stage_loads(stage):
     """What Python really loads when a stage's entry modules are imported (a fresh
     interpreter) is inside the stage's hash; so is every medtx import in those files."""
     entries = codehash.STAGE_ENTRIES[stage]
-    code = ("import importlib, json, sys\n"
-            f"for m in {list(entries)!r}: importlib.import_module(m)\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'medtx')))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {list(entries)!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'medtx')))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = set(json.loads(proc.stdout))
     covered = set(codehash.closure(entries))
@@ -65,7 +68,12 @@ def changed_by(pkg, rel, text="\n"):
 def test_an_edit_deep_in_extraction_changes_the_steps_that_run_it(package_copy):
     # the ants extraction reaches intensity.py through antsio.at_resolution
     assert changed_by(package_copy, "preprocess/intensity.py") == {
-        "bet", "flirt", "n4", "pool_normalize", "brats"}
+        "bet",
+        "flirt",
+        "n4",
+        "pool_normalize",
+        "brats",
+    }
 
 
 def test_an_evaluation_only_module_changes_the_evaluation_hash_alone(package_copy):
@@ -76,7 +84,10 @@ def test_an_evaluation_only_module_changes_the_evaluation_hash_alone(package_cop
 def test_a_shared_module_changes_every_stage_that_imports_it(package_copy):
     assert changed_by(package_copy, "errors.py") == set(STAGES)
     assert changed_by(package_copy, "models/slice_transformer.py") == {
-        "pretrain", "finetune", "evaluate"}
+        "pretrain",
+        "finetune",
+        "evaluate",
+    }
 
 
 def test_a_new_import_is_covered_without_listing_it(package_copy):
@@ -108,8 +119,13 @@ def test_the_command_line_is_in_no_hash_and_each_step_is_its_own_entry():
     from medtx import cli
 
     assert all("cli.py" not in closure_files(s) for s in STAGES)
-    stage_of_step = {"pool_normalize": "pool_normalize", "bet": "bet", "flirt": "flirt",
-                     "n4": "n4", "brats": "brats"}
+    stage_of_step = {
+        "pool_normalize": "pool_normalize",
+        "bet": "bet",
+        "flirt": "flirt",
+        "n4": "n4",
+        "brats": "brats",
+    }
     for step, module in cli.STEP_MODULES.items():
         assert codehash.STAGE_ENTRIES[stage_of_step[step]] == (module,)
 

@@ -4,8 +4,12 @@ import gc
 
 import pytest
 
-from medtx.workflow.hooks import (PLANNING_GC_THRESHOLDS, RUN_GC_THRESHOLDS,
-                            plan_with_fewer_gc_passes, restore_gc)
+from medtx.workflow.hooks import (
+    PLANNING_GC_THRESHOLDS,
+    RUN_GC_THRESHOLDS,
+    plan_with_fewer_gc_passes,
+    restore_gc,
+)
 
 
 @pytest.fixture
