@@ -50,3 +50,12 @@ def test_run_identity_is_checked():
     assert not run.use_transformer and domain.RunId(**run.as_dict()) == run
     with pytest.raises(ValueError, match="task 'diagnosis'.*fraction 0"):
         domain.RunId("adni", "diagnosis", "scratch", 0, 1)
+
+
+def test_the_models_task_type_and_heads_cover_the_tasks():
+    from typing import get_args
+
+    from medtx.models.slice_transformer import TASK_DEFAULTS, Task
+
+    assert get_args(Task) == domain.TASKS
+    assert tuple(TASK_DEFAULTS) == domain.TASKS
