@@ -305,7 +305,7 @@ def finetune_inputs(wildcards):
     files = {
         "manifest": paths.manifest(RESULTS, ds, wildcards.task),
         "firewall": firewall_gate(),
-        "caches": cache_index(ds),
+        "cache_index": cache_index(ds),
     }
     if wildcards.init != "scratch":
         if not pretrain_indexes():

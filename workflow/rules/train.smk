@@ -107,7 +107,7 @@ rule finetune:
     shell:
         "OMP_WAIT_POLICY=PASSIVE python -m medtx finetune --dataset {wildcards.dataset}"
         " --task {wildcards.task} --init {wildcards.init} --fraction {wildcards.frac}"
-        " --fold {wildcards.fold} --manifest {input.manifest} --cache-index {input.caches}"
+        " --fold {wildcards.fold} --manifest {input.manifest} --cache-index {input.cache_index}"
         " {params.init}"
         " --config {params.config:q} --metadata {params.meta:q}"
         " --out {output.model} --predictions {output.predictions}"
