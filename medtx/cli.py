@@ -67,21 +67,17 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
-# Each step's module; its run_step(inputs, outputs, params, ctx) maps the rule's
-# files to the step's function (so that mapping is in the step's code hash).
-STEP_MODULES = {
-    "bet": "medtx.preprocess.bet",
-    "flirt": "medtx.preprocess.flirt",
-    "n4": "medtx.preprocess.n4",
-    "pool_normalize": "medtx.preprocess.intensity",
-    "brats": "medtx.preprocess.brats",
-}
+# The preprocessing steps a rule can run. Each step's module is its code-hash
+# entry (medtx.workflow.codehash.STAGE_ENTRIES), and its run_step(inputs,
+# outputs, params, ctx) maps the rule's files to the step's function.
+STEPS = ("bet", "flirt", "n4", "pool_normalize", "brats")
 
 
 def cmd_step(args: argparse.Namespace) -> int:
     import importlib
 
     from medtx.preprocess.context import step_context
+    from medtx.workflow.codehash import STAGE_ENTRIES
 
     inputs, outputs = _pairs(args.input, "--input"), _pairs(args.output, "--output")
     params = _json(args.params, "--params")
@@ -91,7 +87,8 @@ def cmd_step(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         brats=args.step == "brats",
     )
-    importlib.import_module(STEP_MODULES[args.step]).run_step(inputs, outputs, params, ctx)
+    (entry,) = STAGE_ENTRIES[args.step]
+    importlib.import_module(entry).run_step(inputs, outputs, params, ctx)
     return 0
 
 
@@ -217,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("step", help="one preprocessing step (what the rules call)")
-    p.add_argument("step", choices=["bet", "flirt", "n4", "pool_normalize", "brats"])
+    p.add_argument("step", choices=STEPS)
     p.add_argument("--input", action="append", metavar="ROLE=PATH")
     p.add_argument("--output", action="append", metavar="ROLE=PATH")
     p.add_argument("--params", help="the step's config section as JSON")

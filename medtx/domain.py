@@ -7,6 +7,9 @@ from here, so adding a task or a region is one edit.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
 # Fine-tuning tasks of the paper: diagnosis (CN/MCI/AD), brain age, tumour segmentation.
 TASKS = ("classification", "regression", "segmentation")
 # What a dataset can be used for: the tasks, or (unlabelled) pre-training.
@@ -47,6 +50,7 @@ def regions_from_labels(labels):
     return np.stack([np.isin(labels, region) for region in BRATS_REGIONS.values()])
 
 
+@dataclass(frozen=True)
 class RunId:
     """Who a fine-tuning run is: dataset x task x init x label fraction x fold.
 
@@ -54,36 +58,32 @@ class RunId:
     from there by the tables; the output folder names it too, but is never parsed.
     """
 
-    __slots__ = ("dataset", "task", "init", "frac", "fold")
-    KEYS = ("dataset", "task", "init", "frac", "fold")
+    dataset: str
+    task: str
+    init: str
+    frac: int
+    fold: int
 
-    def __init__(self, dataset: str, task: str, init: str, frac: int, fold: int):
+    KEYS: ClassVar[tuple[str, ...]] = ("dataset", "task", "init", "frac", "fold")
+
+    def __post_init__(self) -> None:
         problems = []
-        if not dataset:
+        if not self.dataset:
             problems.append("no dataset")
-        if task not in TASKS:
-            problems.append(f"task {task!r} is not one of {list(TASKS)}")
-        if init not in INITS:
-            problems.append(f"init {init!r} is not one of {list(INITS)}")
+        if self.task not in TASKS:
+            problems.append(f"task {self.task!r} is not one of {list(TASKS)}")
+        if self.init not in INITS:
+            problems.append(f"init {self.init!r} is not one of {list(INITS)}")
+        frac, fold = self.frac, self.fold
         if not isinstance(frac, int) or isinstance(frac, bool) or not 0 < frac <= 100:
             problems.append(f"label fraction {frac!r} is not a percentage 1..100")
         if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
             problems.append(f"fold {fold!r} is not an index >= 0")
         if problems:
             raise ValueError("; ".join(problems))
-        self.dataset, self.task, self.init, self.frac, self.fold = dataset, task, init, frac, fold
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.KEYS}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RunId) and self.as_dict() == other.as_dict()
-
-    def __hash__(self) -> int:
-        return hash(tuple(self.as_dict().values()))
-
-    def __repr__(self) -> str:
-        return "RunId(" + ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items()) + ")"
+        return asdict(self)
 
     @property
     def use_transformer(self) -> bool:
