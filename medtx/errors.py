@@ -40,3 +40,29 @@ class CohortError(MedtxError):
 
 class ToolNotFoundError(MedtxError):
     """An external program (FSL's bet/flirt) that is not installed."""
+
+
+class ToolFailedError(MedtxError):
+    """An external program (FSL's bet/flirt) that failed on a scan.
+
+    nipype reports a failed command as a many-line exception holding all its
+    output; the user needs one line: which step, on which file, and what the
+    program said last.
+    """
+
+    def __init__(
+        self,
+        tool: str,
+        path: str | Path,
+        problem: str,
+        *,
+        step: str | None = None,
+        scan: str | None = None,
+    ):
+        self.tool = tool
+        self.path = str(path)
+        self.problem = problem
+        self.step = step
+        self.scan = scan
+        where = ", ".join(w for w in (scan and f"scan {scan}", step and f"step {step}") if w)
+        super().__init__(f"{where + ': ' if where else ''}{tool} failed on {self.path}: {problem}")

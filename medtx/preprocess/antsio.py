@@ -89,13 +89,3 @@ def at_resolution(img, mm: float):
 import functools as _functools  # noqa: E402
 
 _read_template = _functools.lru_cache(maxsize=8)(_read_template_uncached)
-
-
-def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Normalized cross-correlation of two images inside a mask."""
-    x = a[mask].astype(np.float64)
-    y = b[mask].astype(np.float64)
-    x -= x.mean()
-    y -= y.mean()
-    denom = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / denom) if denom > 0 else float("nan")

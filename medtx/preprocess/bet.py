@@ -1,9 +1,9 @@
-"""Brain extraction: FSL BET (paper) or template-mask propagation (antspyx).
+"""Brain extraction: FSL BET (paper) or, with antspyx, a learned extractor.
 
-The antspyx path registers the head to the ICBM 2009c head template (affine,
-at ``registration_mm``) and pulls the template brain mask back into the scan's
-space. That affine is kept as the starting point of the brain registration,
-so the ``flirt`` step only refines it.
+The antspyx path first registers the head to the ICBM 2009c head (affine at
+8 and 4 mm, from the centres of mass); that affine is where the ``flirt``
+step starts. The mask then comes from ``bet/ants/method``: deepbet by
+default (``medtx.preprocess.extraction`` says why).
 """
 
 from __future__ import annotations
@@ -72,20 +72,45 @@ def run_bet(
 
 
 def _bet_fsl(t1, data, affine, brain_out, mask_out, params, rec) -> np.ndarray:
-    from medtx.preprocess.backend import require_fsl
+    """BET in a scratch folder beside the outputs, then re-saved into place.
+
+    The output folder is made first (``medtx preprocess --out NEW`` names one
+    that does not exist yet). BET reads the input file itself when it is 3-D,
+    so the recorded command names a file that outlives the step. The command
+    is recorded as its replay: absolute paths, writing BET's own names
+    (``<t1>_brain``) beside the outputs, never over them (``medtx audit``
+    would then find the step's outputs changed).
+    """
+    from medtx.io import load_nifti
+    from medtx.preprocess.backend import replay_command, require_fsl, run_fsl
 
     require_fsl()
-    with tempfile.TemporaryDirectory(dir=Path(brain_out).parent) as tmp:
-        # BET needs a 3-D input: a trailing singleton axis is squeezed first.
-        src = Path(tmp) / "t1.nii.gz"
-        save_nifti(data, affine, src)
-        out = Path(tmp) / "brain.nii.gz"
-        bet = bet_command(src, out, params)
-        rec.set_tool("fsl", _fsl_version())
-        rec.command(bet.cmdline)
-        bet.run()
+    t1 = Path(t1).absolute()
+    outdir = Path(brain_out).absolute().parent
+    outdir.mkdir(parents=True, exist_ok=True)
+    version = _fsl_version()
+    rec.set_tool("bet", version)
+    rec.add_version("fsl", version)
+    with tempfile.TemporaryDirectory(dir=outdir) as tmp:
+        src = t1
+        # BET needs a 3-D input (a trailing singleton axis is squeezed into a
+        # copy), and nipype does not quote paths.
+        if len(load_nifti(t1).shape) != 3 or any(c.isspace() for c in str(t1)):
+            src = Path(tmp) / "t1.nii.gz"
+            save_nifti(data, affine, src)
+        out, mask_file = Path(tmp) / "brain.nii.gz", Path(tmp) / "brain_mask.nii.gz"
+        run_fsl(
+            bet_command(src, out, params),
+            source=t1,
+            expect=[out, mask_file],
+            step="bet",
+            scan=rec.data["scan"],
+        )
         brain, _ = load_volume(out, check_data=False)
-        mask, _ = load_volume(Path(tmp) / "brain_mask.nii.gz", check_data=False)
+        mask, _ = load_volume(mask_file, check_data=False)
+    stem = t1.name.removesuffix(".gz").removesuffix(".nii")
+    copied = "" if src == t1 else f"# bet read a 3-D scratch copy of {t1}\n"
+    rec.command(copied + replay_command(bet_command(t1, outdir / f"{stem}_brain.nii.gz", params)))
     # Re-save on the input's affine so every output shares one header.
     save_nifti(brain, affine, brain_out)
     save_nifti((mask > 0.5).astype(np.uint8), affine, mask_out, dtype=np.uint8)
@@ -93,48 +118,47 @@ def _bet_fsl(t1, data, affine, brain_out, mask_out, params, rec) -> np.ndarray:
 
 
 def _bet_ants(data, affine, brain_out, mask_out, xfm_out, params, ctx, rec) -> np.ndarray:
+    """Head-to-template affine (flirt's starting point), then the brain mask."""
+    from medtx.preprocess.extraction import extract
+
     configure_ants(seed=ctx.seed, threads=ctx.threads, deterministic=ctx.deterministic)
     import ants
 
-    mm = float(params.get("registration_mm", 2.0))
-    kind = params.get("type_of_transform", "AffineFast")
+    mm = float(params["registration_mm"])
+    kw = {
+        "type_of_transform": params["type_of_transform"],
+        "aff_iterations": tuple(params["aff_iterations"]),
+        "aff_shrink_factors": tuple(params["aff_shrink_factors"]),
+        "aff_smoothing_sigmas": tuple(params["aff_smoothing_sigmas"]),
+    }
     rec.set_tool("antspyx", package_version("antspyx"))
-    head = to_ants(data, affine)
-    fixed = read_template("t1", mm)
     rec.call(
         "ants.registration",
         fixed=f"ICBM 2009c T1 head at {mm:g} mm",
         moving=f"t1 at {mm:g} mm",
-        type_of_transform=kind,
+        initial_transform="centres of mass",
         random_seed=ctx.seed,
+        **kw,
     )
-    reg = ants.registration(fixed=fixed, moving=at_resolution(head, mm), type_of_transform=kind)
-    rec.call(
-        "ants.apply_transforms",
-        fixed="t1",
-        moving="ICBM 2009c brain mask",
-        whichtoinvert=[True],
-        interpolator="nearestNeighbor",
+    reg = ants.registration(
+        fixed=read_template("t1", mm), moving=at_resolution(to_ants(data, affine), mm), **kw
     )
-    mask_img = ants.apply_transforms(
-        fixed=head,
-        moving=read_template("brain_mask"),
-        transformlist=reg["fwdtransforms"],
-        whichtoinvert=[True],
-        interpolator="nearestNeighbor",
-    )
-    mask = mask_img.numpy() > 0.5
-    save_nifti(np.where(mask, data, 0.0), affine, brain_out)
-    save_nifti(mask.astype(np.uint8), affine, mask_out, dtype=np.uint8)
     with atomic_path(xfm_out) as tmp:
         shutil.copyfile(reg["fwdtransforms"][0], tmp)
+    method = params["method"]
+    rec.call(f"medtx.preprocess.extraction.extract[{method}]")
+    mask, tool, version = extract(method, data, affine, head_to_template=xfm_out)
+    rec.add_version(tool, version)
+    save_nifti(np.where(mask, data, 0.0), affine, brain_out)
+    save_nifti(mask.astype(np.uint8), affine, mask_out, dtype=np.uint8)
     return mask
 
 
 def _fsl_version() -> str | None:
-    from medtx.provenance.records import fsl_version
+    """BET's version: BET has no version flag, so that of the FSL it came with."""
+    from medtx.preprocess.backend import fsl_install_version
 
-    return fsl_version()
+    return fsl_install_version()
 
 
 def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:

@@ -57,6 +57,7 @@ def run_chain(
         ctx=ctx,
         params=settings["flirt"],
         xfm_init=f["bet_xfm"] if ants_backend else None,
+        t1=t1 if ants_backend else None,
     )
     run_n4(
         f["flirt_brain"],

@@ -6,6 +6,8 @@ Pooling comes before min-max so the output reaches exactly 1 in the brain
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +47,27 @@ def block_pooled_affine(affine: np.ndarray, factors: tuple[int, ...]) -> np.ndar
     return np.asarray(affine, dtype=float) @ scale
 
 
-def minmax(data: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Scale to [0, 1] by the min and max inside ``mask``; zero outside it."""
+def clip_value(data: np.ndarray, mask: np.ndarray | None, percentile: float) -> float:
+    """The ``percentile``-th intensity inside ``mask`` (numpy's linear interpolation),
+    rounded to ``data``'s float type so that clipping reaches it exactly."""
+    region = data[mask] if mask is not None else data.ravel()
+    value = np.percentile(region, percentile)
+    if np.issubdtype(data.dtype, np.floating):
+        value = data.dtype.type(value)
+    return float(value)
+
+
+def minmax(
+    data: np.ndarray, mask: np.ndarray | None, *, clip_percentile: float | None = None
+) -> np.ndarray:
+    """Scale to [0, 1] by the min and max inside ``mask``; zero outside it.
+
+    ``clip_percentile``: first clip intensities at that upper percentile inside
+    ``mask`` (:func:`clip_value`), so a few bright voxels do not squeeze the rest;
+    None: plain min-max (the paper's).
+    """
+    if clip_percentile is not None:
+        data = np.minimum(data, clip_value(data, mask, clip_percentile))
     region = data[mask] if mask is not None else data.ravel()
     lo, hi = float(region.min()), float(region.max())
     if hi <= lo:
@@ -95,6 +116,21 @@ def run_pool(
     return rec.finish(record_out)
 
 
+@functools.lru_cache(maxsize=1)
+def _normalize_defaults() -> dict[str, Any]:
+    from medtx.config import load_schema
+
+    section = load_schema()["properties"]["preprocess"]["properties"]["normalize"]
+    return {k: v["default"] for k, v in section["properties"].items() if "default" in v}
+
+
+def normalize_settings(params: dict) -> dict[str, Any]:
+    """``params`` over the config schema's ``preprocess/normalize`` defaults: a loaded
+    config has them all; direct callers (tests, ``medtx step``) may leave keys out,
+    and the defaults stay written once, in the schema."""
+    return {**copy.deepcopy(_normalize_defaults()), **params}
+
+
 def run_normalize(
     image: str | Path,
     mask: str | Path,
@@ -105,21 +141,29 @@ def run_normalize(
     params: dict,
     cache_out: str | Path | None = None,
 ) -> dict:
-    """Min-max to [0, 1] inside the brain: the model-ready float32 volume, and
-    (``cache_out``) its float16 training cache."""
+    """Min-max to [0, 1] inside the brain, after clipping at ``clip_percentile``
+    (None: plain min-max): the model-ready float32 volume, and (``cache_out``) its
+    float16 training cache. Keys left out of ``params`` take the schema's defaults."""
     from medtx.data.cache import cache_volume
     from medtx.io import load_volume, save_nifti
     from medtx.provenance.records import package_version
 
+    settings = normalize_settings(params)
     data, affine = load_volume(image, subject=ctx.subject)
     mask_data, _ = load_volume(mask, subject=ctx.subject, check_data=False)
-    inside = mask_data > 0.5 if params.get("within", "brain") == "brain" else None
+    inside = mask_data > 0.5 if settings["within"] == "brain" else None
+    percentile = settings["clip_percentile"]
     rec = ctx.record("normalize", dict(params))
     rec.set_tool("medtx", package_version("medtx"))
     rec.add_input("pooled", image)
     rec.add_input("brain_mask", mask)
-    rec.call("medtx.preprocess.intensity.minmax", within=params.get("within", "brain"))
-    out = minmax(data, inside)
+    rec.call(
+        "medtx.preprocess.intensity.minmax",
+        within=settings["within"],
+        clip_percentile=percentile,
+        clip_value=None if percentile is None else clip_value(data, inside, percentile),
+    )
+    out = minmax(data, inside, clip_percentile=percentile)
     save_nifti(out, affine, image_out)
     rec.add_output("preproc", image_out)
     if cache_out is not None:

@@ -19,7 +19,7 @@ from medtx.provenance.records import package_version
 def n4_arguments(params: dict) -> dict:
     """ants.n4_bias_field_correction keyword arguments from the config section."""
     return {
-        "shrink_factor": int(params.get("shrink_factor", 4)),
+        "shrink_factor": int(params.get("shrink_factor", 6)),
         "convergence": {
             "iters": list(params.get("iterations", [50, 50, 50, 50])),
             "tol": float(params.get("tol", 1e-7)),

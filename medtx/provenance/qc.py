@@ -14,6 +14,7 @@ from medtx.provenance.records import check
 QC_RULES = {
     "brain_volume_ml": ("bet", "brain_volume_ml", "range"),
     "ncc_template": ("flirt", "ncc_min", "min"),
+    "misalignment_mm": ("flirt", "misalignment_max_mm", "max"),
     "bias_ratio": ("n4", "bias_max_ratio", "max"),
 }
 

@@ -38,9 +38,9 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def fsl_version() -> str | None:
-    """FSL's version from ``$FSLDIR/etc/fslversion`` (None when FSL is absent)."""
-    fsldir = os.environ.get("FSLDIR")
+def fsl_version(fsldir: str | Path | None = None) -> str | None:
+    """FSL's version from ``<fsldir>/etc/fslversion`` (default ``$FSLDIR``); None if absent."""
+    fsldir = fsldir or os.environ.get("FSLDIR")
     if not fsldir:
         return None
     path = Path(fsldir) / "etc" / "fslversion"
@@ -51,13 +51,17 @@ def fsl_version() -> str | None:
 
 
 def tool_versions() -> dict[str, str | None]:
+    """The Python packages every step imports.
+
+    FSL is not here: a step that runs FSL adds its version (``add_version``),
+    so an ants-backend record does not list FSL just because ``$FSLDIR`` is set.
+    """
     return {
         "medtx": package_version("medtx"),
         "antspyx": package_version("antspyx"),
         "nipype": package_version("nipype"),
         "nibabel": package_version("nibabel"),
         "numpy": package_version("numpy"),
-        "fsl": fsl_version(),
     }
 
 
@@ -101,6 +105,7 @@ class StepRecord:
             "backend": backend,
             "tool": None,
             "command": None,
+            "cwd": None,
             "function": None,
             "arguments": None,
             "params": params,
@@ -126,10 +131,19 @@ class StepRecord:
     def set_tool(self, name: str, version: str | None) -> None:
         self.data["tool"] = {"name": name, "version": version}
 
+    def add_version(self, name: str, version: str | None) -> None:
+        """Add a tool this step ran (FSL) to ``versions``, beside the Python packages."""
+        self.data["versions"][name] = version
+
     def command(self, cmdline: str) -> None:
-        """Record an external command line (appended when a step runs several)."""
+        """Record an external command line (appended when a step runs several).
+
+        ``cwd`` keeps the absolute working directory, against which any
+        relative path in the command resolves.
+        """
         prev = self.data["command"]
         self.data["command"] = cmdline if prev is None else f"{prev}\n{cmdline}"
+        self.data["cwd"] = os.getcwd()
 
     def call(self, function: str, **arguments: Any) -> None:
         """Record a library call and its arguments (several calls are kept in order)."""

