@@ -112,6 +112,7 @@ def main() -> int:
         methods.remove("fsl")
         print("# fsl: FSL not installed, BET not run")
     work = Path(args.out or tempfile.mkdtemp(prefix="medtx-extraction-"))
+    work.mkdir(parents=True, exist_ok=True)
     cases = make_cases(work, args.transforms, args.seed)
     print(f"{'scan':20} {'method':9} {'Dice':>6} {'volume ml':>9} {'wall s':>7} {'CPU s':>7}")
     totals: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}

