@@ -315,6 +315,13 @@ LEVERS = {
     "unmasked": {"flirt": {"brain_masked": False}},
     "mattes": {"flirt": {"metric": "mattes"}},
     "template-mask": {"bet": {"method": "template"}},
+    "two-levels": {
+        "flirt": {
+            "aff_iterations": [200, 100],
+            "aff_shrink_factors": [2, 1],
+            "aff_smoothing_sigmas": [1, 0],
+        }
+    },
 }
 
 

@@ -1,6 +1,6 @@
 """The ``medtx`` command: what Snakemake rules call, and tools for users.
 
-    medtx preprocess T1.nii.gz --out DIR [--backend auto|fsl|ants] [--config FILE]
+    medtx preprocess T1.nii.gz --out DIR [--backend auto|fsl|ants] [--config FILE] [--allow-qc-fail]
     medtx step {bet,flirt,n4,pool_normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
     medtx collect --record FILE ... --out FILE [--thumbnail PNG] [--qc JSON]
     medtx report --config FILE --out HTML
@@ -10,11 +10,14 @@
     medtx finetune --dataset D --task T --init I --fraction P --fold K --manifest TSV ...
     medtx evaluate --metrics JSON ... --out-dir DIR
     medtx params [--format text|tsv]
-    medtx audit [ROOT]
+    medtx audit [ROOT] [--base DIR]
     medtx demo {t1-scan,t1-participants,brats-case} --spec JSON ...
 
 A user error (bad scan, bad config, missing FSL) prints one line,
 ``medtx: error: ...``, as the log's last line and exits 1; no traceback.
+``medtx preprocess`` exits 4 (``QC_FAILED``) when the scan fails QC: it still
+prints its files and verdict, and names the failed checks in one line
+(``--allow-qc-fail`` exits 0).
 
 This module only parses arguments and calls one library function per command:
 the rules' shell lines (which Snakemake's code trigger sees) and those
@@ -51,6 +54,9 @@ def _json(text: str | None, what: str) -> dict:
         raise MedtxError(f"{what} is not valid JSON: {err}") from err
 
 
+QC_FAILED = 4  # exit code of `medtx preprocess` on a scan that fails QC
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     from medtx.config import load_config
     from medtx.preprocess.chain import preprocess_scan
@@ -64,7 +70,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     print(json.dumps(out, indent=2))
-    return 0
+    if out["qc"]["passed"] or args.allow_qc_fail:
+        return 0
+    failed = "; ".join(out["qc"]["failures"])
+    print(f"medtx: QC failed: {failed} (see {out['provenance']})", file=sys.stderr)
+    return QC_FAILED
 
 
 # The preprocessing steps a rule can run. Each step's module is its code-hash
@@ -190,7 +200,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from medtx.provenance.audit import main_audit
 
-    return main_audit(args.root)
+    return main_audit(args.root, base=args.base)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -211,6 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config YAML (default: the repo's config.yaml)")
     p.add_argument("--scan", help="scan id used in file names (default: from the file name)")
     p.add_argument("--threads", type=int, help="ITK threads when not deterministic")
+    p.add_argument(
+        "--allow-qc-fail",
+        action="store_true",
+        help=f"exit 0 when the scan fails QC (default: exit {QC_FAILED})",
+    )
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("step", help="one preprocessing step (what the rules call)")
@@ -308,8 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "tsv"], default="text")
     p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("audit", help="re-hash recorded outputs; exit 1 if any changed or vanished")
+    p = sub.add_parser(
+        "audit", help="re-derive every provenance claim: records, manifests, QC, outputs"
+    )
     p.add_argument("root", nargs="?", default="results")
+    p.add_argument("--base", help="folder relative paths in records are relative to")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("demo", help="write part of the synthetic demo cohort")

@@ -8,6 +8,7 @@ every key without guessing.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,25 @@ def _fill_defaults(node: Any, schema: dict, root: dict | None = None) -> None:
                 _fill_defaults(value, extra, root)
 
 
+def _increasing(validator, wanted, instance, schema):
+    """The schema's ``increasing`` keyword: a [min, max] range or bin edges, in order.
+
+    JSON Schema cannot compare an array's items with each other, and a range
+    given backwards (``[2600, 700]``) would otherwise judge every scan a failure.
+    """
+    if not wanted or not validator.is_type(instance, "array"):
+        return
+    numbers = [x for x in instance if validator.is_type(x, "number")]
+    if len(numbers) == len(instance) and any(a >= b for a, b in zip(numbers, numbers[1:])):
+        what = "[min, max] with min < max" if len(instance) == 2 else "strictly increasing"
+        yield jsonschema.ValidationError(f"{instance!r} must be {what}")
+
+
+Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"increasing": _increasing}
+)
+
+
 def _describe(err: jsonschema.ValidationError) -> str:
     key = "/".join(str(p) for p in err.absolute_path) or "(top level)"
     if err.validator == "additionalProperties":
@@ -81,12 +101,16 @@ def validate_config(config: dict) -> dict:
         ConfigError: listing every problem, each with its key path.
     """
     schema = load_schema()
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if len(errors) == 1:
+        raise ConfigError(_describe(errors[0]))
     if errors:
         lines = "\n".join(f"  - {_describe(e)}" for e in errors)
         raise ConfigError(f"invalid config ({len(errors)} problem(s)):\n{lines}")
     _fill_defaults(config, schema)
+    _check_results_folder(config["results"])
+    _check_registration_levels(config["preprocess"])
     fold_fractions = set(config["folds"]["fractions"]) | {100}
     missing = sorted(set(config["train"]["fractions"]) - fold_fractions)
     if missing:
@@ -103,6 +127,48 @@ def validate_config(config: dict) -> dict:
                 "datasets can be generated"
             )
     return config
+
+
+def _check_registration_levels(preprocess: dict) -> None:
+    """The ants registration schedules: one iteration count, shrink factor and
+    sigma per level (ANTs otherwise stops with a usage message mid-run)."""
+    keys = ("aff_iterations", "aff_shrink_factors", "aff_smoothing_sigmas")
+    for step in ("bet", "flirt"):
+        ants = preprocess[step]["ants"]
+        lengths = {key: len(ants[key]) for key in keys}
+        if len(set(lengths.values())) > 1:
+            given = ", ".join(f"{key} {ants[key]}" for key in keys)
+            raise ConfigError(
+                f"config key 'preprocess/{step}/ants': one entry per level in each of "
+                f"{', '.join(keys)}; got {given}"
+            )
+
+
+def _check_results_folder(results: str) -> None:
+    """``results`` must be a folder, or a path where one can be made.
+
+    Found here, a file in the way is one line naming the key; found later, it
+    is a NotADirectoryError from whichever step first writes there. Relative
+    paths are relative to the working directory (Snakemake's ``-d``).
+    """
+    path = Path(results)
+    for part in (path, *path.parents):
+        if not part.exists() and not part.is_symlink():
+            continue
+        if not part.is_dir():
+            kind = "a broken link" if not part.exists() else "a file"
+            where = "is" if part == path else f"is under {str(part)!r}, which is"
+            raise ConfigError(
+                f"config key 'results': {results!r} {where} {kind}, not a folder; "
+                "point it at a folder (one is made if missing)"
+            )
+        if not os.access(part, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"config key 'results': cannot write in {str(part)!r} to make {results!r}"
+                if part != path
+                else f"config key 'results': {results!r} is not writable"
+            )
+        return
 
 
 def load_config(path: str | Path | None = None) -> dict:

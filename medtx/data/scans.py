@@ -1,31 +1,48 @@
 """The scan table: every dataset normalized once into rows the rules read.
 
 A dataset (``bids``, ``csv`` or ``brats``; or generated, for the demo) becomes a
-table with one row per scan: dataset, subject, session, scan id, image paths,
-labels, and a status (``ok`` or ``excluded``) with the reason. Building it
-checks every scan on entry (readable NIfTI, 3-D, finite, not empty, invertible
-affine); results are cached per file (path, size, mtime) in
-``<results>/scans/<dataset>.tsv`` so a rerun or one new subject re-reads only
-what changed. Problems across the cohort are collected and raised once.
+table with one row per image found: dataset, subject, session, scan id, image
+paths, labels, and a status with the reason:
+
+* ``ok``: a scan the workflow preprocesses;
+* ``skipped``: a BIDS image the dataset's ``select`` block does not take (e.g.
+  ``run-1 not selected (runs: first)``; ``medtx.data.bids``); it has no scan id;
+* ``excluded``: a scan that failed an input check, under ``on_bad_scan: exclude``.
+
+Building it checks every scan on entry (readable NIfTI, 3-D, finite, not empty,
+invertible affine) and every label (``medtx.data.labels``); image checks are
+cached per file (path, size, mtime) in ``<results>/scans/<dataset>.tsv`` so a
+rerun or one new subject re-reads only what changed. Problems across the cohort
+are collected and raised once, and a short summary per dataset (taken, skipped,
+excluded, the commonest reasons) goes to stderr.
 """
 
 from __future__ import annotations
 
-import math
+import csv
 import os
 import re
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from medtx.data.scan_ids import brats_subject, scan_id
-from medtx.domain import BRATS_FILES
-from medtx.errors import BadScanError, CohortError, MedtxError
+from medtx.data import bids
+from medtx.data.labels import (
+    LABEL_COLUMNS,
+    TASK_LABELS,
+    check_labels,
+    label_text,
+    missing_counts,
+)
+from medtx.data.scan_ids import brats_subject, check_id, scan_id, shown
+from medtx.domain import BRATS_FILES, DEFAULT_LABEL_MAP
+from medtx.errors import BadScanError, CohortError, ConfigError, MedtxError
 from medtx.io import load_volume, write_text
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
-LABEL_COLUMNS = ("diagnosis", "age", "sex", "site")
 COLUMNS = [
     "dataset",
     "kind",
@@ -42,16 +59,21 @@ COLUMNS = [
     "reason",
     "signature",
 ]
+IMAGES = ("t1", "t1ce", "t2", "flair", "seg")
+MAX_REASON_LINES = 3  # reason lines per dataset in the stderr summary
+SAME_ID = "ids compare without 'sub-' and ignoring case"
 
 
-def _row(dataset: str, kind: str, subject: str, session: str | None, **fields: Any) -> dict:
+def _row(
+    dataset: str, kind: str, subject: str, session: str | None, run: str | None = None, **fields
+) -> dict:
     row: dict[str, Any] = {c: None for c in COLUMNS}
     row.update(
         dataset=dataset,
         kind=kind,
         subject=subject,
         session=session,
-        scan=scan_id(subject, session),
+        scan=scan_id(subject, session, run),
         status="ok",
         reason="",
     )
@@ -59,109 +81,277 @@ def _row(dataset: str, kind: str, subject: str, session: str | None, **fields: A
     return row
 
 
-def _check_id(value: Any, what: str, where: str) -> str | None:
-    """Return a problem string when an id has characters outside [A-Za-z0-9]."""
-    text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-    if not text:
-        return f"{where}: empty {what}"
-    if not ID_PATTERN.match(text):
-        return f"{where}: {what} {text!r} has characters outside [A-Za-z0-9]"
-    return None
+class Table:
+    """A CSV/TSV read as text: its header, and each row with its line number."""
+
+    def __init__(self, path: Path, what: str):
+        self.path = path
+        sep = "\t" if path.suffix in (".tsv", ".txt") else ","
+        try:
+            with path.open(newline="", encoding="utf-8-sig") as f:
+                reader = csv.reader(f, delimiter=sep)
+                lines = [(reader.line_num, rec) for rec in reader]
+        except UnicodeDecodeError as err:
+            raise MedtxError(
+                f"{path}: {what} is not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from err
+        except (csv.Error, OSError) as err:
+            raise MedtxError(f"{path}: {what} is not a readable table ({err})") from err
+        lines = [(n, rec) for n, rec in lines if any(cell.strip() for cell in rec)]
+        if not lines:
+            raise MedtxError(f"{path}: {what} is empty; its first line must name the columns")
+        self.columns = [c.strip() for c in lines[0][1]]
+        ragged = [
+            f"{path} line {n}: {len(rec)} field(s), but the header (line {lines[0][0]}) "
+            f"has {len(self.columns)}"
+            for n, rec in lines[1:]
+            if len(rec) != len(self.columns)
+        ]
+        if ragged:
+            raise CohortError(ragged, what=str(path))
+        self.rows = [(n, dict(zip(self.columns, rec))) for n, rec in lines[1:]]
+
+    def require(self, names: Iterable[str]) -> None:
+        """MedtxError naming the first missing column and the columns found."""
+        for name in names:
+            if name not in self.columns:
+                found = [shown(c, 30) for c in self.columns[:6]]
+                more = ", …" if len(self.columns) > 6 else ""
+                raise MedtxError(
+                    f"{self.path}: missing column {name!r} (found [{', '.join(found)}{more}]); "
+                    "the first line must name the columns"
+                )
 
 
-# --- readers: each returns (rows, problems); a problem with a row excludes it ---
+def _cell(value: str | None) -> str:
+    """A table cell as stripped text ('' for a column the table lacks)."""
+    return "" if value is None else value.strip()
 
-# A dataset reader's result: usable rows, and (row or None, problem) for the rest.
+
+# --- readers: each returns (rows, problems); a problem's row is excluded ---
+
+# A dataset reader's result: rows found (status ok or skipped), and (row or None, problem).
 ReadResult = tuple[list[dict], list[tuple[dict | None, str]]]
 
 
-def read_bids(name: str, root: Path) -> ReadResult:
-    rows: list[dict] = []
-    problems: list[tuple[dict | None, str]] = []
-    participants = root / "participants.tsv"
+def _read_participants(path: Path) -> tuple[dict[str, tuple[dict, int]], dict[str, list[str]]]:
+    """subject -> (row, line), and lower-case id -> problems of rows that collide.
+
+    Ids compare without ``sub-`` and ignoring case: ``sub-07`` and ``07`` name one
+    subject, and two rows for it would otherwise overwrite each other's labels.
+    """
+    table = Table(path, "participants.tsv")
+    table.require(["participant_id"])
+    listed: dict[str, tuple[dict, int]] = {}
+    first: dict[str, tuple[str, int]] = {}
+    clashes: dict[str, list[str]] = {}
+    for i, rec in table.rows:
+        pid = _cell(rec["participant_id"])
+        subject = pid.removeprefix("sub-")
+        norm = subject.lower()
+        if norm in first:
+            other, j = first[norm]
+            what = (
+                "is listed more than once"
+                if other == pid
+                else f"is the same subject as {other!r} ({SAME_ID})"
+            )
+            clashes.setdefault(norm, []).append(
+                f"{path} line {i}: participant_id {shown(pid)} {what} (first on line {j})"
+            )
+            continue
+        first[norm] = (pid, i)
+        listed[subject] = (rec, i)
+    return listed, clashes
+
+
+def read_bids(name: str, root: Path, select: dict | None = None) -> ReadResult:
+    """Rows for every T1w image of a BIDS folder, taken or skipped by ``select``."""
     if not root.is_dir():
         raise MedtxError(f"dataset {name!r}: BIDS folder {root} does not exist")
-    labels: dict[str, dict] = {}
-    if participants.exists():
-        table = pd.read_csv(participants, sep="\t", dtype=str, keep_default_na=False)
-        if "participant_id" not in table.columns:
-            raise MedtxError(
-                f"{participants}: no participant_id column (found {list(table.columns)})"
-            )
-        dup = table["participant_id"][table["participant_id"].duplicated()].unique()
-        for pid in dup:
-            problems.append(
-                (None, f"{participants}: participant_id {pid!r} is listed more than once")
-            )
-        for rec in table.to_dict("records"):
-            labels[rec["participant_id"].removeprefix("sub-")] = rec
-    on_disk = {p.name.removeprefix("sub-") for p in root.glob("sub-*") if p.is_dir()}
-    for subject in sorted(set(labels) | on_disk):
-        lab = {k: _label(labels.get(subject, {}).get(k)) for k in LABEL_COLUMNS}
-        problem = _check_id(subject, "subject id", str(participants if subject in labels else root))
-        sub_dir = root / f"sub-{subject}"
-        sessions = sorted(p.name.removeprefix("ses-") for p in sub_dir.glob("ses-*") if p.is_dir())
-        if problem:
-            problems.append((_row(name, "bids", subject, None, **lab), problem))
+    key = f"datasets/{name}/select"
+    sel = bids.Selection.from_config(select, key)
+    participants = root / "participants.tsv"
+    listed, clashes = _read_participants(participants) if participants.is_file() else (None, {})
+    rows: list[dict] = []
+    problems: list[tuple[dict | None, str]] = []
+    dirs = {p.name.removeprefix("sub-"): p for p in sorted(root.glob("sub-*")) if p.is_dir()}
+    folded = Counter(s.lower() for s in dirs)
+    found: list[bids.BidsImage] = []
+    for subject, sub_dir in dirs.items():
+        record, line = (listed or {}).get(subject, ({}, None))
+        lab = {k: label_text(record.get(k)) for k in LABEL_COLUMNS}
+        where = f"{participants} line {line}" if line else None
+
+        def row_for(session=None, run=None, image=None, lab=lab, where=where, subject=subject):
+            row = _row(name, "bids", subject, session, run, t1=image and str(image), **lab)
+            row["_where"] = where
+            return row
+
+        if problem := check_id(subject, "subject id", str(sub_dir)):
+            problems.append((row_for(), problem))
             continue
-        if subject not in on_disk:
-            row = _row(name, "bids", subject, None, **lab)
+        problem = _subject_problem(subject, sub_dir, dirs, folded, listed, clashes, participants)
+        images: list[bids.BidsImage] = []
+        paths = bids.find_images(sub_dir)
+        for path in paths:
+            ses_dir = path.parent.parent
+            session = ses_dir.name.removeprefix("ses-") if ses_dir != sub_dir else None
+            bad = session and check_id(session, "session id", str(ses_dir))
+            if not bad:
+                try:
+                    entities, _, extension = bids.parse_name(path.name)
+                    image = bids.BidsImage(path, entities, extension)
+                    bad = _folder_mismatch(image, subject, session)
+                except ValueError as err:
+                    bad = f"{path}: not a BIDS file name: {err}"
+            if bad:
+                problems.append((row_for(session, image=path), bad))
+            else:
+                images.append(image)
+        found += images
+        if not paths:
             problems.append(
-                (row, f"{participants}: sub-{subject} is listed but {sub_dir} does not exist")
+                (row_for(), f"{sub_dir}: no *_{bids.SUFFIX}.nii[.gz] for sub-{subject}")
             )
-            continue
-        visits: list[str | None] = list(sessions) or [None]  # None: no session level
-        for session in visits:
-            anat = sub_dir / (f"ses-{session}" if session else "") / "anat"
-            t1s = sorted(anat.glob("*_T1w.nii.gz")) + sorted(anat.glob("*_T1w.nii"))
-            row = _row(name, "bids", subject, session, t1=str(t1s[0]) if t1s else None, **lab)
-            if session and (p := _check_id(session, "session id", str(anat.parent))):
-                problems.append((row, p))
-            elif not t1s:
-                problems.append((row, f"{anat}: no *_T1w.nii[.gz] for sub-{subject}"))
+        problems += [
+            (
+                row_for(s),
+                f"{sub_dir / f'ses-{s}' / 'anat'}: no *_{bids.SUFFIX}.nii[.gz] for sub-{subject}",
+            )
+            for s in _sessions_without_images(sub_dir, paths, sel)
+        ]
+        if problem and not paths:
+            problems.append((row_for(), problem))
+        for v in bids.select_images(images, sel, key):
+            run = v.image.run if sel.runs == "all" else None
+            row = row_for(v.image.session, run, v.image.path)
+            if v.status == "skipped":
+                rows.append({**row, "scan": "", "status": "skipped", "reason": v.reason})
+            elif v.status == "problem":
+                problems.append((row, v.reason))
+            elif problem:
+                problems.append((row, problem))
             else:
                 rows.append(row)
+    for subject, (record, line) in (listed or {}).items():
+        if subject in dirs:
+            continue
+        lab = {k: label_text(record.get(k)) for k in LABEL_COLUMNS}
+        where = f"{participants} line {line}"
+        problem = check_id(subject, "participant_id", where) or (
+            f"{participants}: sub-{subject} is listed but {root / f'sub-{subject}'} does not exist"
+        )
+        row = _row(name, "bids", subject, None, **lab)
+        row["_where"] = where
+        problems.append((row, problem))
+        if not folded[subject.lower()]:  # else the subject's images carry the clash
+            problems += [
+                (_row(name, "bids", subject, None), p) for p in clashes.get(subject.lower(), [])
+            ]
+    if unmatched := bids.unmatched_choices(sel, found, key):
+        raise ConfigError("; ".join(unmatched))
     return rows, problems
 
 
+def _subject_problem(subject, sub_dir, dirs, folded, listed, clashes, participants) -> str | None:
+    """Why a subject's images cannot be used as they stand (ids, participants.tsv), or None."""
+    norm = subject.lower()
+    if folded[norm] > 1:
+        twins = " and ".join(f"sub-{s}" for s in dirs if s.lower() == norm)
+        return (
+            f"{sub_dir}: {twins} differ only in case; their outputs would share files "
+            "on a case-insensitive file system"
+        )
+    if listed is None:
+        return None
+    if norm in clashes:
+        return "; ".join(clashes[norm])
+    if subject not in listed:
+        near = next((s for s in listed if s.lower() == norm), None)
+        return f"{participants}: sub-{subject} has images but no participant_id row" + (
+            f" (sub-{near} differs in case)" if near else ""
+        )
+    return None
+
+
+def _folder_mismatch(image: bids.BidsImage, subject: str, session: str | None) -> str | None:
+    """A problem when the file name's sub/ses entities disagree with its folders."""
+    named = image.entities.get("sub", ""), image.session
+    if named != (subject, session):
+        said = scan_id(*named).replace("_", " ")
+        folder = scan_id(subject, session).replace("_", " ")
+        return f"{image.path}: the file name says {said} but its folders say {folder}"
+    return None
+
+
+def _sessions_without_images(sub_dir: Path, paths: list[Path], sel: bids.Selection) -> list[str]:
+    """Selected session folders of a subject that hold no T1w image.
+
+    A subject without any image is one problem already, not one per session.
+    """
+    if not paths:
+        return []
+    with_images = {p.parent.parent for p in paths}
+    return [
+        p.name.removeprefix("ses-")
+        for p in sorted(sub_dir.glob("ses-*"))
+        if p.is_dir()
+        and p not in with_images
+        and (sel.sessions == "all" or p.name.removeprefix("ses-") in sel.session_list)
+    ]
+
+
 def read_csv(name: str, path: Path, columns: dict[str, str] | None = None) -> ReadResult:
+    """Rows of a CSV/TSV dataset, one per line; rows whose ids collide are problems."""
     if not path.is_file():
         raise MedtxError(f"dataset {name!r}: CSV file {path} does not exist")
+    table = Table(path, "the dataset table")
     cols = {k: k for k in ("subject", "session", "t1", *LABEL_COLUMNS)}
-    cols.update(columns or {})
-    sep = "\t" if path.suffix in (".tsv", ".txt") else ","
-    table = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    for need in ("subject", "t1"):
-        if cols[need] not in table.columns:
-            raise MedtxError(f"{path}: missing column {cols[need]!r} (found {list(table.columns)})")
-    rows: list[dict] = []
+    for role, column in (columns or {}).items():
+        where = f"config key 'datasets/{name}/columns/{role}'"
+        if role not in cols:
+            raise ConfigError(f"{where}: not a column role; use one of {', '.join(cols)}")
+        if column not in table.columns:
+            raise MedtxError(f"{path}: no column {column!r} ({where})")
+        cols[role] = column
+    table.require([cols["subject"], cols["t1"]])
     problems: list[tuple[dict | None, str]] = []
-    seen: dict[tuple[str, str | None], int] = {}
-    for i, rec in enumerate(table.to_dict("records"), start=2):  # line 1 is the header
-        subject = str(rec[cols["subject"]]).strip().removeprefix("sub-")
-        session = str(rec.get(cols["session"], "")).strip().removeprefix("ses-") or None
-        t1 = str(rec[cols["t1"]]).strip()
+    seen: dict[tuple[str, str], list[tuple[int, str, dict]]] = {}
+    for i, rec in table.rows:
+        raw = _cell(rec[cols["subject"]])
+        subject = raw.removeprefix("sub-")
+        session = _cell(rec.get(cols["session"])).removeprefix("ses-") or None
+        t1 = _cell(rec[cols["t1"]])
         t1_path = (path.parent / t1) if t1 and not os.path.isabs(t1) else Path(t1)
-        lab = {k: _label(rec.get(cols[k])) for k in LABEL_COLUMNS}
+        lab = {k: label_text(rec.get(cols[k])) for k in LABEL_COLUMNS}
         row = _row(name, "csv", subject, session, t1=str(t1_path) if t1 else None, **lab)
-        where = f"{path} line {i}"
-        problem = _check_id(subject, "subject id", where)
+        where = row["_where"] = f"{path} line {i}"
+        problem = check_id(subject, "subject id", where)
         if not problem and session:
-            problem = _check_id(session, "session id", where)
-        key = (subject, session)
-        if not problem and key in seen:
-            problem = (
-                f"{where}: duplicate row for subject {subject!r}"
-                + (f" session {session!r}" if session else "")
-                + f" (first on line {seen[key]})"
-            )
-        seen.setdefault(key, i)
+            problem = check_id(session, "session id", where)
         if not problem and not t1:
             problem = f"{where}: no T1 path for subject {subject!r}"
         if problem:
             problems.append((row, problem))
         else:
-            rows.append(row)
+            seen.setdefault((subject.lower(), (session or "").lower()), []).append((i, raw, row))
+    rows = []
+    for entries in seen.values():
+        (j, first, first_row), *others = entries
+        if not others:
+            rows.append(first_row)
+            continue
+        who = f"subject {first_row['subject']!r}" + (
+            f" session {first_row['session']!r}" if first_row["session"] else ""
+        )
+        lines = ", ".join(str(i) for i, _, _ in others)
+        problems.append((first_row, f"{path} line {j}: {who} is also on line {lines} ({SAME_ID})"))
+        for i, raw, row in others:
+            as_written = "" if raw == first else f" as {shown(first)}"
+            problems.append(
+                (row, f"{path} line {i}: duplicate row for {who} (first on line {j}{as_written})")
+            )
     return rows, problems
 
 
@@ -187,13 +377,6 @@ def read_brats(name: str, root: Path) -> ReadResult:
     return rows, problems
 
 
-def _label(value: Any) -> Any:
-    if value is None:
-        return None
-    text = str(value).strip()
-    return None if text in ("", "n/a", "NA", "nan") else text
-
-
 # --- checks with a per-file cache ---
 
 
@@ -204,9 +387,12 @@ def file_signature(path: str) -> str:
 
 def check_row(row: dict, cache: dict[str, tuple[str, str]]) -> str | None:
     """Check every image of a row; return the first problem or None."""
-    images = [row[m] for m in ("t1", "t1ce", "t2", "flair", "seg") if row.get(m)]
+    images = [row[m] for m in IMAGES if row.get(m)]
     sigs = []
     for image in images:
+        if "{" in image or "}" in image:
+            # Snakemake reads braces in an input path as wildcards and cannot escape them.
+            return f"{image}: braces in a file name are not supported; rename the file"
         try:
             sig = file_signature(image)
         except OSError:
@@ -229,25 +415,51 @@ def check_row(row: dict, cache: dict[str, tuple[str, str]]) -> str | None:
 
 
 def build_scan_table(
-    name: str, dataset: dict, *, cache_path: str | Path | None = None, on_bad_scan: str = "fail"
+    name: str,
+    dataset: dict,
+    *,
+    cache_path: str | Path | None = None,
+    on_bad_scan: str = "fail",
+    label_map: Mapping[str, int] | None = None,
 ) -> pd.DataFrame:
-    """Read, check and cache one dataset's scan table.
+    """Read, check and cache one dataset's scan table, and summarize it on stderr.
+
+    Args:
+        dataset: the dataset's config (kind, role, path, and select/columns/generate).
+        label_map: the config's ``folds/label_map`` (diagnoses of classification datasets).
 
     Raises:
-        CohortError: listing every bad scan, when ``on_bad_scan`` is ``fail``.
+        CohortError: listing every bad scan when ``on_bad_scan`` is ``fail``, and
+            every bad label whatever ``on_bad_scan`` says.
     """
     kind, path = dataset["kind"], Path(dataset["path"])
+    roles = [dataset["role"]] if isinstance(dataset["role"], str) else list(dataset["role"])
+    if "select" in dataset and (kind != "bids" or dataset.get("generate")):
+        raise ConfigError(
+            f"config key 'datasets/{name}/select': only a bids dataset that is read "
+            "(not generated) has images to select"
+        )
     problems: list[tuple[dict | None, str]] = []
     if dataset.get("generate"):
-        rows = generated_rows(name, dataset)
+        found = generated_rows(name, dataset)
     elif kind == "bids":
-        rows, problems = read_bids(name, path)
+        found, problems = read_bids(name, path, dataset.get("select"))
     elif kind == "csv":
-        rows, problems = read_csv(name, path, dataset.get("columns"))
+        found, problems = read_csv(name, path, dataset.get("columns"))
     elif kind == "brats":
-        rows, problems = read_brats(name, path)
+        found, problems = read_brats(name, path)
     else:  # the schema already refuses this
         raise MedtxError(f"dataset {name!r}: unknown kind {kind!r}")
+    rows = [r for r in found if r["status"] == "ok"]
+    skipped = [r for r in found if r["status"] == "skipped"]
+    label_problems = check_labels(
+        rows,
+        dataset=name,
+        roles=roles,
+        label_map=DEFAULT_LABEL_MAP if label_map is None else label_map,
+        source=str(path / "participants.tsv" if kind == "bids" else path),
+        also=[bad for bad, _ in problems if bad] if on_bad_scan == "fail" else (),
+    )
     if not dataset.get("generate"):
         cache = _load_cache(cache_path)
         for row in rows:
@@ -256,26 +468,103 @@ def build_scan_table(
                 problems.append((row, problem))
         rows = [r for r in rows if not any(r is p[0] for p in problems)]
     if problems and on_bad_scan == "fail":
-        raise CohortError([p for _, p in problems], what=f"dataset {name!r}")
+        lines = list(dict.fromkeys([p for _, p in problems] + label_problems))
+        raise CohortError(lines, what=f"dataset {name!r}")
+    if label_problems:
+        raise CohortError(label_problems, what=f"dataset {name!r} labels")
     excluded = [
-        {**bad, "status": "excluded", "reason": problem}
+        {**(bad or _row(name, kind, "", None, scan="")), "status": "excluded", "reason": problem}
         for bad, problem in problems
-        if bad is not None
     ]
-    table = pd.DataFrame(rows + excluded, columns=COLUMNS)
+    table = pd.DataFrame(rows + excluded + skipped, columns=COLUMNS)
     if not rows:
         raise MedtxError(
             f"dataset {name!r} ({path}): no usable scans"
             + (f"; {len(excluded)} excluded" if excluded else "")
+            + (f"; {len(skipped)} skipped ({skipped[0]['reason']}, ...)" if skipped else "")
         )
     if cache_path:
         # Rewrite only on change: rules take this file as input, so a new
         # mtime alone would rerun them.
         text = table.to_csv(sep="\t", index=False)
-        path = Path(cache_path)
-        if not path.exists() or path.read_text() != text:
-            write_text(text, path)
+        out = Path(cache_path)
+        if not out.exists() or out.read_text() != text:
+            write_text(text, out)
+    print("\n".join(summary_lines(name, table, roles, cache_path)), file=sys.stderr)
     return table
+
+
+def build_scan_tables(
+    datasets: Mapping[str, dict], *, table_path: Callable[[str], str | Path], **options
+) -> dict[str, pd.DataFrame]:
+    """``build_scan_table`` for every dataset, with the problems of all raised at once.
+
+    Args:
+        table_path: dataset name -> its scan table (the per-file cache).
+        options: ``on_bad_scan`` and ``label_map``, as ``build_scan_table`` takes them.
+    """
+    tables: dict[str, pd.DataFrame] = {}
+    failed: dict[str, MedtxError] = {}
+    for name, dataset in datasets.items():
+        try:
+            tables[name] = build_scan_table(name, dataset, cache_path=table_path(name), **options)
+        except MedtxError as err:
+            failed[name] = err
+    if len(failed) == 1:
+        raise next(iter(failed.values()))
+    if failed:
+        lines = [
+            line
+            for err in failed.values()
+            for line in (err.problems if isinstance(err, CohortError) else [str(err)])
+        ]
+        raise CohortError(lines, what="datasets " + ", ".join(map(repr, failed)))
+    return tables
+
+
+# Paths, ids and line numbers vary from scan to scan; a reason's kind is what is left.
+_KIND_SUBS = [
+    (re.compile(r"^subject \S+: "), ""),
+    (re.compile(r"\S*/\S*"), "…"),
+    (re.compile(r"^…(?: line \d+)?: "), ""),
+    (re.compile(r"\b(sub|ses|run|acq|rec|ce|echo|part)-[A-Za-z0-9]+"), r"\1-*"),
+    (re.compile(r"\bline \d+"), "line *"),
+    (re.compile(r"'[^']*'"), "'…'"),
+]
+
+
+def reason_kind(reason: str) -> str:
+    """A reason without its paths, ids and line numbers, for counting alike ones."""
+    for pattern, repl in _KIND_SUBS:
+        reason = pattern.sub(repl, reason)
+    return reason
+
+
+def summary_lines(
+    name: str, table: pd.DataFrame, roles: Iterable[str] = (), table_path=None
+) -> list[str]:
+    """One line per dataset (taken, skipped, excluded) and its commonest reasons."""
+    counts = Counter(table["status"])
+    line = (
+        f"medtx: dataset {name!r}: {counts['ok']} taken, {counts['skipped']} skipped, "
+        f"{counts['excluded']} excluded"
+    )
+    ok = table[table["status"] == "ok"].to_dict("records")
+    for task, n in missing_counts(ok, roles).items():
+        line += f"; {n} without {TASK_LABELS[task]} (left out of {task})"
+    reasons = Counter(
+        (rec["status"], reason_kind(rec["reason"]))
+        for rec in table.to_dict("records")
+        if rec["status"] != "ok"
+    )
+    lines = [line] + [
+        f"medtx:   {n} {status}: {kind}"
+        for (status, kind), n in reasons.most_common(MAX_REASON_LINES)
+    ]
+    if len(reasons) > MAX_REASON_LINES:
+        where = f" in {table_path}" if table_path else ""
+        lines.append(f"medtx:   and {len(reasons) - MAX_REASON_LINES} more reason(s){where}")
+    return lines
 
 
 def _load_cache(cache_path) -> dict[str, tuple[str, str]]:
@@ -286,7 +575,7 @@ def _load_cache(cache_path) -> dict[str, tuple[str, str]]:
     cache = {}
     for rec in old.to_dict("records"):
         sigs = rec.get("signature", "").split(";") if rec.get("signature") else []
-        images = [rec[m] for m in ("t1", "t1ce", "t2", "flair", "seg") if rec.get(m)]
+        images = [rec[m] for m in IMAGES if rec.get(m)]
         if rec.get("status") == "ok" and len(sigs) == len(images):
             cache.update({img: (sig, "") for img, sig in zip(images, sigs)})
     return cache
@@ -325,7 +614,11 @@ def read_scan_table(path: str | Path) -> pd.DataFrame:
 
 
 def excluded_scans(table_paths: list[str]) -> list[dict]:
-    """The scans the tables left out, with their reasons (for the report)."""
+    """The scans the tables left out, with their reasons (for the report).
+
+    Skipped images are not scans (the config did not select them), so they are
+    not listed here; the scan tables and the parse-time summary show them.
+    """
     rows = []
     for path in table_paths:
         table = read_scan_table(path)

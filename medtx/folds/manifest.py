@@ -77,6 +77,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medtx.data.labels import TASK_LABELS, LabelError, class_index, parse_age
 from medtx.domain import DEFAULT_LABEL_MAP, FRACTIONS, TASKS
 from medtx.errors import CohortError, MedtxError
 from medtx.io import write_json, write_text
@@ -233,42 +234,23 @@ def _overrides_for(
 def _label_of(
     task: str, rec: dict, label_map: Mapping[str, int], dataset: str
 ) -> tuple[Any, str | None, str | None]:
-    """(label, reason to exclude, error) for one scan row."""
-    subject = cell_text(rec.get("subject"))
-    if task == "classification":
-        diagnosis = cell_text(rec.get("diagnosis"))
-        if not diagnosis:
-            return None, "missing diagnosis label", None
-        if diagnosis not in label_map:
-            return (
-                None,
-                None,
-                (
-                    f"dataset {dataset!r} subject {subject!r} scan {rec['scan']!r}: "
-                    f"diagnosis {diagnosis!r} is not in the label map "
-                    f"({', '.join(label_map)})"
-                ),
-            )
-        return int(label_map[diagnosis]), None, None
-    if task == "regression":
-        age = cell_text(rec.get("age"))
-        if not age:
-            return None, "missing age label", None
-        try:
-            value = float(age)
-        except ValueError:
-            value = float("nan")
-        if not math.isfinite(value):
-            return (
-                None,
-                None,
-                (
-                    f"dataset {dataset!r} subject {subject!r} scan {rec['scan']!r}: "
-                    f"age {age!r} is not a number"
-                ),
-            )
-        return value, None, None
-    return "", None, None
+    """(label, reason to exclude, error) for one scan row.
+
+    The scan table already checked every label when the dataset was read; the
+    same parsers (``medtx.data.labels``) guard a table written some other way.
+    """
+    column = TASK_LABELS.get(task)
+    if column is None:
+        return "", None, None
+    text = cell_text(rec.get(column))
+    if not text:
+        return None, f"missing {column} label", None
+    try:
+        label = class_index(text, label_map) if task == "classification" else parse_age(text)
+    except LabelError as err:
+        who = f"dataset {dataset!r} subject {cell_text(rec.get('subject'))!r} scan {rec['scan']!r}"
+        return None, None, f"{who}: {err}"
+    return label, None, None
 
 
 def _bin_name(edges: list[float], b: int) -> str:
@@ -564,7 +546,11 @@ def _select_scans(
     Order of judgement: bad input, override exclude, bad label (an error),
     QC failure unless overridden, missing label.
     """
-    rows = [rec for rec in table.to_dict("records") if cell_text(rec.get("dataset")) == dataset]
+    rows = [
+        rec
+        for rec in table.to_dict("records")
+        if cell_text(rec.get("dataset")) == dataset and cell_text(rec.get("status")) != "skipped"
+    ]  # a skipped image is no scan: the dataset's select block did not take it
     if not rows:
         raise MedtxError(f"dataset {dataset!r}: no scans in the scan table")
     for rec in rows:
@@ -574,7 +560,8 @@ def _select_scans(
             cell_text(rec.get("scan")),
         )
     rows.sort(key=lambda r: (r["subject"], r["session"], r["scan"]))
-    dup = sorted(scan for scan, c in Counter(r["scan"] for r in rows).items() if c > 1)
+    usable = [r["scan"] for r in rows if cell_text(r.get("status")) in ("", "ok")]
+    dup = sorted(scan for scan, c in Counter(usable).items() if c > 1)
     if dup:
         raise MedtxError(f"dataset {dataset!r}: scan id(s) {', '.join(dup)} appear more than once")
     ovr = _overrides_for(overrides, dataset, {r["scan"] for r in rows})

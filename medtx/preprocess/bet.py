@@ -55,20 +55,39 @@ def run_bet(
     sub = params.get(ctx.backend, {})
     rec = ctx.record("bet", {ctx.backend: sub})
     rec.add_input("t1", t1)
+    metrics = scan_geometry(data.shape, affine)
     if ctx.backend == "fsl":
         mask = _bet_fsl(t1, data, affine, brain_out, mask_out, sub, rec)
     else:
         if xfm_out is None:
             raise ValueError("the ants backend writes a head-to-template transform: give xfm_out")
-        mask = _bet_ants(data, affine, brain_out, mask_out, xfm_out, sub, ctx, rec)
+        mask, head_ncc = _bet_ants(data, affine, brain_out, mask_out, xfm_out, sub, ctx, rec)
+        metrics["head_ncc_template"] = head_ncc
     rec.add_output("brain", brain_out)
     rec.add_output("brain_mask", mask_out)
     if xfm_out is not None and ctx.backend == "ants":
         rec.add_output("transform_init", xfm_out)
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-    volume = round(float(mask.sum()) * voxel_ml, 1)
-    rec.set_qc({"brain_volume_ml": volume}, [])
+    metrics["brain_volume_ml"] = round(float(mask.sum()) * voxel_ml, 1)
+    rec.set_qc(metrics, [])
     return rec.finish(record_out)
+
+
+def scan_geometry(shape: tuple[int, ...], affine: np.ndarray) -> dict[str, float]:
+    """Smallest and largest voxel edge and field-of-view edge of the raw scan, in mm.
+
+    Read from the header alone, they catch what no image metric can: a
+    header in cm or with voxels 10x too large, or a crop too small to hold a
+    head, before anyone trusts the registration of such a scan.
+    """
+    edges = np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+    fov = edges * np.asarray(shape[:3], dtype=float)
+    return {
+        "voxel_mm_min": round(float(edges.min()), 3),
+        "voxel_mm_max": round(float(edges.max()), 3),
+        "fov_mm_min": round(float(fov.min()), 1),
+        "fov_mm_max": round(float(fov.max()), 1),
+    }
 
 
 def _bet_fsl(t1, data, affine, brain_out, mask_out, params, rec) -> np.ndarray:
@@ -94,7 +113,7 @@ def _bet_fsl(t1, data, affine, brain_out, mask_out, params, rec) -> np.ndarray:
     with tempfile.TemporaryDirectory(dir=outdir) as tmp:
         src = t1
         # BET needs a 3-D input (a trailing singleton axis is squeezed into a
-        # copy), and nipype does not quote paths.
+        # copy); FSL's bet script splits a path with a space (nipype quotes it).
         if len(load_nifti(t1).shape) != 3 or any(c.isspace() for c in str(t1)):
             src = Path(tmp) / "t1.nii.gz"
             save_nifti(data, affine, src)
@@ -117,8 +136,12 @@ def _bet_fsl(t1, data, affine, brain_out, mask_out, params, rec) -> np.ndarray:
     return mask > 0.5
 
 
-def _bet_ants(data, affine, brain_out, mask_out, xfm_out, params, ctx, rec) -> np.ndarray:
-    """Head-to-template affine (flirt's starting point), then the brain mask."""
+def _bet_ants(data, affine, brain_out, mask_out, xfm_out, params, ctx, rec):
+    """Head-to-template affine (flirt's starting point), then the brain mask.
+
+    Returns the mask and the head's NCC with the template after that affine
+    (``head_similarity``).
+    """
     from medtx.preprocess.extraction import extract
 
     configure_ants(seed=ctx.seed, threads=ctx.threads, deterministic=ctx.deterministic)
@@ -145,13 +168,38 @@ def _bet_ants(data, affine, brain_out, mask_out, xfm_out, params, ctx, rec) -> n
     )
     with atomic_path(xfm_out) as tmp:
         shutil.copyfile(reg["fwdtransforms"][0], tmp)
+    head_ncc = head_similarity(data, affine, reg["fwdtransforms"])
     method = params["method"]
     rec.call(f"medtx.preprocess.extraction.extract[{method}]")
-    mask, tool, version = extract(method, data, affine, head_to_template=xfm_out)
+    mask, tool, version = extract(
+        method, data, affine, head_to_template=xfm_out, threads=ctx.threads
+    )
     rec.add_version(tool, version)
     save_nifti(np.where(mask, data, 0.0), affine, brain_out)
     save_nifti(mask.astype(np.uint8), affine, mask_out, dtype=np.uint8)
-    return mask
+    return mask, head_ncc
+
+
+def head_similarity(data: np.ndarray, affine: np.ndarray, transforms: list[str]) -> float:
+    """NCC of the head, moved by its head-to-template affine, with the template.
+
+    Scored like ``ncc_template`` (``medtx.preprocess.similarity``) but before
+    extraction, so it judges the input itself: noise, an inverted contrast or
+    an image that is no head scores near zero or below, whatever mask
+    extraction then draws on it.
+    """
+    import ants
+
+    from medtx.preprocess.similarity import template_similarity
+
+    head = ants.apply_transforms(
+        fixed=read_template("t1", 2.0),
+        moving=to_ants(data, affine),
+        transformlist=list(transforms),
+        interpolator="linear",
+    )
+    score, _ = template_similarity(head.numpy(), radius=0)
+    return round(score, 4)
 
 
 def _fsl_version() -> str | None:

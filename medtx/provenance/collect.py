@@ -1,7 +1,9 @@
 """A scan's provenance: its step records merged, judged against QC, with thumbnails.
 
 The records name the scan and every file the steps read and wrote, so the
-thumbnail rows are found there, not passed on the command line.
+thumbnail rows are found there, not passed on the command line. The merged
+record is chained into the scan's manifest with the hash of each step record
+it merged (``merge_steps``), which ``medtx audit`` checks it against.
 """
 
 from __future__ import annotations

@@ -10,11 +10,17 @@ from typing import Any
 
 from medtx.provenance.records import check
 
-# metric -> (step, config key under qc, bound)
+# metric -> (step, config key under qc, bound). The schema's ``qc`` section
+# says what each threshold guards against and what it was calibrated on.
 QC_RULES = {
+    "voxel_mm_min": ("bet", "voxel_min_mm", "min"),
+    "voxel_mm_max": ("bet", "voxel_max_mm", "max"),
+    "fov_mm_min": ("bet", "fov_min_mm", "min"),
+    "head_ncc_template": ("bet", "head_ncc_min", "min"),
     "brain_volume_ml": ("bet", "brain_volume_ml", "range"),
     "ncc_template": ("flirt", "ncc_min", "min"),
     "misalignment_mm": ("flirt", "misalignment_max_mm", "max"),
+    "dice_template_mask": ("flirt", "dice_min", "min"),
     "bias_ratio": ("n4", "bias_max_ratio", "max"),
 }
 

@@ -5,7 +5,9 @@ steps of a scan into ``<scan>_provenance.json``, which the cohort report and
 ``medtx audit`` read. A record holds enough to rerun or cite the step: inputs
 and outputs with sha256, the exact command line (FSL) or function and
 arguments (antspyx), parameters, tool versions, backend, seed, timing, host,
-SLURM job id and QC metrics with pass/fail.
+SLURM job id, QC metrics with pass/fail, and the working directory its
+relative paths are relative to. Every record written is chained into its
+scan's manifest (``medtx.provenance.manifest``), which the audit checks it by.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from medtx.errors import MedtxError
 from medtx.io import sha256, write_json
+from medtx.provenance.manifest import MERGED, STEP, append_record, record_sha256
 
 SCHEMA_VERSION = 1
 
@@ -105,7 +108,7 @@ class StepRecord:
             "backend": backend,
             "tool": None,
             "command": None,
-            "cwd": None,
+            "cwd": os.getcwd(),
             "function": None,
             "arguments": None,
             "params": params,
@@ -162,9 +165,11 @@ class StepRecord:
         }
 
     def finish(self, path: str | Path) -> dict[str, Any]:
+        """Write the record and chain it into its scan's manifest."""
         self.data["end"] = _now()
         self.data["duration_s"] = round(time.perf_counter() - self._t0, 3)
         write_json(self.data, path)
+        append_record(path, kind=STEP)
         return self.data
 
 
@@ -214,8 +219,25 @@ def merge_scan(step_files: Sequence[str | Path], out: str | Path, **identity_and
 
 
 def merge_steps(
+    steps: list[dict[str, Any]], out: str | Path, **identity_and_qc: Any
+) -> dict[str, Any]:
+    """Write ``merged_record`` of a scan's loaded step records to ``out`` and chain
+    it into the scan's manifest, with the hash of each step record it merged.
+
+    The record keeps where it was written (``written_to``, as given, and
+    ``cwd``), so an audit of a moved results folder maps recorded paths there.
+    """
+    hashes = {str(s.get("step")): record_sha256(s) for s in steps}
+    record = merged_record(steps, **identity_and_qc)
+    record["written_to"] = str(out)
+    record["cwd"] = os.getcwd()
+    write_json(record, out)
+    append_record(out, kind=MERGED, merged=hashes)
+    return record
+
+
+def merged_record(
     steps: list[dict[str, Any]],
-    out: str | Path,
     *,
     scan: str | None = None,
     dataset: str | None = None,
@@ -223,14 +245,18 @@ def merge_steps(
     session: str | None = None,
     qc: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
-) -> dict:
-    """Gather a scan's loaded step records into one JSON, judging QC against ``qc``.
+) -> dict[str, Any]:
+    """A scan's step records gathered into one record, QC judged against ``qc``.
 
-    The scan's identity comes from the records (each step wrote it from its
-    context) unless given here.
+    Pure (the steps are copied), so ``medtx audit`` re-derives a merged record
+    from the step records on disk with this same function. The scan's identity
+    comes from the records (each step wrote it from its context) unless given.
     """
+    import copy
+
     from medtx.provenance.qc import judge
 
+    steps = copy.deepcopy(steps)
     first = steps[0] if steps else {}
     scan = scan or first.get("scan")
     dataset = dataset if dataset is not None else first.get("dataset")
@@ -240,25 +266,26 @@ def merge_steps(
         checks = step["qc"]["checks"] + judge(step, qc or {})
         step["qc"]["checks"] = checks
         step["qc"]["passed"] = all(c["passed"] for c in checks)
-    record_qc = {"thresholds": qc or {}}
-    failed = [
-        f"{s['step']}: {c['metric']}={c['value']:.4g}"
-        for s in steps
-        for c in s["qc"]["checks"]
-        if not c["passed"]
-    ]
-    record = {
+    return {
         "schema": SCHEMA_VERSION,
         "scan": scan,
         "dataset": dataset,
         "subject": subject,
         "session": session,
         "backend": steps[0]["backend"] if steps else None,
-        "qc_passed": not failed,
+        "qc_passed": not (failed := qc_failures(steps)),
         "qc_failures": failed,
-        "qc": record_qc,
+        "qc": {"thresholds": qc or {}},
         "steps": steps,
         **(extra or {}),
     }
-    write_json(record, out)
-    return record
+
+
+def qc_failures(steps: list[dict[str, Any]]) -> list[str]:
+    """``"<step>: <metric>=<value>"`` for every failed check, in step order."""
+    return [
+        f"{s['step']}: {c['metric']}={c['value']:.4g}"
+        for s in steps
+        for c in s["qc"]["checks"]
+        if not c["passed"]
+    ]

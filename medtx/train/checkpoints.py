@@ -3,23 +3,85 @@
 A stage's final checkpoint holds the best state and metadata (stage, task, model
 arguments, parts trained, the subjects seen, the run's identity); the resume key
 covers the stage config, the inputs' fingerprint and the training code's hash.
+
+The resumable state is kept twice, so one damaged file never costs the run:
+each save writes ``<out>.last.pt`` atomically and keeps the state it replaces
+as ``<out>.prev.pt``. A run resumes from the newest file it can read. When
+``<out>.last.pt`` cannot be read (truncated by a full disk, a partial copy) or
+is missing, it resumes from ``<out>.prev.pt`` with a warning naming both
+files. It never starts from zero in their place: when files exist but none
+can be read, the run fails with one line naming them, and the user asks for a
+fresh start by deleting them. (A state written for another config is a
+different run, not damage: the loop starts that one afresh with a warning.)
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from medtx.errors import ConfigError, MedtxError
-from medtx.io import sha256
+from medtx.io import atomic_path, sha256
 from medtx.models.registry import build
 from medtx.models.slice_transformer import MedicalTransformer, inflate_state_dict
-from medtx.train.loop import MODEL_FORMAT, load_state
+from medtx.train.loop import MODEL_FORMAT, last_path, load_state
 from medtx.workflow.codehash import code_hash
+
+
+def previous_path(out: str | Path) -> Path:
+    """Where the state before the newest is kept: ``<out>.prev.pt``."""
+    out = Path(out)
+    return out.with_name(out.name + ".prev.pt")
+
+
+def save_resumable(state: Mapping[str, Any], out: str | Path, *, keep_previous: bool) -> None:
+    """Write ``<out>.last.pt`` atomically; with ``keep_previous`` the file it
+    replaces becomes ``<out>.prev.pt`` (pass False while ``<out>.last.pt`` is
+    unreadable or another run's, so it never displaces a good previous state)."""
+    last = last_path(out)
+    with atomic_path(last) as tmp:
+        torch.save(dict(state), tmp)
+        if keep_previous and last.exists():
+            os.replace(last, previous_path(out))
+
+
+def load_resumable(
+    out: str | Path, log: Callable[[str], None]
+) -> tuple[dict[str, Any], Path] | None:
+    """The newest readable resumable state of the run ending in ``out``, and its file.
+
+    None when neither ``<out>.last.pt`` nor ``<out>.prev.pt`` exists (a fresh
+    run). Falling back to ``<out>.prev.pt`` logs a warning naming both files;
+    when files exist but none can be read, a MedtxError names them.
+    """
+    last, prev = last_path(out), previous_path(out)
+    problems = []
+    for path in (last, prev):
+        if not path.exists():
+            if path == last and prev.exists():
+                problems.append(f"{last} is missing")
+            continue
+        try:
+            saved = load_state(path)
+        except MedtxError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            log(f"[train] WARNING: {problems[0]}; resuming from the previous state {path}")
+        return saved, path
+    if not problems:
+        return None
+    files = " and ".join(str(p) for p in (last, prev) if p.exists())
+    raise MedtxError(
+        f"{'; '.join(problems)}; no readable state to resume from, and training does not "
+        f"restart from zero by itself: delete {files} to train from scratch"
+    )
 
 
 def scans_of(items: Sequence[Mapping[str, Any]]) -> list[str]:

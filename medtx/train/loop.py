@@ -26,10 +26,12 @@ counters live in a ``TrainState`` (the loop's part of ``<out>.last.pt``) and run
 - **Checkpoints**: every ``checkpoint_minutes`` and at the end of each epoch,
   atomically, to ``<out>.last.pt``: model, optimizer, scheduler, scaler, epoch,
   global step, step within the epoch, best metric and state, patience counter, RNG
-  states, history. A rerun resumes from it when its config hash matches the run's
-  (mid-epoch too: the batches already done are skipped), and starts afresh with a
-  warning line when it does not: two configs are never mixed. Everything stored is a
-  tensor or a primitive container, so ``torch.load(..., weights_only=True)`` reads it.
+  states, history; the state it replaces is kept as ``<out>.prev.pt``, the fallback
+  when the newest cannot be read (``medtx.train.checkpoints``). A rerun resumes when
+  the config hash matches the run's (mid-epoch too: the batches already done are
+  skipped), and starts afresh with a warning line when it does not: two configs are
+  never mixed. Everything stored is a tensor or a primitive container, so
+  ``torch.load(..., weights_only=True)`` reads it.
   At the end the best state and the caller's metadata go to ``<out>``.
 - **Walltime**: SIGTERM/SIGUSR1 (SLURM's warning signals) and ``max_steps_this_run``
   (the tests' stand-in for a kill) checkpoint and return status ``"interrupted"``;
@@ -228,7 +230,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights_only errors have no common base
-        raise MedtxError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from err
+        first = (str(err).strip().splitlines() or [""])[0]  # torch's messages run for lines
+        raise MedtxError(f"{path}: cannot read checkpoint ({type(err).__name__}: {first})") from err
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -444,6 +447,7 @@ class Trainer:
 
         self.state = TrainState()
         self.resumed_from: tuple[int, int] | None = None
+        self.keep_previous = False  # a save keeps the state it replaces once that is ours
         self.steps_run = 0  # optimizer steps in this run (max_steps_this_run counts these)
         self.stop_reason: str | None = None  # set when a signal or max_steps_this_run stops
         self.elapsed_mark = time.monotonic()  # state.elapsed_s counts up to here
@@ -477,22 +481,27 @@ class Trainer:
         return self.finish()
 
     def resume(self) -> None:
-        """Load ``<out>.last.pt`` into the model, optimizer, scheduler, scaler, RNGs and
-        state when it was written for this config; otherwise keep the fresh start (with
-        a warning line when the file exists but cannot be used)."""
-        if not self.last.exists():
+        """Load the newest readable saved state (``<out>.last.pt``, else ``<out>.prev.pt``:
+        ``medtx.train.checkpoints.load_resumable``) into the model, optimizer, scheduler,
+        scaler, RNGs and state when it was written for this config; otherwise keep the
+        fresh start, with a warning line when the file was written for another config."""
+        from medtx.train.checkpoints import load_resumable
+
+        found = load_resumable(self.out, self.log)
+        if found is None:
             return
-        saved = _try_load(self.last, self.log)
-        if saved is None:
-            return
+        saved, path = found
         if saved.get("format") != CHECKPOINT_FORMAT or saved.get("config_hash") != self.config_hash:
             changed = _changed_keys(saved.get("config") or {}, self.cfg)
-            self.log(
-                f"[train] WARNING: {self.last} was written for another config (hash "
-                f"{saved.get('config_hash')} != {self.config_hash}; changed: {changed}); "
-                "starting fresh"
+            why = (
+                f"{path} was written for another config (hash "
+                f"{saved.get('config_hash')} != {self.config_hash}; changed: {changed})"
             )
+            if path != self.last:  # the newest is damaged: not a config change
+                raise MedtxError(f"{self.last} cannot be read and {why}")
+            self.log(f"[train] WARNING: {why}; starting fresh")
             return
+        self.keep_previous = path == self.last
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -502,7 +511,7 @@ class Trainer:
         st = self.state = TrainState.from_checkpoint(saved)
         self.resumed_from = (st.epoch, st.step_in_epoch)
         self.log(
-            f"[train] resuming from {self.last}: epoch {st.epoch + 1}, step "
+            f"[train] resuming from {path}: epoch {st.epoch + 1}, step "
             f"{st.step_in_epoch} in it, global step {st.global_step}"
         )
 
@@ -704,9 +713,10 @@ class Trainer:
         now = time.monotonic()
         self.state.elapsed_s += now - self.elapsed_mark
         self.elapsed_mark = now
-        state = self.checkpoint()
-        with atomic_path(self.last) as tmp:
-            torch.save(state, tmp)
+        from medtx.train.checkpoints import save_resumable
+
+        save_resumable(self.checkpoint(), self.out, keep_previous=self.keep_previous)
+        self.keep_previous = True
 
     def final_checkpoint(self) -> dict[str, Any]:
         """What ``<out>`` holds: the best state (the last one if none was better than
@@ -832,14 +842,6 @@ def train(
         log=log,
         handle_signals=handle_signals,
     ).run()
-
-
-def _try_load(path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
-    try:
-        return load_state(path)
-    except MedtxError as err:
-        log(f"[train] WARNING: {err}; starting fresh")
-        return None
 
 
 def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:

@@ -1,9 +1,14 @@
-"""Helpers the Snakefile needs at parse time (kept here, not in .smk files)."""
+"""Helpers the Snakefile calls at parse time and in its hooks (kept here, not in .smk files)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+from collections.abc import Iterator
+
+from medtx.errors import MedtxError
+from medtx.workflow.lock import ResultsLock
 
 
 def use_checkout(basedir: str) -> None:
@@ -40,3 +45,31 @@ def plan_with_fewer_gc_passes() -> None:
 def restore_gc() -> None:
     """The thresholds this process started with, for a run that may take days."""
     gc.set_threshold(*RUN_GC_THRESHOLDS)
+
+
+def take_results_lock(lock: ResultsLock) -> None:
+    """``onstart``: hold the results folder, or end the run with one line naming its holder.
+
+    Snakemake's own lock on the working directory is released on the way out,
+    and no job has started.
+    """
+    with user_errors():
+        lock.acquire()
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """User mistakes met by the Snakefile as ``medtx: error: ...``, exit status 1.
+
+    Raised while Snakemake reads the workflow or runs a hook, a ``MedtxError``
+    would print with Snakemake's file-and-line trail through medtx's modules;
+    the message alone names the key, file or row to fix, as the ``medtx``
+    command prints it. It goes to the console and the run's log.
+    """
+    try:
+        yield
+    except MedtxError as err:
+        from snakemake.logging import logger
+
+        logger.error(f"medtx: error: {err}")
+        raise SystemExit(1) from None

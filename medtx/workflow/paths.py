@@ -48,6 +48,14 @@ def step_records(files: dict[str, str]) -> list[str]:
     return [files[f"{s}_record"] for s in T1_STEPS]
 
 
+def record_manifest(outdir: str | Path, scan: str) -> str:
+    """A scan's record manifest: the hash chain of its step records and merged record.
+
+    It lives beside the records (``medtx.provenance.manifest`` says why one per scan).
+    """
+    return str(Path(outdir) / f"{scan}_manifest.jsonl")
+
+
 def brats_outputs(outdir: str | Path, case: str) -> dict[str, str]:
     """Files the BraTS step and its provenance write for ``case``."""
     d = Path(outdir)

@@ -168,7 +168,17 @@ def test_provenance_record_per_scan(run):
     assert [s["step"] for s in record["steps"]] == ["bet", "flirt", "n4", "pool", "normalize"]
     assert record["thumbnail"].endswith("_qc.png")
     checks = {c["metric"] for s in record["steps"] for c in s["qc"]["checks"]}
-    assert checks == {"brain_volume_ml", "ncc_template", "misalignment_mm", "bias_ratio"}
+    assert checks == {
+        "voxel_mm_min",
+        "voxel_mm_max",
+        "fov_mm_min",
+        "head_ncc_template",
+        "brain_volume_ml",
+        "ncc_template",
+        "misalignment_mm",
+        "dice_template_mask",
+        "bias_ratio",
+    }
 
 
 def test_unchanged_rerun_schedules_nothing(run):

@@ -94,3 +94,16 @@ def test_unreadable_yaml(tmp_path):
     path.write_text("datasets: [unclosed")
     with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML"):
         load_config(path)
+
+
+def test_registration_schedule_levels_must_match():
+    """Two iteration counts against three shrink factors stopped ANTs mid-run."""
+    config = base()
+    config["preprocess"]["flirt"]["ants"]["aff_iterations"] = [20, 10]
+    with pytest.raises(ConfigError) as err:
+        validate_config(config)
+    assert str(err.value) == (
+        "config key 'preprocess/flirt/ants': one entry per level in each of aff_iterations, "
+        "aff_shrink_factors, aff_smoothing_sigmas; got aff_iterations [20, 10], "
+        "aff_shrink_factors [4, 2, 1], aff_smoothing_sigmas [2, 1, 0]"
+    )

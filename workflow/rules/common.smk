@@ -2,21 +2,30 @@
 import hashlib
 import json
 import re
+import shlex
 
 from medtx.config import validate_config
-from medtx.data.scans import build_scan_table
+from medtx.data.scans import build_scan_tables
 from medtx.domain import INITS, TASKS
 from medtx.preprocess.backend import resolve_backend
 from medtx.workflow import paths
 from medtx.workflow.codehash import code_hash
-from medtx.workflow.hooks import plan_with_fewer_gc_passes, restore_gc, use_checkout
+from medtx.workflow.hooks import (
+    plan_with_fewer_gc_passes,
+    restore_gc,
+    take_results_lock,
+    use_checkout,
+    user_errors,
+)
+from medtx.workflow.lock import ResultsLock
 from medtx.workflow.paths import brats_outputs, step_records, t1_outputs
 
 # Rarer GC passes while the DAG is built (12 % of a 2,000-subject dry run);
 # onstart restores the defaults before the first job. Jobs Snakemake spawns
 # (a SLURM group job's inner run) skip hooks and keep them: a small plan, briefly.
 plan_with_fewer_gc_passes()
-validate_config(config)
+with user_errors():
+    validate_config(config)
 
 RESULTS = config["results"]
 LOGS = "logs"
@@ -28,20 +37,35 @@ ENV = "../../envs/medtx.yaml"
 use_checkout(workflow.basedir)
 
 
+# One run at a time per results folder, whatever its working directory (-d):
+# taken just before the first job, given back when the run ends. Dry runs and
+# the jobs Snakemake spawns (--no-hooks) call none of these.
+RESULTS_LOCK = ResultsLock(RESULTS)
+
+
 onstart:
     restore_gc()
+    take_results_lock(RESULTS_LOCK)
+
+
+onsuccess:
+    RESULTS_LOCK.release()
+
+
+onerror:
+    RESULTS_LOCK.release()
 
 
 # One table per dataset, built (and checked) once per run from a per-file cache.
-SCANS = {
-    name: build_scan_table(
-        name,
-        ds,
-        cache_path=paths.scan_table(RESULTS, name),
+# A bad dataset stops the run before any job: its problems, one line each, as
+# `medtx: error: ...` (as the medtx command prints them), without Snakemake's traceback.
+with user_errors():
+    SCANS = build_scan_tables(
+        config["datasets"],
+        table_path=lambda name: paths.scan_table(RESULTS, name),
         on_bad_scan=config["on_bad_scan"],
+        label_map=config["folds"]["label_map"],
     )
-    for name, ds in config["datasets"].items()
-}
 OK = {name: t[t["status"] == "ok"] for name, t in SCANS.items()}
 # (dataset, scan) -> row, so input functions look rows up in O(1).
 ROWS = {
@@ -204,15 +228,28 @@ def flirt_inputs():
 
 
 def io_args(direction, roles):
-    """`--input role={input.role} ...` for the named files of a rule."""
-    return " ".join(f"--{direction} {role}={{{direction}.{role}}}" for role in roles)
+    """`--input role={input.role:q} ...` for the named files of a rule (quoted)."""
+    return " ".join(f"--{direction} {role}={{{direction}.{role}:q}}" for role in roles)
+
+
+def shell_args(flag, paths):
+    """`flag 'path' ...` for a params string, or "" without paths.
+
+    Params that are whole arguments cannot use Snakemake's `:q`; every path in
+    them is quoted here, so no file name reaches the shell as code.
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    return f"{flag} {shlex.join(paths)}" if paths else ""
+
+
+def brats_roles():
+    """The named inputs of a BraTS case: the configured modalities and the labels."""
+    return [*PRE["brats"]["modalities"], "seg"]
 
 
 def brats_inputs(wildcards):
     row = scan_row(wildcards)
-    files = {m: row[m] for m in PRE["brats"]["modalities"]}
-    files["seg"] = row["seg"]
-    return files
+    return {role: row[role] for role in brats_roles()}
 
 
 wildcard_constraints:

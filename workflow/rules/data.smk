@@ -18,8 +18,8 @@ rule make_demo_t1:
         spec=lambda w: as_json(generated("t1")[w.root]),
         code=code_hash("demo"),
     shell:
-        "python -m medtx demo t1-scan --spec {params.spec:q} --subject {wildcards.subject}"
-        " --out {output.t1} > {log} 2>&1"
+        "python -m medtx demo t1-scan --spec {params.spec:q} --subject {wildcards.subject:q}"
+        " --out {output.t1:q} > {log:q} 2>&1"
 
 
 rule make_demo_participants:
@@ -39,7 +39,7 @@ rule make_demo_participants:
         spec=lambda w: as_json(generated("t1")[w.root]),
         code=code_hash("demo"),
     shell:
-        "python -m medtx demo t1-participants --spec {params.spec:q} --out {wildcards.root} > {log} 2>&1"
+        "python -m medtx demo t1-participants --spec {params.spec:q} --out {wildcards.root:q} > {log:q} 2>&1"
 
 
 rule make_demo_brats:
@@ -66,5 +66,5 @@ rule make_demo_brats:
         spec=lambda w: as_json(generated("brats")[w.root]),
         code=code_hash("demo"),
     shell:
-        "python -m medtx demo brats-case --spec {params.spec:q} --subject {wildcards.case}"
-        " --out {wildcards.root} > {log} 2>&1"
+        "python -m medtx demo brats-case --spec {params.spec:q} --subject {wildcards.case:q}"
+        " --out {wildcards.root:q} > {log:q} 2>&1"

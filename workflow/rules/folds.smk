@@ -21,15 +21,13 @@ rule make_folds:
         runtime=5,
     params:
         folds=as_json(FOLDS),
-        overrides=lambda w, input: (
-            f"--overrides {input.overrides}" if input.overrides else ""
-        ),
+        overrides=lambda w, input: shell_args("--overrides", input.overrides),
         code=code_hash("folds"),
     shell:
-        "python -m medtx folds --dataset {wildcards.dataset} --task {wildcards.task}"
-        " --table {input.table} --records {input.records} {params.overrides}"
-        " --params {params.folds:q} --out-tsv {output.tsv} --out-json {output.sidecar}"
-        " > {log} 2>&1"
+        "python -m medtx folds --dataset {wildcards.dataset:q} --task {wildcards.task:q}"
+        " --table {input.table:q} --records {input.records:q} {params.overrides}"
+        " --params {params.folds:q} --out-tsv {output.tsv:q} --out-json {output.sidecar:q}"
+        " > {log:q} 2>&1"
 
 
 rule leakage_firewall:
@@ -49,13 +47,11 @@ rule leakage_firewall:
         runtime=5,
     params:
         identities=as_json(config["identities"]),
-        pretrain=lambda w, input: (
-            f"--pretrain-table {' '.join(input.pretrain)}" if input.pretrain else ""
-        ),
+        pretrain=lambda w, input: shell_args("--pretrain-table", input.pretrain),
         code=code_hash("folds"),
     shell:
-        "python -m medtx firewall --manifest {input.manifests} {params.pretrain}"
-        " --identities {params.identities:q} --out {output} > {log} 2>&1"
+        "python -m medtx firewall --manifest {input.manifests:q} {params.pretrain}"
+        " --identities {params.identities:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule folds:

@@ -24,10 +24,10 @@ rule bet:
         context=STEP_CONTEXT,
         code=code_hash("bet"),
     shell:
-        "python -m medtx step bet --input t1={input.t1} "
+        "python -m medtx step bet --input t1={input.t1:q} "
         + io_args("output", bet_outputs())
         + " --params {params.bet:q} --context {params.context:q}"
-        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
+        " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
 
 rule flirt:
@@ -51,16 +51,16 @@ rule flirt:
         context=STEP_CONTEXT,
         code=code_hash("flirt"),
     shell:
-        "python -m medtx step flirt --input brain={input.brain} --input mask={input.mask}"
+        "python -m medtx step flirt --input brain={input.brain:q} --input mask={input.mask:q}"
         + (
-            " --input xfm_init={input.xfm_init} --input t1={input.t1}"
+            " --input xfm_init={input.xfm_init:q} --input t1={input.t1:q}"
             if BACKEND == "ants"
             else ""
         )
-        + " --output brain={output.brain} --output mask={output.mask}"
-        " --output xfm={output.xfm} --output record={output.record}"
+        + " --output brain={output.brain:q} --output mask={output.mask:q}"
+        " --output xfm={output.xfm:q} --output record={output.record:q}"
         " --params {params.flirt:q} --context {params.context:q}"
-        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
+        " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
 
 rule n4_correct:
@@ -83,10 +83,10 @@ rule n4_correct:
         context=STEP_CONTEXT,
         code=code_hash("n4"),
     shell:
-        "python -m medtx step n4 --input brain={input.brain} --input mask={input.mask}"
-        " --output n4={output.n4} --output record={output.record}"
+        "python -m medtx step n4 --input brain={input.brain:q} --input mask={input.mask:q}"
+        " --output n4={output.n4:q} --output record={output.record:q}"
         " --params {params.n4:q} --context {params.context:q}"
-        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
+        " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
 
 rule pool_normalize:
@@ -114,12 +114,12 @@ rule pool_normalize:
         context=STEP_CONTEXT,
         code=code_hash("pool_normalize"),
     shell:
-        "python -m medtx step pool_normalize --input image={input.image} --input mask={input.mask}"
-        " --output pooled={output.pooled} --output mask={output.mask}"
-        " --output pool_record={output.pool_record} --output image={output.image}"
-        " --output cache={output.cache} --output record={output.record}"
+        "python -m medtx step pool_normalize --input image={input.image:q} --input mask={input.mask:q}"
+        " --output pooled={output.pooled:q} --output mask={output.mask:q}"
+        " --output pool_record={output.pool_record:q} --output image={output.image:q}"
+        " --output cache={output.cache:q} --output record={output.record:q}"
         " --params {params.settings:q} --context {params.context:q}"
-        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
+        " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
 
 rule collect_provenance:
@@ -141,8 +141,8 @@ rule collect_provenance:
         qc=as_json(config["qc"]),
         code=code_hash("collect"),
     shell:
-        "python -m medtx collect --record {input.records} --thumbnail {output.thumbnail}"
-        " --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"
+        "python -m medtx collect --record {input.records:q} --thumbnail {output.thumbnail:q}"
+        " --qc {params.qc:q} --out {output.provenance:q} > {log:q} 2>&1"
 
 
 # BraTS: already skull-stripped and co-registered; crop, normalize, check labels.
@@ -169,13 +169,14 @@ rule brats_preprocess:
     params:
         brats=as_json(PRE["brats"]),
         context=STEP_CONTEXT,
-        inputs=lambda w, input: " ".join(f"--input {k}={v}" for k, v in input.items()),
         code=code_hash("brats"),
     shell:
-        "python -m medtx step brats {params.inputs} --output image={output.image} --output seg={output.seg}"
-        " --output cache={output.cache} --output regions={output.regions} --output record={output.record}"
-        " --params {params.brats:q} --context {params.context:q}"
-        " --scan {wildcards.scan} --dataset {wildcards.dataset} > {log} 2>&1"
+        "python -m medtx step brats "
+        + io_args("input", brats_roles())
+        + " --output image={output.image:q} --output seg={output.seg:q}"
+        " --output cache={output.cache:q} --output regions={output.regions:q}"
+        " --output record={output.record:q} --params {params.brats:q} --context {params.context:q}"
+        " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
 
 rule collect_brats:
@@ -197,5 +198,5 @@ rule collect_brats:
         qc=as_json(config["qc"]),
         code=code_hash("collect"),
     shell:
-        "python -m medtx collect --record {input.record} --thumbnail {output.thumbnail}"
-        " --qc {params.qc:q} --out {output.provenance} > {log} 2>&1"
+        "python -m medtx collect --record {input.record:q} --thumbnail {output.thumbnail:q}"
+        " --qc {params.qc:q} --out {output.provenance:q} > {log:q} 2>&1"

@@ -19,5 +19,5 @@ rule provenance_report:
         settings=as_json({**PRE, "backend": BACKEND, "seed": config["seed"]}),
         code=code_hash("report"),
     shell:
-        "python -m medtx report --records {input.records} --scan-table {input.tables}"
-        " --settings {params.settings:q} --out {output.html} > {log} 2>&1"
+        "python -m medtx report --records {input.records:q} --scan-table {input.tables:q}"
+        " --settings {params.settings:q} --out {output.html:q} > {log:q} 2>&1"

@@ -50,8 +50,8 @@ rule pretrain_exemplar:
         meta=train_metadata(),
         code=code_hash("pretrain"),
     shell:
-        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain exemplar --index {input.indexes}"
-        " --config {params.config:q} --metadata {params.meta:q} --out {output} > {log} 2>&1"
+        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain exemplar --index {input.indexes:q}"
+        " --config {params.config:q} --metadata {params.meta:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule pretrain_masked:
@@ -73,9 +73,9 @@ rule pretrain_masked:
         meta=train_metadata(),
         code=code_hash("pretrain"),
     shell:
-        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain masked --index {input.indexes}"
-        " --init {input.init} --config {params.config:q} --metadata {params.meta:q}"
-        " --out {output} > {log} 2>&1"
+        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain masked --index {input.indexes:q}"
+        " --init {input.init:q} --config {params.config:q} --metadata {params.meta:q}"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule finetune:
@@ -100,18 +100,16 @@ rule finetune:
     params:
         config=as_json(stage_config("finetune")),
         meta=lambda w: train_metadata(w.dataset),
-        init=lambda w, input: (
-            f"--init-checkpoint {input.init}" if input.get("init") else ""
-        ),
+        init=lambda w, input: shell_args("--init-checkpoint", input.get("init", [])),
         code=code_hash("finetune"),
     shell:
-        "OMP_WAIT_POLICY=PASSIVE python -m medtx finetune --dataset {wildcards.dataset}"
-        " --task {wildcards.task} --init {wildcards.init} --fraction {wildcards.frac}"
-        " --fold {wildcards.fold} --manifest {input.manifest} --cache-index {input.cache_index}"
+        "OMP_WAIT_POLICY=PASSIVE python -m medtx finetune --dataset {wildcards.dataset:q}"
+        " --task {wildcards.task:q} --init {wildcards.init:q} --fraction {wildcards.frac:q}"
+        " --fold {wildcards.fold:q} --manifest {input.manifest:q} --cache-index {input.cache_index:q}"
         " {params.init}"
         " --config {params.config:q} --metadata {params.meta:q}"
-        " --out {output.model} --predictions {output.predictions}"
-        " --metrics {output.metrics} > {log} 2>&1"
+        " --out {output.model:q} --predictions {output.predictions:q}"
+        " --metrics {output.metrics:q} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -130,5 +128,5 @@ rule evaluate:
     params:
         code=code_hash("evaluate"),
     shell:
-        "python -m medtx evaluate --metrics {input.metrics}"
-        " --summary {output.summary} > {log} 2>&1"
+        "python -m medtx evaluate --metrics {input.metrics:q}"
+        " --summary {output.summary:q} > {log:q} 2>&1"

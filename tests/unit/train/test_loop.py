@@ -296,12 +296,11 @@ def test_train_state_round_trips_through_a_checkpoint(tmp_path):
     states_close(entries["best_state"], saved["best_state"], atol=0)
 
 
-def test_unreadable_last_checkpoint_starts_fresh(tmp_path):
+def test_unreadable_last_checkpoint_fails_instead_of_starting_fresh(tmp_path):
     last_path(tmp_path / "m.pt").write_bytes(b"not a checkpoint")
-    lines = []
-    result = run(tmp_path, "m.pt", lines=lines)
-    assert result.resumed_from is None and result.status == "finished"
-    assert any("cannot read checkpoint" in line for line in lines)
+    with pytest.raises(MedtxError, match="cannot read checkpoint.*to train from scratch"):
+        run(tmp_path, "m.pt")
+    assert last_path(tmp_path / "m.pt").read_bytes() == b"not a checkpoint"
 
 
 def test_time_based_checkpoint_is_written_mid_epoch(tmp_path):

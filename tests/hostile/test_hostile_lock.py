@@ -1,0 +1,274 @@
+"""One run at a time per results folder, whatever its working directory.
+
+Issue 12: Snakemake locks one working directory only; two runs with
+different ``-d`` on the same ``results:`` ran the same jobs, and one crashed
+on a file the other had removed. ``medtx.workflow.lock`` holds the results
+folder from the workflow's ``onstart`` to its ``onsuccess``/``onerror``.
+These tests use real processes: a holder, a second run, a killed run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medtx.workflow.lock import LOCK_NAME, ResultsLock, ResultsLockedError
+from tests.conftest import REPO, sphere, write_nifti
+
+SNAKEMAKE = str(REPO / ".venv" / "bin" / "snakemake")
+HOLD = """
+import sys
+from medtx.workflow.lock import ResultsLock
+lock = ResultsLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+sys.stdin.read()
+lock.release()
+"""
+TAKE = """
+import sys
+from medtx.errors import MedtxError
+from medtx.workflow.lock import ResultsLock
+try:
+    ResultsLock(sys.argv[1]).acquire()
+except MedtxError as err:
+    sys.exit(f"medtx: error: {err}")
+print("taken", flush=True)
+"""
+
+
+def python(code: str, results: Path, cwd: Path, **kw) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(results)], cwd=cwd, env=env, text=True, **kw
+    )
+
+
+def hold(results: Path, cwd: Path) -> subprocess.Popen:
+    """A process holding the lock until its stdin closes."""
+    proc = python(HOLD, results, cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    return proc
+
+
+def take(results: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """A second process taking the lock (and releasing it as it exits)."""
+    proc = python(TAKE, results, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_second_run_refuses_naming_the_first(tmp_path):
+    results = tmp_path / "results"
+    holder = hold(results, tmp_path / "wd1")
+    owner = json.loads((results / LOCK_NAME).read_text())
+    second = take(results, tmp_path / "wd2")
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+    assert lines[0] == (
+        f"medtx: error: results folder {results} is in use by another run (host"
+        f" {socket.gethostname()}, pid {holder.pid}, started {owner['started']},"
+        f" workdir {tmp_path / 'wd1'}); wait for it to end, or delete"
+        f" {results / LOCK_NAME} if that run is gone"
+    )
+    assert json.loads((results / LOCK_NAME).read_text()) == owner  # untouched
+
+    holder.communicate("", timeout=60)  # the first run ends and gives the lock back
+    assert holder.returncode == 0 and not (results / LOCK_NAME).exists()
+    third = take(results, tmp_path / "wd2")
+    assert third.returncode == 0 and third.stdout == "taken\n", third.stderr
+    assert not (results / LOCK_NAME).exists()  # released at exit
+
+
+def test_lock_of_a_killed_run_is_taken_over_with_a_warning(tmp_path):
+    results = tmp_path / "results"
+    (results / "kept.txt").parent.mkdir(parents=True)
+    (results / "kept.txt").write_text("computed")
+    holder = hold(results, tmp_path / "wd1")
+    holder.kill()
+    holder.wait()
+    assert json.loads((results / LOCK_NAME).read_text())["pid"] == holder.pid  # left behind
+    second = take(results, tmp_path / "wd2")
+    assert second.returncode == 0 and second.stdout == "taken\n", second.stderr
+    warning = second.stderr.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith(
+        f"medtx: warning: results folder {results}: taking over the lock of a run that is gone"
+    )
+    assert f"pid {holder.pid}," in warning[0] and str(tmp_path / "wd1") in warning[0]
+    assert (results / "kept.txt").read_text() == "computed"
+
+
+def write_lock(results: Path, **owner) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / LOCK_NAME
+    path.write_text(json.dumps({"token": "x", "started": "then", "workdir": "/w", **owner}))
+    return path
+
+
+def test_lock_from_another_host_is_never_taken_over(tmp_path):
+    path = write_lock(tmp_path / "r", host="elsewhere.example", pid=999_999_999)
+    with pytest.raises(ResultsLockedError, match=r"in use by another run \(host elsewhere"):
+        ResultsLock(tmp_path / "r").acquire()
+    assert json.loads(path.read_text())["host"] == "elsewhere.example"
+
+
+def test_reused_pid_is_a_gone_run(tmp_path, capsys):
+    """Our own pid, but a different process start time: the recorded run is gone."""
+    write_lock(tmp_path / "r", host=socket.gethostname(), pid=os.getpid(), pid_start=1)
+    lock = ResultsLock(tmp_path / "r")
+    lock.acquire()
+    assert "taking over" in capsys.readouterr().err
+    assert json.loads(lock.path.read_text())["token"] == lock.token
+    lock.release()
+    assert not lock.path.exists()
+
+
+def test_unreadable_lock_refuses_naming_its_file(tmp_path):
+    path = tmp_path / "r" / LOCK_NAME
+    path.parent.mkdir()
+    path.write_text("garbage")
+    with pytest.raises(ResultsLockedError) as err:
+        ResultsLock(tmp_path / "r").acquire()
+    assert str(err.value) == (
+        f"results folder {tmp_path / 'r'}: its lock file {path} cannot be read;"
+        " delete it if no other run is using this folder"
+    )
+    assert path.read_text() == "garbage"
+
+
+def test_release_keeps_a_lock_another_run_took_over(tmp_path):
+    lock = ResultsLock(tmp_path / "r")
+    lock.acquire()
+    path = write_lock(tmp_path / "r", host="elsewhere.example", pid=1)
+    lock.release()
+    assert json.loads(path.read_text())["host"] == "elsewhere.example"
+
+
+# --- the workflow: one cheap job (bet, template method, on a tiny image) ---
+
+
+def tiny_workflow(tmp_path: Path) -> tuple[Path, Path]:
+    """A one-scan CSV dataset; returns (config file, results folder shared by runs)."""
+    image = write_nifti(
+        tmp_path / "data" / "h0.nii.gz",
+        sphere((40, 48, 40), radius=14),
+        np.diag([4.0, 4.0, 4.0, 1.0]),
+    )
+    with open(tmp_path / "data" / "scans.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["subject", "t1"], ["h0", image.name]])
+    results = tmp_path / "shared results"
+    config = {
+        "results": str(results),
+        "datasets": {
+            "h": {"kind": "csv", "role": ["pretrain"], "path": str(tmp_path / "data/scans.csv")}
+        },
+        "preprocess": {
+            "backend": "ants",
+            "bet": {"ants": {"method": "template", "aff_iterations": [20, 10]}},
+        },
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "c.yaml", results
+
+
+def snakemake_cmd(configfile: Path, work: Path, *args: str) -> list[str]:
+    work.mkdir(exist_ok=True)
+    return [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(work)] + [
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "1",
+        "--until",
+        "bet",
+        *args,
+    ]
+
+
+@pytest.mark.integration
+def test_snakemake_refuses_while_another_run_holds_the_results(tmp_path, medtx_env):
+    configfile, results = tiny_workflow(tmp_path)
+    holder = hold(results, tmp_path / "wd1")
+    try:
+        lock = (results / LOCK_NAME).read_text()
+        dry = subprocess.run(
+            snakemake_cmd(configfile, tmp_path / "wd2", "-n"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=medtx_env,
+        )
+        assert dry.returncode == 0, dry.stderr[-3000:]  # a dry run neither takes nor waits
+        assert "bet" in dry.stdout
+
+        run = subprocess.run(
+            snakemake_cmd(configfile, tmp_path / "wd2"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=medtx_env,
+        )
+        out = run.stdout + run.stderr
+        assert run.returncode == 1, out[-3000:]
+        last = out.strip().splitlines()[-1]
+        assert last.startswith(f"medtx: error: results folder {results} is in use by another run")
+        assert f"pid {holder.pid}," in last and f"workdir {tmp_path / 'wd1'})" in last
+        assert "Traceback" not in out and 'File "' not in out
+        assert (results / LOCK_NAME).read_text() == lock  # the first run's, untouched
+        assert not (results / "preprocess").exists()  # no job ran
+        assert not list((tmp_path / "wd2" / ".snakemake").glob("locks/*"))  # -d not left locked
+
+        # A job Snakemake spawns (SLURM, group jobs) runs with --no-hooks --nolock:
+        # it works inside the run that holds the lock, so it must not wait on it.
+        inner = subprocess.run(
+            snakemake_cmd(configfile, tmp_path / "wd1", "--no-hooks", "--nolock"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=medtx_env,
+        )
+        assert inner.returncode == 0, inner.stderr[-3000:]
+        assert (results / "preprocess" / "h" / "sub-h0" / "sub-h0_step-bet.json").exists()
+        assert (results / LOCK_NAME).read_text() == lock
+    finally:
+        holder.communicate("", timeout=60)
+
+
+@pytest.mark.integration
+def test_ctrl_c_gives_the_lock_back(tmp_path, medtx_env):
+    configfile, results = tiny_workflow(tmp_path)
+    proc = subprocess.Popen(
+        snakemake_cmd(configfile, tmp_path / "wd"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=medtx_env,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches it
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (results / LOCK_NAME).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        assert json.loads((results / LOCK_NAME).read_text())["pid"] == proc.pid
+        time.sleep(1.0)  # the bet job is running
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, out[-3000:]
+    assert not (results / LOCK_NAME).exists(), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
