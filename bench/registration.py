@@ -315,6 +315,7 @@ LEVERS = {
     "unmasked": {"flirt": {"brain_masked": False}},
     "mattes": {"flirt": {"metric": "mattes"}},
     "template-mask": {"bet": {"method": "template"}},
+    "pooled": {"flirt": {"pool_moving": True}},
     "two-levels": {
         "flirt": {
             "aff_iterations": [200, 100],

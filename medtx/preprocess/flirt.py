@@ -4,9 +4,10 @@ FSL FLIRT (12 dof, correlation ratio) on the paper's path. With antspyx the
 head is registered again, starting from the bet step's head affine, with the
 metric (correlation by default) counted inside the template brain only: the
 scalp, neck and field of view then no longer pull the brain off, which on
-real heads removed a 2-4 mm offset (bench/registration.py). It runs at 8, 4
-and 2 mm, the model's input resolution; a 1 mm final level cost 7x more for
-0.15 mm.
+real heads removed a 2-4 mm offset (bench/registration.py). The template is
+sampled at 8, 4 and 2 mm, the model's input resolution, against the scan at
+its own resolution: block-averaging the scan on its own grid first smoothed
+each pose differently and cost consistency between poses.
 The brain and its mask follow the transform onto the 193x229x193 grid.
 """
 
@@ -208,15 +209,18 @@ def _flirt_ants(data, affine, mask_data, head, xfm_init, xfm_out, params, ctx, r
     rec.call(
         "ants.registration",
         fixed=f"ICBM 2009c T1 head at {mm:g} mm",
-        moving=f"t1 at {mm:g} mm",
+        moving=f"t1 at {mm:g} mm" if params["pool_moving"] else "t1",
         mask=f"ICBM 2009c brain mask at {mm:g} mm" if masked else None,
         initial_transform="transform_init",
         random_seed=ctx.seed,
         **kw,
     )
+    moving = to_ants(*head)
+    if params["pool_moving"]:
+        moving = at_resolution(moving, mm)
     reg = ants.registration(
         fixed=read_template("t1", mm),
-        moving=at_resolution(to_ants(*head), mm),
+        moving=moving,
         mask=read_template("brain_mask", mm).threshold_image(0.5, 2) if masked else None,
         initial_transform=[str(xfm_init)],
         **kw,

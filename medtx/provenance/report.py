@@ -248,6 +248,12 @@ def _flirt_text(backend: str, flirt: dict[str, Any], versions: Mapping[str, Any]
         )
         if "registration_mm" in flirt:
             opts.append(f"at {_fmt(flirt['registration_mm'])} mm")
+        if "pool_moving" in flirt:
+            opts.append(
+                "the scan block-averaged to that resolution"
+                if flirt["pool_moving"]
+                else "the scan at its own resolution"
+            )
         if "brain_masked" in flirt:  # medtx's ants flirt: the head, from bet's head affine
             opts.append("started from a head-to-template affine")
         if "aff_sampling" in flirt:
@@ -269,6 +275,7 @@ def _flirt_text(backend: str, flirt: dict[str, Any], versions: Mapping[str, Any]
                 "metric",
                 "brain_masked",
                 "registration_mm",
+                "pool_moving",
                 "aff_metric",
                 "aff_sampling",
                 "aff_random_sampling_rate",
