@@ -263,7 +263,10 @@ def test_ctrl_c_gives_the_lock_back(tmp_path, medtx_env):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.1)
         assert json.loads((results / LOCK_NAME).read_text())["pid"] == proc.pid
-        time.sleep(1.0)  # the bet job is running
+        job_log = tmp_path / "wd" / "logs" / "preprocess" / "bet" / "h" / "sub-h0.log"
+        while not job_log.exists():  # the bet job has started (it takes seconds)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
