@@ -247,6 +247,16 @@ def test_snakemake_refuses_while_another_run_holds_the_results(tmp_path, medtx_e
 
 
 @pytest.mark.integration
+def _bet_job_running(tmp_path) -> bool:
+    """Whether a ``python -m medtx step bet`` of this test's run has started."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"^[^ ]*python[^ ]* -m medtx step bet .*{tmp_path.name}"],
+        capture_output=True,
+        text=True,
+    )
+    return bool(found.stdout.strip())
+
+
 def test_ctrl_c_gives_the_lock_back(tmp_path, medtx_env):
     configfile, results = tiny_workflow(tmp_path)
     proc = subprocess.Popen(
@@ -263,8 +273,7 @@ def test_ctrl_c_gives_the_lock_back(tmp_path, medtx_env):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.1)
         assert json.loads((results / LOCK_NAME).read_text())["pid"] == proc.pid
-        job_log = tmp_path / "wd" / "logs" / "preprocess" / "bet" / "h" / "sub-h0.log"
-        while not job_log.exists():  # the bet job has started (it takes seconds)
+        while not _bet_job_running(tmp_path):  # the step's Python, not only its shell
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)
