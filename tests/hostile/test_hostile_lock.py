@@ -257,7 +257,8 @@ def _bet_job_running(tmp_path) -> bool:
     return bool(found.stdout.strip())
 
 
-def test_ctrl_c_gives_the_lock_back(tmp_path, medtx_env):
+def _interrupted_run(tmp_path, medtx_env) -> tuple[int, str, Path]:
+    """A run Ctrl-C'd while its bet job runs: (exit status, output, results folder)."""
     configfile, results = tiny_workflow(tmp_path)
     proc = subprocess.Popen(
         snakemake_cmd(configfile, tmp_path / "wd"),
@@ -281,6 +282,17 @@ def test_ctrl_c_gives_the_lock_back(tmp_path, medtx_env):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0, out[-3000:]
-    assert not (results / LOCK_NAME).exists(), out[-3000:]
+    return proc.returncode, out, results
+
+
+def test_ctrl_c_gives_the_lock_back(tmp_path, medtx_env):
+    # On a busy machine the job can finish before Snakemake acts on the
+    # interrupt; the run then ends normally. Such a try proves nothing either
+    # way, so up to three are made.
+    for attempt in range(3):
+        code, out, results = _interrupted_run(tmp_path / f"try{attempt}", medtx_env)
+        assert not (results / LOCK_NAME).exists(), out[-3000:]
+        if code != 0:
+            break
+    assert code != 0, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
