@@ -9,6 +9,9 @@ transform. Prints Dice with the truth, brain volume, wall and CPU seconds
 (ROBEX's and FSL's own programs counted).
 
     .venv/bin/python bench/extraction.py [--transforms 2] [--out DIR]
+
+A method that already ran on a case under ``--out`` is not run again (its
+mask and seconds are read back), so a stopped run can be finished.
 """
 
 from __future__ import annotations
@@ -63,8 +66,21 @@ def make_cases(work: Path, n: int, seed: int) -> list[tuple[str, Path, np.ndarra
 
 
 def run_method(method: str, scan: Path, out: Path) -> tuple[np.ndarray, float, float]:
+    """The method's mask, wall and CPU seconds; reused from ``out`` when it ran there."""
+    import json
+
     import nibabel as nib
 
+    timing = out / "timing.json"
+    if not (timing.exists() and (out / "mask.nii.gz").exists()):
+        wall, cpu = _run_bet(method, scan, out)
+        timing.write_text(json.dumps({"wall": wall, "cpu": cpu}))
+    seconds = json.loads(timing.read_text())
+    mask = np.asarray(nib.load(str(out / "mask.nii.gz")).dataobj) > 0
+    return mask.reshape(mask.shape[:3]), seconds["wall"], seconds["cpu"]
+
+
+def _run_bet(method: str, scan: Path, out: Path) -> tuple[float, float]:
     from medtx.config import load_config
     from medtx.preprocess.bet import run_bet
     from medtx.preprocess.context import StepContext
@@ -89,8 +105,7 @@ def run_method(method: str, scan: Path, out: Path) -> tuple[np.ndarray, float, f
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = time.process_time() - c0 + (after.ru_utime - children.ru_utime)
     cpu += after.ru_stime - children.ru_stime
-    mask = np.asarray(nib.load(str(out / "mask.nii.gz")).dataobj) > 0
-    return mask.reshape(mask.shape[:3]), time.perf_counter() - t0, cpu
+    return time.perf_counter() - t0, cpu
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -316,11 +316,12 @@ LEVERS = {
     "mattes": {"flirt": {"metric": "mattes"}},
     "template-mask": {"bet": {"method": "template"}},
     "pooled": {"flirt": {"pool_moving": True}},
-    "two-levels": {
+    "finest-2mm": {
         "flirt": {
-            "aff_iterations": [200, 100],
-            "aff_shrink_factors": [2, 1],
-            "aff_smoothing_sigmas": [1, 0],
+            "registration_mm": 2.0,
+            "aff_iterations": [200, 200, 100],
+            "aff_shrink_factors": [4, 2, 1],
+            "aff_smoothing_sigmas": [2, 1, 0],
         }
     },
 }

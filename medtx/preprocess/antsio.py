@@ -53,6 +53,20 @@ def configure_ants(*, seed: int | None, threads: int, deterministic: bool) -> No
     ants.config._random_seed = seed
 
 
+def affine_schedule(params: dict) -> dict:
+    """``ants.registration`` keywords of an ants config section (bet or flirt):
+    the transform and one iteration count, shrink factor and sigma per level."""
+    kw = {
+        "type_of_transform": params["type_of_transform"],
+        "aff_iterations": tuple(params["aff_iterations"]),
+        "aff_shrink_factors": tuple(params["aff_shrink_factors"]),
+        "aff_smoothing_sigmas": tuple(params["aff_smoothing_sigmas"]),
+    }
+    if "metric" in params:
+        kw["aff_metric"] = params["metric"]
+    return kw
+
+
 def read_template(name: str, mm: float = 1.0):
     """A template image (ANTs), resampled to ``mm`` isotropic when mm != 1."""
     return _read_template(name, float(mm))

@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 
 from medtx.io import atomic_path, load_volume, save_nifti
-from medtx.preprocess.antsio import at_resolution, configure_ants, read_template, to_ants
+from medtx.preprocess.antsio import (
+    affine_schedule,
+    at_resolution,
+    configure_ants,
+    read_template,
+    to_ants,
+)
 from medtx.preprocess.context import StepContext
 from medtx.provenance.records import package_version
 
@@ -148,12 +154,7 @@ def _bet_ants(data, affine, brain_out, mask_out, xfm_out, params, ctx, rec):
     import ants
 
     mm = float(params["registration_mm"])
-    kw = {
-        "type_of_transform": params["type_of_transform"],
-        "aff_iterations": tuple(params["aff_iterations"]),
-        "aff_shrink_factors": tuple(params["aff_shrink_factors"]),
-        "aff_smoothing_sigmas": tuple(params["aff_smoothing_sigmas"]),
-    }
+    kw = affine_schedule(params)
     rec.set_tool("antspyx", package_version("antspyx"))
     rec.call(
         "ants.registration",

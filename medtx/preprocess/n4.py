@@ -17,14 +17,12 @@ from medtx.provenance.records import package_version
 
 
 def n4_arguments(params: dict) -> dict:
-    """ants.n4_bias_field_correction keyword arguments from the config section."""
+    """ants.n4_bias_field_correction keyword arguments from the config section
+    (its defaults are the schema's, filled in by ``load_config``)."""
     return {
-        "shrink_factor": int(params.get("shrink_factor", 6)),
-        "convergence": {
-            "iters": list(params.get("iterations", [50, 50, 50, 50])),
-            "tol": float(params.get("tol", 1e-7)),
-        },
-        "spline_param": float(params.get("spline_distance_mm", 200)),
+        "shrink_factor": int(params["shrink_factor"]),
+        "convergence": {"iters": list(params["iterations"]), "tol": float(params["tol"])},
+        "spline_param": float(params["spline_distance_mm"]),
     }
 
 
@@ -49,7 +47,7 @@ def run_n4(
     rec.add_input("brain", brain)
     rec.add_input("brain_mask", mask)
     kwargs = n4_arguments(params)
-    masked = bool(params.get("masked", True))
+    masked = bool(params["masked"])
     rec.call(
         "ants.n4_bias_field_correction",
         mask="brain_mask" if masked else None,

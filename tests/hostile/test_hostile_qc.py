@@ -29,7 +29,9 @@ datasets: {{unused: {{kind: bids, role: pretrain, path: unused}}}}
 preprocess:
   backend: ants
   bet: {{ants: {{method: {method}}}}}
-  flirt: {{ants: {{aff_iterations: [20, 10, 5]}}}}
+  flirt:
+    ants: {{registration_mm: 2.0, aff_iterations: [20, 10, 5],
+            aff_shrink_factors: [4, 2, 1], aff_smoothing_sigmas: [2, 1, 0]}}
   n4: {{iterations: [20, 20]}}
 """
 

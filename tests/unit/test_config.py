@@ -105,5 +105,5 @@ def test_registration_schedule_levels_must_match():
     assert str(err.value) == (
         "config key 'preprocess/flirt/ants': one entry per level in each of aff_iterations, "
         "aff_shrink_factors, aff_smoothing_sigmas; got aff_iterations [20, 10], "
-        "aff_shrink_factors [4, 2, 1], aff_smoothing_sigmas [2, 1, 0]"
+        "aff_shrink_factors [8, 4, 2, 1], aff_smoothing_sigmas [4, 2, 1, 0]"
     )
