@@ -8,6 +8,11 @@ given threads; and CUDA with AMP when a GPU is present), and the loader
 loader must be >= 10x faster than the step. Run it with the same threads the
 training rules use; OMP_WAIT_POLICY=PASSIVE is set as the rules set it.
 
+Then the pre-training remap: the three Bézier intensity remaps of one 96x114x96
+volume (``plane_positives``' work per volume), the former numpy path (np.interp on
+the host, with the device round trip on CUDA) against ``curve_lookup``, on one CPU
+thread and on CUDA when present.
+
     .venv/bin/python bench/train.py [--threads 1] [--steps 5]
 """
 
@@ -26,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from medtx.models.pretext import curve_lookup, draw_intensity_curve  # noqa: E402
 from medtx.models.slice_transformer import build_model  # noqa: E402
 from medtx.train.data import VolumeSet  # noqa: E402
 
@@ -72,6 +78,38 @@ def load_seconds(downsample: int, n: int = 20) -> float:
         return (time.perf_counter() - t0) / n
 
 
+def remap_seconds(device: str, reps: int = 5) -> tuple[float, float]:
+    """Median seconds per volume for three fresh curves: (numpy path, torch path)."""
+    rng = np.random.default_rng(0)
+    volume = torch.rand(1, 1, 96, 114, 96, generator=torch.Generator().manual_seed(0))
+    volume = volume.to(device)
+
+    def numpy_path(xs: np.ndarray, ys: np.ndarray) -> None:  # the former per-plane copy
+        for p in range(3):
+            values = volume[0].detach().cpu().numpy()
+            torch.from_numpy(np.interp(values, xs[p, 0], ys[p, 0]).astype(np.float32)).to(device)
+
+    def torch_path(xs: np.ndarray, ys: np.ndarray) -> None:
+        curve_lookup(volume, xs, ys)
+
+    medians = []
+    for path in (numpy_path, torch_path):
+        times = []
+        for i in range(reps + 1):  # the first call warms up
+            curves = [draw_intensity_curve(rng) for _ in range(3)]
+            xs, ys = (np.array([[c[j]] for c in curves]) for j in (0, 1))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            path(xs, ys)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+        medians.append(float(np.median(times)))
+    return medians[0], medians[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -93,6 +131,13 @@ def main() -> int:
                 f"{shape:>12} {device + ('+amp' if amp else ''):>7} {step:>11.3f} {load:>11.4f}"
                 f" {step / load:>9.0f}x"
             )
+    torch.set_num_threads(1)
+    print("\n# pretext Bézier remap, three planes of one 96x114x96 volume (1 CPU thread)")
+    print(f"{'device':>7} {'numpy ms':>9} {'torch ms':>9} {'numpy/torch':>12}")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        old, new = remap_seconds(device)
+        print(f"{device:>7} {1e3 * old:>9.1f} {1e3 * new:>9.2f} {old / new:>11.1f}x")
+    torch.set_num_threads(args.threads)
     return 0
 
 

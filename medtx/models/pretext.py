@@ -3,7 +3,9 @@
 Stage 1, exemplar network: each plane encoder learns that a volume and a non-linear
 intensity remap of it (Models Genesis' Bézier transform, a separate curve per plane)
 are the same brain, and another brain in the batch is not: L2 triplet loss on the
-slice-averaged embeddings, margin 1.0, mean over planes.
+slice-averaged embeddings, margin 1.0, mean over planes. The curves are drawn on the
+host from the run's numpy generator; the lookup runs on the volumes' device
+(``curve_lookup``), without copying them to the host.
 
 Stage 2, masked encoding-vector prediction: with the encoders frozen, int(0.1·N)
 slices per plane (9/11/9 at 96/114/96) have their encoding replaced by a mask vector,
@@ -14,6 +16,7 @@ summed over planes. The mask vector is the encoder output of a constant slice
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +31,14 @@ from medtx.models.slice_transformer import (
 )
 
 # ---------------------------------------------------------------------------- stage 1
+
+#: The CPU lookup splits [0, 1] into 2**15 equal buckets (``_table_lookup``): a power of
+#: 2, so a float's bucket and its offset in it are exact. With ~1000 curve points at
+#: most ~3% of the buckets hold one and need a search; more buckets cost more table
+#: (built per curve, and read at random) than they save in searches.
+_BUCKET_BITS = 15
+#: Voxels per pass of the CPU lookup: its buffers stay in cache.
+_CHUNK = 1 << 16
 
 
 def bezier_curve(
@@ -45,6 +56,36 @@ def bezier_curve(
     return np.maximum.accumulate(pts[:, 0]), np.maximum.accumulate(pts[:, 1])
 
 
+def draw_intensity_curve(
+    rng: np.random.Generator, *, flip_prob: float = 0.5, n_points: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """One remap curve (xs, ys): a Bézier curve, then the flip draw, in this order.
+
+    Every caller draws through here, so the numpy and the torch paths consume the random
+    stream alike: a run's numbers do not depend on which path remapped its volumes.
+    """
+    xs, ys = bezier_curve(rng, n_points=n_points)
+    if rng.random() < flip_prob:
+        ys = ys[::-1]
+    return xs, ys
+
+
+def _check_unit_range(low: float, high: float) -> None:
+    """Raise unless [low, high] lies in [0, 1] (1e-6 slack for round-off)."""
+    if low < -1e-6 or high > 1 + 1e-6:
+        raise ValueError(
+            f"bezier_intensity needs intensities in [0, 1], got [{low:.4g}, {high:.4g}]"
+        )
+
+
+def _unit_range_of(x: Tensor) -> None:
+    """The range check of a tensor: one min/max reduction, one copy to the host."""
+    if x.numel():
+        values = x.detach() if x.is_floating_point() else x.detach().float()
+        low, high = torch.stack(torch.aminmax(values)).tolist()
+        _check_unit_range(low, high)
+
+
 def bezier_intensity(
     x: np.ndarray | Tensor,
     rng: np.random.Generator,
@@ -57,7 +98,8 @@ def bezier_intensity(
     Looks every intensity up on a random Bézier curve (``np.interp``); with probability
     ``flip_prob`` the curve is flipped into a decreasing map, as Models Genesis does by
     pairing ascending xs with descending ys. The output stays in [0, 1]. One call draws
-    one curve: the caller draws a separate one per plane (``plane_positives``).
+    one curve: the caller draws a separate one per plane (``plane_positives``). A tensor
+    is remapped on its own device (``curve_lookup``), without a copy to the host.
 
     Args:
         x: intensities in [0, 1] (numpy array or tensor; a tensor comes back as one).
@@ -65,24 +107,201 @@ def bezier_intensity(
         flip_prob: probability of a decreasing map.
         n_points: samples on the curve.
     """
-    values = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-    if values.size and (values.min() < -1e-6 or values.max() > 1 + 1e-6):
-        raise ValueError(
-            f"bezier_intensity needs intensities in [0, 1], got "
-            f"[{values.min():.4g}, {values.max():.4g}]"
-        )
-    xs, ys = bezier_curve(rng, n_points=n_points)
-    if rng.random() < flip_prob:
-        ys = ys[::-1]
-    out = np.interp(values, xs, ys).astype(values.dtype if values.dtype.kind == "f" else np.float32)
-    return torch.from_numpy(out).to(x.device) if isinstance(x, Tensor) else out
+    if isinstance(x, Tensor):
+        _unit_range_of(x)
+        xs, ys = draw_intensity_curve(rng, flip_prob=flip_prob, n_points=n_points)
+        return curve_lookup(x[None], xs[None, None], ys[None, None])[0, 0]
+    values = np.asarray(x)
+    if values.size:
+        _check_unit_range(values.min(), values.max())
+    xs, ys = draw_intensity_curve(rng, flip_prob=flip_prob, n_points=n_points)
+    return np.interp(values, xs, ys).astype(
+        values.dtype if values.dtype.kind == "f" else np.float32
+    )
 
 
 def plane_positives(volumes: Tensor, rng: np.random.Generator) -> tuple[Tensor, ...]:
-    """Per plane, every volume of the batch remapped with its own fresh Bézier curve."""
-    return tuple(
-        torch.stack([torch.as_tensor(bezier_intensity(v, rng)) for v in volumes]) for _ in PLANES
+    """Per plane, every volume of the batch remapped with its own fresh Bézier curve.
+
+    One range check for the batch (a single reduction, one host sync); then the curves,
+    drawn plane by plane, volume by volume, each a curve then its flip: the order in
+    which runs have always consumed the random stream, so their numbers stay
+    reproducible; then one ``curve_lookup`` for the whole batch, on its device.
+    """
+    _unit_range_of(volumes)
+    curves = [[draw_intensity_curve(rng) for _ in range(volumes.shape[0])] for _ in PLANES]
+    xs = np.array([[curve[0] for curve in plane] for plane in curves])
+    ys = np.array([[curve[1] for curve in plane] for plane in curves])
+    return tuple(curve_lookup(volumes, xs, ys).unbind(0))
+
+
+def curve_lookup(volumes: Tensor, xs: np.ndarray, ys: np.ndarray) -> Tensor:
+    """``np.interp`` of each volume on each of its curves, on the volumes' own device.
+
+    ``out[p, b] = np.interp(volumes[b], xs[p, b], ys[p, b])`` for volumes (B, ...) and
+    curves xs, ys (P, B, n) with xs finite and non-decreasing along n; returns
+    (P, B, ...) in the volumes' float dtype (float32 for others). np.interp's conventions
+    hold: ys[0] left of xs[0], ys[-1] right of xs[-1], and at an x repeated in xs the last
+    of its ys. The value is np.interp's float64 one to float64 round-off, rounded once to
+    the output dtype: in practice bit for bit ``np.interp(...).astype(float32)``.
+    No range check: callers check once per batch. On the CPU a bucket table
+    (``_table_lookup``); elsewhere a binary search per voxel (``_search_lookup``).
+    """
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if xs.ndim != 3 or xs.shape != ys.shape or xs.shape[1] != volumes.shape[0] or not xs.size:
+        raise ValueError(
+            f"curves must be (P, B={volumes.shape[0]}, n >= 1) for volumes of shape "
+            f"{tuple(volumes.shape)}, got xs {xs.shape} and ys {ys.shape}"
+        )
+    out_dtype = volumes.dtype if volumes.is_floating_point() else torch.float32
+    dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    flat = volumes.detach().reshape(volumes.shape[0], -1).to(dtype)
+    out = flat.new_empty(xs.shape[0], *flat.shape)
+    if volumes.device.type == "cpu":
+        for b in range(flat.shape[0]):
+            _table_lookup(flat[b], xs[:, b], ys[:, b], out[:, b])
+    else:  # all the curves in one copy, which need not wait for the device
+        host = torch.from_numpy(_segments(xs, ys))
+        if volumes.device.type == "cuda":
+            host = host.pin_memory()
+        segments = host.to(volumes.device, non_blocking=True)
+        for b in range(flat.shape[0]):
+            out[:, b] = _search_lookup(flat[b], segments[:, b])
+    return out.to(out_dtype).reshape(xs.shape[0], *volumes.shape)
+
+
+def _search_lookup(x: Tensor, segments: Tensor) -> Tensor:
+    """(P, N) float64: np.interp of x (N,) on each of P curves (``_segments``, (P, 4, n + 1)).
+
+    One float64 binary search per voxel: slow on a CPU (~70 ns a voxel), cheap and free
+    of host syncs on a GPU. float64, as where a curve is steep its points lie closer than
+    a float32 ulp and the piece must still be the one np.interp picks.
+    """
+    x64 = x.to(torch.float64)
+    return torch.stack(
+        [_segment_value(s, torch.searchsorted(s[3, :-1], x64, right=True), x64) for s in segments]
     )
+
+
+def _segments(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """(..., 4, n + 1) for curves (..., n): start x, start y and slope of the piece
+    np.interp uses for x when i = #{xs <= x} points lie at or left of x (the constant
+    ys[0] for i = 0, the line from point i - 1 to point i, the constant ys[-1] for
+    i = n), and xs itself (then one pad) to find i. numpy's own float64 formula,
+    slope·(x - x0) + y0, then gives np.interp exactly (``_segment_value``).
+    """
+    n = xs.shape[-1]
+    seg = np.empty((*xs.shape[:-1], 4, n + 1))
+    seg[..., 0, 0], seg[..., 0, 1:] = xs[..., 0], xs
+    seg[..., 1, 0], seg[..., 1, 1:] = ys[..., 0], ys
+    with np.errstate(divide="ignore", invalid="ignore"):  # repeated xs: a piece never used
+        seg[..., 2, 1:n] = np.diff(ys) / np.diff(xs)
+    seg[..., 2, 0] = seg[..., 2, n] = 0.0
+    seg[..., 3, :n], seg[..., 3, n] = xs, np.inf
+    return seg
+
+
+def _segment_value(seg: Tensor, i: Tensor, x: Tensor) -> Tensor:
+    """np.interp at float64 x from its piece i (``_segments``).
+
+    ±inf, only ever on the constant end pieces, is clamped to a finite x there so that
+    0·(x - x0) stays 0; NaN stays NaN.
+    """
+    x0, y0, slope = (seg[r].index_select(0, i) for r in range(3))
+    big = torch.finfo(torch.float64).max
+    return torch.addcmul(y0, slope, x.clamp(-big, big) - x0)
+
+
+@functools.cache
+def _bucket_edges() -> np.ndarray:
+    """k / m for k = 0 .. m + 1, m = 2**_BUCKET_BITS: the bucket ends."""
+    return np.arange((1 << _BUCKET_BITS) + 2) / (1 << _BUCKET_BITS)
+
+
+def _table_lookup(x: Tensor, xs: np.ndarray, ys: np.ndarray, out: Tensor) -> None:
+    """out[p] = np.interp(x, xs[p], ys[p]) for a CPU volume x (N,) and curves (P, n).
+
+    A binary search per voxel costs as much as np.interp itself (~70 ns). Instead [0, 1]
+    is cut into m = 2**15 buckets [k/m, (k+1)/m): x·m gives a voxel's bucket k and offset
+    x·m - k exactly (m is a power of 2), and where no curve point lies in (k/m, (k+1)/m]
+    the curve is one line there, so np.interp(x) = v[k] + (v[k+1] - v[k])·offset with v
+    np.interp at the bucket ends: one table read per voxel and curve. The voxels of the
+    other buckets (a curve point inside; x < 0, x >= 1 + 1/m, NaN) are searched, among
+    the points of their bucket: ~3% of the voxels per random curve, more for curves
+    steep near 0 or 1.
+
+    The table and the arithmetic are float64, rounded once on output: float32 tables are
+    ~1.4x faster but differ from np.interp by an ulp in a quarter of the voxels, and
+    Adam turns that into different weights (~1e-3 apart after three steps): CPU runs
+    would no longer repeat the numbers they gave with np.interp.
+    """
+    if not x.numel():
+        return
+    m = 1 << _BUCKET_BITS
+    n_curves, n = xs.shape
+    edges = _bucket_edges()
+    # Row r is bucket r - 1 for r = 1..m+1 (the last one holds x in [1, 1 + 1/m)); rows
+    # 0 and m + 2 hold x < 0 and x >= 1 + 1/m (and NaN), always searched.
+    table = np.zeros((n_curves, m + 3), np.complex128)
+    search = np.zeros((n_curves, m + 3), dtype=bool)
+    search[:, [0, -1]] = True
+    np.put_along_axis(search, np.clip(np.ceil(xs * m), 0, m + 2).astype(np.intp), True, 1)
+    for p in range(n_curves):
+        v = np.interp(edges, xs[p], ys[p])
+        table[p, 1:-1].real, table[p, 1:-1].imag = v[:-1], np.diff(v)
+    value = torch.from_numpy(table)
+
+    # In chunks that stay in cache: each voxel is read once and its row found once for
+    # all curves.
+    any_search = torch.from_numpy(search.any(0))
+    size = min(x.shape[0], _CHUNK)
+    offset, rows_f = torch.empty(size, dtype=x.dtype), torch.empty(size, dtype=x.dtype)
+    rows, pair = torch.empty(size, dtype=torch.int32), torch.empty(size, dtype=value.dtype)
+    offset64, value64 = torch.empty((2, size), dtype=torch.float64)
+    todo_parts, rows_parts = [], []
+    for start in range(0, x.shape[0], size):
+        stop = min(start + size, x.shape[0])
+        length = stop - start
+        off, fl, r, pr = offset[:length], rows_f[:length], rows[:length], pair[:length]
+        torch.mul(x[start:stop], m, out=off)  # exact
+        torch.floor(off, out=fl)
+        off.sub_(fl)  # exact; x·m - k in [0, 1) for x >= 0
+        r.copy_(fl.clamp_(-1, m + 1).nan_to_num_(m + 1).add_(1))
+        off64, val64 = offset64[:length].copy_(off), value64[:length]  # off is exact
+        for p in range(n_curves):
+            torch.index_select(value[p], 0, r, out=pr)
+            parts = torch.view_as_real(pr)
+            torch.addcmul(parts[:, 0], parts[:, 1], off64, out=val64)
+            out[p, start:stop].copy_(val64)  # the one rounding
+        hits = any_search.index_select(0, r).nonzero().squeeze(1)
+        if hits.numel():
+            todo_parts.append(hits + start)
+            rows_parts.append(r.index_select(0, hits))
+    if not todo_parts:
+        return
+    todo, rows_todo = torch.cat(todo_parts), torch.cat(rows_parts)
+    x_todo = x.index_select(0, todo).to(torch.float64)
+    for p in range(n_curves):
+        here = torch.from_numpy(search[p]).index_select(0, rows_todo).nonzero().squeeze(1)
+        if not here.numel():
+            continue
+        xp, rp = x_todo.index_select(0, here), rows_todo.index_select(0, here)
+        # Over bucket k the piece i runs from #{xs <= k/m} to #{xs < (k+1)/m}; the
+        # out-of-range rows search them all.
+        first, last = np.empty((2, m + 3), dtype=np.int64)  # read at searched rows only
+        bucket_rows = np.flatnonzero(search[p])[1:-1]
+        first[bucket_rows] = np.searchsorted(xs[p], edges[bucket_rows - 1], "right")
+        last[bucket_rows] = np.searchsorted(xs[p], edges[bucket_rows], "left")
+        first[[0, -1]], last[[0, -1]] = 0, n
+        lo = torch.from_numpy(first).index_select(0, rp)
+        hi = torch.from_numpy(last).index_select(0, rp)
+        seg = torch.from_numpy(_segments(xs[p], ys[p]))
+        for _ in range(int((hi - lo).max()).bit_length()):  # xs[lo - 1] <= x throughout
+            mid = (lo + hi + 1) >> 1
+            le = seg[0].index_select(0, mid) <= xp
+            lo, hi = torch.where(le, mid, lo), torch.where(le, hi, mid - 1)
+        value_here = _segment_value(seg, lo, xp).to(out.dtype)
+        out[p].index_copy_(0, todo.index_select(0, here), value_here)
 
 
 def batch_negatives(x: Tensor) -> Tensor:
