@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from medtx.cli import main
+from medtx.config import load_config
 from tests.conftest import sphere, write_nifti
 
 SCANS = ("sub-01", "sub-02")
@@ -47,7 +48,8 @@ def run_scan(scan: str, seed: int, *, steps=("n4", "pool_normalize")) -> None:
     if "n4" in steps:
         n4 = [f"n4={d}/{scan}_n4.nii.gz", f"record={d}/{scan}_step-n4.json"]
         args = ["step", "n4", "--input", f"brain={source}", "--input", f"mask={d}/in_mask.nii.gz"]
-        assert main([*args, *out_args(n4), "--params", '{"shrink_factor": 2}', *common]) == 0
+        params = json.dumps({**load_config()["preprocess"]["n4"], "shrink_factor": 2})
+        assert main([*args, *out_args(n4), "--params", params, *common]) == 0
         records.append(f"{d}/{scan}_step-n4.json")
         source = f"{d}/{scan}_n4.nii.gz"
     outputs = [
