@@ -17,7 +17,7 @@ import pandas as pd
 
 from medtx.data.scan_ids import scan_identity
 from medtx.domain import regions_from_labels
-from medtx.errors import MedtxError
+from medtx.errors import BadScanError, MedtxError
 from medtx.io import atomic_path, load_volume
 
 
@@ -32,9 +32,16 @@ def cache_volume(image: str | Path, out: str | Path, *, channels_last: bool = Tr
     else:
         array = np.asarray(img.dataobj, dtype=np.float32)
         array = np.moveaxis(array, -1, 0) if channels_last else array
+    half = array.astype(np.float16)
+    if not np.isfinite(half).all():  # checked here once, not on every training load
+        raise BadScanError(
+            image,
+            f"{int((~np.isfinite(half)).sum())} voxel(s) are NaN or Inf in float16 "
+            "(beyond its ±65504); normalize intensities before caching",
+        )
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as fh:
-            np.save(fh, array.astype(np.float16))
+            np.save(fh, half)
     return Path(out)
 
 

@@ -56,21 +56,31 @@ def predict(
     device: torch.device,
     target_stats: tuple[float, float] = (0.0, 1.0),
     amp: bool = False,
+    num_workers: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Run ``model`` over ``data``: {"target", "probs" | "age" | "dice" (n, 3)}."""
+    """Run ``model`` over ``data``: {"target", "probs" | "age" | "dice" (n, 3)}.
+
+    ``num_workers`` loader processes read ahead; the batch is converted on the
+    device (``VolumeSet.prepare``).
+    """
     was_training = model.training
     model.eval()
     use_amp = amp and device.type == "cuda"
     dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     loader = torch.utils.data.DataLoader(
-        data, batch_size=batch_size, shuffle=False, collate_fn=collate
+        data,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
     outs, targets = [], []
     for batch in loader:
-        x = batch["image"].to(device)
-        target = batch["target"].to(device)
+        batch = data.prepare({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        target = batch["target"]
         with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
-            logits = model(x).float()
+            logits = model(batch["image"]).float()
         if data.task == "classification":
             outs.append(torch.softmax(logits, dim=1).cpu())
         elif data.task == "regression":
@@ -78,7 +88,7 @@ def predict(
             outs.append((logits[:, 0] * std + mean).cpu())
         else:
             outs.append(dice_per_case(logits, target).cpu())
-        targets.append(batch["index"] if data.task == "segmentation" else target.cpu())
+        targets.append((batch["index"] if data.task == "segmentation" else target).cpu())
     model.train(was_training)
     key = {"classification": "probs", "regression": "age", "segmentation": "dice"}[data.task]
     return {key: torch.cat(outs).double().numpy(), "target": torch.cat(targets).numpy()}

@@ -121,6 +121,39 @@ def sinusoidal_position(n: int, d: int, *, device=None, dtype=None) -> Tensor:
     return code.to(dtype or torch.get_default_dtype())
 
 
+def bilinear_matrix(n_out: int, n_in: int, *, device=None, dtype=None) -> Tensor:
+    """The (n_out, n_in) matrix of 1D linear interpolation, as PyTorch's bilinear resize.
+
+    align_corners=False: source coordinate (i + 0.5)·n_in/n_out - 0.5, clamped below at 0;
+    neighbours i0 = floor(src) and i1 = min(i0 + 1, n_in - 1), weights 1 - λ and λ = src - i0.
+    Built in float64 for float64 ``dtype``, else in float32, then cast to ``dtype``.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    src = (torch.arange(n_out, device=device, dtype=work) + 0.5) * (n_in / n_out) - 0.5
+    src = src.clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    lam = (src - i0.to(work))[:, None]
+    cols = torch.arange(n_in, device=device)[None, :]
+    matrix = (1.0 - lam) * (cols == i0[:, None]) + lam * (cols == i1[:, None])
+    return matrix.to(dtype)
+
+
+def bilinear_resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of the last two dims to ``size`` as A_h @ x @ A_w^T.
+
+    Same values as ``F.interpolate(x, size, mode="bilinear", align_corners=False)``
+    (up- or downscaling, same edge clamping), but its CUDA backward is two matrix
+    products, which is deterministic: F.interpolate's bilinear backward uses atomicAdd
+    and raises under ``torch.use_deterministic_algorithms(True)``.
+    """
+    (h_in, w_in), (h_out, w_out) = x.shape[-2:], size
+    a_h = bilinear_matrix(h_out, h_in, device=x.device, dtype=x.dtype)
+    a_w = bilinear_matrix(w_out, w_in, device=x.device, dtype=x.dtype)
+    return a_h @ x @ a_w.T
+
+
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """Number of parameters (all, or only those with ``requires_grad``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -398,17 +431,14 @@ class SegmentationHead(nn.Module):
             proj: Tensor | float = 0.0
             for m, w in zip(plane_maps, w_maps[p]):
                 k = torch.einsum("bnchw,kc->bnkhw", m, w).flatten(0, 1)
-                proj = proj + F.interpolate(k, size=sizes[p], mode="bilinear", align_corners=False)
+                proj = proj + bilinear_resize(k, sizes[p])
             out = out + slices_to_volume(torch.as_tensor(proj).unflatten(0, (b, -1)), p)
         return out
 
 
 def upsample_maps(maps: tuple[Tensor, ...], size: tuple[int, int]) -> Tensor:
     """A plane's layer1-3 maps (B, N, C_k, h_k, w_k) upsampled and stacked: (B, N, 112, H, W)."""
-    ups = [
-        F.interpolate(m.flatten(0, 1), size=size, mode="bilinear", align_corners=False)
-        for m in maps
-    ]
+    ups = [bilinear_resize(m.flatten(0, 1), size) for m in maps]
     return torch.cat(ups, dim=1).unflatten(0, maps[0].shape[:2])
 
 

@@ -12,7 +12,6 @@ from typing import Any
 
 from medtx.domain import DEFAULT_LABEL_MAP
 from medtx.errors import ConfigError
-from medtx.models.registry import DEFAULT_BACKBONE, backbone
 
 # The loop's own config keys and their defaults (the stages add theirs: DEFAULTS below).
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -25,8 +24,10 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "threads": 2,  # torch CPU threads (CPU only)
     "seed": 42,  # seeds python/numpy/torch, the data order and every step's generators
     "amp": True,  # mixed precision on CUDA (ignored on CPU)
-    "num_workers": 0,  # DataLoader worker processes
-    "log_every": 10,  # steps between progress lines
+    "num_workers": 2,  # DataLoader worker processes (0: load in the training process)
+    "prefetch_factor": 2,  # batches each worker loads ahead
+    "log_every": 10,  # steps between progress lines (and host reads of the loss)
+    "deterministic": True,  # CUDA: deterministic kernels, exact resume; false: faster
 }
 
 
@@ -51,7 +52,7 @@ def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
     # patience >= 1: the loop stops once `patience` epochs in a row did not improve, so 0
     # would stop after the first epoch whatever it scored (patience = epochs: no early stop).
-    for key in ("epochs", "patience", "batch_size", "threads", "log_every"):
+    for key in ("epochs", "patience", "batch_size", "threads", "log_every", "prefetch_factor"):
         positive_int(key)
     for key in ("num_workers", "seed"):
         positive_int(key, 0)
@@ -62,8 +63,9 @@ def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     minutes = cfg["checkpoint_minutes"]
     if minutes is not None and (not _is_number(minutes) or minutes < 0):
         problems.append(f"checkpoint_minutes must be a number >= 0 or null, not {minutes!r}")
-    if not isinstance(cfg["amp"], bool):
-        problems.append(f"amp must be true or false, not {cfg['amp']!r}")
+    for key in ("amp", "deterministic"):
+        if not isinstance(cfg[key], bool):
+            problems.append(f"{key} must be true or false, not {cfg[key]!r}")
     if problems:
         raise ConfigError("bad training config: " + "; ".join(problems))
     return cfg
@@ -74,7 +76,8 @@ def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
 DEFAULTS: dict[str, Any] = {
     "preset": "table3",  # model preset (medtx.models.PRESETS): table3 (d=64) or paper_text
     **TRAIN_DEFAULTS,  # lr 1e-4, lr_decay 0.99, epochs 150, patience 30, batch_size 10,
-    # checkpoint_minutes 10, threads 2, seed 42, amp True, num_workers 0, log_every 10
+    # checkpoint_minutes 10, threads 2, seed 42, amp True, num_workers 2,
+    # prefetch_factor 2, log_every 10, deterministic True
     "downsample": 1,  # average-pool volumes by this factor on load (2: 96x114x96 -> 48x57x48)
     "loss_regression": "l1",  # l1 | mse, on standardized ages
     "label_map": dict(DEFAULT_LABEL_MAP),  # diagnosis -> class index; K = number of classes
@@ -96,6 +99,9 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         raise ConfigError(f"unknown training config key(s) {unknown}; allowed: {sorted(DEFAULTS)}")
     cfg = resolve_train_config({**DEFAULTS, **config})
     problems = []
+    # here, not at the top: the workflow reads TRAIN_DEFAULTS without importing torch
+    from medtx.models.registry import DEFAULT_BACKBONE, backbone
+
     presets = backbone(DEFAULT_BACKBONE).presets
     if not isinstance(cfg["preset"], str) or cfg["preset"] not in presets:  # a list: unhashable
         problems.append(f"preset {cfg['preset']!r} is not one of {sorted(presets)}")

@@ -44,6 +44,19 @@ def downsample_regions(regions: Tensor, factor: int) -> Tensor:
 
 def read_cached(path: str | Path, *, scan: str | None = None, what: str = "volume") -> np.ndarray:
     """A cached .npy as float32 (C, X, Y, Z) (a 3-D array gets a channel axis)."""
+    out = np.asarray(read_stored(path, scan=scan, what=what), dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise BadScanError(Path(path), f"cached {what} has NaN or Inf voxels", subject=scan)
+    return out
+
+
+def read_stored(path: str | Path, *, scan: str | None = None, what: str = "volume") -> np.ndarray:
+    """A cached .npy as stored (float16 image, uint8 regions), (C, X, Y, Z), in memory.
+
+    No conversion and no finiteness check: the cache was checked when written
+    (``medtx.data.cache.cache_volume``), and a loader that converts on the device
+    moves half the bytes.
+    """
     path = Path(path)
     if not path.is_file():
         raise BadScanError(path, f"cached {what} does not exist", subject=scan)
@@ -60,10 +73,7 @@ def read_cached(path: str | Path, *, scan: str | None = None, what: str = "volum
             f"{array.ndim}-D with shape {array.shape}",
             subject=scan,
         )
-    out = np.asarray(array, dtype=np.float32)
-    if not np.isfinite(out).all():
-        raise BadScanError(path, f"cached {what} has NaN or Inf voxels", subject=scan)
-    return out
+    return np.array(array)  # out of the memory map: a writable copy torch can share
 
 
 class VolumeSet(torch.utils.data.Dataset):
@@ -75,19 +85,32 @@ class VolumeSet(torch.utils.data.Dataset):
     {"image": float32 (C, X, Y, Z), "target": ..., "index": i} with target a long class
     index, a float age, or float (3, X, Y, Z) region masks; "pretrain" has no target.
 
+    With ``stored=True`` an item keeps the cache's own types and size (float16 image,
+    uint8 regions, not downsampled): a loader then pins and moves half the bytes, and
+    ``prepare`` converts and downsamples the batch on the device it was moved to.
+
     Args:
         items: the scans (``manifest_items``).
         task: classification, regression, segmentation or pretrain.
         downsample: integer factor ≥ 1: average-pool the image (max-pool the regions)
             on load, e.g. 2 for 96×114×96 -> 48×57×48.
+        stored: items as stored; ``prepare`` makes a batch of them model input.
     """
 
-    def __init__(self, items: Sequence[Mapping[str, Any]], *, task: str, downsample: int = 1):
+    def __init__(
+        self,
+        items: Sequence[Mapping[str, Any]],
+        *,
+        task: str,
+        downsample: int = 1,
+        stored: bool = False,
+    ):
         if task not in DATA_TASKS:
             raise ConfigError(f"task {task!r} is not one of {list(DATA_TASKS)}")
         if not isinstance(downsample, int) or downsample < 1:
             raise ConfigError(f"downsample must be an integer >= 1, not {downsample!r}")
         self.items, self.task, self.downsample = [dict(i) for i in items], task, downsample
+        self.stored = stored
         self.targets: list[Any] = []
         problems = []
         for n, item in enumerate(self.items):
@@ -118,8 +141,18 @@ class VolumeSet(torch.utils.data.Dataset):
 
     def image(self, i: int) -> Tensor:
         item = self.items[i]
+        if self.stored:
+            return torch.from_numpy(read_stored(item["image"], scan=item.get("scan")))
         volume = torch.from_numpy(read_cached(item["image"], scan=item.get("scan")))
         return downsample_volume(volume, self.downsample)
+
+    def regions(self, i: int) -> Tensor:
+        item = self.items[i]
+        if self.stored:
+            masks = read_stored(item["seg"], scan=item.get("scan"), what="region masks")
+            return torch.from_numpy(masks > 0.5)
+        masks = read_cached(item["seg"], scan=item.get("scan"), what="region masks")
+        return downsample_regions(torch.from_numpy(masks > 0.5).float(), self.downsample)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         out: dict[str, Any] = {"image": self.image(i), "index": i}
@@ -128,22 +161,43 @@ class VolumeSet(torch.utils.data.Dataset):
         elif self.task == "regression":
             out["target"] = torch.tensor(self.targets[i], dtype=torch.float32)
         elif self.task == "segmentation":
-            item = self.items[i]
-            regions = torch.from_numpy(
-                read_cached(item["seg"], scan=item.get("scan"), what="region masks")
-            )
-            out["target"] = downsample_regions((regions > 0.5).float(), self.downsample)
+            out["target"] = self.regions(i)
         return out
+
+    def prepare(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A collated batch as model input, on whatever device it lies: float32
+        images and region masks, downsampled when the items were ``stored``."""
+        out = dict(batch)
+        out["image"] = batch["image"].float()
+        if self.task == "segmentation":
+            out["target"] = batch["target"].float()
+        if self.stored and self.downsample > 1:
+            out["image"] = F.avg_pool3d(out["image"], self.downsample)
+            if self.task == "segmentation":
+                out["target"] = F.max_pool3d(out["target"], self.downsample)
+        return out
+
+
+def stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``; in a DataLoader worker straight into shared memory, as
+    torch's default collate does, so the batch is not copied again to reach the
+    training process."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    numel = sum(t.numel() for t in tensors)
+    shared = first.new(first._typed_storage()._new_shared(numel, device=first.device))
+    return torch.stack(tensors, out=shared.resize_(len(tensors), *first.shape))
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Tensor]:
     """Stack a list of ``VolumeSet`` items into one batch dict."""
     batch = {
-        "image": torch.stack([s["image"] for s in samples]),
+        "image": stack([s["image"] for s in samples]),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
     }
     if "target" in samples[0]:
-        batch["target"] = torch.stack([s["target"] for s in samples])
+        batch["target"] = stack([s["target"] for s in samples])
     return batch
 
 

@@ -49,7 +49,7 @@ from medtx.train.loop import (
     seed_everything,
     train,
 )
-from medtx.train.losses import segmentation_loss
+from medtx.train.losses import cross_entropy, segmentation_loss
 
 
 def finetune(
@@ -102,7 +102,7 @@ def finetune(
         if not items:
             raise MedtxError(f"finetune {task}: no {name} scans")
     sets = {
-        name: VolumeSet(items, task=task, downsample=cfg["downsample"])
+        name: VolumeSet(items, task=task, downsample=cfg["downsample"], stored=True)
         for name, items in (("train", train_items), ("val", val_items), ("test", test_items))
     }
     dev = pick_device(device)
@@ -144,7 +144,7 @@ def finetune(
     def loss_fn(m: MedicalTransformer, batch: dict[str, Tensor], ctx) -> Tensor:
         logits = m(batch["image"])
         if task == "classification":
-            return F.cross_entropy(logits.float(), batch["target"])
+            return cross_entropy(logits, batch["target"])
         if task == "regression":
             z = (batch["target"] - mean_t.to(logits.device)) / std_t.to(logits.device)
             loss = F.l1_loss if cfg["loss_regression"] == "l1" else F.mse_loss
@@ -159,6 +159,7 @@ def finetune(
             device=dev,
             target_stats=stats,
             amp=cfg["amp"],
+            num_workers=cfg["num_workers"],
         )
         if task == "classification":
             return selection_mauc(pred["target"], pred["probs"])
@@ -212,13 +213,14 @@ def finetune(
         validate=validate,
         mode=mode,
         collate=collate,
+        prepare=sets["train"].prepare,
         metadata=meta,
         device=dev,
         max_steps_this_run=max_steps_this_run,
         log=log,
     )
-    if result.status == "interrupted":
-        return result
+    if result.status == "interrupted" or result.rank != 0:
+        return result  # one process (rank 0) predicts and writes
 
     model.load_state_dict(load_state(out)["model"])
     pred = predict(
@@ -228,6 +230,7 @@ def finetune(
         device=dev,
         target_stats=stats,
         amp=cfg["amp"],
+        num_workers=cfg["num_workers"],
     )
     table = prediction_table(task, sets["test"].items, pred)
     write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"), predictions_out)

@@ -33,6 +33,16 @@ counters live in a ``TrainState`` (the loop's part of ``<out>.last.pt``) and run
   never mixed. Everything stored is a tensor or a primitive container, so
   ``torch.load(..., weights_only=True)`` reads it.
   At the end the best state and the caller's metadata go to ``<out>``.
+- **GPU throughput**: DataLoader workers (``num_workers``, persistent across
+  epochs, ``prefetch_factor`` batches ahead each) load what the dataset stores (a
+  float16 cache), pinned; ``prepare`` converts the batch on the device. The loss is
+  summed and checked for NaN/Inf on the device, and read by the host only every
+  ``log_every`` steps and at checkpoints, so loading and compute overlap.
+  ``deterministic`` (CUDA) picks deterministic kernels (exact resume, slower);
+  false lets cuDNN benchmark its fastest kernels (not bit-exact on GPU).
+- **Processes**: under torchrun the model is wrapped in DistributedDataParallel
+  and each rank trains its stride of every global batch (``medtx.train.distributed``);
+  rank 0 writes. A run resumes with another number of processes.
 - **Walltime**: SIGTERM/SIGUSR1 (SLURM's warning signals) and ``max_steps_this_run``
   (the tests' stand-in for a kill) checkpoint and return status ``"interrupted"``;
   the next run resumes.
@@ -51,6 +61,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -69,6 +80,7 @@ from torch import Tensor, nn
 from medtx.errors import ConfigError, MedtxError
 from medtx.io import atomic_path
 from medtx.train.config import resolve_train_config
+from medtx.train.distributed import Group
 
 CHECKPOINT_FORMAT = "medtx-train-state"
 MODEL_FORMAT = "medtx-model"
@@ -76,7 +88,17 @@ FORMAT_VERSION = 1
 
 # Keys that change how a run executes, not what it computes: left out of the config
 # hash, so a job resumed with more threads or another log interval still resumes.
-RUNTIME_KEYS = frozenset({"checkpoint_minutes", "threads", "num_workers", "log_every"})
+# The number of processes (torchrun) is not a key: it only shards each global batch.
+RUNTIME_KEYS = frozenset(
+    {
+        "checkpoint_minutes",
+        "threads",
+        "num_workers",
+        "prefetch_factor",
+        "log_every",
+        "deterministic",
+    }
+)
 STATUSES = ("finished", "early_stopped", "interrupted")
 
 
@@ -273,6 +295,7 @@ class TrainResult:
         seconds, improved).
     out: the final checkpoint, or None when interrupted.
     resumed_from: (epoch, step within it) the run resumed at, or None for a fresh start.
+    rank: this process's rank under torchrun (0 alone writes outputs).
     """
 
     status: str
@@ -286,6 +309,7 @@ class TrainResult:
     steps_this_run: int = 0
     seconds: float = 0.0
     device: str = "cpu"
+    rank: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -368,6 +392,44 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+class _Batches(torch.utils.data.Sampler):
+    """The running epoch's batches of indices: the run's one loader reads them anew
+    at every epoch, so its workers can persist."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _LossModule(nn.Module):
+    """The model and its loss as one module: DistributedDataParallel must run the
+    forward that produces the loss, and stage losses call parts of the model."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[Any, Any, StepContext], Tensor]):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any, ctx: StepContext) -> Tensor:
+        return self.loss_fn(self.model, batch, ctx)
+
+
+def set_cuda_determinism(deterministic: bool) -> None:
+    """Deterministic CUDA kernels (exact resume) or cuDNN's benchmarked fastest ones.
+
+    Process-wide, as torch's flags are; a training process runs one stage.
+    """
+    if deterministic:  # cuBLAS needs a fixed workspace to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic)
+
+
 def _better(metric: float, best: float | None, mode: str) -> bool:
     if best is None:
         return not math.isnan(metric)
@@ -395,6 +457,7 @@ class Trainer:
         mode: Literal["max", "min"] = "max",
         params: Iterable[nn.Parameter] | None = None,
         collate: Callable[[list[Any]], Any] | None = None,
+        prepare: Callable[[Any], Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
         device: str | torch.device | None = None,
         max_steps_this_run: int | None = None,
@@ -404,8 +467,9 @@ class Trainer:
     ):
         """Arguments as ``train``'s. Long because the setup order is part of the
         behaviour: RNGs are seeded before anything else may draw from them."""
-        self.log = log or default_log
         self.cfg = cfg = resolve_train_config(config)
+        self.group = Group.from_env()
+        self.log = (log or default_log) if self.group.is_main else (lambda _line: None)
         self.mode = mode if validate is not None else "min"
         if self.mode not in ("max", "min"):
             raise ConfigError(f"mode must be 'max' or 'min', not {self.mode!r}")
@@ -414,9 +478,17 @@ class Trainer:
         self.model, self.dataset, self.loss_fn, self.validate_fn = model, dataset, loss_fn, validate
         self.out = Path(out)
         self.last = last_path(self.out)
-        self.device = dev = pick_device(device)
+        self.device = dev = pick_device(self.group.device(device))
         if dev.type == "cpu":
             torch.set_num_threads(cfg["threads"])
+        else:
+            set_cuda_determinism(bool(cfg["deterministic"]))
+        self.min_batch = min_batch * self.group.world  # every rank gets min_batch
+        if cfg["batch_size"] < self.min_batch:
+            raise ConfigError(
+                f"batch_size {cfg['batch_size']} is too small for {self.group.world} "
+                f"processes: each needs at least {min_batch} volume(s) of every batch"
+            )
         self.seed = int(cfg["seed"])
         self.config_hash = config_hash(cfg)
         self.seeds = seed_everything(self.seed)
@@ -438,9 +510,9 @@ class Trainer:
         )
 
         self.collate = collate or torch.utils.data.default_collate
+        self.prepare = prepare
         self.metadata = metadata
         self.max_steps_this_run = max_steps_this_run
-        self.min_batch = min_batch
         self.handle_signals = handle_signals
         minutes = cfg["checkpoint_minutes"]
         self.interval = minutes * 60.0 if minutes and minutes > 0 else math.inf
@@ -452,6 +524,15 @@ class Trainer:
         self.stop_reason: str | None = None  # set when a signal or max_steps_this_run stops
         self.elapsed_mark = time.monotonic()  # state.elapsed_s counts up to here
         self.stop_flag: _StopFlag | None = None  # installed while run() trains
+        # Running sums on the device, read by the host only at sync points (sync_loss):
+        # the epoch's loss x volumes, the last step's mean loss, and the first global
+        # step whose loss was NaN/Inf (-1: none yet).
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.last_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        self.batches = _Batches()
+        self.loader: torch.utils.data.DataLoader | None = None
+        self.ddp: nn.Module | None = None  # the loss, wrapped for data parallelism
 
     # -- the run
 
@@ -459,26 +540,56 @@ class Trainer:
         """Resume or start afresh, train epoch by epoch until finished, early-stopped or
         asked to stop, then finish."""
         self.resume()
+        self.loss_sum.fill_(self.state.epoch_loss_sum)
         self.elapsed_mark = time.monotonic()
         if self.resumed_from is None:
             amp_note = f" amp {str(self.amp_dtype).split('.')[-1]}" if self.use_amp else ""
+            procs = f" x {self.group.world} processes" if self.group.world > 1 else ""
             self.log(
-                f"[train] start: device {self.device}{amp_note}, {len(self.dataset)} "
+                f"[train] start: device {self.device}{procs}{amp_note}, {len(self.dataset)} "
                 f"volumes, batch {self.cfg['batch_size']}, up to {self.cfg['epochs']} "
                 f"epochs, seed {self.seed}, config {self.config_hash}, checkpoint "
                 f"{self.last}"
             )
-        with _StopFlag(self.handle_signals, self.log) as self.stop_flag:
-            while self.state.status == "running":
-                self.stop_reason = self.should_stop()
-                # before any step: max_steps_this_run=0, or a signal during validation
-                if self.stop_reason:
-                    self.save_last()
-                    break
-                if not self.run_epoch():
-                    break
-                self.end_epoch()
-        return self.finish()
+        if self.group.world > 1:  # after resume: every rank loaded the same state
+            self.ddp = nn.parallel.DistributedDataParallel(
+                _LossModule(self.model, self.loss_fn),
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+        self.loader = self.make_loader()
+        try:
+            with _StopFlag(self.handle_signals, self.log) as self.stop_flag:
+                while self.state.status == "running":
+                    self.stop_reason = self.should_stop()
+                    # before any step: max_steps_this_run=0, or a signal during validation
+                    if self.stop_reason:
+                        self.save_last()
+                        break
+                    if not self.run_epoch():
+                        break
+                    self.end_epoch()
+            result = self.finish()
+        except BaseException:
+            self.loader = None
+            self.group.close(failed=True)
+            raise
+        self.loader = None  # its persistent workers end with it
+        self.group.close()
+        return result
+
+    def make_loader(self) -> torch.utils.data.DataLoader:
+        """One loader for the whole run, reading the batches ``self.batches`` holds
+        when an epoch starts; its workers persist across epochs."""
+        workers = self.cfg["num_workers"]
+        return torch.utils.data.DataLoader(
+            self.dataset,  # type: ignore[arg-type]  # any indexable sequence works
+            batch_sampler=self.batches,
+            collate_fn=self.collate,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=self.cfg["prefetch_factor"] if workers > 0 else None,
+        )
 
     def resume(self) -> None:
         """Load the newest readable saved state (``<out>.last.pt``, else ``<out>.prev.pt``:
@@ -541,24 +652,15 @@ class Trainer:
         self.model.train()
         started = time.monotonic()
         todo = batches[st.step_in_epoch :]
-        loader: Iterable[Any] = (
-            torch.utils.data.DataLoader(
-                self.dataset,  # type: ignore[arg-type]  # any indexable sequence works
-                batch_sampler=todo,
-                collate_fn=self.collate,
-                num_workers=self.cfg["num_workers"],
-                pin_memory=self.device.type == "cuda",
-            )
-            if todo
-            else []
-        )
+        self.batches.batches = [self.group.shard(b) for b in todo]
+        loader: Iterable[Any] = self.loader if todo and self.loader is not None else []
         clock = _EpochClock(last_save=started, last_log=started, step_start=time.monotonic())
         for indices, batch in zip(todo, loader):
-            loss = self.step(batch)
+            self.step(batch, len(indices))
             now = time.monotonic()
-            self.count_step(float(loss.detach()), len(indices), len(batches), now, clock)
-            self.stop_reason = self.should_stop()
-            if self.stop_reason or now - clock.last_save >= self.interval:
+            self.count_step(len(indices), len(batches), now, clock)
+            self.stop_reason, save = self.decide(now, clock)
+            if self.stop_reason or save:
                 self.save_last()
                 clock.last_save = time.monotonic()
                 clock.step_start += clock.last_save - now  # checkpoint time is not step time
@@ -566,9 +668,27 @@ class Trainer:
                 return False
         return True
 
-    def step(self, batch: Any) -> Tensor:
-        """One optimizer step on ``batch``; returns the loss. Torch and the loss's own
-        generators are seeded by the global step, so a resumed run redraws the same."""
+    def decide(self, now: float, clock: _EpochClock) -> tuple[str | None, bool]:
+        """After a step: why to stop (or None) and whether a checkpoint is due.
+
+        Processes of one run agree every ``log_every`` steps (a host sync), so a
+        signal or the checkpoint clock of one rank stops or saves them all at the
+        same step; ``max_steps_this_run`` is the same on every rank.
+        """
+        reason = self.should_stop()
+        due = now - clock.last_save >= self.interval
+        if self.group.world == 1:
+            return reason, due
+        if self.state.step_in_epoch % self.cfg["log_every"]:
+            steps = reason is not None and reason.startswith("max_steps")
+            return (reason if steps else None), False
+        stop, due = self.group.any(reason is not None, due, device=self.device)
+        return (reason or ("a signal to another process" if stop else None)), due
+
+    def step(self, batch: Any, volumes: int) -> None:
+        """One optimizer step on ``batch`` (this rank's part of a global batch of
+        ``volumes``). Torch and the loss's own generators are seeded by the global
+        step, so a resumed run redraws the same. Nothing here waits for the device."""
         st = self.state
         step_seed = derived_seed(self.seed, 1, st.global_step)
         torch.manual_seed(step_seed)
@@ -581,40 +701,58 @@ class Trainer:
             device=self.device,
         )
         batch = to_device(batch, self.device)
+        if self.prepare is not None:
+            batch = self.prepare(batch)
+        local = len(self.group.shard(list(range(volumes))))
         with self.autocast():
-            loss = self.loss_fn(self.model, batch, ctx)
-        if not torch.isfinite(loss.detach()).all():
-            raise MedtxError(
-                f"training loss is {loss.item()} at epoch {st.epoch + 1}, step "
-                f"{st.step_in_epoch + 1} (global {st.global_step + 1}); lower lr "
-                f"(now {self.scheduler.get_last_lr()[0]:.3g}) or check the data"
-            )
+            if self.ddp is None:
+                loss = self.loss_fn(self.model, batch, ctx)
+            else:  # DDP averages gradients over ranks: weigh each by its share
+                loss = self.ddp(batch, ctx)
+        weight = local * self.group.world / volumes
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * weight if weight != 1 else loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return loss
+        total = self.group.sum(loss.detach().double() * local)  # the global batch's sum
+        self.loss_sum += total
+        self.last_loss = total / volumes
+        bad = (self.first_bad < 0) & ~torch.isfinite(total)
+        self.first_bad = torch.where(bad, st.global_step, self.first_bad)
 
-    def count_step(
-        self, loss: float, volumes: int, n_batches: int, now: float, clock: _EpochClock
-    ) -> None:
-        """Count a finished step in the state; a progress line every ``log_every``."""
+    def sync_loss(self) -> None:
+        """Read the device's loss sums into the state; a NaN/Inf loss since the last
+        sync stops the run here, before a checkpoint could keep its weights."""
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise MedtxError(
+                f"training loss is NaN or Inf at global step {bad + 1} (seen at epoch "
+                f"{self.state.epoch + 1}, step {self.state.step_in_epoch}; no checkpoint "
+                f"keeps its weights); lower lr (now {self.scheduler.get_last_lr()[0]:.3g}) "
+                "or check the data"
+            )
+        self.state.epoch_loss_sum = float(self.loss_sum)
+
+    def count_step(self, volumes: int, n_batches: int, now: float, clock: _EpochClock) -> None:
+        """Count a finished step in the state; a progress line every ``log_every``
+        (the host reads the loss then: ``sync_loss``)."""
         st = self.state
         st.epoch_seconds += now - clock.step_start
         clock.step_start = now
         st.step_in_epoch += 1
         st.global_step += 1
-        st.epoch_loss_sum += loss * volumes
         st.epoch_volumes += volumes
         st.epoch_steps += 1
         self.steps_run += 1
         clock.logged_volumes += volumes
         if st.step_in_epoch % self.cfg["log_every"] == 0:
+            self.sync_loss()
             elapsed = st.elapsed_s + now - self.elapsed_mark
             self.log(
                 f"[train] epoch {st.epoch + 1}/{self.cfg['epochs']} step "
                 f"{st.step_in_epoch}/{n_batches} global {st.global_step} "
-                f"loss {loss:.4f} (avg {st.epoch_loss_sum / st.epoch_volumes:.4f}) "
+                f"loss {float(self.last_loss):.4f} "
+                f"(avg {st.epoch_loss_sum / st.epoch_volumes:.4f}) "
                 f"{clock.logged_volumes / max(now - clock.last_log, 1e-9):.2f} vol/s "
                 f"elapsed {format_seconds(elapsed)}"
             )
@@ -624,6 +762,7 @@ class Trainer:
         """After an epoch's last step: select, decay the learning rate, record, decide
         whether to go on (patience, ``epochs``) and checkpoint."""
         st, cfg = self.state, self.cfg
+        self.sync_loss()
         train_loss = st.epoch_loss_sum / max(st.epoch_volumes, 1)
         t_val = time.monotonic()
         metric = self.validate(train_loss)
@@ -653,6 +792,7 @@ class Trainer:
             f"{st.epoch_volumes / max(st.epoch_seconds, 1e-9):.2f} vol/s"
         )
         st.next_epoch()
+        self.loss_sum.zero_()
         if st.patience_counter >= cfg["patience"]:
             st.status = "early_stopped"
             self.log(f"[train] early stop: {cfg['patience']} epoch(s) without improvement")
@@ -665,11 +805,13 @@ class Trainer:
         the epoch's mean training loss without one."""
         if self.validate_fn is None:
             return train_loss
-        self.model.eval()
-        with torch.no_grad(), self.autocast():
-            metric = float(self.validate_fn(self.model))
-        self.model.train()
-        return metric
+        metric = None
+        if self.group.is_main:  # the others wait for its figure
+            self.model.eval()
+            with torch.no_grad(), self.autocast():
+                metric = float(self.validate_fn(self.model))
+            self.model.train()
+        return float(self.group.from_main(metric))
 
     def keep_if_better(self, metric: float) -> bool:
         """Keep a copy of the model when ``metric`` beats the best so far (patience
@@ -704,18 +846,21 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
+            "world_size": self.group.world,
             **self.state.to_checkpoint(),
         }
 
     def save_last(self) -> None:
         """Add the time since the last save to ``elapsed_s``; write ``<out>.last.pt``
         atomically (a kill mid-write leaves the previous one)."""
+        self.sync_loss()
         now = time.monotonic()
         self.state.elapsed_s += now - self.elapsed_mark
         self.elapsed_mark = now
         from medtx.train.checkpoints import save_resumable
 
-        save_resumable(self.checkpoint(), self.out, keep_previous=self.keep_previous)
+        if self.group.is_main:
+            save_resumable(self.checkpoint(), self.out, keep_previous=self.keep_previous)
         self.keep_previous = True
 
     def final_checkpoint(self) -> dict[str, Any]:
@@ -741,6 +886,8 @@ class Trainer:
             "history": to_primitive(st.history),
             "elapsed_s": st.elapsed_s,
             "device": str(self.device),
+            "world_size": self.group.world,
+            "deterministic": self.device.type == "cuda" and bool(self.cfg["deterministic"]),
             "amp": str(self.amp_dtype).split(".")[-1] if self.use_amp else None,
             "torch_version": str(torch.__version__),
         }
@@ -759,6 +906,7 @@ class Trainer:
             "steps_this_run": self.steps_run,
             "seconds": st.elapsed_s,
             "device": str(self.device),
+            "rank": self.group.rank,
         }
         if self.stop_reason:
             self.log(
@@ -767,9 +915,9 @@ class Trainer:
                 f"{self.last}"
             )
             return TrainResult(status="interrupted", out=None, **common)
-        final = self.final_checkpoint()
-        with atomic_path(self.out) as tmp:
-            torch.save(final, tmp)
+        if self.group.is_main:
+            with atomic_path(self.out) as tmp:
+                torch.save(self.final_checkpoint(), tmp)
         self.log(
             f"[train] {st.status} after {st.epoch} epoch(s), {st.global_step} steps, "
             f"{format_seconds(st.elapsed_s)}; best {format_metric(st.best_metric)} at "
@@ -789,6 +937,7 @@ def train(
     mode: Literal["max", "min"] = "max",
     params: Iterable[nn.Parameter] | None = None,
     collate: Callable[[list[Any]], Any] | None = None,
+    prepare: Callable[[Any], Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     device: str | torch.device | None = None,
     max_steps_this_run: int | None = None,
@@ -811,6 +960,8 @@ def train(
         mode: "max" or "min" for the validation metric (forced to "min" without one).
         params: the parameters to optimize (default: all with requires_grad).
         collate: list of items -> batch (default ``torch.utils.data.default_collate``).
+        prepare: batch on the device -> model input (e.g. ``VolumeSet.prepare``: float16
+            to float32, downsampling), so the loader moves what the cache stores.
         metadata: stored with the final checkpoint (preset, task, subjects, sidecars);
             tensors and primitive containers only.
         device: "cpu", "cuda", ...; default cuda when available.
@@ -835,6 +986,7 @@ def train(
         mode=mode,
         params=params,
         collate=collate,
+        prepare=prepare,
         metadata=metadata,
         device=device,
         max_steps_this_run=max_steps_this_run,

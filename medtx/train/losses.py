@@ -1,7 +1,7 @@
-"""Fine-tuning losses that torch does not ship: soft Dice for the tumour regions.
+"""Fine-tuning losses that torch does not ship: soft Dice for the tumour regions,
+and a cross-entropy that stays deterministic on CUDA.
 
-Classification uses cross-entropy and brain age L1 (or MSE) on standardized ages,
-both from ``torch.nn.functional``.
+Brain age uses L1 (or MSE) on standardized ages from ``torch.nn.functional``.
 """
 
 from __future__ import annotations
@@ -25,3 +25,15 @@ def segmentation_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), target) + soft_dice_loss(
         logits, target
     )
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy of (B, K) logits against class indices (B,).
+
+    ``F.cross_entropy``'s values, from elementwise products and sums only: its CUDA
+    NLLLoss kernel has no deterministic mode, so ``train: {deterministic: true}``
+    would refuse it.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=1)
+    picked = F.one_hot(target, num_classes=logits.shape[1]).to(log_probs.dtype)
+    return -(picked * log_probs).sum(dim=1).mean()

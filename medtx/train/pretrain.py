@@ -52,7 +52,7 @@ def pretrain_exemplar(
     training loss (no labels).
     """
     cfg = resolve_config(config)
-    data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"])
+    data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"], stored=True)
     if len(data) < 2:
         raise MedtxError(f"exemplar pre-training needs at least 2 volumes, got {len(data)}")
     seed_everything(cfg["seed"])
@@ -75,6 +75,7 @@ def pretrain_exemplar(
         config=run_config(cfg, items, stage="pretrain_exemplar", train_scans=scans_of(items)),
         params=model.encoders.parameters(),
         collate=collate,
+        prepare=data.prepare,
         metadata=meta,
         device=device,
         max_steps_this_run=max_steps_this_run,
@@ -101,7 +102,7 @@ def pretrain_masked(
     Selection: lowest mean training loss. The checkpoint holds encoders + transformer.
     """
     cfg = resolve_config(config)
-    data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"])
+    data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"], stored=True)
     seed_everything(cfg["seed"])
     kwargs = model_kwargs(cfg, "classification", n_classes(cfg), 1)
     model = cast(MedicalTransformer, build(kwargs))
@@ -146,6 +147,7 @@ def pretrain_masked(
         ),
         params=[p for p in model.parameters() if p.requires_grad],
         collate=collate,
+        prepare=data.prepare,
         metadata=meta,
         device=device,
         max_steps_this_run=max_steps_this_run,

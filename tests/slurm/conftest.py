@@ -81,7 +81,7 @@ def slurm_cluster(pytestconfig):
         pytest.skip(
             "no SLURM cluster answers (sinfo), and starting one needs root (apt-get, daemons)"
         )
-    env = {**os.environ, "MEDTX_SLURM_GPUS": os.environ.get("MEDTX_SLURM_GPUS", "1")}
+    env = {**os.environ, "MEDTX_SLURM_GPUS": os.environ.get("MEDTX_SLURM_GPUS", "2")}
     if not shutil.which("slurmctld"):
         if not shutil.which("apt-get"):
             pytest.skip("no SLURM cluster answers, SLURM is not installed and there is no apt-get")

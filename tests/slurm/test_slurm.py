@@ -397,3 +397,11 @@ def test_threads_and_gpu_resources_map_to_sbatch(slurm_cluster, tmp_path, status
         pytest.skip("the cluster has no GPUs (gres gpu): the gpu=1 half was not run")
     assert "gres/gpu=1" in by_rule["gpu"]["AllocTRES"]
     assert re.search(r"cuda=\d", (tmp_path / "probe/gpu.txt").read_text())
+    # train: {gpus: 2}: one SLURM task with both GPUs; the script starts once and
+    # torchrun starts the two ranks, which find each other (gloo: the GPUs are fake)
+    if slurm_cluster.gpus < 2:
+        pytest.skip("the cluster has fewer than 2 GPUs: the gpus=2 job was not run")
+    assert "gres/gpu=2" in by_rule["ddp"]["AllocTRES"]
+    log = (tmp_path / "probe/ddp.txt").read_text()
+    assert log.count("start job=") == 1 and "tasks=1" in log, log
+    assert sorted(re.findall(r"^rank (\d)/2 sum 1 ", log, flags=re.M)) == ["0", "1"], log

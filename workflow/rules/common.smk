@@ -19,6 +19,7 @@ from medtx.workflow.hooks import (
 )
 from medtx.workflow.lock import ResultsLock
 from medtx.workflow.paths import brats_outputs, step_records, t1_outputs
+from medtx.workflow.resources import launcher, training_resources, training_threads
 
 # Rarer GC passes while the DAG is built (12 % of a 2,000-subject dry run);
 # onstart restores the defaults before the first job. Jobs Snakemake spawns
@@ -293,7 +294,8 @@ def cache_files(dataset, scan):
 
 
 TRAIN = config["train"]
-TRAIN_THREADS = {**TRAIN["common"], **TRAIN["finetune"]}.get("threads", 1)
+# `python`, or torchrun with one process per GPU (train/gpus)
+TRAIN_LAUNCH = launcher(TRAIN["gpus"])
 FINETUNE = paths.finetune_dir(
     RESULTS, "{dataset}", "{task}", "{init}", "{frac}", "{fold}"
 )
@@ -321,12 +323,20 @@ def stage_config(stage):
     return out
 
 
-def train_resources(*, mem_mb, runtime):
-    """Cluster resources of a training job; a GPU only when train/gpu says so."""
-    res = {"mem_mb": mem_mb, "runtime": runtime}
-    if TRAIN["gpu"]:
-        res.update(gpu=1, cpus_per_gpu=TRAIN_THREADS)
-    return res
+def train_threads(stage):
+    """A training job's CPUs: torch threads and loader workers of every process."""
+    return training_threads(stage_config(stage), TRAIN["gpus"])
+
+
+def train_resources(stage, *, mem_mb, runtime):
+    """Cluster resources of a training job; GPUs only when train/gpu says so."""
+    return training_resources(
+        stage_config(stage),
+        gpu=TRAIN["gpu"],
+        gpus=TRAIN["gpus"],
+        mem_mb=mem_mb,
+        runtime=runtime,
+    )
 
 
 def pretrain_indexes():

@@ -42,15 +42,16 @@ rule pretrain_exemplar:
         f"{LOGS}/train/pretrain_exemplar.log",
     conda:
         ENV
-    threads: TRAIN_THREADS
+    threads: train_threads("pretrain")
     resources:
-        **train_resources(mem_mb=8000, runtime=600),
+        **train_resources("pretrain", mem_mb=8000, runtime=600),
     params:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
         code=code_hash("pretrain"),
+        launch=TRAIN_LAUNCH,
     shell:
-        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain exemplar --index {input.indexes:q}"
+        "OMP_WAIT_POLICY=PASSIVE {params.launch} -m medtx pretrain exemplar --index {input.indexes:q}"
         " --config {params.config:q} --metadata {params.meta:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -65,15 +66,16 @@ rule pretrain_masked:
         f"{LOGS}/train/pretrain_masked.log",
     conda:
         ENV
-    threads: TRAIN_THREADS
+    threads: train_threads("pretrain")
     resources:
-        **train_resources(mem_mb=8000, runtime=600),
+        **train_resources("pretrain", mem_mb=8000, runtime=600),
     params:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
         code=code_hash("pretrain"),
+        launch=TRAIN_LAUNCH,
     shell:
-        "OMP_WAIT_POLICY=PASSIVE python -m medtx pretrain masked --index {input.indexes:q}"
+        "OMP_WAIT_POLICY=PASSIVE {params.launch} -m medtx pretrain masked --index {input.indexes:q}"
         " --init {input.init:q} --config {params.config:q} --metadata {params.meta:q}"
         " --out {output:q} > {log:q} 2>&1"
 
@@ -94,16 +96,17 @@ rule finetune:
         fold="[0-9]+",
     conda:
         ENV
-    threads: TRAIN_THREADS
+    threads: train_threads("finetune")
     resources:
-        **train_resources(mem_mb=12000, runtime=1440),
+        **train_resources("finetune", mem_mb=12000, runtime=1440),
     params:
         config=as_json(stage_config("finetune")),
         meta=lambda w: train_metadata(w.dataset),
         init=lambda w, input: shell_args("--init-checkpoint", input.get("init", [])),
         code=code_hash("finetune"),
+        launch=TRAIN_LAUNCH,
     shell:
-        "OMP_WAIT_POLICY=PASSIVE python -m medtx finetune --dataset {wildcards.dataset:q}"
+        "OMP_WAIT_POLICY=PASSIVE {params.launch} -m medtx finetune --dataset {wildcards.dataset:q}"
         " --task {wildcards.task:q} --init {wildcards.init:q} --fraction {wildcards.frac:q}"
         " --fold {wildcards.fold:q} --manifest {input.manifest:q} --cache-index {input.cache_index:q}"
         " {params.init}"

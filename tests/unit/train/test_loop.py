@@ -206,6 +206,7 @@ LAST_KEYS = [
     "scheduler",
     "scaler",
     "rng",
+    "world_size",
     "epoch",
     "step_in_epoch",
     "global_step",
@@ -240,6 +241,8 @@ FINAL_KEYS = [
     "history",
     "elapsed_s",
     "device",
+    "world_size",
+    "deterministic",
     "amp",
     "torch_version",
 ]
@@ -418,7 +421,7 @@ def test_nan_loss_raises_with_epoch_and_step(tmp_path):
     def loss(model, batch, ctx):
         return toy_loss(model, batch, ctx) * (float("nan") if ctx.global_step == 2 else 1.0)
 
-    with pytest.raises(MedtxError, match=r"training loss is nan at epoch 1, step 3"):
+    with pytest.raises(MedtxError, match=r"training loss is NaN or Inf at global step 3 "):
         train(
             toy_model(),
             toy_data(),

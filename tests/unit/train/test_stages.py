@@ -86,6 +86,32 @@ def test_downsample_halves_each_spatial_size(tmp_path):
     assert half[0, 3, 4, 5] == pytest.approx(float(full[0, 6:8, 8:10, 10:12].mean()), abs=1e-6)
 
 
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+@pytest.mark.parametrize("factor", [1, 2])
+def test_stored_items_prepared_on_the_device_equal_the_float32_path(tmp_path, task, factor):
+    """The loader moves float16 volumes and uint8 masks as cached; ``prepare``
+    (float32, pooling) gives the batch the float32 path gives, bit for bit."""
+    items = write_items(tmp_path, 3, task=task, shape=(24, 28, 20))
+    stored = VolumeSet(items, task=task, downsample=factor, stored=True)
+    raw = collate([stored[i] for i in range(3)])
+    assert raw["image"].dtype == torch.float16 and raw["image"].shape[2:] == (24, 28, 20)
+    if task == "segmentation":
+        assert raw["target"].dtype == torch.bool
+    batch = stored.prepare(raw)
+    plain = collate([VolumeSet(items, task=task, downsample=factor)[i] for i in range(3)])
+    assert torch.equal(batch["image"], plain["image"])
+    assert torch.equal(batch["target"], plain["target"])
+
+
+def test_a_cache_that_overflows_float16_is_refused_when_written(tmp_path):
+    volume = np.zeros((6, 6, 6), np.float32)
+    volume[:2] = 1e5  # finite in float32, beyond float16's 65504
+    path = write_nifti(tmp_path / "hot.nii.gz", volume)
+    with pytest.raises(BadScanError, match="hot.nii.gz: 72 voxel.*NaN or Inf in float16"):
+        cache_volume(path, tmp_path / "hot.npy")
+    assert not (tmp_path / "hot.npy").exists()
+
+
 def test_segmentation_targets_are_max_pooled_regions(tmp_path):
     items = write_items(tmp_path, 1, task="segmentation", shape=(24, 28, 20))
     full = VolumeSet(items, task="segmentation")[0]
