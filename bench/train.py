@@ -23,7 +23,9 @@ loader  The trainer's loader at 96x114x96: 40 random float16 volumes in a tempor
 remap   The pre-training remap: the three Bézier intensity remaps of one 96x114x96
         volume (``plane_positives``' work per volume), the former numpy path
         (np.interp on the host, with the device round trip on CUDA) against
-        ``curve_lookup``, on one CPU thread and on CUDA when present.
+        ``curve_lookup``, on one CPU thread and on CUDA when present; for a volume
+        as training reads it at full size (float16 cache values: a table over the
+        float16 codes) and one off the float16 grid (downsampled: the bucket table).
 cuda    Only with a GPU; without one a line says the rows were not run.
         (a) Steps at ``--batch`` 96x114x96 volumes in fp32 and bf16 autocast, with
         deterministic kernels (the trainer's default, ``deterministic: true``) and
@@ -214,10 +216,16 @@ def loader_rate(
     return n * (epochs - 1) / seconds
 
 
-def remap_seconds(device: str, reps: int = 5) -> tuple[float, float]:
-    """Median seconds per volume for three fresh curves: (numpy path, torch path)."""
+def remap_seconds(device: str, reps: int = 5, cached: bool = True) -> tuple[float, float]:
+    """Median seconds per volume for three fresh curves: (numpy path, torch path).
+
+    ``cached``: the volume as training reads it at full size, every voxel a float16
+    value from the cache; else values off the float16 grid (a downsampled volume).
+    """
     rng = np.random.default_rng(0)
     volume = torch.rand(1, 1, *SIZE, generator=torch.Generator().manual_seed(0))
+    if cached:
+        volume = volume.half().float()
     volume = volume.to(device)
 
     def numpy_path(xs: np.ndarray, ys: np.ndarray) -> None:  # the former per-plane copy
@@ -480,14 +488,15 @@ def ratios(rate: float, rates: list[tuple[str, int, float]]) -> str:
 def remap_section(reps: int) -> None:
     torch.set_num_threads(1)
     print("\n# pretext Bézier remap, three planes of one 96x114x96 volume (1 CPU thread)")
-    print(f"{'device':>7} {'numpy ms':>9} {'torch ms':>9} {'numpy/torch':>12}")
+    print(f"{'device':>7} {'volume':>22} {'numpy ms':>9} {'torch ms':>9} {'numpy/torch':>12}")
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        try:
-            old, new = remap_seconds(device, reps)
-        except Exception as err:  # a CUDA row that fails must not end the run
-            print(f"{device:>7} failed: {failure(err)}")
-            continue
-        print(f"{device:>7} {1e3 * old:>9.1f} {1e3 * new:>9.2f} {old / new:>11.1f}x")
+        for cached, what in ((True, "float16 cache (full)"), (False, "off the float16 grid")):
+            try:
+                old, new = remap_seconds(device, reps, cached)
+            except Exception as err:  # a CUDA row that fails must not end the run
+                print(f"{device:>7} {what:>22} failed: {failure(err)}")
+                continue
+            print(f"{device:>7} {what:>22} {1e3 * old:>9.1f} {1e3 * new:>9.2f} {old / new:>11.1f}x")
 
 
 def cuda_section(args: argparse.Namespace, cuda_steps: int) -> None:

@@ -144,7 +144,9 @@ def curve_lookup(volumes: Tensor, xs: np.ndarray, ys: np.ndarray) -> Tensor:
     hold: ys[0] left of xs[0], ys[-1] right of xs[-1], and at an x repeated in xs the last
     of its ys. The value is np.interp's float64 one to float64 round-off, rounded once to
     the output dtype: in practice bit for bit ``np.interp(...).astype(float32)``.
-    No range check: callers check once per batch. On the CPU a bucket table
+    No range check: callers check once per batch. On the CPU, a volume whose every
+    voxel is a float16 value (one read from the float16 cache at full size) takes a
+    table over the 65,536 float16 codes (``_half_lookup``), any other a bucket table
     (``_table_lookup``); elsewhere a binary search per voxel (``_search_lookup``).
     """
     xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
@@ -159,7 +161,11 @@ def curve_lookup(volumes: Tensor, xs: np.ndarray, ys: np.ndarray) -> Tensor:
     out = flat.new_empty(xs.shape[0], *flat.shape)
     if volumes.device.type == "cpu":
         for b in range(flat.shape[0]):
-            _table_lookup(flat[b], xs[:, b], ys[:, b], out[:, b])
+            codes = _half_codes(flat[b]) if dtype == torch.float32 else None
+            if codes is not None:
+                _half_lookup(codes, xs[:, b], ys[:, b], out[:, b])
+            else:
+                _table_lookup(flat[b], xs[:, b], ys[:, b], out[:, b])
     else:  # all the curves in one copy, which need not wait for the device
         host = torch.from_numpy(_segments(xs, ys))
         if volumes.device.type == "cuda":
@@ -210,6 +216,36 @@ def _segment_value(seg: Tensor, i: Tensor, x: Tensor) -> Tensor:
     x0, y0, slope = (seg[r].index_select(0, i) for r in range(3))
     big = torch.finfo(torch.float64).max
     return torch.addcmul(y0, slope, x.clamp(-big, big) - x0)
+
+
+@functools.cache
+def _half_values() -> np.ndarray:
+    """The value of every float16 code, in the order of the codes as int16 + 32768."""
+    codes = np.arange(-(1 << 15), 1 << 15, dtype=np.int32).astype(np.int16)
+    return codes.view(np.float16).astype(np.float64)
+
+
+def _half_codes(x: Tensor) -> Tensor | None:
+    """Each voxel's float16 code (int16 + 32768, as int32) when every voxel of the
+    float32 volume x is a float16 value; None otherwise (or for NaN, never equal)."""
+    half = x.to(torch.float16)
+    if not torch.equal(half.to(x.dtype), x):
+        return None
+    return half.view(torch.int16).to(torch.int32).add_(1 << 15)
+
+
+def _half_lookup(codes: Tensor, xs: np.ndarray, ys: np.ndarray, out: Tensor) -> None:
+    """out[p] = np.interp(x, xs[p], ys[p]) for voxels given by their float16 codes.
+
+    A volume read from the float16 cache holds at most 65,536 distinct values, so
+    np.interp itself runs once on each of them and every voxel reads its value: the
+    same float64 value rounded once, at one table read per voxel and curve.
+    """
+    values = _half_values()
+    for p in range(xs.shape[0]):
+        with np.errstate(invalid="ignore"):  # the NaN codes stay NaN
+            table = np.interp(values, xs[p], ys[p]).astype(np.float32)
+        torch.index_select(torch.from_numpy(table), 0, codes, out=out[p])
 
 
 @functools.cache
@@ -421,14 +457,28 @@ def masked_prediction_loss(
     """MSE between predicted and true encodings at the masked slices, summed over planes.
 
     Per plane: pred and target (B, N_p, d); mask as indices (M,) or bool (N_p,)/(B, N_p).
+    On the CPU the masked slices are picked out (the numbers CPU runs always gave); on
+    a GPU the same mean is a weighted sum, which needs no host sync, and a mask there
+    is not checked for being empty (its loss would be NaN, which training catches).
     """
     total = pred[0].new_zeros(())
     for p, t, m in zip(pred, target, mask, strict=True):
         flags = as_bool_mask(m, p.shape[0], p.shape[1])
+        if flags.device.type != "cpu":
+            total = total + weighted_masked_mse(p, t, flags)
+            continue
         if not flags.any():
             raise ValueError("a plane has no masked slices: nothing to predict")
         total = total + F.mse_loss(p[flags], t[flags])
     return total
+
+
+def weighted_masked_mse(pred: Tensor, target: Tensor, flags: Tensor) -> Tensor:
+    """``F.mse_loss(pred[flags], target[flags])`` in float32, as a weighted sum: no
+    boolean indexing, so no host sync on a GPU. pred, target (B, N, d); flags (B, N)."""
+    weight = flags.unsqueeze(-1).to(torch.float32)
+    squared = (pred.float() - target.float()).square() * weight
+    return squared.sum() / (weight.sum() * pred.shape[-1])
 
 
 def masked_encoding_loss(
@@ -452,9 +502,13 @@ def masked_encoding_loss(
     inputs, masks = [], []
     for p, t in enumerate(targets):
         b, n, _ = t.shape
-        flags = torch.zeros(b, n, dtype=torch.bool, device=t.device)
+        flags = torch.zeros(b, n, dtype=torch.bool)  # drawn on the host, moved once
         for i in range(b):
             flags[i, mask_slices(n, ratio, generator)] = True
+        if t.device.type == "cuda":
+            flags = flags.pin_memory().to(t.device, non_blocking=True)
+        else:
+            flags = flags.to(t.device)
         if mask_token is not None:
             replacement = mask_token(p)
         else:

@@ -247,6 +247,8 @@ def finetune(
             "best_epoch": result.best_epoch,
             "epochs_done": result.epochs_done,
             "status": result.status,
+            "world_size": result.world_size,
+            "device": result.device,
             "checkpoint": str(out),
             "predictions": str(predictions_out),
             "init": str(init) if init else "scratch",

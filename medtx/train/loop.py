@@ -295,7 +295,8 @@ class TrainResult:
         seconds, improved).
     out: the final checkpoint, or None when interrupted.
     resumed_from: (epoch, step within it) the run resumed at, or None for a fresh start.
-    rank: this process's rank under torchrun (0 alone writes outputs).
+    rank, world_size: this process's rank under torchrun (0 alone writes outputs)
+        and the number of processes.
     """
 
     status: str
@@ -310,6 +311,7 @@ class TrainResult:
     seconds: float = 0.0
     device: str = "cpu"
     rank: int = 0
+    world_size: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -907,6 +909,7 @@ class Trainer:
             "seconds": st.elapsed_s,
             "device": str(self.device),
             "rank": self.group.rank,
+            "world_size": self.group.world,
         }
         if self.stop_reason:
             self.log(

@@ -49,9 +49,9 @@ rule pretrain_exemplar:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
         code=code_hash("pretrain"),
-        launch=TRAIN_LAUNCH,
     shell:
-        "OMP_WAIT_POLICY=PASSIVE {params.launch} -m medtx pretrain exemplar --index {input.indexes:q}"
+        f"OMP_WAIT_POLICY=PASSIVE {TRAIN_LAUNCH} -m medtx pretrain exemplar"
+        " --index {input.indexes:q}"
         " --config {params.config:q} --metadata {params.meta:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -73,9 +73,9 @@ rule pretrain_masked:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
         code=code_hash("pretrain"),
-        launch=TRAIN_LAUNCH,
     shell:
-        "OMP_WAIT_POLICY=PASSIVE {params.launch} -m medtx pretrain masked --index {input.indexes:q}"
+        f"OMP_WAIT_POLICY=PASSIVE {TRAIN_LAUNCH} -m medtx pretrain masked"
+        " --index {input.indexes:q}"
         " --init {input.init:q} --config {params.config:q} --metadata {params.meta:q}"
         " --out {output:q} > {log:q} 2>&1"
 
@@ -104,9 +104,9 @@ rule finetune:
         meta=lambda w: train_metadata(w.dataset),
         init=lambda w, input: shell_args("--init-checkpoint", input.get("init", [])),
         code=code_hash("finetune"),
-        launch=TRAIN_LAUNCH,
     shell:
-        "OMP_WAIT_POLICY=PASSIVE {params.launch} -m medtx finetune --dataset {wildcards.dataset:q}"
+        f"OMP_WAIT_POLICY=PASSIVE {TRAIN_LAUNCH} -m medtx finetune"
+        " --dataset {wildcards.dataset:q}"
         " --task {wildcards.task:q} --init {wildcards.init:q} --fraction {wildcards.frac:q}"
         " --fold {wildcards.fold:q} --manifest {input.manifest:q} --cache-index {input.cache_index:q}"
         " {params.init}"

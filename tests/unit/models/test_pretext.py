@@ -17,6 +17,7 @@ from medtx.models.pretext import (
     masked_encoding_loss,
     masked_prediction_loss,
     triplet_loss,
+    weighted_masked_mse,
 )
 
 TINY = (16, 20, 12)
@@ -149,6 +150,27 @@ def test_masked_encoding_loss_trains_transformer_not_encoders(learned):
     assert all(p.grad is None for p in model.encoders.parameters())
     if learned:
         assert token.tokens.grad is not None
+
+
+def test_the_sync_free_masked_mse_is_the_picked_one():
+    g = torch.Generator().manual_seed(4)
+    pred, target = torch.randn(2, 3, 11, 8, generator=g).unbind(0)
+    flags = torch.rand(3, 11, generator=g) < 0.3
+    flags[:, 0] = True
+    want = torch.nn.functional.mse_loss(pred[flags], target[flags])
+    torch.testing.assert_close(weighted_masked_mse(pred, target, flags), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masked_encoding_loss_on_cuda_matches_the_cpu():
+    model = build_model("table3", "classification")
+    volumes = torch.rand(2, 1, 24, 28, 20, generator=torch.Generator().manual_seed(1))
+    cpu = masked_encoding_loss(model, volumes, generator=torch.Generator().manual_seed(2))
+    gpu = masked_encoding_loss(
+        model.cuda(), volumes.cuda(), generator=torch.Generator().manual_seed(2)
+    )
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
 
 
 def test_masked_encoding_needs_the_transformer():

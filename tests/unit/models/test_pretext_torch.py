@@ -151,6 +151,36 @@ def test_lookup_is_np_interp_rounded_once():
     assert_matches_interp(lookup_all(wide, curves, curve_lookup), wide, curves, tol=1e-12)
 
 
+def test_a_float16_cached_volume_takes_np_interp_of_each_code(monkeypatch):
+    """A volume read from the float16 cache at full size (every voxel a float16 value,
+    here with curve points, subnormals, 0, 1 and values past both ends) is remapped
+    through a table of np.interp over the 65,536 float16 codes: bit for bit
+    np.interp(...).astype(float32), without the bucket table."""
+    rng = np.random.default_rng(21)
+    curves = random_curves(rng, 6) + [(np.array(xs), np.array(ys)) for xs, ys in hand_curves()]
+    volume = probe_volume(curves, seed=21).astype(np.float16)
+    volume.reshape(-1)[:6] = [0.0, 1.0, 6e-8, -0.25, 1.5, np.float16(2**-14)]
+    volume = volume.astype(np.float32)
+
+    def no_buckets(*_):
+        raise AssertionError("a float16-valued volume went through the bucket table")
+
+    monkeypatch.setattr(pretext, "_table_lookup", no_buckets)
+    got = lookup_all(volume, curves, curve_lookup)
+    for out, (xs, ys) in zip(got, curves):
+        np.testing.assert_array_equal(out.numpy(), np.interp(volume, xs, ys).astype(np.float32))
+
+
+def test_a_volume_off_the_float16_grid_takes_the_bucket_table(monkeypatch):
+    volume = np.full((4, 5, 6), np.float32(0.1), dtype=np.float32)  # 0.1 is not a float16
+    called = []
+    real = pretext._table_lookup
+    monkeypatch.setattr(pretext, "_table_lookup", lambda *a: called.append(1) or real(*a))
+    curves = random_curves(np.random.default_rng(3), 2)
+    assert_matches_interp(lookup_all(volume, curves, curve_lookup), volume, curves)
+    assert called
+
+
 def test_cpu_lookup_in_many_chunks(monkeypatch):
     monkeypatch.setattr(pretext, "_CHUNK", 777)
     rng = np.random.default_rng(11)

@@ -177,3 +177,4 @@ def test_a_stage_trains_in_two_processes_and_rank_zero_writes(tmp_path):
     assert ckpt["world_size"] == 2 and ckpt["status"] == "finished"
     metrics = json.loads((tmp_path / "pred.json").read_text())
     assert metrics["status"] == "finished" and 0 <= metrics["dice_mean"] <= 1
+    assert metrics["world_size"] == 2 and metrics["device"] == "cpu"
