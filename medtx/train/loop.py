@@ -562,7 +562,7 @@ class Trainer:
         try:
             with _StopFlag(self.handle_signals, self.log) as self.stop_flag:
                 while self.state.status == "running":
-                    self.stop_reason = self.should_stop()
+                    self.stop_reason = self.agreed(self.should_stop())
                     # before any step: max_steps_this_run=0, or a signal during validation
                     if self.stop_reason:
                         self.save_last()
@@ -684,8 +684,16 @@ class Trainer:
         if self.state.step_in_epoch % self.cfg["log_every"]:
             steps = reason is not None and reason.startswith("max_steps")
             return (reason if steps else None), False
-        stop, due = self.group.any(reason is not None, due, device=self.device)
-        return (reason or ("a signal to another process" if stop else None)), due
+        (due,) = self.group.any(due, device=self.device)
+        return self.agreed(reason), due
+
+    def agreed(self, reason: str | None) -> str | None:
+        """This rank's reason to stop, or another rank's: every rank stops together
+        (a collective under torchrun; the reason itself for a single process)."""
+        if self.group.world == 1:
+            return reason
+        (stop,) = self.group.any(reason is not None, device=self.device)
+        return reason or ("a signal to another process" if stop else None)
 
     def step(self, batch: Any, volumes: int) -> None:
         """One optimizer step on ``batch`` (this rank's part of a global batch of
