@@ -86,11 +86,12 @@ STEPS = ("bet", "flirt", "n4", "pool_normalize", "brats")
 def cmd_step(args: argparse.Namespace) -> int:
     import importlib
 
+    from medtx.config import step_params
     from medtx.preprocess.context import step_context
     from medtx.workflow.codehash import STAGE_ENTRIES
 
     inputs, outputs = _pairs(args.input, "--input"), _pairs(args.output, "--output")
-    params = _json(args.params, "--params")
+    params = step_params(args.step, _json(args.params, "--params"))
     ctx = step_context(
         _json(args.context, "--context"),
         scan=args.scan,

@@ -94,6 +94,27 @@ def _describe(err: jsonschema.ValidationError) -> str:
     return f"config key '{key}': {err.message}"
 
 
+def step_params(step: str, params: dict) -> dict:
+    """``medtx step <step> --params`` with every key it leaves out set to the schema's
+    default, as the workflow passes it: a partial section runs as the full one.
+
+    n4 and brats get their preprocess section; bet and flirt a {backend: settings}
+    mapping, pool_normalize the pool and normalize sections: only those given are
+    filled.
+    """
+    schema = load_schema()
+    pre = schema["properties"]["preprocess"]["properties"]
+    out = copy.deepcopy(params)
+    if step in ("n4", "brats"):
+        _fill_defaults(out, pre[step], schema)
+        return out
+    sections = _resolve_ref(pre[step], schema)["properties"] if step in ("bet", "flirt") else pre
+    for key, node in out.items():
+        if key in sections:
+            _fill_defaults(node, sections[key], schema)
+    return out
+
+
 def validate_config(config: dict) -> dict:
     """Validate in place (filling defaults) and return ``config``.
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from medtx.config import DEFAULT_CONFIG, load_config, validate_config
+from medtx.config import DEFAULT_CONFIG, load_config, step_params, validate_config
 from medtx.errors import ConfigError
 
 
@@ -107,3 +107,15 @@ def test_registration_schedule_levels_must_match():
         "aff_shrink_factors, aff_smoothing_sigmas; got aff_iterations [20, 10], "
         "aff_shrink_factors [8, 4, 2, 1], aff_smoothing_sigmas [4, 2, 1, 0]"
     )
+
+
+def test_a_step_given_part_of_its_section_runs_with_the_schema_defaults():
+    """``medtx step`` called by hand with a partial --params gets what the workflow
+    would pass: the keys given, the rest from the schema, other sections untouched."""
+    full = load_config()["preprocess"]
+    assert step_params("n4", {"shrink_factor": 2}) == {**full["n4"], "shrink_factor": 2}
+    bet = step_params("bet", {"ants": {"method": "robex"}})
+    assert bet == {"ants": {**full["bet"]["ants"], "method": "robex"}}  # no fsl section added
+    both = step_params("pool_normalize", {"pool": {}, "normalize": {"clip_percentile": 99.0}})
+    assert both["pool"] == full["pool"] and both["normalize"]["within"] == "brain"
+    assert step_params("flirt", {"ants": {}}) == {"ants": full["flirt"]["ants"]}
