@@ -51,7 +51,7 @@ def read_cached(path: str | Path, *, scan: str | None = None, what: str = "volum
 
 
 def read_stored(path: str | Path, *, scan: str | None = None, what: str = "volume") -> np.ndarray:
-    """A cached .npy as stored (float16 image, uint8 regions), (C, X, Y, Z), in memory.
+    """A cached .npy as stored (float16 image, uint8 region masks), (C, X, Y, Z), in memory.
 
     No conversion and no finiteness check: the cache was checked when written
     (``medtx.data.cache.cache_volume``), and a loader that converts on the device
@@ -85,8 +85,8 @@ class VolumeSet(torch.utils.data.Dataset):
     {"image": float32 (C, X, Y, Z), "target": ..., "index": i} with target a long class
     index, a float age, or float (3, X, Y, Z) region masks; "pretrain" has no target.
 
-    With ``stored=True`` an item keeps the cache's own types and size (float16 image,
-    uint8 regions, not downsampled): a loader then pins and moves half the bytes, and
+    With ``stored=True`` an item keeps the cache's size and a compact type (float16 image,
+    bool region masks, not downsampled): a loader then pins and moves half the bytes, and
     ``prepare`` converts and downsamples the batch on the device it was moved to.
 
     Args:
