@@ -24,6 +24,7 @@ CONFIG = {
     "lr": 3e-4,
     "batch_size": 2,
     "threads": 1,
+    "num_workers": 0,  # 20 validations: worker start-up would dominate at this size
     "seed": 42,
     "label_map": LABELS,
 }
