@@ -1,0 +1,1 @@
+"""PUMIT, the spacing-adaptive universal ViT (Luo et al.): its building blocks."""
