@@ -23,6 +23,9 @@ class Rope3d(nn.Module):
     """Rotations for the tokens of a (D, H, W) grid, for heads of width ``head_dim``
     (a multiple of 4)."""
 
+    omega_hw: Tensor  # (head_dim/4,) row and column frequencies
+    omega_d: Tensor  # (head_dim/2,) depth frequencies, one per pair
+
     def __init__(self, head_dim: int, base_hw: float = BASE_HW, base_d: float = BASE_D):
         super().__init__()
         if head_dim % 4:
@@ -37,7 +40,6 @@ class Rope3d(nn.Module):
 
     def angles(self, grid: tuple[int, int, int]) -> Tensor:
         """(D·H·W, head_dim/2) rotation angles of the grid's tokens, in d, h, w order."""
-        depth, height, width = grid
         device = self.omega_hw.device
         d, h, w = torch.meshgrid(
             *(torch.arange(n, dtype=torch.float64, device=device) for n in grid), indexing="ij"
