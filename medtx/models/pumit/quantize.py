@@ -1,0 +1,61 @@
+"""The soft token: a categorical distribution over the codebook, not a sampled index.
+
+The tokenizer's encoder gives each position logits over K codes; the token is the
+expectation of the code embedding under their softmax, p @ codebook, which is
+differentiable without a straight-through estimator and leaves reconstruction
+deterministic. PUMIT's extended prior regularisation keeps the distributions
+diverse and sharp:
+
+- diversity: Σ_k p̄_k log p̄_k, with p̄ the mean distribution over all positions of
+  the batch (the distribution of the code at a random position); minimal when p̄ is
+  uniform, i.e. codes are used evenly;
+- sharpness: the mean entropy of the positions' distributions; minimal when each
+  position is sure of its code.
+
+The objective is λ1·diversity + λ2·sharpness. Under data parallelism the authors
+average p̄ over the processes; here it is over the batch a process sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+@dataclass
+class SoftTokens:
+    """What ``SoftQuantizer`` gives: the token embeddings (B, dim, *grid), their
+    distributions (B, *grid, K) and logits, and the two prior terms (scalars)."""
+
+    tokens: Tensor
+    probs: Tensor
+    logits: Tensor
+    diversity: Tensor
+    sharpness: Tensor
+
+
+class SoftQuantizer(nn.Module):
+    """Logits over ``num_codes`` codes from each position's features; soft tokens."""
+
+    def __init__(self, in_channels: int, num_codes: int, code_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(in_channels, num_codes)
+        self.codebook = nn.Embedding(num_codes, code_dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / num_codes, 1.0 / num_codes)
+
+    def forward(self, z: Tensor) -> SoftTokens:
+        """``z`` (B, C, *grid) encoder features."""
+        logits = self.proj(z.movedim(1, -1))
+        probs = logits.softmax(dim=-1)
+        tokens = (probs @ self.codebook.weight).movedim(-1, 1)
+        return SoftTokens(tokens, probs, logits, *prior_terms(probs, logits))
+
+
+def prior_terms(probs: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(diversity, sharpness) of distributions (..., K): Σ p̄ log p̄ of the mean
+    distribution, and the mean entropy of each."""
+    mean = probs.flatten(0, -2).mean(dim=0)
+    diversity = (mean * mean.log()).sum()
+    sharpness = -(probs * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+    return diversity, sharpness
