@@ -20,6 +20,10 @@ loader  The trainer's loader at 96x114x96: 40 random float16 volumes in a tempor
         1, as the step section; CUDA fp32 and bf16 at ``--batch``) and their
         ratios, and the former float32 item path's rate for comparison. Worker
         counts beyond the cores oversubscribe them: the figure is what was measured.
+backbones  A classification step (forward, backward, Adam) at 96x114x96, batch 1,
+        and the parameter count of each backbone side by side: the Medical
+        Transformer (table3) and PUMIT's universal ViT (tiny, base; 1 mm
+        isotropic, a linear head on the class token); CPU, and CUDA when present.
 remap   The pre-training remap: the three Bézier intensity remaps of one 96x114x96
         volume (``plane_positives``' work per volume), the former numpy path
         (np.interp on the host, with the device round trip on CUDA) against
@@ -47,7 +51,7 @@ epochs and repetitions (every section on 2 CPU cores in under a minute). Figures
 are printed, never asserted.
 
     .venv/bin/python bench/train.py [--threads 1] [--steps 5] [--batch 10] [--epochs 6]
-        [--quick] [--sections step,loader,remap,cuda]
+        [--quick] [--sections step,backbones,loader,remap,cuda]
 """
 
 from __future__ import annotations
@@ -75,13 +79,15 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from medtx.models.pretext import curve_lookup, draw_intensity_curve  # noqa: E402
+from medtx.models.pumit.sac import Grid  # noqa: E402
+from medtx.models.pumit.vit import VIT_SIZES, UniversalViT  # noqa: E402
 from medtx.models.slice_transformer import build_model  # noqa: E402
 from medtx.train.config import TRAIN_DEFAULTS  # noqa: E402
 from medtx.train.data import VolumeSet, collate  # noqa: E402
 from medtx.train.distributed import Group  # noqa: E402
 from medtx.train.loop import set_cuda_determinism, to_device  # noqa: E402
 
-SECTIONS = ("step", "loader", "remap", "cuda")
+SECTIONS = ("step", "backbones", "loader", "remap", "cuda")
 SIZE = (96, 114, 96)
 LOADER_VOLUMES = 40
 LOADER_WORKERS = (0, 2, 4)
@@ -485,6 +491,58 @@ def ratios(rate: float, rates: list[tuple[str, int, float]]) -> str:
     return "".join(f" {rate / r[2]:>10.1f}x" for r in rates)
 
 
+class _PumitClassifier(torch.nn.Module):
+    """PUMIT's ViT with a linear head on the class token (three classes)."""
+
+    def __init__(self, size: str):
+        super().__init__()
+        self.vit = UniversalViT(VIT_SIZES[size])
+        self.head = torch.nn.Linear(VIT_SIZES[size].dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit(x, Grid(0))[0][:, 0])
+
+
+def backbone_step(model: torch.nn.Module, device: str, steps: int) -> float:
+    """Median seconds of a classification step at 96x114x96, batch 1."""
+    model = model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x, y = torch.rand(1, 1, *SIZE, device=device), torch.tensor([1], device=device)
+    times = []
+    for i in range(steps + 1):  # the first warms up
+        sync(device)
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def backbones_section(steps: int) -> None:
+    print("\n# backbones at 96x114x96, batch 1: a classification step and the parameters")
+    print(f"{'backbone':>26} {'device':>7} {'parameters':>12} {'step s':>8}")
+    models = {
+        "Medical Transformer table3": lambda: build_model("table3", "classification"),
+        "PUMIT tiny": lambda: _PumitClassifier("tiny"),
+        "PUMIT base": lambda: _PumitClassifier("base"),
+    }
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for name, make in models.items():
+            torch.manual_seed(0)
+            model = make()
+            n = sum(p.numel() for p in model.parameters())
+            try:
+                seconds = backbone_step(model, device, steps)
+            except Exception as err:  # a CUDA row that fails must not end the run
+                print(f"{name:>26} {device:>7} {n:>12,} failed: {failure(err)}")
+                continue
+            print(f"{name:>26} {device:>7} {n:>12,} {seconds:>8.3f}")
+
+
 def remap_section(reps: int) -> None:
     torch.set_num_threads(1)
     print("\n# pretext Bézier remap, three planes of one 96x114x96 volume (1 CPU thread)")
@@ -633,6 +691,8 @@ def main() -> int:
         step_section(steps, args.threads)
     if "loader" in sections:
         loader_section(args, steps, cuda_steps)
+    if "backbones" in sections:
+        backbones_section(2 if args.quick else 3)
     if "remap" in sections:
         remap_section(3 if args.quick else 5)
         torch.set_num_threads(args.threads)
