@@ -25,21 +25,23 @@ DATA_TASKS = (*TASKS, "pretrain")
 
 
 def downsample_volume(volume: Tensor, factor: int) -> Tensor:
-    """Average-pool (C, X, Y, Z) by ``factor`` in each axis (sizes floor-divided)."""
+    """Average-pool (C, X, Y, Z), or a batch of them, by ``factor`` in each axis
+    (sizes floor-divided)."""
     if factor == 1:
         return volume
-    return F.avg_pool3d(volume[None], factor)[0]
+    return F.avg_pool3d(volume, factor)
 
 
 def downsample_regions(regions: Tensor, factor: int) -> Tensor:
     """Max-pool binary region masks (3, X, Y, Z): a region touching a block keeps it.
 
     Max rather than nearest so a small enhancing tumour does not vanish (which would
-    turn its Dice into the empty-vs-empty 1.0); WT ⊇ TC ⊇ ET nesting is kept.
+    turn its Dice into the empty-vs-empty 1.0); WT ⊇ TC ⊇ ET nesting is kept. A batch
+    (B, 3, X, Y, Z) is pooled the same way.
     """
     if factor == 1:
         return regions
-    return F.max_pool3d(regions[None], factor)[0]
+    return F.max_pool3d(regions, factor)
 
 
 def read_cached(path: str | Path, *, scan: str | None = None, what: str = "volume") -> np.ndarray:
@@ -171,10 +173,10 @@ class VolumeSet(torch.utils.data.Dataset):
         out["image"] = batch["image"].float()
         if self.task == "segmentation":
             out["target"] = batch["target"].float()
-        if self.stored and self.downsample > 1:
-            out["image"] = F.avg_pool3d(out["image"], self.downsample)
+        if self.stored:
+            out["image"] = downsample_volume(out["image"], self.downsample)
             if self.task == "segmentation":
-                out["target"] = F.max_pool3d(out["target"], self.downsample)
+                out["target"] = downsample_regions(out["target"], self.downsample)
         return out
 
 
