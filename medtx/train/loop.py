@@ -559,6 +559,7 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
         self.loader = self.make_loader()
+        failed = True
         try:
             with _StopFlag(self.handle_signals, self.log) as self.stop_flag:
                 while self.state.status == "running":
@@ -571,13 +572,11 @@ class Trainer:
                         break
                     self.end_epoch()
             result = self.finish()
-        except BaseException:
-            self.loader = None
-            self.group.close(failed=True)
-            raise
-        self.loader = None  # its persistent workers end with it
-        self.group.close()
-        return result
+            failed = False
+            return result
+        finally:
+            self.loader = None  # its persistent workers end with it
+            self.group.close(failed=failed)
 
     def make_loader(self) -> torch.utils.data.DataLoader:
         """One loader for the whole run, reading the batches ``self.batches`` holds
@@ -713,7 +712,7 @@ class Trainer:
         batch = to_device(batch, self.device)
         if self.prepare is not None:
             batch = self.prepare(batch)
-        local = len(self.group.shard(list(range(volumes))))
+        local = len(range(self.group.rank, volumes, self.group.world))  # this rank's share
         with self.autocast():
             if self.ddp is None:
                 loss = self.loss_fn(self.model, batch, ctx)

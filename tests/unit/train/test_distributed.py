@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from medtx.errors import ConfigError
 from medtx.train.distributed import Group
 from medtx.train.loop import last_path, load_state, train
 from medtx.workflow.resources import launcher, training_resources, training_threads
@@ -118,7 +119,7 @@ def test_a_run_saved_by_two_processes_resumes_in_one(tmp_path):
 
 def test_a_batch_too_small_to_split_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(Group, "from_env", classmethod(lambda cls: cls(rank=0, world=4)))
-    with pytest.raises(Exception, match="batch_size 5 is too small for 4 processes"):
+    with pytest.raises(ConfigError, match="batch_size 5 is too small for 4 processes"):
         train(
             model(),
             data(),
@@ -146,7 +147,7 @@ def test_a_multi_gpu_job_is_one_task_with_every_process_cpus():
     assert "gpu" not in training_resources(stage, gpu=False, gpus=1, mem_mb=100, runtime=1)
     assert launcher(1) == "python"
     assert launcher(2) == "torchrun --standalone --nproc-per-node 2"
-    with pytest.raises(Exception, match="train/gpus must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="train/gpus must be an integer >= 1"):
         launcher(0)
 
 
