@@ -20,6 +20,7 @@ from medtx.errors import ConfigError, MedtxError
 from medtx.evaluate.metrics import mae, mauc
 from medtx.models.slice_transformer import MedicalTransformer
 from medtx.train.data import VolumeSet, collate
+from medtx.train.loop import to_device
 
 
 def dice_per_case(logits: Tensor, target: Tensor) -> Tensor:
@@ -77,7 +78,7 @@ def predict(
     )
     outs, targets = [], []
     for batch in loader:
-        batch = data.prepare({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        batch = data.prepare(to_device(batch, device))
         target = batch["target"]
         with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
             logits = model(batch["image"]).float()
