@@ -6,9 +6,9 @@
     medtx report --config FILE --out HTML
     medtx folds --dataset D --task T --table TSV --records JSON ... --params JSON ...
     medtx firewall --manifest TSV ... --pretrain-table TSV ... --out JSON
-    medtx pretrain {exemplar,masked} --index TSV ... --out PT [--init PT] --config JSON
-    medtx finetune --dataset D --task T --init I --fraction P --fold K --manifest TSV ...
-    medtx evaluate --metrics JSON ... --out-dir DIR
+    medtx pretrain {exemplar,masked,tokenizer,mim} --index TSV ... --out PT [--init PT] ...
+    medtx finetune --dataset D --task T [--backbone B] --init I --fraction P --fold K ...
+    medtx evaluate --metrics JSON ... [--pretrain PT ...] --out-dir DIR
     medtx params [--format text|tsv]
     medtx audit [ROOT] [--base DIR]
     medtx demo {t1-scan,t1-participants,brats-case} --spec JSON ...
@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from medtx.domain import INITS, TASKS
+from medtx.domain import BACKBONES, DEFAULT_BACKBONE, INITS, PRETRAIN_STAGES, TASKS
 from medtx.errors import MedtxError
 
 
@@ -148,7 +148,10 @@ INTERRUPTED = 3  # exit code of a training job stopped at a checkpoint (rerun re
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from medtx.train.pretrain import pretrain_stage
+    if args.stage in PRETRAIN_STAGES["pumit"]:
+        from medtx.train.mim import pretrain_stage
+    else:
+        from medtx.train.pretrain import pretrain_stage
 
     result = pretrain_stage(
         args.stage,
@@ -166,7 +169,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from medtx.train.finetune import finetune_fold
 
     try:
-        run = RunId(args.dataset, args.task, args.init, args.fraction, args.fold)
+        run = RunId(args.dataset, args.task, args.init, args.fraction, args.fold, args.backbone)
     except ValueError as err:
         raise MedtxError(f"finetune: {err}") from err
     result = finetune_fold(
@@ -187,14 +190,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtx.evaluate.summary import evaluate_runs
 
     out = args.out_dir or str(Path(args.summary).parent)
-    evaluate_runs(args.metrics, out, summary=args.summary)
+    evaluate_runs(args.metrics, out, summary=args.summary, pretrain=args.pretrain or [])
     return 0
 
 
 def cmd_params(args: argparse.Namespace) -> int:
+    from medtx.models.pumit import model as pumit
     from medtx.models.slice_transformer import format_params_table, params_table
 
-    print(format_params_table(params_table(), args.format))
+    rows = [{**r, "backbone": "medical_transformer"} for r in params_table()]
+    rows += [{**r, "backbone": "pumit"} for r in pumit.params_table()]
+    print(format_params_table(rows, args.format))
     return 0
 
 
@@ -281,20 +287,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_firewall)
 
-    p = sub.add_parser("pretrain", help="stage 1 (exemplar) or 2 (masked encodings) pre-training")
-    p.add_argument("stage", choices=["exemplar", "masked"])
+    p = sub.add_parser(
+        "pretrain",
+        help="a pre-training stage: exemplar, masked (Medical Transformer); tokenizer, mim (PUMIT)",
+    )
+    p.add_argument("stage", choices=[s for stages in PRETRAIN_STAGES.values() for s in stages])
     p.add_argument(
         "--index", nargs="+", required=True, help="cache indexes (TSV) of the pre-training datasets"
     )
-    p.add_argument("--init", help="stage-1 checkpoint (masked stage)")
+    p.add_argument("--init", help="the previous stage's checkpoint (masked, mim)")
     p.add_argument("--config", help="stage config (medtx.train.config.DEFAULTS keys) as JSON")
     p.add_argument("--metadata", help="stored in the checkpoint (preprocessing hash) as JSON")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="fine-tune one dataset x task x init x fraction x fold")
+    p = sub.add_parser(
+        "finetune", help="fine-tune one dataset x task x backbone x init x fraction x fold"
+    )
     p.add_argument("--dataset", required=True)
     p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--backbone", choices=BACKBONES, default=DEFAULT_BACKBONE)
     p.add_argument(
         "--init",
         required=True,
@@ -315,12 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="tables like the paper's from fine-tuning metrics")
     p.add_argument("--metrics", nargs="+", required=True)
+    p.add_argument(
+        "--pretrain", nargs="*", help="pre-training checkpoints: their loss curves, codebook usage"
+    )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out-dir", help="folder for the tables and plots")
     where.add_argument("--summary", help="the summary.md to write (tables go beside it)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("params", help="print Table 3: parameters of our models")
+    p = sub.add_parser("params", help="print Table 3: parameters of both backbones' models")
     p.add_argument("--format", choices=["text", "tsv"], default="text")
     p.set_defaults(func=cmd_params)
 

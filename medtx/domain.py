@@ -21,6 +21,21 @@ INITS = ("scratch", "pretrained", "notransformer")
 FRACTIONS = (10, 30, 50, 70, 100)
 # A scan's role in one fold of a manifest: fold k is test, fold k+1 validation.
 SPLITS = ("train", "val", "test")
+# The encoders the study compares, by registry name (medtx.models.registry builds
+# them): the paper's slice transformer, then PUMIT's spacing-adaptive ViT.
+BACKBONES = ("medical_transformer", "pumit")
+DEFAULT_BACKBONE = BACKBONES[0]
+# The initializations each backbone has: "notransformer" is an ablation of the
+# Medical Transformer (its encoders without the slice transformer).
+BACKBONE_INITS: dict[str, tuple[str, ...]] = {
+    "medical_transformer": INITS,
+    "pumit": ("scratch", "pretrained"),
+}
+# Each backbone's pre-training stages, in order; the last one initializes fine-tuning.
+PRETRAIN_STAGES: dict[str, tuple[str, ...]] = {
+    "medical_transformer": ("exemplar", "masked"),
+    "pumit": ("tokenizer", "mim"),
+}
 # Diagnosis -> class index when the config gives no label_map.
 DEFAULT_LABEL_MAP = {"CN": 0, "MCI": 1, "AD": 2}
 
@@ -52,7 +67,7 @@ def regions_from_labels(labels):
 
 @dataclass(frozen=True)
 class RunId:
-    """Who a fine-tuning run is: dataset x task x init x label fraction x fold.
+    """Who a fine-tuning run is: dataset x task x backbone x init x label fraction x fold.
 
     Recorded in each run's ``metrics.json`` and checkpoint (``run``) and read back
     from there by the tables; the output folder names it too, but is never parsed.
@@ -63,8 +78,11 @@ class RunId:
     init: str
     frac: int
     fold: int
+    # last, with a default: runs recorded before PUMIT are the Medical Transformer's
+    backbone: str = DEFAULT_BACKBONE
 
-    KEYS: ClassVar[tuple[str, ...]] = ("dataset", "task", "init", "frac", "fold")
+    # the order of the tables' rows and of the output folders
+    KEYS: ClassVar[tuple[str, ...]] = ("dataset", "task", "backbone", "init", "frac", "fold")
 
     def __post_init__(self) -> None:
         problems = []
@@ -72,8 +90,13 @@ class RunId:
             problems.append("no dataset")
         if self.task not in TASKS:
             problems.append(f"task {self.task!r} is not one of {list(TASKS)}")
-        if self.init not in INITS:
-            problems.append(f"init {self.init!r} is not one of {list(INITS)}")
+        if self.backbone not in BACKBONES:
+            problems.append(f"backbone {self.backbone!r} is not one of {list(BACKBONES)}")
+        elif self.init not in BACKBONE_INITS[self.backbone]:
+            problems.append(
+                f"init {self.init!r} is not one of {list(BACKBONE_INITS[self.backbone])}"
+                f" (backbone {self.backbone})"
+            )
         frac, fold = self.frac, self.fold
         if not isinstance(frac, int) or isinstance(frac, bool) or not 0 < frac <= 100:
             problems.append(f"label fraction {frac!r} is not a percentage 1..100")

@@ -1,10 +1,13 @@
-"""The study's figures: ROC, brain age, training curves, segmentation overlays.
+"""The study's figures: ROC, brain age, training curves, segmentation overlays, and
+a tokenizer's codebook usage.
 
 Small Agg PNGs, linked from ``summary.md`` (``figures_section``).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,12 +118,14 @@ def plot_curves(
     out_png: str | Path,
     *,
     val_label: str = "validation metric",
+    title: str | None = None,
 ) -> Path:
     """Training loss and validation metric per epoch.
 
     ``histories``: one history (a list of {"epoch", "train_loss", "val_metric"} dicts,
     as ``medtx.train.loop`` stores in checkpoints), a dict with a "history" key, or a
-    mapping run name -> either of those for several runs on one figure.
+    mapping run name -> either of those for several runs on one figure. Without any
+    validation metric (pre-training) only the training loss is drawn.
     """
     if isinstance(histories, Mapping) and "history" not in histories:
         runs = {str(k): _history(v) for k, v in histories.items()}
@@ -128,16 +133,67 @@ def plot_curves(
         runs = {"run": _history(histories)}
     if not any(runs.values()):
         raise MedtxError("no training history to plot (no completed epoch)")
-    fig, (ax_loss, ax_val) = _pyplot().subplots(1, 2, figsize=(7, 3))
+    validated = any(e.get("val_metric") is not None for hist in runs.values() for e in hist)
+    keys = ["train_loss", "val_metric"] if validated else ["train_loss"]
+    fig, axes = _pyplot().subplots(1, len(keys), figsize=(3.5 * len(keys), 3), squeeze=False)
     for name, hist in runs.items():
         epochs = [e.get("epoch", i) for i, e in enumerate(hist)]
-        for ax, key in ((ax_loss, "train_loss"), (ax_val, "val_metric")):
+        for ax, key in zip(axes[0], keys):
             values = [np.nan if e.get(key) is None else float(e[key]) for e in hist]
             ax.plot(epochs, values, marker=".", label=name)
-    ax_loss.set(xlabel="epoch", ylabel="training loss")
-    ax_val.set(xlabel="epoch", ylabel=val_label)
+    for ax, ylabel in zip(axes[0], ["training loss", val_label]):
+        ax.set(xlabel="epoch", ylabel=ylabel)
     if len(runs) > 1:
-        ax_val.legend(fontsize=7)
+        axes[0, -1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def codebook_stats(counts: Sequence[int] | np.ndarray) -> tuple[int, int, float]:
+    """A codebook's usage: (codes used, codes in all, perplexity).
+
+    ``counts[k]``: how many tokens picked code k. Used: codes with a count > 0;
+    perplexity: exp of the usage distribution's entropy (natural log), the
+    number of equally used codes it is worth (1 .. codes used). MedtxError on
+    counts that are not a list of non-negative integers summing to more than 0.
+    """
+    try:
+        usage = np.asarray(counts, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise MedtxError(f"codebook usage is not a list of counts ({err})") from err
+    if usage.ndim != 1 or not len(usage):
+        raise MedtxError(f"codebook usage must be a non-empty list of counts, not {usage.shape}")
+    if not np.isfinite(usage).all() or (usage < 0).any() or (usage != np.round(usage)).any():
+        raise MedtxError("codebook usage must be non-negative integer counts")
+    total = float(usage.sum())
+    if total <= 0:
+        raise MedtxError(f"codebook usage sums to 0 over {len(usage)} codes: no token was counted")
+    p = usage[usage > 0] / total
+    entropy = float(-(p * np.log(p)).sum())
+    return int((usage > 0).sum()), len(usage), math.exp(entropy)
+
+
+def plot_codebook(
+    counts: Sequence[int] | np.ndarray, out_png: str | Path, *, title: str = "Codebook usage"
+) -> Path:
+    """Bar chart of how many tokens picked each code, by code index; the codes used
+    out of all and the usage perplexity (``codebook_stats``) in the title."""
+    used, total, perplexity = codebook_stats(counts)
+    usage = np.asarray(counts, dtype=np.float64)
+    fig, ax = _pyplot().subplots(figsize=(7, 3))
+    if total <= 256:
+        ax.bar(np.arange(total), usage, width=1.0, align="edge", color="#1f77b4")
+    else:  # thousands of bars: one filled step line draws the same, fast
+        ax.stairs(usage, np.arange(total + 1), fill=True, color="#1f77b4")
+    ax.set_xlim(0, total)
+    ax.set(
+        xlabel="code index",
+        ylabel="tokens",
+        title=f"{title}\n{used} of {total} codes used, perplexity {perplexity:.1f}",
+    )
+    ax.title.set_fontsize(9)
     fig.tight_layout()
     return _save(fig, out_png)
 
@@ -200,5 +256,10 @@ def figures_section(pngs: Iterable[str | Path], relative_to: str | Path) -> str:
     """Markdown for summary.md: every figure in name order, captioned by its file stem."""
     lines = ["## Figures", ""]
     for png in sorted(map(Path, pngs)):
-        lines += [f"![{png.stem}]({png.relative_to(relative_to).as_posix()})", ""]
+        lines += [f"![{png.stem}]({relative_link(png, relative_to)})", ""]
     return "\n".join(lines)
+
+
+def relative_link(path: str | Path, relative_to: str | Path) -> str:
+    """``path`` as a Markdown link target relative to the folder ``relative_to``."""
+    return Path(os.path.relpath(path, relative_to)).as_posix()

@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from medtx.domain import REGION_NAMES, TASKS
 from medtx.errors import ConfigError, MedtxError
 from medtx.evaluate.metrics import mae, mauc
-from medtx.models.slice_transformer import MedicalTransformer
 from medtx.train.data import VolumeSet, collate
 from medtx.train.loop import to_device
 
@@ -50,7 +49,7 @@ def selection_mauc(y: np.ndarray, probs: np.ndarray) -> float:
 
 @torch.no_grad()
 def predict(
-    model: MedicalTransformer,
+    model: nn.Module,
     data: VolumeSet,
     *,
     batch_size: int,

@@ -1,56 +1,78 @@
 """``medtx evaluate``: the tables, then per run group its figures, all in summary.md.
 
-A group is one dataset x task x init x label fraction, its folds pooled. Each
-run's identity and cache index are read from what the run recorded (its
+A group is one dataset x task x backbone x init x label fraction, its folds pooled.
+Each run's identity and cache index are read from what the run recorded (its
 metrics JSON and checkpoint), never from its folder names.
+
+Pre-training checkpoints, when given, get a section of their own: per backbone,
+each stage's training-loss curve and, for a tokenizer that recorded it, its
+codebook usage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from medtx.data.cache import read_cache_index
+from medtx.domain import BACKBONES, DEFAULT_BACKBONE, PRETRAIN_STAGES
+from medtx.errors import MedtxError
 from medtx.evaluate.figures import (
+    codebook_stats,
     figures_section,
     plot_age,
+    plot_codebook,
     plot_curves,
     plot_roc,
     plot_segmentation,
+    relative_link,
 )
 from medtx.evaluate.tables import build_tables
+from medtx.io import write_text
 from medtx.train.loop import load_state
 
 OVERLAY_CASES = 2  # test cases drawn per segmentation group
+GROUP_KEYS = ["dataset", "task", "backbone", "init", "frac"]
+PRETRAIN_DIR = "pretrain"  # pre-training figures: a subfolder, apart from "## Figures"
 
 
 def evaluate_runs(
-    metrics_paths: Sequence[str | Path], out_dir: str | Path, summary: str | Path | None = None
+    metrics_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    summary: str | Path | None = None,
+    pretrain: Sequence[str | Path] = (),
 ) -> Path:
-    """Tables 1/3/4/5 and figures for every run group; returns summary.md's path.
+    """Tables 1/3/4/5 and figures for every run group; returns summary.md's path
+    (``summary``, default ``out_dir``/summary.md: the tables, then the figures).
 
     Figures: ROC (classification) and predicted-vs-true age (regression) over the
     pooled folds, segmentation overlays of the first fold's first test cases, and
-    every group's training curves.
+    every group's training curves. ``pretrain``: pre-training checkpoints (any
+    backbone's stages), summarized in a "## Pre-training" section.
     """
     out = Path(out_dir)
+    stages = [_read_pretrain(p) for p in pretrain]  # checked before anything is drawn
+    _refuse_duplicate_stages(stages)
     written = build_tables(metrics_paths, out)
     runs = _read_runs(written["runs"])
-    for (dataset, task, init, frac), group in runs.groupby(["dataset", "task", "init", "frac"]):
+    for (dataset, task, backbone, init, frac), group in runs.groupby(GROUP_KEYS):
         group = group.sort_values("fold")
-        name = out / f"{dataset}_task-{task}_init-{init}_frac-{frac}"
+        name = out / f"{dataset}_task-{task}_backbone-{backbone}_init-{init}_frac-{frac}"
+        who = f"{dataset}, {backbone}, {init}"
         folders = [Path(p).parent for p in group["metrics_path"]]
         predictions = [f / "predictions.tsv" for f in folders]
         checkpoints = {
             f"fold {k}": load_state(f / "model.pt") for k, f in zip(group["fold"], folders)
         }
         if task == "classification":
-            plot_roc(predictions, f"{name}_roc.png", title=f"ROC, {dataset}, {init}")
+            plot_roc(predictions, f"{name}_roc.png", title=f"ROC, {who}")
         elif task == "regression":
             plot_age(
                 predictions,
                 f"{name}_age.png",
-                title=f"Brain age, {dataset}, {init}",
+                title=f"Brain age, {who}",
                 labels=list(checkpoints),
             )
         else:
@@ -59,19 +81,27 @@ def evaluate_runs(
                 folders[0],
                 first,
                 f"{name}_overlay.png",
-                title=f"{dataset}, {init}, fold {group['fold'].iloc[0]}",
+                title=f"{who}, fold {group['fold'].iloc[0]}",
             )
-        plot_curves({k: c.get("history", []) for k, c in checkpoints.items()}, f"{name}_curves.png")
-    path = Path(summary) if summary else out / "summary.md"
-    with path.open("a") as fh:
-        fh.write("\n" + figures_section(out.glob("*.png"), path.parent) + "\n")
-    return path
+        plot_curves(
+            {k: c.get("history", []) for k, c in checkpoints.items()},
+            f"{name}_curves.png",
+            title=f"{task}, {who}, {frac} % labels",
+        )
+    path = Path(summary) if summary else written["summary"]
+    sections = [pretrain_section(stages, out / PRETRAIN_DIR, path.parent)] if stages else []
+    sections.append(figures_section(out.glob("*.png"), path.parent))
+    # the tables' summary.md, then the figures: at ``summary`` wherever it is
+    text = written["summary"].read_text() + "".join("\n" + s + "\n" for s in sections)
+    return write_text(text, path)
 
 
 def _read_runs(runs_tsv: Path):
     import pandas as pd
 
-    return pd.read_csv(runs_tsv, sep="\t", dtype={"dataset": str, "task": str, "init": str})
+    return pd.read_csv(
+        runs_tsv, sep="\t", dtype={"dataset": str, "task": str, "backbone": str, "init": str}
+    )
 
 
 def _draw_segmentation(run_dir: Path, checkpoint: dict, out_png: str, *, title: str) -> None:
@@ -90,3 +120,113 @@ def _draw_segmentation(run_dir: Path, checkpoint: dict, out_png: str, *, title: 
     ]
     if cases:
         plot_segmentation(run_dir / "model.pt", cases, out_png, title=title)
+
+
+# ---------------------------------------------------------------------------- pre-training
+
+
+@dataclass(frozen=True)
+class PretrainStage:
+    """What summary.md shows of one pre-training checkpoint."""
+
+    path: Path
+    backbone: str
+    stage: str  # as in medtx.domain.PRETRAIN_STAGES: "exemplar", "tokenizer", ...
+    history: list[Mapping[str, Any]]
+    epochs: int
+    codebook_usage: list[int] | None
+
+
+def _read_pretrain(path: str | Path) -> PretrainStage:
+    """A pre-training checkpoint's stage, backbone, history and codebook usage, checked.
+
+    MedtxError naming the file when it is unreadable, not a pre-training stage's,
+    has no completed epoch, or records a codebook usage that sums to 0.
+    """
+    path = Path(path)
+    ckpt = load_state(path)  # names the file when unreadable
+    meta = ckpt.get("metadata") if isinstance(ckpt, Mapping) else None
+    stage = str((meta or {}).get("stage") or "")
+    if not isinstance(meta, Mapping) or not stage.startswith("pretrain_"):
+        raise MedtxError(
+            f"{path}: not a pre-training checkpoint (metadata stage {stage or 'missing'!r}, "
+            "expected pretrain_<stage>)"
+        )
+    kwargs = meta.get("model_kwargs")
+    backbone = str(
+        (kwargs if isinstance(kwargs, Mapping) else {}).get("backbone", DEFAULT_BACKBONE)
+    )
+    if backbone not in BACKBONES:
+        raise MedtxError(f"{path}: backbone {backbone!r} is not one of {list(BACKBONES)}")
+    history = list(ckpt.get("history") or [])
+    if not history:
+        raise MedtxError(f"{path}: no training history (no completed epoch of {stage})")
+    usage = meta.get("codebook_usage")
+    if usage is not None:
+        try:
+            codebook_stats(usage)
+        except MedtxError as err:
+            raise MedtxError(f"{path}: {err}") from err
+    epochs = ckpt.get("epochs_done")
+    return PretrainStage(
+        path=path,
+        backbone=backbone,
+        stage=stage.removeprefix("pretrain_"),
+        history=history,
+        epochs=epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else len(history),
+        codebook_usage=None if usage is None else [int(c) for c in usage],
+    )
+
+
+def _refuse_duplicate_stages(stages: Sequence[PretrainStage]) -> None:
+    seen: dict[tuple[str, str], Path] = {}
+    for s in stages:
+        key = (s.backbone, s.stage)
+        if key in seen:
+            raise MedtxError(
+                f"two checkpoints of pre-training stage {s.stage} ({s.backbone}): "
+                f"{seen[key]} and {s.path}"
+            )
+        seen[key] = s.path
+
+
+def _stage_order(s: PretrainStage) -> tuple[int, int, str]:
+    known = PRETRAIN_STAGES.get(s.backbone, ())
+    rank = known.index(s.stage) if s.stage in known else len(known)
+    return BACKBONES.index(s.backbone), rank, s.stage
+
+
+def pretrain_section(
+    stages: Sequence[PretrainStage], fig_dir: str | Path, relative_to: str | Path
+) -> str:
+    """Draw each stage's figures into ``fig_dir`` and return summary.md's
+    "## Pre-training" section: per backbone, a line per stage (epochs, final training
+    loss, a tokenizer's codebook usage) and its figures, linked relative to
+    ``relative_to``."""
+    fig_dir = Path(fig_dir)
+    lines = ["## Pre-training", ""]
+    backbone = None
+    for s in sorted(stages, key=_stage_order):
+        if s.backbone != backbone:
+            backbone = s.backbone
+            lines += [f"### {backbone}", ""]
+        stem = fig_dir / f"{s.backbone}_stage-{s.stage}"
+        pngs = [plot_curves(s.history, f"{stem}_loss.png", title=f"{s.backbone}, {s.stage} stage")]
+        loss = s.history[-1].get("train_loss")
+        line = (
+            f"- {s.stage}: {s.epochs} epoch(s), final train loss "
+            f"{'—' if loss is None else f'{float(loss):.4g}'}"
+        )
+        if s.codebook_usage is not None:
+            used, total, perplexity = codebook_stats(s.codebook_usage)
+            line += f"; codes used: {used} of {total}, perplexity {perplexity:.2f}"
+            pngs.append(
+                plot_codebook(
+                    s.codebook_usage,
+                    f"{stem}_codebook.png",
+                    title=f"{s.backbone}, {s.stage}: codebook usage",
+                )
+            )
+        lines += [f"{line} ({s.path.name})", ""]
+        lines += [f"![{p.stem}]({relative_link(p, relative_to)})\n" for p in pngs]
+    return "\n".join(lines)

@@ -8,14 +8,18 @@ a table never shows a number its predictions no longer support: a disagreement
 beyond 1e-9 is an error naming the file.
 
 Tables, like the paper's (Jun et al. 2021), each cell "mean ± std" over folds
-(std with ddof = 1; a single fold shows the value alone; "—" where there is no run):
+(std with ddof = 1; a single fold shows the value alone; "—" where there is no run).
+The study compares backbones (``medtx.domain.BACKBONES``) on the same folds, so
+Tables 1, 3, 4 and 5 have a ``backbone`` column:
 
-- Table 1: scratch / pre-trained (/ w/o transformer) at 100 % labels, the headline
-  metric of each task, a chance / baseline row and the paper's published values
-  (marked as published, not reproduced);
-- Table 3: parameters per task and model preset, with the paper's printed figure;
-- Table 4: label fractions (10 ... 100 %), pre-trained vs scratch;
-- Table 5: with vs without the transformer (pre-trained encoders either way).
+- Table 1: per backbone, scratch / pre-trained (/ w/o transformer) at 100 % labels,
+  the headline metric of each task, a chance / baseline row and the Medical
+  Transformer paper's published values (marked as published, not reproduced);
+- Table 3: parameters per backbone, task and model preset, with the paper's printed
+  figure (the Medical Transformer's only);
+- Table 4: per backbone, label fractions (10 ... 100 %), pre-trained vs scratch;
+- Table 5: with vs without the transformer (pre-trained encoders either way), for
+  the backbones that have that ablation (the Medical Transformer).
 
 The figures are ``medtx.evaluate.figures``.
 """
@@ -32,7 +36,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medtx.domain import FRACTIONS, INITS, TASKS, RunId
+from medtx.domain import BACKBONE_INITS, BACKBONES, DEFAULT_BACKBONE, FRACTIONS, TASKS, RunId
 from medtx.errors import MedtxError
 from medtx.io import atomic_path, write_text
 
@@ -55,6 +59,10 @@ METRIC_KEYS = ("n", "mauc", "accuracy", "mae", "dice_WT", "dice_TC", "dice_ET", 
 # The paper's published test results (Jun et al. 2021, Table 1, pre-trained model).
 PAPER = {"mauc": 0.835, "mae": 3.49, "dice_WT": 0.873, "dice_TC": 0.697, "dice_ET": 0.588}
 PAPER_ROW = "paper (Jun et al.)"
+PAPER_BACKBONE = "medical_transformer"  # the published numbers are the Medical Transformer's
+# The initializations every backbone has: their rows appear even without runs.
+COMMON_INITS = ("scratch", "pretrained")
+ABLATION_INIT = "notransformer"
 BASELINE_ROW = "chance / baseline"
 CHANCE_MAUC = 0.5
 INIT_TITLES = {
@@ -67,7 +75,11 @@ INIT_TITLES = {
 
 
 def run_identity(stored: Mapping[str, Any], path: str | Path) -> RunId:
-    """The identity a run recorded in its metrics JSON (``run``), checked."""
+    """The identity a run recorded in its metrics JSON (``run``), checked.
+
+    A record without ``backbone`` (written before the study had several) is the
+    default backbone's, the Medical Transformer's.
+    """
     record = stored.get("run")
     if not isinstance(record, Mapping):
         raise MedtxError(
@@ -75,7 +87,10 @@ def run_identity(stored: Mapping[str, Any], path: str | Path) -> RunId:
             "medtx recorded it, or not a fine-tuning run's); rerun fine-tuning"
         )
     try:
-        return RunId(*[record.get(k) for k in RunId.KEYS])  # type: ignore[arg-type]  # checked
+        # None for a missing key: RunId names what is missing or bad
+        fields: dict[str, Any] = {k: record.get(k) for k in RunId.KEYS}
+        fields["backbone"] = record.get("backbone", DEFAULT_BACKBONE)
+        return RunId(**fields)
     except (TypeError, ValueError) as err:
         raise MedtxError(f"{path}: bad run identity {dict(record)}: {err}") from err
 
@@ -275,31 +290,61 @@ def _baseline_cell(
         mask &= runs["dataset"] == col.dataset
     tsvs: dict[int, str] = {}
     for fold, tsv in zip(runs.loc[mask, "fold"], runs.loc[mask, "predictions_path"]):
-        tsvs.setdefault(int(fold), tsv)  # a fold's test scans are the same for every init
+        # a fold's test scans are the same for every backbone and init
+        tsvs.setdefault(int(fold), tsv)
     return format_mean_std(mean_age_baseline(tsvs).values(), col.digits)
 
 
 # ---------------------------------------------------------------------------- tables
 
 
+def _backbones_run(runs: pd.DataFrame) -> list[str]:
+    """The backbones with at least one run, in ``BACKBONES`` order."""
+    present = set(runs["backbone"])
+    return [b for b in BACKBONES if b in present]
+
+
+def _table1_inits(runs: pd.DataFrame, backbone: str) -> list[str]:
+    """Table 1's rows of ``backbone``: its inits in order; scratch and pretrained even
+    without runs (the default backbone always, another one when it has any run),
+    an ablation (notransformer) only when run."""
+    mine = runs["backbone"] == backbone
+    if backbone != DEFAULT_BACKBONE and not mine.any():
+        return []
+    return [
+        init
+        for init in BACKBONE_INITS[backbone]
+        if init in COMMON_INITS or (mine & (runs["init"] == init)).any()
+    ]
+
+
 def table1(
     runs: pd.DataFrame, *, baselines: Mapping[str, float] | None = None, frac: int = 100
 ) -> pd.DataFrame:
-    """Table 1: each task's headline metric per initialization at ``frac`` % labels.
+    """Table 1: each task's headline metric per backbone and initialization at ``frac`` % labels.
 
-    Rows: scratch, pretrained, notransformer (when run), the chance / baseline row
-    (chance mAUC 0.5; MAE of predicting the mean age, from ``baselines["regression"]``
-    when given, else ``mean_age_baseline``), and the paper's published values.
-    ``baselines`` maps a task to its baseline headline value (overrides the defaults).
+    Rows, per backbone (``BACKBONES`` order; the default one always, another one when
+    it has runs): scratch, pretrained, then its other inits (notransformer) when run;
+    then the chance / baseline row (backbone "—"; chance mAUC 0.5; MAE of predicting
+    the mean age, from ``baselines["regression"]`` when given, else
+    ``mean_age_baseline``), and the paper's published values (backbone
+    medical_transformer: the Medical Transformer paper's). ``baselines`` maps a task
+    to its baseline headline value (overrides the defaults).
     """
     cols = _columns(runs)
-    inits = [i for i in INITS if i != "notransformer" or (runs["init"] == i).any()]
     rows = [
-        {"init": init, **_init_row(runs, cols, init=init, frac=frac), "source": "reproduced"}
-        for init in inits
+        {
+            "backbone": backbone,
+            "init": init,
+            **_init_row(runs, cols, backbone=backbone, init=init, frac=frac),
+            "source": "reproduced",
+        }
+        for backbone in BACKBONES
+        for init in _table1_inits(runs, backbone)
     ]
     rows.append(
         {
+            "backbone": MISSING,
             "init": BASELINE_ROW,
             **{c.label: _baseline_cell(runs, c, baselines, frac) for c in cols},
             "n folds": MISSING,
@@ -308,29 +353,42 @@ def table1(
     )
     rows.append(
         {
+            "backbone": PAPER_BACKBONE,
             "init": PAPER_ROW,
             **{c.label: f"{PAPER[c.key]:.{c.digits}f}" for c in cols},
             "n folds": MISSING,
             "source": "published, not reproduced",
         }
     )
-    return pd.DataFrame(rows, columns=["init", *[c.label for c in cols], "n folds", "source"])
+    return pd.DataFrame(
+        rows, columns=["backbone", "init", *[c.label for c in cols], "n folds", "source"]
+    )
 
 
 def table3(rows: Sequence[Mapping[str, Any]] | None = None) -> pd.DataFrame:
-    """Table 3: trainable parameters per task and preset, with the paper's printed figure.
+    """Table 3: trainable parameters per backbone, task and preset, with the paper's
+    printed figure.
 
-    ``rows`` defaults to ``medtx.models.slice_transformer.params_table()``.
+    ``rows`` ({"task", "preset", "in_channels", "num_outputs", "parameters", "paper"}
+    and optionally "backbone", default medical_transformer) default to
+    ``medtx.models.slice_transformer.params_table()`` (the Medical Transformer's)
+    followed by ``medtx.models.pumit.model.params_table()`` (PUMIT's; its paper
+    prints no per-task counts, so its "paper" is empty).
     """
     if rows is None:
-        from medtx.models.slice_transformer import params_table
+        from medtx.models.pumit.model import params_table as pumit_params
+        from medtx.models.slice_transformer import params_table as medtx_params
 
-        rows = params_table()
+        rows = [
+            *({**r, "backbone": "medical_transformer"} for r in medtx_params()),
+            *({**r, "backbone": "pumit"} for r in pumit_params()),
+        ]
     out = []
     for r in rows:
         n, printed = int(str(r["parameters"])), str(r.get("paper") or "")
         out.append(
             {
+                "backbone": r.get("backbone") or DEFAULT_BACKBONE,
                 "task": r["task"],
                 "preset": r["preset"],
                 "in channels": r["in_channels"],
@@ -342,7 +400,19 @@ def table3(rows: Sequence[Mapping[str, Any]] | None = None) -> pd.DataFrame:
                 ),
             }
         )
-    return pd.DataFrame(out)
+    return pd.DataFrame(
+        out,
+        columns=[
+            "backbone",
+            "task",
+            "preset",
+            "in channels",
+            "outputs",
+            "parameters",
+            "paper (printed)",
+            "matches paper",
+        ],
+    )
 
 
 def _printed_match(n: int, printed: str) -> bool:
@@ -356,31 +426,50 @@ def table4(
     fractions: Sequence[int] = FRACTIONS,
     inits: Sequence[str] = ("pretrained", "scratch"),
 ) -> pd.DataFrame:
-    """Table 4: headline metrics per label fraction (rows), pre-trained vs scratch."""
+    """Table 4: headline metrics per backbone and label fraction (rows), pre-trained
+    vs scratch.
+
+    One block of rows per backbone with runs (the default backbone's when there are
+    none), each with every fraction in ``fractions`` or run.
+    """
     cols = _columns(runs)
     fracs = sorted(set(fractions) | set(runs["frac"].astype(int)))
     rows = []
-    for frac in fracs:
-        row: dict[str, Any] = {"label fraction (%)": frac}
-        counts = []
-        for col in cols:
-            for init in inits:
-                values = _finite(_select(runs, col, init=init, frac=frac))
-                row[f"{col.label}, {init}"] = format_mean_std(values, col.digits)
-                counts.append(len(values))
-        row["n folds"] = _n_folds(counts)
-        rows.append(row)
-    return pd.DataFrame(rows)
+    for backbone in _backbones_run(runs) or [DEFAULT_BACKBONE]:
+        for frac in fracs:
+            row: dict[str, Any] = {"backbone": backbone, "label fraction (%)": frac}
+            counts = []
+            for col in cols:
+                for init in inits:
+                    values = _finite(_select(runs, col, backbone=backbone, init=init, frac=frac))
+                    row[f"{col.label}, {init}"] = format_mean_std(values, col.digits)
+                    counts.append(len(values))
+            row["n folds"] = _n_folds(counts)
+            rows.append(row)
+    columns = ["backbone", "label fraction (%)"]
+    columns += [f"{c.label}, {i}" for c in cols for i in inits] + ["n folds"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def table5(runs: pd.DataFrame, *, frac: int = 100) -> pd.DataFrame:
-    """Table 5: with vs without the transformer (both from pre-trained encoders)."""
+    """Table 5: with vs without the transformer (both from pre-trained encoders).
+
+    Only backbones with the ablation (the "notransformer" init: the Medical
+    Transformer) have these rows: one pair per such backbone with runs, or the
+    default backbone's pair when none has any.
+    """
     cols = _columns(runs)
+    ablated = [b for b in _backbones_run(runs) if ABLATION_INIT in BACKBONE_INITS[b]]
     rows = [
-        {"model": INIT_TITLES[init], **_init_row(runs, cols, init=init, frac=frac)}
-        for init in ("pretrained", "notransformer")
+        {
+            "backbone": backbone,
+            "model": INIT_TITLES[init],
+            **_init_row(runs, cols, backbone=backbone, init=init, frac=frac),
+        }
+        for backbone in ablated or [DEFAULT_BACKBONE]
+        for init in ("pretrained", ABLATION_INIT)
     ]
-    return pd.DataFrame(rows, columns=["model", *[c.label for c in cols], "n folds"])
+    return pd.DataFrame(rows, columns=["backbone", "model", *[c.label for c in cols], "n folds"])
 
 
 # ---------------------------------------------------------------------------- writing
@@ -427,24 +516,30 @@ def write_table(
 
 CAPTIONS = {
     "table1": (
-        "Table 1. Test performance at 100 % labels, mean ± std over folds: "
+        "Table 1. Test performance at 100 % labels per backbone (medical_transformer: "
+        "the paper's slice transformer; pumit: PUMIT's ViT) and initialization, "
+        "mean ± std over folds, every backbone on the same folds: "
         "mAUC (AD/MCI/CN), MAE in years (brain age), Dice (BraTS WT/TC/ET). "
-        "Chance / baseline: mAUC 0.5; MAE of predicting the mean age of the other "
-        "folds' test labels unless a baseline was given. The paper row is the "
-        "published result (Jun et al. 2021), not reproduced here."
+        "Chance / baseline (no backbone): mAUC 0.5; MAE of predicting the mean age of "
+        "the other folds' test labels unless a baseline was given. The paper row is the "
+        "Medical Transformer's published result (Jun et al. 2021), not reproduced here."
     ),
     "table3": (
-        "Table 3. Trainable parameters per task. Preset table3 (d = 64, d_ff = 128) "
-        "matches the paper's printed counts; paper_text (d_emb 16, d_ff 64, as the "
-        "paper's text states) does not, so the text and Table 3 disagree."
+        "Table 3. Trainable parameters per backbone and task. Medical Transformer: "
+        "preset table3 (d = 64, d_ff = 128) matches the paper's printed counts; "
+        "paper_text (d_emb 16, d_ff 64, as the paper's text states) does not, so the "
+        "text and Table 3 disagree. PUMIT: our counts of our implementation; the "
+        "PUMIT paper prints no per-task figures to compare with."
     ),
     "table4": (
-        "Table 4. Test performance by label fraction, pre-trained vs trained from "
-        "scratch, mean ± std over folds."
+        "Table 4. Test performance by backbone and label fraction, pre-trained vs "
+        "trained from scratch, mean ± std over folds."
     ),
     "table5": (
         "Table 5. With vs without the transformer: pre-trained encoders with the "
-        "fine-tuned slice transformer, or the encoders alone, at 100 % labels."
+        "fine-tuned slice transformer, or the encoders alone, at 100 % labels. The "
+        "ablation exists for the Medical Transformer only (PUMIT has no "
+        "encoder-without-transformer variant)."
     ),
 }
 
@@ -457,9 +552,10 @@ def _note(runs: pd.DataFrame) -> str:
         if len(n_folds) and n_folds.min() != n_folds.max()
         else str(n_folds.max() if len(n_folds) else 0)
     )
+    backbones = _backbones_run(runs)
     what = (
         f"{len(runs)} fine-tuning run(s) on {', '.join(datasets) or 'no dataset'}, "
-        f"{folds} fold(s) per task"
+        f"{folds} fold(s) per task, backbone(s) {', '.join(backbones) or 'none'}"
     )
     if any(d.startswith("demo") for d in datasets):
         return (
@@ -503,7 +599,7 @@ def build_tables(
     with atomic_path(out / "runs.tsv") as tmp:
         runs.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
     written["runs"] = out / "runs.tsv"
-    parts = ["# Medical Transformer reproduction: results\n", note or _note(runs), ""]
+    parts = ["# medtx study: results\n", note or _note(runs), ""]
     parts += [f"**{CAPTIONS[name]}**\n\n{to_markdown(df)}" for name, df in tables.items()]
     written["summary"] = write_text("\n".join(parts), out / "summary.md")
     return written

@@ -9,32 +9,50 @@ registers a builder here and needs no edit to ``medtx.train`` or
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from medtx.domain import BACKBONES, DEFAULT_BACKBONE
 from medtx.errors import ConfigError
 from medtx.models import slice_transformer
+from medtx.models.pumit import model as pumit
 
-DEFAULT_BACKBONE = "medical_transformer"
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "backbone", "build"]
 
 
+@dataclass(frozen=True)
 class Backbone:
-    """A builder ``(preset, task, **kwargs) -> nn.Module`` and its named presets."""
+    """How to build a backbone and what fine-tuning takes from its pre-training.
 
-    def __init__(self, builder: Callable[..., nn.Module], presets: Mapping[str, Any]):
-        self.builder, self.presets = builder, presets
+    builder: ``(preset, task, **kwargs) -> nn.Module``; presets: its named sizes;
+    pretrained: the state-dict prefixes a "pretrained" fine-tuning loads (heads
+    stay fresh); inflate: a 1-channel state made to take ``in_channels`` (BraTS).
+    """
+
+    builder: Callable[..., nn.Module]
+    presets: Mapping[str, Any]
+    pretrained: tuple[str, ...]
+    inflate: Callable[[dict[str, Tensor], int], dict[str, Tensor]]
 
 
-BACKBONES: dict[str, Backbone] = {
-    DEFAULT_BACKBONE: Backbone(slice_transformer.build_model, slice_transformer.PRESETS),
+REGISTRY: dict[str, Backbone] = {
+    "medical_transformer": Backbone(
+        slice_transformer.build_model,
+        slice_transformer.PRESETS,
+        ("encoders", "transformer"),
+        slice_transformer.inflate_state_dict,
+    ),
+    "pumit": Backbone(pumit.build_model, pumit.PRESETS, ("vit",), pumit.inflate_state_dict),
 }
+assert tuple(REGISTRY) == BACKBONES
 
 
 def backbone(name: str) -> Backbone:
-    if name not in BACKBONES:
-        raise ConfigError(f"backbone {name!r} is not one of {sorted(BACKBONES)}")
-    return BACKBONES[name]
+    if name not in REGISTRY:
+        raise ConfigError(f"backbone {name!r} is not one of {list(REGISTRY)}")
+    return REGISTRY[name]
 
 
 def build(model_kwargs: Mapping[str, Any]) -> nn.Module:

@@ -690,21 +690,25 @@ def params_table() -> list[dict[str, object]]:
 
 
 def format_params_table(rows: list[dict[str, object]], fmt: str = "text") -> str:
-    """``params_table`` as aligned text (with thousands separators) or TSV."""
+    """``params_table`` rows (any backbone's: a ``backbone`` key adds a last column) as
+    aligned text (with thousands separators) or TSV."""
+    extra = bool(rows) and "backbone" in rows[0]
     if fmt == "tsv":
-        lines = ["task\tpreset\tin_channels\toutputs\tparameters\tpaper"]
+        lines = ["task\tpreset\tin_channels\toutputs\tparameters\tpaper" + "\tbackbone" * extra]
         lines += [
             f"{r['task']}\t{r['preset']}\t{r['in_channels']}\t{r['num_outputs']}\t"
-            f"{r['parameters']}\t{r['paper']}"
+            f"{r['parameters']}\t{r['paper']}" + (f"\t{r['backbone']}" if extra else "")
             for r in rows
         ]
         return "\n".join(lines)
     lines = [
         f"{'task':15} {'preset':11} {'in':>3} {'out':>4} {'parameters':>12} {'paper (Table 3)':>16}"
+        + "  backbone" * extra
     ]
     lines += [
         f"{r['task']!s:15} {r['preset']!s:11} {r['in_channels']!s:>3} "
-        f"{r['num_outputs']!s:>4} {r['parameters']:>12,} {r['paper']!s:>16}"
+        f"{r['num_outputs']!s:>4} {r['parameters']:>12,} {r['paper'] or '-'!s:>16}"
+        + (f"  {r['backbone']}" if extra else "")
         for r in rows
     ]
     return "\n".join(lines)

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from medtx.domain import DEFAULT_BACKBONE
 from medtx.errors import ConfigError, MedtxError
 from medtx.io import atomic_path, sha256
-from medtx.models.registry import build
-from medtx.models.slice_transformer import MedicalTransformer, inflate_state_dict
+from medtx.models.registry import backbone, build
 from medtx.train.loop import MODEL_FORMAT, last_path, load_state
 from medtx.workflow.codehash import code_hash
 
@@ -111,13 +111,23 @@ def input_fingerprint(items: Sequence[Mapping[str, Any]]) -> str:
     return h.hexdigest()[:16]
 
 
+# A training stage -> the workflow stage whose code hash covers it (STAGE_ENTRIES).
+CODE_STAGES = {
+    "finetune": "finetune",
+    "pretrain_exemplar": "pretrain",
+    "pretrain_masked": "pretrain",
+    "pretrain_tokenizer": "pretrain_pumit",
+    "pretrain_mim": "pretrain_pumit",
+}
+
+
 def run_config(
     cfg: Mapping[str, Any], items: Sequence[Mapping[str, Any]], **run: Any
 ) -> dict[str, Any]:
     """What the resume key (the loop's config hash) covers: the stage config, what
     defines this run's data, the inputs' fingerprint and the training code's hash
     (an edit to medtx/models retrains instead of resuming a finished run)."""
-    code = code_hash("finetune" if run.get("stage") == "finetune" else "pretrain")
+    code = code_hash(CODE_STAGES[run["stage"]])
     return {**cfg, **run, "inputs": input_fingerprint(items), "code": code}
 
 
@@ -150,16 +160,18 @@ def stage_metadata(
 
 
 def load_pretrained(
-    model: MedicalTransformer,
+    model: nn.Module,
     init: str | Path,
     *,
     parts: Sequence[str] = ("encoders", "transformer"),
+    backbone_name: str = DEFAULT_BACKBONE,
 ) -> dict[str, Any]:
     """Load the ``parts`` (state-dict prefixes) of a pre-trained checkpoint into ``model``.
 
     Only parts the checkpoint's stage trained are taken (stage 1 trains the encoders
-    only: its transformer is random and is not loaded). 1-channel stems are inflated to
-    the model's input channels (BraTS). Heads stay fresh.
+    only: its transformer is random and is not loaded); the first part is required.
+    1-channel stems are inflated to the model's input channels (BraTS) by the
+    backbone's rule. Heads stay fresh.
 
     Returns:
         {"init", "init_sha256", "init_stage", "loaded": [parts], "keys": n}.
@@ -168,13 +180,20 @@ def load_pretrained(
     state = ckpt.get("model")
     if ckpt.get("format") != MODEL_FORMAT or not isinstance(state, Mapping):
         raise MedtxError(f"{init}: not a medtx model checkpoint (format {ckpt.get('format')!r})")
-    trained = (ckpt.get("metadata") or {}).get("trained") or list(parts)
+    meta = ckpt.get("metadata") or {}
+    saved_backbone = (meta.get("model_kwargs") or {}).get("backbone", DEFAULT_BACKBONE)
+    if saved_backbone != backbone_name:
+        raise ConfigError(
+            f"{init}: pre-trained for backbone {saved_backbone!r}, not {backbone_name!r}"
+        )
+    trained = meta.get("trained") or list(parts)
     take = [p for p in parts if p in trained]
-    if "encoders" not in take:
-        raise MedtxError(f"{init}: holds no trained encoders (trained: {trained})")
+    if parts[0] not in take:
+        raise MedtxError(f"{init}: holds no trained {parts[0]} (trained: {trained})")
     keep = {k: v for k, v in state.items() if k.split(".")[0] in take}
-    if model.in_channels != 1:
-        keep = inflate_state_dict(keep, model.in_channels)
+    in_channels = int(getattr(model, "in_channels", 1))
+    if in_channels != 1:
+        keep = backbone(backbone_name).inflate(keep, in_channels)
     own = model.state_dict()
     bad = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -206,7 +225,9 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise MedtxError(f"{path}: not a medtx stage checkpoint")
     model = build(meta["model_kwargs"])
     result = model.load_state_dict(ckpt["model"], strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.startswith("mask_token.")]
+    # pre-training's own parts (stage 2's mask token, MIM's head and tokenizer)
+    extra = ("mask_token.", "mim_head.", "tokenizer.")
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(extra)]
     if result.missing_keys or unexpected:
         raise MedtxError(
             f"{path}: state does not match its model (missing "
@@ -216,10 +237,18 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def model_kwargs(cfg, task, num_outputs, in_channels, use_transformer=True) -> dict[str, Any]:
-    return {
+    """What ``medtx.models.registry.build`` needs to rebuild a stage's model."""
+    kw: dict[str, Any] = {
+        "backbone": cfg.get("backbone", DEFAULT_BACKBONE),
         "preset": cfg["preset"],
         "task": task,
         "num_outputs": int(num_outputs),
         "in_channels": int(in_channels),
-        "use_transformer": bool(use_transformer),
     }
+    if kw["backbone"] == DEFAULT_BACKBONE:
+        kw["use_transformer"] = bool(use_transformer)
+    else:
+        if not use_transformer:
+            raise ConfigError(f"backbone {kw['backbone']} has no 'without transformer' ablation")
+        kw["pooling"] = cfg["pooling"]
+    return kw

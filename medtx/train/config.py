@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from medtx.domain import DEFAULT_LABEL_MAP
+from medtx.domain import BACKBONES, DEFAULT_BACKBONE, DEFAULT_LABEL_MAP
 from medtx.errors import ConfigError
 
 # The loop's own config keys and their defaults (the stages add theirs: DEFAULTS below).
@@ -71,38 +71,73 @@ def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     return cfg
 
 
-# Every config key a stage reads, with its default. The loop's own keys
+# Keys every backbone's stages read, with their defaults. The loop's own keys
 # (TRAIN_DEFAULTS) come first.
-DEFAULTS: dict[str, Any] = {
-    "preset": "table3",  # model preset (medtx.models.PRESETS): table3 (d=64) or paper_text
+SHARED_DEFAULTS: dict[str, Any] = {
     **TRAIN_DEFAULTS,  # lr 1e-4, lr_decay 0.99, epochs 150, patience 30, batch_size 10,
     # checkpoint_minutes 10, threads 2, seed 42, amp True, num_workers 2,
     # prefetch_factor 2, log_every 10, deterministic True
     "downsample": 1,  # average-pool volumes by this factor on load (2: 96x114x96 -> 48x57x48)
     "loss_regression": "l1",  # l1 | mse, on standardized ages
     "label_map": dict(DEFAULT_LABEL_MAP),  # diagnosis -> class index; K = number of classes
-    "margin": 1.0,  # stage 1: triplet margin
-    "mask_ratio": 0.1,  # stage 2: fraction of slices masked per plane
-    "mask_token": "constant",  # stage 2: constant (encoder output of a blank slice) | learned
 }
+# Each backbone's own keys and defaults (``preset`` names a preset of its registry entry).
+BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "medical_transformer": {
+        "preset": "table3",  # table3 (d=64, the paper's Table 3 counts) or paper_text
+        "margin": 1.0,  # stage 1: triplet margin
+        "mask_ratio": 0.1,  # stage 2: fraction of slices masked per plane
+        "mask_token": "constant",  # stage 2: constant (encoder output of a blank slice) | learned
+    },
+    "pumit": {
+        "preset": "base",  # base (ViT-B, 1,024 codes: the paper's) or tiny (CPU demo, tests)
+        "mask_ratio": 0.55,  # MIM: fraction of tokens masked
+        "diversity": 1.0,  # tokenizer: weight of Σ p̄ log p̄ over the mean token distribution
+        "sharpness": 0.1,  # tokenizer: weight of the mean per-token entropy
+        "pooling": "cls",  # classification/regression from the class token, or mean of patches
+        "weight_decay": 0.05,  # AdamW's (the paper trains with AdamW)
+    },
+}
+assert set(BACKBONE_DEFAULTS) == set(BACKBONES)
+
+
+def defaults(backbone: str = DEFAULT_BACKBONE) -> dict[str, Any]:
+    """Every key a stage of ``backbone`` reads, with its default."""
+    if backbone not in BACKBONE_DEFAULTS:
+        raise ConfigError(f"backbone {backbone!r} is not one of {list(BACKBONES)}")
+    return {"backbone": backbone, **BACKBONE_DEFAULTS[backbone], **SHARED_DEFAULTS}
+
+
+# The Medical Transformer's keys (the stages' defaults before a backbone is chosen).
+DEFAULTS: dict[str, Any] = defaults()
 REGRESSION_LOSSES = ("l1", "mse")
 MASK_TOKENS = ("constant", "learned")
+POOLINGS = ("cls", "mean")
 # As preprocess/pool/factor: beyond 4 the 2 mm volumes shrink below 24 voxels a side.
 DOWNSAMPLE_MAX = 4
 
 
 def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``DEFAULTS`` overlaid with ``config``; unknown keys and bad values raise ConfigError."""
+    """``defaults(backbone)`` overlaid with ``config``; unknown keys and bad values raise
+    ConfigError. ``config["backbone"]`` (default: the Medical Transformer) picks the keys."""
     config = dict(config or {})
-    unknown = sorted(set(config) - set(DEFAULTS))
+    name = config.get("backbone", DEFAULT_BACKBONE)
+    own = defaults(name)
+    unknown = sorted(set(config) - set(own))
     if unknown:
-        raise ConfigError(f"unknown training config key(s) {unknown}; allowed: {sorted(DEFAULTS)}")
-    cfg = resolve_train_config({**DEFAULTS, **config})
+        others = sorted(set().union(*BACKBONE_DEFAULTS.values()) - set(own))
+        hint = [k for k in unknown if k in others]
+        raise ConfigError(
+            f"unknown training config key(s) {unknown} for backbone {name}"
+            + (f" ({hint} belong to another backbone)" if hint else "")
+            + f"; allowed: {sorted(own)}"
+        )
+    cfg = resolve_train_config({**own, **config})
     problems = []
     # here, not at the top: the workflow reads TRAIN_DEFAULTS without importing torch
-    from medtx.models.registry import DEFAULT_BACKBONE, backbone
+    from medtx.models.registry import backbone
 
-    presets = backbone(DEFAULT_BACKBONE).presets
+    presets = backbone(name).presets
     if not isinstance(cfg["preset"], str) or cfg["preset"] not in presets:  # a list: unhashable
         problems.append(f"preset {cfg['preset']!r} is not one of {sorted(presets)}")
     ds = cfg["downsample"]
@@ -112,13 +147,20 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         problems.append(
             f"loss_regression {cfg['loss_regression']!r} is not one of {list(REGRESSION_LOSSES)}"
         )
-    if cfg["mask_token"] not in MASK_TOKENS:
-        problems.append(f"mask_token {cfg['mask_token']!r} is not one of {list(MASK_TOKENS)}")
-    if not _is_number(cfg["margin"]) or cfg["margin"] <= 0:
-        problems.append(f"margin must be a positive number, not {cfg['margin']!r}")
-    # mask_ratio < 1: masking every slice would leave no context to predict from
+    # mask_ratio < 1: masking everything would leave no context to predict from
     if not _is_number(cfg["mask_ratio"]) or not 0 < cfg["mask_ratio"] < 1:
         problems.append(f"mask_ratio must be in (0, 1), not {cfg['mask_ratio']!r}")
+    if name == "medical_transformer":
+        if cfg["mask_token"] not in MASK_TOKENS:
+            problems.append(f"mask_token {cfg['mask_token']!r} is not one of {list(MASK_TOKENS)}")
+        if not _is_number(cfg["margin"]) or cfg["margin"] <= 0:
+            problems.append(f"margin must be a positive number, not {cfg['margin']!r}")
+    else:
+        for key in ("diversity", "sharpness", "weight_decay"):
+            if not _is_number(cfg[key]) or cfg[key] < 0:
+                problems.append(f"{key} must be a number >= 0, not {cfg[key]!r}")
+        if cfg["pooling"] not in POOLINGS:
+            problems.append(f"pooling {cfg['pooling']!r} is not one of {list(POOLINGS)}")
     lm = cfg["label_map"]
     if not isinstance(lm, Mapping) or not lm:
         problems.append(f"label_map must be a non-empty mapping, not {lm!r}")
@@ -130,6 +172,59 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         raise ConfigError("bad training config: " + "; ".join(problems))
     cfg["label_map"] = {str(k): int(v) for k, v in lm.items()}
     return cfg
+
+
+# The workflow's config blocks per backbone: train/<stage> for the Medical
+# Transformer, train/pumit/<stage> for PUMIT; train/finetune is both backbones'.
+STAGE_BLOCKS: dict[str, tuple[str, ...]] = {
+    "medical_transformer": ("pretrain", "finetune"),
+    "pumit": ("tokenizer", "mim", "finetune"),
+}
+
+
+def stage_keys(
+    backbone: str,
+    stage: str,
+    train: Mapping[str, Any],
+    *,
+    seed: int,
+    label_map: Mapping[str, int],
+) -> dict[str, Any]:
+    """The config the workflow hands one stage of ``backbone`` (no torch needed).
+
+    The Medical Transformer takes train/common, then train/<stage>. PUMIT takes the
+    shared keys of train/common (and of train/finetune when fine-tuning: one
+    protocol for both backbones), then train/pumit/common and train/pumit/<stage>;
+    the Medical Transformer's own keys there (its preset, mask ratio, ...) are its
+    alone. A key that does not apply to the backbone is a ConfigError naming the block.
+    """
+    if stage not in STAGE_BLOCKS.get(backbone, ()):
+        raise ConfigError(f"backbone {backbone!r} has no training stage {stage!r}")
+    allowed = defaults(backbone)
+    if backbone == DEFAULT_BACKBONE:
+        blocks = [("train/common", train.get("common")), (f"train/{stage}", train.get(stage))]
+    else:
+        theirs = set(BACKBONE_DEFAULTS[DEFAULT_BACKBONE]) - set(BACKBONE_DEFAULTS[backbone])
+        theirs |= {"preset", "mask_ratio"}  # same names, the Medical Transformer's values
+        shared = ["common"] + (["finetune"] if stage == "finetune" else [])
+        blocks = [
+            (f"train/{b}", {k: v for k, v in (train.get(b) or {}).items() if k not in theirs})
+            for b in shared
+        ]
+        own = train.get(backbone) or {}
+        blocks += [(f"train/{backbone}/{b}", own.get(b)) for b in ("common", stage)]
+    out: dict[str, Any] = {"backbone": backbone, "seed": seed}
+    for where, block in blocks:
+        block = dict(block or {})
+        wrong = sorted(set(block) - set(allowed))
+        if wrong:
+            raise ConfigError(
+                f"{where}: key(s) {wrong} do not apply to backbone {backbone}"
+                + ("; PUMIT's keys go under train/pumit" if backbone == DEFAULT_BACKBONE else "")
+            )
+        out.update(block)
+    out["label_map"] = dict(label_map)
+    return out
 
 
 def n_classes(cfg: Mapping[str, Any]) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from medtx.data.cache import load_cached
+from medtx.data.cache import load_cached, read_cache_index
 from medtx.domain import SPLITS, TASKS
 from medtx.errors import BadScanError, CohortError, ConfigError, MedtxError
 
@@ -276,4 +276,22 @@ def manifest_items(
                 "seg": str(seg) if seg else None,
             }
         )
+    return items
+
+
+def items_from_indexes(indexes: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Pre-training items (dataset, subject, scan, image) from cache indexes."""
+    items = []
+    for path in indexes:
+        for row in read_cache_index(path).to_dict("records"):
+            items.append(
+                {
+                    "dataset": row["dataset"],
+                    "subject": row["subject"],
+                    "session": row["session"],
+                    "scan": row["scan"],
+                    "image": row["image"],
+                    "label": "",
+                }
+            )
     return items

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from medtx.data.cache import read_cache_index
 from medtx.domain import REGION_NAMES, TASKS, RunId
@@ -30,8 +30,7 @@ from medtx.evaluate.metrics import mae
 from medtx.evaluate.predict import evaluate_predictions, predict, prediction_table, selection_mauc
 from medtx.folds.manifest import read_manifest
 from medtx.io import write_json, write_text
-from medtx.models.registry import build
-from medtx.models.slice_transformer import MedicalTransformer
+from medtx.models.registry import backbone, build
 from medtx.train.checkpoints import (
     load_pretrained,
     model_kwargs,
@@ -78,7 +77,8 @@ def finetune(
         train_items, val_items, test_items: ``manifest_items`` of one fold.
         init: a pre-trained checkpoint (stage 1 or 2), or None for scratch. Its
             trained encoders (+ transformer when ``use_transformer``) are loaded; heads
-            are fresh; 1-channel stems are inflated for 4-channel input.
+            are fresh; 1-channel stems are inflated for 4-channel input. PUMIT loads
+            its pre-trained ViT (``config["backbone"]`` picks the model).
         use_transformer: False is the "w/o transformer" ablation (encoders only).
         out: the final checkpoint (best-by-validation state + metadata).
         predictions_out: per-scan test predictions TSV: scan, subject, label, then
@@ -133,15 +133,15 @@ def finetune(
 
     seed_everything(cfg["seed"])
     kwargs = model_kwargs(cfg, task, outputs, channels, use_transformer)
-    model = cast(MedicalTransformer, build(kwargs))
+    model = build(kwargs)
     info = None
     if init is not None:
-        parts = ("encoders", "transformer") if use_transformer else ("encoders",)
-        info = load_pretrained(model, init, parts=parts)
+        parts = backbone(cfg["backbone"]).pretrained if use_transformer else ("encoders",)
+        info = load_pretrained(model, init, parts=parts, backbone_name=cfg["backbone"])
         (log or default_log)(f"[finetune] loaded {', '.join(info['loaded'])} from {init}")
     mean_t, std_t = (torch.tensor(v, dtype=torch.float32) for v in stats)
 
-    def loss_fn(m: MedicalTransformer, batch: dict[str, Tensor], ctx) -> Tensor:
+    def loss_fn(m: nn.Module, batch: dict[str, Tensor], ctx) -> Tensor:
         logits = m(batch["image"])
         if task == "classification":
             return cross_entropy(logits, batch["target"])
@@ -151,7 +151,7 @@ def finetune(
             return loss(logits[:, 0].float(), z)
         return segmentation_loss(logits, batch["target"])
 
-    def validate(m: MedicalTransformer) -> float:
+    def validate(m: nn.Module) -> float:
         pred = predict(
             m,
             sets["val"],
@@ -173,7 +173,8 @@ def finetune(
         "regression": "val MAE",
         "segmentation": "val mean Dice",
     }[task]
-    trained = ["encoders", "head"] + (["transformer"] if use_transformer else [])
+    # every part of the model is trained: encoders/transformer or vit, and the head
+    trained = [n for n, part in model.named_children() if any(True for _ in part.parameters())]
     meta = stage_metadata(
         "finetune",
         task,
@@ -278,6 +279,7 @@ def finetune_fold(
     into the checkpoint; a manifest scan missing from the cache index is an error
     naming it.
     """
+    config = {**config, "backbone": run.backbone}
     if (run.init == "scratch") != (init_checkpoint is None):
         raise MedtxError(
             f"init {run.init!r} "

@@ -18,7 +18,8 @@ counters live in a ``TrainState`` (the loop's part of ``<out>.last.pt``) and run
   with (seed, e), and every step reseeds torch (dropout) and hands the loss its own
   numpy/torch generators seeded with (seed, global step), so a run that resumes
   mid-epoch continues exactly the sequence an uninterrupted run would have taken.
-- **Optimization**: Adam (``lr``), ``ExponentialLR(lr_decay)`` stepped per epoch,
+- **Optimization**: Adam (``lr``; AdamW when the config has a ``weight_decay`` > 0,
+  as PUMIT's), ``ExponentialLR(lr_decay)`` stepped per epoch,
   at most ``epochs`` epochs, early stopping after ``patience`` epochs without a
   better validation metric (``mode`` max or min; without a validation function the
   epoch's mean training loss selects, mode min). The best state is kept apart from
@@ -503,7 +504,12 @@ class Trainer:
         trained = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
         if not trained:
             raise MedtxError("nothing to train: no parameter requires a gradient")
-        self.optimizer = torch.optim.Adam(trained, lr=float(cfg["lr"]))
+        lr, decay = float(cfg["lr"]), float(cfg.get("weight_decay") or 0.0)
+        self.optimizer = (
+            torch.optim.AdamW(trained, lr=lr, weight_decay=decay)
+            if decay
+            else torch.optim.Adam(trained, lr=lr)
+        )
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(
             self.optimizer, gamma=float(cfg["lr_decay"])
         )

@@ -16,7 +16,6 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from medtx.data.cache import read_cache_index
 from medtx.errors import MedtxError
 from medtx.models.pretext import MaskToken, exemplar_loss, masked_encoding_loss
 from medtx.models.registry import build
@@ -29,7 +28,7 @@ from medtx.train.checkpoints import (
     stage_metadata,
 )
 from medtx.train.config import n_classes, resolve_config
-from medtx.train.data import VolumeSet, collate
+from medtx.train.data import VolumeSet, collate, items_from_indexes
 from medtx.train.loop import TrainResult, seed_everything, train
 
 
@@ -153,24 +152,6 @@ def pretrain_masked(
         max_steps_this_run=max_steps_this_run,
         log=log,
     )
-
-
-def items_from_indexes(indexes: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Pre-training items (dataset, subject, scan, image) from cache indexes."""
-    items = []
-    for path in indexes:
-        for row in read_cache_index(path).to_dict("records"):
-            items.append(
-                {
-                    "dataset": row["dataset"],
-                    "subject": row["subject"],
-                    "session": row["session"],
-                    "scan": row["scan"],
-                    "image": row["image"],
-                    "label": "",
-                }
-            )
-    return items
 
 
 def pretrain_stage(

@@ -38,6 +38,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "folds": ("medtx.folds.manifest", "medtx.folds.firewall"),
     "cache_index": ("medtx.data.cache",),
     "pretrain": ("medtx.train.pretrain",),
+    "pretrain_pumit": ("medtx.train.mim",),
     "finetune": ("medtx.train.finetune",),
     "evaluate": ("medtx.evaluate.summary",),
 }

@@ -107,15 +107,25 @@ def firewall(results: str) -> str:
 
 
 def pretrain_checkpoint(results: str, stage: str) -> str:
-    """Stage ``exemplar`` or ``masked`` of pre-training."""
+    """A pre-training stage's checkpoint (``medtx.domain.PRETRAIN_STAGES``: the names
+    are unique across backbones)."""
     return f"{results}/pretrain/stage-{stage}.pt"
 
 
 def finetune_dir(
-    results: str, dataset: str, task: str, init: str, frac: str | int, fold: str | int
+    results: str,
+    dataset: str,
+    task: str,
+    backbone: str,
+    init: str,
+    frac: str | int,
+    fold: str | int,
 ) -> str:
     """One fine-tuning run: model.pt, predictions.tsv, metrics.json."""
-    return f"{results}/finetune/{dataset}/task-{task}/init-{init}_frac-{frac}/fold-{fold}"
+    return (
+        f"{results}/finetune/{dataset}/task-{task}/backbone-{backbone}"
+        f"/init-{init}_frac-{frac}/fold-{fold}"
+    )
 
 
 def tables_dir(results: str) -> str:

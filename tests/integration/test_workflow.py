@@ -103,8 +103,9 @@ def test_dry_run_lists_every_step_per_scan(tmp_path, medtx_env):
         assert jobs[rule] == 11, jobs  # two pre-training + nine labelled scans
     assert jobs["brats_preprocess"] == 3 and jobs["provenance_report"] == 1
     assert jobs["make_folds"] == 3 and jobs["leakage_firewall"] == 1
-    # 3 tasks x 3 folds x 3 initializations x 1 label fraction
-    assert jobs["finetune"] == 27 and jobs["pretrain_exemplar"] == 1 and jobs["evaluate"] == 1
+    # 3 tasks x 3 folds x (3 Medical Transformer + 2 PUMIT initializations) x 1 fraction
+    assert jobs["finetune"] == 45 and jobs["pretrain_exemplar"] == 1 and jobs["evaluate"] == 1
+    assert jobs["pretrain_tokenizer"] == 1 and jobs["pretrain_mim"] == 1
 
 
 def test_fsl_branch_dry_run_builds_fsl_jobs(tmp_path, medtx_env):
@@ -142,8 +143,10 @@ def test_training_outputs_and_tables(run):
     import torch
 
     work, _ = run
-    runs = sorted(work.glob("results/finetune/*/task-*/init-*_frac-100/fold-*/metrics.json"))
-    assert len(runs) == 27
+    runs = sorted(
+        work.glob("results/finetune/*/task-*/backbone-*/init-*_frac-100/fold-*/metrics.json")
+    )
+    assert len(runs) == 27 + 18  # Medical Transformer: 3 inits; PUMIT: 2
     pred = pd.read_csv(runs[0].parent / "predictions.tsv", sep="\t")
     manifest = pd.read_csv(next(work.glob("results/folds/*_folds.tsv")), sep="\t", dtype=str)
     assert len(pred) >= 1
@@ -155,8 +158,14 @@ def test_training_outputs_and_tables(run):
     summary = (work / "results/tables/summary.md").read_text()
     assert "Table 1" in summary and "|" in summary
     overlays = sorted(work.glob("results/tables/mini_brats_task-segmentation_*_overlay.png"))
-    assert len(overlays) == 3  # one per initialization
+    assert len(overlays) == 3 + 2  # one per backbone and initialization
     assert "## Figures" in summary and f"({overlays[0].name})" in summary
+    tokenizer = torch.load(work / "results/pretrain/stage-tokenizer.pt", weights_only=True)
+    usage = tokenizer["metadata"]["codebook_usage"]
+    assert len(usage) == 64 and sum(usage) > 0  # the tiny preset's codebook
+    mim = torch.load(work / "results/pretrain/stage-mim.pt", weights_only=True)
+    assert mim["metadata"]["trained"] == ["vit", "mim_head"] and mim["history"]
+    assert "pumit" in summary and "## Pre-training" in summary
     assert len(manifest) > 0
 
 
@@ -200,11 +209,13 @@ def test_n4_change_reruns_only_n4_and_after(run, tmp_path):
     # cached volumes); extraction, registration, the demo data and BraTS do not
     for rule in ("n4_correct", "pool_normalize", "collect_provenance"):
         assert jobs[rule] == 11, jobs
-    # the T1 models (new caches and manifests: 2 tasks x 3 folds x 3 inits) and the
-    # BraTS models that start from the re-pre-trained checkpoint (3 folds x 2 inits);
+    # the T1 models (new caches and manifests: 2 tasks x 3 folds x (3 Medical
+    # Transformer + 2 PUMIT inits)) and the BraTS models that start from a
+    # re-pre-trained checkpoint (3 folds x (2 + 1) inits);
     # BraTS from scratch saw no N4 output and is not retrained
     assert jobs["make_folds"] == 2 and jobs["pretrain_exemplar"] == 1
-    assert jobs["finetune"] == 18 + 6, jobs
+    assert jobs["pretrain_tokenizer"] == 1 and jobs["pretrain_mim"] == 1
+    assert jobs["finetune"] == 30 + 9, jobs
     for rule in ("make_demo_t1", "bet", "flirt", "brats_preprocess"):
         assert rule not in jobs, jobs
 
@@ -213,7 +224,22 @@ def test_finetune_lr_change_reruns_finetune_and_evaluate_only(run, tmp_path):
     work, env = run
     changed = edited_config(tmp_path, "lr.yaml", lambda c: c["train"]["finetune"].update(lr=1e-3))
     jobs = rerun_plan(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
-    assert jobs == {"finetune": 27, "evaluate": 1}, jobs
+    # train/finetune is every backbone's protocol: 27 Medical Transformer + 18 PUMIT runs
+    assert jobs == {"finetune": 45, "evaluate": 1}, jobs
+
+
+def test_pumit_settings_rerun_only_pumits_rules(run, tmp_path):
+    work, env = run
+
+    def pumit(block, **keys):
+        return lambda c: c["train"]["pumit"].setdefault(block, {}).update(keys)
+
+    lr = edited_config(tmp_path, "pumit_lr.yaml", pumit("finetune", lr=1e-3))
+    jobs = rerun_plan(snakemake(work, "-n", "all", config=lr, env=env, timeout=120))
+    assert jobs == {"finetune": 18, "evaluate": 1}, jobs  # 3 tasks x 3 folds x 2 inits
+    ratio = edited_config(tmp_path, "pumit_mim.yaml", pumit("mim", mask_ratio=0.5))
+    jobs = rerun_plan(snakemake(work, "-n", "all", config=ratio, env=env, timeout=120))
+    assert jobs == {"pretrain_mim": 1, "finetune": 9, "evaluate": 1}, jobs  # pretrained only
 
 
 def edited_checkout(tmp_path, rel, text):
@@ -247,9 +273,20 @@ def test_model_code_edit_reruns_training_only(run, tmp_path):
     jobs = plan_after_code_edit(
         run, tmp_path, "medtx/models/slice_transformer.py", "\n# a local edit to the model code\n"
     )
-    assert jobs == {"pretrain_exemplar": 1, "pretrain_masked": 1, "finetune": 27, "evaluate": 1}, (
-        jobs
-    )
+    # both backbones import it (the models package and PUMIT's task defaults)
+    assert jobs == {
+        "pretrain_exemplar": 1,
+        "pretrain_masked": 1,
+        "pretrain_tokenizer": 1,
+        "pretrain_mim": 1,
+        "finetune": 45,
+        "evaluate": 1,
+    }, jobs
+
+
+def test_pumit_code_edit_reruns_pumit_pretraining_not_the_medical_transformers(run, tmp_path):
+    jobs = plan_after_code_edit(run, tmp_path, "medtx/train/mim.py", "\n# a local edit\n")
+    assert jobs == {"pretrain_tokenizer": 1, "pretrain_mim": 1, "finetune": 9, "evaluate": 1}, jobs
 
 
 def test_whitespace_edit_deep_in_extraction_reruns_extraction_and_after(run, tmp_path):
@@ -266,6 +303,8 @@ def test_whitespace_edit_deep_in_extraction_reruns_extraction_and_after(run, tmp
         "cache_index",
         "pretrain_exemplar",
         "pretrain_masked",
+        "pretrain_tokenizer",
+        "pretrain_mim",
         "finetune",
         "evaluate",
     ):
@@ -326,13 +365,13 @@ def test_adding_a_subject_runs_only_its_preprocessing_and_training(run, tmp_path
     jobs = rerun_plan(snakemake(sandbox, "-n", "all", config=on_disk, env=env, timeout=120))
     for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
         assert jobs.pop(rule) == 1, jobs
-    # mini_adni: 2 tasks x 3 folds x 3 inits; the report lists every scan
+    # mini_adni: 2 tasks x 3 folds x (3 + 2) inits; the report lists every scan
     assert jobs == {
         "provenance_report": 1,
         "make_folds": 2,
         "leakage_firewall": 1,
         "cache_index": 1,
-        "finetune": 18,
+        "finetune": 30,
         "evaluate": 1,
     }, jobs
 

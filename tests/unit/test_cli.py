@@ -10,6 +10,9 @@ def test_params_prints_table3_counts(capsys):
     assert main(["params", "--format", "tsv"]) == 0
     rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()[1:]]
     counts = {(r[0], r[1]): int(r[4]) for r in rows}
+    backbones = {r[1]: r[6] for r in rows}
+    assert backbones["table3"] == "medical_transformer" and backbones["base"] == "pumit"
+    assert 80e6 < counts[("classification", "base")] < 100e6  # ViT-B
     assert counts[("classification", "table3")] == 2_402_163
     assert counts[("regression", "table3")] == 2_401_777
     assert counts[("segmentation", "table3")] == 2_410_227

@@ -5,7 +5,7 @@ import pytest
 
 from medtx import domain
 from medtx.config import load_schema
-from medtx.models.registry import DEFAULT_BACKBONE, backbone
+from medtx.models.registry import REGISTRY
 
 
 def test_schema_enums_list_the_domain_names():
@@ -24,7 +24,9 @@ def test_schema_enums_list_the_domain_names():
     assert tuple(brats["modalities"]["default"]) == domain.BRATS_MODALITIES
     assert set(brats["modalities"]["items"]["enum"]) == set(domain.BRATS_MODALITIES)
     preset = schema["$defs"]["training"]["properties"]["preset"]
-    assert set(preset["enum"]) == set(backbone(DEFAULT_BACKBONE).presets)
+    assert set(preset["enum"]) == {p for spec in REGISTRY.values() for p in spec.presets}
+    assert set(train["backbones"]["items"]["enum"]) == set(domain.BACKBONES) == set(REGISTRY)
+    assert train["backbones"]["default"] == [domain.DEFAULT_BACKBONE]
 
 
 def test_regions_nest_and_follow_the_labels():
@@ -46,6 +48,7 @@ def test_run_identity_is_checked():
         "init": "notransformer",
         "frac": 30,
         "fold": 2,
+        "backbone": "medical_transformer",
     }
     assert not run.use_transformer and domain.RunId(**run.as_dict()) == run
     with pytest.raises(ValueError, match="task 'diagnosis'.*fraction 0"):

@@ -6,7 +6,8 @@ import shlex
 
 from medtx.config import validate_config
 from medtx.data.scans import build_scan_tables
-from medtx.domain import INITS, TASKS
+from medtx.domain import BACKBONE_INITS, INITS, PRETRAIN_STAGES, TASKS
+from medtx.train.config import STAGE_BLOCKS, stage_keys
 from medtx.preprocess.backend import resolve_backend
 from medtx.workflow import paths
 from medtx.workflow.codehash import code_hash
@@ -294,10 +295,11 @@ def cache_files(dataset, scan):
 
 
 TRAIN = config["train"]
+BACKBONES = TRAIN["backbones"]
 # `python`, or torchrun with one process per GPU (train/gpus)
 TRAIN_LAUNCH = launcher(TRAIN["gpus"])
 FINETUNE = paths.finetune_dir(
-    RESULTS, "{dataset}", "{task}", "{init}", "{frac}", "{fold}"
+    RESULTS, "{dataset}", "{task}", "{backbone}", "{init}", "{frac}", "{fold}"
 )
 
 
@@ -316,22 +318,36 @@ def train_metadata(dataset=None):
     return as_json({"preprocess_hash": digest, "backend": BACKEND})
 
 
-def stage_config(stage):
-    """A stage's medtx.train.config config: common keys, the stage's own, seed and labels."""
-    out = {"seed": config["seed"], **TRAIN["common"], **TRAIN[stage]}
-    out["label_map"] = config["folds"]["label_map"]
-    return out
+def stage_config(stage, backbone="medical_transformer"):
+    """A stage's medtx.train.config config: seed and labels, then the train/common
+    keys, the stage's own (pretrain, finetune), and for PUMIT train/pumit/common and
+    train/pumit/<stage> (tokenizer, mim, finetune) on top. The fine-tuning protocol
+    (train/finetune) is shared, so both backbones train alike on the same folds."""
+    with user_errors():
+        return stage_keys(
+            backbone,
+            stage,
+            TRAIN,
+            seed=config["seed"],
+            label_map=config["folds"]["label_map"],
+        )
 
 
-def train_threads(stage):
+# Every stage's keys are checked before any job: a misplaced key is one line.
+for _backbone in BACKBONES:
+    for _stage in STAGE_BLOCKS[_backbone]:
+        stage_config(_stage, _backbone)
+
+
+def train_threads(stage, backbone="medical_transformer"):
     """A training job's CPUs: torch threads and loader workers of every process."""
-    return training_threads(stage_config(stage), TRAIN["gpus"])
+    return training_threads(stage_config(stage, backbone), TRAIN["gpus"])
 
 
-def train_resources(stage, *, mem_mb, runtime):
+def train_resources(stage, *, mem_mb, runtime, backbone="medical_transformer"):
     """Cluster resources of a training job; GPUs only when train/gpu says so."""
     return training_resources(
-        stage_config(stage),
+        stage_config(stage, backbone),
         gpu=TRAIN["gpu"],
         gpus=TRAIN["gpus"],
         mem_mb=mem_mb,
@@ -361,18 +377,41 @@ def finetune_inputs(wildcards):
                 f"train/inits has {wildcards.init!r}, but no dataset has role 'pretrain';"
                 " add one or use inits: [scratch]"
             )
-        files["init"] = paths.pretrain_checkpoint(RESULTS, "masked")
+        files["init"] = pretrained_checkpoint(wildcards.backbone)
     return files
+
+
+def pretrained_checkpoint(backbone):
+    """A backbone's last pre-training stage: what a "pretrained" fine-tuning loads."""
+    return paths.pretrain_checkpoint(RESULTS, PRETRAIN_STAGES[backbone][-1])
+
+
+def inits_of(backbone):
+    """The configured inits this backbone has (PUMIT has no notransformer ablation)."""
+    return [i for i in TRAIN["inits"] if i in BACKBONE_INITS[backbone]]
 
 
 def finetune_targets(name):
     return [
-        f"{paths.finetune_dir(RESULTS, ds, task, init, frac, fold)}/{name}"
+        f"{paths.finetune_dir(RESULTS, ds, task, backbone, init, frac, fold)}/{name}"
         for ds, spec in config["datasets"].items()
         for task in TASKS
         if task in spec["role"]
-        for init in TRAIN["inits"]
+        for backbone in BACKBONES
+        for init in inits_of(backbone)
         if init == "scratch" or pretrain_indexes()
         for frac in TRAIN["fractions"]
         for fold in range(config["folds"]["n_folds"])
+    ]
+
+
+def pretrain_targets():
+    """Every pre-training checkpoint a pretrained fine-tuning needs (for the summary's
+    curves and codebook histogram)."""
+    if not pretrain_indexes() or not any(i != "scratch" for i in TRAIN["inits"]):
+        return []
+    return [
+        paths.pretrain_checkpoint(RESULTS, stage)
+        for backbone in BACKBONES
+        for stage in PRETRAIN_STAGES[backbone]
     ]

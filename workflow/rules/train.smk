@@ -1,7 +1,8 @@
 # Training: an index of each dataset's float16 caches (written by the rules
-# pool_normalize and brats_preprocess), stage 1 (exemplar) and stage 2 (masked
-# encodings) pre-training, fine-tuning per task x fold x init x label
-# fraction, and the paper's tables. Every training rule waits for the leakage
+# pool_normalize and brats_preprocess); pre-training per backbone (the Medical
+# Transformer: stage 1 exemplar, stage 2 masked encodings; PUMIT: the soft-token
+# tokenizer, then masked image modelling); fine-tuning per dataset x task x
+# backbone x init x label fraction x fold, and the tables. Every training rule waits for the leakage
 # firewall (firewall_gate), so a leak stops the run before any training job.
 
 
@@ -80,6 +81,54 @@ rule pretrain_masked:
         " --out {output:q} > {log:q} 2>&1"
 
 
+rule pretrain_tokenizer:
+    input:
+        firewall=firewall_gate(),
+        indexes=pretrain_indexes(),
+    output:
+        paths.pretrain_checkpoint(RESULTS, "tokenizer"),
+    log:
+        f"{LOGS}/train/pretrain_tokenizer.log",
+    conda:
+        ENV
+    threads: train_threads("tokenizer", "pumit")
+    resources:
+        **train_resources("tokenizer", mem_mb=8000, runtime=600, backbone="pumit"),
+    params:
+        config=as_json(stage_config("tokenizer", "pumit")),
+        meta=train_metadata(),
+        code=code_hash("pretrain_pumit"),
+    shell:
+        f"OMP_WAIT_POLICY=PASSIVE {TRAIN_LAUNCH} -m medtx pretrain tokenizer"
+        " --index {input.indexes:q}"
+        " --config {params.config:q} --metadata {params.meta:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule pretrain_mim:
+    input:
+        firewall=firewall_gate(),
+        init=paths.pretrain_checkpoint(RESULTS, "tokenizer"),
+        indexes=pretrain_indexes(),
+    output:
+        paths.pretrain_checkpoint(RESULTS, "mim"),
+    log:
+        f"{LOGS}/train/pretrain_mim.log",
+    conda:
+        ENV
+    threads: train_threads("mim", "pumit")
+    resources:
+        **train_resources("mim", mem_mb=8000, runtime=600, backbone="pumit"),
+    params:
+        config=as_json(stage_config("mim", "pumit")),
+        meta=train_metadata(),
+        code=code_hash("pretrain_pumit"),
+    shell:
+        f"OMP_WAIT_POLICY=PASSIVE {TRAIN_LAUNCH} -m medtx pretrain mim"
+        " --index {input.indexes:q}"
+        " --init {input.init:q} --config {params.config:q} --metadata {params.meta:q}"
+        " --out {output:q} > {log:q} 2>&1"
+
+
 rule finetune:
     input:
         unpack(finetune_inputs),
@@ -88,26 +137,30 @@ rule finetune:
         predictions=f"{FINETUNE}/predictions.tsv",
         metrics=f"{FINETUNE}/metrics.json",
     log:
-        f"{LOGS}/train/finetune/{{dataset}}/task-{{task}}/init-{{init}}_frac-{{frac}}/fold-{{fold}}.log",
+        f"{LOGS}/train/finetune/{{dataset}}/task-{{task}}/backbone-{{backbone}}/"
+        "init-{init}_frac-{frac}/fold-{fold}.log",
     wildcard_constraints:
         task=one_of(TASKS),
+        backbone=one_of(BACKBONES),
         init=one_of(INITS),
         frac="[0-9]+",
         fold="[0-9]+",
     conda:
         ENV
-    threads: train_threads("finetune")
+    threads: lambda w: train_threads("finetune", w.backbone)
     resources:
+        # the Medical Transformer's figures (threads, workers): PUMIT's may differ
         **train_resources("finetune", mem_mb=12000, runtime=1440),
     params:
-        config=as_json(stage_config("finetune")),
+        config=lambda w: as_json(stage_config("finetune", w.backbone)),
         meta=lambda w: train_metadata(w.dataset),
         init=lambda w, input: shell_args("--init-checkpoint", input.get("init", [])),
         code=code_hash("finetune"),
     shell:
         f"OMP_WAIT_POLICY=PASSIVE {TRAIN_LAUNCH} -m medtx finetune"
         " --dataset {wildcards.dataset:q}"
-        " --task {wildcards.task:q} --init {wildcards.init:q} --fraction {wildcards.frac:q}"
+        " --task {wildcards.task:q} --backbone {wildcards.backbone:q}"
+        " --init {wildcards.init:q} --fraction {wildcards.frac:q}"
         " --fold {wildcards.fold:q} --manifest {input.manifest:q} --cache-index {input.cache_index:q}"
         " {params.init}"
         " --config {params.config:q} --metadata {params.meta:q}"
@@ -118,6 +171,7 @@ rule finetune:
 rule evaluate:
     input:
         metrics=finetune_targets("metrics.json"),
+        pretrain=pretrain_targets(),
     output:
         table1=f"{paths.tables_dir(RESULTS)}/table1.md",
         summary=f"{paths.tables_dir(RESULTS)}/summary.md",
@@ -131,5 +185,5 @@ rule evaluate:
     params:
         code=code_hash("evaluate"),
     shell:
-        "python -m medtx evaluate --metrics {input.metrics:q}"
+        "python -m medtx evaluate --metrics {input.metrics:q} --pretrain {input.pretrain:q}"
         " --summary {output.summary:q} > {log:q} 2>&1"

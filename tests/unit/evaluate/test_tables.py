@@ -15,31 +15,54 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medtx.domain import DEFAULT_BACKBONE
 from medtx.errors import MedtxError
 from medtx.evaluate import figures, tables
 from medtx.evaluate.metrics import mauc
 from medtx.evaluate.predict import evaluate_predictions
 from medtx.io import write_json, write_text
+from medtx.workflow.paths import finetune_dir
 
 CLS, REG, SEG = "classification", "regression", "segmentation"
+MT, PUMIT = "medical_transformer", "pumit"
 
 
-def run_dir(root: Path, dataset: str, task: str, init: str, frac: int, fold: int) -> Path:
-    return (
-        root / "finetune" / dataset / f"task-{task}" / f"init-{init}_frac-{frac}" / f"fold-{fold}"
-    )
+def run_dir(
+    root: Path,
+    dataset: str,
+    task: str,
+    init: str,
+    frac: int,
+    fold: int,
+    backbone: str = DEFAULT_BACKBONE,
+) -> Path:
+    return Path(finetune_dir(str(root), dataset, task, backbone, init, frac, fold))
 
 
 def write_run(
-    root: Path, dataset: str, task: str, init: str, frac: int, fold: int, table: pd.DataFrame
+    root: Path,
+    dataset: str,
+    task: str,
+    init: str,
+    frac: int,
+    fold: int,
+    table: pd.DataFrame,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    record_backbone: bool = True,
 ) -> Path:
-    """Write predictions.tsv + metrics.json (as finetune does) and return the JSON path."""
-    d = run_dir(root, dataset, task, init, frac, fold)
+    """Write predictions.tsv + metrics.json (as finetune does) and return the JSON path.
+
+    ``record_backbone=False``: a metrics file from before the run identity had a backbone.
+    """
+    d = run_dir(root, dataset, task, init, frac, fold, backbone)
     tsv = write_text(
         table.to_csv(sep="\t", index=False, float_format="%.6g"), d / "predictions.tsv"
     )
     metrics = evaluate_predictions(task, tsv)
     run = {"dataset": dataset, "task": task, "init": init, "frac": frac, "fold": fold}
+    if record_backbone:
+        run["backbone"] = backbone
     return write_json(
         {
             "run": run,
@@ -166,14 +189,31 @@ def test_identity_is_read_from_the_record_not_the_folder(tmp_path):
     path.rename(moved)
     (path.parent / "predictions.tsv").rename(moved.parent / "predictions.tsv")
     run = tables.collect_runs([moved]).iloc[0]
-    assert (run["dataset"], run["task"], run["init"], run["frac"], run["fold"]) == (
+    assert (run["dataset"], run["task"], run["backbone"], run["init"], run["frac"]) == (
         "demo_adni",
         REG,
+        MT,
         "notransformer",
         30,
-        2,
     )
-    assert run["mae"] == pytest.approx(1.0)
+    assert run["fold"] == 2 and run["mae"] == pytest.approx(1.0)
+
+
+def test_a_run_recorded_before_backbones_is_the_medical_transformers(tmp_path):
+    old = write_run(
+        tmp_path, "demo_adni", REG, "scratch", 100, 0, reg_table([60, 70], 2.0),
+        record_backbone=False,
+    )  # fmt: skip
+    assert "backbone" not in json.loads(old.read_text())["run"]
+    new = write_run(
+        tmp_path, "demo_adni", REG, "scratch", 100, 0, reg_table([60, 70], 1.0), backbone=PUMIT
+    )
+    assert tables.run_identity(json.loads(old.read_text()), old).backbone == MT
+    runs = tables.collect_runs([old, new])
+    assert runs.set_index("backbone")["mae"].to_dict() == pytest.approx({MT: 2.0, PUMIT: 1.0})
+    t1 = tables.table1(runs).set_index(["backbone", "init"])
+    assert t1.loc[(MT, "scratch"), "MAE (years)"] == "2.00"
+    assert t1.loc[(PUMIT, "scratch"), "MAE (years)"] == "1.00"
 
 
 @pytest.mark.parametrize(
@@ -186,6 +226,40 @@ def test_identity_is_read_from_the_record_not_the_folder(tmp_path):
         ({"dataset": "d", "task": REG, "init": "scratch", "frac": "10", "fold": 0}, "fraction"),
         ({"dataset": "d", "task": REG, "init": "scratch", "frac": 10, "fold": -1}, "fold"),
         ({"dataset": "", "task": REG, "init": "scratch", "frac": 10, "fold": 0}, "no dataset"),
+        ({"task": REG, "init": "scratch", "frac": 10, "fold": 0}, "no dataset"),
+        (
+            {
+                "dataset": "d",
+                "task": REG,
+                "init": "scratch",
+                "frac": 10,
+                "fold": 0,
+                "backbone": "vit",
+            },
+            "backbone 'vit'",
+        ),
+        (
+            {
+                "dataset": "d",
+                "task": REG,
+                "init": "scratch",
+                "frac": 10,
+                "fold": 0,
+                "backbone": None,
+            },
+            "backbone None",
+        ),
+        (
+            {
+                "dataset": "d",
+                "task": REG,
+                "init": "notransformer",
+                "frac": 10,
+                "fold": 0,
+                "backbone": PUMIT,
+            },
+            "init 'notransformer' is not one of ['scratch', 'pretrained'] (backbone pumit)",
+        ),
     ],
 )
 def test_missing_or_bad_identity_is_refused_naming_the_file(tmp_path, run, why):
@@ -253,15 +327,17 @@ HEADLINE_COLUMNS = ["mAUC", "MAE (years)", "Dice WT", "Dice TC", "Dice ET"]
 
 
 def test_table1_values_rows_and_paper_reference(study):
-    t1 = tables.table1(tables.collect_runs(study["paths"])).set_index("init")
-    assert list(t1.index) == [
-        "scratch",
-        "pretrained",
-        "notransformer",
-        "chance / baseline",
-        "paper (Jun et al.)",
+    t1 = tables.table1(tables.collect_runs(study["paths"]))
+    # only Medical Transformer runs: no PUMIT rows
+    assert list(zip(t1["backbone"], t1["init"])) == [
+        (MT, "scratch"),
+        (MT, "pretrained"),
+        (MT, "notransformer"),
+        ("—", "chance / baseline"),
+        (MT, "paper (Jun et al.)"),
     ]
-    assert list(t1.columns) == HEADLINE_COLUMNS + ["n folds", "source"]
+    assert list(t1.columns) == ["backbone", "init", *HEADLINE_COLUMNS, "n folds", "source"]
+    t1 = t1.set_index("init")
     assert t1.loc["pretrained", "MAE (years)"] == "3.00 ± 1.00"
     assert t1.loc["scratch", "MAE (years)"] == "6.00 ± 0.00"
     # Dice WT 0.8, 0.9: mean 0.85, sample std 0.0707
@@ -295,7 +371,9 @@ def test_mean_age_baseline_never_uses_the_folds_own_labels(study):
 
 
 def test_table4_rows_are_label_fractions(study):
-    t4 = tables.table4(tables.collect_runs(study["paths"])).set_index("label fraction (%)")
+    t4 = tables.table4(tables.collect_runs(study["paths"]))
+    assert (t4["backbone"] == MT).all()
+    t4 = t4.drop(columns="backbone").set_index("label fraction (%)")
     assert list(t4.index) == [10, 30, 50, 70, 100]
     assert list(t4.columns) == [
         f"{c}, {i}" for c in HEADLINE_COLUMNS for i in ("pretrained", "scratch")
@@ -307,17 +385,26 @@ def test_table4_rows_are_label_fractions(study):
 
 
 def test_table5_with_and_without_transformer(study):
-    t5 = tables.table5(tables.collect_runs(study["paths"])).set_index("model")
+    t5 = tables.table5(tables.collect_runs(study["paths"]))
+    assert list(t5.columns) == ["backbone", "model", *HEADLINE_COLUMNS, "n folds"]
+    assert (t5["backbone"] == MT).all()
+    t5 = t5.set_index("model")
     assert list(t5.index) == ["with transformer (pretrained)", "w/o transformer (notransformer)"]
-    assert list(t5.columns) == HEADLINE_COLUMNS + ["n folds"]
     assert t5.iloc[1]["MAE (years)"] == "5.00 ± 0.00" and t5.iloc[1]["Dice WT"] == "—"
 
 
 def test_tables_of_no_runs_are_all_missing():
     runs = tables.collect_runs([])
-    t1 = tables.table1(runs).set_index("init")
+    t1 = tables.table1(runs)
+    assert list(t1["backbone"]) == [MT, MT, "—", MT]  # the default backbone's rows stay
+    t1 = t1.set_index("init")
     assert (t1.loc[["scratch", "pretrained"], HEADLINE_COLUMNS] == "—").all().all()
     assert t1.loc["chance / baseline", "MAE (years)"] == "—"
+    t4 = tables.table4(runs)
+    assert list(t4["backbone"]) == [MT] * 5 and (t4["n folds"] == "—").all()
+    t5 = tables.table5(runs)
+    assert list(t5["backbone"]) == [MT, MT]
+    assert (t5[HEADLINE_COLUMNS] == "—").all().all()
 
 
 def test_a_task_on_two_datasets_gets_a_column_each(study):
@@ -329,12 +416,157 @@ def test_a_task_on_two_datasets_gets_a_column_each(study):
     assert t1.loc["pretrained", "MAE (years) [demo_adni]"] == "3.00 ± 1.00"
 
 
+# ---------------------------------------------------------------------------- backbones
+
+
+@pytest.fixture
+def two_backbones(study) -> dict:
+    """The study plus PUMIT runs on the same folds: regression scratch + pretrained at
+    100 %, pretrained at 10 %, classification pretrained at 100 %; no segmentation."""
+    paths = list(study["paths"])
+    for fold, labels in REG_LABELS.items():
+        for init, frac, error in (
+            ("pretrained", 100, [1.0, 2.0, 3.0][fold]),
+            ("scratch", 100, 4.0),
+            ("pretrained", 10, [5.0, 5.0, 8.0][fold]),
+        ):
+            paths.append(
+                write_run(
+                    study["root"], "demo_adni", REG, init, frac, fold,
+                    reg_table(labels, error), backbone=PUMIT,
+                )
+            )  # fmt: skip
+        paths.append(
+            write_run(
+                study["root"], "demo_adni", CLS, "pretrained", 100, fold, cls_table(fold + 20),
+                backbone=PUMIT,
+            )
+        )  # fmt: skip
+    return {**study, "paths": paths}
+
+
+def test_runs_of_two_backbones_are_kept_apart(two_backbones):
+    runs = tables.collect_runs(two_backbones["paths"])
+    assert len(runs) == 20 + 12
+    assert runs.groupby("backbone").size().to_dict() == {MT: 20, PUMIT: 12}
+    # one fold, task, init and fraction twice: once per backbone, no "several files"
+    same = runs[(runs["task"] == REG) & (runs["init"] == "pretrained") & (runs["frac"] == 100)]
+    assert sorted(zip(same["backbone"], same["fold"])) == [
+        (b, f) for b in (MT, PUMIT) for f in range(3)
+    ]
+
+
+def test_table1_has_a_block_of_rows_per_backbone(two_backbones):
+    runs = tables.collect_runs(two_backbones["paths"])
+    t1 = tables.table1(runs)
+    assert list(t1.columns) == ["backbone", "init", *HEADLINE_COLUMNS, "n folds", "source"]
+    assert list(zip(t1["backbone"], t1["init"])) == [
+        (MT, "scratch"),
+        (MT, "pretrained"),
+        (MT, "notransformer"),
+        (PUMIT, "scratch"),
+        (PUMIT, "pretrained"),
+        ("—", "chance / baseline"),
+        (MT, "paper (Jun et al.)"),
+    ]
+    t1 = t1.set_index(["backbone", "init"])
+    assert t1.loc[(MT, "pretrained"), "MAE (years)"] == "3.00 ± 1.00"
+    assert t1.loc[(PUMIT, "pretrained"), "MAE (years)"] == "2.00 ± 1.00"
+    assert t1.loc[(PUMIT, "scratch"), "MAE (years)"] == "4.00 ± 0.00"
+    aucs = [
+        mauc(t["label"], t[["p_0", "p_1", "p_2"]].to_numpy()) for t in map(cls_table, (20, 21, 22))
+    ]
+    assert t1.loc[(PUMIT, "pretrained"), "mAUC"] == tables.format_mean_std(aucs)
+    assert t1.loc[(PUMIT, "scratch"), "mAUC"] == "—"  # PUMIT classification: pretrained only
+    assert t1.loc[(PUMIT, "pretrained"), "Dice WT"] == "—"
+    assert t1.loc[(PUMIT, "pretrained"), "n folds"] == "3"
+    assert set(t1.xs(PUMIT)["source"]) == {"reproduced"}
+    # the baseline's folds are the same for both backbones
+    assert t1.loc[("—", "chance / baseline"), "MAE (years)"] == "11.67 ± 5.77"
+
+
+def test_table1_shows_another_backbone_only_when_it_has_runs(two_backbones):
+    pumit_only = [p for p in two_backbones["paths"] if f"backbone-{PUMIT}" in str(p)]
+    t1 = tables.table1(tables.collect_runs(pumit_only))
+    # the Medical Transformer's scratch/pretrained rows stay (empty), as before
+    assert list(zip(t1["backbone"], t1["init"]))[:4] == [
+        (MT, "scratch"),
+        (MT, "pretrained"),
+        (PUMIT, "scratch"),
+        (PUMIT, "pretrained"),
+    ]
+    assert (t1.iloc[:2][HEADLINE_COLUMNS] == "—").all().all()
+
+
+def test_table4_has_label_fractions_per_backbone(two_backbones):
+    t4 = tables.table4(tables.collect_runs(two_backbones["paths"]))
+    assert list(t4.columns[:2]) == ["backbone", "label fraction (%)"]
+    assert list(zip(t4["backbone"], t4["label fraction (%)"])) == [
+        (b, f) for b in (MT, PUMIT) for f in (10, 30, 50, 70, 100)
+    ]
+    t4 = t4.set_index(["backbone", "label fraction (%)"])
+    assert t4.loc[(MT, 10), "MAE (years), pretrained"] == "8.00 ± 1.00"
+    assert t4.loc[(PUMIT, 10), "MAE (years), pretrained"] == "6.00 ± 1.73"
+    assert t4.loc[(PUMIT, 10), "MAE (years), scratch"] == "—"
+    assert t4.loc[(PUMIT, 100), "MAE (years), scratch"] == "4.00 ± 0.00"
+    assert t4.loc[(PUMIT, 100), "Dice WT, pretrained"] == "—"
+    assert t4.loc[(PUMIT, 30), "n folds"] == "—"
+
+
+def test_table5_is_only_for_backbones_with_the_ablation(two_backbones):
+    t5 = tables.table5(tables.collect_runs(two_backbones["paths"]))
+    assert list(t5["backbone"]) == [MT, MT]  # PUMIT has no notransformer init
+    assert list(t5["model"]) == [
+        "with transformer (pretrained)",
+        "w/o transformer (notransformer)",
+    ]
+    assert t5.iloc[0]["MAE (years)"] == "3.00 ± 1.00"  # the Medical Transformer's, not PUMIT's
+    pumit_only = [p for p in two_backbones["paths"] if f"backbone-{PUMIT}" in str(p)]
+    t5 = tables.table5(tables.collect_runs(pumit_only))
+    assert list(t5["backbone"]) == [MT, MT]
+    assert (t5[HEADLINE_COLUMNS] == "—").all().all()
+
+
+def test_summary_names_the_study_and_its_backbones(two_backbones, tmp_path):
+    out = tables.build_tables(two_backbones["paths"], tmp_path / "tables")
+    summary = out["summary"].read_text()
+    assert summary.startswith("# medtx study: results")
+    assert "backbone(s) medical_transformer, pumit" in summary
+    assert "Medical Transformer only" in summary  # Table 5's caption
+    t1 = pd.read_csv(out["table1_tsv"], sep="\t")
+    assert t1.shape == (7, 9)
+
+
+# ---------------------------------------------------------------------------- parameters
+
+
 def test_table3_matches_the_papers_counts():
     t3 = tables.table3()
-    table3 = t3[t3["preset"] == "table3"].set_index("task")
+    assert list(t3.columns[:2]) == ["backbone", "task"]
+    mt = t3[t3["backbone"] == MT]
+    table3 = mt[mt["preset"] == "table3"].set_index("task")
     assert table3.loc["classification", "parameters"] == "2,402,163"
     assert (table3["matches paper"] == "yes").all()
-    assert (t3.loc[t3["preset"] == "paper_text", "paper (printed)"] == "—").all()
+    assert (mt.loc[mt["preset"] == "paper_text", "paper (printed)"] == "—").all()
+    # PUMIT's counts are ours: nothing printed to match
+    pumit = t3[t3["backbone"] == PUMIT]
+    assert len(pumit) > 0 and set(pumit["task"]) == {CLS, REG, SEG}
+    assert (pumit["paper (printed)"] == "—").all() and (pumit["matches paper"] == "—").all()
+    assert list(t3["backbone"]) == sorted(t3["backbone"], key=[MT, PUMIT].index)
+
+
+def test_table3_rows_without_a_backbone_are_the_medical_transformers():
+    rows = [
+        {"task": REG, "preset": "table3", "in_channels": 1, "num_outputs": 1,
+         "parameters": 2_401_777, "paper": "2.401M"},
+        {"backbone": PUMIT, "task": REG, "preset": "tiny", "in_channels": 1, "num_outputs": 1,
+         "parameters": 5_000_000, "paper": ""},
+    ]  # fmt: skip
+    t3 = tables.table3(rows)
+    assert list(t3["backbone"]) == [MT, PUMIT]
+    assert list(t3["parameters"]) == ["2,401,777", "5,000,000"]
+    assert list(t3["matches paper"]) == ["yes", "—"]
+    assert list(t3["paper (printed)"]) == ["2.401M", "—"]
 
 
 def assert_pipe_table(md: str, n_columns: int, n_rows: int) -> None:
@@ -360,8 +592,8 @@ def test_build_tables_writes_everything(study, tmp_path):
     for name in ("table1", "table3", "table4", "table5"):
         assert out[f"{name}_tsv"].exists() and out[f"{name}_md"].exists()
     t1 = pd.read_csv(out["table1_tsv"], sep="\t")
-    assert t1.shape == (5, 8)
-    assert_pipe_table(out["table1_md"].read_text(), 8, 5)
+    assert t1.shape == (5, 9)
+    assert_pipe_table(out["table1_md"].read_text(), 9, 5)
     summary = out["summary"].read_text()
     assert "synthetic" in summary and "not comparable" in summary
     assert summary.count("\n|:---|") == 4  # one pipe table per table

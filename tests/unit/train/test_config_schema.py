@@ -15,22 +15,35 @@ from typing import Any
 import pytest
 
 from medtx.config import _fill_defaults, load_config, load_schema, validate_config
+from medtx.domain import BACKBONES
 from medtx.errors import ConfigError
-from medtx.models.registry import DEFAULT_BACKBONE, backbone
-from medtx.train.config import DEFAULTS, MASK_TOKENS, REGRESSION_LOSSES, resolve_config
+from medtx.models.registry import REGISTRY
+from medtx.train.config import (
+    MASK_TOKENS,
+    POOLINGS,
+    REGRESSION_LOSSES,
+    defaults,
+    resolve_config,
+    stage_keys,
+)
 
 SCHEMA = load_schema()
 TRAINING = SCHEMA["$defs"]["training"]
 KEYS = TRAINING["properties"]
 STAGE_BLOCKS = ("common", "pretrain", "finetune")
-# Set by the workflow itself (stage_config: folds/label_map), so not a train/* key.
-FROM_WORKFLOW = {"label_map"}
+# Set by the workflow itself (stage_config: folds/label_map, the backbone), so not
+# a train/* key.
+FROM_WORKFLOW = {"label_map", "backbone"}
 # The values the code accepts for its string keys.
 CODE_CHOICES = {
-    "preset": tuple(backbone(DEFAULT_BACKBONE).presets),
+    "preset": tuple(p for spec in REGISTRY.values() for p in spec.presets),
     "loss_regression": REGRESSION_LOSSES,
     "mask_token": MASK_TOKENS,
+    "pooling": POOLINGS,
 }
+# The schema's one training block serves every backbone: a value passes it when it
+# passes some backbone that reads the key (PUMIT's from train/pumit/common).
+OWNERS = {key: [b for b in BACKBONES if key in defaults(b)] for key in TRAINING["properties"]}
 BASE = load_config()  # the repo's config.yaml, validated and filled
 
 
@@ -50,18 +63,30 @@ def schema_accepts(key: str, value: Any) -> bool:
 
 
 def code_accepts(key: str, value: Any) -> bool:
-    """resolve_config on what the workflow hands a stage (common/stage_config's merge)."""
-    config = with_common(key, value)
-    stage = {
-        "seed": config["seed"],
-        **config["train"]["common"],
-        "label_map": config["folds"]["label_map"],
-    }
-    try:
-        resolve_config(stage)
-    except ConfigError:
-        return False
-    return True
+    """resolve_config on what the workflow hands a stage (stage_keys' merge), for some
+    backbone that reads ``key``."""
+    for name in OWNERS[key]:
+        config = copy.deepcopy(BASE)
+        config["train"].update(finetune={}, pumit={})  # nothing over common's value
+        block = config["train"]["common"]
+        if name != "medical_transformer":
+            block = config["train"].setdefault(name, {}).setdefault("common", {})
+        block[key] = value
+        stage = "finetune"
+        try:
+            resolve_config(
+                stage_keys(
+                    name,
+                    stage,
+                    config["train"],
+                    seed=config["seed"],
+                    label_map=config["folds"]["label_map"],
+                )
+            )
+        except ConfigError:
+            continue
+        return True
+    return False
 
 
 def probes(key: str) -> list[Any]:
@@ -114,7 +139,8 @@ def test_schema_and_code_accept_the_same_values(key, value):
 
 
 def test_schema_declares_exactly_the_codes_keys():
-    assert set(KEYS) == set(DEFAULTS) - FROM_WORKFLOW
+    every = set().union(*(defaults(b) for b in BACKBONES))
+    assert set(KEYS) == every - FROM_WORKFLOW
     undocumented = sorted(k for k, p in KEYS.items() if not p.get("description"))
     assert not undocumented, f"training keys without a description: {undocumented}"
 
@@ -123,10 +149,12 @@ def test_schema_declares_exactly_the_codes_keys():
 def test_schema_defaults_are_the_codes(key):
     """The code's DEFAULTS is the one definition: the schema may not state another one,
     and the code's default must pass both checks."""
-    if "default" in KEYS[key]:
-        assert KEYS[key]["default"] == DEFAULTS[key]
-    assert schema_accepts(key, DEFAULTS[key])
-    assert code_accepts(key, DEFAULTS[key])
+    for name in OWNERS[key]:
+        default = defaults(name)[key]
+        if "default" in KEYS[key]:
+            assert KEYS[key]["default"] == default
+        assert schema_accepts(key, default)
+        assert code_accepts(key, default)
 
 
 def test_schema_fills_no_training_key():
