@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from medtx.domain import BRATS_REGIONS, regions_from_labels
 
@@ -24,6 +23,10 @@ def mauc(y_true: np.ndarray, probs: np.ndarray) -> float:
 
     For K = 2 it is the ordinary ROC AUC of the class-1 probability.
     """
+    # here, not at the top: 1.5 s of every training job's start, and only
+    # classification needs it
+    from sklearn.metrics import roc_auc_score
+
     y = np.asarray(y_true).ravel()
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] != y.shape[0]:

@@ -258,7 +258,7 @@ def test_outputs_exist(run, planned):
     assert json.loads((work / "results/folds/firewall.json").read_text())["status"] == "passed"
     if "all" in TARGETS:
         runs = list(
-            work.glob("results/finetune/mini_brats/task-segmentation/*/fold-*/metrics.json")
+            work.glob("results/finetune/mini_brats/task-segmentation/*/*/fold-*/metrics.json")
         )
         assert len(runs) == planned["finetune"]["jobs"] == 6  # 3 folds x 2 inits
         assert (work / "results/tables/summary.md").exists()
