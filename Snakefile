@@ -1,5 +1,6 @@
-# medtx: raw brain MRI -> model-ready volumes -> fold manifests -> the Medical
-# Transformer's pre-training, fine-tuning and evaluation tables.
+# medtx: raw brain MRI -> model-ready volumes -> fold manifests -> pre-training,
+# fine-tuning and evaluation tables of each backbone (the Medical Transformer,
+# PUMIT); defaced copies to share on request (`snakemake defaced`).
 # Read as a table of contents; logic lives in the medtx package.
 
 from snakemake.utils import min_version
@@ -17,6 +18,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/folds.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/share.smk"
 
 
 rule all:

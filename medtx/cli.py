@@ -1,6 +1,7 @@
 """The ``medtx`` command: what Snakemake rules call, and tools for users.
 
     medtx preprocess T1.nii.gz --out DIR [--backend auto|fsl|ants] [--config FILE] [--allow-qc-fail]
+    medtx deface T1 OUT --mask MASK [--record JSON]
     medtx step {bet,flirt,n4,pool_normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
     medtx collect --record FILE ... --out FILE [--thumbnail PNG] [--qc JSON]
     medtx report --config FILE --out HTML
@@ -8,7 +9,7 @@
     medtx firewall --manifest TSV ... --pretrain-table TSV ... --out JSON
     medtx pretrain {exemplar,masked,tokenizer,mim} --index TSV ... --out PT [--init PT] ...
     medtx finetune --dataset D --task T [--backbone B] --init I --fraction P --fold K ...
-    medtx evaluate --metrics JSON ... [--pretrain PT ...] --out-dir DIR
+    medtx evaluate --metrics JSON ... [--pretrain PT ...] [--scan-tables TSV ...] --out-dir DIR
     medtx params [--format text|tsv]
     medtx audit [ROOT] [--base DIR]
     medtx demo {t1-scan,t1-participants,brats-case} --spec JSON ...
@@ -190,7 +191,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medtx.evaluate.summary import evaluate_runs
 
     out = args.out_dir or str(Path(args.summary).parent)
-    evaluate_runs(args.metrics, out, summary=args.summary, pretrain=args.pretrain or [])
+    evaluate_runs(
+        args.metrics,
+        out,
+        summary=args.summary,
+        pretrain=args.pretrain or [],
+        attributes=args.scan_tables or [],
+        subgroup_config=_json(args.subgroups, "--subgroups") if args.subgroups else None,
+    )
     return 0
 
 
@@ -217,6 +225,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deface(args: argparse.Namespace) -> int:
+    from medtx.share.deface import deface
+
+    qc = _json(args.qc, "--qc") if args.qc else None
+    record = deface(args.t1, args.mask, args.out, record_out=args.record, qc=qc, scan=args.scan)
+    if record["qc"]["passed"]:
+        return 0
+    failed = "; ".join(
+        f"{c['metric']}={c['value']:.4g} (max {c['max']})"
+        for c in record["qc"]["checks"]
+        if not c["passed"]
+    )
+    print(
+        f"medtx: the defaced copy {args.out} still fails the face check: {failed}", file=sys.stderr
+    )
+    return QC_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtx", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"exit 0 when the scan fails QC (default: exit {QC_FAILED})",
     )
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("deface", help="a defaced native-space T1 for sharing (quickshear)")
+    p.add_argument("t1", help="native-space T1-weighted NIfTI")
+    p.add_argument("out", help="the defaced copy (.nii.gz); never the input")
+    p.add_argument("--mask", required=True, help="its brain mask (the bet step's desc-brain_mask)")
+    p.add_argument("--record", help="where to write the provenance record (JSON)")
+    p.add_argument("--qc", help="the config's qc section as JSON (face_* keys)")
+    p.add_argument("--scan", help="the scan id for the record")
+    p.set_defaults(func=cmd_deface)
 
     p = sub.add_parser("step", help="one preprocessing step (what the rules call)")
     p.add_argument("step", choices=STEPS)
@@ -330,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pretrain", nargs="*", help="pre-training checkpoints: their loss curves, codebook usage"
     )
+    p.add_argument(
+        "--scan-tables", nargs="*", help="scan tables (sex, site, age, diagnosis): subgroup metrics"
+    )
+    p.add_argument("--subgroups", help="subgroup settings (age_bands, min_group, ...) as JSON")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out-dir", help="folder for the tables and plots")
     where.add_argument("--summary", help="the summary.md to write (tables go beside it)")

@@ -1,5 +1,5 @@
-"""The study's figures: ROC, brain age, training curves, segmentation overlays, and
-a tokenizer's codebook usage.
+"""The study's figures: ROC, brain age, training curves, segmentation overlays,
+a tokenizer's codebook usage, and per-subgroup metrics with their intervals.
 
 Small Agg PNGs, linked from ``summary.md`` (``figures_section``).
 """
@@ -194,6 +194,85 @@ def plot_codebook(
         title=f"{title}\n{used} of {total} codes used, perplexity {perplexity:.1f}",
     )
     ax.title.set_fontsize(9)
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def plot_subgroups(
+    table: pd.DataFrame,
+    out_png: str | Path,
+    *,
+    title: str = "Subgroups",
+    max_series: int = 8,
+) -> Path:
+    """Per-group pooled metric with its bootstrap 95 % CI, one panel per attribute.
+
+    ``table``: one task's rows of ``medtx.evaluate.subgroups.subgroup_metrics``. Each
+    run group (dataset, backbone, init, label fraction; the first ``max_series``) is a
+    series of points with error bars, "all" first in every panel and dotted across it;
+    a group too small (or not computable) is a labelled gap, never a point.
+    """
+    if table.empty:
+        raise MedtxError("no subgroup metrics to plot")
+    ident = ["dataset", "backbone", "init", "label fraction (%)"]
+    series = list(table.groupby(ident, sort=False))
+    shown = series[:max_series]
+    attributes = [a for a in dict.fromkeys(table["attribute"]) if a != "all"] or ["all"]
+    plt = _pyplot()
+    widths = [len(set(table.loc[table["attribute"] == a, "group"])) + 1 for a in attributes]
+    fig, axes = plt.subplots(
+        len(attributes),
+        1,
+        figsize=(max(4.5, 0.9 * max(widths) + 2.5), 2.4 * len(attributes) + 0.8),
+        squeeze=False,
+    )
+    step = 0.6 / max(len(shown), 1)
+    for ax, attribute in zip(axes[:, 0], attributes):
+        # "all" (every test scan) first, then the attribute's groups in table order
+        cells = [("all", "all")]
+        if attribute != "all":
+            groups = table.loc[table["attribute"] == attribute, "group"]
+            cells += [(attribute, g) for g in dict.fromkeys(groups)]
+        for s, ((dataset, backbone, init, frac), rows) in enumerate(shown):
+            offset = (s - (len(shown) - 1) / 2) * step
+            found = {(r["attribute"], r["group"]): r for _, r in rows.iterrows()}
+            xs: list[float] = []
+            ys: list[float] = []
+            err: list[list[float]] = [[], []]
+            gaps: list[tuple[float, str]] = []
+            for x, cell in enumerate(cells):
+                r = found.get(cell)
+                if r is None:
+                    continue
+                if r["status"] != "ok" or not np.isfinite(r["value"]):
+                    gaps.append((x + offset, "too small" if r["status"] == "too small" else "n/c"))
+                    continue
+                v = float(r["value"])
+                xs.append(x + offset)
+                ys.append(v)
+                err[0].append(v - float(r["ci_low"]) if np.isfinite(r["ci_low"]) else 0.0)
+                err[1].append(float(r["ci_high"]) - v if np.isfinite(r["ci_high"]) else 0.0)
+            label = f"{dataset}, {backbone}, {init}, {frac} %"
+            bars = ax.errorbar(xs, ys, yerr=err, fmt="o", ms=4, capsize=3, label=label)
+            colour = bars[0].get_color()
+            reference = found.get(("all", "all"))
+            if reference is not None and reference["status"] == "ok":  # the gaps' zero
+                ax.axhline(float(reference["value"]), color=colour, ls=":", lw=0.8)
+            for gx, text in gaps:  # a labelled gap where no number may be shown
+                ax.text(
+                    gx, 0.5, text, transform=ax.get_xaxis_transform(), rotation=90,
+                    ha="center", va="center", fontsize=7, color=colour, alpha=0.8,
+                )  # fmt: skip
+        groups = [g for _, g in cells]
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, fontsize=8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_ylabel(str(table["metric"].iloc[0]), fontsize=8)
+        ax.set_title(attribute, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=6, loc="best")
+    more = f" (first {len(shown)} of {len(series)} run groups)" if len(series) > len(shown) else ""
+    fig.suptitle(f"{title}{more}\npooled folds, bootstrap 95 % CI", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
 

@@ -6,7 +6,9 @@ metrics JSON and checkpoint), never from its folder names.
 
 Pre-training checkpoints, when given, get a section of their own: per backbone,
 each stage's training-loss curve and, for a tokenizer that recorded it, its
-codebook usage.
+codebook usage. Scan tables, when given, add the subgroup metrics
+(``medtx.evaluate.subgroups``): a table and a plot per task, and each attribute's
+worst group.
 """
 
 from __future__ import annotations
@@ -27,7 +29,16 @@ from medtx.evaluate.figures import (
     plot_curves,
     plot_roc,
     plot_segmentation,
+    plot_subgroups,
     relative_link,
+)
+from medtx.evaluate.subgroups import (
+    METRICS,
+    read_scan_tables,
+    subgroup_metrics,
+    subgroup_settings,
+    worst_lines,
+    write_subgroup_tables,
 )
 from medtx.evaluate.tables import build_tables
 from medtx.io import write_text
@@ -36,6 +47,7 @@ from medtx.train.loop import load_state
 OVERLAY_CASES = 2  # test cases drawn per segmentation group
 GROUP_KEYS = ["dataset", "task", "backbone", "init", "frac"]
 PRETRAIN_DIR = "pretrain"  # pre-training figures: a subfolder, apart from "## Figures"
+SUBGROUP_DIR = "subgroups"  # subgroup plots: a subfolder too
 
 
 def evaluate_runs(
@@ -43,6 +55,8 @@ def evaluate_runs(
     out_dir: str | Path,
     summary: str | Path | None = None,
     pretrain: Sequence[str | Path] = (),
+    attributes: Sequence[str | Path] = (),
+    subgroup_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Tables 1/3/4/5 and figures for every run group; returns summary.md's path
     (``summary``, default ``out_dir``/summary.md: the tables, then the figures).
@@ -50,11 +64,16 @@ def evaluate_runs(
     Figures: ROC (classification) and predicted-vs-true age (regression) over the
     pooled folds, segmentation overlays of the first fold's first test cases, and
     every group's training curves. ``pretrain``: pre-training checkpoints (any
-    backbone's stages), summarized in a "## Pre-training" section.
+    backbone's stages), summarized in a "## Pre-training" section. ``attributes``: the
+    workflow's scan tables (``results/scans/<dataset>.tsv``); with them, subgroup
+    metrics (``medtx.evaluate.subgroups``, settings ``subgroup_config`` over
+    ``SUBGROUP_DEFAULTS``) in subgroups_<task>.tsv/.md and a "## Subgroups" section.
     """
     out = Path(out_dir)
     stages = [_read_pretrain(p) for p in pretrain]  # checked before anything is drawn
     _refuse_duplicate_stages(stages)
+    settings = subgroup_settings(subgroup_config)
+    scans = read_scan_tables(attributes) if attributes else None
     written = build_tables(metrics_paths, out)
     runs = _read_runs(written["runs"])
     for (dataset, task, backbone, init, frac), group in runs.groupby(GROUP_KEYS):
@@ -89,7 +108,11 @@ def evaluate_runs(
             title=f"{task}, {who}, {frac} % labels",
         )
     path = Path(summary) if summary else written["summary"]
-    sections = [pretrain_section(stages, out / PRETRAIN_DIR, path.parent)] if stages else []
+    sections = []
+    if scans is not None:
+        sections.append(subgroups_section(runs, scans, settings, out, path.parent))
+    if stages:
+        sections.append(pretrain_section(stages, out / PRETRAIN_DIR, path.parent))
     sections.append(figures_section(out.glob("*.png"), path.parent))
     # the tables' summary.md, then the figures: at ``summary`` wherever it is
     text = written["summary"].read_text() + "".join("\n" + s + "\n" for s in sections)
@@ -120,6 +143,46 @@ def _draw_segmentation(run_dir: Path, checkpoint: dict, out_png: str, *, title: 
     ]
     if cases:
         plot_segmentation(run_dir / "model.pt", cases, out_png, title=title)
+
+
+# ---------------------------------------------------------------------------- subgroups
+
+
+def subgroups_section(
+    runs,
+    scans,
+    settings: Mapping[str, Any],
+    out_dir: Path,
+    relative_to: str | Path,
+) -> str:
+    """Subgroup metrics of every run group: subgroups_<task>.tsv/.md in ``out_dir``, a
+    plot per task (its largest label fraction's run groups) in ``out_dir``/subgroups,
+    and summary.md's "## Subgroups" section: per task the table, each attribute's
+    worst group and the plot, linked relative to ``relative_to``."""
+    table = subgroup_metrics(
+        runs,
+        scans,
+        age_bands=settings["age_bands"],
+        min_group=settings["min_group"],
+        bootstrap=settings["bootstrap"],
+        seed=settings["seed"],
+    )
+    written = write_subgroup_tables(table, out_dir)
+    lines = ["## Subgroups", ""]
+    if not written:
+        lines.append("No run has test predictions to split into subgroups.")
+    for task, (_, md) in written.items():
+        rows = table[table["task"] == task]
+        frac = int(rows["label fraction (%)"].max())
+        png = plot_subgroups(
+            rows[rows["label fraction (%)"] == frac],
+            out_dir / SUBGROUP_DIR / f"subgroups_{task}.png",
+            title=f"{task}: {METRICS[task].label} per subgroup, {frac} % labels",
+        )
+        lines += [f"### {task}", "", md.read_text().rstrip(), ""]
+        lines += ["Worst group per attribute (group − all):", "", *worst_lines(table, task), ""]
+        lines += [f"![subgroups_{task}]({relative_link(png, relative_to)})", ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- pre-training

@@ -87,6 +87,7 @@ def run_chain(
         record_out=f["normalize_record"],
         ctx=ctx,
         params=settings["normalize"],
+        face_margin_mm=(qc or {}).get("face_margin_mm"),
     )
     record = merge_scan(
         step_records(f),

@@ -2,6 +2,11 @@
 
 Pooling comes before min-max so the output reaches exactly 1 in the brain
 (normalizing first and then averaging leaves the maximum near 0.8).
+
+The normalize step also makes the face check of the model-ready volume
+(``medtx.provenance.face``): its signal outside the template brain mask,
+dilated by ``face_margin_mm``, in front of and below the brain. Its metrics
+go into the step record; ``qc`` judges them when the scan's records merge.
 """
 
 from __future__ import annotations
@@ -140,12 +145,21 @@ def run_normalize(
     ctx,
     params: dict,
     cache_out: str | Path | None = None,
+    face_margin_mm: float | None = None,
 ) -> dict:
     """Min-max to [0, 1] inside the brain, after clipping at ``clip_percentile``
     (None: plain min-max): the model-ready float32 volume, and (``cache_out``) its
-    float16 training cache. Keys left out of ``params`` take the schema's defaults."""
+    float16 training cache. Keys left out of ``params`` take the schema's defaults.
+
+    The record's metrics include the face check of the output against the
+    template brain mask (``face_signal``, ``face_outside_signal``,
+    ``face_component_ml`` and the ``face_margin_mm`` it was measured at; None:
+    the schema's ``qc/face_margin_mm`` default). A grid that does not hold the
+    template brain (not in template space) gets no face metrics: "not measured".
+    """
     from medtx.data.cache import cache_volume
     from medtx.io import load_volume, save_nifti
+    from medtx.provenance.face import TISSUE_FRACTION, default_margin_mm, template_face_metrics
     from medtx.provenance.records import package_version
 
     settings = normalize_settings(params)
@@ -173,6 +187,16 @@ def run_normalize(
         out, inside if inside is not None else np.ones(out.shape, bool)
     )
     stats.update({"min": float(out.min()), "max": float(out.max()), "shape": list(out.shape)})
+    margin = float(default_margin_mm() if face_margin_mm is None else face_margin_mm)
+    face = template_face_metrics(out, affine, margin_mm=margin)
+    if face is not None:
+        rec.call(
+            "medtx.provenance.face.face_metrics",
+            brain_mask="template brain_mask",
+            margin_mm=margin,
+            tissue_fraction=TISSUE_FRACTION,
+        )
+        stats.update(face, face_margin_mm=margin)
     rec.set_qc(stats, [])
     return rec.finish(record_out)
 
@@ -192,7 +216,9 @@ def run_pool_normalize(
 ) -> tuple[dict, dict]:
     """Pool, then normalize, as one workflow job with a record per step.
 
-    ``params`` holds both config sections: ``{"pool": ..., "normalize": ...}``.
+    ``params`` holds both config sections: ``{"pool": ..., "normalize": ...}``,
+    and optionally ``face_margin_mm`` (the config's ``qc/face_margin_mm``; left
+    out: the schema's default).
     Each step takes well under a second; as two jobs they cost Snakemake more
     planning time per scan (thousands of scans) than they take to run.
     """
@@ -213,6 +239,7 @@ def run_pool_normalize(
         ctx=ctx,
         params=params.get("normalize", {}),
         cache_out=cache_out,
+        face_margin_mm=params.get("face_margin_mm"),
     )
     return pooled, normalized
 

@@ -4,11 +4,11 @@
 ``<scan>_provenance.json``) and writes one HTML file with inline CSS and the QC
 thumbnails embedded as data URIs, so it can be mailed or archived as is:
 counts, a methods paragraph generated from the settings actually used, a row
-per scan (step durations, QC metrics with pass/fail, thumbnail), the
-exclusions with their reasons, the tool versions across the cohort, and per
-scan the exact commands or function calls with the sha256 of every input and
-output. The module is long because the page, its CSS and the per-step methods
-text are one document.
+per scan (step durations, QC metrics with pass/fail, the model-ready volume's
+face check, thumbnail), the exclusions with their reasons, the tool versions
+across the cohort, and per scan the exact commands or function calls with
+the sha256 of every input and output. The module is long because the page,
+its CSS and the per-step methods text are one document.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 from medtx.errors import MedtxError
 from medtx.io import write_text
+from medtx.provenance.qc import NOT_MEASURED, face_status, unmeasured
 
 STEP_ORDER = ("bet", "flirt", "n4", "pool", "normalize")
 STEP_TITLES = {
@@ -516,6 +517,8 @@ def _thumbnail_html(record: Mapping[str, Any], base_dir: Path) -> str:
 
 def _qc_html(record: Mapping[str, Any]) -> str:
     spans = []
+    thresholds = (record.get("qc") or {}).get("thresholds")
+    thresholds = thresholds if isinstance(thresholds, Mapping) else {}
     for step in record.get("steps", []):
         qc = step.get("qc") or {}
         checked = {c.get("metric") for c in qc.get("checks", [])}
@@ -538,7 +541,29 @@ def _qc_html(record: Mapping[str, Any]) -> str:
                     f'<span class="info" title="{_e(step.get("step"))}: not checked">'
                     f"{_e(metric)} {_e(shown)}</span>"
                 )
+        for metric in unmeasured(step, thresholds):
+            spans.append(
+                f'<span class="missing" title="{_e(step.get("step"))}: a threshold is set '
+                f'but the step did not record the metric (an older record)">'
+                f"{_e(metric)} {NOT_MEASURED}</span>"
+            )
     return "".join(spans) or '<span class="missing">no checks</span>'
+
+
+def _face_html(record: Mapping[str, Any]) -> str:
+    """The face column: the face check's verdict and its two judged figures."""
+    face = face_status(record)
+    status = face["status"]
+    if status == NOT_MEASURED:
+        return f'<span class="missing" title="{_e(face["note"])}">not measured</span>'
+    figures = (
+        f"<br><small>signal {_e(_num(face['face_signal'], '.3f'))}, "
+        f"blob {_e(_num(face['face_component_ml'], '.0f'))} ml</small>"
+    )
+    cls = {"pass": "ok", "fail": "bad"}.get(status, "missing")
+    label = {"pass": "pass", "fail": "FAIL"}.get(status, status)
+    title = face["note"] or "face signal and largest face blob of the model-ready volume"
+    return f'<span class="{cls}" title="{_e(title)}">{_e(label)}</span>{figures}'
 
 
 def _call_text(call: Mapping[str, Any]) -> str:
@@ -679,14 +704,14 @@ def build_report(
             f'<td><a href="#scan-{i}">{_e(r.get("subject") or r.get("scan"))}</a></td>'
             f"<td>{_e(r.get('session') or '—')}</td><td>{_e(r.get('backend'))}</td>"
             f"{cells}<td class=num>{_e(_num(total))}</td><td>{status}</td>"
-            f'<td class="qc">{_qc_html(r)}</td><td>{_thumbnail_html(r, base)}</td></tr>'
+            f'<td class="qc">{_qc_html(r)}</td><td class="face">{_face_html(r)}</td>'
+            f"<td>{_thumbnail_html(r, base)}</td></tr>"
         )
     if rows:
         parts.append(
             "<table><tr><th>dataset</th><th>subject</th><th>session</th><th>backend</th>"
-            f"{head}<th>total (s)</th><th>QC</th><th>QC metrics</th><th>thumbnail</th></tr>"
-            + "".join(rows)
-            + "</table>"
+            f"{head}<th>total (s)</th><th>QC</th><th>QC metrics</th><th>face</th>"
+            "<th>thumbnail</th></tr>" + "".join(rows) + "</table>"
         )
     else:
         parts.append('<p class="missing">No scans were processed.</p>')

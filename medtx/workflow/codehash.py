@@ -34,6 +34,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "pool_normalize": ("medtx.preprocess.intensity",),
     "brats": ("medtx.preprocess.brats",),
     "collect": ("medtx.provenance.collect",),
+    "deface": ("medtx.share.deface",),
     "report": ("medtx.provenance.report",),
     "folds": ("medtx.folds.manifest", "medtx.folds.firewall"),
     "cache_index": ("medtx.data.cache",),

@@ -128,6 +128,12 @@ def finetune_dir(
     )
 
 
+def defaced(results: str, dataset: str, scan: str) -> dict[str, str]:
+    """A scan's defaced native-space T1 for sharing and its provenance record."""
+    base = f"{results}/share/{dataset}/{scan}/{scan}"
+    return {"t1": f"{base}_desc-defaced_T1w.nii.gz", "record": f"{base}_step-deface.json"}
+
+
 def tables_dir(results: str) -> str:
     return f"{results}/tables"
 

@@ -84,7 +84,8 @@ def run(tmp_path_factory):
     env = dict(os.environ)
     env["PATH"] = f"{REPO / '.venv' / 'bin'}:{env['PATH']}"
     work = tmp_path_factory.mktemp("wf")
-    proc = snakemake(work, "--cores", "2", "all", env=env)
+    # about 15 min on a quiet 2-core machine; room for a loaded one
+    proc = snakemake(work, "--cores", "2", "all", env=env, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return work, env
 
@@ -135,6 +136,7 @@ def test_run_writes_model_inputs_and_report(run):
     for scan in ("pre001", "adni001", "adni009", "BraTS20_Training_003"):
         assert scan in html
     assert html.count("data:image/png;base64,") >= 13
+    assert "face" in html  # the face check's column
     assert (work / "results/demo/adni/participants.tsv").exists()
 
 
@@ -166,7 +168,25 @@ def test_training_outputs_and_tables(run):
     mim = torch.load(work / "results/pretrain/stage-mim.pt", weights_only=True)
     assert mim["metadata"]["trained"] == ["vit", "mim_head"] and mim["history"]
     assert "pumit" in summary and "## Pre-training" in summary
+    # subgroup metrics from the scan tables (sex, site, age band, diagnosis)
+    assert "## Subgroups" in summary
+    regression = (work / "results/tables/subgroups_regression.md").read_text()
+    for attribute in ("| sex |", "| site |", "| diagnosis |"):
+        assert attribute in regression
     assert len(manifest) > 0
+
+
+def test_defaced_copies_pass_the_face_check(run):
+    """`snakemake <defaced copy>` (not part of all): quickshear from bet's mask."""
+    work, env = run
+    target = "results/share/mini_adni/sub-adni001/sub-adni001_desc-defaced_T1w.nii.gz"
+    proc = snakemake(work, "--cores", "2", target, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(
+        (work / target.replace("desc-defaced_T1w.nii.gz", "step-deface.json")).read_text()
+    )
+    assert record["tool"]["name"] == "quickshear" and record["qc"]["passed"]
+    assert record["input_face"]["face_signal"] > record["qc"]["metrics"]["face_signal"]
 
 
 def test_provenance_record_per_scan(run):

@@ -79,6 +79,7 @@ ROWS = {
 # File names, as patterns with {dataset} and {scan}.
 T1 = t1_outputs(paths.preprocess_dir(RESULTS, "{dataset}", "{scan}"), "{scan}")
 BRATS = brats_outputs(paths.preprocess_dir(RESULTS, "{dataset}", "{scan}"), "{scan}")
+DEFACED = paths.defaced(RESULTS, "{dataset}", "{scan}")
 
 
 def as_json(obj):
@@ -402,6 +403,19 @@ def finetune_targets(name):
         if init == "scratch" or pretrain_indexes()
         for frac in TRAIN["fractions"]
         for fold in range(config["folds"]["n_folds"])
+    ]
+
+
+# Subgroup metrics (evaluate/subgroups; its bootstrap seeded by the top-level seed)
+SUBGROUPS = {"seed": config["seed"], **config["evaluate"]["subgroups"]}
+
+
+def finetuned_scan_tables():
+    """The scan tables (sex, site, age, diagnosis) of every fine-tuned dataset."""
+    return [
+        paths.scan_table(RESULTS, name)
+        for name, spec in config["datasets"].items()
+        if any(task in spec["role"] for task in TASKS)
     ]
 
 

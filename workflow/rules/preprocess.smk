@@ -110,7 +110,13 @@ rule pool_normalize:
         mem_mb=2000,
         runtime=5,
     params:
-        settings=as_json({"pool": PRE["pool"], "normalize": PRE["normalize"]}),
+        settings=as_json(
+            {
+                "pool": PRE["pool"],
+                "normalize": PRE["normalize"],
+                "face_margin_mm": config["qc"]["face_margin_mm"],
+            }
+        ),
         context=STEP_CONTEXT,
         code=code_hash("pool_normalize"),
     shell:

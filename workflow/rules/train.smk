@@ -172,6 +172,7 @@ rule evaluate:
     input:
         metrics=finetune_targets("metrics.json"),
         pretrain=pretrain_targets(),
+        scan_tables=finetuned_scan_tables(),
     output:
         table1=f"{paths.tables_dir(RESULTS)}/table1.md",
         summary=f"{paths.tables_dir(RESULTS)}/summary.md",
@@ -183,7 +184,9 @@ rule evaluate:
         mem_mb=2000,
         runtime=10,
     params:
+        subgroups=as_json(SUBGROUPS),
         code=code_hash("evaluate"),
     shell:
         "python -m medtx evaluate --metrics {input.metrics:q} --pretrain {input.pretrain:q}"
+        " --scan-tables {input.scan_tables:q} --subgroups {params.subgroups:q}"
         " --summary {output.summary:q} > {log:q} 2>&1"
