@@ -8,7 +8,8 @@ Pre-training checkpoints, when given, get a section of their own: per backbone,
 each stage's training-loss curve and, for a tokenizer that recorded it, its
 codebook usage. Scan tables, when given, add the subgroup metrics
 (``medtx.evaluate.subgroups``): a table and a plot per task, and each attribute's
-worst group.
+worst group. Every run gets a model card beside its model.pt, and the study a card
+summarising them (``medtx.evaluate.cards``), linked from summary.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from medtx.data.cache import read_cache_index
 from medtx.domain import BACKBONES, DEFAULT_BACKBONE, PRETRAIN_STAGES
 from medtx.errors import MedtxError
+from medtx.evaluate.cards import write_model_cards, write_study_card
 from medtx.evaluate.figures import (
     codebook_stats,
     figures_section,
@@ -68,6 +70,9 @@ def evaluate_runs(
     workflow's scan tables (``results/scans/<dataset>.tsv``); with them, subgroup
     metrics (``medtx.evaluate.subgroups``, settings ``subgroup_config`` over
     ``SUBGROUP_DEFAULTS``) in subgroups_<task>.tsv/.md and a "## Subgroups" section.
+    Model cards: model_card.md in every run's folder (attributes "not recorded"
+    without scan tables) and the study card ``out_dir``/model_cards.md, linked from a
+    "## Model cards" section.
     """
     out = Path(out_dir)
     stages = [_read_pretrain(p) for p in pretrain]  # checked before anything is drawn
@@ -76,6 +81,8 @@ def evaluate_runs(
     scans = read_scan_tables(attributes) if attributes else None
     written = build_tables(metrics_paths, out)
     runs = _read_runs(written["runs"])
+    cards = write_model_cards(runs, attributes=scans, subgroup_settings=settings)
+    study_card = write_study_card(runs, cards, out)
     for (dataset, task, backbone, init, frac), group in runs.groupby(GROUP_KEYS):
         group = group.sort_values("fold")
         name = out / f"{dataset}_task-{task}_backbone-{backbone}_init-{init}_frac-{frac}"
@@ -108,7 +115,11 @@ def evaluate_runs(
             title=f"{task}, {who}, {frac} % labels",
         )
     path = Path(summary) if summary else written["summary"]
-    sections = []
+    sections = [
+        "## Model cards\n\n"
+        f"A card per fine-tuned model ({len(cards)}, model_card.md beside each model.pt) and "
+        f"the study's: [model_cards.md]({relative_link(study_card, path.parent)})."
+    ]
     if scans is not None:
         sections.append(subgroups_section(runs, scans, settings, out, path.parent))
     if stages:

@@ -1,0 +1,777 @@
+"""Model cards: what each fine-tuned model is, what it saw, how well it does, what it is for.
+
+A ``model.pt`` leaves the study without its context: which subjects trained it,
+how its inputs were made, how it was selected, where it fails, and whether its
+inputs could identify a person. Its card (``model_card.md`` beside it) says so,
+from what the run recorded: the checkpoint's metadata and config, ``metrics.json``,
+``predictions.tsv``, the fold manifest and its sidecar, the scan tables and each
+scan's provenance record (the face check of its model-ready volume). A fact the
+files do not hold is written "not recorded", never guessed. The study card
+(``model_cards.md``) has a row per run group, linking every fold's card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medtx.data.templates import TEMPLATE_NAME
+from medtx.domain import RunId
+from medtx.errors import MedtxError
+from medtx.evaluate import subgroups
+from medtx.evaluate.figures import relative_link
+from medtx.evaluate.tables import HEADLINES, METRIC_KEYS, format_mean_std, run_identity, to_markdown
+from medtx.folds.manifest import read_manifest
+from medtx.io import sha256, write_text
+from medtx.provenance.qc import NOT_MEASURED, face_status
+from medtx.train.loop import load_state
+from medtx.workflow.paths import preprocess_dir, t1_outputs
+
+CARD_NAME = "model_card.md"
+STUDY_CARD_NAME = "model_cards.md"
+NOT_RECORDED = "not recorded"
+UNREADABLE = "unreadable record"
+# face-check statuses in table order; "unreadable record" is shown only where it occurs
+FACE_STATUSES = ("pass", "fail", "not judged", NOT_MEASURED, NOT_RECORDED)
+GROUP_KEYS = ["dataset", "task", "backbone", "init", "frac"]
+SUBGROUP_COLUMNS = ["attribute", "group", "n subjects", "pooled", "95 % CI", "gap to all"]
+SUBGROUP_COLUMNS += ["gap 95 % CI", "flag", "note"]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One model's card and what the study card shows of it."""
+
+    run_dir: Path
+    run: RunId
+    text: str
+    train_subjects: int | None  # None: the checkpoint does not list them
+    face: dict[str, str] = field(default_factory=dict)  # scan -> face check (train + test)
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / CARD_NAME
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def results_root(cache_index: str | Path | None, dataset: str) -> Path | None:
+    """The workflow's results folder of a run, from the cache index it recorded.
+
+    ``medtx.workflow.paths.cache_index(results, dataset)`` is
+    ``{results}/cache/{dataset}.index.tsv``; this inverts it. None when no index was
+    recorded or its path is not of that form (a run trained outside the workflow):
+    then nothing under the results folder (provenance records) can be found.
+    """
+    if not cache_index:
+        return None
+    path = Path(cache_index)
+    if path.name != f"{dataset}.index.tsv" or path.parent.name != "cache":
+        return None
+    return path.parent.parent
+
+
+def provenance_path(results: str | Path, dataset: str, scan: str) -> Path:
+    """A scan's merged provenance record (T1 chain and BraTS alike)."""
+    return Path(t1_outputs(preprocess_dir(str(results), dataset, scan), scan)["provenance"])
+
+
+def face_check(results: Path | None, dataset: str, scan: str) -> str:
+    """The face check of a scan's model-ready volume (``medtx.provenance.qc.face_status``):
+    pass / fail / not judged / not measured; "not recorded" without a record."""
+    if results is None:
+        return NOT_RECORDED
+    path = provenance_path(results, dataset, scan)
+    if not path.is_file():
+        return NOT_RECORDED
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return UNREADABLE
+    if not isinstance(record, Mapping):
+        return UNREADABLE
+    return str(face_status(record)["status"])
+
+
+def subjects_list_sha256(subjects: Sequence[str]) -> str:
+    """sha256 of the sorted ``dataset:subject`` lines joined by newlines."""
+    return hashlib.sha256("\n".join(sorted(subjects)).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MedtxError(f"{path}: cannot read the run's metrics ({err})") from err
+    if not isinstance(obj, dict):
+        raise MedtxError(f"{path}: expected a JSON object of metrics")
+    return obj
+
+
+def _manifest(meta: Mapping[str, Any]) -> pd.DataFrame | None:
+    """The fold manifest the run recorded, if it can still be read (subjects, labels)."""
+    path = meta.get("manifest")
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        table = read_manifest(path)
+    except MedtxError:
+        return None
+    return table if {"scan", "subject", "label"} <= set(table.columns) else None
+
+
+def _scan_lookup(
+    dataset: str, manifest: pd.DataFrame | None, attributes: pd.DataFrame | None
+) -> dict[str, dict[str, str]]:
+    """scan -> {"subject", "label" (manifest), sex, site, age, diagnosis (scan table)}."""
+    out: dict[str, dict[str, str]] = {}
+    if attributes is not None and "scan" in attributes.columns:
+        rows = attributes[attributes["dataset"].astype(str) == dataset]
+        index = subgroups.attribute_index(rows) if len(rows) else None
+        if "subject" in rows.columns:
+            for scan, subject in zip(rows["scan"].astype(str), rows["subject"].astype(str)):
+                out.setdefault(scan, {})["subject"] = subject
+        if index is not None:
+            for key, values in index.iterrows():
+                scan = str(key[1]) if isinstance(key, tuple) else str(key)
+                out.setdefault(scan, {}).update({str(k): str(v) for k, v in values.items()})
+    if manifest is not None:
+        for scan, subject, label in zip(manifest["scan"], manifest["subject"], manifest["label"]):
+            entry = out.setdefault(str(scan), {})
+            entry["subject"] = str(subject)
+            entry["label"] = str(label)
+    return out
+
+
+def _known(value: Any) -> str | None:
+    """A cell's text, None where it says nothing ("", "n/a", NaN, ...)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return None if text.lower() in subgroups.MISSING_TEXT else text
+
+
+def _subject(lookup: Mapping[str, Mapping[str, str]], scan: str) -> str:
+    """A scan's subject; a scan whose subject is unknown counts as its own."""
+    subject = _known(lookup.get(scan, {}).get("subject"))
+    return f"subject {subject}" if subject is not None else f"scan {scan}"
+
+
+def _order(attr: str, values: Sequence[str], age_bands: Sequence[float]) -> list[str]:
+    """Groups as the subgroup tables order them: age bands by age, others
+    alphabetically, "unknown" last."""
+    present = set(values)
+    if attr == "age":
+        known = [b for b in subgroups.age_band_labels(age_bands) if b in present]
+    else:
+        known = sorted(present - {subgroups.UNKNOWN})
+    return known + ([subgroups.UNKNOWN] if subgroups.UNKNOWN in present else [])
+
+
+# ---------------------------------------------------------------------------- text helpers
+
+
+def _value(v: Any) -> str:
+    """A recorded value as text; None and "" are "not recorded"."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return NOT_RECORDED
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}" if math.isfinite(v) else NOT_RECORDED
+    return str(v)
+
+
+def _mapping(v: Any) -> dict[str, Any]:
+    return {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else {}
+
+
+def _number(v: Any) -> float | None:
+    """A finite number from a cell, else None."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _table(df: pd.DataFrame) -> list[str]:
+    return to_markdown(df).rstrip("\n").split("\n")
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+def _model_section(
+    run: RunId,
+    ckpt: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    stored: Mapping[str, Any],
+    model_pt: Path,
+    n_folds: Any,
+) -> list[str]:
+    kwargs = _mapping(meta.get("model_kwargs"))
+    init = meta.get("init")
+    if isinstance(init, Mapping):
+        init_text = (
+            f"{run.init}, initialised from {init.get('init')} (stage "
+            f"{_value(init.get('init_stage'))}, sha256 {_value(init.get('init_sha256'))}; "
+            f"parts loaded: {', '.join(map(str, init.get('loaded') or [])) or 'none'})"
+        )
+    elif run.init == "scratch":
+        init_text = "scratch (random initialisation, no pre-trained weights)"
+    else:
+        init_text = f"{run.init} (the checkpoint it was initialised from is {NOT_RECORDED})"
+    state = ckpt.get("model")
+    if isinstance(state, Mapping):
+        tensors = [t for t in state.values() if hasattr(t, "numel")]
+        total = sum(int(t.numel()) for t in tensors)
+        params = f"{total} (all {len(tensors)} tensors of the saved state)"
+    else:
+        params = NOT_RECORDED
+    val_fold = f", validated on fold {(run.fold + 1) % n_folds}" if _int(n_folds) else ""
+    return [
+        "## Model",
+        "",
+        f"- backbone: {kwargs.get('backbone', run.backbone)}",
+        f"- preset: {_value(meta.get('preset'))}",
+        f"- task: {run.task}",
+        f"- init: {init_text}",
+        f"- transformer used: {_value(stored.get('use_transformer'))}",
+        f"- label fraction: {run.frac} % of the fold's training subjects",
+        f"- fold: {run.fold} (tested on fold {run.fold}{val_fold}"
+        + (f", {n_folds} folds)" if _int(n_folds) else ")"),
+        f"- parameters: {params}",
+        f"- seed: {_value(meta.get('seed', ckpt.get('seed')))}",
+        f"- trained on: device {_value(ckpt.get('device'))}, world size "
+        f"{_value(ckpt.get('world_size'))}, torch {_value(ckpt.get('torch_version'))}",
+        f"- weights: {model_pt.name}, sha256 {sha256(model_pt)}",
+        "",
+    ]
+
+
+def _label_lines(
+    task: str,
+    scans: Sequence[str],
+    lookup: Mapping[str, Mapping[str, str]],
+    meta: Mapping[str, Any],
+    source: str,
+) -> tuple[list[str], tuple[float, float] | None]:
+    """The training label distribution; and (min, max) training age for regression."""
+    if task == "segmentation":
+        return [f"- label distribution: {len(scans)} segmented cases (WT/TC/ET masks)"], None
+    labels = [_number(lookup.get(s, {}).get("label")) for s in scans]
+    if task == "classification":
+        label_map = meta.get("label_map")
+        classes = [int(x) for x in labels if x is not None and x == int(x)]
+        if not isinstance(label_map, Mapping) or len(classes) != len(scans):
+            return [f"- label distribution: {NOT_RECORDED}"], None
+        names: dict[int, list[str]] = {}
+        for name, index in label_map.items():
+            names.setdefault(int(index), []).append(str(name))
+        counts = Counter(classes)
+        subjects = {
+            c: len({_subject(lookup, s) for s, x in zip(scans, classes) if x == c}) for c in counts
+        }
+        cells = [
+            f"{'/'.join(names.get(c, [f'class {c}']))} (class {c}): {counts.get(c, 0)} scans, "
+            f"{subjects.get(c, 0)} subjects"
+            for c in sorted(set(names) | set(counts))
+        ]
+        return [f"- label distribution ({source}): " + "; ".join(cells)], None
+    ages = [x for x in labels if x is not None]
+    if not ages or len(ages) != len(scans):
+        return [f"- label distribution: {NOT_RECORDED}"], None
+    lo, hi = min(ages), max(ages)
+    return [
+        f"- label distribution ({source}): age {format_mean_std(ages, 1)} years "
+        f"(mean ± std over {len(ages)} training scans), range {lo:.1f}–{hi:.1f}"
+    ], (lo, hi)
+
+
+def _composition(
+    task: str,
+    scans: Sequence[str],
+    lookup: Mapping[str, Mapping[str, str]],
+    age_bands: Sequence[float],
+) -> pd.DataFrame:
+    """Training subjects and scans per group of sex, site, age band (and diagnosis)."""
+    found = pd.DataFrame(
+        [{a: lookup.get(s, {}).get(a) for a in subgroups.ATTRIBUTES} for s in scans]
+    )
+    groups = subgroups.group_labels(found, task, age_bands)
+    units = [_subject(lookup, s) for s in scans]
+    rows = []
+    for attr in subgroups.attributes_of(task):
+        labels = groups[attr].tolist()
+        for g in _order(attr, labels, age_bands):
+            members = [u for u, x in zip(units, labels) if x == g]
+            rows.append(
+                {
+                    "attribute": subgroups.ATTRIBUTE_TITLES[attr],
+                    "group": g,
+                    "subjects": len(set(members)),
+                    "scans": len(members),
+                }
+            )
+    return pd.DataFrame(rows, columns=["attribute", "group", "subjects", "scans"])
+
+
+def _data_section(
+    run: RunId,
+    meta: Mapping[str, Any],
+    lookup: Mapping[str, Mapping[str, str]],
+    *,
+    have_attributes: bool,
+    label_source: str,
+    age_bands: Sequence[float],
+) -> tuple[list[str], tuple[float, float] | None, pd.DataFrame | None]:
+    subjects = [str(s) for s in meta.get("subjects") or []]
+    train = [str(s) for s in meta.get("train_scans") or []]
+    val = [str(s) for s in meta.get("val_scans") or []]
+    datasets = sorted({s.split(":", 1)[0] for s in subjects}) or [run.dataset]
+    lines = ["## Training data", "", f"- datasets: {', '.join(datasets)}"]
+    lines.append(
+        f"- training subjects: {len(subjects)}; training scans: {len(train)}"
+        if subjects and train
+        else f"- training subjects and scans: {NOT_RECORDED}"
+    )
+    if val:
+        known = all(_known(lookup.get(s, {}).get("subject")) for s in val)
+        n_val = len({_subject(lookup, s) for s in val}) if known else NOT_RECORDED
+        lines.append(f"- validation subjects: {n_val}; validation scans: {len(val)}")
+    else:
+        lines.append(f"- validation subjects: {NOT_RECORDED}")
+    age_range = None
+    table = None
+    if train:
+        labels, age_range = _label_lines(run.task, train, lookup, meta, label_source)
+        lines += labels
+    if subjects:
+        lines.append(
+            "- training subject list: sha256 "
+            f"`{subjects_list_sha256(subjects)}` (computed here: the {len(subjects)} sorted "
+            "`dataset:subject` lines of the checkpoint, joined by newlines)"
+        )
+    sidecar = meta.get("folds_sidecar")
+    if isinstance(sidecar, Mapping) and sidecar.get("subjects_sha256"):
+        lines.append(
+            f"- fold manifest's subject list: sha256 `{sidecar['subjects_sha256']}` (as the "
+            f"sidecar records it: all {_value(sidecar.get('n_subjects'))} subjects of the "
+            "manifest, every fold and role, bare subject ids); split seed "
+            f"{_value(sidecar.get('seed'))}, method {_value(sidecar.get('method'))}, "
+            f"{len(sidecar.get('exclusions') or [])} scan(s) excluded"
+        )
+    else:
+        lines.append(f"- fold manifest's subject list sha256: {NOT_RECORDED} (no fold sidecar)")
+    lines.append("")
+    if not train:
+        return lines, age_range, None
+    if not have_attributes:
+        lines += [f"Subjects per group: {NOT_RECORDED} (no scan tables were given).", ""]
+        return lines, age_range, None
+    table = _composition(run.task, train, lookup, age_bands)
+    lines += ["Training subjects and scans per group (from the scan tables):", ""]
+    lines += [*_table(table), ""]
+    return lines, age_range, table
+
+
+def _code_section(ckpt: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    config = _mapping(ckpt.get("config"))
+    return [
+        "## Preprocessing and code",
+        "",
+        f"- preprocessing hash: {_value(meta.get('preprocess_hash'))}",
+        f"- preprocessing backend: {_value(meta.get('backend'))}",
+        f"- training code hash (finetune stage): {_value(config.get('code'))}",
+        f"- config hash: {_value(ckpt.get('config_hash'))}",
+        f"- downsample: {_value(meta.get('downsample'))}; loss: {_value(meta.get('loss'))}",
+        f"- fold manifest: {_value(meta.get('manifest'))}; cache index: "
+        f"{_value(meta.get('cache_index'))}",
+        "",
+    ]
+
+
+def _selection_section(
+    ckpt: Mapping[str, Any], meta: Mapping[str, Any], stored: Mapping[str, Any]
+) -> list[str]:
+    best = ckpt.get("best_metric", stored.get("val_metric"))
+    index = _int(ckpt.get("best_epoch", stored.get("best_epoch")))  # 0-based, -1: none
+    epoch = NOT_RECORDED if index is None else "none" if index < 0 else str(index + 1)
+    return [
+        "## Selection",
+        "",
+        f"- selected by: {_value(meta.get('selected_by') or stored.get('selected_by'))}",
+        f"- best validation metric: {_value(best)}",
+        f"- best epoch: {epoch} (counted from 1); epochs done: "
+        f"{_value(ckpt.get('epochs_done', stored.get('epochs_done')))}; status: "
+        f"{_value(ckpt.get('status', stored.get('status')))}",
+        "",
+    ]
+
+
+def _subgroup_table(
+    run: RunId, predictions: Path, attributes: pd.DataFrame | None, settings: Mapping[str, Any]
+) -> pd.DataFrame:
+    """This run's subgroup metrics on its own test scans (``subgroups.subgroup_metrics``)."""
+    runs = pd.DataFrame(
+        [{**run.as_dict(), "predictions_path": str(predictions) if predictions.is_file() else ""}]
+    )
+    scans = attributes if attributes is not None else subgroups.read_scan_tables([])
+    return subgroups.subgroup_metrics(runs, scans, **settings)
+
+
+def _metrics_section(
+    run: RunId,
+    stored: Mapping[str, Any],
+    table: pd.DataFrame,
+    settings: Mapping[str, Any],
+    *,
+    have_attributes: bool,
+) -> list[str]:
+    metric = subgroups.METRICS[run.task]
+    headline = {k for k, _, _ in HEADLINES[run.task]}
+    lines = ["## Test metrics", "", f"Pooled over the {_value(stored.get('n'))} test scans of "]
+    lines[-1] += f"fold {run.fold} (metrics.json):"
+    lines.append("")
+    for key in METRIC_KEYS:
+        if key == "n" or stored.get(key) is None:
+            continue
+        lines.append(f"- {key}: {_value(stored[key])}" + (" (headline)" if key in headline else ""))
+    lines.append("")
+    if table.empty:
+        return [*lines, "Per subgroup: no test predictions (predictions.tsv) to split.", ""]
+    everything = table[table["attribute"] == subgroups.ALL].iloc[0]
+    if everything["status"] == "ok":
+        lines.append(
+            f"{metric.label} on all test scans: {everything['pooled']}, bootstrap 95 % CI "
+            f"{everything['95 % CI']} ({settings['bootstrap']} resamples of the "
+            f"{everything['n subjects']} test subjects, seed {settings['seed']})."
+        )
+    else:
+        lines.append(f"{metric.label} on all test scans: no interval, {everything['pooled']}.")
+    lines.append("")
+    if not have_attributes:
+        return [*lines, f"Per subgroup: {NOT_RECORDED} (no scan tables were given).", ""]
+    rows = table[table["attribute"] != subgroups.ALL][SUBGROUP_COLUMNS]
+    lines += [
+        f"Per subgroup ({metric.label}, this fold's test scans; groups of fewer than "
+        f"{settings['min_group']} subjects are too small and get no number):",
+        "",
+        *_table(rows.rename(columns={"pooled": metric.label})),
+        "",
+    ]
+    return lines
+
+
+def _limits_section(
+    run: RunId,
+    meta: Mapping[str, Any],
+    composition: pd.DataFrame | None,
+    table: pd.DataFrame,
+    settings: Mapping[str, Any],
+    age_range: tuple[float, float] | None,
+) -> list[str]:
+    subjects = meta.get("subjects") or []
+    datasets = sorted({str(s).split(":", 1)[0] for s in subjects}) or [run.dataset]
+    sites = NOT_RECORDED
+    if composition is not None:
+        rows = composition[
+            (composition["attribute"] == "site") & (composition["group"] != "unknown")
+        ]
+        sites = ", ".join(rows["group"]) or NOT_RECORDED
+    lines = [
+        "## Intended use and known limits",
+        "",
+        f"- Research use only: a {run.task} model of the backbone comparison study. Not a "
+        "medical device; not for clinical decisions.",
+        f"- Trained on {len(subjects) or NOT_RECORDED} subjects of {', '.join(datasets)} "
+        f"(sites: {sites}), {run.frac} % of the fold's training subjects.",
+    ]
+    if any(d.startswith("demo") for d in datasets + [run.dataset]):
+        lines.append(
+            "- Demo: the data are synthetic and tiny (a handful of generated scans, few "
+            "epochs on downsampled volumes); the model shows that the workflow runs and "
+            "is of no other use."
+        )
+    if age_range is not None:
+        lines.append(
+            f"- Training ages span {age_range[0]:.1f}–{age_range[1]:.1f} years; outside "
+            "that range the model extrapolates."
+        )
+    small = table[(table["attribute"] != subgroups.ALL) & (table["status"] == "too small")]
+    numbered = table[(table["attribute"] != subgroups.ALL) & (table["status"] == "ok")]
+    fewest = min((int(n) for n in numbered["n subjects"]), default=None)
+    lines.append(
+        "- Subgroup results rest on few test subjects: "
+        + (f"the smallest group with a number has {fewest}; " if fewest is not None else "")
+        + f"{len(small)} group(s) under {settings['min_group']} subjects got none. "
+        "Their intervals are wide; a group not reported is not shown to be safe."
+    )
+    lines += [
+        f"- No external validation: tested on held-out fold {run.fold} of {run.dataset} "
+        "only; performance on other scanners, sites, populations or preprocessing is "
+        "unknown.",
+        "",
+    ]
+    return lines
+
+
+def _face_table(face: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
+    statuses = list(FACE_STATUSES)
+    if any(UNREADABLE in v.values() for v in face.values()):
+        statuses.append(UNREADABLE)
+    rows = []
+    for role, by_scan in face.items():
+        counts = Counter(by_scan.values())
+        rows.append({"scans": role, "n": len(by_scan), **{s: counts.get(s, 0) for s in statuses}})
+    return pd.DataFrame(rows, columns=["scans", "n", *statuses])
+
+
+def _privacy_section(
+    run: RunId,
+    meta: Mapping[str, Any],
+    results: Path | None,
+    face: Mapping[str, Mapping[str, str]],
+) -> list[str]:
+    if run.task == "segmentation":
+        inputs = (
+            "the BraTS challenge's volumes, skull-stripped and co-registered by the "
+            "challenge (the workflow's face check runs on the T1 chain's volumes only)"
+        )
+    else:
+        inputs = (
+            f"model-ready volumes: skull-stripped, registered to the {TEMPLATE_NAME} "
+            "template, 2 mm voxels (the T1 chain's output)"
+        )
+    where = (
+        f"{provenance_path(results, run.dataset, '<scan>')}"
+        if results is not None
+        else f"{NOT_RECORDED} (the run recorded no cache index under a results folder)"
+    )
+    n = len(meta.get("subjects") or []) or NOT_RECORDED
+    return [
+        "## Privacy",
+        "",
+        f"- Inputs: {inputs}.",
+        f"- Face check of the model-ready volumes, per scan's provenance record ({where}): "
+        "pass / fail as judged by the QC thresholds, not judged (no thresholds set), not "
+        "measured (the record has no face metrics), not recorded (no record).",
+        "",
+        *_table(_face_table(face)),
+        "",
+        f"- The weights were trained on the {n} training subjects hashed above. Membership "
+        "inference (telling from a model whether a person was in its training data) is "
+        "possible in principle: do not share weights trained on data you may not share.",
+        "- predictions.tsv beside the model holds per-scan test predictions with subject ids: "
+        "share it only where the subject ids may be shared.",
+        "",
+    ]
+
+
+# ---------------------------------------------------------------------------- cards
+
+
+def build_model_card(
+    run_dir: str | Path,
+    *,
+    attributes: pd.DataFrame | None,
+    subgroup_settings: Mapping[str, Any] | None = None,
+) -> ModelCard:
+    """A run folder's card (model.pt, metrics.json, predictions.tsv) and what the study
+    card needs of it. ``attributes``: the scan tables (``subgroups.read_scan_tables``),
+    None when none were given; ``subgroup_settings``: over ``SUBGROUP_DEFAULTS``."""
+    run_dir = Path(run_dir)
+    settings = subgroups.subgroup_settings(subgroup_settings)
+    metrics_path = run_dir / "metrics.json"
+    stored = _read_json(metrics_path)
+    run = run_identity(stored, metrics_path)
+    ckpt = load_state(run_dir / "model.pt")
+    meta = _mapping(ckpt.get("metadata"))
+    sidecar = _mapping(meta.get("folds_sidecar"))
+    manifest = _manifest(meta)
+    lookup = _scan_lookup(run.dataset, manifest, attributes)
+    label_source = "fold manifest" if manifest is not None else "scan tables"
+    if manifest is None and attributes is not None and run.task in ("classification", "regression"):
+        column = "diagnosis" if run.task == "classification" else "age"
+        label_map = _mapping(meta.get("label_map"))
+        for entry in lookup.values():
+            text = _known(entry.get(column)) or ""
+            if run.task == "classification":
+                entry["label"] = str(label_map[text]) if text in label_map else ""
+            else:
+                entry["label"] = text
+    predictions = run_dir / "predictions.tsv"
+    test_scans: list[str] = []
+    if predictions.is_file():
+        test_scans = pd.read_csv(predictions, sep="\t", dtype={"scan": str})["scan"].tolist()
+    results = results_root(meta.get("cache_index"), run.dataset)
+    face = {
+        role: {s: face_check(results, run.dataset, s) for s in scans}
+        for role, scans in (
+            ("training", [str(s) for s in meta.get("train_scans") or []]),
+            ("validation", [str(s) for s in meta.get("val_scans") or []]),
+            ("test", test_scans),
+        )
+    }
+    table = _subgroup_table(run, predictions, attributes, settings)
+    data, age_range, composition = _data_section(
+        run,
+        meta,
+        lookup,
+        have_attributes=attributes is not None,
+        label_source=label_source,
+        age_bands=settings["age_bands"],
+    )
+    title = (
+        f"# Model card: {run.dataset}, {run.task}, {run.backbone}, {run.init}, "
+        f"{run.frac} % labels, fold {run.fold}"
+    )
+    lines = [title, ""]
+    lines += _model_section(run, ckpt, meta, stored, run_dir / "model.pt", sidecar.get("n_folds"))
+    lines += data
+    lines += _code_section(ckpt, meta)
+    lines += _selection_section(ckpt, meta, stored)
+    lines += _metrics_section(run, stored, table, settings, have_attributes=attributes is not None)
+    lines += _limits_section(run, meta, composition, table, settings, age_range)
+    lines += _privacy_section(run, meta, results, face)
+    subjects = meta.get("subjects")
+    return ModelCard(
+        run_dir=run_dir,
+        run=run,
+        text="\n".join(lines).rstrip("\n") + "\n",
+        train_subjects=len(subjects) if subjects else None,
+        face={**face["training"], **face["test"]},
+    )
+
+
+def model_card(
+    run_dir: str | Path,
+    *,
+    attributes: pd.DataFrame | None,
+    subgroup_settings: Mapping[str, Any] | None = None,
+) -> str:
+    """The Markdown card of the fine-tuned model in ``run_dir`` (``build_model_card``)."""
+    return build_model_card(
+        run_dir, attributes=attributes, subgroup_settings=subgroup_settings
+    ).text
+
+
+def write_model_cards(
+    runs: pd.DataFrame,
+    *,
+    attributes: pd.DataFrame | None,
+    subgroup_settings: Mapping[str, Any] | None = None,
+) -> list[ModelCard]:
+    """``model_card.md`` in every run's folder (``runs``: runs.tsv's table, its
+    ``metrics_path`` naming the folder), each written atomically; the cards in
+    ``runs``' order (``card.path`` is the file)."""
+    cards = []
+    for metrics_path in runs["metrics_path"]:
+        card = build_model_card(
+            Path(metrics_path).parent, attributes=attributes, subgroup_settings=subgroup_settings
+        )
+        write_text(card.text, card.path)
+        cards.append(card)
+    return cards
+
+
+def _headline(task: str, group: pd.DataFrame) -> str:
+    return "; ".join(
+        f"{label} {format_mean_std(group[key], digits)}"
+        for key, label, digits in HEADLINES.get(task, ())
+        if key in group.columns
+    )
+
+
+def study_card(runs: pd.DataFrame, cards: Sequence[ModelCard], *, relative_to: str | Path) -> str:
+    """The study-level card: a row per run group (dataset x task x backbone x init x label
+    fraction) with its folds' pooled headline test metric (mean ± std over folds),
+    training subjects per fold, the face check of the distinct training and test scans
+    of its models, and a link to each fold's card relative to ``relative_to``."""
+    by_dir = {c.run_dir.resolve(): c for c in cards}
+    rows = []
+    for key, group in runs.groupby(GROUP_KEYS, sort=True):
+        dataset, task, backbone, init, frac = (str(k) for k in key)
+        group = group.sort_values("fold")
+        found = [
+            (int(f), by_dir.get(Path(p).parent.resolve()))
+            for f, p in zip(group["fold"], group["metrics_path"])
+        ]
+        face: dict[str, str] = {}
+        for _, c in found:
+            if c is not None:
+                face.update(c.face)
+        counts = Counter(face.values())
+        statuses = [s for s in (*FACE_STATUSES, UNREADABLE) if counts.get(s)]
+        rows.append(
+            {
+                "dataset": dataset,
+                "task": task,
+                "backbone": backbone,
+                "init": init,
+                "label fraction (%)": frac,
+                "folds": len(group),
+                "test metric, mean ± std over folds": _headline(task, group),
+                "training subjects per fold": ", ".join(
+                    NOT_RECORDED if c is None or c.train_subjects is None else str(c.train_subjects)
+                    for _, c in found
+                ),
+                "face check (training + test scans)": ", ".join(
+                    f"{s} {counts[s]}" for s in statuses
+                )
+                or "no scans",
+                "cards": ", ".join(
+                    f"[fold {f}]({relative_link(c.path, relative_to)})"
+                    if c is not None
+                    else f"fold {f}: no card"
+                    for f, c in found
+                ),
+            }
+        )
+    table = pd.DataFrame(rows)
+    datasets = sorted(runs["dataset"].astype(str).unique())
+    lines = [
+        "# medtx study: model cards",
+        "",
+        f"{len(runs)} fine-tuned model(s) in {len(rows)} group(s) on "
+        f"{', '.join(datasets) or 'no dataset'}. Each model's card (model_card.md beside "
+        "its model.pt) lists its training data (subjects per group, label distribution, "
+        "the subject list's sha256), preprocessing and code hashes, how it was selected, "
+        "its test metrics pooled and per subgroup with bootstrap 95 % intervals, its "
+        "intended use and limits, and the privacy status of its inputs.",
+        "",
+        "All models: research use only, not for clinical decisions; none is externally "
+        "validated. Do not share weights trained on data you may not share.",
+        "",
+    ]
+    if any(d.startswith("demo") for d in datasets):
+        lines += [
+            "Demo: the data are synthetic and tiny; these models only show that the "
+            "workflow runs end to end.",
+            "",
+        ]
+    if rows:
+        lines += [*_table(table), ""]
+    else:
+        lines += ["No fine-tuned model.", ""]
+    return "\n".join(lines)
+
+
+def write_study_card(runs: pd.DataFrame, cards: Sequence[ModelCard], out_dir: str | Path) -> Path:
+    """``out_dir``/model_cards.md (``study_card``), its links relative to ``out_dir``."""
+    path = Path(out_dir) / STUDY_CARD_NAME
+    return write_text(study_card(runs, cards, relative_to=path.parent), path)
