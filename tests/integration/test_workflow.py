@@ -173,6 +173,10 @@ def test_training_outputs_and_tables(run):
     regression = (work / "results/tables/subgroups_regression.md").read_text()
     for attribute in ("| sex |", "| site |", "| diagnosis |"):
         assert attribute in regression
+    cards = [run.parent / "model_card.md" for run in runs]
+    assert all(card.exists() for card in cards)  # one beside every model
+    assert "## Privacy" in cards[0].read_text()
+    assert "model_cards.md" in summary
     assert len(manifest) > 0
 
 

@@ -2,7 +2,8 @@
 # pool_normalize and brats_preprocess); pre-training per backbone (the Medical
 # Transformer: stage 1 exemplar, stage 2 masked encodings; PUMIT: the soft-token
 # tokenizer, then masked image modelling); fine-tuning per dataset x task x
-# backbone x init x label fraction x fold, and the tables. Every training rule waits for the leakage
+# backbone x init x label fraction x fold, and the tables, subgroup metrics and
+# model cards. Every training rule waits for the leakage
 # firewall (firewall_gate), so a leak stops the run before any training job.
 
 
@@ -176,6 +177,9 @@ rule evaluate:
     output:
         table1=f"{paths.tables_dir(RESULTS)}/table1.md",
         summary=f"{paths.tables_dir(RESULTS)}/summary.md",
+        study_card=f"{paths.tables_dir(RESULTS)}/model_cards.md",
+        # one beside each model: its data, hashes, metrics per subgroup, privacy
+        cards=finetune_targets("model_card.md"),
     log:
         f"{LOGS}/train/evaluate.log",
     conda:
