@@ -211,6 +211,9 @@ def test_provenance_record_per_scan(run):
         "misalignment_mm",
         "dice_template_mask",
         "bias_ratio",
+        "face_signal",  # the face check of the model-ready volume, at its margin
+        "face_component_ml",
+        "face_margin_mm",
     }
 
 
