@@ -220,11 +220,15 @@ def template_face_metrics(
 ) -> dict[str, float] | None:
     """``face_metrics`` of a volume in template space against the template's brain
     mask; None when the grid holds less than 90% of the template brain (it is not
-    in template space, or crops the brain), so there is no face check to make."""
+    in template space, or crops the brain), or when the volume is dark inside the
+    template brain (a failed registration or a non-brain: the other QC checks fail
+    it), so there is no face check to make and the scan's record says "not measured"."""
     brain = template_brain_mask_on(image.shape, affine)
     tpl, tpl_affine = _template_mask()
     template_ml = float((tpl > 0.5).sum()) * voxel_ml(tpl_affine)
     if float(brain.sum()) * voxel_ml(affine) < MIN_TEMPLATE_COVERAGE * template_ml:
+        return None
+    if not float(np.median(image[brain])) > 0:
         return None
     return face_metrics(image, brain, affine, margin_mm=margin_mm)
 

@@ -337,3 +337,15 @@ def test_model_ready_volume_of_the_raw_head_passes(model_ready, raw_head):
         "face_signal",
         "face_component_ml",
     }
+
+
+def test_a_dark_template_space_volume_is_not_measured_rather_than_an_error():
+    """A non-brain whose registered volume is dark in the template brain (the hostile
+    QC images) must still reach its QC verdict: no face check, no exception."""
+    from medtx.provenance.face import _template_mask, template_face_metrics
+
+    mask, affine = _template_mask()
+    dark = np.zeros(mask.shape, np.float32)
+    assert template_face_metrics(dark, affine, margin_mm=10.0) is None
+    bright = (mask > 0.5).astype(np.float32)
+    assert template_face_metrics(bright, affine, margin_mm=10.0)["face_signal"] == 0.0
