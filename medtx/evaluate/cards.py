@@ -28,7 +28,14 @@ from medtx.domain import RunId
 from medtx.errors import MedtxError
 from medtx.evaluate import subgroups
 from medtx.evaluate.figures import relative_link
-from medtx.evaluate.tables import HEADLINES, METRIC_KEYS, format_mean_std, run_identity, to_markdown
+from medtx.evaluate.tables import (
+    HEADLINES,
+    METRIC_KEYS,
+    format_mean_std,
+    read_metrics_json,
+    run_identity,
+    to_markdown,
+)
 from medtx.folds.manifest import read_manifest
 from medtx.io import sha256, write_text
 from medtx.provenance.qc import NOT_MEASURED, face_status
@@ -105,16 +112,6 @@ def face_check(results: Path | None, dataset: str, scan: str) -> str:
 def subjects_list_sha256(subjects: Sequence[str]) -> str:
     """sha256 of the sorted ``dataset:subject`` lines joined by newlines."""
     return hashlib.sha256("\n".join(sorted(subjects)).encode()).hexdigest()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise MedtxError(f"{path}: cannot read the run's metrics ({err})") from err
-    if not isinstance(obj, dict):
-        raise MedtxError(f"{path}: expected a JSON object of metrics")
-    return obj
 
 
 def _manifest(meta: Mapping[str, Any]) -> pd.DataFrame | None:
@@ -597,7 +594,7 @@ def build_model_card(
     run_dir = Path(run_dir)
     settings = subgroups.subgroup_settings(subgroup_settings)
     metrics_path = run_dir / "metrics.json"
-    stored = _read_json(metrics_path)
+    stored = read_metrics_json(metrics_path)
     run = run_identity(stored, metrics_path)
     ckpt = load_state(run_dir / "model.pt")
     meta = _mapping(ckpt.get("metadata"))

@@ -95,7 +95,7 @@ def run_identity(stored: Mapping[str, Any], path: str | Path) -> RunId:
         raise MedtxError(f"{path}: bad run identity {dict(record)}: {err}") from err
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_metrics_json(path: Path) -> dict[str, Any]:
     try:
         obj = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -119,7 +119,7 @@ def _same(a: Any, b: Any) -> bool:
 def _run_row(path: Path) -> dict[str, Any]:
     from medtx.evaluate.predict import evaluate_predictions  # torch: import only when reading runs
 
-    stored = _read_json(path)
+    stored = read_metrics_json(path)
     run = run_identity(stored, path)
     tsv = path.parent / "predictions.tsv"
     metrics, source = stored, "metrics.json (no predictions.tsv to check)"
