@@ -99,13 +99,14 @@ def test_unreadable_yaml(tmp_path):
 def test_registration_schedule_levels_must_match():
     """Two iteration counts against three shrink factors stopped ANTs mid-run."""
     config = base()
-    config["preprocess"]["flirt"]["ants"]["aff_iterations"] = [20, 10]
+    ants = config["preprocess"]["flirt"]["ants"]
+    ants.update(aff_iterations=[20, 10], aff_shrink_factors=[4, 2, 1], aff_smoothing_sigmas=[2, 1, 0])
     with pytest.raises(ConfigError) as err:
         validate_config(config)
     assert str(err.value) == (
         "config key 'preprocess/flirt/ants': one entry per level in each of aff_iterations, "
         "aff_shrink_factors, aff_smoothing_sigmas; got aff_iterations [20, 10], "
-        "aff_shrink_factors [8, 4, 2, 1], aff_smoothing_sigmas [4, 2, 1, 0]"
+        "aff_shrink_factors [4, 2, 1], aff_smoothing_sigmas [2, 1, 0]"
     )
 
 
@@ -118,4 +119,9 @@ def test_a_step_given_part_of_its_section_runs_with_the_schema_defaults():
     assert bet == {"ants": {**full["bet"]["ants"], "method": "robex"}}  # no fsl section added
     both = step_params("pool_normalize", {"pool": {}, "normalize": {"clip_percentile": 99.0}})
     assert both["pool"] == full["pool"] and both["normalize"]["within"] == "brain"
-    assert step_params("flirt", {"ants": {}}) == {"ants": full["flirt"]["ants"]}
+    flirt = step_params("flirt", {"ants": {}})["ants"]
+    # the schema's schedule (finest level 1 mm), not the demo config's 2 mm
+    assert (flirt["registration_mm"], flirt["aff_shrink_factors"]) == (1.0, [8, 4, 2, 1])
+    schedule = ("registration_mm", "aff_iterations", "aff_shrink_factors", "aff_smoothing_sigmas")
+    rest = {k: v for k, v in full["flirt"]["ants"].items() if k not in schedule}
+    assert {k: v for k, v in flirt.items() if k not in schedule} == rest
