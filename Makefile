@@ -31,8 +31,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/snakemake --lint
 
+# one worker per core (pytest-xdist); a module's tests stay on one worker, so the
+# integration module's one workflow run overlaps the unit tests on the other core
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n auto --dist loadscope tests
 
 clean-demo:
 	rm -rf results logs .snakemake

@@ -215,17 +215,22 @@ def run_ants_full(t1: str, out: Path) -> np.ndarray:
     import ants
 
     from medtx.data.templates import template_path
+    from medtx.preprocess.antsio import registration_scratch
     from medtx.preprocess.transforms import ants_affine
 
     head = ants.image_read(t1)
     if head.dimension == 4:
         head = ants.slice_image(head, axis=3, idx=0)
     n4 = ants.n4_bias_field_correction(head)
-    reg = ants.registration(
-        fixed=ants.image_read(str(template_path("t1"))), moving=n4, type_of_transform="Affine"
-    )
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(reg["fwdtransforms"][0], out / "affine.mat")
+    with registration_scratch() as outprefix:
+        reg = ants.registration(
+            fixed=ants.image_read(str(template_path("t1"))),
+            moving=n4,
+            type_of_transform="Affine",
+            outprefix=outprefix,
+        )
+        shutil.copyfile(reg["fwdtransforms"][0], out / "affine.mat")
     return ants_affine(out / "affine.mat")
 
 

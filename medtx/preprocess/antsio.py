@@ -7,6 +7,11 @@ unit tests check the result against ``ants.image_read`` of the same file.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import numpy as np
 
 _LPS = np.diag([-1.0, -1.0, 1.0])
@@ -34,6 +39,17 @@ def from_ants(img) -> tuple[np.ndarray, np.ndarray]:
     affine[:3, :3] = _LPS @ (direction * spacing)
     affine[:3, 3] = _LPS @ np.asarray(img.origin, dtype=float)
     return img.numpy().astype(np.float32), affine
+
+
+@contextlib.contextmanager
+def registration_scratch() -> Iterator[str]:
+    """An ``outprefix`` for ``ants.registration`` in a folder removed on exit.
+
+    Without one, antspyx writes every transform into the system temp folder and
+    never removes it: two files per scan and step, thousands after a cohort.
+    """
+    with tempfile.TemporaryDirectory(prefix="medtx-ants-") as tmp:
+        yield str(Path(tmp) / "reg_")
 
 
 def configure_ants(*, seed: int | None, threads: int, deterministic: bool) -> None:

@@ -21,6 +21,7 @@ from medtx.preprocess.antsio import (
     at_resolution,
     configure_ants,
     read_template,
+    registration_scratch,
     to_ants,
 )
 from medtx.preprocess.context import StepContext
@@ -164,12 +165,16 @@ def _bet_ants(data, affine, brain_out, mask_out, xfm_out, params, ctx, rec):
         random_seed=ctx.seed,
         **kw,
     )
-    reg = ants.registration(
-        fixed=read_template("t1", mm), moving=at_resolution(to_ants(data, affine), mm), **kw
-    )
-    with atomic_path(xfm_out) as tmp:
-        shutil.copyfile(reg["fwdtransforms"][0], tmp)
-    head_ncc = head_similarity(data, affine, reg["fwdtransforms"])
+    with registration_scratch() as outprefix:
+        reg = ants.registration(
+            fixed=read_template("t1", mm),
+            moving=at_resolution(to_ants(data, affine), mm),
+            outprefix=outprefix,
+            **kw,
+        )
+        with atomic_path(xfm_out) as tmp:
+            shutil.copyfile(reg["fwdtransforms"][0], tmp)
+    head_ncc = head_similarity(data, affine, [str(xfm_out)])
     method = params["method"]
     rec.call(f"medtx.preprocess.extraction.extract[{method}]")
     mask, tool, version = extract(

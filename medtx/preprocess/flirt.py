@@ -29,6 +29,7 @@ from medtx.preprocess.antsio import (
     configure_ants,
     from_ants,
     read_template,
+    registration_scratch,
     to_ants,
 )
 from medtx.preprocess.context import StepContext
@@ -214,13 +215,17 @@ def _flirt_ants(data, affine, mask_data, head, xfm_init, xfm_out, params, ctx, r
     moving = to_ants(*head)
     if params["pool_moving"]:
         moving = at_resolution(moving, mm)
-    reg = ants.registration(
-        fixed=read_template("t1", mm),
-        moving=moving,
-        mask=read_template("brain_mask", mm).threshold_image(0.5, 2) if masked else None,
-        initial_transform=[str(xfm_init)],
-        **kw,
-    )
+    with registration_scratch() as outprefix:
+        reg = ants.registration(
+            fixed=read_template("t1", mm),
+            moving=moving,
+            mask=read_template("brain_mask", mm).threshold_image(0.5, 2) if masked else None,
+            initial_transform=[str(xfm_init)],
+            outprefix=outprefix,
+            **kw,
+        )
+        with atomic_path(xfm_out) as dst:
+            shutil.copyfile(reg["fwdtransforms"][0], dst)
     fixed = read_template("t1_brain")
     rec.call(
         "ants.apply_transforms",
@@ -231,7 +236,7 @@ def _flirt_ants(data, affine, mask_data, head, xfm_init, xfm_out, params, ctx, r
     warped = ants.apply_transforms(
         fixed=fixed,
         moving=to_ants(data, affine),
-        transformlist=reg["fwdtransforms"],
+        transformlist=[str(xfm_out)],
         interpolator="linear",
     )
     rec.call(
@@ -243,11 +248,9 @@ def _flirt_ants(data, affine, mask_data, head, xfm_init, xfm_out, params, ctx, r
     warped_mask = ants.apply_transforms(
         fixed=fixed,
         moving=to_ants(mask_data, affine),
-        transformlist=reg["fwdtransforms"],
+        transformlist=[str(xfm_out)],
         interpolator="nearestNeighbor",
     )
-    with atomic_path(xfm_out) as dst:
-        shutil.copyfile(reg["fwdtransforms"][0], dst)
     return from_ants(warped)[0], warped_mask.numpy() > 0.5
 
 

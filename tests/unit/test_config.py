@@ -100,7 +100,9 @@ def test_registration_schedule_levels_must_match():
     """Two iteration counts against three shrink factors stopped ANTs mid-run."""
     config = base()
     ants = config["preprocess"]["flirt"]["ants"]
-    ants.update(aff_iterations=[20, 10], aff_shrink_factors=[4, 2, 1], aff_smoothing_sigmas=[2, 1, 0])
+    ants.update(
+        aff_iterations=[20, 10], aff_shrink_factors=[4, 2, 1], aff_smoothing_sigmas=[2, 1, 0]
+    )
     with pytest.raises(ConfigError) as err:
         validate_config(config)
     assert str(err.value) == (
