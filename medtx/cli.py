@@ -2,6 +2,7 @@
 
     medtx preprocess T1.nii.gz --out DIR [--backend auto|fsl|ants] [--config FILE] [--allow-qc-fail]
     medtx deface T1 OUT --mask MASK [--record JSON]
+    medtx export RUN_DIR --out DIR [--config FILE]
     medtx step {bet,flirt,n4,pool_normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
     medtx collect --record FILE ... --out FILE [--thumbnail PNG] [--qc JSON]
     medtx report --config FILE --out HTML
@@ -243,6 +244,20 @@ def cmd_deface(args: argparse.Namespace) -> int:
     return QC_FAILED
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from medtx.config import load_config
+    from medtx.share.bundle import MANIFEST, export_bundle
+
+    bundle = export_bundle(args.run_dir, args.out, config=load_config(args.config))
+    meta = bundle.meta
+    folds = ", ".join(str(f["fold"]) for f in meta["folds"])
+    print(
+        f"medtx: bundle {bundle.path}: {meta['backbone']} {meta['task']}, folds {folds}, "
+        f"input {'x'.join(map(str, meta['input']['shape']))}; files checked by {MANIFEST}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtx", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qc", help="the config's qc section as JSON (face_* keys)")
     p.add_argument("--scan", help="the scan id for the record")
     p.set_defaults(func=cmd_deface)
+
+    p = sub.add_parser("export", help="a fine-tuned fold ensemble as a shareable bundle")
+    p.add_argument(
+        "run_dir", help="the run folder above fold-*/ (results/finetune/.../init-I_frac-P)"
+    )
+    p.add_argument("--out", required=True, help="the bundle folder (new or empty)")
+    p.add_argument("--config", help="the study's config YAML (default: the repo's config.yaml)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("step", help="one preprocessing step (what the rules call)")
     p.add_argument("step", choices=STEPS)

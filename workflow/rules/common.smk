@@ -1,5 +1,4 @@
 # Config validation, the scan tables, and every helper the rules use.
-import hashlib
 import json
 import re
 import shlex
@@ -18,6 +17,7 @@ from medtx.workflow.hooks import (
     use_checkout,
     user_errors,
 )
+from medtx.workflow.inputs import model_input_settings, settings_hash
 from medtx.workflow.lock import ResultsLock
 from medtx.workflow.paths import brats_outputs, step_records, t1_outputs
 from medtx.workflow.resources import launcher, training_resources, training_threads
@@ -305,17 +305,9 @@ FINETUNE = paths.finetune_dir(
 
 
 def train_metadata(dataset=None):
-    """What a checkpoint records of the preprocessing that made its inputs.
-
-    BraTS inputs depend only on the brats settings, T1 inputs on the T1 chain, so
-    a change to N4 does not retrain a model that never saw an N4 output.
-    """
-    if dataset is not None and is_brats(dataset):
-        settings = {"brats": PRE["brats"]}
-    else:
-        settings = {k: v for k, v in PRE.items() if k != "brats"}
-        settings["backend"] = BACKEND
-    digest = hashlib.sha256(as_json(settings).encode()).hexdigest()[:16]
+    """What a checkpoint records of the preprocessing that made its inputs."""
+    brats = dataset is not None and is_brats(dataset)
+    digest = settings_hash(model_input_settings(PRE, BACKEND, brats=brats))
     return as_json({"preprocess_hash": digest, "backend": BACKEND})
 
 

@@ -1,0 +1,170 @@
+"""`medtx export`: a real two-fold ensemble of tiny fine-tuned models becomes a bundle
+whose models predict what the checkpoints predict, and whose files cannot change
+unnoticed."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medtx.config import load_config
+from medtx.share.bundle import MANIFEST, BundleError, export_bundle, load_bundle
+from medtx.train.checkpoints import model_from_checkpoint
+from medtx.train.finetune import finetune
+from medtx.workflow import paths
+from medtx.workflow.inputs import model_input_settings, settings_hash
+from tests.unit.train.test_stages import FAST, TWO_CLASSES, write_items
+
+PUMIT = {**FAST, "backbone": "pumit", "preset": "tiny", "batch_size": 2, "epochs": 1}
+SHAPE = (20, 24, 18)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """results/finetune/toy/.../fold-{0,1}/model.pt, trained for real, and the config."""
+    root = tmp_path_factory.mktemp("study")
+    config = load_config()
+    config["results"] = str(root / "results")
+    settings = model_input_settings(config["preprocess"], "ants", brats=False)
+    metadata = {"preprocess_hash": settings_hash(settings), "backend": "ants"}
+    run_dir = root / "results/finetune/toy/task-classification/backbone-pumit/init-scratch_frac-100"
+    for fold in (0, 1):
+        items = write_items(root / f"cache{fold}", 8, shape=SHAPE, seed=fold, prefix=f"f{fold}")
+        out = run_dir / f"fold-{fold}"
+        finetune(
+            "classification",
+            items[:4],
+            items[4:6],
+            items[6:],
+            out=out / "model.pt",
+            predictions_out=out / "predictions.tsv",
+            metrics_out=out / "metrics.json",
+            config={**PUMIT, **TWO_CLASSES},
+            metadata=metadata,
+            run={
+                "dataset": "toy",
+                "task": "classification",
+                "backbone": "pumit",
+                "init": "scratch",
+                "frac": 100,
+                "fold": fold,
+            },
+        )
+    sidecar = Path(paths.manifest_sidecar(config["results"], "toy", "classification"))
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    side = {"subjects_sha256": "ab" * 32, "n_subjects": 16, "n_scans": 16, "n_folds": 2}
+    sidecar.write_text(json.dumps(side))
+    return run_dir, config
+
+
+@pytest.fixture
+def bundle(study, tmp_path):
+    run_dir, config = study
+    return export_bundle(run_dir, tmp_path / "bundle", config=config)
+
+
+def test_the_bundle_predicts_what_the_checkpoints_predict(study, bundle):
+    run_dir, _ = study
+    loaded = load_bundle(bundle.path)
+    x = torch.rand(2, 1, *SHAPE)
+    for fold, model in zip(loaded.meta["folds"], loaded.models()):
+        original, _ = model_from_checkpoint(run_dir / f"fold-{fold['fold']}" / "model.pt")
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)
+
+
+def test_bundle_json_says_what_the_inputs_must_be(bundle):
+    meta = json.loads((bundle.path / "bundle.json").read_text())
+    assert meta["backbone"] == "pumit" and meta["task"] == "classification"
+    assert meta["label_map"] == TWO_CLASSES["label_map"]
+    assert [f["fold"] for f in meta["folds"]] == [0, 1]
+    assert all(set(f["test"]) >= {"mauc"} for f in meta["folds"])
+    assert meta["training"]["subjects_sha256"] == "ab" * 32
+    assert meta["preprocessing"]["settings"]["flirt"]["ants"]["registration_mm"] == 2.0
+    assert meta["input"]["model_ready_shape"] == [96, 114, 96]  # the template pooled by 2
+
+
+def test_the_manifest_is_sha256sum_format(bundle):
+    if not shutil.which("sha256sum"):
+        pytest.skip("no sha256sum here")
+    proc = subprocess.run(
+        ["sha256sum", "-c", MANIFEST], cwd=bundle.path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_changed_weight_file_is_refused_by_name(bundle):
+    weights = bundle.path / "fold-1.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"fold-1\.safetensors: changed since export"):
+        load_bundle(bundle.path)
+
+
+def test_a_missing_or_added_file_is_refused_by_name(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle.path, copy)
+    (copy / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError, match=r"notes\.txt: not in MANIFEST"):
+        load_bundle(copy)
+    (copy / "notes.txt").unlink()
+    (copy / "bundle.json").unlink()
+    with pytest.raises(BundleError, match=r"bundle\.json: listed in MANIFEST.sha256 but missing"):
+        load_bundle(copy)
+
+
+def test_other_preprocessing_settings_are_refused(study, tmp_path):
+    run_dir, config = study
+    other = json.loads(json.dumps(config))
+    other["preprocess"]["n4"]["shrink_factor"] = 4
+    with pytest.raises(BundleError, match="not the ones these models were trained on"):
+        export_bundle(run_dir, tmp_path / "b", config=other)
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_command_says_what_it_wrote_and_fails_in_one_line(study, tmp_path):
+    run_dir, config = study
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medtx",
+            "export",
+            str(run_dir),
+            "--out",
+            str(tmp_path / "b"),
+            "--config",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "pumit classification, folds 0, 1" in ok.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medtx",
+            "export",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "c"),
+            "--config",
+            str(cfg),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [
+        f"medtx: error: {tmp_path}: no fold-*/model.pt to export (a fine-tuning run folder?)"
+    ]
