@@ -141,38 +141,15 @@ def test_the_command_says_what_it_wrote_and_fails_in_one_line(study, tmp_path):
     run_dir, config = study
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medtx",
-            "export",
-            str(run_dir),
-            "--out",
-            str(tmp_path / "b"),
-            "--config",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-    )
+
+    def export(source, out):
+        cmd = ["export", str(source), "--out", str(out), "--config", str(cfg)]
+        return subprocess.run([sys.executable, "-m", "medtx", *cmd], capture_output=True, text=True)
+
+    ok = export(run_dir, tmp_path / "b")
     assert ok.returncode == 0, ok.stderr
     assert "pumit classification, folds 0, 1" in ok.stdout
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "medtx",
-            "export",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "c"),
-            "--config",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    bad = export(tmp_path, tmp_path / "c")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines() == [
         f"medtx: error: {tmp_path}: no fold-*/model.pt to export (a fine-tuning run folder?)"
