@@ -19,6 +19,8 @@ would give other predictions without saying so.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +66,6 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: Mapping[str, 
     they must hash to what the checkpoints recorded, so the bundle cannot
     describe a preprocessing its models never saw.
     """
-    from safetensors.torch import save_file
-
-    from medtx.evaluate.predict import evaluate_predictions
-    from medtx.io import write_json
     from medtx.train.checkpoints import model_from_checkpoint
 
     run_dir, out = Path(run_dir), Path(out)
@@ -89,9 +87,26 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: Mapping[str, 
         differ = [k for k in SHARED_KEYS if meta.get(k) != first.get(k)]
         if differ:
             raise BundleError(f"{path}: differs from {checkpoints[0]} in {', '.join(differ)}")
-    run = first.get("run") or {}
     settings = _preprocessing(config, first)
-    out.mkdir(parents=True, exist_ok=True)
+    training = _training_data(config, first.get("run") or {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        meta = _write_bundle(tmp, folds, first, settings, training)
+        tmp.replace(out)  # all or nothing: no half-written bundle under its name
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Bundle(out, meta)
+
+
+def _write_bundle(out: Path, folds: list, first: dict, settings: dict, training: dict) -> dict:
+    """The weights, bundle.json and manifest of ``export_bundle``, into ``out``."""
+    from safetensors.torch import save_file
+
+    from medtx.evaluate.predict import evaluate_predictions
+    from medtx.io import write_json
+
     umask = os.umask(0)
     os.umask(umask)
     fold_records = []
@@ -128,13 +143,13 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: Mapping[str, 
             "hash": first.get("preprocess_hash"),
             "settings": settings,
         },
-        "training": _training_data(config, run),
+        "training": training,
         "folds": fold_records,
         "code": {"medtx": __version__, "finetune_code_hash": _code_hash()},
     }
     write_json(meta, out / META)
     _write_manifest(out)
-    return Bundle(out, meta)
+    return meta
 
 
 def load_bundle(path: str | Path) -> Bundle:

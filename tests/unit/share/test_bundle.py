@@ -135,6 +135,10 @@ def test_other_preprocessing_settings_are_refused(study, tmp_path):
     with pytest.raises(BundleError, match="not the ones these models were trained on"):
         export_bundle(run_dir, tmp_path / "b", config=other)
     assert not (tmp_path / "b").exists()
+    elsewhere = {**config, "results": str(tmp_path / "no-results")}  # no fold sidecar there
+    with pytest.raises(BundleError, match="the fold sidecar is missing"):
+        export_bundle(run_dir, tmp_path / "b", config=elsewhere)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
 
 
 def test_the_command_says_what_it_wrote_and_fails_in_one_line(study, tmp_path):
