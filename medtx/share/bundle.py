@@ -201,9 +201,10 @@ def _preprocessing(config: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[s
     brats = meta["task"] == "segmentation"
     backend = meta.get("backend")
     settings = model_input_settings(dict(config["preprocess"]), str(backend), brats=brats)
-    if settings_hash(settings) != meta.get("preprocess_hash"):
+    digest = settings_hash(settings)
+    if digest != meta.get("preprocess_hash"):
         raise BundleError(
-            f"the config's preprocessing settings (hash {settings_hash(settings)}) are not the "
+            f"the config's preprocessing settings (hash {digest}) are not the "
             f"ones these models were trained on ({meta.get('preprocess_hash')}): export with "
             "the config of that run"
         )
