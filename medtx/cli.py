@@ -3,6 +3,7 @@
     medtx preprocess T1.nii.gz --out DIR [--backend auto|fsl|ants] [--config FILE] [--allow-qc-fail]
     medtx deface T1 OUT --mask MASK [--record JSON]
     medtx export RUN_DIR --out DIR [--config FILE]
+    medtx predict BUNDLE INPUT ... --out DIR [--device cpu|cuda] [--batch-size N]
     medtx step {bet,flirt,n4,pool_normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
     medtx collect --record FILE ... --out FILE [--thumbnail PNG] [--qc JSON]
     medtx report --config FILE --out HTML
@@ -258,6 +259,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medtx.predict.run import PREDICTIONS, predict_bundle
+
+    table = predict_bundle(
+        args.bundle, args.inputs, args.out, device=args.device, batch_size=args.batch_size
+    )
+    sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
+    print(f"medtx: {len(table)} scan(s) -> {Path(args.out) / PREDICTIONS}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtx", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,6 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the bundle folder (new or empty)")
     p.add_argument("--config", help="the study's config YAML (default: the repo's config.yaml)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="a bundle's fold ensemble on new raw scans")
+    p.add_argument("bundle", help="a bundle folder (medtx export)")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="raw T1 NIfTI files, BIDS folders or CSV/TSV tables (subject, t1[, age]); "
+        "BraTS case folders for a segmentation bundle",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (predictions.tsv, one folder per scan)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=2, help="scans per forward pass (default 2)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("step", help="one preprocessing step (what the rules call)")
     p.add_argument("step", choices=STEPS)

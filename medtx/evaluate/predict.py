@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from medtx.domain import REGION_NAMES, TASKS
 from medtx.errors import ConfigError, MedtxError
+from medtx.evaluate.brainage import corrected_gap, pearson_r
 from medtx.evaluate.metrics import mae, mauc
 from medtx.train.data import VolumeSet, collate
 from medtx.train.loop import to_device
@@ -95,9 +96,20 @@ def predict(
 
 
 def prediction_table(
-    task: str, items: Sequence[Mapping[str, Any]], pred: Mapping[str, np.ndarray]
+    task: str,
+    items: Sequence[Mapping[str, Any]],
+    pred: Mapping[str, np.ndarray],
+    *,
+    gaps: bool = False,
+    age_bias: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """The per-scan predictions TSV's rows (see ``finetune``)."""
+    """The per-scan predictions TSV's rows (see ``finetune``).
+
+    Regression with ``gaps`` (or an ``age_bias``) adds ``gap`` = predicted - age;
+    ``age_bias`` (``medtx.evaluate.brainage.fit_age_bias`` on the validation set) adds
+    ``gap_corrected`` = predicted - (slope * age + intercept). The ages are
+    ``pred["target"]``.
+    """
     base = pd.DataFrame(
         {
             "scan": [i.get("scan", "") for i in items],
@@ -112,6 +124,10 @@ def prediction_table(
             base[f"p_{c}"] = probs[:, c]
     elif task == "regression":
         base["prediction"] = pred["age"]
+        if gaps or age_bias is not None:
+            base["gap"] = pred["age"] - pred["target"]
+        if age_bias is not None:
+            base["gap_corrected"] = corrected_gap(pred["age"], pred["target"], age_bias)
     else:
         for r, name in enumerate(REGION_NAMES):
             base[f"dice_{name}"] = pred["dice"][:, r]
@@ -123,7 +139,10 @@ def evaluate_predictions(task: str, predictions_tsv: str | Path) -> dict[str, An
 
     classification: mAUC (Hand & Till, ``medtx.evaluate.metrics.mauc``; over the classes present,
     listed in ``mauc_classes``, when the test set lacks some) and accuracy;
-    regression: MAE (years); segmentation: mean Dice of WT, TC, ET and their mean.
+    regression: MAE (years), and, when the TSV has them, the mean ``gap`` /
+    ``gap_corrected`` and their Pearson r with age (``mean_gap``, ``r_gap_age``,
+    ``mean_gap_corrected``, ``r_gap_corrected_age``; r is None when undefined);
+    segmentation: mean Dice of WT, TC, ET and their mean.
     """
     path = Path(predictions_tsv)
     try:
@@ -156,7 +175,13 @@ def evaluate_predictions(task: str, predictions_tsv: str | Path) -> dict[str, An
         out["mauc_classes"] = present
         out["accuracy"] = float((probs.argmax(axis=1) == y).mean())
     elif task == "regression":
-        out["mae"] = mae(table["label"].to_numpy(float), table["prediction"].to_numpy(float))
+        age = table["label"].to_numpy(float)
+        out["mae"] = mae(age, table["prediction"].to_numpy(float))
+        for column in ("gap", "gap_corrected"):
+            if column in table.columns:
+                values = table[column].to_numpy(float)
+                out[f"mean_{column}"] = float(values.mean())
+                out[f"r_{column}_age"] = pearson_r(values, age)
     else:
         for r in REGION_NAMES:
             out[f"dice_{r}"] = float(table[f"dice_{r}"].mean())

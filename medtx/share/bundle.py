@@ -4,9 +4,10 @@ A bundle is a folder another lab can use without this study's results folder:
 
 - ``bundle.json``: what the models are and what their inputs must be (backbone
   and model arguments, task and label map, the preprocessing settings and
-  backend that made the training inputs, input shape and intensity
-  convention, the training data's subject-list sha256, each fold's test
-  metrics, the code version and hashes);
+  backend that made the training inputs with the study's seed and QC
+  thresholds, input shape and intensity convention, the training data's
+  subject-list sha256, each fold's test metrics (and for brain age its
+  validation-fitted age-bias correction), the code version and hashes);
 - ``fold-<k>.safetensors``: each fold's weights (the fold ensemble);
 - ``MANIFEST.sha256``: the sha256 of every other file, in ``sha256sum`` format
   (``sha256sum -c MANIFEST.sha256`` checks it without medtx).
@@ -88,11 +89,13 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: Mapping[str, 
         if differ:
             raise BundleError(f"{path}: differs from {checkpoints[0]} in {', '.join(differ)}")
     settings = _preprocessing(config, first)
+    # what `medtx predict` needs to preprocess a new scan as the study did
+    study = {"seed": config["seed"], "qc": dict(config["qc"])}
     training = _training_data(config, first.get("run") or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        meta = _write_bundle(tmp, folds, first, settings, training)
+        meta = _write_bundle(tmp, folds, first, settings, study, training)
         tmp.replace(out)  # all or nothing: no half-written bundle under its name
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,7 +103,9 @@ def export_bundle(run_dir: str | Path, out: str | Path, *, config: Mapping[str, 
     return Bundle(out, meta)
 
 
-def _write_bundle(out: Path, folds: list, first: dict, settings: dict, training: dict) -> dict:
+def _write_bundle(
+    out: Path, folds: list, first: dict, settings: dict, study: dict, training: dict
+) -> dict:
     """The weights, bundle.json and manifest of ``export_bundle``, into ``out``."""
     from safetensors.torch import save_file
 
@@ -118,6 +123,8 @@ def _write_bundle(out: Path, folds: list, first: dict, settings: dict, training:
         os.chmod(out / name, 0o666 & ~umask)  # safetensors writes 0600; a bundle is shared
         predictions = path.parent / "predictions.tsv"
         test = evaluate_predictions(first["task"], predictions) if predictions.exists() else {}
+        metrics = path.parent / "metrics.json"
+        age_bias = _read_json(metrics).get("age_bias") if metrics.exists() else None
         fold_records.append(
             {
                 "fold": fold,
@@ -126,6 +133,7 @@ def _write_bundle(out: Path, folds: list, first: dict, settings: dict, training:
                 "best_epoch": ckpt.get("best_epoch"),
                 "n_train": len(ckpt["metadata"].get("subjects") or []),
                 "test": test,
+                **({"age_bias": age_bias} if first["task"] == "regression" else {}),
             }
         )
     meta = {
@@ -142,6 +150,7 @@ def _write_bundle(out: Path, folds: list, first: dict, settings: dict, training:
             "backend": first.get("backend"),
             "hash": first.get("preprocess_hash"),
             "settings": settings,
+            **study,
         },
         "training": training,
         "folds": fold_records,

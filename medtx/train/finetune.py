@@ -3,7 +3,9 @@
 A task model (diagnosis, brain age, tumour segmentation) starts from the
 pre-trained encoders (+ transformer), or from scratch, and is selected by its
 validation metric (mAUC max / MAE min / mean Dice max); the best state then
-predicts the test set: a per-scan TSV and a JSON of the test metrics.
+predicts the test set: a per-scan TSV and a JSON of the test metrics. Brain age
+adds the gap (predicted - age), raw and corrected for the age bias fitted on the
+validation set (``medtx.evaluate.brainage``).
 
 Losses: cross-entropy; L1 (default, ``loss_regression: l1``: the paper reports
 MAE, and L1 optimizes it directly) or MSE on standardized ages (the training
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from medtx.data.cache import read_cache_index
 from medtx.domain import REGION_NAMES, TASKS, RunId
 from medtx.errors import CohortError, ConfigError, MedtxError
+from medtx.evaluate.brainage import fit_age_bias
 from medtx.evaluate.metrics import mae
 from medtx.evaluate.predict import evaluate_predictions, predict, prediction_table, selection_mauc
 from medtx.folds.manifest import read_manifest
@@ -82,9 +85,15 @@ def finetune(
         use_transformer: False is the "w/o transformer" ablation (encoders only).
         out: the final checkpoint (best-by-validation state + metadata).
         predictions_out: per-scan test predictions TSV: scan, subject, label, then
-            prediction + p_0..p_{K-1} (classification), prediction = age in years
-            (regression), or dice_WT, dice_TC, dice_ET (segmentation).
-        metrics_out: the test metrics JSON (default: predictions_out with .json).
+            prediction + p_0..p_{K-1} (classification), prediction = age in years,
+            gap = prediction - age and gap_corrected (regression), or dice_WT,
+            dice_TC, dice_ET (segmentation).
+        metrics_out: the test metrics JSON (default: predictions_out with .json);
+            regression adds ``age_bias``, the line predicted = slope * age + intercept
+            fitted on the validation set (``medtx.evaluate.brainage``; Beheshti et al.
+            2019, de Lange & Cole 2020), whose residual is the TSV's gap_corrected;
+            null (and no gap_corrected) when it cannot be fitted, e.g. one
+            validation scan.
         config: ``DEFAULTS`` keys.
         metadata: stored in the checkpoint (fold sidecar, preprocessing fingerprint).
         device, max_steps_this_run, log: as ``medtx.train.loop.train``.
@@ -224,16 +233,31 @@ def finetune(
         return result  # one process (rank 0) predicts and writes
 
     model.load_state_dict(load_state(out)["model"])
-    pred = predict(
-        model,
-        sets["test"],
-        batch_size=cfg["batch_size"],
-        device=dev,
-        target_stats=stats,
-        amp=cfg["amp"],
-        num_workers=cfg["num_workers"],
+
+    def predict_set(name: str) -> dict[str, np.ndarray]:
+        return predict(
+            model,
+            sets[name],
+            batch_size=cfg["batch_size"],
+            device=dev,
+            target_stats=stats,
+            amp=cfg["amp"],
+            num_workers=cfg["num_workers"],
+        )
+
+    extra: dict[str, Any] = {}
+    if task == "regression":
+        # the age-bias line is fitted on validation only: the test set is what it corrects
+        pred_val = predict_set("val")
+        try:
+            extra["age_bias"] = fit_age_bias(pred_val["target"], pred_val["age"])
+        except MedtxError as err:
+            (log or default_log)(f"[finetune] no age-bias correction: {err}")
+            extra["age_bias"] = None
+    pred = predict_set("test")
+    table = prediction_table(
+        task, sets["test"].items, pred, gaps=task == "regression", age_bias=extra.get("age_bias")
     )
-    table = prediction_table(task, sets["test"].items, pred)
     write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"), predictions_out)
     metrics = evaluate_predictions(task, predictions_out)
     metrics_out = (
@@ -254,6 +278,7 @@ def finetune(
             "predictions": str(predictions_out),
             "init": str(init) if init else "scratch",
             "use_transformer": use_transformer,
+            **extra,
         },
         metrics_out,
     )

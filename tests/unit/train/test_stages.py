@@ -10,7 +10,7 @@ import torch
 from medtx.data.cache import cache_volume
 from medtx.errors import BadScanError, CohortError, ConfigError, MedtxError
 from medtx.evaluate.metrics import dice, mauc
-from medtx.evaluate.predict import dice_per_case, evaluate_predictions
+from medtx.evaluate.predict import dice_per_case, evaluate_predictions, predict
 from medtx.models import build_model
 from medtx.train.checkpoints import load_pretrained, model_from_checkpoint
 from medtx.train.config import DEFAULTS, resolve_config
@@ -246,7 +246,7 @@ def test_finetune_regression_writes_predictions_and_metrics(tmp_path):
     data = tmp_path / "data"
     train, val, test = (
         write_items(data, n, task="regression", seed=s, prefix=p)
-        for n, s, p in ((4, 0, "tr"), (2, 1, "va"), (3, 2, "te"))
+        for n, s, p in ((4, 0, "tr"), (4, 1, "va"), (3, 2, "te"))
     )
     result = finetune(
         "regression",
@@ -260,7 +260,8 @@ def test_finetune_regression_writes_predictions_and_metrics(tmp_path):
         log=lambda _: None,
     )
     table = pd.read_csv(tmp_path / "pred.tsv", sep="\t")
-    assert list(table.columns) == ["scan", "subject", "label", "prediction"]
+    columns = ["scan", "subject", "label", "prediction", "gap", "gap_corrected"]
+    assert list(table.columns) == columns
     assert table["prediction"].between(0, 150).all()  # de-standardized to years
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["mae"] == pytest.approx(np.abs(table["label"] - table["prediction"]).mean())
@@ -269,6 +270,58 @@ def test_finetune_regression_writes_predictions_and_metrics(tmp_path):
     assert meta["target_mean"] == pytest.approx(ages.mean())
     assert meta["target_std"] == pytest.approx(ages.std())
     assert result.extra["metrics"]["mae"] == metrics["mae"]
+
+    # the age-bias line is the best model's fit on the validation scans, not the test scans
+    model, ckpt = model_from_checkpoint(tmp_path / "m.pt")
+    stats = (ckpt["metadata"]["target_mean"], ckpt["metadata"]["target_std"])
+    pred_val = predict(
+        model,
+        VolumeSet(val, task="regression", stored=True),
+        batch_size=FAST["batch_size"],
+        device=torch.device("cpu"),
+        target_stats=stats,
+    )
+    slope, intercept = np.polyfit(pred_val["target"], pred_val["age"], 1)
+    bias = metrics["age_bias"]
+    assert bias["fitted_on"] == "validation" and bias["n"] == len(val)
+    assert bias["slope"] == pytest.approx(slope, rel=1e-6, abs=1e-6)
+    assert bias["intercept"] == pytest.approx(intercept, rel=1e-6, abs=1e-6)
+    label, prediction = table["label"], table["prediction"]
+    assert table["gap"].to_numpy() == pytest.approx((prediction - label).to_numpy(), abs=1e-3)
+    expected = prediction - (bias["slope"] * label + bias["intercept"])
+    assert table["gap_corrected"].to_numpy() == pytest.approx(expected.to_numpy(), abs=1e-3)
+    assert metrics["mean_gap_corrected"] == pytest.approx(table["gap_corrected"].mean())
+    assert metrics["r_gap_age"] == pytest.approx(np.corrcoef(prediction - label, label)[0, 1])
+
+
+def test_finetune_regression_with_one_validation_scan_has_no_age_bias(tmp_path):
+    data = tmp_path / "data"
+    train, val, test = (
+        write_items(data, n, task="regression", seed=s, prefix=p)
+        for n, s, p in ((4, 0, "tr"), (1, 1, "va"), (3, 2, "te"))
+    )
+    lines = []
+    finetune(
+        "regression",
+        train,
+        val,
+        test,
+        out=tmp_path / "m.pt",
+        predictions_out=tmp_path / "pred.tsv",
+        config={**FAST, "epochs": 1},
+        log=lines.append,
+    )
+    assert list(pd.read_csv(tmp_path / "pred.tsv", sep="\t").columns) == [
+        "scan",
+        "subject",
+        "label",
+        "prediction",
+        "gap",
+    ]
+    metrics = json.loads((tmp_path / "pred.json").read_text())
+    assert metrics["age_bias"] is None and "mean_gap_corrected" not in metrics
+    assert "mean_gap" in metrics
+    assert any("no age-bias correction" in line and "got 1" in line for line in lines)
 
 
 def test_finetune_fold_reads_the_cache_index_and_records_the_run(tmp_path):
@@ -546,7 +599,20 @@ def test_evaluate_predictions(tmp_path):
             "prediction": [62.0, 69.0],
         }
     ).to_csv(reg, sep="\t", index=False)
-    assert evaluate_predictions("regression", reg)["mae"] == pytest.approx(1.5)
+    assert evaluate_predictions("regression", reg) == {"task": "regression", "n": 2, "mae": 1.5}
+    gaps = tmp_path / "gaps.tsv"
+    pd.DataFrame(
+        {
+            "label": [60.0, 70.0, 80.0],
+            "prediction": [64.0, 70.0, 76.0],
+            "gap": [4.0, 0.0, -4.0],
+            "gap_corrected": [1.0, -1.0, 1.0],
+        }
+    ).to_csv(gaps, sep="\t", index=False)
+    out = evaluate_predictions("regression", gaps)
+    assert out["mean_gap"] == pytest.approx(0.0) and out["r_gap_age"] == pytest.approx(-1.0)
+    assert out["mean_gap_corrected"] == pytest.approx(1 / 3)
+    assert out["r_gap_corrected_age"] == pytest.approx(0.0, abs=1e-12)
     seg = tmp_path / "seg.tsv"
     pd.DataFrame(
         {

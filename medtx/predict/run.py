@@ -1,0 +1,356 @@
+"""``medtx predict``: raw scans -> the bundle's preprocessing -> its fold ensemble -> a TSV.
+
+Each scan is preprocessed with the settings, backend, seed and QC thresholds the
+bundle recorded (never the local config), so a scan the study preprocessed
+gets the same model input, and each fold model then gives what the study's
+evaluation gave. The fold spread is reported as the prediction's uncertainty.
+
+Outputs in ``out``:
+
+- ``predictions.tsv``: a row per scan: identity, QC verdict and face check, then
+  class probabilities (mean and fold sd), the brain age (mean, sd, and with a
+  chronological age the gap, raw and bias-corrected) or the segmentation file
+  and region volumes in ml;
+- ``predictions_by_fold.tsv``: each fold model's own output per scan;
+- ``<scan>/``: the preprocessing outputs and provenance, the model input
+  (``<scan>_input.npy``) and ``<scan>_predict.json`` (bundle, weights, device,
+  outputs, with sha256s); segmentation: ``<scan>_seg.nii.gz`` on the input's grid.
+
+A scan that fails QC is predicted and flagged (``qc_passed`` false, a warning
+line naming it); one that cannot be read is listed with its error and skipped.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medtx import __version__
+from medtx.errors import MedtxError
+from medtx.predict.inputs import DATASET, ScanInput, collect_inputs
+from medtx.share.bundle import META, Bundle, load_bundle
+
+PREDICTIONS = "predictions.tsv"
+BY_FOLD = "predictions_by_fold.tsv"
+
+
+def predict_bundle(
+    bundle_path: str | Path,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    batch_size: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Predict every scan named by ``inputs`` (``medtx.predict.inputs``); return the table.
+
+    ``log`` gets the skipped inputs, QC warnings and progress (default: stderr).
+    """
+    from medtx.train.loop import pick_device
+
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    bundle = load_bundle(bundle_path)
+    out = Path(out)
+    if (out / PREDICTIONS).exists():
+        raise MedtxError(f"{out / PREDICTIONS}: exists; give a new --out folder")
+    if batch_size < 1:
+        raise MedtxError(f"--batch-size must be at least 1, not {batch_size}")
+    dev = pick_device(device)
+    task = bundle.meta["task"]
+    scans, problems = collect_inputs(inputs, brats=task == "segmentation")
+    for line in problems:
+        say(f"medtx: skipped: {line}")
+    if not scans:
+        raise MedtxError("nothing to predict: no usable scan among the inputs")
+    rows, ready = [], []
+    for n, scan in enumerate(scans, 1):
+        say(f"medtx predict: preprocessing {scan.scan} ({n}/{len(scans)})")
+        try:
+            prepared = _prepare(bundle, scan, out / scan.scan)
+        except MedtxError as err:
+            say(f"medtx: skipped: {err}")
+            rows.append({**_identity(scan), "error": str(err)})
+            continue
+        if not prepared["qc_passed"]:
+            say(
+                f"medtx: warning: {scan.scan} fails QC ({'; '.join(prepared['qc_failures'])}); "
+                "its prediction is flagged (qc_passed false)"
+            )
+        ready.append((scan, prepared))
+    by_fold = _run_folds(bundle, ready, device=dev, batch_size=batch_size, say=say)
+    fold_rows = []
+    for (scan, prepared), outputs in zip(ready, by_fold):
+        row, per_fold = _summarize(bundle, scan, prepared, outputs, out / scan.scan)
+        rows.append(row)
+        fold_rows += per_fold
+        _write_record(bundle, scan, prepared, row, out / scan.scan, device=str(dev))
+    table = pd.DataFrame(rows)
+    from medtx.io import write_text
+
+    write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"), out / PREDICTIONS)
+    write_text(
+        pd.DataFrame(fold_rows).to_csv(sep="\t", index=False, float_format="%.6g"),
+        out / BY_FOLD,
+    )
+    return table
+
+
+def _identity(scan: ScanInput) -> dict[str, Any]:
+    return {
+        "scan": scan.scan,
+        "subject": scan.subject,
+        "session": scan.session or "",
+        "input": ";".join(scan.images.values()),
+    }
+
+
+def _prepare(bundle: Bundle, scan: ScanInput, folder: Path) -> dict[str, Any]:
+    """The scan through the bundle's preprocessing: model-input cache, QC and face check."""
+    from medtx.data.cache import cache_volume
+    from medtx.preprocess.context import StepContext
+
+    prep = bundle.meta["preprocessing"]
+    settings = prep["settings"]
+    cache = folder / f"{scan.scan}_input.npy"
+    brats = bundle.meta["task"] == "segmentation"
+    ctx = StepContext(
+        scan=scan.scan,
+        backend=prep["backend"],
+        seed=prep.get("seed"),
+        dataset=DATASET,
+        subject=scan.subject,
+        session=scan.session,
+        threads=int(settings.get("threads", 1)),
+        deterministic=bool(settings.get("deterministic", True)),
+    )
+    if brats:
+        from medtx.preprocess.brats import run_brats
+
+        record = run_brats(
+            scan.images,
+            None,
+            image_out=folder / f"{scan.scan}_preproc.nii.gz",
+            seg_out=None,
+            record_out=folder / f"{scan.scan}_brats.json",
+            ctx=ctx,
+            params=settings["brats"],
+            cache_out=cache,
+        )
+        return {
+            "cache": cache,
+            "qc_passed": True,
+            "qc_failures": [],
+            "face_check": "not measured",
+            "crop_start": record["qc"]["metrics"]["crop_start"],
+        }
+    import json
+
+    from medtx.preprocess.backend import require_fsl
+    from medtx.preprocess.chain import run_chain
+    from medtx.provenance.qc import face_status
+
+    if prep["backend"] == "fsl":
+        require_fsl()
+    files = run_chain(
+        scan.images["t1"],
+        folder,
+        ctx=ctx,
+        settings=settings,
+        qc=prep.get("qc"),
+        subject=scan.subject,
+        session=scan.session,
+    )
+    cache_volume(files["preproc"], cache)
+    record = json.loads(Path(files["provenance"]).read_text())
+    return {
+        "cache": cache,
+        "qc_passed": files["qc"]["passed"],
+        "qc_failures": files["qc"]["failures"],
+        "face_check": face_status(record)["status"],
+        "provenance": files["provenance"],
+    }
+
+
+def _run_folds(
+    bundle: Bundle,
+    ready: list[tuple[ScanInput, dict[str, Any]]],
+    *,
+    device: Any,
+    batch_size: int,
+    say: Callable[[str], None],
+) -> list[list[np.ndarray]]:
+    """Each scan's outputs, one array per fold: class probabilities, the age in
+    years, or WT/TC/ET probabilities on the pooled grid."""
+    import torch
+
+    from medtx.train.data import VolumeSet, collate
+
+    if not ready:
+        return []
+    meta = bundle.meta
+    task = meta["task"]
+    data = VolumeSet(
+        [{"scan": s.scan, "image": str(p["cache"])} for s, p in ready],
+        task="pretrain",  # inputs only: no labels here
+        downsample=int(meta["input"]["downsample"]),
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate)
+    models = [m.to(device) for m in bundle.models()]
+    target = meta.get("target") or {}
+    outputs: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for batch in loader:
+            image = batch["image"].to(device)
+            per_fold = []
+            for model in models:
+                logits = model(image).float()
+                if task == "classification":
+                    per_fold.append(torch.softmax(logits, dim=1))
+                elif task == "regression":
+                    per_fold.append(logits[:, 0] * target["std"] + target["mean"])
+                else:
+                    per_fold.append(torch.sigmoid(logits))
+            for i in range(image.shape[0]):
+                outputs.append([f[i].double().cpu().numpy() for f in per_fold])
+            say(f"medtx predict: {len(outputs)}/{len(ready)} scans through {len(models)} folds")
+    return outputs
+
+
+def _summarize(
+    bundle: Bundle,
+    scan: ScanInput,
+    prepared: dict[str, Any],
+    outputs: list[np.ndarray],
+    folder: Path,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The scan's row (ensemble mean, fold sd) and its per-fold rows."""
+    meta = bundle.meta
+    task = meta["task"]
+    folds = [f["fold"] for f in meta["folds"]]
+    row: dict[str, Any] = {
+        **_identity(scan),
+        "qc_passed": prepared["qc_passed"],
+        "qc_failures": "; ".join(prepared["qc_failures"]),
+        "face_check": prepared["face_check"],
+        "n_folds": len(folds),
+    }
+    per_fold: list[dict[str, Any]] = [{"scan": scan.scan, "fold": k} for k in folds]
+    if task == "classification":
+        names = sorted(meta["label_map"], key=meta["label_map"].get)
+        probs = np.stack(outputs)  # (folds, classes)
+        mean, sd = probs.mean(axis=0), probs.std(axis=0)
+        row["prediction"] = names[int(mean.argmax())]
+        for c, name in enumerate(names):
+            row[f"p_{name}"] = mean[c]
+            row[f"p_{name}_sd"] = sd[c]
+            for r, p in zip(per_fold, probs):
+                r[f"p_{c}"] = p[c]
+        for r, p in zip(per_fold, probs):
+            r["prediction"] = int(p.argmax())
+    elif task == "regression":
+        from medtx.evaluate.brainage import corrected_gap
+
+        ages = np.array([float(o) for o in outputs])
+        row["brain_age"], row["brain_age_sd"] = ages.mean(), ages.std()
+        row["age"] = scan.age if scan.age is not None else ""
+        for r, a in zip(per_fold, ages):
+            r["prediction"] = a
+        if scan.age is not None:
+            row["gap"] = ages.mean() - scan.age
+            fits = [f.get("age_bias") for f in meta["folds"]]
+            if all(fits):
+                gaps = [
+                    float(corrected_gap(np.array([a]), np.array([scan.age]), fit)[0])
+                    for a, fit in zip(ages, fits)
+                ]
+                row["gap_corrected"] = float(np.mean(gaps))
+                for r, g in zip(per_fold, gaps):
+                    r["gap_corrected"] = g
+    else:
+        row.update(_segmentation(bundle, scan, prepared, outputs, folder, per_fold))
+    return row, per_fold
+
+
+def _segmentation(
+    bundle: Bundle,
+    scan: ScanInput,
+    prepared: dict[str, Any],
+    outputs: list[np.ndarray],
+    folder: Path,
+    per_fold: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The ensemble's label volume on the case's grid, and region volumes (fold sd too)."""
+    import nibabel as nib
+
+    from medtx.io import save_nifti
+    from medtx.predict.segmentation import native_labels, region_volumes_ml
+
+    meta = bundle.meta
+    ref: Any = nib.load(scan.images[next(iter(scan.images))])
+    grid = {
+        "factor": int(meta["input"]["downsample"]),
+        "crop_start": prepared["crop_start"],
+        "crop_size": meta["input"]["model_ready_shape"],
+        "native_shape": ref.shape[:3],
+    }
+    labels = native_labels(np.mean(outputs, axis=0), **grid)
+    seg = save_nifti(labels, ref.affine, folder / f"{scan.scan}_seg.nii.gz", dtype=np.uint8)
+    volumes = region_volumes_ml(labels, ref.affine)
+    fold_volumes = [region_volumes_ml(native_labels(o, **grid), ref.affine) for o in outputs]
+    for r, v in zip(per_fold, fold_volumes):
+        r.update(v)
+    spread = {f"{k}_sd": float(np.std([v[k] for v in fold_volumes])) for k in volumes}
+    return {"segmentation": str(seg), **volumes, **spread}
+
+
+def _write_record(
+    bundle: Bundle,
+    scan: ScanInput,
+    prepared: dict[str, Any],
+    row: dict[str, Any],
+    folder: Path,
+    *,
+    device: str,
+) -> None:
+    """``<scan>_predict.json``: which bundle and weights made this prediction, from what."""
+    from datetime import datetime, timezone
+
+    from medtx.io import write_json
+    from medtx.provenance.records import file_entry, tool_versions
+
+    inputs = [file_entry(role, path) for role, path in scan.images.items()]
+    inputs.append(file_entry("model_input", prepared["cache"]))
+    weights = [
+        file_entry(f"fold-{f['fold']}", bundle.path / f["weights"]) for f in bundle.meta["folds"]
+    ]
+    outputs = [file_entry("segmentation", row["segmentation"])] if "segmentation" in row else []
+    write_json(
+        {
+            "step": "predict",
+            "scan": scan.scan,
+            "subject": scan.subject,
+            "session": scan.session,
+            "bundle": {
+                "path": str(bundle.path.resolve()),
+                "backbone": bundle.meta["backbone"],
+                "task": bundle.meta["task"],
+                "meta": file_entry("bundle", bundle.path / META),
+                "weights": weights,
+            },
+            "provenance": str(prepared.get("provenance") or ""),
+            "inputs": inputs,
+            "outputs": outputs,
+            "prediction": {k: v for k, v in row.items() if k not in ("input",)},
+            "device": device,
+            "medtx": __version__,
+            "versions": tool_versions(),
+            "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        folder / f"{scan.scan}_predict.json",
+    )

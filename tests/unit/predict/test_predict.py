@@ -1,0 +1,189 @@
+"""`medtx predict` with a real two-fold segmentation bundle on a generated BraTS case:
+the label volume lands on the case's own 240x240x155 grid, each fold's output is
+the fold model's own, and inputs it cannot use are named, not guessed at.
+
+(T1 bundles run the whole registration chain: tests/integration/test_workflow.py
+predicts a workflow scan and matches the evaluation's prediction.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medtx.config import load_config
+from medtx.data.demo import plan_brats_cohort, write_demo_part
+from medtx.domain import BRATS_REGIONS
+from medtx.errors import MedtxError
+from medtx.predict.inputs import collect_inputs
+from medtx.predict.run import BY_FOLD, PREDICTIONS, predict_bundle
+from medtx.share.bundle import export_bundle, load_bundle
+from medtx.train.data import downsample_volume, read_cached
+from medtx.train.finetune import finetune
+from medtx.workflow import paths
+from medtx.workflow.inputs import model_input_settings, settings_hash
+from tests.unit.train.test_stages import FAST, write_items
+
+CROP = [40, 48, 36]  # pooled by 2: the model reads 20x24x18
+SEG = {**FAST, "backbone": "pumit", "preset": "tiny", "batch_size": 2, "epochs": 1}
+SPEC = {"n_cases": 2, "seed": 13}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A segmentation fold ensemble trained for real on toy crops, exported."""
+    root = tmp_path_factory.mktemp("seg")
+    config = load_config()
+    config["results"] = str(root / "results")
+    config["preprocess"]["brats"]["crop"] = CROP
+    settings = model_input_settings(config["preprocess"], "ants", brats=True)
+    metadata = {"preprocess_hash": settings_hash(settings), "backend": "ants"}
+    run_dir = root / "run"
+    for fold in (0, 1):
+        items = write_items(root / f"c{fold}", 6, task="segmentation", shape=tuple(CROP), seed=fold)
+        out = run_dir / f"fold-{fold}"
+        finetune(
+            "segmentation",
+            items[:3],
+            items[3:5],
+            items[5:],
+            out=out / "model.pt",
+            predictions_out=out / "predictions.tsv",
+            metrics_out=out / "metrics.json",
+            config={**SEG, "downsample": 2},
+            metadata=metadata,
+            run={
+                "dataset": "toy",
+                "task": "segmentation",
+                "backbone": "pumit",
+                "init": "scratch",
+                "frac": 100,
+                "fold": fold,
+            },
+        )
+    sidecar = Path(paths.manifest_sidecar(config["results"], "toy", "segmentation"))
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    sidecar.write_text(json.dumps({"subjects_sha256": "cd" * 32, "n_subjects": 12}))
+    return export_bundle(run_dir, root / "bundle", config=config)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cases")
+    for row in plan_brats_cohort(SPEC):
+        write_demo_part("brats-case", SPEC, root, subject=row["case"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def predicted(bundle, cases, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pred") / "out"
+    lines = []
+    table = predict_bundle(bundle.path, [cases], out, log=lines.append)
+    return out, table, lines
+
+
+def test_the_label_volume_is_on_the_cases_native_grid(cases, predicted):
+    out, table, _ = predicted
+    assert len(table) == 2 and "error" not in table  # no case failed
+    for row in table.to_dict("records"):
+        raw = nib.load(str(cases / row["scan"] / f"{row['scan']}_t1.nii.gz"))
+        seg = nib.load(row["segmentation"])
+        assert seg.shape == raw.shape == (240, 240, 155)
+        np.testing.assert_array_equal(seg.affine, raw.affine)
+        labels = np.asarray(seg.dataobj)
+        assert set(np.unique(labels)) <= {0, 1, 2, 4}
+        for name, values in BRATS_REGIONS.items():  # the volumes are of this file
+            assert row[f"volume_{name}_ml"] == pytest.approx(np.isin(labels, values).sum() / 1000)
+
+
+def test_each_fold_output_is_that_fold_models_own(bundle, predicted):
+    """Fold rows of predictions_by_fold.tsv: the fold model run by hand on the model
+    input predict wrote, brought back to the native grid the same way."""
+    from medtx.predict.segmentation import native_labels, region_volumes_ml
+
+    out, table, _ = predicted
+    by_fold = pd.read_csv(out / BY_FOLD, sep="\t")
+    models = load_bundle(bundle.path).models()
+    for row in table.to_dict("records"):
+        scan = row["scan"]
+        x = downsample_volume(torch.from_numpy(read_cached(out / scan / f"{scan}_input.npy")), 2)
+        record = json.loads((out / scan / f"{scan}_brats.json").read_text())
+        raw = nib.load(row["segmentation"])
+        for fold, model in zip(bundle.meta["folds"], models):
+            with torch.no_grad():
+                probs = torch.sigmoid(model(x[None]))[0].double().numpy()
+            labels = native_labels(
+                probs,
+                factor=2,
+                crop_start=record["qc"]["metrics"]["crop_start"],
+                crop_size=CROP,
+                native_shape=raw.shape,
+            )
+            want = region_volumes_ml(labels, raw.affine)
+            got = by_fold[(by_fold["scan"] == scan) & (by_fold["fold"] == fold["fold"])]
+            for key, value in want.items():
+                assert got[key].item() == pytest.approx(value, abs=1e-6)
+
+
+def test_the_record_names_the_bundle_and_weights_it_used(bundle, predicted):
+    out, table, _ = predicted
+    scan = table["scan"].iloc[0]
+    record = json.loads((out / scan / f"{scan}_predict.json").read_text())
+    manifest = dict(
+        reversed(line.split("  "))
+        for line in (bundle.path / "MANIFEST.sha256").read_text().splitlines()
+    )
+    for entry in record["bundle"]["weights"]:
+        assert entry["sha256"] == manifest[Path(entry["path"]).name]
+    assert record["outputs"][0]["path"] == table["segmentation"].iloc[0]
+
+
+def test_an_existing_output_is_never_overwritten(bundle, cases, predicted):
+    out, _, _ = predicted
+    before = (out / PREDICTIONS).read_bytes()
+    with pytest.raises(MedtxError, match="exists; give a new --out folder"):
+        predict_bundle(bundle.path, [cases], out)
+    assert (out / PREDICTIONS).read_bytes() == before
+
+
+def test_unusable_inputs_are_named_one_line_each(cases, tmp_path):
+    t1 = next(cases.glob("*/*_t1.nii.gz"))
+    found, problems = collect_inputs([tmp_path / "nope", t1, cases / t1.parent.name], brats=True)
+    assert [s.scan for s in found] == [t1.parent.name]
+    assert problems == [
+        f"{tmp_path / 'nope'}: does not exist",
+        f"{t1}: a segmentation model reads BraTS case folders, not files",
+    ]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    found, problems = collect_inputs([notes], brats=False)
+    assert not found and problems == [
+        f"{notes}: not a NIfTI file (.nii, .nii.gz), a BIDS folder or a CSV/TSV table"
+    ]
+
+
+def test_the_command_prints_the_table_and_fails_in_one_line(bundle, cases, tmp_path):
+    def predict(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "medtx", "predict", str(bundle.path), *map(str, args)],
+            capture_output=True,
+            text=True,
+        )
+
+    case = next(p for p in cases.iterdir() if p.is_dir())
+    ok = predict(case, "--out", tmp_path / "one")
+    assert ok.returncode == 0, ok.stderr
+    printed = ok.stdout.splitlines()
+    assert printed[0].startswith("scan\t") and printed[1].startswith(case.name + "\t")
+    assert printed == (tmp_path / "one" / PREDICTIONS).read_text().splitlines()
+    bad = predict(tmp_path / "nope", "--out", tmp_path / "two")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "medtx: error: nothing to predict: no usable scan among the inputs"
+    )
