@@ -2,13 +2,13 @@
 
     medtx preprocess T1.nii.gz --out DIR [--backend auto|fsl|ants] [--config FILE] [--allow-qc-fail]
     medtx deface T1 OUT --mask MASK [--record JSON]
-    medtx export RUN_DIR --out DIR [--config FILE]
+    medtx export {RUN_DIR | CHECKPOINT} --out DIR [--config FILE]
     medtx predict BUNDLE INPUT ... --out DIR [--device cpu|cuda] [--batch-size N]
     medtx step {bet,flirt,n4,pool_normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
     medtx collect --record FILE ... --out FILE [--thumbnail PNG] [--qc JSON]
     medtx report --config FILE --out HTML
     medtx folds --dataset D --task T --table TSV --records JSON ... --params JSON ...
-    medtx firewall --manifest TSV ... --pretrain-table TSV ... --out JSON
+    medtx firewall --manifest TSV ... --pretrain-table TSV ... [--bundle DIR ...] --out JSON
     medtx pretrain {exemplar,masked,tokenizer,mim} --index TSV ... --out PT [--init PT] ...
     medtx finetune --dataset D --task T [--backbone B] --init I --fraction P --fold K ...
     medtx evaluate --metrics JSON ... [--pretrain PT ...] [--scan-tables TSV ...] --out-dir DIR
@@ -142,7 +142,11 @@ def cmd_firewall(args: argparse.Namespace) -> int:
     from medtx.folds.firewall import run_firewall
 
     run_firewall(
-        args.manifest, args.pretrain_table or [], _json(args.identities, "--identities"), args.out
+        args.manifest,
+        args.pretrain_table or [],
+        _json(args.identities, "--identities"),
+        args.out,
+        bundles=args.bundle,
     )
     return 0
 
@@ -247,15 +251,25 @@ def cmd_deface(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from medtx.config import load_config
-    from medtx.share.bundle import MANIFEST, export_bundle
+    from medtx.share.bundle import MANIFEST
+    from medtx.share.export import export_bundle, export_encoder
 
-    bundle = export_bundle(args.run_dir, args.out, config=load_config(args.config))
-    meta = bundle.meta
-    folds = ", ".join(str(f["fold"]) for f in meta["folds"])
-    print(
-        f"medtx: bundle {bundle.path}: {meta['backbone']} {meta['task']}, folds {folds}, "
-        f"input {'x'.join(map(str, meta['input']['shape']))}; files checked by {MANIFEST}"
-    )
+    config = load_config(args.config)
+    if Path(args.source).is_file():
+        bundle = export_encoder(args.source, args.out, config=config)
+        meta = bundle.meta
+        what = (
+            f"{meta['backbone']} encoder ({meta['stage']}), "
+            f"{meta['training']['n_subjects']} pre-training subjects"
+        )
+    else:
+        bundle = export_bundle(args.source, args.out, config=config)
+        meta = bundle.meta
+        what = f"{meta['backbone']} {meta['task']}, folds " + ", ".join(
+            str(f["fold"]) for f in meta["folds"]
+        )
+    size = "x".join(map(str, meta["input"]["shape"]))
+    print(f"medtx: bundle {bundle.path}: {what}, input {size}; files checked by {MANIFEST}")
     return 0
 
 
@@ -297,9 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", help="the scan id for the record")
     p.set_defaults(func=cmd_deface)
 
-    p = sub.add_parser("export", help="a fine-tuned fold ensemble as a shareable bundle")
+    p = sub.add_parser(
+        "export", help="a fine-tuned fold ensemble or a pre-trained encoder as a bundle"
+    )
     p.add_argument(
-        "run_dir", help="the run folder above fold-*/ (results/finetune/.../init-I_frac-P)"
+        "source",
+        help="a fine-tuning run folder above fold-*/ (results/finetune/.../init-I_frac-P), "
+        "or a pre-training checkpoint (results/pretrain/stage-masked.pt, stage-mim.pt)",
     )
     p.add_argument("--out", required=True, help="the bundle folder (new or empty)")
     p.add_argument("--config", help="the study's config YAML (default: the repo's config.yaml)")
@@ -370,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", nargs="+", required=True)
     p.add_argument("--pretrain-table", nargs="*", help="scan tables of pre-training datasets")
     p.add_argument("--identities", help="person -> [dataset:subject, ...] as JSON")
+    p.add_argument("--bundle", nargs="+", default=[], help="received encoder bundles")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_firewall)
 

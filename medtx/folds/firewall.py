@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -124,6 +125,50 @@ def leakage_report(
     return problems
 
 
+def bundle_leaks(
+    manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame],
+    bundle: str,
+    digests: Iterable[str],
+    identities: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
+    """Subjects evaluated here whom a received encoder was pre-trained on, one line each.
+
+    An encoder bundle lists the sha256 of each pre-training subject's
+    ``dataset:subject`` id (``medtx.share.bundle.subject_digest``). A validation or
+    test subject leaks when its own id, or an id ``identities`` declares the same
+    person, has one of those digests.
+    """
+    from medtx.share.bundle import subject_digest
+
+    alias = _identity_map(identities)
+    people: dict[str, list[str]] = {}
+    for ns, person in alias.items():
+        people.setdefault(person, []).append(ns)
+    seen = set(digests)
+    problems = []
+    for name, m in _named(manifests):
+        folds = sorted(int(g.group(1)) for c in m.columns if (g := _ROLE_COLUMN.match(c)))
+        ns_ids = [f"{cell_text(d)}:{cell_text(s)}" for d, s in zip(m["dataset"], m["subject"])]
+        found: dict[str, tuple[str, list[str]]] = {}
+        for k in folds:
+            for ns, r in zip(ns_ids, m[f"role_{k}"]):
+                role = cell_text(r)
+                if role not in ("val", "test"):
+                    continue
+                same = people.get(alias[ns], [ns]) if ns in alias else [ns]
+                match = next((i for i in same if subject_digest(i) in seen), None)
+                if match:
+                    found.setdefault(ns, (match, []))[1].append(f"{role} of fold {k}")
+        for ns, (match, places) in sorted(found.items()):
+            via = "" if match == ns else f" (declared the same person as {match})"
+            problems.append(
+                f"{ns}{via} is a pre-training subject of the encoder bundle {bundle} "
+                f"(sha256 of {match!r} listed there) and is evaluated in {name}: "
+                + ", ".join(places)
+            )
+    return problems
+
+
 def check_leakage(
     manifests: Sequence[pd.DataFrame] | Mapping[str, pd.DataFrame],
     pretrain: Iterable[tuple[str, str] | str],
@@ -144,17 +189,44 @@ def run_firewall(
     pretrain_tables: Sequence[str],
     identities: Mapping[str, Sequence[str]] | None,
     out: str | Path,
+    bundles: Sequence[str | Path] = (),
+    warn: Any = None,
 ) -> dict:
-    """``medtx firewall``: fail, naming subjects, on any leak; else write the pass record."""
+    """``medtx firewall``: fail, naming subjects, on any leak; else write the pass record.
+
+    ``bundles`` are received encoders (``train: {init_from: ...}``), checked by
+    their subject-id digests; one without them cannot be checked, and ``warn``
+    (default: stderr) says so.
+    """
+    import sys
+
     from medtx.data.scans import usable_subjects
+    from medtx.share.bundle import ENCODER, load_bundle
 
     manifests = {Path(p).name.removesuffix("_folds.tsv"): read_manifest(p) for p in manifest_paths}
     pretrain = usable_subjects(list(pretrain_tables))
-    check_leakage(manifests, pretrain, identities)
+    problems = leakage_report(manifests, pretrain, identities)
+    received = []
+    for path in bundles:
+        bundle = load_bundle(path)
+        bundle.require(ENCODER)
+        digests = (bundle.meta.get("training") or {}).get("subject_id_sha256")
+        if digests is None:
+            line = (
+                f"medtx: warning: the encoder bundle {path} lists no subject-id digests; "
+                "an overlap of its pre-training subjects with the test sets cannot be checked"
+            )
+            (warn or (lambda text: print(text, file=sys.stderr)))(line)
+        else:
+            problems += bundle_leaks(manifests, str(path), digests, identities)
+        received.append({"bundle": str(path), "checked": digests is not None})
+    if problems:
+        raise LeakageError(problems)
     result = {
         "status": "passed",
         "manifests": sorted(manifests),
         "pretrain_subjects": len(set(pretrain)),
+        "bundles": received,
         "identities": dict(identities or {}),
     }
     write_json(result, out)

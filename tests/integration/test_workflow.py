@@ -563,3 +563,58 @@ def test_qc_failure_gates_manifest_and_override_restores(run, tmp_path):
     manifest = pd.read_csv(work / target, sep="\t", dtype=str)
     assert smallest in set(manifest["scan"])
     assert "visually fine" in (work / target.replace(".tsv", ".json")).read_text()
+
+
+def test_predict_from_raw_scans_gives_what_the_evaluation_gave(run, tmp_path):
+    """`medtx export` of a trained classifier, then `medtx predict` on a raw T1 that
+    was in a test fold: the bundle's preprocessing and that fold's model give the
+    evaluation's probabilities. The brain-age bundle carries each fold's
+    validation-fitted age-bias line."""
+    import pandas as pd
+
+    work, env = run
+    config = REPO / "tests/configs/ants.yaml"
+
+    def medtx(*args):
+        proc = subprocess.run(
+            [str(REPO / ".venv/bin/python"), "-m", "medtx", *map(str, args)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    runs = work / "results/finetune/mini_adni"
+    tail = "backbone-pumit/init-scratch_frac-100"
+    classifier = tmp_path / "classifier"
+    medtx("export", runs / "task-classification" / tail, "--out", classifier, "--config", config)
+    tested = pd.read_csv(runs / "task-classification" / tail / "fold-0/predictions.tsv", sep="\t")
+    scan = tested["scan"].iloc[0]
+    raw = work / f"results/demo/adni/{scan}/anat/{scan}_T1w.nii.gz"
+    proc = medtx("predict", classifier, raw, "--out", tmp_path / "pred")
+    assert proc.stdout.splitlines()[1].startswith(f"{scan}\t")
+    by_fold = pd.read_csv(tmp_path / "pred/predictions_by_fold.tsv", sep="\t")
+    ours = by_fold[by_fold["fold"] == 0].iloc[0]
+    theirs = tested.iloc[0]
+    probs = sorted(c for c in tested.columns if c.startswith("p_"))
+    assert len(probs) == 3
+    for column in probs:
+        assert ours[column] == pytest.approx(theirs[column], abs=1e-5), column
+    # the model input is the workflow's own, byte for byte
+    from medtx.workflow import paths
+
+    cached = work / paths.cache_paths(paths.cache_dir("results"), "mini_adni", scan)["image"]
+    assert (tmp_path / "pred" / scan / f"{scan}_input.npy").read_bytes() == cached.read_bytes()
+
+    ages = tmp_path / "ages"
+    medtx("export", runs / "task-regression" / tail, "--out", ages, "--config", config)
+    meta = json.loads((ages / "bundle.json").read_text())
+    for fold in meta["folds"]:
+        metrics = json.loads(
+            (runs / "task-regression" / tail / f"fold-{fold['fold']}/metrics.json").read_text()
+        )
+        assert fold["age_bias"] == metrics["age_bias"]
+        assert fold["age_bias"]["fitted_on"] == "validation"

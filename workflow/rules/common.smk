@@ -8,6 +8,7 @@ from medtx.data.scans import build_scan_tables
 from medtx.domain import BACKBONE_INITS, INITS, PRETRAIN_STAGES, TASKS
 from medtx.train.config import STAGE_BLOCKS, stage_keys
 from medtx.preprocess.backend import resolve_backend
+from medtx.share.bundle import encoder_bundles
 from medtx.workflow import paths
 from medtx.workflow.codehash import code_hash
 from medtx.workflow.hooks import (
@@ -297,6 +298,11 @@ def cache_files(dataset, scan):
 
 TRAIN = config["train"]
 BACKBONES = TRAIN["backbones"]
+# Received pre-trained encoders (train/init_from), backbone -> bundle folder, each
+# checked against its manifest: that backbone's pretrained runs start from the
+# bundle, and it is not pre-trained here.
+with user_errors():
+    INIT_FROM = encoder_bundles(TRAIN["init_from"], BACKBONES)
 # `python`, or torchrun with one process per GPU (train/gpus)
 TRAIN_LAUNCH = launcher(TRAIN["gpus"])
 FINETUNE = paths.finetune_dir(
@@ -364,7 +370,9 @@ def finetune_inputs(wildcards):
         "firewall": firewall_gate(),
         "cache_index": cache_index(ds),
     }
-    if wildcards.init != "scratch":
+    if wildcards.init != "scratch" and wildcards.backbone in INIT_FROM:
+        files["init"] = INIT_FROM[wildcards.backbone]
+    elif wildcards.init != "scratch":
         if not pretrain_indexes():
             raise ValueError(
                 f"train/inits has {wildcards.init!r}, but no dataset has role 'pretrain';"
@@ -392,7 +400,7 @@ def finetune_targets(name):
         if task in spec["role"]
         for backbone in BACKBONES
         for init in inits_of(backbone)
-        if init == "scratch" or pretrain_indexes()
+        if init == "scratch" or pretrain_indexes() or backbone in INIT_FROM
         for frac in TRAIN["fractions"]
         for fold in range(config["folds"]["n_folds"])
     ]
@@ -419,5 +427,6 @@ def pretrain_targets():
     return [
         paths.pretrain_checkpoint(RESULTS, stage)
         for backbone in BACKBONES
+        if backbone not in INIT_FROM
         for stage in PRETRAIN_STAGES[backbone]
     ]

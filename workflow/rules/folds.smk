@@ -36,6 +36,7 @@ rule leakage_firewall:
         pretrain=[
             paths.scan_table(RESULTS, name) for name in datasets_with_role("pretrain")
         ],
+        bundles=list(INIT_FROM.values()),
     output:
         FIREWALL,
     log:
@@ -48,10 +49,11 @@ rule leakage_firewall:
     params:
         identities=as_json(config["identities"]),
         pretrain=lambda w, input: shell_args("--pretrain-table", input.pretrain),
-        code=code_hash("folds"),
+        bundles=lambda w, input: shell_args("--bundle", input.bundles),
+        code=code_hash("firewall"),
     shell:
         "python -m medtx firewall --manifest {input.manifests:q} {params.pretrain}"
-        " --identities {params.identities:q} --out {output:q} > {log:q} 2>&1"
+        " {params.bundles} --identities {params.identities:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule folds:

@@ -21,8 +21,9 @@ from medtx.data.demo import plan_brats_cohort, write_demo_part
 from medtx.domain import BRATS_REGIONS
 from medtx.errors import MedtxError
 from medtx.predict.inputs import collect_inputs
-from medtx.predict.run import BY_FOLD, PREDICTIONS, predict_bundle
-from medtx.share.bundle import export_bundle, load_bundle
+from medtx.predict.run import BY_FOLD, PREDICTIONS, fold_models, predict_bundle
+from medtx.share.bundle import load_bundle
+from medtx.share.export import export_bundle
 from medtx.train.data import downsample_volume, read_cached
 from medtx.train.finetune import finetune
 from medtx.workflow import paths
@@ -109,7 +110,7 @@ def test_each_fold_output_is_that_fold_models_own(bundle, predicted):
 
     out, table, _ = predicted
     by_fold = pd.read_csv(out / BY_FOLD, sep="\t")
-    models = load_bundle(bundle.path).models()
+    models = fold_models(load_bundle(bundle.path))
     for row in table.to_dict("records"):
         scan = row["scan"]
         x = downsample_volume(torch.from_numpy(read_cached(out / scan / f"{scan}_input.npy")), 2)

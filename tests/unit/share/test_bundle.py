@@ -13,7 +13,9 @@ import torch
 import yaml
 
 from medtx.config import load_config
-from medtx.share.bundle import MANIFEST, BundleError, export_bundle, load_bundle
+from medtx.predict.run import fold_models
+from medtx.share.bundle import MANIFEST, BundleError, load_bundle
+from medtx.share.export import export_bundle
 from medtx.train.checkpoints import model_from_checkpoint
 from medtx.train.finetune import finetune
 from medtx.workflow import paths
@@ -72,7 +74,7 @@ def test_the_bundle_predicts_what_the_checkpoints_predict(study, bundle):
     run_dir, _ = study
     loaded = load_bundle(bundle.path)
     x = torch.rand(2, 1, *SHAPE)
-    for fold, model in zip(loaded.meta["folds"], loaded.models()):
+    for fold, model in zip(loaded.meta["folds"], fold_models(loaded)):
         original, _ = model_from_checkpoint(run_dir / f"fold-{fold['fold']}" / "model.pt")
         with torch.no_grad():
             torch.testing.assert_close(model(x), original(x), rtol=0, atol=0)

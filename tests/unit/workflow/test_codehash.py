@@ -132,3 +132,12 @@ def test_every_rule_names_a_known_stage():
     for smk in (REPO / "workflow/rules").glob("*.smk"):
         used |= set(re.findall(r'code_hash\("(\w+)"\)', smk.read_text()))
     assert used == set(STAGES)
+
+
+def test_exporting_and_predicting_rerun_nothing_and_the_bundle_format_its_readers(package_copy):
+    """`medtx export` and `medtx predict` are no rule's; the bundle format is read by
+    the firewall (received encoders' subject digests) and by fine-tuning from one."""
+    assert changed_by(package_copy, "share/export.py") == set()
+    assert changed_by(package_copy, "predict/run.py") == set()
+    assert changed_by(package_copy, "share/bundle.py") == {"firewall", "finetune"}
+    assert "models/registry.py" not in closure_files("firewall")
