@@ -83,7 +83,7 @@ def predict_bundle(
                 "its prediction is flagged (qc_passed false)"
             )
         ready.append((scan, prepared))
-    by_fold = _run_folds(bundle, ready, device=dev, batch_size=batch_size, say=say)
+    by_fold = fold_outputs(bundle, ready, device=dev, batch_size=batch_size, say=say)
     fold_rows = []
     for (scan, prepared), outputs in zip(ready, by_fold):
         row, per_fold = _summarize(bundle, scan, prepared, outputs, out / scan.scan)
@@ -192,7 +192,7 @@ def _prepare(bundle: Bundle, scan: ScanInput, folder: Path) -> dict[str, Any]:
     }
 
 
-def _run_folds(
+def fold_outputs(
     bundle: Bundle,
     ready: list[tuple[ScanInput, dict[str, Any]]],
     *,
@@ -217,18 +217,18 @@ def _run_folds(
     )
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate)
     models = [m.to(device) for m in fold_models(bundle)]
-    target = meta.get("target") or {}
     outputs: list[list[np.ndarray]] = []
     with torch.no_grad():
         for batch in loader:
             image = batch["image"].to(device)
             per_fold = []
-            for model in models:
+            for model, fold in zip(models, meta["folds"]):
                 logits = model(image).float()
                 if task == "classification":
                     per_fold.append(torch.softmax(logits, dim=1))
-                elif task == "regression":
-                    per_fold.append(logits[:, 0] * target["std"] + target["mean"])
+                elif task == "regression":  # each fold in its own training ages' units
+                    scale = fold["target"]
+                    per_fold.append(logits[:, 0] * scale["std"] + scale["mean"])
                 else:
                     per_fold.append(torch.sigmoid(logits))
             for i in range(image.shape[0]):

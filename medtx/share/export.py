@@ -175,7 +175,7 @@ def _write_bundle(
                 "best_epoch": ckpt.get("best_epoch"),
                 "n_train": len(ckpt["metadata"].get("subjects") or []),
                 "test": test,
-                **({"age_bias": age_bias} if first["task"] == "regression" else {}),
+                **(_age_scale(ckpt["metadata"], age_bias) if first["task"] == "regression" else {}),
             }
         )
     meta = {
@@ -185,9 +185,6 @@ def _write_bundle(
         "model_kwargs": first["model_kwargs"],
         "task": first["task"],
         "label_map": first.get("label_map") if first["task"] == "classification" else None,
-        "target": {"mean": first.get("target_mean"), "std": first.get("target_std")}
-        if first["task"] == "regression"
-        else None,
         "input": _input_convention(settings, first),
         "preprocessing": {
             "backend": first.get("backend"),
@@ -202,6 +199,15 @@ def _write_bundle(
     write_json(meta, out / META)
     write_manifest(out)
     return meta
+
+
+def _age_scale(meta: Mapping[str, Any], age_bias: Any) -> dict[str, Any]:
+    """A brain-age fold's own training-age mean and std (its output is in those
+    units) and its validation-fitted age-bias line."""
+    return {
+        "target": {"mean": meta.get("target_mean"), "std": meta.get("target_std")},
+        "age_bias": age_bias,
+    }
 
 
 def _preprocessing(config: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:

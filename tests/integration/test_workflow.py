@@ -618,3 +618,53 @@ def test_predict_from_raw_scans_gives_what_the_evaluation_gave(run, tmp_path):
         )
         assert fold["age_bias"] == metrics["age_bias"]
         assert fold["age_bias"]["fitted_on"] == "validation"
+
+
+def test_init_from_a_received_encoder_replaces_pretraining_and_a_leak_is_refused(run, tmp_path):
+    """`medtx export` of the Medical Transformer's stage-2 checkpoint, given back as
+    `train: {init_from: ...}`: its pre-training is not planned and only its pretrained
+    runs retrain; a bundle subject declared the same person as a test subject stops
+    the firewall."""
+    work, env = run
+    bundle = tmp_path / "encoder"
+    proc = subprocess.run(
+        [
+            str(REPO / ".venv/bin/python"),
+            "-m",
+            "medtx",
+            "export",
+            "results/pretrain/stage-masked.pt",
+            "--out",
+            str(bundle),
+            "--config",
+            str(REPO / "tests/configs/ants.yaml"),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "medical_transformer encoder (pretrain_masked), 2 pre-training subjects" in proc.stdout
+    received = edited_config(
+        tmp_path, "init_from.yaml", lambda c: c["train"].update(init_from=[str(bundle)])
+    )
+    jobs = rerun_plan(snakemake(work, "-n", "all", config=received, env=env, timeout=120))
+    assert not {"pretrain_exemplar", "pretrain_masked"} & set(jobs), jobs
+    # the Medical Transformer's pretrained and notransformer runs: 3 dataset-tasks x 3 folds
+    assert jobs["finetune"] == 2 * 3 * 3, jobs
+
+    def leak(c):
+        c["train"]["init_from"] = [str(bundle)]
+        c["identities"] = {"person1": ["mini_pretrain:pre001", "mini_adni:adni004"]}
+
+    leaky = edited_config(tmp_path, "leak.yaml", leak)
+    proc = snakemake(work, "--cores", "1", "folds", config=leaky, env=env, timeout=300)
+    assert proc.returncode != 0
+    log = (work / "logs/folds/leakage_firewall.log").read_text()
+    assert (
+        "mini_adni:adni004 (declared the same person as mini_pretrain:pre001) is a pre-training"
+        f" subject of the encoder bundle {bundle}"
+    ) in log
+    assert snakemake(work, "--cores", "1", "folds", env=env, timeout=300).returncode == 0

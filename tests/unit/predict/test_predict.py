@@ -188,3 +188,55 @@ def test_the_command_prints_the_table_and_fails_in_one_line(bundle, cases, tmp_p
     assert bad.stderr.strip().splitlines()[-1] == (
         "medtx: error: nothing to predict: no usable scan among the inputs"
     )
+
+
+def test_each_brain_age_fold_answers_in_its_own_training_ages(tmp_path):
+    """Brain-age folds trained on different ages scale their outputs differently;
+    predict's fold k gives fold k's own evaluation on its test scans."""
+    from medtx.predict.inputs import ScanInput
+    from medtx.predict.run import fold_outputs
+
+    config = load_config()
+    config["results"] = str(tmp_path / "results")
+    settings = model_input_settings(config["preprocess"], "ants", brats=False)
+    metadata = {"preprocess_hash": settings_hash(settings), "backend": "ants"}
+    run_dir, tested = tmp_path / "run", {}
+    for fold in (0, 1):
+        items = write_items(
+            tmp_path / f"c{fold}", 8, task="regression", shape=(20, 24, 18), seed=fold
+        )
+        for item in items:  # fold 1 learns on ages 30 years older
+            item["label"] = f"{float(item['label']) + 30 * fold:.1f}"
+        out = run_dir / f"fold-{fold}"
+        finetune(
+            "regression",
+            items[:4],
+            items[4:6],
+            items[6:],
+            out=out / "model.pt",
+            predictions_out=out / "predictions.tsv",
+            config=SEG,
+            metadata=metadata,
+            run={
+                "dataset": "toy",
+                "task": "regression",
+                "backbone": "pumit",
+                "init": "scratch",
+                "frac": 100,
+                "fold": fold,
+            },
+            log=lambda _: None,
+        )
+        tested[fold] = items[6:]
+    sidecar = Path(paths.manifest_sidecar(config["results"], "toy", "regression"))
+    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    sidecar.write_text(json.dumps({"subjects_sha256": "ef" * 32}))
+    bundle = export_bundle(run_dir, tmp_path / "bundle", config=config)
+    means = [f["target"]["mean"] for f in bundle.meta["folds"]]
+    assert means[1] - means[0] == pytest.approx(30, abs=6)
+    for fold, items in tested.items():
+        ready = [(ScanInput(i["scan"], {}, i["subject"]), {"cache": i["image"]}) for i in items]
+        outputs = fold_outputs(bundle, ready, device=torch.device("cpu"), batch_size=2, say=print)
+        evaluated = pd.read_csv(run_dir / f"fold-{fold}/predictions.tsv", sep="\t")
+        for ours, age in zip(outputs, evaluated["prediction"]):
+            assert float(ours[fold]) == pytest.approx(age, rel=1e-5)  # the TSV keeps 6 digits
