@@ -622,9 +622,9 @@ def test_predict_from_raw_scans_gives_what_the_evaluation_gave(run, tmp_path):
 
 def test_init_from_a_received_encoder_replaces_pretraining_and_a_leak_is_refused(run, tmp_path):
     """`medtx export` of the Medical Transformer's stage-2 checkpoint, given back as
-    `train: {init_from: ...}`: its pre-training is not planned and only its pretrained
-    runs retrain; a bundle subject declared the same person as a test subject stops
-    the firewall."""
+    `train: {init_from: ...}`: its pre-training is not planned, its pretrained runs
+    retrain in the same run, each behind a check of the bundle against its manifest;
+    a bundle subject declared the same person as a test subject stops that check."""
     work, env = run
     bundle = tmp_path / "encoder"
     proc = subprocess.run(
@@ -647,24 +647,28 @@ def test_init_from_a_received_encoder_replaces_pretraining_and_a_leak_is_refused
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "medical_transformer encoder (pretrain_masked), 2 pre-training subjects" in proc.stdout
-    received = edited_config(
-        tmp_path, "init_from.yaml", lambda c: c["train"].update(init_from=[str(bundle)])
-    )
-    jobs = rerun_plan(snakemake(work, "-n", "all", config=received, env=env, timeout=120))
-    assert not {"pretrain_exemplar", "pretrain_masked"} & set(jobs), jobs
-    # the Medical Transformer's pretrained and notransformer runs: 3 dataset-tasks x 3 folds
-    assert jobs["finetune"] == 2 * 3 * 3, jobs
+
+    def received(c):
+        c["train"]["init_from"] = [str(bundle)]
+
+    plan = edited_config(tmp_path, "init_from.yaml", received)
+    jobs = rerun_plan(snakemake(work, "-n", "all", config=plan, env=env, timeout=120))
+    # the Medical Transformer's pretrained and notransformer runs of 3 dataset-tasks x 3
+    # folds, each behind its dataset-task's encoder check; nothing is pre-trained
+    assert jobs == {"encoder_firewall": 3, "finetune": 2 * 3 * 3, "evaluate": 1}, jobs
 
     def leak(c):
-        c["train"]["init_from"] = [str(bundle)]
+        received(c)
         c["identities"] = {"person1": ["mini_pretrain:pre001", "mini_adni:adni004"]}
 
     leaky = edited_config(tmp_path, "leak.yaml", leak)
-    proc = snakemake(work, "--cores", "1", "folds", config=leaky, env=env, timeout=300)
+    name = "mini_adni_task-regression_encoder-medical_transformer"
+    target = f"results/folds/{name}_firewall.json"
+    proc = snakemake(work, "--cores", "1", target, config=leaky, env=env, timeout=300)
     assert proc.returncode != 0
-    log = (work / "logs/folds/leakage_firewall.log").read_text()
+    log = (work / f"logs/folds/encoder_firewall/{name}.log").read_text()
     assert (
         "mini_adni:adni004 (declared the same person as mini_pretrain:pre001) is a pre-training"
         f" subject of the encoder bundle {bundle}"
     ) in log
-    assert snakemake(work, "--cores", "1", "folds", env=env, timeout=300).returncode == 0
+    assert not (work / target).exists()

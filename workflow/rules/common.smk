@@ -265,6 +265,10 @@ wildcard_constraints:
 # --- training ---
 
 FIREWALL = paths.firewall(RESULTS)
+# rule encoder_firewall: a received encoder checked against one manifest
+ENCODER_FIREWALL = (
+    f"{RESULTS}/folds/{{dataset}}_task-{{task}}_encoder-{{backbone}}_firewall.json"
+)
 
 
 def firewall_gate():
@@ -372,6 +376,9 @@ def finetune_inputs(wildcards):
     }
     if wildcards.init != "scratch" and wildcards.backbone in INIT_FROM:
         files["init"] = INIT_FROM[wildcards.backbone]
+        files["encoder_firewall"] = ENCODER_FIREWALL.format(
+            dataset=ds, task=wildcards.task, backbone=wildcards.backbone
+        )
     elif wildcards.init != "scratch":
         if not pretrain_indexes():
             raise ValueError(

@@ -36,7 +36,6 @@ rule leakage_firewall:
         pretrain=[
             paths.scan_table(RESULTS, name) for name in datasets_with_role("pretrain")
         ],
-        bundles=list(INIT_FROM.values()),
     output:
         FIREWALL,
     log:
@@ -49,11 +48,37 @@ rule leakage_firewall:
     params:
         identities=as_json(config["identities"]),
         pretrain=lambda w, input: shell_args("--pretrain-table", input.pretrain),
-        bundles=lambda w, input: shell_args("--bundle", input.bundles),
         code=code_hash("firewall"),
     shell:
         "python -m medtx firewall --manifest {input.manifests:q} {params.pretrain}"
-        " {params.bundles} --identities {params.identities:q} --out {output:q} > {log:q} 2>&1"
+        " --identities {params.identities:q} --out {output:q} > {log:q} 2>&1"
+
+
+# A received encoder (train/init_from) against one manifest: its own small check,
+# which the backbone's pretrained runs of that dataset x task take as a plain
+# input, so a new or changed bundle reruns exactly those runs in the same run.
+rule encoder_firewall:
+    input:
+        manifest=paths.manifest(RESULTS, "{dataset}", "{task}"),
+        bundle=lambda w: INIT_FROM[w.backbone],
+    output:
+        ENCODER_FIREWALL,
+    log:
+        f"{LOGS}/folds/encoder_firewall/{{dataset}}_task-{{task}}_encoder-{{backbone}}.log",
+    wildcard_constraints:
+        task=one_of(TASKS),
+        backbone=one_of(BACKBONES),
+    conda:
+        ENV
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        identities=as_json(config["identities"]),
+        code=code_hash("firewall"),
+    shell:
+        "python -m medtx firewall --manifest {input.manifest:q} --bundle {input.bundle:q}"
+        " --identities {params.identities:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule folds:
