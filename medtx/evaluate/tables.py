@@ -56,6 +56,14 @@ HEADLINES: dict[str, tuple[tuple[str, str, int], ...]] = {
 }
 # Every metric ``evaluate_predictions`` returns, as run-table columns.
 METRIC_KEYS = ("n", "mauc", "accuracy", "mae", "dice_WT", "dice_TC", "dice_ET", "dice_mean")
+# Brain age's gap, raw and corrected for the age bias fitted on validation
+# (``medtx.evaluate.brainage``), and its Pearson r with age over the test scans.
+GAP_KEYS = (
+    ("mean_gap", "mean gap (years)", 2),
+    ("r_gap_age", "r(gap, age)", 2),
+    ("mean_gap_corrected", "mean corrected gap (years)", 2),
+    ("r_gap_corrected_age", "r(corrected gap, age)", 2),
+)
 # The paper's published test results (Jun et al. 2021, Table 1, pre-trained model).
 PAPER = {"mauc": 0.835, "mae": 3.49, "dice_WT": 0.873, "dice_TC": 0.697, "dice_ET": 0.588}
 PAPER_ROW = "paper (Jun et al.)"
@@ -136,7 +144,7 @@ def _run_row(path: Path) -> dict[str, Any]:
                 f"beside it ({'; '.join(stale)}); rerun the evaluation"
             )
     row: dict[str, Any] = run.as_dict()
-    for key in METRIC_KEYS:
+    for key in (*METRIC_KEYS, *(k for k, _, _ in GAP_KEYS)):
         value = metrics.get(key)
         row[key] = np.nan if value is None else value
     row.update(
@@ -151,6 +159,7 @@ def _run_row(path: Path) -> dict[str, Any]:
 RUN_COLUMNS = (
     *RUN_KEYS,
     *METRIC_KEYS,
+    *(k for k, _, _ in GAP_KEYS),
     "selected_by",
     "val_metric",
     "best_epoch",
@@ -472,6 +481,23 @@ def table5(runs: pd.DataFrame, *, frac: int = 100) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["backbone", "model", *[c.label for c in cols], "n folds"])
 
 
+def brain_age_gap(runs: pd.DataFrame) -> pd.DataFrame:
+    """The brain-age gap per dataset, backbone, init and label fraction: before and
+    after the age-bias correction, mean ± std over folds. A corrected gap whose r
+    with age is near 0 shows the correction worked on the test scans."""
+    regression = runs[runs["task"] == "regression"]
+    rows = []
+    keys = ["dataset", "backbone", "init", "frac"]
+    for (dataset, backbone, init, frac), group in regression.groupby(keys, sort=True):
+        row = {"dataset": dataset, "backbone": backbone, "init": init, "label fraction (%)": frac}
+        for key, label, digits in GAP_KEYS:
+            row[label] = format_mean_std(group[key], digits)
+        row["n folds"] = len(group)
+        rows.append(row)
+    columns = [*keys[:3], "label fraction (%)", *(label for _, label, _ in GAP_KEYS), "n folds"]
+    return pd.DataFrame(rows, columns=columns)
+
+
 # ---------------------------------------------------------------------------- writing
 
 
@@ -535,6 +561,13 @@ CAPTIONS = {
         "Table 4. Test performance by backbone and label fraction, pre-trained vs "
         "trained from scratch, mean ± std over folds."
     ),
+    "brain_age_gap": (
+        "Brain-age gap (predicted − chronological age) on the test scans, mean ± std over "
+        "folds, raw and corrected for the regression-to-the-mean bias: the line "
+        "predicted = slope × age + intercept fitted on each fold's validation scans, "
+        "never on test (Beheshti et al. 2019; de Lange & Cole 2020). r: Pearson "
+        "correlation of the gap with age; the correction should bring it towards 0."
+    ),
     "table5": (
         "Table 5. With vs without the transformer: pre-trained encoders with the "
         "fine-tuned slice transformer, or the encoders alone, at 100 % labels. The "
@@ -591,6 +624,8 @@ def build_tables(
         "table4": table4(runs),
         "table5": table5(runs),
     }
+    if (runs["task"] == "regression").any():
+        tables["brain_age_gap"] = brain_age_gap(runs)
     written: dict[str, Path] = {}
     for name, df in tables.items():
         written[f"{name}_tsv"], written[f"{name}_md"] = write_table(

@@ -132,6 +132,9 @@ def _atomic(out: Path, write: Any) -> Bundle:
     no half-written bundle under its name."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a bundle is shared
     try:
         meta = write(tmp)
         tmp.replace(out)

@@ -596,7 +596,7 @@ def test_build_tables_writes_everything(study, tmp_path):
     assert_pipe_table(out["table1_md"].read_text(), 9, 5)
     summary = out["summary"].read_text()
     assert "synthetic" in summary and "not comparable" in summary
-    assert summary.count("\n|:---|") == 4  # one pipe table per table
+    assert summary.count("\n|:---|") == 5  # one pipe table per table, brain-age gap too
     assert len(pd.read_csv(out["runs"], sep="\t")) == 20
 
 
@@ -667,3 +667,26 @@ def test_figures_section_links_every_png_relative_to_the_summary(tmp_path):
     text = figures.figures_section(pngs, tmp_path)
     assert text.startswith("## Figures")
     assert text.index("(a_age.png)") < text.index("(b_roc.png)")
+
+
+def test_the_brain_age_gap_table_reports_both_gaps_over_folds(tmp_path):
+    """Three folds whose test gaps are known: the table's cells are their mean ± std,
+    and r is the Pearson r of each gap with age (hand-computed here)."""
+    root = tmp_path / "results"
+    ages = np.array([60.0, 70.0, 80.0, 90.0])
+    paths, raw, corrected = [], [], []
+    for fold, shrink in enumerate([0.5, 0.6, 0.7]):
+        t = reg_table(ages, 0.0)
+        t["prediction"] = 75 + shrink * (ages - 75)  # regression to the mean
+        t["gap"] = t["prediction"] - ages
+        t["gap_corrected"] = [0.5, -0.5, -0.5, 0.5]  # no trend with age left
+        paths.append(write_run(root, "demo_adni", REG, "pretrained", 100, fold, t))
+        raw.append(t["gap"].mean())
+        corrected.append(0.0)
+    runs = tables.collect_runs(paths)
+    (row,) = tables.brain_age_gap(runs).to_dict("records")
+    assert row["mean gap (years)"] == tables.format_mean_std(raw, 2)
+    assert row["r(gap, age)"] == "-1.00 ± 0.00"  # a perfect negative trend in every fold
+    assert row["mean corrected gap (years)"] == "0.00 ± 0.00"
+    assert row["r(corrected gap, age)"] == "0.00 ± 0.00"
+    assert row["n folds"] == 3 and row["init"] == "pretrained"

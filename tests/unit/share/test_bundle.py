@@ -160,3 +160,15 @@ def test_the_command_says_what_it_wrote_and_fails_in_one_line(study, tmp_path):
     assert bad.stderr.strip().splitlines() == [
         f"medtx: error: {tmp_path}: no fold-*/model.pt to export (a fine-tuning run folder?)"
     ]
+
+
+def test_a_bundle_is_readable_by_others_under_the_umask(bundle):
+    """safetensors writes 0600 and mkdtemp 0700: both are opened up to the umask."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(bundle.path.stat().st_mode) == 0o777 & ~umask
+    for path in bundle.path.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
