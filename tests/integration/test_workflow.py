@@ -672,3 +672,33 @@ def test_init_from_a_received_encoder_replaces_pretraining_and_a_leak_is_refused
         f" subject of the encoder bundle {bundle}"
     ) in log
     assert not (work / target).exists()
+
+
+def test_a_user_config_that_names_datasets_replaces_the_demo(tmp_path, medtx_env):
+    """From the repository root, where config.yaml (the demo) sits: tests/configs/fsl.yaml
+    plans exactly what it plans anywhere else, and the first line says which config and
+    datasets are in effect. A config without datasets still extends the demo."""
+    root = edited_checkout(tmp_path, "Snakefile", "")
+    shutil.copy2(REPO / "config.yaml", root / "config.yaml")
+    env = {**medtx_env, "PYTHONPATH": str(root)}
+    fsl = REPO / "tests/configs/fsl.yaml"
+    here = snakemake(
+        root, "-n", "all", config=fsl, env=env, timeout=120, snakefile=root / "Snakefile"
+    )
+    elsewhere = snakemake(tmp_path / "else", "-n", "all", config=fsl, env=env, timeout=120)
+    assert rerun_plan(here) == rerun_plan(elsewhere)
+    assert sum(rerun_plan(here).values()) == 23, rerun_plan(here)  # 24 with `all`
+    first = here.stderr.splitlines()[0]
+    assert first == (
+        f"medtx: config {fsl} ({fsl} names its datasets: the demo's config.yaml is not used);"
+        " datasets: mini_adni"
+    )
+    seed_only = tmp_path / "seed.yaml"
+    seed_only.write_text("seed: 7\n")
+    demo = snakemake(
+        root, "-n", "all", config=seed_only, env=env, timeout=120, snakefile=root / "Snakefile"
+    )
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    assert demo.stderr.splitlines()[0] == (
+        f"medtx: config config.yaml, {seed_only}; datasets: demo_pretrain, demo_adni, demo_brats"
+    )

@@ -2,6 +2,7 @@
 import json
 import re
 import shlex
+import sys
 
 from medtx.config import validate_config
 from medtx.data.scans import build_scan_tables
@@ -11,6 +12,7 @@ from medtx.preprocess.backend import resolve_backend
 from medtx.share.bundle import encoder_bundles
 from medtx.workflow import paths
 from medtx.workflow.codehash import code_hash
+from medtx.workflow.config_files import use_config_in_effect
 from medtx.workflow.hooks import (
     plan_with_fewer_gc_passes,
     restore_gc,
@@ -28,6 +30,16 @@ from medtx.workflow.resources import launcher, training_resources, training_thre
 # (a SLURM group job's inner run) skip hooks and keep them: a small plan, briefly.
 plan_with_fewer_gc_passes()
 with user_errors():
+    # a --configfile that names its datasets replaces the demo's config.yaml whole
+    print(
+        use_config_in_effect(
+            config,
+            workflow.overwrite_configfiles,
+            workflow.config_settings.overwrite_config,
+            workflow.configfiles,
+        ),
+        file=sys.stderr,
+    )
     validate_config(config)
 
 RESULTS = config["results"]
@@ -265,7 +277,7 @@ wildcard_constraints:
 # --- training ---
 
 FIREWALL = paths.firewall(RESULTS)
-# rule encoder_firewall: a received encoder checked against one manifest
+# A received encoder checked against one manifest (the encoder_firewall rule)
 ENCODER_FIREWALL = (
     f"{RESULTS}/folds/{{dataset}}_task-{{task}}_encoder-{{backbone}}_firewall.json"
 )
