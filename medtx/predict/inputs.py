@@ -84,11 +84,21 @@ def _brats(path: Path, found: list[ScanInput], problems: list[str]) -> None:
         problems.append(f"{path}: a segmentation model reads BraTS case folders, not files")
         return
     own = any(path.glob(f"*_{BRATS_MODALITIES[0]}.nii*"))
-    rows, bad = readers.read_brats(DATASET, path.parent if own else path)
+    root = path.parent if own else path
+    rows, bad = readers.read_brats(DATASET, root)
+    for row, why in bad:  # a case to predict has no labels yet: only its images count
+        if own and (row or {}).get("scan") != path.name:
+            continue
+        if row is None:
+            problems.append(why)
+            continue
+        missing = [m for m in BRATS_MODALITIES if not row.get(m)]
+        if missing:
+            problems.append(f"{root / row['scan']}: missing {', '.join(missing)} image(s)")
+        else:
+            rows.append(row)
     if own:
         rows = [r for r in rows if r["scan"] == path.name]
-        bad = [(r, why) for r, why in bad if r and r.get("scan") == path.name]
-    problems += [why for _, why in bad]
     for row in rows:
         images = {m: row[m] for m in BRATS_MODALITIES}
         found.append(ScanInput(row["scan"], images, subject=row["subject"]))

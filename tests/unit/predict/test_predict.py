@@ -161,6 +161,15 @@ def test_unusable_inputs_are_named_one_line_each(cases, tmp_path):
         f"{tmp_path / 'nope'}: does not exist",
         f"{t1}: a segmentation model reads BraTS case folders, not files",
     ]
+    unlabelled = tmp_path / "cases" / "new"  # a case to predict has no seg yet
+    unlabelled.mkdir(parents=True)
+    for mod in ("t1", "t1ce", "t2", "flair"):
+        (unlabelled / f"new_{mod}.nii.gz").symlink_to(t1)
+    found, problems = collect_inputs([unlabelled.parent], brats=True)
+    assert [s.scan for s in found] == ["new"] and problems == []
+    (unlabelled / "new_t2.nii.gz").unlink()
+    found, problems = collect_inputs([unlabelled], brats=True)
+    assert not found and problems == [f"{unlabelled}: missing t2 image(s)"]
     notes = tmp_path / "notes.txt"
     notes.write_text("x")
     found, problems = collect_inputs([notes], brats=False)
