@@ -1,6 +1,7 @@
 # medtx: raw brain MRI -> model-ready volumes -> fold manifests -> pre-training,
 # fine-tuning and evaluation tables of each backbone (the Medical Transformer,
-# PUMIT); defaced copies to share on request (`snakemake defaced`).
+# PUMIT); predictions for datasets with role predict; defaced copies to share on
+# request (`snakemake defaced`).
 # Read as a table of contents; logic lives in the medtx package.
 
 from snakemake.utils import min_version
@@ -17,6 +18,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/folds.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/predict.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/share.smk"
 

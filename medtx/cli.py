@@ -4,6 +4,7 @@
     medtx deface T1 OUT --mask MASK [--record JSON]
     medtx export {RUN_DIR | CHECKPOINT} --out DIR [--config FILE]
     medtx predict BUNDLE INPUT ... --out DIR [--device cpu|cuda] [--batch-size N]
+    medtx predict BUNDLE --cache-index TSV --records JSON ... --scan-table TSV --out DIR
     medtx step {bet,flirt,n4,pool_normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
     medtx collect --record FILE ... --out FILE [--thumbnail PNG] [--qc JSON]
     medtx report --config FILE --out HTML
@@ -274,11 +275,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from medtx.predict.run import PREDICTIONS, predict_bundle
+    from medtx.predict.run import PREDICTIONS, predict_bundle, predict_cached
 
-    table = predict_bundle(
-        args.bundle, args.inputs, args.out, device=args.device, batch_size=args.batch_size
-    )
+    run = {"device": args.device, "batch_size": args.batch_size}
+    if args.cache_index:  # the workflow's rule: its own caches and records
+        if args.inputs or not (args.records and args.scan_table):
+            raise MedtxError("--cache-index takes --records and --scan-table, and no INPUT")
+        table = predict_cached(
+            args.bundle, args.cache_index, args.records, args.scan_table, args.out, **run
+        )
+    elif not args.inputs:
+        raise MedtxError("give the scans to predict: NIfTI files, BIDS folders or CSV/TSV tables")
+    else:
+        table = predict_bundle(args.bundle, args.inputs, args.out, **run)
     sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
     print(f"medtx: {len(table)} scan(s) -> {Path(args.out) / PREDICTIONS}", file=sys.stderr)
     return 0
@@ -327,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="a bundle folder (medtx export)")
     p.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
         help="raw T1 NIfTI files, BIDS folders or CSV/TSV tables (subject, t1[, age]); "
         "BraTS case folders for a segmentation bundle",
@@ -337,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--batch-size", type=int, default=2, help="scans per forward pass (default 2)")
+    p.add_argument("--cache-index", help="the workflow's rule: a dataset's cache index TSV")
+    p.add_argument("--records", nargs="+", help="with --cache-index: the scans' provenance JSONs")
+    p.add_argument("--scan-table", help="with --cache-index: the dataset's scan table (ages)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("step", help="one preprocessing step (what the rules call)")

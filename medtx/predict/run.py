@@ -83,16 +83,90 @@ def predict_bundle(
                 "its prediction is flagged (qc_passed false)"
             )
         ready.append((scan, prepared))
-    by_fold = fold_outputs(bundle, ready, device=dev, batch_size=batch_size, say=say)
+    return _predict_and_write(bundle, ready, rows, out, device=dev, batch_size=batch_size, say=say)
+
+
+def predict_cached(
+    bundle_path: str | Path,
+    cache_index: str | Path,
+    records: Sequence[str | Path],
+    scan_table: str | Path,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    batch_size: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """The workflow's predict rule: a dataset's model-ready caches, already made by
+    the workflow, through the bundle. The workflow checks at start that its
+    preprocessing settings are the bundle's (``ensemble_bundles``); QC verdicts
+    come from the scans' provenance ``records``, ages from the ``scan_table``."""
+    import json
+
+    from medtx.data.cache import read_cache_index
+    from medtx.data.scans import read_scan_table
+    from medtx.provenance.qc import face_status
+    from medtx.train.loop import pick_device
+
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    bundle = load_bundle(bundle_path)
+    bundle.require(ENSEMBLE)
+    by_scan = {}
+    for path in records:
+        record = json.loads(Path(path).read_text())
+        by_scan[record["scan"]] = (path, record)
+    table = read_scan_table(scan_table).set_index("scan")
+    ready = []
+    for row in read_cache_index(cache_index).to_dict("records"):
+        scan = row["scan"]
+        if scan not in by_scan:
+            raise MedtxError(f"{cache_index}: no provenance record given for scan {scan!r}")
+        path, record = by_scan[scan]
+        age = table.at[scan, "age"] if scan in table.index and "age" in table.columns else ""
+        item = ScanInput(
+            scan,
+            {"t1": str(table.at[scan, "t1"]) if scan in table.index else ""},
+            row["subject"],
+            row["session"] or None,
+            float(age) if age else None,
+        )
+        prepared = {
+            "cache": row["image"],
+            "qc_passed": bool(record["qc_passed"]),
+            "qc_failures": list(record["qc_failures"]),
+            "face_check": face_status(record)["status"],
+            "provenance": str(path),
+        }
+        if not prepared["qc_passed"]:
+            say(f"medtx: warning: {scan} fails QC; its prediction is flagged (qc_passed false)")
+        ready.append((item, prepared))
+    dev = pick_device(device)
+    return _predict_and_write(
+        bundle, ready, [], Path(out), device=dev, batch_size=batch_size, say=say
+    )
+
+
+def _predict_and_write(
+    bundle: Bundle,
+    ready: list[tuple[ScanInput, dict[str, Any]]],
+    rows: list[dict[str, Any]],
+    out: Path,
+    *,
+    device: Any,
+    batch_size: int,
+    say: Callable[[str], None],
+) -> pd.DataFrame:
+    """Each fold on the prepared scans; the TSVs and a record per scan into ``out``."""
+    from medtx.io import write_text
+
+    by_fold = fold_outputs(bundle, ready, device=device, batch_size=batch_size, say=say)
     fold_rows = []
     for (scan, prepared), outputs in zip(ready, by_fold):
         row, per_fold = _summarize(bundle, scan, prepared, outputs, out / scan.scan)
         rows.append(row)
         fold_rows += per_fold
-        _write_record(bundle, scan, prepared, row, out / scan.scan, device=str(dev))
+        _write_record(bundle, scan, prepared, row, out / scan.scan, device=str(device))
     table = pd.DataFrame(rows)
-    from medtx.io import write_text
-
     write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"), out / PREDICTIONS)
     write_text(
         pd.DataFrame(fold_rows).to_csv(sep="\t", index=False, float_format="%.6g"),

@@ -26,6 +26,7 @@ hash following the models'.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,49 @@ def encoder_bundles(paths: Any, backbones: Any) -> dict[str, str]:
             )
         out[backbone] = str(path)
     return out
+
+
+def ensemble_bundles(paths: Any, preprocess_hash: str) -> dict[str, str]:
+    """``predict/bundle``: name (the folder's) -> fold-ensemble bundle, each verified
+    and trained on T1 inputs preprocessed as this config does (``preprocess_hash``),
+    so the workflow's own model-ready volumes are what the bundle expects."""
+    from medtx.errors import ConfigError
+
+    paths = [paths] if isinstance(paths, str) else list(paths or [])
+    out: dict[str, str] = {}
+    for path in paths:
+        bundle = load_bundle(path)
+        bundle.require(ENSEMBLE)
+        name = Path(path).name
+        if name in out:
+            raise ConfigError(f"predict/bundle: {path} and {out[name]} share the folder name")
+        if bundle.meta["task"] == "segmentation":
+            raise ConfigError(
+                f"predict/bundle: {path} segments BraTS cases; run `medtx predict` on the case"
+                " folders (the workflow predicts from T1 datasets)"
+            )
+        recorded = (bundle.meta.get("preprocessing") or {}).get("hash")
+        if recorded != preprocess_hash:
+            raise ConfigError(
+                f"predict/bundle: {path} was trained on inputs preprocessed with settings hash"
+                f" {recorded}, this config's is {preprocess_hash}: set `preprocess` as the"
+                f" bundle's {META} records, or run `medtx predict` (it uses the bundle's)"
+            )
+        out[name] = str(path)
+    return out
+
+
+def check_predict_plan(datasets: Any, bundles: Mapping[str, str]) -> None:
+    """Role predict and predict/bundle go together."""
+    from medtx.errors import ConfigError
+
+    if datasets and not bundles:
+        raise ConfigError(
+            f"datasets {', '.join(datasets)} have role predict, but predict/bundle names no"
+            " bundle (medtx export of a fine-tuned run)"
+        )
+    if bundles and not datasets:
+        raise ConfigError("predict/bundle is set, but no dataset has role predict")
 
 
 def subject_digest(subject: str) -> str:

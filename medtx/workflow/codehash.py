@@ -44,6 +44,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "pretrain_pumit": ("medtx.train.mim",),
     "finetune": ("medtx.train.finetune",),
     "evaluate": ("medtx.evaluate.summary",),
+    "predict": ("medtx.predict.run",),
 }
 
 

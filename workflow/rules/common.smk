@@ -9,7 +9,7 @@ from medtx.data.scans import build_scan_tables
 from medtx.domain import BACKBONE_INITS, INITS, PRETRAIN_STAGES, TASKS
 from medtx.train.config import STAGE_BLOCKS, stage_keys
 from medtx.preprocess.backend import resolve_backend
-from medtx.share.bundle import encoder_bundles
+from medtx.share.bundle import check_predict_plan, encoder_bundles, ensemble_bundles
 from medtx.workflow import paths
 from medtx.workflow.codehash import code_hash
 from medtx.workflow.config_files import use_config_in_effect
@@ -173,6 +173,7 @@ def get_final_output():
         + [paths.report(RESULTS)]
         + manifest_targets()
         + [FIREWALL]
+        + predict_targets()
         + (
             [f"{paths.tables_dir(RESULTS)}/summary.md"]
             if finetune_targets("metrics.json")

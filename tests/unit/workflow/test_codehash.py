@@ -134,10 +134,10 @@ def test_every_rule_names_a_known_stage():
     assert used == set(STAGES)
 
 
-def test_exporting_and_predicting_rerun_nothing_and_the_bundle_format_its_readers(package_copy):
-    """`medtx export` and `medtx predict` are no rule's; the bundle format is read by
-    the firewall (received encoders' subject digests) and by fine-tuning from one."""
+def test_exporting_reruns_nothing_and_the_bundle_format_its_readers(package_copy):
+    """`medtx export` is no rule's; the bundle format is read by the firewall (received
+    encoders' subject digests), fine-tuning from one, and the predict rule."""
     assert changed_by(package_copy, "share/export.py") == set()
-    assert changed_by(package_copy, "predict/run.py") == set()
-    assert changed_by(package_copy, "share/bundle.py") == {"firewall", "finetune"}
+    assert changed_by(package_copy, "predict/run.py") == {"predict"}
+    assert changed_by(package_copy, "share/bundle.py") == {"firewall", "finetune", "predict"}
     assert "models/registry.py" not in closure_files("firewall")
