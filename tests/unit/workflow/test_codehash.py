@@ -67,13 +67,15 @@ def changed_by(pkg, rel, text="\n"):
 
 
 def test_an_edit_deep_in_extraction_changes_the_steps_that_run_it(package_copy):
-    # the ants extraction reaches intensity.py through antsio.at_resolution
+    # the ants extraction reaches intensity.py through antsio.at_resolution; predict
+    # preprocesses raw scans through the same chain (`medtx predict` outside the rules)
     assert changed_by(package_copy, "preprocess/intensity.py") == {
         "bet",
         "flirt",
         "n4",
         "pool_normalize",
         "brats",
+        "predict",
     }
 
 
@@ -84,7 +86,7 @@ def test_an_evaluation_only_module_changes_the_evaluation_hash_alone(package_cop
 
 def test_a_shared_module_changes_every_stage_that_imports_it(package_copy):
     assert changed_by(package_copy, "errors.py") == set(STAGES)
-    training = {"pretrain", "pretrain_pumit", "finetune", "evaluate"}
+    training = {"pretrain", "pretrain_pumit", "finetune", "evaluate", "predict"}
     # the registry builds both backbones, so every training stage imports both
     assert changed_by(package_copy, "models/slice_transformer.py") == training
     assert changed_by(package_copy, "models/pumit/tokenizer.py") == training
