@@ -568,8 +568,9 @@ def test_qc_failure_gates_manifest_and_override_restores(run, tmp_path):
 def test_predict_from_raw_scans_gives_what_the_evaluation_gave(run, tmp_path):
     """`medtx export` of a trained classifier, then `medtx predict` on a raw T1 that
     was in a test fold: the bundle's preprocessing and that fold's model give the
-    evaluation's probabilities. The brain-age bundle carries each fold's
-    validation-fitted age-bias line."""
+    evaluation's probabilities; the workflow's predict target on the same scan gives
+    the command's. The brain-age bundle carries each fold's validation-fitted
+    age-bias line."""
     import pandas as pd
 
     work, env = run
@@ -608,6 +609,26 @@ def test_predict_from_raw_scans_gives_what_the_evaluation_gave(run, tmp_path):
 
     cached = work / paths.cache_paths(paths.cache_dir("results"), "mini_adni", scan)["image"]
     assert (tmp_path / "pred" / scan / f"{scan}_input.npy").read_bytes() == cached.read_bytes()
+
+    # the workflow's own predict target: the same raw scan as a dataset with role
+    # predict, through the same bundle, from the workflow's preprocessing and caches
+    new = tmp_path / "new_bids" / "sub-new1" / "anat"
+    new.mkdir(parents=True)
+    shutil.copy2(raw, new / "sub-new1_T1w.nii.gz")
+
+    def predicting(c):
+        c["datasets"]["new"] = {"kind": "bids", "role": ["predict"], "path": str(new.parents[1])}
+        c["predict"] = {"bundle": [str(classifier)]}
+
+    plan = edited_config(tmp_path, "predict.yaml", predicting)
+    target = f"results/predict/new/{classifier.name}"
+    proc = snakemake(work, "--cores", "2", target, config=plan, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workflow = pd.read_csv(work / target / "predictions.tsv", sep="\t").iloc[0]
+    command = pd.read_csv(tmp_path / "pred/predictions.tsv", sep="\t").iloc[0]
+    assert workflow["scan"] == "sub-new1" and workflow["qc_passed"]
+    for column in ("p_CN", "p_MCI", "p_AD"):
+        assert workflow[column] == pytest.approx(command[column], abs=1e-5), column
 
     ages = tmp_path / "ages"
     medtx("export", runs / "task-regression" / tail, "--out", ages, "--config", config)
