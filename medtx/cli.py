@@ -293,9 +293,50 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# One example per command, shown by `medtx <command> --help`.
+EXAMPLES = {
+    "preprocess": "medtx preprocess sub-01_T1w.nii.gz --out out/sub-01",
+    "deface": "medtx deface sub-01_T1w.nii.gz sub-01_desc-defaced_T1w.nii.gz"
+    " --mask sub-01_desc-brain_mask.nii.gz --record deface.json",
+    "export": "medtx export results/finetune/demo_adni/task-regression/"
+    "backbone-medical_transformer/init-pretrained_frac-100 --out bundles/brain-age",
+    "predict": "medtx predict bundles/brain-age scans.csv --out predictions/brain-age",
+    "step": "medtx step n4 --input image=brain.nii.gz --input mask=mask.nii.gz"
+    " --output n4=n4.nii.gz --output record=n4.json --scan sub-01",
+    "collect": "medtx collect --record sub-01_step-*.json --out sub-01_provenance.json",
+    "report": "medtx report --config config.yaml --out results/reports/provenance.html",
+    "folds": "medtx folds --dataset adni --task regression --table results/scans/adni.tsv"
+    " --records results/preprocess/adni/*/*_provenance.json --params '{\"n_folds\": 5}'"
+    " --out-tsv folds.tsv --out-json folds.json",
+    "firewall": "medtx firewall --manifest results/folds/*_folds.tsv"
+    " --pretrain-table results/scans/ixi.tsv --out firewall.json",
+    "pretrain": "medtx pretrain exemplar --index results/cache/ixi.index.tsv --out stage-1.pt",
+    "finetune": "medtx finetune --dataset adni --task regression --init scratch --fold 0"
+    " --manifest folds.tsv --cache-index results/cache/adni.index.tsv --out model.pt"
+    " --predictions predictions.tsv --metrics metrics.json",
+    "evaluate": "medtx evaluate --metrics results/finetune/*/*/*/*/*/metrics.json"
+    " --out-dir results/tables",
+    "params": "medtx params --format tsv",
+    "audit": "medtx audit results",
+    "demo": "medtx demo brats-case --spec '{\"n_cases\": 1}' --subject BraTS20_Training_001"
+    " --out demo/brats",
+}
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from medtx import __version__
+    from medtx.workflow.codehash import package_hash
+
+    print(f"medtx {__version__} (code {package_hash()})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medtx", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version", action="store_true", help="print the version and the code hash, then exit"
+    )
+    sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("preprocess", help="run the whole T1 chain on one scan")
     p.add_argument("t1", help="raw T1-weighted NIfTI")
@@ -473,11 +514,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", help="subject (t1-scan) or case (brats-case)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_demo)
+    for name, command in sub.choices.items():
+        command.epilog = f"example:\n  {EXAMPLES[name]}"
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        return cmd_version(args)
+    if not args.command:
+        parser.error("give a command (medtx --help lists them)")
     try:
         return args.func(args)
     except MedtxError as err:

@@ -124,3 +124,14 @@ def code_hash(stage: str) -> str:
         h.update(rel.encode())
         h.update((PACKAGE.parent / rel).read_bytes())
     return h.hexdigest()[:16]
+
+
+def package_hash() -> str:
+    """sha256 (16 hex digits) over every medtx source file: ``medtx --version``'s code hash,
+    which tells two checkouts of one version apart."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        h.update(rel.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]

@@ -113,3 +113,27 @@ def test_step_names_a_scan_id_it_cannot_read(capsys):
     code = main(["step", "n4", "--params", "{}", "--context", "{}", "--scan", "0295"])
     assert code == 1
     assert "scan id '0295'" in capsys.readouterr().err
+
+
+def test_version_prints_the_version_and_the_code_hash(capsys):
+    import re
+
+    from medtx import __version__
+    from medtx.cli import main
+    from medtx.workflow.codehash import package_hash
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"medtx {__version__} (code {package_hash()})"
+    assert re.fullmatch(r"medtx \S+ \(code [0-9a-f]{16}\)", out)
+
+
+def test_every_command_help_shows_an_example_of_itself():
+    from medtx.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps them here
+    for name, command in commands.items():
+        text = command.format_help()
+        example = text.split("example:\n", 1)[1].strip()
+        assert example.startswith(f"medtx {name} "), (name, example)
