@@ -565,6 +565,20 @@ def test_qc_failure_gates_manifest_and_override_restores(run, tmp_path):
     assert "visually fine" in (work / target.replace(".tsv", ".json")).read_text()
 
 
+def medtx_in(work, env, *args):
+    """`python -m medtx ARGS` in the run's folder; it must succeed."""
+    proc = subprocess.run(
+        [str(REPO / ".venv/bin/python"), "-m", "medtx", *map(str, args)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_predict_from_raw_scans_gives_what_the_evaluation_gave(run, tmp_path):
     """`medtx export` of a trained classifier, then `medtx predict` on a raw T1 that
     was in a test fold: the bundle's preprocessing and that fold's model give the
@@ -577,16 +591,7 @@ def test_predict_from_raw_scans_gives_what_the_evaluation_gave(run, tmp_path):
     config = REPO / "tests/configs/ants.yaml"
 
     def medtx(*args):
-        proc = subprocess.run(
-            [str(REPO / ".venv/bin/python"), "-m", "medtx", *map(str, args)],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return proc
+        return medtx_in(work, env, *args)
 
     runs = work / "results/finetune/mini_adni"
     tail = "backbone-pumit/init-scratch_frac-100"
@@ -648,25 +653,10 @@ def test_init_from_a_received_encoder_replaces_pretraining_and_a_leak_is_refused
     a bundle subject declared the same person as a test subject stops that check."""
     work, env = run
     bundle = tmp_path / "encoder"
-    proc = subprocess.run(
-        [
-            str(REPO / ".venv/bin/python"),
-            "-m",
-            "medtx",
-            "export",
-            "results/pretrain/stage-masked.pt",
-            "--out",
-            str(bundle),
-            "--config",
-            str(REPO / "tests/configs/ants.yaml"),
-        ],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    ants = REPO / "tests/configs/ants.yaml"
+    proc = medtx_in(
+        work, env, "export", "results/pretrain/stage-masked.pt", "--out", bundle, "--config", ants
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "medical_transformer encoder (pretrain_masked), 2 pre-training subjects" in proc.stdout
 
     def received(c):

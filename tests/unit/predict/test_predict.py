@@ -25,9 +25,7 @@ from medtx.predict.run import BY_FOLD, PREDICTIONS, fold_models, predict_bundle
 from medtx.share.bundle import load_bundle
 from medtx.share.export import export_bundle
 from medtx.train.data import downsample_volume, read_cached
-from medtx.train.finetune import finetune
-from medtx.workflow import paths
-from medtx.workflow.inputs import model_input_settings, settings_hash
+from tests.unit.share.test_bundle import train_ensemble
 from tests.unit.train.test_stages import FAST, write_items
 
 CROP = [40, 48, 36]  # pooled by 2: the model reads 20x24x18
@@ -42,34 +40,12 @@ def bundle(tmp_path_factory):
     config = load_config()
     config["results"] = str(root / "results")
     config["preprocess"]["brats"]["crop"] = CROP
-    settings = model_input_settings(config["preprocess"], "ants", brats=True)
-    metadata = {"preprocess_hash": settings_hash(settings), "backend": "ants"}
-    run_dir = root / "run"
-    for fold in (0, 1):
-        items = write_items(root / f"c{fold}", 6, task="segmentation", shape=tuple(CROP), seed=fold)
-        out = run_dir / f"fold-{fold}"
-        finetune(
-            "segmentation",
-            items[:3],
-            items[3:5],
-            items[5:],
-            out=out / "model.pt",
-            predictions_out=out / "predictions.tsv",
-            metrics_out=out / "metrics.json",
-            config={**SEG, "downsample": 2},
-            metadata=metadata,
-            run={
-                "dataset": "toy",
-                "task": "segmentation",
-                "backbone": "pumit",
-                "init": "scratch",
-                "frac": 100,
-                "fold": fold,
-            },
-        )
-    sidecar = Path(paths.manifest_sidecar(config["results"], "toy", "segmentation"))
-    sidecar.parent.mkdir(parents=True, exist_ok=True)
-    sidecar.write_text(json.dumps({"subjects_sha256": "cd" * 32, "n_subjects": 12}))
+    folds = {
+        k: write_items(root / f"c{k}", 8, task="segmentation", shape=tuple(CROP), seed=k)
+        for k in (0, 1)
+    }
+    side = {"subjects_sha256": "cd" * 32, "n_subjects": 16}
+    run_dir = train_ensemble(root, "segmentation", folds, {**SEG, "downsample": 2}, config, side)
     return export_bundle(run_dir, root / "bundle", config=config)
 
 
@@ -207,39 +183,17 @@ def test_each_brain_age_fold_answers_in_its_own_training_ages(tmp_path):
 
     config = load_config()
     config["results"] = str(tmp_path / "results")
-    settings = model_input_settings(config["preprocess"], "ants", brats=False)
-    metadata = {"preprocess_hash": settings_hash(settings), "backend": "ants"}
-    run_dir, tested = tmp_path / "run", {}
+    folds = {}
     for fold in (0, 1):
         items = write_items(
             tmp_path / f"c{fold}", 8, task="regression", shape=(20, 24, 18), seed=fold
         )
         for item in items:  # fold 1 learns on ages 30 years older
             item["label"] = f"{float(item['label']) + 30 * fold:.1f}"
-        out = run_dir / f"fold-{fold}"
-        finetune(
-            "regression",
-            items[:4],
-            items[4:6],
-            items[6:],
-            out=out / "model.pt",
-            predictions_out=out / "predictions.tsv",
-            config=SEG,
-            metadata=metadata,
-            run={
-                "dataset": "toy",
-                "task": "regression",
-                "backbone": "pumit",
-                "init": "scratch",
-                "frac": 100,
-                "fold": fold,
-            },
-            log=lambda _: None,
-        )
-        tested[fold] = items[6:]
-    sidecar = Path(paths.manifest_sidecar(config["results"], "toy", "regression"))
-    sidecar.parent.mkdir(parents=True, exist_ok=True)
-    sidecar.write_text(json.dumps({"subjects_sha256": "ef" * 32}))
+        folds[fold] = items
+    side = {"subjects_sha256": "ef" * 32}
+    run_dir = train_ensemble(tmp_path, "regression", folds, SEG, config, side)
+    tested = {fold: items[6:] for fold, items in folds.items()}
     bundle = export_bundle(run_dir, tmp_path / "bundle", config=config)
     means = [f["target"]["mean"] for f in bundle.meta["folds"]]
     assert means[1] - means[0] == pytest.approx(30, abs=6)

@@ -26,41 +26,57 @@ PUMIT = {**FAST, "backbone": "pumit", "preset": "tiny", "batch_size": 2, "epochs
 SHAPE = (20, 24, 18)
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """results/finetune/toy/.../fold-{0,1}/model.pt, trained for real, and the config."""
-    root = tmp_path_factory.mktemp("study")
-    config = load_config()
-    config["results"] = str(root / "results")
-    settings = model_input_settings(config["preprocess"], "ants", brats=False)
+def train_ensemble(root, task, fold_items, train_config, config, sidecar):
+    """A two-fold (or more) ensemble of ``task`` trained for real under ``root``/run,
+    as the workflow's fold-<k>/ folders, and the fold sidecar export reads.
+
+    ``fold_items``: fold -> items, split 50/25/25 into train, val and test;
+    ``config``: the study config, whose preprocessing the checkpoints record.
+    """
+    brats = task == "segmentation"
+    settings = model_input_settings(config["preprocess"], "ants", brats=brats)
     metadata = {"preprocess_hash": settings_hash(settings), "backend": "ants"}
-    run_dir = root / "results/finetune/toy/task-classification/backbone-pumit/init-scratch_frac-100"
-    for fold in (0, 1):
-        items = write_items(root / f"cache{fold}", 8, shape=SHAPE, seed=fold, prefix=f"f{fold}")
+    run_dir = root / "run"
+    for fold, items in fold_items.items():
+        n = len(items)
         out = run_dir / f"fold-{fold}"
         finetune(
-            "classification",
-            items[:4],
-            items[4:6],
-            items[6:],
+            task,
+            items[: n // 2],
+            items[n // 2 : 3 * n // 4],
+            items[3 * n // 4 :],
             out=out / "model.pt",
             predictions_out=out / "predictions.tsv",
             metrics_out=out / "metrics.json",
-            config={**PUMIT, **TWO_CLASSES},
+            config=train_config,
             metadata=metadata,
             run={
                 "dataset": "toy",
-                "task": "classification",
-                "backbone": "pumit",
+                "task": task,
+                "backbone": train_config.get("backbone", "medical_transformer"),
                 "init": "scratch",
                 "frac": 100,
                 "fold": fold,
             },
+            log=lambda _: None,
         )
-    sidecar = Path(paths.manifest_sidecar(config["results"], "toy", "classification"))
-    sidecar.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(paths.manifest_sidecar(config["results"], "toy", task))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sidecar))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A two-fold PUMIT classifier trained for real (fold-{0,1}/model.pt) and the config."""
+    root = tmp_path_factory.mktemp("study")
+    config = load_config()
+    config["results"] = str(root / "results")
+    folds = {
+        k: write_items(root / f"cache{k}", 8, shape=SHAPE, seed=k, prefix=f"f{k}") for k in (0, 1)
+    }
     side = {"subjects_sha256": "ab" * 32, "n_subjects": 16, "n_scans": 16, "n_folds": 2}
-    sidecar.write_text(json.dumps(side))
+    run_dir = train_ensemble(root, "classification", folds, {**PUMIT, **TWO_CLASSES}, config, side)
     return run_dir, config
 
 
