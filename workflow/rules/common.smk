@@ -192,6 +192,27 @@ def datasets_with_role(role):
     return [n for n, ds in config["datasets"].items() if role in ds["role"]]
 
 
+# --- predictions for new scans (predict.smk) ---
+
+# Datasets with role predict and the fold-ensemble bundles to run on them: each
+# trained on inputs preprocessed as this config does (checked here, at start).
+PREDICT_DATASETS = datasets_with_role("predict")
+with user_errors():
+    PREDICT_BUNDLES = ensemble_bundles(
+        config["predict"]["bundle"],
+        settings_hash(model_input_settings(PRE, BACKEND, brats=False)),
+    )
+    check_predict_plan(PREDICT_DATASETS, PREDICT_BUNDLES)
+
+
+def predict_targets():
+    return [
+        f"{RESULTS}/predict/{dataset}/{bundle}"
+        for dataset in PREDICT_DATASETS
+        for bundle in PREDICT_BUNDLES
+    ]
+
+
 def manifest_targets():
     return [
         paths.manifest(RESULTS, name, task)

@@ -3,22 +3,6 @@
 # into results/predict/<dataset>/<bundle>/ (medtx.predict.run). A bundle must have
 # been trained on inputs preprocessed as this config does: checked at start.
 
-PREDICT_DATASETS = datasets_with_role("predict")
-with user_errors():
-    PREDICT_BUNDLES = ensemble_bundles(
-        config["predict"]["bundle"],
-        settings_hash(model_input_settings(PRE, BACKEND, brats=False)),
-    )
-    check_predict_plan(PREDICT_DATASETS, PREDICT_BUNDLES)
-
-
-def predict_targets():
-    return [
-        f"{RESULTS}/predict/{dataset}/{bundle}"
-        for dataset in PREDICT_DATASETS
-        for bundle in PREDICT_BUNDLES
-    ]
-
 
 rule predict:
     input:
