@@ -12,8 +12,9 @@ from typing import ClassVar
 
 # Fine-tuning tasks of the paper: diagnosis (CN/MCI/AD), brain age, tumour segmentation.
 TASKS = ("classification", "regression", "segmentation")
-# What a dataset can be used for: the tasks, or (unlabelled) pre-training.
-DATASET_ROLES = ("pretrain", *TASKS)
+# What a dataset can be used for: the tasks, (unlabelled) pre-training, or new scans
+# to run exported models on (predict).
+DATASET_ROLES = ("pretrain", *TASKS, "predict")
 # How a fine-tuned model starts: pre-trained encoders + transformer, random
 # weights, or pre-trained encoders without the transformer (the ablation).
 INITS = ("scratch", "pretrained", "notransformer")
