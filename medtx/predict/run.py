@@ -18,6 +18,9 @@ Outputs in ``out``:
 
 A scan that fails QC is predicted and flagged (``qc_passed`` false, a warning
 line naming it); one that cannot be read is listed with its error and skipped.
+
+The workflow's predict rule runs the same models and writes the same files from
+its own caches and provenance records (``predict_cached``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def predict_bundle(
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     bundle = load_bundle(bundle_path)
+    bundle.require(ENSEMBLE)  # before any scan is preprocessed
     out = Path(out)
     if (out / PREDICTIONS).exists():
         raise MedtxError(f"{out / PREDICTIONS}: exists; give a new --out folder")
