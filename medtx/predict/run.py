@@ -81,11 +81,7 @@ def predict_bundle(
             say(f"medtx: skipped: {err}")
             rows.append({**_identity(scan), "error": str(err)})
             continue
-        if not prepared["qc_passed"]:
-            say(
-                f"medtx: warning: {scan.scan} fails QC ({'; '.join(prepared['qc_failures'])}); "
-                "its prediction is flagged (qc_passed false)"
-            )
+        _warn_if_failed(scan.scan, prepared, say)
         ready.append((scan, prepared))
     return _predict_and_write(bundle, ready, rows, out, device=dev, batch_size=batch_size, say=say)
 
@@ -105,27 +101,20 @@ def predict_cached(
     the workflow, through the bundle. The workflow checks at start that its
     preprocessing settings are the bundle's (``ensemble_bundles``); QC verdicts
     come from the scans' provenance ``records``, ages from the ``scan_table``."""
-    import json
-
     from medtx.data.cache import read_cache_index
     from medtx.data.scans import read_scan_table
-    from medtx.provenance.qc import face_status
     from medtx.train.loop import pick_device
 
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     bundle = load_bundle(bundle_path)
     bundle.require(ENSEMBLE)
-    by_scan = {}
-    for path in records:
-        record = json.loads(Path(path).read_text())
-        by_scan[record["scan"]] = (path, record)
+    verdicts = dict(_verdict(path) for path in records)
     table = read_scan_table(scan_table).set_index("scan")
     ready = []
     for row in read_cache_index(cache_index).to_dict("records"):
         scan = row["scan"]
-        if scan not in by_scan:
+        if scan not in verdicts:
             raise MedtxError(f"{cache_index}: no provenance record given for scan {scan!r}")
-        path, record = by_scan[scan]
         age = table.at[scan, "age"] if scan in table.index and "age" in table.columns else ""
         item = ScanInput(
             scan,
@@ -134,15 +123,8 @@ def predict_cached(
             row["session"] or None,
             float(age) if age else None,
         )
-        prepared = {
-            "cache": row["image"],
-            "qc_passed": bool(record["qc_passed"]),
-            "qc_failures": list(record["qc_failures"]),
-            "face_check": face_status(record)["status"],
-            "provenance": str(path),
-        }
-        if not prepared["qc_passed"]:
-            say(f"medtx: warning: {scan} fails QC; its prediction is flagged (qc_passed false)")
+        prepared = {"cache": row["image"], **verdicts[scan]}
+        _warn_if_failed(scan, prepared, say)
         ready.append((item, prepared))
     dev = pick_device(device)
     return _predict_and_write(
@@ -242,11 +224,8 @@ def _prepare(bundle: Bundle, scan: ScanInput, folder: Path) -> dict[str, Any]:
             "face_check": "not measured",
             "crop_start": record["qc"]["metrics"]["crop_start"],
         }
-    import json
-
     from medtx.preprocess.backend import require_fsl
     from medtx.preprocess.chain import run_chain
-    from medtx.provenance.qc import face_status
 
     if prep["backend"] == "fsl":
         require_fsl()
@@ -260,14 +239,30 @@ def _prepare(bundle: Bundle, scan: ScanInput, folder: Path) -> dict[str, Any]:
         session=scan.session,
     )
     cache_volume(files["preproc"], cache)
-    record = json.loads(Path(files["provenance"]).read_text())
-    return {
-        "cache": cache,
-        "qc_passed": files["qc"]["passed"],
-        "qc_failures": files["qc"]["failures"],
+    return {"cache": cache, **_verdict(files["provenance"])[1]}
+
+
+def _verdict(provenance: str | Path) -> tuple[str, dict[str, Any]]:
+    """A scan's id, and its QC verdict and face check, from its merged provenance record."""
+    import json
+
+    from medtx.provenance.qc import face_status
+
+    record = json.loads(Path(provenance).read_text())
+    return record["scan"], {
+        "qc_passed": bool(record["qc_passed"]),
+        "qc_failures": list(record["qc_failures"]),
         "face_check": face_status(record)["status"],
-        "provenance": files["provenance"],
+        "provenance": str(provenance),
     }
+
+
+def _warn_if_failed(scan: str, prepared: dict[str, Any], say: Callable[[str], None]) -> None:
+    if not prepared["qc_passed"]:
+        say(
+            f"medtx: warning: {scan} fails QC ({'; '.join(prepared['qc_failures'])}); "
+            "its prediction is flagged (qc_passed false)"
+        )
 
 
 def fold_outputs(

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medtx.errors import MedtxError
+from medtx.errors import ConfigError, MedtxError
 
 FORMAT = "medtx-bundle/1"
 META = "bundle.json"
@@ -80,8 +80,6 @@ class Bundle:
 
 def encoder_bundles(paths: Any, backbones: Any) -> dict[str, str]:
     """``train/init_from``: backbone -> encoder bundle folder, each verified first."""
-    from medtx.errors import ConfigError
-
     out: dict[str, str] = {}
     for path in paths or []:
         bundle = load_bundle(path)
@@ -105,8 +103,6 @@ def ensemble_bundles(paths: Any, preprocess_hash: str) -> dict[str, str]:
     """``predict/bundle``: name (the folder's) -> fold-ensemble bundle, each verified
     and trained on T1 inputs preprocessed as this config does (``preprocess_hash``),
     so the workflow's own model-ready volumes are what the bundle expects."""
-    from medtx.errors import ConfigError
-
     paths = [paths] if isinstance(paths, str) else list(paths or [])
     out: dict[str, str] = {}
     for path in paths:
@@ -133,8 +129,6 @@ def ensemble_bundles(paths: Any, preprocess_hash: str) -> dict[str, str]:
 
 def check_predict_plan(datasets: Any, bundles: Mapping[str, str]) -> None:
     """Role predict and predict/bundle go together."""
-    from medtx.errors import ConfigError
-
     if datasets and not bundles:
         raise ConfigError(
             f"datasets {', '.join(datasets)} have role predict, but predict/bundle names no"

@@ -116,22 +116,23 @@ def stage_files(stage: str) -> list[str]:
     return sorted(str(f.relative_to(PACKAGE.parent)) for f in files if f is not None)
 
 
-@functools.cache
-def code_hash(stage: str) -> str:
-    """sha256 (first 16 hex digits) over the sorted source files of ``stage``'s closure."""
+def _digest(rels: list[str]) -> str:
+    """sha256 (first 16 hex digits) over each file's path (relative to the package's
+    parent) and bytes, in the order given."""
     h = hashlib.sha256()
-    for rel in stage_files(stage):
+    for rel in rels:
         h.update(rel.encode())
         h.update((PACKAGE.parent / rel).read_bytes())
     return h.hexdigest()[:16]
 
 
+@functools.cache
+def code_hash(stage: str) -> str:
+    """The digest of the sorted source files of ``stage``'s closure."""
+    return _digest(stage_files(stage))
+
+
 def package_hash() -> str:
-    """sha256 (16 hex digits) over every medtx source file: ``medtx --version``'s code hash,
-    which tells two checkouts of one version apart."""
-    h = hashlib.sha256()
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(PACKAGE.parent).as_posix()
-        h.update(rel.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+    """The digest of every medtx source file: ``medtx --version``'s code hash, which
+    tells two checkouts of one version apart."""
+    return _digest(sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")))
