@@ -123,6 +123,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_derivatives(args: argparse.Namespace) -> int:
+    from medtx.preprocess.derivatives import build_derivatives, pool_factor
+
+    build_derivatives(
+        args.dataset,
+        args.records,
+        args.scan_table,
+        args.out,
+        source_root=args.source,
+        factor=pool_factor(_json(args.settings, "--settings")),
+        code=args.code,
+    )
+    return 0
+
+
 def cmd_folds(args: argparse.Namespace) -> int:
     from medtx.folds.manifest import manifest_from_files
 
@@ -304,9 +319,14 @@ EXAMPLES = {
     "step": "medtx step n4 --input image=brain.nii.gz --input mask=mask.nii.gz"
     " --output n4=n4.nii.gz --output record=n4.json --scan sub-01",
     "collect": "medtx collect --record sub-01_step-*.json --out sub-01_provenance.json",
-    "report": "medtx report --config config.yaml --out results/reports/provenance.html",
+    "report": "medtx report --records results/work --scan-table results/scans/*.tsv"
+    " --out results/reports/provenance/index.html",
+    "derivatives": "medtx derivatives --dataset adni --scan-table results/scans/adni.tsv"
+    " --records results/work/adni/*/*_provenance.json"
+    ' --source data/adni --settings \'{"pool": {"factor": 2}}\' --code abc123'
+    " --out results/preprocess/adni",
     "folds": "medtx folds --dataset adni --task regression --table results/scans/adni.tsv"
-    " --records results/preprocess/adni/*/*_provenance.json --params '{\"n_folds\": 5}'"
+    " --records results/work/adni/*/*_provenance.json --params '{\"n_folds\": 5}'"
     " --out-tsv folds.tsv --out-json folds.json",
     "firewall": "medtx firewall --manifest results/folds/*_folds.tsv"
     " --pretrain-table results/scans/ixi.tsv --out firewall.json",
@@ -425,6 +445,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", help="preprocess settings as JSON (for the methods text)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "derivatives", help="a T1 dataset's preprocessed images as a BIDS-derivatives dataset"
+    )
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--scan-table", required=True, help="the dataset's checked scan table")
+    p.add_argument(
+        "--records", nargs="+", required=True, help="each scan's provenance record (its folder)"
+    )
+    p.add_argument("--source", help="the raw BIDS dataset's root (for Sources)")
+    p.add_argument("--settings", required=True, help="preprocess settings as JSON")
+    p.add_argument("--code", required=True, help="the chain's code hash (GeneratedBy)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_derivatives)
 
     p = sub.add_parser("folds", help="write one dataset x task fold manifest")
     p.add_argument("--dataset", required=True)

@@ -163,8 +163,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, *, dtype=np.float32) -> Path:
-    """Write a NIfTI atomically with sform and qform set to ``affine``."""
+    """Write a NIfTI atomically with sform and qform set to ``affine``, in mm."""
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), np.asarray(affine, dtype=float))
+    img.header.set_xyzt_units("mm")  # the affine is in mm; BIDS tools read the unit
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     with atomic_path(path) as tmp:

@@ -61,6 +61,7 @@ COLUMNS = [
 ]
 IMAGES = ("t1", "t1ce", "t2", "flair", "seg")
 MAX_REASON_LINES = 3  # reason lines per dataset in the stderr summary
+MAX_VALIDATOR_LINES = 20  # the BIDS validator's errors shown when it refuses an input
 SAME_ID = "ids compare without 'sub-' and ignoring case"
 
 
@@ -439,6 +440,8 @@ def build_scan_table(
             f"config key 'datasets/{name}/select': only a bids dataset that is read "
             "(not generated) has images to select"
         )
+    if dataset.get("bids_validate"):
+        _validate_bids(name, dataset)
     problems: list[tuple[dict | None, str]] = []
     if dataset.get("generate"):
         found = generated_rows(name, dataset)
@@ -492,6 +495,23 @@ def build_scan_table(
             write_text(text, out)
     print("\n".join(summary_lines(name, table, roles, cache_path)), file=sys.stderr)
     return table
+
+
+def _validate_bids(name: str, dataset: dict) -> None:
+    """The official validator's errors on a BIDS input, one line per file."""
+    from medtx.data.bids_validation import errors, validate
+
+    if dataset["kind"] != "bids" or dataset.get("generate"):
+        raise ConfigError(
+            f"config key 'datasets/{name}/bids_validate': only a bids dataset that is read "
+            "(not generated) is validated"
+        )
+    found = errors(validate(dataset["path"]))
+    if found:
+        lines = [f.line(dataset["path"]) for f in found[:MAX_VALIDATOR_LINES]]
+        if len(found) > MAX_VALIDATOR_LINES:
+            lines.append(f"... and {len(found) - MAX_VALIDATOR_LINES} more errors")
+        raise CohortError(lines, what=f"dataset {name!r} (the BIDS validator)")
 
 
 def build_scan_tables(

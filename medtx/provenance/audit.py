@@ -51,7 +51,7 @@ from medtx.provenance.manifest import (
 )
 from medtx.provenance.records import check, merged_record, qc_failures
 from medtx.provenance.report import load_scan_record
-from medtx.workflow.paths import record_manifest
+from medtx.workflow.paths import PROVENANCE_SUFFIX, record_manifest
 
 # Problem kinds, in the order the verdict line counts them.
 CHANGED = "changed"  # an output's bytes differ from its recorded sha256
@@ -83,7 +83,6 @@ KINDS = (
 # Label maps (brain masks, segmentations) may legitimately be equal for two
 # scans; intensity images and transforms may not.
 LABEL_ROLES = ("mask", "seg", "regions")
-PROVENANCE_SUFFIX = "_provenance.json"
 MANIFEST_SUFFIX = "_manifest.jsonl"
 
 

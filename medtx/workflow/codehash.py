@@ -34,6 +34,14 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "pool_normalize": ("medtx.preprocess.intensity",),
     "brats": ("medtx.preprocess.brats",),
     "collect": ("medtx.provenance.collect",),
+    # the dataset's hash covers the chain that made its images (GeneratedBy)
+    "derivatives": (
+        "medtx.preprocess.derivatives",
+        "medtx.preprocess.bet",
+        "medtx.preprocess.flirt",
+        "medtx.preprocess.n4",
+        "medtx.preprocess.intensity",
+    ),
     "deface": ("medtx.share.deface",),
     "report": ("medtx.provenance.report",),
     "folds": ("medtx.folds.manifest",),

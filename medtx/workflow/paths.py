@@ -15,6 +15,8 @@ from medtx.data.templates import TEMPLATE_NAME
 SPACE = f"space-{TEMPLATE_NAME}"
 # The T1 chain's steps, in order; each writes ``<scan>_step-<step>.json``.
 T1_STEPS = ("bet", "flirt", "n4", "pool", "normalize")
+# A scan's merged provenance record: ``<scan>_provenance.json``.
+PROVENANCE_SUFFIX = "_provenance.json"
 
 
 def t1_outputs(outdir: str | Path, scan: str) -> dict[str, str]:
@@ -37,7 +39,7 @@ def t1_outputs(outdir: str | Path, scan: str) -> dict[str, str]:
         "pool_record": f"{p}step-pool.json",
         "preproc": f"{p}{SPACE}_res-2_desc-preproc_T1w.nii.gz",
         "normalize_record": f"{p}step-normalize.json",
-        "provenance": f"{p}provenance.json",
+        "provenance": f"{scan}{PROVENANCE_SUFFIX}",
         "qc_png": f"{p}qc.png",
     }
     return {k: str(d / v) for k, v in names.items()}
@@ -63,14 +65,22 @@ def brats_outputs(outdir: str | Path, case: str) -> dict[str, str]:
         "image": f"{case}_desc-preproc_mri.nii.gz",
         "seg": f"{case}_desc-preproc_dseg.nii.gz",
         "record": f"{case}_step-brats.json",
-        "provenance": f"{case}_provenance.json",
+        "provenance": f"{case}{PROVENANCE_SUFFIX}",
         "qc_png": f"{case}_qc.png",
     }
     return {k: str(d / v) for k, v in names.items()}
 
 
 def preprocess_dir(results: str, dataset: str, scan: str) -> str:
-    return f"{results}/preprocess/{dataset}/{scan}"
+    """A scan's working folder: every step's output, record and QC image (the
+    audit reads them there)."""
+    return f"{results}/work/{dataset}/{scan}"
+
+
+def derivatives(results: str, dataset: str) -> str:
+    """A T1 dataset's BIDS-derivatives dataset: the chain's final images, linked
+    from the working folders, with their sidecars."""
+    return f"{results}/preprocess/{dataset}"
 
 
 def scan_table(results: str, dataset: str) -> str:
@@ -138,5 +148,14 @@ def tables_dir(results: str) -> str:
     return f"{results}/tables"
 
 
+REPORT_INDEX = "index.html"
+
+
+def report_dir(results: str) -> str:
+    """The cohort provenance report: an entry page and the files it loads."""
+    return f"{results}/reports/provenance"
+
+
 def report(results: str) -> str:
-    return f"{results}/reports/provenance.html"
+    """The provenance report's entry page."""
+    return f"{report_dir(results)}/{REPORT_INDEX}"

@@ -103,6 +103,7 @@ def test_dry_run_lists_every_step_per_scan(tmp_path, medtx_env):
     for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
         assert jobs[rule] == 11, jobs  # two pre-training + nine labelled scans
     assert jobs["brats_preprocess"] == 3 and jobs["provenance_report"] == 1
+    assert jobs["bids_derivatives"] == 2  # one per T1 dataset
     assert jobs["make_folds"] == 3 and jobs["leakage_firewall"] == 1
     # 3 tasks x 3 folds x (3 Medical Transformer + 2 PUMIT initializations) x 1 fraction
     assert jobs["finetune"] == 45 and jobs["pretrain_exemplar"] == 1 and jobs["evaluate"] == 1
@@ -125,19 +126,53 @@ def test_run_writes_model_inputs_and_report(run):
     import numpy as np
 
     work, _ = run
-    pre = sorted(work.glob("results/preprocess/*/*/*_res-2_desc-preproc_T1w.nii.gz"))
+    pre = sorted(work.glob("results/work/*/*/*_res-2_desc-preproc_T1w.nii.gz"))
     assert len(pre) == 11
     for path in pre:
         data = np.asarray(nib.load(str(path)).dataobj)
         assert data.shape == (96, 114, 96) and 0.0 <= data.min() and data.max() == 1.0
-    brats = list(work.glob("results/preprocess/mini_brats/*/*_desc-preproc_mri.nii.gz"))
+    brats = list(work.glob("results/work/mini_brats/*/*_desc-preproc_mri.nii.gz"))
     assert nib.load(str(brats[0])).shape == (160, 192, 128, 4)
-    html = (work / "results/reports/provenance.html").read_text()
+    html = (work / "results/reports/provenance/index.html").read_text()
     for scan in ("pre001", "adni001", "adni009", "BraTS20_Training_003"):
         assert scan in html
     assert html.count("data:image/png;base64,") >= 13
     assert "face" in html  # the face check's column
     assert (work / "results/demo/adni/participants.tsv").exists()
+
+
+def test_bids_validator_passes_on_demo_inputs_and_derivatives(run):
+    from medtx.data.bids_validation import errors, validate, validator_command
+
+    if validator_command() is None:
+        pytest.skip("bids-validator-deno is not installed (it is in the test extras)")
+    work, _ = run
+    inputs = [work / "results/demo/pretrain", work / "results/demo/adni"]
+    derivatives = sorted(p for p in (work / "results/preprocess").iterdir() if p.is_dir())
+    assert [p.name for p in derivatives] == ["mini_adni", "mini_pretrain"]
+    for root in inputs + derivatives:
+        found = errors(validate(root))
+        assert found == [], [f.line(root) for f in found]
+    preproc = list(work.glob("results/preprocess/mini_adni/sub-*/anat/*_desc-preproc_T1w.nii.gz"))
+    assert len(preproc) == 9
+    desc = json.loads((derivatives[0] / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["CodeHash"]
+
+
+def test_snakemake_report_holds_qc_strips_tables_and_figures(run, tmp_path):
+    import zipfile
+
+    work, env = run
+    out = tmp_path / "report.zip"
+    proc = snakemake(work, "--report", str(out), env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    names = zipfile.ZipFile(out).namelist()
+    assert sum(n.endswith("_qc.png") for n in names) >= 14  # 11 T1 scans, 3 BraTS cases
+    assert any(n.endswith("table1.tsv") for n in names)
+    assert any(n.endswith("_roc.png") for n in names) and any(
+        n.endswith("_age.png") for n in names
+    )
+    assert any(n.endswith("index.html") and "provenance" in n for n in names)
 
 
 def test_training_outputs_and_tables(run):
@@ -196,7 +231,7 @@ def test_defaced_copies_pass_the_face_check(run):
 def test_provenance_record_per_scan(run):
     work, _ = run
     record = json.loads(
-        next(work.glob("results/preprocess/mini_adni/*/*_provenance.json")).read_text()
+        next(work.glob("results/work/mini_adni/*/*_provenance.json")).read_text()
     )
     assert [s["step"] for s in record["steps"]] == ["bet", "flirt", "n4", "pool", "normalize"]
     assert record["thumbnail"].endswith("_qc.png")
@@ -422,7 +457,7 @@ def test_audit_finds_changed_output(run, tmp_path):
     )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     shutil.copytree(work / "results", tmp_path / "results")  # recorded paths are relative
-    victim = next((tmp_path / "results/preprocess/mini_adni").glob("*/*_desc-n4_T1w.nii.gz"))
+    victim = next((tmp_path / "results/work/mini_adni").glob("*/*_desc-n4_T1w.nii.gz"))
     victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
     bad = subprocess.run(
         ["medtx", "audit", "results"], cwd=tmp_path, env=env, capture_output=True, text=True
@@ -446,7 +481,7 @@ def test_bad_scan_fail_and_exclude(run, tmp_path):
     }
     failing = tmp_path / "fail.yaml"
     failing.write_text(yaml.safe_dump(config))
-    before = {p: p.stat().st_mtime_ns for p in work.glob("results/preprocess/**/*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in work.glob("results/work/**/*") if p.is_file()}
     proc = snakemake(work, "-n", "all", config=failing, env=env, timeout=120)
     assert proc.returncode != 0
     assert f"{cohort / 'bad.nii.gz'}: not a readable NIfTI" in proc.stdout + proc.stderr
@@ -535,7 +570,7 @@ def test_qc_failure_gates_manifest_and_override_restores(run, tmp_path):
         r["scan"]: r
         for r in (
             json.loads(p.read_text())
-            for p in work.glob("results/preprocess/mini_adni/*/*_provenance.json")
+            for p in work.glob("results/work/mini_adni/*/*_provenance.json")
         )
     }
     volumes = sorted(

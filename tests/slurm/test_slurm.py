@@ -8,7 +8,7 @@ scan's chain of steps (group "subject") one SLURM job. The only overrides of
 the profile are a short first status check and keeping the job logs.
 
 Target: `all`, so pre-training, fine-tuning and evaluation run as SLURM jobs
-too (MEDTX_SLURM_TARGETS overrides, e.g. "results/reports/provenance.html").
+too (MEDTX_SLURM_TARGETS overrides, e.g. "results/reports/provenance/index.html").
 
 Needs a cluster: see conftest.py (as root it starts tests/slurm/cluster.sh).
 """
@@ -249,11 +249,11 @@ def scan_job_ids(record: dict) -> set[str | None]:
 
 def test_outputs_exist(run, planned):
     work, _, _ = run
-    t1 = work.glob("results/preprocess/*/*/*_res-2_desc-preproc_T1w.nii.gz")
+    t1 = work.glob("results/work/*/*/*_res-2_desc-preproc_T1w.nii.gz")
     assert len(list(t1)) == planned["pool_normalize"]["jobs"] == 2
-    brats = work.glob("results/preprocess/mini_brats/*/*_desc-preproc_mri.nii.gz")
+    brats = work.glob("results/work/mini_brats/*/*_desc-preproc_mri.nii.gz")
     assert len(list(brats)) == planned["brats_preprocess"]["jobs"] == 3
-    assert "BraTS20_Training_003" in (work / "results/reports/provenance.html").read_text()
+    assert "BraTS20_Training_003" in (work / "results/reports/provenance/index.html").read_text()
     assert len(list(work.glob("results/folds/*_folds.tsv"))) == 1
     assert json.loads((work / "results/folds/firewall.json").read_text())["status"] == "passed"
     if "all" in TARGETS:
@@ -339,8 +339,8 @@ def test_each_scan_is_one_slurm_job(run, planned):
     work, _, jobs = run
     need_comments(jobs)
     grouped = {j["JobID"] for j in jobs if rule_of(j) is None}
-    t1 = records(work, "results/preprocess/mini_*/sub-*/*_provenance.json")
-    brats = records(work, "results/preprocess/mini_brats/*/*_provenance.json")
+    t1 = records(work, "results/work/mini_*/sub-*/*_provenance.json")
+    brats = records(work, "results/work/mini_brats/*/*_provenance.json")
     assert len(t1) == planned["bet"]["jobs"] and len(brats) == planned["brats_preprocess"]["jobs"]
     per_scan = {}
     for name, record in {**t1, **brats}.items():

@@ -95,6 +95,18 @@ BRATS = brats_outputs(paths.preprocess_dir(RESULTS, "{dataset}", "{scan}"), "{sc
 DEFACED = paths.defaced(RESULTS, "{dataset}", "{scan}")
 
 
+# Snakemake's report (`snakemake --report report.zip`): each scan's QC strip, by
+# dataset; the cohort report; the evaluation's tables and figures.
+# caption paths are relative to the rule files (workflow/rules/)
+CAPTIONS = "../report"
+QC_STRIP = dict(
+    caption=f"{CAPTIONS}/qc_strip.rst",
+    category="Preprocessing QC",
+    subcategory="{dataset}",
+    labels={"dataset": "{dataset}", "scan": "{scan}"},
+)
+
+
 def as_json(obj):
     """Params as compact, key-sorted JSON: stable strings for the params trigger."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
@@ -102,6 +114,12 @@ def as_json(obj):
 
 def is_brats(dataset):
     return config["datasets"][dataset]["kind"] == "brats"
+
+
+def bids_root(dataset):
+    """``--source ROOT`` for a BIDS dataset (its files' Sources), else nothing."""
+    ds = config["datasets"][dataset]
+    return f"--source {shlex.quote(ds['path'])}" if ds["kind"] == "bids" else ""
 
 
 def t1_datasets():
@@ -170,15 +188,12 @@ def get_final_output():
     return (
         demo
         + scan_targets("preproc", "image")
-        + [paths.report(RESULTS)]
+        + [paths.derivatives(RESULTS, name) for name in t1_datasets()]
+        + [paths.report_dir(RESULTS)]
         + manifest_targets()
         + [FIREWALL]
         + predict_targets()
-        + (
-            [f"{paths.tables_dir(RESULTS)}/summary.md"]
-            if finetune_targets("metrics.json")
-            else []
-        )
+        + ([paths.tables_dir(RESULTS)] if finetune_targets("metrics.json") else [])
     )
 
 

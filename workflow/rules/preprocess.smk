@@ -133,7 +133,7 @@ rule collect_provenance:
         records=step_records(T1),
     output:
         provenance=T1["provenance"],
-        thumbnail=T1["qc_png"],
+        thumbnail=report(T1["qc_png"], **QC_STRIP),
     log:
         f"{LOGS}/preprocess/collect_provenance/{{dataset}}/{{scan}}.log",
     wildcard_constraints:
@@ -149,6 +149,34 @@ rule collect_provenance:
     shell:
         "python -m medtx collect --record {input.records:q} --thumbnail {output.thumbnail:q}"
         " --qc {params.qc:q} --out {output.provenance:q} > {log:q} 2>&1"
+
+
+# A T1 dataset's final images as a BIDS-derivatives dataset (linked, not copied).
+
+
+rule bids_derivatives:
+    input:
+        records=lambda w: dataset_targets(w.dataset, "provenance"),
+        table=paths.scan_table(RESULTS, "{dataset}"),
+    output:
+        directory(paths.derivatives(RESULTS, "{dataset}")),
+    log:
+        f"{LOGS}/preprocess/bids_derivatives/{{dataset}}.log",
+    wildcard_constraints:
+        dataset=one_of(t1_datasets()),
+    conda:
+        ENV
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        source=lambda w: bids_root(w.dataset),
+        settings=as_json(PRE),
+        code=code_hash("derivatives"),
+    shell:
+        "python -m medtx derivatives --dataset {wildcards.dataset:q} --scan-table {input.table:q}"
+        " --records {input.records:q} {params.source} --settings {params.settings:q}"
+        " --code {params.code:q} --out {output:q} > {log:q} 2>&1"
 
 
 # BraTS: already skull-stripped and co-registered; crop, normalize, check labels.
@@ -190,7 +218,7 @@ rule collect_brats:
         record=BRATS["record"],
     output:
         provenance=BRATS["provenance"],
-        thumbnail=BRATS["qc_png"],
+        thumbnail=report(BRATS["qc_png"], **QC_STRIP),
     log:
         f"{LOGS}/preprocess/collect_brats/{{dataset}}/{{scan}}.log",
     wildcard_constraints:

@@ -7,7 +7,12 @@ rule provenance_report:
         records=scan_targets("provenance", "provenance"),
         tables=[paths.scan_table(RESULTS, name) for name in config["datasets"]],
     output:
-        html=paths.report(RESULTS),
+        report(
+            directory(paths.report_dir(RESULTS)),
+            htmlindex=paths.REPORT_INDEX,
+            caption=f"{CAPTIONS}/provenance.rst",
+            category="Provenance",
+        ),
     log:
         f"{LOGS}/report/provenance_report.log",
     conda:
@@ -17,7 +22,8 @@ rule provenance_report:
         runtime=10,
     params:
         settings=as_json({**PRE, "backend": BACKEND, "seed": config["seed"]}),
+        page=paths.report(RESULTS),
         code=code_hash("report"),
     shell:
         "python -m medtx report --records {input.records:q} --scan-table {input.tables:q}"
-        " --settings {params.settings:q} --out {output.html:q} > {log:q} 2>&1"
+        " --settings {params.settings:q} --out {params.page:q} > {log:q} 2>&1"

@@ -175,9 +175,14 @@ rule evaluate:
         pretrain=pretrain_targets(),
         scan_tables=finetuned_scan_tables(),
     output:
-        table1=f"{paths.tables_dir(RESULTS)}/table1.md",
-        summary=f"{paths.tables_dir(RESULTS)}/summary.md",
-        study_card=f"{paths.tables_dir(RESULTS)}/model_cards.md",
+        # summary.md, table1.md, model_cards.md, every table as TSV, every figure
+        tables=report(
+            directory(paths.tables_dir(RESULTS)),
+            patterns=["{name}.tsv", "{name}.png"],
+            caption=f"{CAPTIONS}/evaluation.rst",
+            category="Evaluation",
+            labels={"file": "{name}"},
+        ),
         # one beside each model: its data, hashes, metrics per subgroup, privacy
         cards=finetune_targets("model_card.md"),
     log:
@@ -189,8 +194,9 @@ rule evaluate:
         runtime=10,
     params:
         subgroups=as_json(SUBGROUPS),
+        summary=f"{paths.tables_dir(RESULTS)}/summary.md",
         code=code_hash("evaluate"),
     shell:
         "python -m medtx evaluate --metrics {input.metrics:q} --pretrain {input.pretrain:q}"
         " --scan-tables {input.scan_tables:q} --subgroups {params.subgroups:q}"
-        " --summary {output.summary:q} > {log:q} 2>&1"
+        " --summary {params.summary:q} > {log:q} 2>&1"

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 import medtx.data.scans as scans
+from medtx.data.bids_validation import validator_command
 from medtx.data.scans import build_scan_table
 from medtx.errors import CohortError, MedtxError
 from tests.conftest import sphere, write_nifti
@@ -165,3 +166,28 @@ def test_no_usable_scans(tmp_path):
     write_nifti(tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz", np.zeros((4, 4, 4), np.float32))
     with pytest.raises(MedtxError, match="no usable scans; 1 excluded"):
         build_scan_table("ds", bids(tmp_path), on_bad_scan="exclude")
+
+
+@pytest.mark.skipif(
+    validator_command() is None,
+    reason="bids-validator-deno is not installed",
+)
+def test_bids_validate_names_the_validators_errors(tmp_path):
+    import json
+
+    make_bids(tmp_path, sessions=["1"])
+    with pytest.raises(CohortError, match=r"(?s)the BIDS validator.*dataset_description.json: MISSING"):
+        build_scan_table("ds", bids(tmp_path, bids_validate=True))
+    description = {"Name": "t", "BIDSVersion": "1.10.0", "DatasetType": "raw"}
+    (tmp_path / "dataset_description.json").write_text(json.dumps(description))
+    # a file the validator does not know, named with its path
+    (tmp_path / "sub-01/ses-1/anat/sub-01_ses-1_T1w_copy.nii.gz").write_bytes(b"x")
+    with pytest.raises(CohortError, match=r"sub-01_ses-1_T1w_copy.nii.gz: "):
+        build_scan_table("ds", bids(tmp_path, bids_validate=True))
+    (tmp_path / "sub-01/ses-1/anat/sub-01_ses-1_T1w_copy.nii.gz").unlink()
+    assert len(build_scan_table("ds", bids(tmp_path, bids_validate=True))) == 2
+
+
+def test_bids_validate_is_for_bids_inputs(tmp_path):
+    with pytest.raises(MedtxError, match="datasets/ds/bids_validate': only a bids dataset"):
+        build_scan_table("ds", {**bids(tmp_path), "kind": "csv", "bids_validate": True})
