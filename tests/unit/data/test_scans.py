@@ -176,7 +176,8 @@ def test_bids_validate_names_the_validators_errors(tmp_path):
     import json
 
     make_bids(tmp_path, sessions=["1"])
-    with pytest.raises(CohortError, match=r"(?s)the BIDS validator.*dataset_description.json: MISSING"):
+    missing = r"(?s)the BIDS validator.*dataset_description.json: MISSING"
+    with pytest.raises(CohortError, match=missing):
         build_scan_table("ds", bids(tmp_path, bids_validate=True))
     description = {"Name": "t", "BIDSVersion": "1.10.0", "DatasetType": "raw"}
     (tmp_path / "dataset_description.json").write_text(json.dumps(description))

@@ -39,7 +39,7 @@ def cohort(tmp_path: Path) -> dict:
         t1 = raw / scan_folder(scan) / f"{scan}_T1w.nii.gz"
         _nifti(t1, i)
         work = t1_outputs(tmp_path / "work" / scan, scan)
-        for key, path in work.items():
+        for path in work.values():
             if path.endswith(".nii.gz"):
                 _nifti(Path(path), i + 1)
         Path(work[TRANSFORM]).write_text("#Insight Transform File V1.0\n")
