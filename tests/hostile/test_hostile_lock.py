@@ -227,7 +227,7 @@ def test_snakemake_refuses_while_another_run_holds_the_results(tmp_path, medtx_e
         assert f"pid {holder.pid}," in last and f"workdir {tmp_path / 'wd1'})" in last
         assert "Traceback" not in out and 'File "' not in out
         assert (results / LOCK_NAME).read_text() == lock  # the first run's, untouched
-        assert not (results / "preprocess").exists()  # no job ran
+        assert not (results / "work").exists()  # no job ran
         assert not list((tmp_path / "wd2" / ".snakemake").glob("locks/*"))  # -d not left locked
 
         # A job Snakemake spawns (SLURM, group jobs) runs with --no-hooks --nolock:
@@ -240,7 +240,7 @@ def test_snakemake_refuses_while_another_run_holds_the_results(tmp_path, medtx_e
             env=medtx_env,
         )
         assert inner.returncode == 0, inner.stderr[-3000:]
-        assert (results / "preprocess" / "h" / "sub-h0" / "sub-h0_step-bet.json").exists()
+        assert (results / "work" / "h" / "sub-h0" / "sub-h0_step-bet.json").exists()
         assert (results / LOCK_NAME).read_text() == lock
     finally:
         holder.communicate("", timeout=60)

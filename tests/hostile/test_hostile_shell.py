@@ -101,7 +101,7 @@ def test_hostile_names_reach_medtx_exactly_and_run_nothing(tmp_path, medtx_env):
     pwned += [p for d in (REPO, Path.home(), Path.cwd()) for p in d.glob("PWNED*")]
     assert not pwned, pwned
 
-    scan_dir = work / results / "preprocess" / "h" / "sub-h0"
+    scan_dir = work / results / "work" / "h" / "sub-h0"
     record = json.loads((scan_dir / "sub-h0_step-bet.json").read_text())
     assert [i["path"] for i in record["inputs"]] == [str(image)]  # the exact path, one argv
     for suffix in ("desc-brain_T1w.nii.gz", "desc-brain_mask.nii.gz"):

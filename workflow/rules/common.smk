@@ -117,9 +117,9 @@ def is_brats(dataset):
 
 
 def bids_root(dataset):
-    """``--source ROOT`` for a BIDS dataset (its files' Sources), else nothing."""
+    """A BIDS dataset's root (its images' Sources), else "" (a CSV-listed dataset)."""
     ds = config["datasets"][dataset]
-    return f"--source {shlex.quote(ds['path'])}" if ds["kind"] == "bids" else ""
+    return ds["path"] if ds["kind"] == "bids" else ""
 
 
 def t1_datasets():

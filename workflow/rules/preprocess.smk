@@ -175,7 +175,7 @@ rule bids_derivatives:
         code=code_hash("derivatives"),
     shell:
         "python -m medtx derivatives --dataset {wildcards.dataset:q} --scan-table {input.table:q}"
-        " --records {input.records:q} {params.source} --settings {params.settings:q}"
+        " --records {input.records:q} --source {params.source:q} --settings {params.settings:q}"
         " --code {params.code:q} --out {output:q} > {log:q} 2>&1"
 
 
