@@ -1,20 +1,18 @@
 #!/usr/bin/env python
 """The provenance report at cohort scale: the lazy, sortable page against the old one.
 
-Clones the real per-scan provenance records of a demo run and their QC
-thumbnails (``results/work/*/*/*_provenance.json``, or ``results/preprocess/``
-of older runs; ``make demo`` writes them) into a temporary folder as N scans
-(default 2,000): each QC metric that varies among the real records is drawn
-around its record's value with the real spread (and a small shift per site),
-a few % of scans are pushed past a threshold (QC failures) and a few % far
-from the rest but inside the thresholds (outliers), over several datasets and
-sites, each scan with its own copy of a real thumbnail. Then times
-``build_report`` and prints, beside the old design's page (one HTML with every
-thumbnail embedded as base64 and every scan's details inline; its size is
-computed, not built), the entry page's size, its folder's, and, when Chromium
-is installed, how long headless Chromium takes to lay out the page (navigation
-start to the scan table laid out and the page's script done) and to sort once
-and filter once.
+Clones the real per-scan provenance records of a demo run and their QC thumbnails
+(``results/work/*/*/*_provenance.json``; ``make demo`` writes them) into a temporary
+folder as N scans (default 2,000): each QC metric that varies among the real records
+is drawn around its record's value with the real spread (and a small shift per
+site), a few % of scans are pushed past a threshold (QC failures) and a few % far
+from the rest but inside the thresholds (outliers), over several datasets and sites,
+each scan with its own copy of a real thumbnail. Then times ``build_report`` and
+prints, beside the old design's page (one HTML with every thumbnail embedded as
+base64 and every scan's details inline; its size is computed, not built), the entry
+page's size, its folder's, and, when Chromium is installed, how long headless
+Chromium takes to lay out the page (navigation start to the scan table laid out and
+the page's script done) and to sort once and filter once.
 
     .venv/bin/python bench/report.py [--scans 2000] [--records GLOB] [--keep DIR]
 """
@@ -51,7 +49,7 @@ from medtx.provenance.report import (  # noqa: E402
     load_scan_records,
 )
 
-DEFAULT_RECORDS = ("results/work/*/*/*_provenance.json", "results/preprocess/*/*/*_provenance.json")
+DEFAULT_RECORDS = ("results/work/*/*/*_provenance.json",)
 DATASETS = ("cohortA", "cohortB", "cohortC")
 SITES = ("site01", "site02", "site03", "site04", "site05", "site06", "site07", "site08")
 SETTINGS = {"backend": "ants", "seed": 42, "deterministic": True}

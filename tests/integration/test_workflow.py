@@ -173,7 +173,12 @@ def test_snakemake_report_holds_qc_strips_tables_and_figures(run, tmp_path):
     assert sum(n.endswith("_qc.png") for n in names) >= 14  # 11 T1 scans, 3 BraTS cases
     assert any(n.endswith("table1.tsv") for n in names)
     assert any(n.endswith("_roc.png") for n in names) and any(n.endswith("_age.png") for n in names)
-    assert any(n.endswith("index.html") and "provenance" in n for n in names)
+    # the provenance report's entry page with the thumbnails it loads
+    pages = [n for n in names if n.endswith("/index.html")]
+    assert (
+        len(pages) == 1
+        and sum(n.startswith(pages[0][:-10] + "index_files/thumbs/") for n in names) >= 14
+    )
 
 
 def test_training_outputs_and_tables(run):
@@ -429,6 +434,7 @@ def test_adding_a_subject_runs_only_its_preprocessing_and_training(run, tmp_path
     # mini_adni: 2 tasks x 3 folds x (3 + 2) inits; the report lists every scan
     assert jobs == {
         "provenance_report": 1,
+        "bids_derivatives": 1,  # the new subject's dataset
         "make_folds": 2,
         "leakage_firewall": 1,
         "cache_index": 1,
@@ -732,7 +738,7 @@ def test_a_user_config_that_names_datasets_replaces_the_demo(tmp_path, medtx_env
     )
     elsewhere = snakemake(tmp_path / "else", "-n", "all", config=fsl, env=env, timeout=120)
     assert rerun_plan(here) == rerun_plan(elsewhere)
-    assert sum(rerun_plan(here).values()) == 23, rerun_plan(here)  # 24 with `all`
+    assert sum(rerun_plan(here).values()) == 24, rerun_plan(here)  # 25 with `all`
     first = here.stderr.splitlines()[0]
     assert first == (
         f"medtx: config {fsl} ({fsl} names its datasets: the demo's config.yaml is not used);"
