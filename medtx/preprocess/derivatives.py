@@ -8,7 +8,7 @@ copy on disk), each with the sidecar BIDS asks for (``SkullStripped``,
 ``Resolution``, ``Type``, ``Sources``), and a ``dataset_description.json`` whose
 ``GeneratedBy`` names medtx, its version and the code hash of the chain. The
 transforms (ITK ``.mat``, a format BIDS does not list) and the QC figures are
-kept and named in ``.bidsignore``, as fMRIPrep does with its figures.
+kept and named in ``.bidsignore``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,15 @@ IMAGES: dict[str, str] = {
     "preproc": "The model-ready volume: the N4-corrected brain pooled and intensity-normalized.",
 }
 TRANSFORM = "transform"
+# What each image was computed from: None is the raw scan.
+SOURCES: dict[str, str | None] = {
+    "bet_brain": None,
+    "bet_mask": None,
+    "n4": "bet_brain",
+    "flirt_mask": "bet_mask",
+    "brain_mask": "flirt_mask",
+    "preproc": "n4",
+}
 
 
 def scan_folder(scan: str) -> str:
@@ -82,14 +91,8 @@ def _sidecar(key: str, source: str, work: Mapping[str, str], folder: str, factor
         side["Resolution"] = _resolution(factor)
     if "_space-" not in name:
         side["SpatialReference"] = source
-    # what each image was computed from: the raw scan for the native-space
-    # outputs, the native brain for the registered ones
-    if key in ("bet_brain", "bet_mask"):
-        side["Sources"] = [source]
-    elif key in ("n4", "flirt_mask"):
-        side["Sources"] = [f"bids::{folder}/{Path(work['bet_brain']).name}"]
-    else:
-        side["Sources"] = [f"bids::{folder}/{Path(work['n4']).name}"]
+    parent = SOURCES[key]
+    side["Sources"] = [source if parent is None else f"bids::{folder}/{Path(work[parent]).name}"]
     return side
 
 

@@ -96,8 +96,8 @@ DEFACED = paths.defaced(RESULTS, "{dataset}", "{scan}")
 
 
 # Snakemake's report (`snakemake --report report.zip`): each scan's QC strip, by
-# dataset; the cohort report; the evaluation's tables and figures.
-# caption paths are relative to the rule files (workflow/rules/)
+# dataset; the cohort report; the evaluation's tables and figures. Caption paths
+# are relative to the rule files (workflow/rules/).
 CAPTIONS = "../report"
 QC_STRIP = dict(
     caption=f"{CAPTIONS}/qc_strip.rst",
