@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -160,6 +161,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> bool:
+    """Hard-link ``src`` to ``dst`` (True), or copy it where linking fails (False).
+
+    Raises ``FileNotFoundError`` when ``src`` does not exist.
+    """
+    try:
+        os.link(src, dst)
+        return True
+    except FileNotFoundError:
+        raise
+    except OSError:  # another filesystem, links not allowed, too many links
+        shutil.copyfile(src, dst)
+        return False
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: str | Path, *, dtype=np.float32) -> Path:

@@ -13,8 +13,6 @@ kept and named in ``.bidsignore``.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from medtx.data.scan_ids import scan_identity
 from medtx.data.scans import read_scan_table
 from medtx.data.templates import TEMPLATE_NAME
 from medtx.errors import MedtxError
-from medtx.io import write_json, write_text
+from medtx.io import link_or_copy, write_json, write_text
 from medtx.workflow.paths import PROVENANCE_SUFFIX, t1_outputs
 
 BIDS_VERSION = "1.10.0"
@@ -63,12 +61,8 @@ def scan_folder(scan: str) -> str:
 
 
 def _link(src: Path, dst: Path) -> None:
-    """A hard link (no second copy); a copy where the two are on different disks."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    link_or_copy(src, dst)
 
 
 def _resolution(factor: int) -> str:

@@ -28,10 +28,10 @@ from typing import Any
 from urllib.parse import quote
 
 from medtx.errors import MedtxError
-from medtx.io import write_text
+from medtx.io import link_or_copy, write_text
 from medtx.provenance.qc import NOT_MEASURED, face_status, unmeasured
 from medtx.provenance.report_assets import CSS, DETAILS_CSS, JS
-from medtx.provenance.report_folder import assets_dir, link_or_copy, safe_name, staged_dir
+from medtx.provenance.report_folder import assets_dir, safe_name, staged_dir
 from medtx.provenance.report_methods import methods_paragraph
 from medtx.provenance.report_metrics import (
     OUTLIER_RULE,

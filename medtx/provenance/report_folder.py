@@ -35,21 +35,6 @@ def safe_name(*parts: object, limit: int = 80) -> str:
     return name.lstrip(".")[:limit] or "scan"
 
 
-def link_or_copy(src: str | Path, dst: str | Path) -> bool:
-    """Hard-link ``src`` to ``dst`` (True), or copy it where linking fails (False).
-
-    Raises ``FileNotFoundError`` when ``src`` does not exist.
-    """
-    try:
-        os.link(src, dst)
-        return True
-    except FileNotFoundError:
-        raise
-    except OSError:  # another filesystem, links not allowed, too many links
-        shutil.copyfile(src, dst)
-        return False
-
-
 @contextmanager
 def staged_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty hidden folder beside ``final``; on success it replaces ``final``
