@@ -44,6 +44,7 @@ from medtx.provenance.report_metrics import (
     site_summaries,
 )
 from medtx.provenance.report_plots import strip_plot
+from medtx.workflow.paths import PROVENANCE_SUFFIX
 
 __all__ = [
     "INLINE_DETAILS_BYTES",
@@ -66,7 +67,7 @@ STEP_TITLES = {
     "pool": "pooling",
     "normalize": "normalization",
 }
-PROVENANCE_GLOB = "*_provenance.json"
+PROVENANCE_GLOB = f"*{PROVENANCE_SUFFIX}"
 # Per-scan details (commands, hashes: ~9 KB a scan) stay inline in the page up to
 # this many bytes in all (~200 scans); beyond, each scan gets its own small page.
 INLINE_DETAILS_BYTES = 2_000_000
