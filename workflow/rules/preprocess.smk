@@ -151,7 +151,12 @@ rule collect_provenance:
         " --qc {params.qc:q} --out {output.provenance:q} > {log:q} 2>&1"
 
 
-# A T1 dataset's final images as a BIDS-derivatives dataset (linked, not copied).
+# A T1 dataset's final images as a BIDS-derivatives dataset (linked, not copied):
+# seconds of bookkeeping, run where Snakemake runs rather than queued on a cluster.
+
+
+localrules:
+    bids_derivatives,
 
 
 rule bids_derivatives:
