@@ -3,9 +3,12 @@
 Stage 1, exemplar network: each plane encoder learns that a volume and a non-linear
 intensity remap of it (Models Genesis' Bézier transform, a separate curve per plane)
 are the same brain, and another brain in the batch is not: L2 triplet loss on the
-slice-averaged embeddings, margin 1.0, mean over planes. The curves are drawn on the
-host from the run's numpy generator; the lookup runs on the volumes' device
-(``curve_lookup``), without copying them to the host.
+slice-averaged embeddings, margin 1.0, mean over planes. Each volume's curves are drawn
+on the host from its own numpy generator (the training loop seeds one per volume, so a
+volume gets the same curves in any number of processes); the lookup runs on the
+volumes' device (``curve_lookup``), without copying them to the host. The negative of
+a volume is the previous volume of the global batch (``gather``: under data
+parallelism it is often on another process).
 
 Stage 2, masked encoding-vector prediction: with the encoders frozen, int(0.1·N)
 slices per plane (9/11/9 at 96/114/96) have their encoding replaced by a mask vector,
@@ -17,7 +20,7 @@ summed over planes. The mask vector is the encoder output of a constant slice
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -120,16 +123,24 @@ def bezier_intensity(
     )
 
 
-def plane_positives(volumes: Tensor, rng: np.random.Generator) -> tuple[Tensor, ...]:
+def plane_positives(
+    volumes: Tensor, rngs: np.random.Generator | Sequence[np.random.Generator]
+) -> tuple[Tensor, ...]:
     """Per plane, every volume of the batch remapped with its own fresh Bézier curve.
 
-    One range check for the batch (a single reduction, one host sync); then the curves,
-    drawn plane by plane, volume by volume, each a curve then its flip: the order in
-    which runs have always consumed the random stream, so their numbers stay
-    reproducible; then one ``curve_lookup`` for the whole batch, on its device.
+    ``rngs``: one generator per volume (each draws its volume's curves, plane by plane,
+    each a curve then its flip), or one generator for the whole batch (drawing plane
+    by plane, volume by volume). One range check for the batch (a single reduction,
+    one host sync); then one ``curve_lookup`` for the whole batch, on its device.
     """
     _unit_range_of(volumes)
-    curves = [[draw_intensity_curve(rng) for _ in range(volumes.shape[0])] for _ in PLANES]
+    if isinstance(rngs, np.random.Generator):
+        curves = [[draw_intensity_curve(rngs) for _ in range(volumes.shape[0])] for _ in PLANES]
+    else:
+        if len(rngs) != volumes.shape[0]:
+            raise ValueError(f"{len(rngs)} generators for a batch of {volumes.shape[0]} volumes")
+        per_volume = [[draw_intensity_curve(rng) for _ in PLANES] for rng in rngs]
+        curves = [list(plane) for plane in zip(*per_volume)]
     xs = np.array([[curve[0] for curve in plane] for plane in curves])
     ys = np.array([[curve[1] for curve in plane] for plane in curves])
     return tuple(curve_lookup(volumes, xs, ys).unbind(0))
@@ -349,6 +360,16 @@ def batch_negatives(x: Tensor) -> Tensor:
     return x.roll(1, dims=0)
 
 
+def global_negatives(
+    x: Tensor, gather: Callable[[Tensor], Tensor], positions: Sequence[int]
+) -> Tensor:
+    """``batch_negatives`` of the global batch for this process's rows ``x``:
+    ``gather`` makes the global batch's rows (differentiable), ``positions`` are this
+    process's rows in it."""
+    everything = batch_negatives(gather(x))
+    return everything[list(positions)]
+
+
 def triplet_loss(
     anchor: Sequence[Tensor],
     positive: Sequence[Tensor],
@@ -374,17 +395,33 @@ def triplet_loss(
 
 
 def exemplar_loss(
-    model: MedicalTransformer, volumes: Tensor, rng: np.random.Generator, *, margin: float = 1.0
+    model: MedicalTransformer,
+    volumes: Tensor,
+    rngs: np.random.Generator | Sequence[np.random.Generator],
+    *,
+    margin: float = 1.0,
+    gather: Callable[[Tensor], Tensor] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> Tensor:
-    """Stage-1 loss for a batch (B >= 2) of volumes in [0, 1], encoders only."""
+    """Stage-1 loss for a batch of volumes in [0, 1], encoders only.
+
+    ``rngs`` as ``plane_positives``. Alone, the batch needs B >= 2 volumes (the
+    negatives); with ``gather`` (rows of this process's volumes -> rows of the global
+    batch) and ``positions`` (where they sit in it) the negatives come from the global
+    batch, which needs >= 2.
+    """
     model.check_input(volumes)
-    positives = plane_positives(volumes, rng)
+    positives = plane_positives(volumes, rngs)
     anchors, pos, neg = [], [], []
     for p in range(len(PLANES)):
         a = model.encode_plane(volumes, p)[0]
         anchors.append(a)
         pos.append(model.encode_plane(positives[p], p)[0])
-        neg.append(batch_negatives(a))
+        if gather is None:
+            neg.append(batch_negatives(a))
+        else:
+            where = range(len(a)) if positions is None else positions
+            neg.append(global_negatives(a.mean(dim=1), gather, where)[:, None])
     return triplet_loss(anchors, pos, neg, margin=margin)
 
 
@@ -488,9 +525,12 @@ def masked_encoding_loss(
     ratio: float = 0.1,
     generator: torch.Generator | None = None,
     mask_token: MaskToken | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Stage-2 loss: frozen encoders, a fresh mask per volume and plane, transformer predicts.
 
+    The masks come from ``generators``, one per volume (each draws its volume's
+    masks, plane by plane), else from ``generator`` (plane by plane, volume by volume).
     The replacement is ``mask_token(plane)`` if given, else the encoder output of a
     constant slice. Gradients reach the transformer (and the mask token) only.
     """
@@ -499,12 +539,19 @@ def masked_encoding_loss(
     model.check_input(volumes)
     with torch.no_grad():
         targets = model.encode(volumes).embeddings
+    if generators is not None and len(generators) != volumes.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {volumes.shape[0]} volumes")
+    drawn = (  # per volume, per plane: the masked slices
+        [[mask_slices(t.shape[1], ratio, g) for t in targets] for g in generators]
+        if generators is not None
+        else None
+    )
     inputs, masks = [], []
     for p, t in enumerate(targets):
         b, n, _ = t.shape
         flags = torch.zeros(b, n, dtype=torch.bool)  # drawn on the host, moved once
         for i in range(b):
-            flags[i, mask_slices(n, ratio, generator)] = True
+            flags[i, drawn[i][p] if drawn is not None else mask_slices(n, ratio, generator)] = True
         if t.device.type == "cuda":
             flags = flags.pin_memory().to(t.device, non_blocking=True)
         else:

@@ -28,13 +28,16 @@ class Backbone:
 
     builder: ``(preset, task, **kwargs) -> nn.Module``; presets: its named sizes;
     pretrained: the state-dict prefixes a "pretrained" fine-tuning loads (heads
-    stay fresh); inflate: a 1-channel state made to take ``in_channels`` (BraTS).
+    stay fresh); inflate: a 1-channel state made to take ``in_channels`` (BraTS);
+    unused_when_finetuning: parameters no task's loss reaches (PUMIT's MIM mask
+    token), frozen in fine-tuning so that data parallelism needs no search for them.
     """
 
     builder: Callable[..., nn.Module]
     presets: Mapping[str, Any]
     pretrained: tuple[str, ...]
     inflate: Callable[[dict[str, Tensor], int], dict[str, Tensor]]
+    unused_when_finetuning: tuple[str, ...] = ()
 
 
 REGISTRY: dict[str, Backbone] = {
@@ -44,7 +47,13 @@ REGISTRY: dict[str, Backbone] = {
         ("encoders", "transformer"),
         slice_transformer.inflate_state_dict,
     ),
-    "pumit": Backbone(pumit.build_model, pumit.PRESETS, ("vit",), pumit.inflate_state_dict),
+    "pumit": Backbone(
+        pumit.build_model,
+        pumit.PRESETS,
+        ("vit",),
+        pumit.inflate_state_dict,
+        unused_when_finetuning=("vit.mask_token",),
+    ),
 }
 assert tuple(REGISTRY) == BACKBONES
 

@@ -7,6 +7,7 @@ manifest.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,13 @@ class VolumeSet(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def subset(self, indices: Sequence[int]) -> VolumeSet:
+        """The same set restricted to ``indices`` (in their order): a process's shard."""
+        part = copy.copy(self)
+        part.items = [self.items[i] for i in indices]
+        part.targets = [self.targets[i] for i in indices]
+        return part
 
     def image(self, i: int) -> Tensor:
         item = self.items[i]

@@ -44,6 +44,7 @@ from medtx.train.checkpoints import (
 )
 from medtx.train.config import n_classes, resolve_config
 from medtx.train.data import VolumeSet, collate, manifest_items, read_cached
+from medtx.train.distributed import Group
 from medtx.train.loop import (
     TrainResult,
     default_log,
@@ -160,6 +161,10 @@ def finetune(
             checkpoint=received.as_checkpoint() if received else None,
         )
         (log or default_log)(f"[finetune] loaded {', '.join(info['loaded'])} from {init}")
+    frozen = backbone(cfg["backbone"]).unused_when_finetuning
+    for name, param in model.named_parameters():
+        if name in frozen:  # no gradient would reach it: DDP needs it out of the step
+            param.requires_grad_(False)
     mean_t, std_t = (torch.tensor(v, dtype=torch.float32) for v in stats)
 
     def loss_fn(m: nn.Module, batch: dict[str, Tensor], ctx) -> Tensor:
@@ -172,16 +177,19 @@ def finetune(
             return loss(logits[:, 0].float(), z)
         return segmentation_loss(logits, batch["target"])
 
-    def validate(m: nn.Module) -> float:
-        pred = predict(
+    def validate(m: nn.Module, group: Group) -> float:
+        # each process predicts its shard; every one computes the metric from them all
+        val = sets["val"]
+        part = predict(
             m,
-            sets["val"],
+            val.subset(group.shard(list(range(len(val))))),
             batch_size=cfg["batch_size"],
             device=dev,
             target_stats=stats,
             amp=cfg["amp"],
             num_workers=cfg["num_workers"],
         )
+        pred = group.gather_parts(part, len(val))
         if task == "classification":
             return selection_mauc(pred["target"], pred["probs"])
         if task == "regression":

@@ -12,12 +12,17 @@ counters live in a ``TrainState`` (the loop's part of ``<out>.last.pt``) and run
 - **Device**: ``cuda`` when available, else CPU (``device=`` overrides). On CUDA the
   step runs under ``torch.autocast`` (bfloat16 where supported, else float16 with a
   ``GradScaler``) when ``amp`` is on; on CPU it runs in float32 with
-  ``torch.set_num_threads(threads)``.
+  ``torch.set_num_threads(threads)`` (inside a caller's own ``torch.autocast``, as
+  the bf16 tests run it, that autocast applies).
 - **Seeds**: python ``random``, numpy and torch are seeded from ``seed`` and recorded.
   The data order of epoch e is a permutation drawn from a ``torch.Generator`` seeded
-  with (seed, e), and every step reseeds torch (dropout) and hands the loss its own
-  numpy/torch generators seeded with (seed, global step), so a run that resumes
-  mid-epoch continues exactly the sequence an uninterrupted run would have taken.
+  with (seed, e). Every random draw of a loss (Bézier curves, slice and token masks)
+  comes from the volume's own generators (``StepContext.rngs``/``generators``),
+  seeded with (seed, epoch, the volume's dataset index): a volume draws the same
+  whichever process holds it, so N processes train the run one process trains, and a
+  run that resumes mid-epoch continues exactly the sequence an uninterrupted run would
+  have taken. Every step reseeds torch's global stream (dropout) with (seed, global
+  step, rank): ranks drop out differently, as one process's volumes would.
 - **Optimization**: Adam (``lr``; AdamW when the config has a ``weight_decay`` > 0,
   as PUMIT's), ``ExponentialLR(lr_decay)`` stepped per epoch,
   at most ``epochs`` epochs, early stopping after ``patience`` epochs without a
@@ -52,7 +57,7 @@ counters live in a ``TrainState`` (the loop's part of ``<out>.last.pt``) and run
 
 Example:
     result = train(model, dataset, loss_fn=lambda m, b, ctx: F.mse_loss(m(b["image"]), b["target"]),
-                   validate=lambda m: -val_loss(m), mode="max", out="model.pt",
+                   validate=lambda m, group: -val_loss(m), mode="max", out="model.pt",
                    config={"lr": 1e-4, "epochs": 150, "seed": 42})
 """
 
@@ -272,16 +277,40 @@ class MapDataset(Protocol):
 class StepContext:
     """What a loss function gets besides the model and the batch.
 
-    rng and generator are seeded with (seed, global_step): a pretext transform drawn
-    from them is the same in a resumed run as in an uninterrupted one.
+    Randomness is per volume: ``rngs()`` and ``generators()`` give each volume of this
+    process's batch its own generators, seeded with (seed, epoch, its dataset index),
+    so a volume draws the same curves and masks in any number of processes and in a
+    resumed run. ``gather_rows`` and ``all_sum`` let a loss that looks across the
+    batch see the global one (``Group``); in one process they return their argument.
     """
 
     epoch: int
     step: int  # batches done in this epoch before this one
     global_step: int  # optimizer steps done before this one
-    rng: np.random.Generator
-    generator: torch.Generator  # a CPU generator
+    indices: list[int]  # dataset indices of this process's volumes, in batch order
+    volumes: int  # volumes in the global batch (all processes)
+    seed: int
     device: torch.device
+    group: Group = field(default_factory=Group)
+
+    def rngs(self) -> list[np.random.Generator]:
+        """A numpy generator per volume of the batch, in batch order."""
+        return [np.random.default_rng([self.seed, 3, self.epoch, i]) for i in self.indices]
+
+    def generators(self) -> list[torch.Generator]:
+        """A CPU torch generator per volume of the batch, in batch order."""
+        return [
+            torch.Generator().manual_seed(derived_seed(self.seed, 3, self.epoch, i))
+            for i in self.indices
+        ]
+
+    def gather_rows(self, rows: Tensor) -> Tensor:
+        """Rows of this process's volumes -> rows of the global batch (differentiable)."""
+        return self.group.gather_rows(rows, self.volumes)
+
+    def all_sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the processes (differentiable)."""
+        return self.group.all_sum(tensor)
 
 
 @dataclass
@@ -456,7 +485,7 @@ class Trainer:
         loss_fn: Callable[[Any, Any, StepContext], Tensor],
         out: str | Path,
         config: Mapping[str, Any] | None = None,
-        validate: Callable[[Any], float] | None = None,
+        validate: Callable[[Any, Group], float] | None = None,
         mode: Literal["max", "min"] = "max",
         params: Iterable[nn.Parameter] | None = None,
         collate: Callable[[list[Any]], Any] | None = None,
@@ -486,11 +515,14 @@ class Trainer:
             torch.set_num_threads(cfg["threads"])
         else:
             set_cuda_determinism(bool(cfg["deterministic"]))
-        self.min_batch = min_batch * self.group.world  # every rank gets min_batch
+        # every rank needs a volume of every batch; losses that need more see the
+        # global batch (StepContext.gather_rows), so the least batch is a global one
+        self.min_batch = max(min_batch, self.group.world)
         if cfg["batch_size"] < self.min_batch:
             raise ConfigError(
                 f"batch_size {cfg['batch_size']} is too small for {self.group.world} "
-                f"processes: each needs at least {min_batch} volume(s) of every batch"
+                f"processes: each needs a volume of every batch, and a batch at least "
+                f"{min_batch}"
             )
         self.seed = int(cfg["seed"])
         self.config_hash = config_hash(cfg)
@@ -560,9 +592,12 @@ class Trainer:
                 f"{self.last}"
             )
         if self.group.world > 1:  # after resume: every rank loaded the same state
+            # every trained parameter must get a gradient at every step (stages freeze
+            # what they do not train): no unused-parameter search, as on a cluster
             self.ddp = nn.parallel.DistributedDataParallel(
                 _LossModule(self.model, self.loss_fn),
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=False,
             )
         self.loader = self.make_loader()
         failed = True
@@ -663,7 +698,7 @@ class Trainer:
         loader: Iterable[Any] = self.loader if todo and self.loader is not None else []
         clock = _EpochClock(last_save=started, last_log=started, step_start=time.monotonic())
         for indices, batch in zip(todo, loader):
-            self.step(batch, len(indices))
+            self.step(batch, indices)
             now = time.monotonic()
             self.count_step(len(indices), len(batches), now, clock)
             self.stop_reason, save = self.decide(now, clock)
@@ -700,20 +735,25 @@ class Trainer:
         (stop,) = self.group.any(reason is not None, device=self.device)
         return reason or ("a signal to another process" if stop else None)
 
-    def step(self, batch: Any, volumes: int) -> None:
-        """One optimizer step on ``batch`` (this rank's part of a global batch of
-        ``volumes``). Torch and the loss's own generators are seeded by the global
-        step, so a resumed run redraws the same. Nothing here waits for the device."""
+    def step(self, batch: Any, indices: list[int]) -> None:
+        """One optimizer step on ``batch``, this rank's part (``Group.shard``) of the
+        global batch ``indices``. The loss draws from each volume's own generators
+        (``StepContext``); torch's global stream (dropout) is reseeded by the global
+        step and the rank, so a resumed run redraws the same. Nothing here waits for
+        the device."""
         st = self.state
-        step_seed = derived_seed(self.seed, 1, st.global_step)
-        torch.manual_seed(step_seed)
+        rank = self.group.rank  # rank 0 keeps the seed a single process always used
+        torch.manual_seed(derived_seed(self.seed, 1, st.global_step, *([rank] if rank else [])))
+        volumes = len(indices)
         ctx = StepContext(
             epoch=st.epoch,
             step=st.step_in_epoch,
             global_step=st.global_step,
-            rng=np.random.default_rng([self.seed, 2, st.global_step]),
-            generator=torch.Generator().manual_seed(step_seed),
+            indices=self.group.shard(indices),
+            volumes=volumes,
+            seed=self.seed,
             device=self.device,
+            group=self.group,
         )
         batch = to_device(batch, self.device)
         if self.prepare is not None:
@@ -816,17 +856,18 @@ class Trainer:
         self.save_last()
 
     def validate(self, train_loss: float) -> float:
-        """The epoch's selection metric: ``validate`` (eval mode, no_grad, autocast), or
-        the epoch's mean training loss without one."""
+        """The epoch's selection metric: ``validate(model, group)`` (eval mode, no_grad,
+        autocast) on every rank, or the epoch's mean training loss without one. A
+        validation function shards its set over the ranks (``Group.shard``) and
+        gathers the predictions (``Group.gather_parts``), so every GPU works and
+        every rank computes the same metric, and so the same early-stopping decision."""
         if self.validate_fn is None:
             return train_loss
-        metric = None
-        if self.group.is_main:  # the others wait for its figure
-            self.model.eval()
-            with torch.no_grad(), self.autocast():
-                metric = float(self.validate_fn(self.model))
-            self.model.train()
-        return float(self.group.from_main(metric))
+        self.model.eval()
+        with torch.no_grad(), self.autocast():
+            metric = float(self.validate_fn(self.model, self.group))
+        self.model.train()
+        return metric
 
     def keep_if_better(self, metric: float) -> bool:
         """Keep a copy of the model when ``metric`` beats the best so far (patience
@@ -840,9 +881,12 @@ class Trainer:
         st.patience_counter = 0
         return True
 
-    def autocast(self) -> torch.autocast:
-        """Mixed precision on CUDA when ``amp`` is on; a no-op context otherwise."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision on CUDA when ``amp`` is on; otherwise no context of its own,
+        so a caller's ``torch.autocast`` (the CPU bf16 tests) applies."""
+        if not self.use_amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # -- checkpoints and the end
 
@@ -949,7 +993,7 @@ def train(
     loss_fn: Callable[[Any, Any, StepContext], Tensor],
     out: str | Path,
     config: Mapping[str, Any] | None = None,
-    validate: Callable[[Any], float] | None = None,
+    validate: Callable[[Any, Group], float] | None = None,
     mode: Literal["max", "min"] = "max",
     params: Iterable[nn.Parameter] | None = None,
     collate: Callable[[list[Any]], Any] | None = None,
@@ -971,8 +1015,10 @@ def train(
         config: ``TRAIN_DEFAULTS`` keys, plus anything else that defines the run (all of
             it except ``RUNTIME_KEYS`` enters the hash that decides whether a saved
             state may be resumed).
-        validate: model -> selection metric, run after every epoch with the model in
-            eval mode under no_grad. None selects by the epoch's mean training loss.
+        validate: (model, group) -> selection metric, run after every epoch on every
+            process with the model in eval mode under no_grad; under torchrun it
+            predicts its ``group.shard`` of the validation set and gathers the rest
+            (``group.gather_parts``). None selects by the epoch's mean training loss.
         mode: "max" or "min" for the validation metric (forced to "min" without one).
         params: the parameters to optimize (default: all with requires_grad).
         collate: list of items -> batch (default ``torch.utils.data.default_collate``).

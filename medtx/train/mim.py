@@ -81,7 +81,7 @@ def pretrain_tokenizer(
     def loss_fn(m: Tokenizer, batch: dict[str, Tensor], ctx) -> Tensor:
         x = _padded(batch["image"])
         recon, soft = m(x, ISOTROPIC)
-        return tokenizer_loss(x, recon, soft, diversity=lam1, sharpness=lam2)
+        return tokenizer_loss(x, recon, soft, diversity=lam1, sharpness=lam2, all_sum=ctx.all_sum)
 
     meta = stage_metadata(
         "pretrain_tokenizer",
@@ -189,8 +189,10 @@ def pretrain_mim(
         with torch.no_grad():
             soft, _ = tokenizer.encode(x, ISOTROPIC)
         target = soft.probs.flatten(1, 3).float()  # (B, N, K), the ViT's token order
-        mask = random_token_mask(len(x), target.shape[1], ratio, generator=ctx.generator)
-        mask = mask.to(x.device)
+        # each volume's mask from its own generator: the same in any number of processes
+        mask = torch.cat(
+            [random_token_mask(1, target.shape[1], ratio, generator=g) for g in ctx.generators()]
+        ).to(x.device)
         out, _ = m.vit(x, ISOTROPIC, mask=mask)
         return soft_cross_entropy(head(out[:, 1:]), target, mask)
 

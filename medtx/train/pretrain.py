@@ -61,7 +61,14 @@ def pretrain_exemplar(
     model.encoders.requires_grad_(True)
 
     def loss_fn(m: MedicalTransformer, batch: dict[str, Tensor], ctx) -> Tensor:
-        return exemplar_loss(m, batch["image"], ctx.rng, margin=float(cfg["margin"]))
+        return exemplar_loss(
+            m,
+            batch["image"],
+            ctx.rngs(),
+            margin=float(cfg["margin"]),
+            gather=ctx.gather_rows,
+            positions=ctx.group.positions(ctx.volumes),
+        )
 
     meta = stage_metadata(
         "pretrain_exemplar", "pretrain", cfg, kwargs, ["encoders"], items, metadata
@@ -118,7 +125,7 @@ def pretrain_masked(
             m,
             batch["image"],
             ratio=float(cfg["mask_ratio"]),
-            generator=ctx.generator,
+            generators=ctx.generators(),
             mask_token=mask_token,
         )
 

@@ -12,14 +12,17 @@ diverse and sharp:
 - sharpness: the mean entropy of the positions' distributions; minimal when each
   position is sure of its code.
 
-The objective is λ1·diversity + λ2·sharpness. Under data parallelism the authors
-average p̄ over the processes; here it is over the batch a process sees.
+The objective is λ1·diversity + λ2·sharpness. Under data parallelism p̄ is the mean
+over every process's positions, as the authors average it (``prior_terms``' ``all_sum``),
+so N processes compute the term one process would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 
@@ -52,10 +55,19 @@ class SoftQuantizer(nn.Module):
         return SoftTokens(tokens, probs, logits, *prior_terms(probs, logits))
 
 
-def prior_terms(probs: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+def prior_terms(
+    probs: Tensor, logits: Tensor, all_sum: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """(diversity, sharpness) of distributions (..., K): Σ p̄ log p̄ of the mean
-    distribution, and the mean entropy of each."""
-    mean = probs.flatten(0, -2).mean(dim=0)
+    distribution, and the mean entropy of each. ``all_sum`` (a differentiable sum over
+    the processes of a data-parallel run) makes p̄ the mean over all their positions."""
+    flat = probs.flatten(0, -2)
+    if all_sum is None:
+        mean = flat.mean(dim=0)
+    else:
+        count = flat.new_full((1,), float(flat.shape[0]))
+        total = all_sum(torch.cat([flat.sum(dim=0), count]))
+        mean = total[:-1] / total[-1]
     diversity = (mean * mean.log()).sum()
     sharpness = -(probs * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
     return diversity, sharpness

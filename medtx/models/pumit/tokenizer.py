@@ -13,11 +13,12 @@ is below a threshold, is not built yet.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from medtx.models.pumit.quantize import SoftQuantizer, SoftTokens
+from medtx.models.pumit.quantize import SoftQuantizer, SoftTokens, prior_terms
 from medtx.models.pumit.sac import Grid, SACConv3d, SACConvTranspose3d
 
 LEVELS = 4  # in-plane halvings: tokens of 16 x 16 voxels
@@ -100,7 +101,17 @@ class Tokenizer(nn.Module):
 
 
 def tokenizer_loss(
-    x: Tensor, recon: Tensor, soft: SoftTokens, *, diversity: float = 1.0, sharpness: float = 0.1
+    x: Tensor,
+    recon: Tensor,
+    soft: SoftTokens,
+    *,
+    diversity: float = 1.0,
+    sharpness: float = 0.1,
+    all_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """L1 reconstruction + λ1·diversity + λ2·sharpness (no perceptual or GAN term)."""
-    return (recon - x).abs().mean() + diversity * soft.diversity + sharpness * soft.sharpness
+    """L1 reconstruction + λ1·diversity + λ2·sharpness (no perceptual or GAN term).
+
+    ``all_sum``: under data parallelism, the diversity's p̄ over every process's
+    positions (``quantize.prior_terms``)."""
+    div = soft.diversity if all_sum is None else prior_terms(soft.probs, soft.logits, all_sum)[0]
+    return (recon - x).abs().mean() + diversity * div + sharpness * soft.sharpness

@@ -118,8 +118,8 @@ def test_a_run_saved_by_two_processes_resumes_in_one(tmp_path):
 
 
 def test_a_batch_too_small_to_split_is_named(tmp_path, monkeypatch):
-    monkeypatch.setattr(Group, "from_env", classmethod(lambda cls: cls(rank=0, world=4)))
-    with pytest.raises(ConfigError, match="batch_size 5 is too small for 4 processes"):
+    monkeypatch.setattr(Group, "from_env", classmethod(lambda cls: cls(rank=0, world=8)))
+    with pytest.raises(ConfigError, match="batch_size 5 is too small for 8 processes"):
         train(
             model(),
             data(),

@@ -53,15 +53,20 @@ def toy_model(seed=0):
 
 
 def toy_loss(model, batch, ctx):
-    # noise from the step's own generators: a resumed run must redraw the same
-    jitter = torch.from_numpy(ctx.rng.normal(0, 0.01, tuple(batch["x"].shape))).float()
-    jitter = jitter + 0.01 * torch.randn(batch["x"].shape, generator=ctx.generator)
+    # noise from each volume's own generators: a resumed run must redraw the same
+    shape = tuple(batch["x"].shape[1:])
+    jitter = torch.stack(
+        [torch.from_numpy(rng.normal(0, 0.01, shape)).float() for rng in ctx.rngs()]
+    )
+    jitter = jitter + 0.01 * torch.stack(
+        [torch.randn(shape, generator=g) for g in ctx.generators()]
+    )
     return F.mse_loss(model(batch["x"] + jitter), batch["y"])
 
 
 def val_metric(data):
     batch = torch.utils.data.default_collate(data)
-    return lambda model: -F.mse_loss(model(batch["x"]), batch["y"]).item()
+    return lambda model, group: -F.mse_loss(model(batch["x"]), batch["y"]).item()
 
 
 def run(tmp_path, name, config=BASE, lines=None, **kw):
@@ -352,7 +357,7 @@ def test_early_stopping_keeps_the_best_validation_state(tmp_path):
     scripted = iter([0.5, 0.9, 0.7, 0.8, 0.6, 0.95, 0.99])
     snapshots = []
 
-    def validate(model):
+    def validate(model, group):
         snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
         return next(scripted)
 
@@ -378,7 +383,7 @@ def test_early_stopping_keeps_the_best_validation_state(tmp_path):
 
 def test_mode_min_and_no_validation_selects_by_training_loss(tmp_path):
     scripted = iter([3.0, 1.0, 2.0])
-    result = run(tmp_path, "a.pt", validate=lambda m: next(scripted), mode="min")
+    result = run(tmp_path, "a.pt", validate=lambda m, group: next(scripted), mode="min")
     assert result.best_epoch == 1 and result.best_metric == 1.0
     by_loss = run(tmp_path, "b.pt", validate=None)
     losses = [h["train_loss"] for h in by_loss.history]
