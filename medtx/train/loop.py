@@ -12,8 +12,7 @@ counters live in a ``TrainState`` (the loop's part of ``<out>.last.pt``) and run
 - **Device**: ``cuda`` when available, else CPU (``device=`` overrides). On CUDA the
   step runs under ``torch.autocast`` (bfloat16 where supported, else float16 with a
   ``GradScaler``) when ``amp`` is on; on CPU it runs in float32 with
-  ``torch.set_num_threads(threads)`` (inside a caller's own ``torch.autocast``, as
-  the bf16 tests run it, that autocast applies).
+  ``torch.set_num_threads(threads)``.
 - **Seeds**: python ``random``, numpy and torch are seeded from ``seed`` and recorded.
   The data order of epoch e is a permutation drawn from a ``torch.Generator`` seeded
   with (seed, e). Every random draw of a loss (Bézier curves, slice and token masks)
@@ -881,12 +880,9 @@ class Trainer:
         st.patience_counter = 0
         return True
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Mixed precision on CUDA when ``amp`` is on; otherwise no context of its own,
-        so a caller's ``torch.autocast`` (the CPU bf16 tests) applies."""
-        if not self.use_amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+    def autocast(self) -> torch.autocast:
+        """Mixed precision on CUDA when ``amp`` is on; a no-op context otherwise."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
 
     # -- checkpoints and the end
 
