@@ -179,3 +179,31 @@ def test_a_stage_trains_in_two_processes_and_rank_zero_writes(tmp_path):
     metrics = json.loads((tmp_path / "pred.json").read_text())
     assert metrics["status"] == "finished" and 0 <= metrics["dice_mean"] <= 1
     assert metrics["world_size"] == 2 and metrics["device"] == "cpu"
+
+
+def _dropout_rank(rank, world, port, out):
+    as_torchrun_rank(rank, world, port)
+    draws: list[list[float]] = []
+
+    def loss(m, batch, ctx):  # torch's global stream, as dropout draws from it
+        draws.append(torch.rand(len(ctx.indices)).tolist())
+        return mse(m, batch, ctx)
+
+    cfg = {**CONFIG, "epochs": 1}
+    train(model(), data(), loss_fn=loss, out=out, config=cfg, log=lambda _: None)
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(draws, fh)
+
+
+def test_dropout_draws_differ_between_ranks_and_rank_zero_draws_as_one_process(
+    tmp_path, monkeypatch
+):
+    mp.spawn(_dropout_rank, args=(2, free_port(), str(tmp_path / "two.pt")), nprocs=2)
+    ranks = [json.load(open(tmp_path / f"two.pt.{r}")) for r in range(2)]
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)  # put back after this process's run
+    _dropout_rank(0, 1, free_port(), str(tmp_path / "one.pt"))
+    alone = json.load(open(tmp_path / "one.pt.0"))
+    for step, (first, second) in enumerate(zip(*ranks)):
+        assert first[: len(second)] != second, f"step {step}: both ranks drew the same"
+        assert first == alone[step][: len(first)]  # rank 0 keeps one process's seed

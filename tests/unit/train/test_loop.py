@@ -1,6 +1,6 @@
 """The training loop: exact resume after a kill, config checks, early stopping, seeds.
 
-A toy network with dropout and a loss that draws from the step's generators keeps
+A toy network with dropout and a loss that draws from each volume's generators keeps
 these tests fast while exercising every RNG the real stages use.
 """
 
@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtx.errors import ConfigError, MedtxError
+from medtx.train.distributed import Group
 from medtx.train.loop import (
     CHECKPOINT_FORMAT,
     MODEL_FORMAT,
+    StepContext,
     TrainState,
     config_hash,
     epoch_batches,
@@ -442,3 +444,29 @@ def test_cuda_requested_without_cuda_is_an_error(tmp_path):
         pytest.skip("CUDA is available here")
     with pytest.raises(ConfigError, match="CUDA is not available"):
         run(tmp_path, "m.pt", device="cuda")
+
+
+def test_a_volume_draws_the_same_whatever_its_batch_and_process():
+    """Curves and masks come from generators seeded by (seed, epoch, dataset index):
+    a volume draws the same in any batch, at any position, in any process."""
+
+    def draws(indices, epoch=0, seed=7, rank=0, world=1):
+        ctx = StepContext(
+            epoch=epoch,
+            step=0,
+            global_step=0,
+            indices=indices,
+            volumes=len(indices) * world,
+            seed=seed,
+            device=torch.device("cpu"),
+            group=Group(rank=rank, world=world),
+        )
+        numpy_draws = [rng.random() for rng in ctx.rngs()]
+        torch_draws = [float(torch.rand(1, generator=g)) for g in ctx.generators()]
+        return dict(zip(indices, zip(numpy_draws, torch_draws)))
+
+    alone = draws([3, 5])
+    assert draws([5, 9, 3], rank=1, world=2)[5] == alone[5]  # other batch, place, rank
+    assert draws([3])[3] == alone[3]
+    assert alone[3] != alone[5]  # volumes differ
+    assert draws([5], epoch=1)[5] != alone[5] and draws([5], seed=8)[5] != alone[5]
