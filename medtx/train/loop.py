@@ -46,8 +46,12 @@ counters live in a ``TrainState`` (the loop's part of ``<out>.last.pt``) and run
   ``deterministic`` (CUDA) picks deterministic kernels (exact resume, slower);
   false lets cuDNN benchmark its fastest kernels (not bit-exact on GPU).
 - **Processes**: under torchrun the model is wrapped in DistributedDataParallel
-  and each rank trains its stride of every global batch (``medtx.train.distributed``);
-  rank 0 writes. A run resumes with another number of processes.
+  (``find_unused_parameters=False``: stages freeze what they do not train) and each
+  rank trains its stride of every global batch (``medtx.train.distributed``); losses
+  that look across the batch see the global one, so N processes compute one
+  process's gradients (``tests/distributed``). Each rank validates its stride of the
+  validation set and every rank computes the metric from all of them. Rank 0
+  writes. A run resumes with another number of processes.
 - **Walltime**: SIGTERM/SIGUSR1 (SLURM's warning signals) and ``max_steps_this_run``
   (the tests' stand-in for a kill) checkpoint and return status ``"interrupted"``;
   the next run resumes.
