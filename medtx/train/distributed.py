@@ -138,7 +138,7 @@ class _GatherRows(torch.autograd.Function):
     of the whole batch (one all_reduce) and keeps this rank's rows."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, group: Group, volumes: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, rows: Tensor, group: Group, volumes: int) -> Tensor:
         longest = -(-volumes // group.world)
         padded = rows.new_zeros((longest, *rows.shape[1:]))
         padded[: len(rows)] = rows.detach()
@@ -149,7 +149,7 @@ class _GatherRows(torch.autograd.Function):
         return torch.stack(parts, dim=1).flatten(0, 1)[:volumes]
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.group.positions(ctx.volumes)], None, None
@@ -159,13 +159,13 @@ class _AllSum(torch.autograd.Function):
     """all_reduce (sum) whose backward is the all_reduce (sum) of the gradients."""
 
     @staticmethod
-    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, tensor: Tensor) -> Tensor:
         out = tensor.detach().clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx, grad: Tensor):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad

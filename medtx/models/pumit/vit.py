@@ -3,7 +3,7 @@
 - Patch embedding: ``SACConv3d`` with kernel = stride = 16, so one set of weights
   takes 1 mm isotropic volumes, thick-slice scans and 2D slices (``Grid``).
 - A learnable class token and a learnable 3D position embedding on a fixed grid,
-  resampled (trilinear) to each input's token grid.
+  resampled (trilinear) to each input's token grid (``resample_pos_embed``).
 - Blocks as EVA-02's: pre-LayerNorm attention with 3D RoPE on queries and keys
   (``Rope3d``; the class token is not rotated) through
   ``scaled_dot_product_attention``, and a SwiGLU MLP (hidden 8/3 of the width).
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from medtx.models.pumit.rope import Rope3d
 from medtx.models.pumit.sac import Grid, SACConv3d
+from medtx.models.slice_transformer import bilinear_matrix
 
 PATCH = 16
 
@@ -101,12 +102,32 @@ class UniversalViT(nn.Module):
         tokens = patches.flatten(2).transpose(1, 2)
         if mask is not None:
             tokens = torch.where(mask[..., None], self.mask_token.to(tokens.dtype), tokens)
-        pos = F.interpolate(self.pos_embed, size=tokens_grid, mode="trilinear", align_corners=False)
+        pos = resample_pos_embed(self.pos_embed, tokens_grid)
         tokens = tokens + pos.flatten(2).transpose(1, 2)
         out = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1)
         for block in self.blocks:
             out = block(out, tokens_grid)
         return self.norm(out), tokens_grid
+
+
+def resample_pos_embed(pos: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """(1, dim, g, g, g) position embedding -> (1, dim, *grid), trilinear.
+
+    ``F.interpolate(pos, grid, mode="trilinear", align_corners=False)``'s values, as
+    one 1D linear-interpolation matrix per axis (trilinear is separable): its CUDA
+    backward is matrix products, deterministic, where interpolate's backward uses
+    atomicAdd and raises under ``torch.use_deterministic_algorithms(True)``. Autocast
+    is off here: interpolate ran in the parameter's dtype (float32), which matrix
+    products under autocast would not. On its own grid, the parameter itself.
+    """
+    if tuple(pos.shape[2:]) == tuple(grid):
+        return pos
+    with torch.autocast(pos.device.type, enabled=False):
+        a_d, a_h, a_w = (
+            bilinear_matrix(n_out, n_in, device=pos.device, dtype=pos.dtype)
+            for n_out, n_in in zip(grid, pos.shape[2:])
+        )
+        return torch.einsum("bcxyz,ix,jy,kz->bcijk", pos, a_d, a_h, a_w)
 
 
 def random_token_mask(
