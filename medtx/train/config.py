@@ -16,7 +16,13 @@ from medtx.errors import ConfigError
 # The loop's own config keys and their defaults (the stages add theirs: DEFAULTS below).
 TRAIN_DEFAULTS: dict[str, Any] = {
     "lr": 1e-4,  # Adam learning rate
-    "lr_decay": 0.99,  # ExponentialLR gamma, applied once per epoch
+    "lr_decay": 0.99,  # ExponentialLR gamma, applied once per epoch (lr_schedule: exponential)
+    # exponential (per epoch, lr_decay) or cosine (per step, after a linear warm-up over
+    # warmup_fraction of the steps, down towards lr_min: timm's CosineLRScheduler)
+    "lr_schedule": "exponential",
+    "warmup_fraction": 0.0,
+    "lr_min": 1e-6,
+    "grad_clip": None,  # clip the gradients' global L2 norm to this (null: no clipping)
     "epochs": 150,  # maximum number of epochs
     "patience": 30,  # epochs without a better selection metric before stopping
     "batch_size": 10,  # volumes per step
@@ -29,6 +35,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "log_every": 10,  # steps between progress lines (and host reads of the loss)
     "deterministic": True,  # CUDA: deterministic kernels, exact resume; false: faster
 }
+
+
+LR_SCHEDULES = ("exponential", "cosine")
 
 
 def _is_int(value: Any) -> bool:
@@ -60,6 +69,15 @@ def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
         problems.append(f"lr must be a positive number, not {cfg['lr']!r}")
     if not _is_number(cfg["lr_decay"]) or not 0 < cfg["lr_decay"] <= 1:
         problems.append(f"lr_decay must be in (0, 1], not {cfg['lr_decay']!r}")
+    if cfg["lr_schedule"] not in LR_SCHEDULES:
+        problems.append(f"lr_schedule {cfg['lr_schedule']!r} is not one of {list(LR_SCHEDULES)}")
+    if not _is_number(cfg["warmup_fraction"]) or not 0 <= cfg["warmup_fraction"] < 1:
+        problems.append(f"warmup_fraction must be in [0, 1), not {cfg['warmup_fraction']!r}")
+    if not _is_number(cfg["lr_min"]) or cfg["lr_min"] < 0:
+        problems.append(f"lr_min must be a number >= 0, not {cfg['lr_min']!r}")
+    clip = cfg["grad_clip"]
+    if clip is not None and (not _is_number(clip) or clip <= 0):
+        problems.append(f"grad_clip must be a positive number or null, not {clip!r}")
     minutes = cfg["checkpoint_minutes"]
     if minutes is not None and (not _is_number(minutes) or minutes < 0):
         problems.append(f"checkpoint_minutes must be a number >= 0 or null, not {minutes!r}")
@@ -96,6 +114,10 @@ BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
         "sharpness": 0.1,  # tokenizer: weight of the mean per-token entropy
         "pooling": "cls",  # classification/regression from the class token, or mean of patches
         "weight_decay": 0.05,  # AdamW's (the paper trains with AdamW)
+        # the official code's: gradient norm clipped to 0.5, warm-up + cosine per step
+        "grad_clip": 0.5,
+        "lr_schedule": "cosine",
+        "warmup_fraction": 0.05,
     },
 }
 assert set(BACKBONE_DEFAULTS) == set(BACKBONES)
@@ -105,7 +127,7 @@ def defaults(backbone: str = DEFAULT_BACKBONE) -> dict[str, Any]:
     """Every key a stage of ``backbone`` reads, with its default."""
     if backbone not in BACKBONE_DEFAULTS:
         raise ConfigError(f"backbone {backbone!r} is not one of {list(BACKBONES)}")
-    return {"backbone": backbone, **BACKBONE_DEFAULTS[backbone], **SHARED_DEFAULTS}
+    return {"backbone": backbone, **SHARED_DEFAULTS, **BACKBONE_DEFAULTS[backbone]}
 
 
 # The Medical Transformer's keys (the stages' defaults before a backbone is chosen).

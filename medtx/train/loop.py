@@ -23,7 +23,11 @@ counters live in a ``TrainState`` (the loop's part of ``<out>.last.pt``) and run
   have taken. Every step reseeds torch's global stream (dropout) with (seed, global
   step, rank): ranks drop out differently, as one process's volumes would.
 - **Optimization**: Adam (``lr``; AdamW when the config has a ``weight_decay`` > 0,
-  as PUMIT's), ``ExponentialLR(lr_decay)`` stepped per epoch,
+  as PUMIT's; parameter groups may scale the rate, ``lr_scale``), the gradients'
+  global norm clipped to ``grad_clip`` when set, ``lr_schedule`` exponential
+  (``ExponentialLR(lr_decay)`` stepped per epoch) or cosine (per step: a linear
+  warm-up over ``warmup_fraction`` of the run's steps, then a cosine towards
+  ``lr_min``, as timm's ``CosineLRScheduler(warmup_prefix=True)``),
   at most ``epochs`` epochs, early stopping after ``patience`` epochs without a
   better validation metric (``mode`` max or min; without a validation function the
   epoch's mean training loss selects, mode min). The best state is kept apart from
@@ -465,6 +469,23 @@ def set_cuda_determinism(deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic)
 
 
+def parameter_groups(
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], lr: float
+) -> list[dict[str, Any]]:
+    """The optimizer's groups from parameters, or from groups ``{"params": [...],
+    "lr_scale": s}`` (lr x s; a discriminator's faster rate); only parameters that
+    require a gradient, empty groups dropped."""
+    given: list[Any] = list(params)
+    if not given or not isinstance(given[0], dict):
+        given = [{"params": given}]
+    groups = []
+    for group in given:
+        trained = [p for p in group["params"] if p.requires_grad]
+        if trained:
+            groups.append({"params": trained, "lr": lr * float(group.get("lr_scale", 1.0))})
+    return groups
+
+
 def _better(metric: float, best: float | None, mode: str) -> bool:
     if best is None:
         return not math.isnan(metric)
@@ -490,7 +511,7 @@ class Trainer:
         config: Mapping[str, Any] | None = None,
         validate: Callable[[Any, Group], float] | None = None,
         mode: Literal["max", "min"] = "max",
-        params: Iterable[nn.Parameter] | None = None,
+        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
         collate: Callable[[list[Any]], Any] | None = None,
         prepare: Callable[[Any], Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -536,17 +557,23 @@ class Trainer:
             torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
         )
         model.to(dev)
-        trained = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
-        if not trained:
-            raise MedtxError("nothing to train: no parameter requires a gradient")
         lr, decay = float(cfg["lr"]), float(cfg.get("weight_decay") or 0.0)
+        groups = parameter_groups(model.parameters() if params is None else params, lr)
+        self.trained = [p for g in groups for p in g["params"]]
+        if not self.trained:
+            raise MedtxError("nothing to train: no parameter requires a gradient")
         self.optimizer = (
-            torch.optim.AdamW(trained, lr=lr, weight_decay=decay)
+            torch.optim.AdamW(groups, lr=lr, weight_decay=decay)
             if decay
-            else torch.optim.Adam(trained, lr=lr)
+            else torch.optim.Adam(groups, lr=lr)
         )
-        self.scheduler = torch.optim.lr_scheduler.ExponentialLR(
-            self.optimizer, gamma=float(cfg["lr_decay"])
+        self.per_step = cfg["lr_schedule"] == "cosine"
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler = (
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.cosine_factor())
+            if self.per_step
+            else torch.optim.lr_scheduler.ExponentialLR(
+                self.optimizer, gamma=float(cfg["lr_decay"])
+            )
         )
         self.scaler = torch.amp.GradScaler(
             dev.type, enabled=self.use_amp and self.amp_dtype == torch.float16
@@ -770,8 +797,13 @@ class Trainer:
         weight = local * self.group.world / volumes
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss * weight if weight != 1 else loss).backward()
+        if self.cfg["grad_clip"] is not None:  # on the all-reduced, unscaled gradients
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trained, float(self.cfg["grad_clip"]))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.per_step:
+            self.scheduler.step()
         total = self.group.sum(loss.detach().double() * local)  # the global batch's sum
         self.loss_sum += total
         self.last_loss = total / volumes
@@ -826,9 +858,10 @@ class Trainer:
         metric = self.validate(train_loss)
         improved = self.keep_if_better(metric)
         lr = self.scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():  # a resume at an epoch's end has no optimizer step
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
-            self.scheduler.step()
+        if not self.per_step:
+            with warnings.catch_warnings():  # a resume at an epoch's end has no optimizer step
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
+                self.scheduler.step()
         seconds = st.epoch_seconds + time.monotonic() - t_val
         st.history.append(
             {
@@ -883,6 +916,24 @@ class Trainer:
         st.best_state = state_copy(self.model)
         st.patience_counter = 0
         return True
+
+    def cosine_factor(self) -> Callable[[int], float]:
+        """The cosine schedule's factor of ``lr`` at step t: timm's CosineLRScheduler
+        (warmup_prefix, warm-up from 0, ``t_initial`` the run's steps) over this run's
+        ``epochs`` x batches per epoch."""
+        cfg = self.cfg
+        n, size = len(self.dataset), int(cfg["batch_size"])
+        per_epoch = n // size + (n % size >= self.min_batch)
+        total = max(int(cfg["epochs"]) * per_epoch, 1)
+        warm = int(float(cfg["warmup_fraction"]) * total)
+        floor = min(float(cfg["lr_min"]) / float(cfg["lr"]), 1.0)
+
+        def factor(t: int) -> float:
+            if t < warm:
+                return t / warm
+            return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * (t - warm) / total))
+
+        return factor
 
     def autocast(self) -> torch.autocast:
         """Mixed precision on CUDA when ``amp`` is on; a no-op context otherwise."""
@@ -995,7 +1046,7 @@ def train(
     config: Mapping[str, Any] | None = None,
     validate: Callable[[Any, Group], float] | None = None,
     mode: Literal["max", "min"] = "max",
-    params: Iterable[nn.Parameter] | None = None,
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
     collate: Callable[[list[Any]], Any] | None = None,
     prepare: Callable[[Any], Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
@@ -1020,7 +1071,8 @@ def train(
             predicts its ``group.shard`` of the validation set and gathers the rest
             (``group.gather_parts``). None selects by the epoch's mean training loss.
         mode: "max" or "min" for the validation metric (forced to "min" without one).
-        params: the parameters to optimize (default: all with requires_grad).
+        params: the parameters to optimize (default: all with requires_grad), or groups
+            ``{"params": [...], "lr_scale": s}`` trained at ``lr`` x s.
         collate: list of items -> batch (default ``torch.utils.data.default_collate``).
         prepare: batch on the device -> model input (e.g. ``VolumeSet.prepare``: float16
             to float32, downsampling), so the loader moves what the cache stores.

@@ -5,6 +5,7 @@ these tests fast while exercising every RNG the real stages use.
 """
 
 import dataclasses
+import math
 import os
 import signal
 
@@ -470,3 +471,57 @@ def test_a_volume_draws_the_same_whatever_its_batch_and_process():
     assert draws([3])[3] == alone[3]
     assert alone[3] != alone[5]  # volumes differ
     assert draws([5], epoch=1)[5] != alone[5] and draws([5], seed=8)[5] != alone[5]
+
+
+def record_steps(fn):
+    """Each optimizer step's learning rates (per group) and gradient norm, from a
+    global step pre-hook, while ``fn`` trains."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    steps = []
+
+    def hook(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None]))
+        steps.append(([g["lr"] for g in optimizer.param_groups], float(norm)))
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return steps
+
+
+def test_the_cosine_schedule_warms_up_then_follows_timms_formula(tmp_path):
+    # 10 volumes in batches of 4: 3 steps an epoch, 2 epochs: T = 6 steps, 1 warm-up step
+    config = {**BASE, "epochs": 2, "lr_schedule": "cosine", "warmup_fraction": 0.25}
+    config.update(lr_min=1e-4)
+    steps = record_steps(lambda: run(tmp_path, "m.pt", config=config))
+    lrs = [lr[0] for lr, _ in steps]
+    lr, floor, total, warm = 1e-2, 1e-4 / 1e-2, 6, 1
+    expected = [0.0] + [
+        lr * (floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * (t - warm) / total)))
+        for t in range(1, 6)
+    ]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert lrs[1] == pytest.approx(lr) and lrs[-1] < lrs[1]
+
+
+def test_grad_clip_bounds_the_gradient_norm_and_groups_scale_the_rate(tmp_path):
+    free = record_steps(lambda: run(tmp_path, "a.pt", validate=None))
+    assert max(norm for _, norm in free) > 0.05
+    clipped = record_steps(lambda: run(tmp_path, "b.pt", config={**BASE, "grad_clip": 0.05}))
+    assert all(norm <= 0.05 * (1 + 1e-5) for _, norm in clipped)
+    net = toy_model()
+    groups = [{"params": net[0].parameters()}, {"params": net[3].parameters(), "lr_scale": 10}]
+    steps = record_steps(
+        lambda: train(
+            net, toy_data(), loss_fn=toy_loss, out=tmp_path / "c.pt", config=BASE, params=groups
+        )
+    )
+    assert steps[0][0] == pytest.approx([1e-2, 1e-1])
+    with pytest.raises(ConfigError, match="grad_clip must be a positive number or null"):
+        resolve_train_config({"grad_clip": 0})
+    with pytest.raises(ConfigError, match="lr_schedule 'linear' is not one of"):
+        resolve_train_config({"lr_schedule": "linear"})
