@@ -110,8 +110,11 @@ BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pumit": {
         "preset": "base",  # base (ViT-B, 1,024 codes: the paper's) or tiny (CPU demo, tests)
         "mask_ratio": 0.55,  # MIM: fraction of tokens masked
-        "diversity": 1.0,  # tokenizer: weight of Σ p̄ log p̄ over the mean token distribution
-        "sharpness": 0.1,  # tokenizer: weight of the mean per-token entropy
+        # tokenizer: the official loss.yaml's weights (function2-llx/PUMIT at 67218a2)
+        "diversity": 1.0,  # quant_weight: Σ p̄ log p̄ over the mean token distribution
+        "sharpness": 0.2,  # entropy_weight: the mean per-token entropy
+        "gan_weight": 3e-3,  # the adversarial term's (on while the discriminator wins)
+        "lpips_weights": None,  # VGG-16 + LPIPS weights file (null: no perceptual term)
         "pooling": "cls",  # classification/regression from the class token, or mean of patches
         "weight_decay": 0.05,  # AdamW's (the paper trains with AdamW)
         # the official code's: gradient norm clipped to 0.5, warm-up + cosine per step
@@ -178,9 +181,12 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         if not _is_number(cfg["margin"]) or cfg["margin"] <= 0:
             problems.append(f"margin must be a positive number, not {cfg['margin']!r}")
     else:
-        for key in ("diversity", "sharpness", "weight_decay"):
+        for key in ("diversity", "sharpness", "gan_weight", "weight_decay"):
             if not _is_number(cfg[key]) or cfg[key] < 0:
                 problems.append(f"{key} must be a number >= 0, not {cfg[key]!r}")
+        lp = cfg["lpips_weights"]
+        if lp is not None and (not isinstance(lp, str) or not lp):
+            problems.append(f"lpips_weights must be a file path or null, not {lp!r}")
         if cfg["pooling"] not in POOLINGS:
             problems.append(f"pooling {cfg['pooling']!r} is not one of {list(POOLINGS)}")
     lm = cfg["label_map"]

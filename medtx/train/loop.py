@@ -569,7 +569,7 @@ class Trainer:
         )
         self.per_step = cfg["lr_schedule"] == "cosine"
         self.scheduler: torch.optim.lr_scheduler.LRScheduler = (
-            torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.cosine_factor())
+            torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.cosine_factors())
             if self.per_step
             else torch.optim.lr_scheduler.ExponentialLR(
                 self.optimizer, gamma=float(cfg["lr_decay"])
@@ -917,23 +917,28 @@ class Trainer:
         st.patience_counter = 0
         return True
 
-    def cosine_factor(self) -> Callable[[int], float]:
-        """The cosine schedule's factor of ``lr`` at step t: timm's CosineLRScheduler
-        (warmup_prefix, warm-up from 0, ``t_initial`` the run's steps) over this run's
-        ``epochs`` x batches per epoch."""
+    def cosine_factors(self) -> list[Callable[[int], float]]:
+        """Per parameter group, the cosine schedule's factor of its rate at step t:
+        timm's CosineLRScheduler (warmup_prefix, warm-up from 0, ``t_initial`` the
+        run's steps, every group towards ``lr_min``) over this run's ``epochs`` x
+        batches per epoch."""
         cfg = self.cfg
         n, size = len(self.dataset), int(cfg["batch_size"])
         per_epoch = n // size + (n % size >= self.min_batch)
         total = max(int(cfg["epochs"]) * per_epoch, 1)
         warm = int(float(cfg["warmup_fraction"]) * total)
-        floor = min(float(cfg["lr_min"]) / float(cfg["lr"]), 1.0)
 
-        def factor(t: int) -> float:
-            if t < warm:
-                return t / warm
-            return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * (t - warm) / total))
+        def schedule(floor: float) -> Callable[[int], float]:
+            def factor(t: int) -> float:
+                if t < warm:
+                    return t / warm
+                cosine = 1 + math.cos(math.pi * (t - warm) / total)
+                return floor + 0.5 * (1 - floor) * cosine
 
-        return factor
+            return factor
+
+        lr_min = float(cfg["lr_min"])
+        return [schedule(min(lr_min / g["lr"], 1.0)) for g in self.optimizer.param_groups]
 
     def autocast(self) -> torch.autocast:
         """Mixed precision on CUDA when ``amp`` is on; a no-op context otherwise."""

@@ -1,10 +1,14 @@
 """PUMIT's pre-training: the soft-token tokenizer, then masked image modelling (MIM).
 
-1. ``pretrain_tokenizer``: the SAC encoder/decoder learns to reconstruct the
-   pre-training volumes through soft tokens: L1 + λ1·diversity + λ2·sharpness
-   (``diversity``, ``sharpness``). Selection by the epoch's mean training loss. The
-   checkpoint records how often each code is the most likely one over the
-   pre-training volumes (``codebook_usage``), for summary.md's histogram.
+1. ``pretrain_tokenizer``: the official ``SimpleVQTokenizer`` learns to reconstruct
+   the pre-training volumes through soft tokens, with the official VQGAN loss
+   (``medtx.models.pumit.tokenizer``): L1 + ``diversity`` (1) x Σ p̄ log p̄ +
+   ``sharpness`` (0.2) x mean token entropy + LPIPS (with ``lpips_weights``) +
+   ``gan_weight`` (3e-3) x the patch-GAN generator term, switched on while the
+   discriminator's loss is low; the discriminator trains alongside at 10x the rate.
+   Selection by the epoch's mean reconstruction objective. The checkpoint holds
+   the tokenizer alone and records how often each code is the most likely one over
+   the pre-training volumes (``codebook_usage``), for summary.md's histogram.
 2. ``pretrain_mim``: with that tokenizer frozen, the ViT sees ``mask_ratio`` (0.55)
    of its patches replaced by its mask token and predicts the tokenizer's soft
    distribution there (soft cross-entropy). The checkpoint holds the whole
@@ -12,8 +16,9 @@
    fine-tuning loads its ``vit`` like the Medical Transformer's encoders.
 
 The study's volumes are isotropic template-space crops: every input has
-``Grid(0)``. The paper's perceptual loss needs ImageNet weights that cannot be
-installed here and is left out; its optional patch-GAN term is not built.
+``Grid(0)``. The perceptual term needs ImageNet VGG-16 and LPIPS weights, which
+cannot be downloaded at run time: without the ``lpips_weights`` file it is left
+out, and the checkpoint's ``left_out`` says so.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from torch import Tensor
 
 from medtx.errors import MedtxError
 from medtx.io import atomic_path, sha256
+from medtx.models.pumit.lpips import LPIPS, load_lpips
 from medtx.models.pumit.mim import MimHead, soft_cross_entropy
 from medtx.models.pumit.model import PRESETS, PumitModel, pad_to_multiple
 from medtx.models.pumit.sac import Grid
-from medtx.models.pumit.tokenizer import Tokenizer, tokenizer_loss
+from medtx.models.pumit.tokenizer import AdversarialTokenizer, GanSettings, Tokenizer
 from medtx.models.pumit.vit import PATCH, random_token_mask
 from medtx.models.registry import build
 from medtx.train.checkpoints import (
@@ -44,6 +50,8 @@ from medtx.train.data import VolumeSet, collate, items_from_indexes
 from medtx.train.loop import TrainResult, load_state, pick_device, seed_everything, train
 
 ISOTROPIC = Grid(0)
+# the official discriminator's AdamW rate over the tokenizer's: 1e-3 / 1e-4 (main.yaml)
+DISC_LR_SCALE = 10.0
 
 
 def _padded(x: Tensor) -> Tensor:
@@ -69,20 +77,54 @@ def pretrain_tokenizer(
     max_steps_this_run: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Stage 1: train the tokenizer; record its codebook usage in the checkpoint."""
-    cfg = _pumit_config(config)
+    """Stage 1: train the tokenizer against its discriminator; the checkpoint keeps
+    the tokenizer alone and records its codebook usage.
+
+    The model trained is an ``AdversarialTokenizer`` (tokenizer, discriminator, and
+    the GAN switch's EMA as buffers, so a resumed run continues it). One loss gives
+    both the official generator and discriminator gradients of the batch in one
+    backward (``AdversarialTokenizer.losses``); the discriminator's parameter group
+    runs at ``DISC_LR_SCALE`` x lr. The loss's value is the official ``vq_loss``
+    (L1, priors and perceptual term): the adversarial term and the discriminator's
+    loss add their gradients with a value of 0 (``x - x.detach()``), so the epoch's
+    mean loss, which selects the kept state, measures the tokenizer's
+    reconstruction, not how the two players stand. Gradients are not clipped unless
+    the config asks (``grad_clip``): the official tokenizer training clips none."""
+    cfg = _pumit_config({"grad_clip": None, **(config or {})})
     data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"], stored=True)
     if not len(data):
         raise MedtxError("tokenizer pre-training has no volumes")
+    lpips: LPIPS | None = None
+    lpips_info: dict[str, Any] | None = None
+    if cfg["lpips_weights"] is not None:
+        lpips, digest = load_lpips(cfg["lpips_weights"])
+        lpips_info = {"path": str(cfg["lpips_weights"]), "sha256": digest}
     seed_everything(cfg["seed"])
-    tokenizer = build_tokenizer(cfg["preset"])
+    gan = GanSettings(weight=float(cfg["gan_weight"]))
+    model = AdversarialTokenizer.build(PRESETS[cfg["preset"]].tokenizer, 1, gan)
     lam1, lam2 = float(cfg["diversity"]), float(cfg["sharpness"])
 
-    def loss_fn(m: Tokenizer, batch: dict[str, Tensor], ctx) -> Tensor:
+    def loss_fn(m: AdversarialTokenizer, batch: dict[str, Tensor], ctx) -> Tensor:
         x = _padded(batch["image"])
-        recon, soft = m(x, ISOTROPIC)
-        return tokenizer_loss(x, recon, soft, diversity=lam1, sharpness=lam2, all_sum=ctx.all_sum)
+        if lpips is not None and lpips.mean.device != x.device:
+            lpips.to(x.device)
+        _, _, parts = m.losses(
+            x,
+            ISOTROPIC,
+            diversity=lam1,
+            sharpness=lam2,
+            all_sum=ctx.all_sum,
+            share=(len(ctx.indices), ctx.volumes),
+            lpips=lpips,
+            generators=ctx.generators() if lpips is not None else None,
+        )
+        adversarial = parts["gan_term"] + parts["disc"]
+        return parts["vq"] + (adversarial - adversarial.detach())
 
+    losses: dict[str, float] = {"l1": 1.0, "diversity": lam1, "sharpness": lam2}
+    if lpips is not None:
+        losses["perceptual"] = 1.0
+    losses["gan"] = gan.weight
     meta = stage_metadata(
         "pretrain_tokenizer",
         "pretrain",
@@ -91,15 +133,29 @@ def pretrain_tokenizer(
         ["tokenizer"],
         items,
         metadata,
-        losses={"l1": 1.0, "diversity": lam1, "sharpness": lam2},
-        left_out=["perceptual (needs ImageNet weights)", "patch-GAN"],
+        losses=losses,
+        gan={
+            "threshold": gan.threshold,
+            "momentum": gan.momentum,
+            "ema_init": gan.ema_init,
+            "disc_lr_scale": DISC_LR_SCALE,
+            "loss": "hinge",
+            "discriminator": "trained alongside, not kept in the checkpoint",
+        },
+        lpips_weights=lpips_info,
+        left_out=[] if lpips is not None else ["perceptual (LPIPS: no lpips_weights file)"],
     )
+    groups: list[dict[str, Any]] = [
+        {"params": list(model.tokenizer.parameters())},
+        {"params": list(model.discriminator.parameters()), "lr_scale": DISC_LR_SCALE},
+    ]
     result = train(
-        tokenizer,
+        model,
         data,
         loss_fn=loss_fn,
         out=out,
         config=run_config(cfg, items, stage="pretrain_tokenizer", train_scans=scans_of(items)),
+        params=groups,
         collate=collate,
         prepare=data.prepare,
         metadata=meta,
@@ -109,6 +165,8 @@ def pretrain_tokenizer(
     )
     if result.status != "interrupted" and result.rank == 0:
         saved = load_state(out)
+        saved["model"], saved["metadata"]["gan_state"] = tokenizer_state(saved["model"])
+        tokenizer = model.tokenizer
         tokenizer.load_state_dict(saved["model"])
         usage = codebook_usage(tokenizer, data, batch_size=cfg["batch_size"], device=device)
         saved["metadata"]["codebook_usage"] = usage
@@ -116,6 +174,20 @@ def pretrain_tokenizer(
             torch.save(saved, tmp)
         result.extra["codebook_usage"] = usage
     return result
+
+
+def tokenizer_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An ``AdversarialTokenizer`` state -> the tokenizer's alone (what
+    ``load_tokenizer`` loads; the discriminator is dropped) and the GAN switch's
+    final state (for the metadata)."""
+    prefix = "tokenizer."
+    tokenizer = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    gan = {
+        "disc_loss_ema": float(state["disc_loss_ema"]),
+        "disc_loss_last": float(state["disc_loss_last"]),
+        "gan_on": bool(state["gan_on"]),
+    }
+    return tokenizer, gan
 
 
 @torch.no_grad()
@@ -149,7 +221,13 @@ def load_tokenizer(path: str | Path) -> tuple[Tokenizer, dict[str, Any]]:
             "MIM pre-training needs --init from `medtx pretrain tokenizer`"
         )
     tokenizer = build_tokenizer(meta["preset"])
-    tokenizer.load_state_dict(ckpt["model"])
+    try:
+        tokenizer.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise MedtxError(
+            f"{path}: its tokenizer does not fit this version's {meta['preset']!r} "
+            "tokenizer (an older architecture?); pre-train the tokenizer again"
+        ) from err
     return tokenizer.requires_grad_(False).eval(), meta
 
 

@@ -3,18 +3,25 @@
 The tokenizer's encoder gives each position logits over K codes; the token is the
 expectation of the code embedding under their softmax, p @ codebook, which is
 differentiable without a straight-through estimator and leaves reconstruction
-deterministic. PUMIT's extended prior regularisation keeps the distributions
-diverse and sharp:
+deterministic. This is the official ``VectorQuantizer(mode="soft")``
+(``pumit/tokenizer/quantize.py``, function2-llx/PUMIT at 67218a2): a Linear
+projection to the logits, the codebook ``nn.Embedding`` initialised uniformly in
+±1/K, ``z_q = softmax(logits) @ embedding``. Its two prior terms:
 
-- diversity: Σ_k p̄_k log p̄_k, with p̄ the mean distribution over all positions of
-  the batch (the distribution of the code at a random position); minimal when p̄ is
-  uniform, i.e. codes are used evenly;
-- sharpness: the mean entropy of the positions' distributions; minimal when each
-  position is sure of its code.
+- diversity (the official ``vq_out.loss``, weighted by loss.yaml's
+  ``quant_weight`` 1): Σ_k p̄_k log p̄_k, with p̄ the mean distribution over all
+  positions of the batch; the negative entropy of the mean, minimal when codes are
+  used evenly;
+- sharpness (the official ``vq_out.entropy``, weighted by ``entropy_weight`` 0.2):
+  the mean over positions of each position's entropy -Σ_k p_k log p_k; minimal when
+  each position is sure of its code.
 
-The objective is λ1·diversity + λ2·sharpness. Under data parallelism p̄ is the mean
-over every process's positions, as the authors average it (``prior_terms``' ``all_sum``),
-so N processes compute the term one process would.
+Both are added to the loss with a positive sign: the objective is
+1·diversity + 0.2·sharpness (our config keys ``diversity``, ``sharpness``). Under
+data parallelism p̄ is the mean over every process's positions, as the official
+code averages it (an all-gather of the detached means, the local mean keeping the
+gradient); here ``prior_terms``' ``all_sum`` gives N processes the term, and the
+gradient, one process computes.
 """
 
 from __future__ import annotations

@@ -521,6 +521,20 @@ def test_grad_clip_bounds_the_gradient_norm_and_groups_scale_the_rate(tmp_path):
         )
     )
     assert steps[0][0] == pytest.approx([1e-2, 1e-1])
+    cosine = {**BASE, "epochs": 1, "lr_schedule": "cosine", "lr_min": 1e-3}
+    net = toy_model()
+    groups = [{"params": net[0].parameters()}, {"params": net[3].parameters(), "lr_scale": 10}]
+    steps = record_steps(
+        lambda: train(
+            net, toy_data(), loss_fn=toy_loss, out=tmp_path / "d.pt", config=cosine, params=groups
+        )
+    )
+    half = 1e-3 + 0.5 * (1 - 1e-3 / 1e-2) * (1 + math.cos(math.pi * 2 / 3)) * 1e-2
+    # every group's cosine falls towards lr_min, not towards lr_min x lr_scale
+    assert steps[2][0][0] == pytest.approx(half)
+    assert steps[2][0][1] == pytest.approx(
+        1e-3 + 0.5 * (1e-1 - 1e-3) * (1 + math.cos(math.pi * 2 / 3))
+    )
     with pytest.raises(ConfigError, match="grad_clip must be a positive number or null"):
         resolve_train_config({"grad_clip": 0})
     with pytest.raises(ConfigError, match="lr_schedule 'linear' is not one of"):

@@ -1,15 +1,21 @@
-"""PUMIT's stages on tiny cached volumes: the tokenizer and its codebook usage, MIM
-from the frozen tokenizer, and fine-tuning from the MIM checkpoint's ViT."""
+"""PUMIT's stages on tiny cached volumes: the tokenizer (against its discriminator)
+and its codebook usage, MIM from the frozen tokenizer, and fine-tuning from the MIM
+checkpoint's ViT."""
 
+import functools
 import json
 
 import pytest
 import torch
 
 from medtx.errors import ConfigError, MedtxError
+from medtx.io import sha256
+from medtx.models.pumit import lpips as lpips_module
+from medtx.models.pumit.tokenizer import GanSettings
+from medtx.train import mim as mim_stage
 from medtx.train.finetune import finetune
-from medtx.train.loop import load_state
-from medtx.train.mim import pretrain_mim, pretrain_tokenizer
+from medtx.train.loop import last_path, load_state
+from medtx.train.mim import build_tokenizer, pretrain_mim, pretrain_tokenizer
 from medtx.train.pretrain import pretrain_exemplar
 from tests.unit.train.test_stages import FAST, TWO_CLASSES, write_items
 
@@ -40,7 +46,71 @@ def test_the_tokenizer_records_which_codes_the_volumes_use(chain):
     assert sum(usage) == len(items) * 8  # one code per token position of every volume
     assert usage == tok.extra["codebook_usage"]
     assert saved["metadata"]["stage"] == "pretrain_tokenizer"
-    assert saved["metadata"]["left_out"]  # the perceptual and GAN terms, said so
+    # no lpips_weights file: the perceptual term is left out, and said so
+    assert saved["metadata"]["left_out"] == ["perceptual (LPIPS: no lpips_weights file)"]
+    assert saved["metadata"]["lpips_weights"] is None
+
+
+def test_the_tokenizer_trains_against_its_discriminator_and_keeps_the_tokenizer_alone(chain):
+    root, *_ = chain
+    saved = load_state(root / "tokenizer.pt")
+    assert saved["model"].keys() == build_tokenizer("tiny").state_dict().keys()
+    meta = saved["metadata"]
+    # the official loss.yaml's weights (the perceptual term needs the weights file)
+    assert meta["losses"] == {"l1": 1.0, "diversity": 1.0, "sharpness": 0.2, "gan": 3e-3}
+    assert meta["gan"]["threshold"] == 0.025 and meta["gan"]["momentum"] == 0.9
+    assert meta["gan"]["disc_lr_scale"] == 10.0
+    state = meta["gan_state"]
+    assert state["disc_loss_ema"] != 0.1 and 0 < state["disc_loss_last"] < 2
+    assert state["gan_on"] is False  # 4 steps: the EMA is still far above 0.025
+    last = load_state(last_path(root / "tokenizer.pt"))
+    assert any(k.startswith("discriminator.") for k in last["model"])  # resumable whole
+    groups = last["optimizer"]["param_groups"]
+    assert len(groups) == 2
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])  # 1e-3 vs 1e-4
+
+
+def test_a_resumed_tokenizer_run_continues_the_gan_ema_exactly(chain, tmp_path):
+    root, items, *_ = chain
+    config = {**PUMIT, "epochs": 2}
+    first = pretrain_tokenizer(items, out=tmp_path / "t.pt", config=config, max_steps_this_run=3)
+    assert first.status == "interrupted"
+    stopped = load_state(last_path(tmp_path / "t.pt"))["model"]
+    assert float(stopped["disc_loss_ema"]) != 0.1
+    result = pretrain_tokenizer(items, out=tmp_path / "t.pt", config=config)
+    assert result.resumed_from == (1, 1) and result.status == "finished"
+    ours = load_state(last_path(tmp_path / "t.pt"))["model"]
+    whole = load_state(last_path(root / "tokenizer.pt"))["model"]  # the chain's, not stopped
+    assert ours.keys() == whole.keys()
+    for key in ("disc_loss_ema", "disc_loss_last", "gan_on"):
+        assert torch.equal(ours[key], whole[key]), key
+    for key in ours:
+        torch.testing.assert_close(ours[key], whole[key], rtol=0, atol=0, msg=key)
+
+
+def test_the_gan_term_switches_on_below_the_threshold(tmp_path, monkeypatch):
+    items = write_items(tmp_path / "d", 4, shape=SHAPE)
+    # a threshold every discriminator loss is under: on from the second step
+    monkeypatch.setattr(mim_stage, "GanSettings", functools.partial(GanSettings, threshold=10.0))
+    pretrain_tokenizer(items, out=tmp_path / "t.pt", config={**PUMIT, "epochs": 1})
+    assert load_state(tmp_path / "t.pt")["metadata"]["gan_state"]["gan_on"] is True
+
+
+def test_the_perceptual_term_needs_a_readable_weights_file(tmp_path, monkeypatch):
+    items = write_items(tmp_path / "d", 4, shape=SHAPE)
+    config = {**PUMIT, "epochs": 1, "lpips_weights": str(tmp_path / "missing.pt")}
+    with pytest.raises(MedtxError, match="lpips_weights .*missing.pt: no such file"):
+        pretrain_tokenizer(items, out=tmp_path / "t.pt", config=config)
+    assert not last_path(tmp_path / "t.pt").exists()  # refused before training
+    from tests.unit.models.test_pumit_tokenizer import random_lpips_file
+
+    weights = tmp_path / "lpips.pt"
+    monkeypatch.setattr(lpips_module, "LIN_SHA256", random_lpips_file(weights))
+    config["lpips_weights"] = str(weights)
+    pretrain_tokenizer(items, out=tmp_path / "t.pt", config=config)
+    meta = load_state(tmp_path / "t.pt")["metadata"]
+    assert meta["lpips_weights"] == {"path": str(weights), "sha256": sha256(weights)}
+    assert meta["losses"]["perceptual"] == 1.0 and meta["left_out"] == []
 
 
 def test_mim_trains_the_vit_and_leaves_the_tokenizer_frozen(chain):
