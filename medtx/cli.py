@@ -231,6 +231,8 @@ def cmd_params(args: argparse.Namespace) -> int:
 
     rows = [{**r, "backbone": "medical_transformer"} for r in params_table()]
     rows += [{**r, "backbone": "pumit"} for r in pumit.params_table()]
+    # PUMIT base's ViT alone: ours, and in "paper" the authors' code's count
+    rows += [{**r, "backbone": "pumit"} for r in pumit.vit_params_rows("base")]
     print(format_params_table(rows, args.format))
     return 0
 
@@ -532,7 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--summary", help="the summary.md to write (tables go beside it)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("params", help="print Table 3: parameters of both backbones' models")
+    p = sub.add_parser(
+        "params",
+        help="print Table 3: parameters of both backbones' models, and PUMIT base's ViT "
+        "alone (task vit_only) against the authors' code's count (in the paper column)",
+    )
     p.add_argument("--format", choices=["text", "tsv"], default="text")
     p.set_defaults(func=cmd_params)
 

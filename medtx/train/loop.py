@@ -470,20 +470,51 @@ def set_cuda_determinism(deterministic: bool) -> None:
 
 
 def parameter_groups(
-    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], lr: float
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
+    lr: float,
+    *,
+    model: nn.Module | None = None,
+    weight_decay: float = 0.0,
 ) -> list[dict[str, Any]]:
     """The optimizer's groups from parameters, or from groups ``{"params": [...],
     "lr_scale": s}`` (lr x s; a discriminator's faster rate); only parameters that
-    require a gradient, empty groups dropped."""
+    require a gradient, empty groups dropped. With ``weight_decay`` each group is
+    split as the PUMIT authors split theirs (minGPT's rule): the weights of linear
+    and convolution layers decay; biases, norms, embeddings (a codebook) and free
+    parameters (class and mask tokens, position embedding, q/v biases) do not."""
     given: list[Any] = list(params)
     if not given or not isinstance(given[0], dict):
         given = [{"params": given}]
+    decays = decayed_parameters(model) if weight_decay and model is not None else None
     groups = []
     for group in given:
         trained = [p for p in group["params"] if p.requires_grad]
-        if trained:
-            groups.append({"params": trained, "lr": lr * float(group.get("lr_scale", 1.0))})
+        rate = lr * float(group.get("lr_scale", 1.0))
+        parts: list[tuple[list[nn.Parameter], float | None]]
+        if decays is None:
+            parts = [(trained, None)]
+        else:
+            parts = [
+                ([p for p in trained if id(p) in decays], weight_decay),
+                ([p for p in trained if id(p) not in decays], 0.0),
+            ]
+        for part, decay in parts:
+            if part:
+                groups.append({"params": part, "lr": rate})
+                if decay is not None:
+                    groups[-1]["weight_decay"] = decay
     return groups
+
+
+def decayed_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters weight decay applies to: ``weight`` of linear and
+    convolution layers (``parameter_groups``)."""
+    layers = (nn.Linear, nn.modules.conv._ConvNd)
+    return {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, layers) and isinstance(getattr(m, "weight", None), nn.Parameter)
+    }
 
 
 def _better(metric: float, best: float | None, mode: str) -> bool:
@@ -558,7 +589,9 @@ class Trainer:
         )
         model.to(dev)
         lr, decay = float(cfg["lr"]), float(cfg.get("weight_decay") or 0.0)
-        groups = parameter_groups(model.parameters() if params is None else params, lr)
+        groups = parameter_groups(
+            model.parameters() if params is None else params, lr, model=model, weight_decay=decay
+        )
         self.trained = [p for g in groups for p in g["params"]]
         if not self.trained:
             raise MedtxError("nothing to train: no parameter requires a gradient")

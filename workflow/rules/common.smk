@@ -1,4 +1,5 @@
 # Config validation, the scan tables, and every helper the rules use.
+import functools
 import json
 import re
 import shlex
@@ -396,15 +397,38 @@ def train_threads(stage, backbone="medical_transformer"):
     return training_threads(stage_config(stage, backbone), TRAIN["gpus"])
 
 
-def train_resources(stage, *, mem_mb, runtime, backbone="medical_transformer"):
-    """Cluster resources of a training job; GPUs only when train/gpu says so."""
+def train_resources(stage, *, runtime, backbone="medical_transformer", step=None):
+    """Cluster resources of a training job; GPUs only when train/gpu says so. Memory
+    (host mem_mb, GPU gpu_mem_mb) from the measured step cost of the stage at its
+    preset, batch and downsample (medtx.workflow.resources, docs/slurm.md); ``step``
+    names the pre-training stage of "pretrain" (exemplar, masked). Fine-tuning's
+    depend on the job's backbone and task: functions of its wildcards."""
+    with user_errors():  # every job's figures, before any job (a missing row: one line)
+        if stage != "finetune":
+            return stage_resources(stage, backbone, step or stage, None, runtime)
+        for name in BACKBONES:
+            for task in TASKS:
+                keys = stage_resources(stage, name, stage, task, runtime)
+    return {key: finetune_resource(key, runtime) for key in keys}
+
+
+@functools.cache
+def stage_resources(stage, backbone, step, task, runtime):
     return training_resources(
         stage_config(stage, backbone),
         gpu=TRAIN["gpu"],
         gpus=TRAIN["gpus"],
-        mem_mb=mem_mb,
         runtime=runtime,
+        step=step,
+        task=task,
     )
+
+
+def finetune_resource(key, runtime):
+    """One resource of a fine-tuning job, for its backbone and task wildcards."""
+    return lambda w: stage_resources(
+        "finetune", w.backbone, "finetune", w.task, runtime
+    )[key]
 
 
 def pretrain_indexes():

@@ -46,7 +46,7 @@ rule pretrain_exemplar:
         ENV
     threads: train_threads("pretrain")
     resources:
-        **train_resources("pretrain", mem_mb=8000, runtime=600),
+        **train_resources("pretrain", runtime=600, step="exemplar"),
     params:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
@@ -70,7 +70,7 @@ rule pretrain_masked:
         ENV
     threads: train_threads("pretrain")
     resources:
-        **train_resources("pretrain", mem_mb=8000, runtime=600),
+        **train_resources("pretrain", runtime=600, step="masked"),
     params:
         config=as_json(stage_config("pretrain")),
         meta=train_metadata(),
@@ -94,7 +94,7 @@ rule pretrain_tokenizer:
         ENV
     threads: train_threads("tokenizer", "pumit")
     resources:
-        **train_resources("tokenizer", mem_mb=8000, runtime=600, backbone="pumit"),
+        **train_resources("tokenizer", runtime=600, backbone="pumit"),
     params:
         config=as_json(stage_config("tokenizer", "pumit")),
         meta=train_metadata(),
@@ -118,7 +118,7 @@ rule pretrain_mim:
         ENV
     threads: train_threads("mim", "pumit")
     resources:
-        **train_resources("mim", mem_mb=8000, runtime=600, backbone="pumit"),
+        **train_resources("mim", runtime=600, backbone="pumit"),
     params:
         config=as_json(stage_config("mim", "pumit")),
         meta=train_metadata(),
@@ -150,8 +150,8 @@ rule finetune:
         ENV
     threads: lambda w: train_threads("finetune", w.backbone)
     resources:
-        # the Medical Transformer's figures (threads, workers): PUMIT's may differ
-        **train_resources("finetune", mem_mb=12000, runtime=1440),
+        # per job: its backbone's stage config and its task's step cost
+        **train_resources("finetune", runtime=1440),
     params:
         config=lambda w: as_json(stage_config("finetune", w.backbone)),
         meta=lambda w: train_metadata(w.dataset),

@@ -1,9 +1,12 @@
 """Masked image modelling against the tokenizer's soft tokens (BEiT with soft targets).
 
-55 % of the ViT's patches are replaced by its mask token; an MLP with one hidden
-layer maps each output token to logits over the codebook, and the loss is the
-cross-entropy of those against the frozen tokenizer's distribution at the masked
-positions: -Σ_k q_k log softmax(logits)_k, averaged over them.
+As the authors' ``ViTForMIM`` (``pumit/model/mim.py`` at commit 67218a2): 55 % of the
+ViT's patches are replaced by its mask token (``vit.random_token_mask``); an MLP with
+one hidden layer (Linear, GELU, Linear: their ``mim_head``, same parameter names) maps
+each output token to logits over the codebook, and the loss is the cross-entropy of
+those against the frozen tokenizer's distribution at the masked positions,
+-Σ_k q_k log softmax(logits)_k, averaged over all masked positions of the batch
+(their ``nn.CrossEntropyLoss`` with probability targets).
 """
 
 from __future__ import annotations
@@ -12,15 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class MimHead(nn.Module):
-    """Token features (..., dim) -> logits over ``codes``, through one hidden layer."""
+class MimHead(nn.Sequential):
+    """Token features (..., dim) -> logits over ``codes``, through one hidden layer;
+    parameters ``0.*`` and ``2.*`` as the authors' ``nn.Sequential`` ``mim_head``."""
 
     def __init__(self, dim: int, codes: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, codes))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(x)
+        super().__init__(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, codes))
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:

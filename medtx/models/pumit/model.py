@@ -28,7 +28,14 @@ from torch import Tensor, nn
 from medtx.errors import ConfigError
 from medtx.models.pumit.sac import Grid, SACConv3d, SACConvTranspose3d
 from medtx.models.pumit.tokenizer import TOKENIZER_SIZES, TokenizerSize
-from medtx.models.pumit.vit import PATCH, VIT_SIZES, UniversalViT, VitSize
+from medtx.models.pumit.vit import (
+    PATCH,
+    VIT_SIZES,
+    UniversalViT,
+    VitSize,
+    official_vit_parameters,
+    vit_parameter_count,
+)
 from medtx.models.slice_transformer import TASK_DEFAULTS, count_parameters
 
 TASKS = tuple(TASK_DEFAULTS)  # classification, regression, segmentation
@@ -254,7 +261,9 @@ def build_model(
 def params_table() -> list[dict[str, object]]:
     """Trainable parameters per preset and task, with ``slice_transformer.params_table``'s
     keys so one table shows both. The paper prints no per-task counts ("paper" is empty);
-    base is ViT-B's ~86 M plus the 16^3 patch embedding and the head."""
+    base is ViT-B's ~85 M blocks plus the 16^3 patch embedding, the [5, 10, 10]
+    position embedding and the head (``vit_params_rows``: the ViT against the
+    authors' code)."""
     rows: list[dict[str, object]] = []
     for preset in PRESETS:
         for task, (outputs, channels) in TASK_DEFAULTS.items():
@@ -268,6 +277,32 @@ def params_table() -> list[dict[str, object]]:
                     "paper": "",
                 }
             )
+    return rows
+
+
+def vit_params_rows(preset: str = "base") -> list[dict[str, object]]:
+    """PUMIT's ViT alone (patch embedding included; task heads and the MIM mask token
+    left out), with ``params_table``'s keys: "parameters" is ours, "paper" the count
+    of the authors' ``ViT`` (``pumit/model/vit.py`` at 67218a2, ``sub_ln=True,
+    qkv_bias=True``, ``pos_embed_shape`` [5, 10, 10]) at the same input channels, by
+    ``official_vit_parameters`` (their code, instantiated, gave the same). A row for
+    1 input channel (ours) and one for 3 (theirs as trained: grey images repeated
+    to RGB); the task column is "vit_only", the outputs 0."""
+    size = PRESETS[preset].vit
+    rows: list[dict[str, object]] = []
+    for channels in (1, 3):
+        with torch.device("meta"):  # counted, not allocated
+            vit = UniversalViT(size, channels)
+        rows.append(
+            {
+                "task": "vit_only",
+                "preset": preset,
+                "in_channels": channels,
+                "num_outputs": 0,
+                "parameters": vit_parameter_count(vit),
+                "paper": f"{official_vit_parameters(size, channels):,}",
+            }
+        )
     return rows
 
 

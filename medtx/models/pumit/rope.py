@@ -7,7 +7,9 @@ base**(-2j / (dim/2)). PUMIT adds to every pair a depth angle d·ω_d with
 ω_d = 2333**(-(2j + 1) / (dim/2)) (odd exponents, as in the authors' code), so a
 token's rotation is the 2D one when depths agree, attention still depends only on
 relative positions, and no two positions share a rotation (the paper's appendix).
-The class token has no position and is not rotated.
+The class token has no position and is not rotated. The rotation is the authors'
+(``pumit/model/rope.py`` with ``merge_hw=True`` at commit 67218a2), angles computed in
+float64 where theirs are float32 (``docs/pumit-parity.md``).
 """
 
 from __future__ import annotations

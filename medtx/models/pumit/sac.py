@@ -1,8 +1,11 @@
 """Spatially adaptive convolution (SAC): one set of isotropic 3D weights for any spacing.
 
 A scan of in-plane spacing s and slice thickness t has degree of anisotropy
-``aniso_d = round(log2(t / s))`` (0 for isotropic voxels; a 2D image is one slice of
-"infinite" thickness). While in-plane downsamplings are still owed before the voxels
+``aniso_d = floor(log2(t / s))``, computed as the authors do (``pumit/datamodule.py``
+lines 118-119 at commit 67218a2): ``int(r).bit_length() - 1`` with the ratio r = t / s
+clipped to [1, 2 · 16], so 0 for isotropic voxels (and for t < s), 1 for 1 x 1 x 3 mm,
+and at most ``MAX_ANISO_D`` = 5. A 2D image is one slice of "infinite" thickness
+(``PLANAR_ANISO_D``). While in-plane downsamplings are still owed before the voxels
 are isotropic, a SAC layer does not stride in depth, and its depth kernel is the
 isotropic kernel sum-pooled to the depth stride it does take. Summing, not averaging,
 keeps the output of a thick slice equal to that of the isotropic volume it stands
@@ -24,17 +27,24 @@ from dataclasses import dataclass, replace
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# A 2D image: depth 1 and thicker than any downsampling can make isotropic.
+# The authors' cap: their sampler clips t / s to 2 · stride = 32 (datamodule.py:118).
+MAX_ANISO_D = 5
+# A 2D image: depth 1 and thicker than any downsampling can make isotropic. (The
+# authors' 2D images reach their cap, 5; every SAC layer here starts from at most 4
+# halvings, where 5 and 64 give the same strides.)
 PLANAR_ANISO_D = 64
 
 
 def aniso_d(spacing: tuple[float, float, float]) -> int:
-    """Degree of anisotropy of (depth, height, width) spacing in mm: round(log2(t / s)),
-    at least 0, with s the finer in-plane spacing."""
+    """Degree of anisotropy of (depth, height, width) spacing in mm, as the authors'
+    sampler (``pumit/datamodule.py:118-119``): with t the depth spacing and s the
+    finer in-plane one, ``int(clip(t / s, 1, 32)).bit_length() - 1``, that is
+    floor(log2(t / s)) between 0 and ``MAX_ANISO_D``."""
     depth, height, width = (float(v) for v in spacing)
     if min(depth, height, width) <= 0 or not all(map(math.isfinite, (depth, height, width))):
         raise ValueError(f"spacing must be positive and finite, not {spacing}")
-    return max(round(math.log2(depth / min(height, width))), 0)
+    ratio = min(max(depth / min(height, width), 1.0), float(1 << MAX_ANISO_D))  # 32
+    return int(ratio).bit_length() - 1
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """3D RoPE: a pure rotation, relative in all three axes, 2D RoPE within a slice,
-and the class token left alone."""
+the class token left alone, and the authors' rotation (``pumit/model/rope.py``)."""
 
 import math
 
@@ -66,3 +66,32 @@ def test_tokens_without_a_class_token_and_bad_shapes():
         rope(x, GRID)
     with pytest.raises(ValueError, match="divisible by 4"):
         Rope3d(6)
+
+
+def official_rope(x, grid, base=(2333.0, 10000.0, 10000.0)):
+    """The authors' SpatialRotaryEmbedding (rope.py:24-84 at 67218a2, merge_hw=True,
+    rescale_shape (-1, -1, -1)) and Attention.apply_rope (vit.py:76-79: the class token
+    skipped), transcribed without einops, in float64; x (B, heads, 1 + L, head_dim)."""
+    dim = x.shape[-1] >> 1
+    omega = []
+    for i in range(3):
+        if i > 0:
+            exp = -torch.arange(0, dim, 2, dtype=torch.float64) / dim
+        else:
+            exp = (-torch.arange(1, dim, 2, dtype=torch.float64) / dim).repeat(2)
+        omega.append(torch.pow(torch.tensor(base[i], dtype=torch.float64), exp))
+    theta = [torch.outer(torch.arange(grid[i], dtype=torch.float64), omega[i]) for i in range(3)]
+    h, w = theta[1][:, None].expand(-1, grid[2], -1), theta[2][None, :].expand(grid[1], -1, -1)
+    theta_hw = torch.cat([h, w], dim=-1)
+    angles = (theta[0][:, None, None] + theta_hw[None]).reshape(-1, dim)
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    tokens = x[..., 1:, :]
+    half = torch.stack([-tokens[..., 1::2], tokens[..., 0::2]], dim=-1).flatten(-2)
+    return torch.cat([x[..., :1, :], tokens * cos + half * sin], dim=-2)
+
+
+@pytest.mark.parametrize("head_dim, grid", [(64, (3, 4, 5)), (16, (2, 6, 5)), (64, (1, 8, 8))])
+def test_the_rotation_is_the_authors(head_dim, grid):
+    rope = Rope3d(head_dim)
+    x = tokens(grid, head_dim, seed=head_dim)
+    torch.testing.assert_close(rope(x, grid), official_rope(x, grid), rtol=0, atol=1e-12)

@@ -1,10 +1,11 @@
 """Spatially adaptive convolution: token grids by the paper's rule, one set of weights."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from medtx.models.pumit.sac import Grid, SACConv3d, SACConvTranspose3d, aniso_d
+from medtx.models.pumit.sac import MAX_ANISO_D, Grid, SACConv3d, SACConvTranspose3d, aniso_d
 
 SHAPE = (32, 64, 48)  # depth, height, width of a 1 mm isotropic crop
 
@@ -14,19 +15,61 @@ def embed(seed=0, channels=4):
     return SACConv3d(1, channels, 16, stride=16)
 
 
-@pytest.mark.parametrize(
-    "spacing,expected",
-    [((1.0, 1.0, 1.0), 0), ((3.0, 1.0, 1.0), 2), ((5.0, 0.5, 0.5), 3), ((1.2, 1.0, 1.0), 0)],
-)
-def test_anisotropy_is_the_rounded_log2_of_thickness_over_in_plane(spacing, expected):
-    assert aniso_d(spacing) == expected
+def official_aniso_d(spacing, stride=16):
+    """The authors' sampler, ``pumit/datamodule.py:97-119`` at 67218a2 (scale 1), verbatim
+    but for the names: spacing (z, y, x), z the depth."""
+    spacing = np.array(spacing)
+    spacing_z = spacing[0]
+    spacing_x = min(spacing[1:])
+    rz = np.clip(spacing_z / spacing_x, 1, stride << 1)
+    return int(rz).bit_length() - 1
+
+
+def official_eval_aniso_d(spacing):
+    """The authors' evaluation padding, ``pumit/transforms.py:106`` (no cap)."""
+    return max(int(spacing[0] / min(spacing[1:])).bit_length() - 1, 0)
+
+
+# (depth, height, width) spacings in mm: the thick-slice cases of the authors' data
+# (1 x 1 x 3 mm, 0.5 mm in-plane by 5 mm, thicker than 32x: a 2D image) and edges.
+OFFICIAL_EXAMPLES = [
+    ((1.0, 1.0, 1.0), 0),
+    ((1.2, 1.0, 1.0), 0),
+    ((1.99, 1.0, 1.0), 0),
+    ((2.0, 1.0, 1.0), 1),
+    ((3.0, 1.0, 1.0), 1),  # 1 x 1 x 3 mm: 1, not round(log2 3) = 2
+    ((3.0, 0.9, 0.8), 1),  # the finer in-plane spacing counts: 3.75
+    ((4.0, 1.0, 1.0), 2),
+    ((5.0, 0.5, 0.5), 3),  # 10
+    ((6.0, 0.9, 0.8), 2),  # 7.5
+    ((0.5, 1.0, 1.0), 0),  # thinner than in-plane
+    ((31.9, 1.0, 1.0), 4),
+    ((32.0, 1.0, 1.0), 5),
+    ((100.0, 1.0, 1.0), 5),  # capped: the sampler clips t / s at 2 x stride = 32
+]
+
+
+@pytest.mark.parametrize("spacing,expected", OFFICIAL_EXAMPLES)
+def test_anisotropy_is_the_authors_floor_of_log2_capped_at_5(spacing, expected):
+    assert aniso_d(spacing) == expected == official_aniso_d(spacing)
+    assert MAX_ANISO_D == 5
+    if spacing[0] / min(spacing[1:]) < 32:  # below the cap the evaluation rule agrees
+        assert official_eval_aniso_d(spacing) == expected
+
+
+def test_anisotropy_matches_the_authors_rule_on_a_sweep():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        spacing = tuple(float(v) for v in rng.uniform(0.2, 8.0, 3) ** rng.uniform(0.5, 2.0, 3))
+        assert aniso_d(spacing) == official_aniso_d(spacing), spacing
 
 
 @pytest.mark.parametrize(
     "spacing,depth,grid",
     [
         ((1.0, 1.0, 1.0), 32, (2, 4, 3)),  # isotropic: 16 in every axis
-        ((3.0, 1.0, 1.0), 32, (8, 4, 3)),  # aniso_d 2: depth stride 16 / 4
+        ((3.0, 1.0, 1.0), 32, (4, 4, 3)),  # aniso_d 1: depth stride 16 / 2
+        ((4.0, 1.0, 1.0), 32, (8, 4, 3)),  # aniso_d 2: depth stride 16 / 4
         ((5.0, 0.5, 0.5), 32, (16, 4, 3)),  # aniso_d 3: depth stride 16 / 8
         ((1.0, 1.0, 1.0), 1, (1, 4, 3)),  # a 2D slice: no depth stride
     ],

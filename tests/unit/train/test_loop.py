@@ -539,3 +539,27 @@ def test_grad_clip_bounds_the_gradient_norm_and_groups_scale_the_rate(tmp_path):
         resolve_train_config({"grad_clip": 0})
     with pytest.raises(ConfigError, match="lr_schedule 'linear' is not one of"):
         resolve_train_config({"lr_schedule": "linear"})
+
+
+def test_weight_decay_spares_biases_norms_tokens_and_codebooks_as_pumits_authors_do():
+    from medtx.models.pumit.model import build_model
+    from medtx.models.pumit.tokenizer import TOKENIZER_SIZES, Tokenizer
+    from medtx.train.loop import parameter_groups
+
+    model = build_model("tiny", "classification")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, spared = parameter_groups(model.parameters(), 1e-3, model=model, weight_decay=0.05)
+    assert decayed["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert "vit.blocks.0.attn.q_proj.weight" in decayed_names and "head.weight" in decayed_names
+    assert "vit.patch_embed.weight" in decayed_names
+    for name in ("vit.cls_token", "vit.pos_embed", "vit.blocks.0.attn.q_bias", "head.bias"):
+        assert name in spared_names, name
+    assert "vit.blocks.0.norm1.weight" in spared_names
+    tokenizer = Tokenizer(TOKENIZER_SIZES["tiny"])
+    groups = parameter_groups(tokenizer.parameters(), 1e-3, model=tokenizer, weight_decay=0.05)
+    codebook = tokenizer.quantizer.codebook.weight
+    assert any(p is codebook for p in groups[1]["params"])  # an embedding: not decayed
+    # no decay asked (Adam): one group, as before
+    assert len(parameter_groups(model.parameters(), 1e-3, model=model)) == 1

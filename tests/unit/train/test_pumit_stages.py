@@ -65,9 +65,10 @@ def test_the_tokenizer_trains_against_its_discriminator_and_keeps_the_tokenizer_
     assert state["gan_on"] is False  # 4 steps: the EMA is still far above 0.025
     last = load_state(last_path(root / "tokenizer.pt"))
     assert any(k.startswith("discriminator.") for k in last["model"])  # resumable whole
+    # tokenizer and discriminator, each split into decayed and spared parameters
     groups = last["optimizer"]["param_groups"]
-    assert len(groups) == 2
-    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])  # 1e-3 vs 1e-4
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0, 0.05, 0.0]
+    assert groups[2]["initial_lr"] == pytest.approx(10 * groups[0]["initial_lr"])  # 1e-3 vs 1e-4
 
 
 def test_a_resumed_tokenizer_run_continues_the_gan_ema_exactly(chain, tmp_path):
