@@ -7,6 +7,7 @@ same defaults and bounds for the workflow, and a test holds the two together.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,6 +116,10 @@ BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
         "sharpness": 0.2,  # entropy_weight: the mean per-token entropy
         "gan_weight": 3e-3,  # the adversarial term's (on while the discriminator wins)
         "lpips_weights": None,  # VGG-16 + LPIPS weights file (null: no perceptual term)
+        # MIM: start the ViT from EVA-02 B's ImageNet weights (null: from scratch), and
+        # the file's expected sha256 (null: recorded, not checked)
+        "eva02_weights": None,
+        "eva02_sha256": None,
         "pooling": "cls",  # classification/regression from the class token, or mean of patches
         "weight_decay": 0.05,  # AdamW's (the paper trains with AdamW)
         # the official code's: gradient norm clipped to 0.5, warm-up + cosine per step
@@ -138,6 +143,7 @@ DEFAULTS: dict[str, Any] = defaults()
 REGRESSION_LOSSES = ("l1", "mse")
 MASK_TOKENS = ("constant", "learned")
 POOLINGS = ("cls", "mean")
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 # As preprocess/pool/factor: beyond 4 the 2 mm volumes shrink below 24 voxels a side.
 DOWNSAMPLE_MAX = 4
 
@@ -187,6 +193,12 @@ def resolve_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
         lp = cfg["lpips_weights"]
         if lp is not None and (not isinstance(lp, str) or not lp):
             problems.append(f"lpips_weights must be a file path or null, not {lp!r}")
+        ew = cfg["eva02_weights"]
+        if ew is not None and (not isinstance(ew, str) or not ew):
+            problems.append(f"eva02_weights must be a file path or null, not {ew!r}")
+        es = cfg["eva02_sha256"]
+        if es is not None and (not isinstance(es, str) or not SHA256_HEX.fullmatch(es)):
+            problems.append(f"eva02_sha256 must be 64 hex digits or null, not {es!r}")
         if cfg["pooling"] not in POOLINGS:
             problems.append(f"pooling {cfg['pooling']!r} is not one of {list(POOLINGS)}")
     lm = cfg["label_map"]

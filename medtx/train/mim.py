@@ -32,6 +32,7 @@ from torch import Tensor
 
 from medtx.errors import MedtxError
 from medtx.io import atomic_path, sha256
+from medtx.models.pumit.eva02 import eva02_to_vit, load_eva02
 from medtx.models.pumit.lpips import LPIPS, load_lpips
 from medtx.models.pumit.mim import MimHead, soft_cross_entropy
 from medtx.models.pumit.model import PRESETS, PumitModel, pad_to_multiple
@@ -242,8 +243,17 @@ def pretrain_mim(
     max_steps_this_run: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Stage 2: the ViT predicts the frozen tokenizer's distributions at masked patches."""
+    """Stage 2: the ViT predicts the frozen tokenizer's distributions at masked patches.
+
+    With ``eva02_weights`` the ViT starts from that EVA-02 checkpoint, converted as
+    the authors' ``ViT._load_from_state_dict`` (``medtx.models.pumit.eva02``); a
+    missing, unreadable, wrong-hash (``eva02_sha256``) or non-EVA-02 file stops the
+    stage before training. Its path and sha256 go to the checkpoint's metadata
+    (``eva02``) and to the run's config, so another file does not resume this run."""
     cfg = _pumit_config(config)
+    eva02_file: tuple[dict[str, Tensor], str] | None = None
+    if cfg["eva02_weights"] is not None:
+        eva02_file = load_eva02(cfg["eva02_weights"], cfg["eva02_sha256"])
     data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"], stored=True)
     if not len(data):
         raise MedtxError("MIM pre-training has no volumes")
@@ -255,6 +265,16 @@ def pretrain_mim(
     seed_everything(cfg["seed"])
     kwargs = model_kwargs(cfg, "classification", n_classes(cfg), 1)
     model = cast(PumitModel, build(kwargs))
+    eva02: dict[str, Any] | None = None
+    if eva02_file is not None:
+        state, digest = eva02_file
+        del eva02_file  # the source tensors go once converted
+        try:
+            model.vit.load_state_dict(eva02_to_vit(state, model.vit), strict=True)
+        except MedtxError as err:
+            raise MedtxError(f"pumit eva02_weights {cfg['eva02_weights']}: {err}") from err
+        del state
+        eva02 = {"path": str(cfg["eva02_weights"]), "sha256": digest}
     model.requires_grad_(False)
     model.vit.requires_grad_(True)
     # saved with the model: fine-tuning takes only its vit (registry: pretrained parts)
@@ -290,6 +310,7 @@ def pretrain_mim(
         metadata,
         init=info,
         mask_ratio=ratio,
+        eva02=eva02,
     )
     return train(
         model,
@@ -302,6 +323,7 @@ def pretrain_mim(
             stage="pretrain_mim",
             train_scans=scans_of(items),
             init_sha256=info["init_sha256"],
+            eva02=eva02,
         ),
         params=[p for p in model.parameters() if p.requires_grad],
         collate=collate,

@@ -392,6 +392,14 @@ for _backbone in BACKBONES:
         stage_config(_stage, _backbone)
 
 
+def stage_files(stage, backbone, key):
+    """The file a stage's config names under ``key`` (PUMIT's lpips_weights,
+    eva02_weights) as a rule input, so a changed file reruns the stage; none if unset.
+    """
+    path = stage_config(stage, backbone).get(key)
+    return [path] if path else []
+
+
 def train_threads(stage, backbone="medical_transformer"):
     """A training job's CPUs: torch threads and loader workers of every process."""
     return training_threads(stage_config(stage, backbone), TRAIN["gpus"])

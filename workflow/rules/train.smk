@@ -86,6 +86,7 @@ rule pretrain_tokenizer:
     input:
         firewall=firewall_gate(),
         indexes=pretrain_indexes(),
+        lpips=stage_files("tokenizer", "pumit", "lpips_weights"),
     output:
         paths.pretrain_checkpoint(RESULTS, "tokenizer"),
     log:
@@ -110,6 +111,7 @@ rule pretrain_mim:
         firewall=firewall_gate(),
         init=paths.pretrain_checkpoint(RESULTS, "tokenizer"),
         indexes=pretrain_indexes(),
+        eva02=stage_files("mim", "pumit", "eva02_weights"),
     output:
         paths.pretrain_checkpoint(RESULTS, "mim"),
     log:
