@@ -39,7 +39,8 @@ def toy_data():
 
 
 def toy_loss(model, batch, ctx):
-    noise = 0.01 * torch.randn(batch["x"].shape, generator=ctx.generator)
+    shape = batch["x"].shape[1:]  # each volume's noise from its own generator
+    noise = 0.01 * torch.stack([torch.randn(shape, generator=g) for g in ctx.generators()])
     return F.mse_loss(model(batch["x"] + noise), batch["y"])
 
 
