@@ -122,10 +122,8 @@ BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
         "eva02_sha256": None,
         "pooling": "cls",  # classification/regression from the class token, or mean of patches
         "weight_decay": 0.05,  # AdamW's (the paper trains with AdamW)
-        # the official code's: gradient norm clipped to 0.5, warm-up + cosine per step
-        "grad_clip": 0.5,
-        "lr_schedule": "cosine",
-        "warmup_fraction": 0.05,
+        # (its pre-training stages default to the authors' schedule and clipping:
+        # medtx.train.mim.PRETRAINING_DEFAULTS; fine-tuning keeps the study's protocol)
     },
 }
 assert set(BACKBONE_DEFAULTS) == set(BACKBONES)

@@ -51,6 +51,14 @@ from medtx.train.data import VolumeSet, collate, items_from_indexes
 from medtx.train.loop import TrainResult, load_state, pick_device, seed_everything, train
 
 ISOTROPIC = Grid(0)
+# The authors' pre-training recipe, under what a config sets: warm-up then cosine per
+# step (conf/model/model.yaml, conf/tokenizer/simple/main.yaml), the gradient norm
+# clipped to 0.5 in MIM (conf/model/main.yaml) and not at all in the tokenizer's
+# script. Fine-tuning keeps the study's protocol, one for both backbones.
+PRETRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tokenizer": {"lr_schedule": "cosine", "warmup_fraction": 0.05, "grad_clip": None},
+    "mim": {"lr_schedule": "cosine", "warmup_fraction": 0.05, "grad_clip": 0.5},
+}
 # the official discriminator's AdamW rate over the tokenizer's: 1e-3 / 1e-4 (main.yaml)
 DISC_LR_SCALE = 10.0
 
@@ -89,9 +97,9 @@ def pretrain_tokenizer(
     (L1, priors and perceptual term): the adversarial term and the discriminator's
     loss add their gradients with a value of 0 (``x - x.detach()``), so the epoch's
     mean loss, which selects the kept state, measures the tokenizer's
-    reconstruction, not how the two players stand. Gradients are not clipped unless
-    the config asks (``grad_clip``): the official tokenizer training clips none."""
-    cfg = _pumit_config({"grad_clip": None, **(config or {})})
+    reconstruction, not how the two players stand. The schedule and clipping default
+    to the authors' (``PRETRAINING_DEFAULTS``)."""
+    cfg = _pumit_config({**PRETRAINING_DEFAULTS["tokenizer"], **(config or {})})
     data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"], stored=True)
     if not len(data):
         raise MedtxError("tokenizer pre-training has no volumes")
@@ -250,7 +258,7 @@ def pretrain_mim(
     missing, unreadable, wrong-hash (``eva02_sha256``) or non-EVA-02 file stops the
     stage before training. Its path and sha256 go to the checkpoint's metadata
     (``eva02``) and to the run's config, so another file does not resume this run."""
-    cfg = _pumit_config(config)
+    cfg = _pumit_config({**PRETRAINING_DEFAULTS["mim"], **(config or {})})
     eva02_file: tuple[dict[str, Tensor], str] | None = None
     if cfg["eva02_weights"] is not None:
         eva02_file = load_eva02(cfg["eva02_weights"], cfg["eva02_sha256"])
