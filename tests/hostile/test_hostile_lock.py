@@ -257,6 +257,10 @@ def _bet_job_running(tmp_path) -> bool:
     return bool(found.stdout.strip())
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupted_run(tmp_path, medtx_env) -> tuple[int, str, Path]:
     """A run Ctrl-C'd while its bet job runs: (exit status, output, results folder)."""
     configfile, results = tiny_workflow(tmp_path)
@@ -267,6 +271,9 @@ def _interrupted_run(tmp_path, medtx_env) -> tuple[int, str, Path]:
         text=True,
         env=medtx_env,
         start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches it
+        # a Ctrl-C as a terminal delivers it, even where this test runs with SIGINT
+        # ignored (started with & by a non-interactive shell, which every child inherits)
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 120
