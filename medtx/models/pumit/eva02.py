@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from medtx.errors import MedtxError
-from medtx.io import sha256
 from medtx.models.pumit.vit import UniversalViT, resample_pos_embed, shrink_pos_embed
+from medtx.models.weights import read_state_file
 
 # timm's IMAGENET_DEFAULT_MEAN / _STD, the authors' input normalisation (mim.py:63-74)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,22 +169,5 @@ def load_eva02(path: str | Path, expected_sha256: str | None = None) -> tuple[di
     or unreadable file, or one whose sha256 is not ``expected_sha256``, is a one-line
     MedtxError naming it; the hash is checked before the file is unpickled."""
     path = Path(path)
-    where = f"pumit eva02_weights {path}"
-    if not path.is_file():
-        raise MedtxError(f"{where}: no such file")
-    try:
-        digest = sha256(path)
-    except OSError as err:
-        raise MedtxError(f"{where}: cannot read it ({type(err).__name__}: {err})") from err
-    if expected_sha256 is not None and digest != expected_sha256.lower():
-        raise MedtxError(
-            f"{where}: sha256 {digest[:12]}..., not the expected {expected_sha256[:12]}..."
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # OSError, pickle and zip errors have no common base
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise MedtxError(f"{where}: cannot read it ({type(err).__name__}: {first})") from err
-    if not isinstance(ckpt, Mapping):
-        raise MedtxError(f"{where}: not a state dict but a {type(ckpt).__name__}")
+    ckpt, digest = read_state_file(path, f"pumit eva02_weights {path}", expected_sha256)
     return eva02_state(ckpt), digest

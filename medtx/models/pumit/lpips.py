@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from medtx.errors import MedtxError
 from medtx.io import sha256
+from medtx.models.weights import read_state_file
 
 # torchvision's vgg16().features: numbers are 3x3 convolutions (+ ReLU), M max-pools
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -112,16 +113,7 @@ def load_lpips(path: str | Path) -> tuple[LPIPS, str]:
     sha256; a missing, unreadable or wrong file is a one-line MedtxError."""
     path = Path(path)
     where = f"pumit lpips_weights {path}"
-    if not path.is_file():
-        raise MedtxError(f"{where}: no such file")
-    try:
-        digest = sha256(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # OSError, pickle and zip errors have no common base
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise MedtxError(f"{where}: cannot read it ({type(err).__name__}: {first})") from err
-    if not isinstance(state, Mapping):
-        raise MedtxError(f"{where}: not a state dict but a {type(state).__name__}")
+    state, digest = read_state_file(path, where)
     model = LPIPS()
     try:
         model.load_official(state)
