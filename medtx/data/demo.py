@@ -139,7 +139,7 @@ def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
-def _rng(seed: int, key: str, purpose: str) -> np.random.Generator:
+def stream(seed: int, key: str, purpose: str) -> np.random.Generator:
     """One random stream per (seed, subject, purpose): jobs never share draws."""
     return np.random.default_rng(
         np.random.SeedSequence([int(seed), _stable_int(key), _stable_int(purpose)])
@@ -591,7 +591,7 @@ def t1_acquisition(row: dict, spec: dict | None = None) -> dict:
     deterministic given (spec seed, subject).
     """
     spec = _merged(spec, T1_DEFAULTS)
-    rng = _rng(spec["seed"], row["subject"], "t1-acquisition")
+    rng = stream(spec["seed"], row["subject"], "t1-acquisition")
     table = _severity_table(spec)
     base = atrophy_severity(row["age"], row["diagnosis"], table)
     male = row.get("sex") == "M"
@@ -704,7 +704,7 @@ def generate_t1_scan(row: dict, spec: dict | None, out_path: str | Path) -> None
     centre = _head_box_world().mean(0)
     pose = _pose(acq["rotation_deg"], acq["translation_mm"], acq["scale"], centre)
     shape, affine = _output_grid(acq, pose)
-    rng = _rng(spec["seed"], row["subject"], "t1-fields")
+    rng = stream(spec["seed"], row["subject"], "t1-fields")
     to_src = np.linalg.inv(tpl.affine) @ np.linalg.inv(pose) @ affine
     coords = _grid_coords(shape, to_src)
     for c in range(3):  # the warp, in template voxels (the template affine is diagonal)
@@ -784,7 +784,7 @@ def _brats_frame() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def _tumour_sites() -> np.ndarray:
+def tumour_sites() -> np.ndarray:
     """Template world coordinates of deep cerebral white matter (>= 15 mm inside)."""
     tpl = template()
     depth = ndi.distance_transform_edt(tpl.mask[::2, ::2, ::2]) * 2.0
@@ -798,8 +798,8 @@ def _tumour_sites() -> np.ndarray:
 def brats_acquisition(row: dict, spec: dict | None = None) -> dict:
     """The random draws behind one BraTS case; deterministic given (seed, case)."""
     spec = _merged(spec, BRATS_DEFAULTS)
-    rng = _rng(spec["seed"], row["case"], "brats-acquisition")
-    sites = _tumour_sites()
+    rng = stream(spec["seed"], row["case"], "brats-acquisition")
+    sites = tumour_sites()
     radius = float(rng.uniform(12, 25))
     return {
         "rotation_deg": rng.uniform(-4, 4, 3).round(2).tolist(),
@@ -833,17 +833,24 @@ def _brats_base(pose: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, tu
         ndi.map_coordinates, coordinates=coords, order=1, output=np.float32, prefilter=False
     )
     mask = sample(tpl.mask.astype(np.float32)) > 0.5
-    t2_tpl, wm_t2 = template_t2()
-    t1 = sample(tpl.t1) / np.float32(tpl.wm_t1)
-    t2 = sample(t2_tpl) / np.float32(wm_t2)
+    t2_tpl, _ = template_t2()
+    return brain_contrasts(sample(tpl.t1), sample(t2_tpl), mask), mask, sub
+
+
+def brain_contrasts(t1: np.ndarray, t2: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The four BraTS modalities of normal brain (white matter = 1, zero outside
+    ``mask``) from the template's T1 and T2 intensities on any grid."""
+    tpl = template()
+    _, wm_t2 = template_t2()
+    t1 = t1 / np.float32(tpl.wm_t1)
+    t2 = t2 / np.float32(wm_t2)
     t1[~mask] = 0.0
     t2[~mask] = 0.0
     csf = tpl.csf_t1 / tpl.wm_t1
     # FLAIR: T2 weighting with the fluid signal nulled (sigmoid in T1 darkness).
     tissue = 1.0 / (1.0 + np.exp(-(t1 - (csf + 0.25)) / 0.06))
     flair = (1.0 + 0.6 * (t2 - 1.0)) * tissue * mask
-    base = {"t1": t1, "t1ce": t1.copy(), "t2": t2, "flair": flair.astype(np.float32)}
-    return base, mask, sub
+    return {"t1": t1, "t1ce": t1.copy(), "t2": t2, "flair": flair.astype(np.float32)}
 
 
 def _lobes(offsets: np.ndarray, rng: np.random.Generator, peak: float, n: int = 6) -> np.ndarray:
@@ -936,7 +943,7 @@ def generate_brats_case(row: dict, spec: dict | None, root: str | Path) -> None:
     frame, box = _brats_frame()
     pose = _pose(acq["rotation_deg"], acq["translation_mm"], 1.0, box.mean(0))
     base, mask, sub = _brats_base(pose)
-    rng = _rng(spec["seed"], row["case"], "brats-fields")
+    rng = stream(spec["seed"], row["case"], "brats-fields")
     offset = np.array([s.start for s in sub], float)
     seg_sub = _tumour_labels(acq, pose, mask.shape, offset, _tumour_brain(base, mask), rng)
     _paint_tumour(base, seg_sub, rng)

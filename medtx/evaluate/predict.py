@@ -45,6 +45,12 @@ def selection_mauc(y: np.ndarray, probs: np.ndarray) -> float:
         sub = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
         remap = {c: i for i, c in enumerate(present)}
         return mauc(np.array([remap[c] for c in y]), sub)
+    return log_likelihood(y, probs)
+
+
+def log_likelihood(y: np.ndarray, probs: np.ndarray) -> float:
+    """The mean log-probability of the true class: what breaks a tie in mAUC."""
+    y = np.asarray(y)
     return float(np.mean(np.log(probs[np.arange(len(y)), y] + 1e-12)))
 
 

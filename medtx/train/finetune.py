@@ -30,7 +30,13 @@ from medtx.domain import REGION_NAMES, TASKS, RunId
 from medtx.errors import CohortError, ConfigError, MedtxError
 from medtx.evaluate.brainage import fit_age_bias
 from medtx.evaluate.metrics import mae
-from medtx.evaluate.predict import evaluate_predictions, predict, prediction_table, selection_mauc
+from medtx.evaluate.predict import (
+    evaluate_predictions,
+    log_likelihood,
+    predict,
+    prediction_table,
+    selection_mauc,
+)
 from medtx.folds.manifest import read_manifest
 from medtx.io import write_json, write_text
 from medtx.models.registry import backbone, build
@@ -177,7 +183,7 @@ def finetune(
             return loss(logits[:, 0].float(), z)
         return segmentation_loss(logits, batch["target"])
 
-    def validate(m: nn.Module, group: Group) -> float:
+    def validate(m: nn.Module, group: Group) -> float | tuple[float, float]:
         # each process predicts its shard; every one computes the metric from them all
         val = sets["val"]
         part = predict(
@@ -190,15 +196,16 @@ def finetune(
             num_workers=cfg["num_workers"],
         )
         pred = group.gather_parts(part, len(val))
-        if task == "classification":
-            return selection_mauc(pred["target"], pred["probs"])
+        if task == "classification":  # a tie in mAUC (1.0 on a small set) goes to the likelier
+            y, probs = pred["target"], pred["probs"]
+            return selection_mauc(y, probs), log_likelihood(y, probs)
         if task == "regression":
             return mae(pred["target"], pred["age"])
         return float(pred["dice"].mean())
 
     mode: Literal["max", "min"] = "min" if task == "regression" else "max"
     selected_by = {
-        "classification": "val mAUC",
+        "classification": "val mAUC (ties: val log-likelihood)",
         "regression": "val MAE",
         "segmentation": "val mean Dice",
     }[task]

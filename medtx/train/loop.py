@@ -376,6 +376,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0  # wall time of all runs, up to the last save
     status: str = "running"  # then "finished" or "early_stopped"
+    best_tiebreak: float | None = None  # the kept state's second selection value, if any
 
     def to_checkpoint(self) -> dict[str, Any]:
         """The fields as weights_only-safe checkpoint entries, in field order."""
@@ -383,8 +384,9 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, saved: Mapping[str, Any]) -> TrainState:
-        """The state stored in a ``<out>.last.pt`` dict (its other keys are ignored)."""
-        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+        """The state stored in a ``<out>.last.pt`` dict (its other keys are ignored; a
+        field added since it was saved takes its default)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
     def next_epoch(self) -> None:
         """Move to the next epoch: its per-epoch counters start at zero."""
@@ -540,7 +542,7 @@ class Trainer:
         loss_fn: Callable[[Any, Any, StepContext], Tensor],
         out: str | Path,
         config: Mapping[str, Any] | None = None,
-        validate: Callable[[Any, Group], float] | None = None,
+        validate: Callable[[Any, Group], float | tuple[float, float]] | None = None,
         mode: Literal["max", "min"] = "max",
         params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
         collate: Callable[[list[Any]], Any] | None = None,
@@ -888,8 +890,8 @@ class Trainer:
         self.sync_loss()
         train_loss = st.epoch_loss_sum / max(st.epoch_volumes, 1)
         t_val = time.monotonic()
-        metric = self.validate(train_loss)
-        improved = self.keep_if_better(metric)
+        metric, tiebreak = self.validate(train_loss)
+        improved = self.keep_if_better(metric, tiebreak)
         lr = self.scheduler.get_last_lr()[0]
         if not self.per_step:
             with warnings.catch_warnings():  # a resume at an epoch's end has no optimizer step
@@ -901,6 +903,7 @@ class Trainer:
                 "epoch": st.epoch,
                 "train_loss": train_loss,
                 "val_metric": metric if self.validate_fn is not None else None,
+                "val_tiebreak": tiebreak,
                 "lr": lr,
                 "steps": st.epoch_steps,
                 "seconds": seconds,
@@ -924,28 +927,37 @@ class Trainer:
             st.status = "finished"
         self.save_last()
 
-    def validate(self, train_loss: float) -> float:
-        """The epoch's selection metric: ``validate(model, group)`` (eval mode, no_grad,
-        autocast) on every rank, or the epoch's mean training loss without one. A
+    def validate(self, train_loss: float) -> tuple[float, float | None]:
+        """The epoch's selection metric and tie-break: ``validate(model, group)`` (eval
+        mode, no_grad, autocast) on every rank, or the epoch's mean training loss without
+        one. A
         validation function shards its set over the ranks (``Group.shard``) and
         gathers the predictions (``Group.gather_parts``), so every GPU works and
         every rank computes the same metric, and so the same early-stopping decision."""
         if self.validate_fn is None:
-            return train_loss
+            return train_loss, None
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            metric = float(self.validate_fn(self.model, self.group))
+            value = self.validate_fn(self.model, self.group)
         self.model.train()
-        return metric
+        if isinstance(value, tuple):
+            return float(value[0]), float(value[1])
+        return float(value), None
 
-    def keep_if_better(self, metric: float) -> bool:
-        """Keep a copy of the model when ``metric`` beats the best so far (patience
-        restarts), else count an epoch without improvement. True when it did."""
+    def keep_if_better(self, metric: float, tiebreak: float | None = None) -> bool:
+        """Keep a copy of the model when ``metric`` beats the best so far, or equals it
+        with a better ``tiebreak`` (patience restarts), else count an epoch without
+        improvement. True when it did."""
         st = self.state
-        if not _better(metric, st.best_metric, self.mode):
+        tie = (
+            metric == st.best_metric
+            and tiebreak is not None
+            and _better(tiebreak, st.best_tiebreak, self.mode)
+        )
+        if not (_better(metric, st.best_metric, self.mode) or tie):
             st.patience_counter += 1
             return False
-        st.best_metric, st.best_epoch = metric, st.epoch
+        st.best_metric, st.best_tiebreak, st.best_epoch = metric, tiebreak, st.epoch
         st.best_state = state_copy(self.model)
         st.patience_counter = 0
         return True
@@ -1082,7 +1094,7 @@ def train(
     loss_fn: Callable[[Any, Any, StepContext], Tensor],
     out: str | Path,
     config: Mapping[str, Any] | None = None,
-    validate: Callable[[Any, Group], float] | None = None,
+    validate: Callable[[Any, Group], float | tuple[float, float]] | None = None,
     mode: Literal["max", "min"] = "max",
     params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
     collate: Callable[[list[Any]], Any] | None = None,
@@ -1104,9 +1116,12 @@ def train(
         config: ``TRAIN_DEFAULTS`` keys, plus anything else that defines the run (all of
             it except ``RUNTIME_KEYS`` enters the hash that decides whether a saved
             state may be resumed).
-        validate: (model, group) -> selection metric, run after every epoch on every
-            process with the model in eval mode under no_grad; under torchrun it
-            predicts its ``group.shard`` of the validation set and gathers the rest
+        validate: (model, group) -> selection metric, or (metric, tie-break): an
+            epoch that equals the best metric is kept when its tie-break is better in the
+            same ``mode`` (a small validation set's mAUC is often 1.0 from the first
+            epoch on). Run after every epoch on every process with the model in eval
+            mode under no_grad; under torchrun it predicts its ``group.shard`` of the
+            validation set and gathers the rest
             (``group.gather_parts``). None selects by the epoch's mean training loss.
         mode: "max" or "min" for the validation metric (forced to "min" without one).
         params: the parameters to optimize (default: all with requires_grad), or groups

@@ -229,6 +229,7 @@ LAST_KEYS = [
     "history",
     "elapsed_s",
     "status",
+    "best_tiebreak",
 ]
 FINAL_KEYS = [
     "format",
@@ -382,6 +383,25 @@ def test_early_stopping_keeps_the_best_validation_state(tmp_path):
     last_model = torch.load(last_path(tmp_path / "m.pt"), weights_only=True)["model"]
     assert not torch.equal(last_model["0.weight"], final["model"]["0.weight"])
     assert any("early stop" in line for line in lines)
+
+
+def test_a_tie_in_the_metric_goes_to_the_better_tiebreak(tmp_path):
+    # mAUC saturates at 1.0 on a small validation set; the likelier model must win
+    scripted = iter([(1.0, -0.9), (1.0, -0.2), (1.0, -0.5), (0.9, 0.0), (1.0, -0.2)])
+    result = run(
+        tmp_path,
+        "m.pt",
+        config={**BASE, "epochs": 5, "patience": 5},
+        validate=lambda m, group: next(scripted),
+        mode="max",
+    )
+    assert [h["improved"] for h in result.history] == [True, True, False, False, False]
+    assert result.best_epoch == 1 and result.best_metric == 1.0
+    assert [h["val_tiebreak"] for h in result.history][:2] == [-0.9, -0.2]
+    # an old checkpoint's state, saved before the field existed, reads back with its default
+    saved = torch.load(last_path(tmp_path / "m.pt"), weights_only=True)
+    del saved["best_tiebreak"]
+    assert TrainState.from_checkpoint(saved).best_tiebreak is None
 
 
 def test_mode_min_and_no_validation_selects_by_training_loss(tmp_path):

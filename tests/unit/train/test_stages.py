@@ -236,7 +236,8 @@ def test_finetune_classification_learns_a_blob(tmp_path):
     np.testing.assert_allclose(table[["p_0", "p_1"]].sum(axis=1), 1.0, atol=1e-5)
     metrics = json.loads((tmp_path / "pred.json").read_text())
     assert metrics["mauc"] == pytest.approx(mauc(table["label"], table[["p_0", "p_1"]].values))
-    assert metrics["selected_by"] == "val mAUC" and metrics["init"] == "scratch"
+    assert metrics["selected_by"] == "val mAUC (ties: val log-likelihood)"
+    assert metrics["init"] == "scratch"
     model, ckpt = model_from_checkpoint(tmp_path / "m.pt")
     assert ckpt["metadata"]["subjects"] == sorted(f"toy:{i['subject']}" for i in train)
     assert model.head.linear.out_features == 2
