@@ -306,8 +306,8 @@ def _tumour(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
     rim = float(rng.uniform(*TUMOUR["rim"]))
     reach = float(rng.uniform(*TUMOUR["edema"]))
     axes = rng.uniform(0.8, 1.2, 3)
-    grid = np.stack(np.indices(brain.shape), axis=-1).astype(np.float32) - centre
-    rho = np.linalg.norm(grid / axes, axis=-1)  # in units of the core's radius, times r
+    grid = np.moveaxis(np.indices(brain.shape), 0, -1).astype(np.float32) - centre
+    rho = np.linalg.norm(grid / axes, axis=-1)  # voxels from the centre, axes stretched
     # edema spreads through tissue, not into the ventricles or sulci
     tissue = brain & (base["t1"] > demo.template().csf_t1 / tpl.wm_t1 + 0.3)
     seg = np.zeros(brain.shape, np.uint8)
