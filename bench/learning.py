@@ -138,7 +138,8 @@ def main() -> int:
     start = time.monotonic()
     pool = planted.classification_cohort(workdir / "pool", n=POOL, seed=1).items
     held = planted.classification_cohort(workdir / "held-out", n=HELD_OUT, seed=2).items
-    parts = [held[k::3] for k in range(3)]  # in turn: each part balanced over the classes
+    # three parts of whole CN/MCI/AD triples (the cohort draws the classes in turn)
+    parts = [[item for i, item in enumerate(held) if (i // 3) % 3 == k] for k in range(3)]
     print(f"cohorts: {POOL} pool, {HELD_OUT} held out, in {time.monotonic() - start:.0f} s")
     inits = {b: pretrain(b, pool, workdir, seed=0) for b in BACKBONES}
     rows = []
