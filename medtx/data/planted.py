@@ -208,28 +208,34 @@ def _t1_cohort(
 
 
 def classification_cohort(
-    out: str | Path, *, n: int = 60, seed: int = 0, pool: int = POOL
+    out: str | Path,
+    *,
+    n: int = 60,
+    seed: int = 0,
+    pool: int = POOL,
+    severity: dict[str, float] = CLASS_SEVERITY,
 ) -> PlantedCohort:
     """CN/MCI/AD in equal shares, in turn (so any split by turn keeps them balanced);
-    labels 0/1/2 in ``CLASS_SEVERITY``'s order."""
-    _check_size(n, len(CLASS_SEVERITY), "classification")
-    names = list(CLASS_SEVERITY)
+    labels 0/1/2 in ``severity``'s order (a smaller gap between its values: a harder
+    cohort, with its ceilings computed for it)."""
+    _check_size(n, len(severity), "classification")
+    names = list(severity)
 
     def draw(i: int, rng: np.random.Generator) -> tuple[Any, float, dict[str, Any]]:
         k = i % len(names)
-        s = CLASS_SEVERITY[names[k]] + rng.normal(0.0, CLASS_SEVERITY_SD)
+        s = severity[names[k]] + rng.normal(0.0, CLASS_SEVERITY_SD)
         return k, max(s, 0.0), {"diagnosis": names[k]}
 
     items = _t1_cohort("classification", out, n, seed, pool, draw)
-    why = f"severity {CLASS_SEVERITY} + N(0, {CLASS_SEVERITY_SD}²): pairwise Φ(Δ/(σ√2)), averaged"
+    why = f"severity {severity} + N(0, {CLASS_SEVERITY_SD}²): pairwise Φ(Δ/(σ√2)), averaged"
     return PlantedCohort(
         "classification",
         items,
         {
-            "mauc": Ceiling("mauc", classification_ceiling(), 0.5, why),
+            "mauc": Ceiling("mauc", classification_ceiling(severity), 0.5, why),
             "accuracy": Ceiling(
                 "accuracy",
-                accuracy_ceiling(),
+                accuracy_ceiling(severity),
                 1 / len(names),
                 "the nearest class mean to the severity",
             ),
