@@ -22,7 +22,9 @@ A user error (bad scan, bad config, missing FSL) prints one line,
 ``medtx: error: ...``, as the log's last line and exits 1; no traceback.
 ``medtx preprocess`` exits 4 (``QC_FAILED``) when the scan fails QC: it still
 prints its files and verdict, and names the failed checks in one line
-(``--allow-qc-fail`` exits 0).
+(``--allow-qc-fail`` exits 0). ``medtx predict`` exits 5 (``SOME_SKIPPED``) when
+some inputs could not be predicted (each named in the table's ``error`` column)
+and the others were.
 
 This module only parses arguments and calls one library function per command:
 the rules' shell lines (which Snakemake's code trigger sees) and those
@@ -60,6 +62,7 @@ def _json(text: str | None, what: str) -> dict:
 
 
 QC_FAILED = 4  # exit code of `medtx preprocess` on a scan that fails QC
+SOME_SKIPPED = 5  # exit code of `medtx predict` when some inputs could not be predicted
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -257,6 +260,9 @@ def cmd_deface(args: argparse.Namespace) -> int:
     record = deface(args.t1, args.mask, args.out, record_out=args.record, qc=qc, scan=args.scan)
     if record["qc"]["passed"]:
         return 0
+    if record.get("refused"):  # no copy written: its front and top could not be told
+        print(f"medtx: {record['refused']}", file=sys.stderr)
+        return QC_FAILED
     failed = "; ".join(
         f"{c['metric']}={c['value']:.4g} (max {c['max']})"
         for c in record["qc"]["checks"]
@@ -308,6 +314,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         table = predict_bundle(args.bundle, args.inputs, args.out, **run)
     sys.stdout.write(table.to_csv(sep="\t", index=False, float_format="%.6g"))
     print(f"medtx: {len(table)} scan(s) -> {Path(args.out) / PREDICTIONS}", file=sys.stderr)
+    skipped = int(table["error"].notna().sum()) if "error" in table else 0
+    if skipped and not args.cache_index:  # the workflow's rule keeps its outputs: exit 0
+        print(f"medtx: {skipped} scan(s) skipped: see the error column", file=sys.stderr)
+        return SOME_SKIPPED
     return 0
 
 

@@ -131,6 +131,7 @@ def validate_config(config: dict) -> dict:
         raise ConfigError(f"invalid config ({len(errors)} problem(s)):\n{lines}")
     _fill_defaults(config, schema)
     _check_results_folder(config["results"])
+    _check_results_outside_datasets(config["results"], config["datasets"])
     _check_registration_levels(config["preprocess"])
     fold_fractions = set(config["folds"]["fractions"]) | {100}
     missing = sorted(set(config["train"]["fractions"]) - fold_fractions)
@@ -190,6 +191,49 @@ def _check_results_folder(results: str) -> None:
                 else f"config key 'results': {results!r} is not writable"
             )
         return
+
+
+def _check_results_outside_datasets(results: str, datasets: dict) -> None:
+    """``results`` may not lie inside an input dataset, save a BIDS dataset's
+    ``derivatives/<name>``.
+
+    Elsewhere in a BIDS dataset medtx's outputs are files the BIDS validator
+    (``bids_validate``) reports as not BIDS, and a ``sub-*`` folder is read as a
+    subject. ``derivatives/`` is where BIDS puts processed data: the validator does
+    not look in it and medtx.data.bids reads only ``sub-*``. The BraTS reader takes
+    every folder of its dataset as a case, so nowhere inside one is safe; a CSV
+    dataset is its table, and the folder around it is not read. Links are followed:
+    the folder written to is what counts.
+    """
+    where = _absolute(results)
+    for name, ds in datasets.items():
+        if ds["kind"] == "csv":
+            continue
+        root = _absolute(ds["path"])
+        if where != root and root not in where.parents:
+            continue
+        inside = where.relative_to(root).parts
+        if ds["kind"] == "bids":
+            if len(inside) >= 2 and inside[0] == "derivatives":
+                continue
+            why = (
+                "the BIDS validator would report medtx's files and the reader take a sub-* "
+                "folder for a subject; put it outside the dataset or under "
+                f"{Path(ds['path']) / 'derivatives'}/<name>"
+            )
+        else:
+            why = "the BraTS reader takes every folder there as a case; put it outside the dataset"
+        raise ConfigError(
+            f"config key 'results': {results!r} is inside dataset {name!r} ({ds['path']!r}): {why}"
+        )
+
+
+def _absolute(path: str) -> Path:
+    """``path`` from the working directory, links resolved where they can be."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError):  # a link loop
+        return Path(os.path.abspath(path))
 
 
 def load_config(path: str | Path | None = None) -> dict:

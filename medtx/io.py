@@ -3,6 +3,12 @@
 Loaders check what later steps silently assume (3-D, finite, not constant,
 an invertible affine) and raise ``BadScanError`` naming the file, so a bad scan
 fails in one clear line rather than inside a registration.
+
+Reads are bounded before anything is allocated: the size the header declares
+is checked against ``MEDTX_MAX_IMAGE_BYTES`` (default 2 GiB), a .nii.gz that
+would expand more than 1000:1 is refused unread, and the rest is streamed
+through in chunks to check its length (and emptiness) before the volume is
+read, so a forged header or a gzip bomb costs a few MB, not a MemoryError.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -22,9 +29,50 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from medtx.errors import BadScanError
+from medtx.errors import BadScanError, MedtxError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+MAX_IMAGE_BYTES_ENV = "MEDTX_MAX_IMAGE_BYTES"
+# 5x a 0.5 mm head (512x512x400 voxels, 0.4 GiB as float32): 536M float32 voxels.
+DEFAULT_MAX_IMAGE_BYTES = 2 << 30
+# Deflate tops out near 1032:1 (runs of one byte); scans compress 2-50:1, masks a few
+# hundred. Below the floor even an all-zero image is cheap to stream through.
+MAX_GZIP_RATIO = 1000
+GZIP_RATIO_FLOOR = 64 << 20
+TRAILING_SLACK = 1 << 20  # bytes after the declared data tolerated in a .nii.gz
+_CHUNK = 4 << 20
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def max_image_bytes() -> int:
+    """The largest image a loader reads, from ``$MEDTX_MAX_IMAGE_BYTES`` (bytes, or 4G, 500M).
+
+    Counted as voxels x max(itemsize, 4): loaders make a float32 copy, so an
+    int16 scan costs its float32 size and a float64 one its own.
+    """
+    raw = os.environ.get(MAX_IMAGE_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_IMAGE_BYTES
+    match = _SIZE.fullmatch(raw)
+    value = 0.0
+    if match:
+        value = float(match.group(1)) * 1024 ** " kmgt".find(match.group(2).lower())
+    if value < 1:
+        raise MedtxError(
+            f"{MAX_IMAGE_BYTES_ENV}={raw!r}: not a size in bytes (e.g. 4294967296 or 4G)"
+        )
+    return int(value)
+
+
+def _size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} bytes"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
 
 
 def is_nifti_path(path: str | Path) -> bool:
@@ -32,7 +80,8 @@ def is_nifti_path(path: str | Path) -> bool:
 
 
 def load_nifti(path: str | Path, *, subject: str | None = None) -> nib.Nifti1Image:
-    """Load a NIfTI header and check that it is a readable NIfTI file."""
+    """Load a NIfTI header and check that it is a readable NIfTI file of a size we
+    can hold (``check_declared_size``); no voxel data is read."""
     path = Path(path)
     if not path.exists():
         raise BadScanError(path, "file does not exist", subject=subject)
@@ -47,11 +96,109 @@ def load_nifti(path: str | Path, *, subject: str | None = None) -> nib.Nifti1Ima
         zlib.error,
         gzip.BadGzipFile,
         ValueError,
+        nib.spatialimages.HeaderDataError,  # e.g. dim[0] outside 1..7 reads as a bad byte order
     ) as err:
         raise BadScanError(path, f"not a readable NIfTI file ({err})", subject=subject) from err
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise BadScanError(path, f"not a NIfTI image ({type(img).__name__})", subject=subject)
+    check_declared_size(img, path, subject=subject)
     return img
+
+
+def check_declared_size(
+    img: nib.Nifti1Image, path: str | Path, *, subject: str | None = None
+) -> None:
+    """Refuse, from the header alone, dimensions no scan has and sizes we will not allocate.
+
+    A 54-byte .nii.gz can declare 2000^3 float32 (30 GiB); reading it would end
+    in a MemoryError. A .nii.gz whose declared size is over 1000 times the
+    file's (past a 64 MiB floor) is a bomb, an empty image or a truncated file.
+    """
+    hdr = img.header
+    dims = [int(d) for d in hdr["dim"]]
+    if not 1 <= dims[0] <= 7:
+        raise BadScanError(
+            path, f"header dim[0] = {dims[0]}: a NIfTI image has 1 to 7 axes", subject=subject
+        )
+    shape = dims[1 : dims[0] + 1]
+    if any(d < 1 for d in shape):
+        raise BadScanError(
+            path,
+            f"header declares shape {tuple(shape)}: every axis needs 1 voxel or more",
+            subject=subject,
+        )
+    dtype = hdr.get_data_dtype()
+    voxels = int(np.prod(shape, dtype=object))
+    need = voxels * max(dtype.itemsize, 4)
+    limit = max_image_bytes()
+    if need > limit:
+        raise BadScanError(
+            path,
+            f"header declares {'x'.join(map(str, shape))} {dtype.name} voxels: {_size(need)} "
+            f"to read, more than the {_size(limit)} limit ({MAX_IMAGE_BYTES_ENV})",
+            subject=subject,
+        )
+    if str(path).endswith(".gz"):
+        declared = _data_offset(img) + voxels * dtype.itemsize
+        packed = max(Path(path).stat().st_size, 1)
+        if declared > GZIP_RATIO_FLOOR and declared > MAX_GZIP_RATIO * packed:
+            raise BadScanError(
+                path,
+                f"gzip expands {declared / packed:.0f}:1 ({_size(declared)} declared from "
+                f"{_size(packed)}), more than the {MAX_GZIP_RATIO}:1 a scan compresses: "
+                "an empty, forged or truncated image",
+                subject=subject,
+            )
+
+
+def _data_offset(img: nib.Nifti1Image) -> int:
+    """Where the voxels start in the file (a loaded image's header says 0 until saved)."""
+    return int(getattr(img.dataobj, "offset", 0) or img.header.get_data_offset())
+
+
+def _stream_gzip(
+    img: nib.Nifti1Image, path: str | Path, *, subject: str | None, check_data: bool
+) -> None:
+    """Inflate a .nii.gz a chunk at a time before it is read whole: its length must
+    be what the header declares, and (``check_data``) its voxels not all zero.
+
+    Memory stays at one chunk, so a stream longer than declared stops early and
+    an empty image is named without its float32 copy being made.
+    """
+    hdr = img.header
+    offset = _data_offset(img)
+    declared = offset + int(np.prod(img.shape, dtype=object)) * hdr.get_data_dtype().itemsize
+    seen, nonzero = 0, False
+    try:
+        with gzip.open(str(path), "rb") as fh:
+            while block := fh.read(_CHUNK):
+                if not nonzero:  # the voxel bytes of this block, header and tail left out
+                    start, stop = max(offset - seen, 0), max(declared - seen, 0)
+                    voxels = np.frombuffer(block, np.uint8)[start:stop]
+                    nonzero = bool(voxels.any())
+                seen += len(block)
+                if seen > declared + TRAILING_SLACK:
+                    raise BadScanError(
+                        path,
+                        f"gzip decompresses to more than the {_size(declared)} its header "
+                        "declares; stopped reading",
+                        subject=subject,
+                    )
+    except (OSError, EOFError, zlib.error) as err:
+        raise BadScanError(
+            path, f"truncated or corrupt gzip after {_size(seen)} ({err})", subject=subject
+        ) from err
+    if seen < declared:
+        raise BadScanError(
+            path,
+            f"truncated: {_size(seen)} of the {_size(declared)} its header declares",
+            subject=subject,
+        )
+    if check_data and not nonzero:
+        inter = float(getattr(img.dataobj, "inter", 0.0))  # nibabel moved scl_* off the header
+        if not inter:
+            raise BadScanError(path, "image is all zeros", subject=subject)
+        raise BadScanError(path, f"image is constant (every voxel = {inter:g})", subject=subject)
 
 
 def check_affine(affine: np.ndarray, path: str | Path, *, subject: str | None = None) -> None:
@@ -93,6 +240,8 @@ def load_volume(
     _check_voxel_size(path, subject)
     affine = img.affine
     check_affine(affine, path, subject=subject)
+    if str(path).endswith(".gz"):
+        _stream_gzip(img, path, subject=subject, check_data=check_data)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except (OSError, EOFError, zlib.error, ValueError) as err:

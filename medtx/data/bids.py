@@ -21,6 +21,11 @@ whole tree (every func and dwi file too) at each workflow parse. Entities are
 ``key-value`` pairs joined by ``_`` before the suffix (BIDS specification,
 "Filenames"), which takes a few lines to parse and check here.
 
+Files the dataset's ``.bidsignore`` names are not looked at, as the BIDS
+validator does not look at them (gitignore patterns relative to the dataset
+root; ``BidsIgnore``). File names are case-sensitive in BIDS: an image named
+``*_T1w.NII.GZ`` or ``*_t1w.nii`` is found, and refused with the name to use.
+
 Order of selection, per subject: images outside ``ses-*`` while the subject
 has session images (BIDS: all of a subject's data in sessions or none), entity
 filters, ``sessions``, ``prefer_extension``, ``runs`` (among images that differ
@@ -32,11 +37,12 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medtx.errors import ConfigError
+from medtx.errors import ConfigError, MedtxError
 
 # BIDS entities in the specification's order: file-name key -> pybids name.
 ENTITIES = {
@@ -115,9 +121,17 @@ class BidsImage:
 
 def parse_name(name: str) -> tuple[dict[str, str], str, str]:
     """(entities, suffix, extension) of a BIDS file name; ValueError says what is wrong."""
-    extension = next((e for e in EXTENSIONS if name.endswith(e)), None)
+    extension = next((e for e in EXTENSIONS if name.lower().endswith(e)), None)
     if extension is None:
         raise ValueError(f"extension is not one of {', '.join(EXTENSIONS)}")
+    written = name[len(name) - len(extension) :]
+    if written != extension:
+        # nibabel and ANTs would read it, but medtx.io and FSL's bet/flirt see no NIfTI.
+        raise ValueError(
+            f"the extension {written!r} must be lowercase (BIDS names are case-sensitive; "
+            f"medtx and FSL read .nii.gz and .nii only); "
+            f"rename it {name[: -len(extension)]}{extension}"
+        )
     *pairs, suffix = name[: -len(extension)].split("_")
     entities: dict[str, str] = {}
     for pair in pairs:
@@ -137,21 +151,173 @@ def parse_name(name: str) -> tuple[dict[str, str], str, str]:
     return entities, suffix, extension
 
 
-def find_images(subject_dir: Path) -> list[Path]:
+def read_image(path: Path) -> BidsImage:
+    """The image at ``path`` with its entities; ValueError when its name is no T1w's."""
+    entities, suffix, extension = parse_name(path.name)
+    if suffix != SUFFIX:
+        fixed = path.name[: -len(extension) - len(suffix)] + SUFFIX + extension
+        raise ValueError(
+            f"the suffix {suffix!r} must be written {SUFFIX} (BIDS names are case-sensitive); "
+            f"rename it {fixed}"
+        )
+    return BidsImage(path, entities, extension)
+
+
+def find_images(subject_dir: Path, ignore: BidsIgnore | None = None) -> list[Path]:
     """Every ``*_T1w.nii[.gz]`` under ``anat/`` of a subject, sessions included.
 
-    Hidden files (``._sub-01_T1w.nii.gz`` from macOS, editors' backups) are no
-    BIDS files and are not looked at.
+    Names are matched in any case so that ``sub-01_T1w.NII.GZ`` is found and
+    refused by name (``read_image``) rather than leaving the subject with "no
+    T1w". Hidden files (``._sub-01_T1w.nii.gz`` from macOS, editors' backups)
+    and what ``ignore`` names are no BIDS files and are not looked at.
     """
+    ignored = ignore.ignores if ignore else lambda path, is_dir=False: False
     folders = [subject_dir / "anat"]
-    folders += [p / "anat" for p in sorted(subject_dir.glob("ses-*")) if p.is_dir()]
+    folders += [
+        p / "anat"
+        for p in sorted(subject_dir.glob("ses-*"))
+        if p.is_dir() and not ignored(p, is_dir=True)
+    ]
+    ends = tuple(f"_{SUFFIX}{ext}".lower() for ext in EXTENSIONS)
     return sorted(
         path
         for folder in folders
-        for ext in EXTENSIONS
-        for path in folder.glob(f"*_{SUFFIX}{ext}")
-        if not path.name.startswith(".") and path.is_file()
+        if folder.is_dir() and not ignored(folder, is_dir=True)
+        for path in folder.iterdir()
+        if path.name.lower().endswith(ends)
+        and not path.name.startswith(".")
+        and path.is_file()
+        and not ignored(path)
     )
+
+
+def data_folders(folder: Path, ignore: BidsIgnore | None = None) -> list[str]:
+    """The datatype folders (anat, func, meg, ...) of a subject or session folder.
+
+    Says what a subject without a T1w holds instead (``sub-emptyroom``: meg).
+    """
+    ignored = ignore.ignores if ignore else lambda path, is_dir=False: False
+    places = [folder] + sorted(p for p in folder.glob("ses-*") if p.is_dir())
+    return sorted(
+        {
+            p.name
+            for place in places
+            if not ignored(place, is_dir=True)
+            for p in place.iterdir()
+            if p.is_dir() and not p.name.startswith((".", "ses-")) and not ignored(p, is_dir=True)
+        }
+    )
+
+
+class BidsIgnore:
+    """A dataset's ``.bidsignore``: what the BIDS validator, and medtx, do not look at.
+
+    The validator reads it with gitignore's rules (npm ``ignore``), so they are
+    followed here: ``#`` comments and blank lines, ``*`` and ``?`` within one
+    folder, ``**`` across folders, ``[...]`` classes, a trailing ``/`` for folders
+    only, a ``/`` at the start or inside for paths from the root (else a name at
+    any depth), ``!`` to take a path back (not inside an ignored folder, as git).
+    pathspec implements the same but is no dependency of medtx, for thirty lines.
+    """
+
+    FILE = ".bidsignore"
+
+    def __init__(self, root: Path, patterns: list[tuple[re.Pattern[str], bool, bool]]):
+        self.root = root
+        self.patterns = patterns  # (regex on the root-relative path, negated, folders only)
+
+    @classmethod
+    def read(cls, root: Path) -> BidsIgnore:
+        """``root/.bidsignore``, or no patterns where there is none."""
+        path = root / cls.FILE
+        if not path.is_file():
+            return cls(root, [])
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as err:
+            raise MedtxError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        except OSError as err:
+            raise MedtxError(f"{path}: cannot be read ({err.strerror})") from err
+        return cls.parse(text.splitlines(), root)
+
+    @classmethod
+    def parse(cls, lines: Iterable[str], root: Path) -> BidsIgnore:
+        patterns = []
+        for line in lines:
+            line = line.rstrip("\r\n")
+            if not line.endswith("\\ "):
+                line = line.rstrip(" \t")
+            if not line or line.startswith("#"):
+                continue
+            negated = line.startswith("!")
+            if negated or line.startswith(("\\#", "\\!")):
+                line = line[1:]
+            folders_only = line.endswith("/")
+            line = line.rstrip("/")
+            if not line:
+                continue
+            anchored = "/" in line
+            body = _glob_regex(line.lstrip("/"))
+            regex = body if anchored else f"(?:.*/)?{body}"
+            patterns.append((re.compile(regex, re.DOTALL), negated, folders_only))
+        return cls(root, patterns)
+
+    def _match(self, rel: str, is_dir: bool) -> bool | None:
+        """True (ignored), False (taken back by ``!``) or None (no pattern says)."""
+        verdict = None
+        for regex, negated, folders_only in self.patterns:
+            if (is_dir or not folders_only) and regex.fullmatch(rel):
+                verdict = not negated
+        return verdict
+
+    def ignores(self, path: Path, is_dir: bool = False) -> bool:
+        """Whether ``path`` (under the root) or a folder above it is ignored."""
+        if not self.patterns:
+            return False
+        try:
+            parts = path.relative_to(self.root).parts
+        except ValueError:
+            return False
+        for i in range(1, len(parts)):
+            if self._match("/".join(parts[:i]), True):
+                return True
+        return bool(parts) and bool(self._match("/".join(parts), is_dir))
+
+
+def _glob_regex(glob: str) -> str:
+    """A gitignore glob as a regular expression over a ``/``-separated path."""
+    out = []
+    i, n = 0, len(glob)
+    while i < n:
+        c = glob[i]
+        if glob.startswith("**", i) and (i == 0 or glob[i - 1] == "/"):
+            end = i + 2
+            if end == n:  # "a/**": everything inside
+                out.append(".*")
+                i = end
+                continue
+            if glob[end] == "/":  # "**/": no folder or any number of them
+                out.append("(?:.*/)?")
+                i = end + 1
+                continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and (close := glob.find("]", i + 2)) != -1:
+            inner = glob[i + 1 : close]
+            if inner[0] in "!^":
+                inner = "^/" + inner[1:]  # like * and ?, never a folder's slash
+            out.append("[" + inner.replace("\\", "\\\\") + "]")
+            i = close + 1
+            continue
+        elif c == "\\" and i + 1 < n:
+            i += 1
+            out.append(re.escape(glob[i]))
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
 
 
 @dataclass(frozen=True)
@@ -336,11 +502,24 @@ def _runs_equal(a: str | None, b: str | None) -> bool:
 
 
 def _ambiguous(group: list[Verdict], key: str) -> None:
-    """Mark images that would all be one scan, naming the entity they differ in."""
+    """Mark images that would all be one scan, naming the entity they differ in.
+
+    ``run-1`` beside ``run-01`` differ only in how the run is written: runs
+    compare as numbers (pybids too), so no filter or ``runs`` choice can keep one
+    of them, and the line names the fixes that can.
+    """
     first = group[0].image.entities
-    differ = [
-        k for k in ENTITIES if any(v.image.entities.get(k) != first.get(k) for v in group)
-    ] or ["run"]  # only run-1 beside run-01 is left: equal as numbers
+    differ = [k for k in ENTITIES if any(v.image.entities.get(k) != first.get(k) for v in group)]
+    if differ in ([], ["run"]):
+        runs = " and ".join(v.image.label("run") for v in group)
+        why = (
+            f"{runs} are one run (runs compare as numbers), which no select key can tell "
+            "apart; rename or remove one, or list one in the dataset's .bidsignore"
+        )
+        for v in group:
+            v.status = "problem"
+            v.reason = f"{v.image.path}: {len(group)} images left for one scan: {why}"
+        return
     values = ", ".join(v.image.label(differ[0]) for v in group)
     for v in group:
         v.status = "problem"

@@ -10,7 +10,12 @@ What a label may be:
 
 * ``diagnosis``: a key of ``folds/label_map``, for datasets with the
   ``classification`` role (elsewhere it is free text that nothing reads).
-* ``age``: a number of years in ``AGE_RANGE`` (0-120, inclusive).
+* ``age``: a number of years in ``AGE_RANGE`` (0-120, inclusive). De-identified
+  tables cap ages (``89+``: HIPAA's rule for ages over 89) or give bands (``35-40``); a
+  cap reads as its bound, a band as its midpoint, and the scan table keeps that
+  number with a note in the row's ``reason``. Where no task of the dataset reads
+  age (no ``regression`` role), an age that is still no number is left empty
+  with a note instead of stopping the run.
 * ``sex``: one of ``SEX_CODES`` (BIDS' participants.tsv levels, any case).
 * ``site``: free text.
 
@@ -25,6 +30,7 @@ are typos in a table the user owns, not scans that cannot be read.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -38,6 +44,9 @@ SEX_CODES = {"m": "male", "male": "male", "f": "female", "female": "female"}
 SEX_CODES |= {"o": "other", "other": "other"}
 # Which label each task trains on.
 TASK_LABELS = {"classification": "diagnosis", "regression": "age"}
+_NUMBER = r"(\d+(?:\.\d+)?)"
+AGE_CAP = re.compile(rf"^{_NUMBER}\s*\+$")  # 89+
+AGE_BAND = re.compile(rf"^{_NUMBER}\s*[-\u2013]\s*{_NUMBER}$")  # 35-40, 35–40
 
 
 class LabelError(MedtxError):
@@ -61,18 +70,80 @@ def class_index(diagnosis: str, label_map: Mapping[str, int]) -> int:
     return int(label_map[diagnosis])
 
 
-def parse_age(text: str) -> float:
-    """An age in years; LabelError unless a number within ``AGE_RANGE``."""
-    try:
-        age = float(text)
-    except ValueError:
-        age = math.nan
+def read_age(text: str) -> tuple[float, str | None]:
+    """An age in years and, for a cap (``89+``) or a band (``35-40``), how it was read.
+
+    LabelError unless a number, cap or band within ``AGE_RANGE``.
+    """
+    note = None
+    if cap := AGE_CAP.match(text):
+        age = float(cap[1])
+        note = f"age {text!r} read as {age:g}, its lower bound"
+    elif band := AGE_BAND.match(text):
+        lo_, hi_ = float(band[1]), float(band[2])
+        if hi_ < lo_:
+            raise LabelError(f"age {text!r} is a range whose end is below its start")
+        age = (lo_ + hi_) / 2
+        note = f"age {text!r} read as {age:g}, its midpoint"
+    else:
+        try:
+            age = float(text)
+        except ValueError:
+            age = math.nan
     if not math.isfinite(age):
         raise LabelError(f"age {text!r} is not a number")
     lo, hi = AGE_RANGE
     if not lo <= age <= hi:
         raise LabelError(f"age {text!r} is outside {lo:g}-{hi:g} years")
-    return age
+    return age, note
+
+
+def parse_age(text: str) -> float:
+    """An age in years (``read_age``); LabelError unless within ``AGE_RANGE``."""
+    return read_age(text)[0]
+
+
+def read_labels(cells: Mapping[str, Any], where: str) -> tuple[dict[str, str | None], str]:
+    """The label columns of one table row, and a note on any age read from a cap or band.
+
+    A capped or banded age becomes the number it is read as, so every later step
+    (folds, subgroups, predict) reads a plain number; the note (``where``: the
+    file and line) goes to the row's ``reason``. Other text is kept as written
+    for ``check_labels`` to judge.
+    """
+    labels = {k: label_text(cells.get(k)) for k in LABEL_COLUMNS}
+    text = labels["age"]
+    if text is None:
+        return labels, ""
+    try:
+        age, note = read_age(text)
+    except LabelError:
+        return labels, ""
+    if note is None:
+        return labels, ""
+    labels["age"] = f"{age:g}"
+    return labels, f"{where}: {note}"
+
+
+def clear_unused_ages(rows: Iterable[dict], roles: Iterable[str], dataset: str) -> None:
+    """Empty each unreadable age where no task of the dataset reads age, with a note.
+
+    A dataset only pre-trained on (or classified) does not need its ages; one
+    written ``adult`` or ``>89`` should not stop it. Regression keeps the check.
+    """
+    if "age" in {TASK_LABELS.get(role) for role in roles}:
+        return
+    for row in rows:
+        text = label_text(row.get("age"))
+        if text is None:
+            continue
+        try:
+            parse_age(text)
+        except LabelError as err:
+            row["age"] = None
+            where = row.get("_where") or f"dataset {dataset!r} scan {row.get('scan')!r}"
+            note = f"{where}: {err}; left empty (no task of dataset {dataset!r} reads age)"
+            row["reason"] = "; ".join(r for r in (row.get("reason"), note) if r)
 
 
 def check_sex(text: str) -> str:

@@ -6,8 +6,14 @@ paths, labels, and a status with the reason:
 
 * ``ok``: a scan the workflow preprocesses;
 * ``skipped``: a BIDS image the dataset's ``select`` block does not take (e.g.
-  ``run-1 not selected (runs: first)``; ``medtx.data.bids``); it has no scan id;
+  ``run-1 not selected (runs: first)``; ``medtx.data.bids``), a subject or
+  session without a T1w (MEG's ``sub-emptyroom``, a functional-only session), or
+  a participants.tsv row without a folder; it has no scan id. Such datasets are
+  valid BIDS, so they are noted, not refused;
 * ``excluded``: a scan that failed an input check, under ``on_bad_scan: exclude``.
+
+An ``ok`` row may carry a note in ``reason`` (an age read from ``89+`` or ``35-40``;
+``medtx.data.labels``).
 
 Building it checks every scan on entry (readable NIfTI, 3-D, finite, not empty,
 invertible affine) and every label (``medtx.data.labels``); image checks are
@@ -19,10 +25,13 @@ excluded, the commonest reasons) goes to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import os
 import re
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -35,8 +44,9 @@ from medtx.data.labels import (
     LABEL_COLUMNS,
     TASK_LABELS,
     check_labels,
-    label_text,
+    clear_unused_ages,
     missing_counts,
+    read_labels,
 )
 from medtx.data.scan_ids import brats_subject, check_id, scan_id, shown
 from medtx.domain import BRATS_FILES, DEFAULT_LABEL_MAP
@@ -63,6 +73,7 @@ IMAGES = ("t1", "t1ce", "t2", "flair", "seg")
 MAX_REASON_LINES = 3  # reason lines per dataset in the stderr summary
 MAX_VALIDATOR_LINES = 20  # the BIDS validator's errors shown when it refuses an input
 SAME_ID = "ids compare without 'sub-' and ignoring case"
+NOTED = "taken with a note"  # an ok row whose reason says how a label was read
 
 
 def _row(
@@ -102,6 +113,14 @@ class Table:
         if not lines:
             raise MedtxError(f"{path}: {what} is empty; its first line must name the columns")
         self.columns = [c.strip() for c in lines[0][1]]
+        first: dict[str, int] = {}
+        for i, name in enumerate(self.columns, 1):
+            if name and name in first:  # a dict per row would keep the last one, silently
+                raise MedtxError(
+                    f"{path}: {what} has two columns named {shown(name, 30)} "
+                    f"(columns {first[name]} and {i} of line {lines[0][0]}); keep one"
+                )
+            first[name] = i
         ragged = [
             f"{path} line {n}: {len(rec)} field(s), but the header (line {lines[0][0]}) "
             f"has {len(self.columns)}"
@@ -167,42 +186,58 @@ def _read_participants(path: Path) -> tuple[dict[str, tuple[dict, int]], dict[st
 
 
 def read_bids(name: str, root: Path, select: dict | None = None) -> ReadResult:
-    """Rows for every T1w image of a BIDS folder, taken or skipped by ``select``."""
+    """Rows for every T1w image of a BIDS folder, taken or skipped by ``select``.
+
+    A subject or session without a T1w and a participants.tsv row without a
+    folder are ``skipped`` rows with the reason: BIDS allows them (MEG's
+    ``sub-emptyroom``, a functional-only session, subjects whose images were not
+    shared). What ``.bidsignore`` names is not looked at.
+    """
     if not root.is_dir():
         raise MedtxError(f"dataset {name!r}: BIDS folder {root} does not exist")
     key = f"datasets/{name}/select"
     sel = bids.Selection.from_config(select, key)
+    ignore = bids.BidsIgnore.read(root)
     participants = root / "participants.tsv"
     listed, clashes = _read_participants(participants) if participants.is_file() else (None, {})
     rows: list[dict] = []
     problems: list[tuple[dict | None, str]] = []
     dirs = {p.name.removeprefix("sub-"): p for p in sorted(root.glob("sub-*")) if p.is_dir()}
+    hidden = {s for s, p in dirs.items() if ignore.ignores(p, is_dir=True)}
+    dirs = {s: p for s, p in dirs.items() if s not in hidden}
     folded = Counter(s.lower() for s in dirs)
     found: list[bids.BidsImage] = []
     for subject, sub_dir in dirs.items():
         record, line = (listed or {}).get(subject, ({}, None))
-        lab = {k: label_text(record.get(k)) for k in LABEL_COLUMNS}
         where = f"{participants} line {line}" if line else None
+        lab, note = read_labels(record, where or str(participants))
 
-        def row_for(session=None, run=None, image=None, lab=lab, where=where, subject=subject):
+        def row_for(
+            session=None, run=None, image=None, lab=lab, where=where, subject=subject, note=note
+        ):
             row = _row(name, "bids", subject, session, run, t1=image and str(image), **lab)
-            row["_where"] = where
+            row["_where"], row["reason"] = where, note
             return row
 
+        def skipped(reason: str, session: str | None = None, subject=subject) -> dict:
+            return _row(name, "bids", subject, session, scan="", status="skipped", reason=reason)
+
+        paths = bids.find_images(sub_dir, ignore)
+        if not paths:  # nothing to process: its id and participants row do not matter
+            rows.append(skipped(_no_t1w(sub_dir, ignore)))
+            continue
         if problem := check_id(subject, "subject id", str(sub_dir)):
             problems.append((row_for(), problem))
             continue
         problem = _subject_problem(subject, sub_dir, dirs, folded, listed, clashes, participants)
         images: list[bids.BidsImage] = []
-        paths = bids.find_images(sub_dir)
         for path in paths:
             ses_dir = path.parent.parent
             session = ses_dir.name.removeprefix("ses-") if ses_dir != sub_dir else None
             bad = session and check_id(session, "session id", str(ses_dir))
             if not bad:
                 try:
-                    entities, _, extension = bids.parse_name(path.name)
-                    image = bids.BidsImage(path, entities, extension)
+                    image = bids.read_image(path)
                     bad = _folder_mismatch(image, subject, session)
                 except ValueError as err:
                     bad = f"{path}: not a BIDS file name: {err}"
@@ -211,19 +246,10 @@ def read_bids(name: str, root: Path, select: dict | None = None) -> ReadResult:
             else:
                 images.append(image)
         found += images
-        if not paths:
-            problems.append(
-                (row_for(), f"{sub_dir}: no *_{bids.SUFFIX}.nii[.gz] for sub-{subject}")
-            )
-        problems += [
-            (
-                row_for(s),
-                f"{sub_dir / f'ses-{s}' / 'anat'}: no *_{bids.SUFFIX}.nii[.gz] for sub-{subject}",
-            )
-            for s in _sessions_without_images(sub_dir, paths, sel)
+        rows += [
+            skipped(_no_t1w(sub_dir / f"ses-{s}", ignore), s)
+            for s in _sessions_without_images(sub_dir, paths, sel, ignore)
         ]
-        if problem and not paths:
-            problems.append((row_for(), problem))
         for v in bids.select_images(images, sel, key):
             run = v.image.run if sel.runs == "all" else None
             row = row_for(v.image.session, run, v.image.path)
@@ -238,14 +264,17 @@ def read_bids(name: str, root: Path, select: dict | None = None) -> ReadResult:
     for subject, (record, line) in (listed or {}).items():
         if subject in dirs:
             continue
-        lab = {k: label_text(record.get(k)) for k in LABEL_COLUMNS}
         where = f"{participants} line {line}"
-        problem = check_id(subject, "participant_id", where) or (
-            f"{participants}: sub-{subject} is listed but {root / f'sub-{subject}'} does not exist"
-        )
+        lab, _ = read_labels(record, where)
         row = _row(name, "bids", subject, None, **lab)
         row["_where"] = where
-        problems.append((row, problem))
+        if problem := check_id(subject, "participant_id", where):
+            problems.append((row, problem))
+        else:
+            folder = root / f"sub-{subject}"
+            state = "is in .bidsignore" if subject in hidden else "does not exist"
+            reason = f"{where}: sub-{subject} is listed but {folder} {state}"
+            rows.append({**row, "scan": "", "status": "skipped", "reason": reason})
         if not folded[subject.lower()]:  # else the subject's images carry the clash
             problems += [
                 (_row(name, "bids", subject, None), p) for p in clashes.get(subject.lower(), [])
@@ -286,21 +315,30 @@ def _folder_mismatch(image: bids.BidsImage, subject: str, session: str | None) -
     return None
 
 
-def _sessions_without_images(sub_dir: Path, paths: list[Path], sel: bids.Selection) -> list[str]:
+def _sessions_without_images(
+    sub_dir: Path, paths: list[Path], sel: bids.Selection, ignore: bids.BidsIgnore
+) -> list[str]:
     """Selected session folders of a subject that hold no T1w image.
 
-    A subject without any image is one problem already, not one per session.
+    A subject without any image is one skipped row already, not one per session.
     """
     if not paths:
         return []
     with_images = {p.parent.parent for p in paths}
     return [
         p.name.removeprefix("ses-")
-        for p in sorted(sub_dir.glob("ses-*"))
+        for p in sorted(sub_dir.glob("ses-*"), key=lambda p: bids.natural_key(p.name))
         if p.is_dir()
         and p not in with_images
+        and not ignore.ignores(p, is_dir=True)
         and (sel.sessions == "all" or p.name.removeprefix("ses-") in sel.session_list)
     ]
+
+
+def _no_t1w(folder: Path, ignore: bids.BidsIgnore) -> str:
+    """Why a subject or session folder gives no scan, and what it holds instead."""
+    found = bids.data_folders(folder, ignore)
+    return f"{folder}: no {bids.SUFFIX} image in anat (found: {', '.join(found) or 'nothing'})"
 
 
 def read_csv(name: str, path: Path, columns: dict[str, str] | None = None) -> ReadResult:
@@ -325,9 +363,10 @@ def read_csv(name: str, path: Path, columns: dict[str, str] | None = None) -> Re
         session = _cell(rec.get(cols["session"])).removeprefix("ses-") or None
         t1 = _cell(rec[cols["t1"]])
         t1_path = (path.parent / t1) if t1 and not os.path.isabs(t1) else Path(t1)
-        lab = {k: label_text(rec.get(cols[k])) for k in LABEL_COLUMNS}
+        where = f"{path} line {i}"
+        lab, note = read_labels({k: rec.get(c) for k, c in cols.items()}, where)
         row = _row(name, "csv", subject, session, t1=str(t1_path) if t1 else None, **lab)
-        where = row["_where"] = f"{path} line {i}"
+        row["_where"], row["reason"] = where, note
         problem = check_id(subject, "subject id", where)
         if not problem and session:
             problem = check_id(session, "session id", where)
@@ -422,12 +461,18 @@ def build_scan_table(
     cache_path: str | Path | None = None,
     on_bad_scan: str = "fail",
     label_map: Mapping[str, int] | None = None,
+    write: bool = True,
 ) -> pd.DataFrame:
     """Read, check and cache one dataset's scan table, and summarize it on stderr.
 
     Args:
         dataset: the dataset's config (kind, role, path, and select/columns/generate).
+        cache_path: the previous table, read as the per-file check cache, and
+            rewritten with this one when ``write`` says so.
         label_map: the config's ``folds/label_map`` (diagnoses of classification datasets).
+        write: False while Snakemake reads the workflow: the table is then only
+            read, and the ``scan_table`` job writes it (``table_text``), under the
+            run's lock, never in a dry run or a refused one.
 
     Raises:
         CohortError: listing every bad scan when ``on_bad_scan`` is ``fail``, and
@@ -455,6 +500,7 @@ def build_scan_table(
         raise MedtxError(f"dataset {name!r}: unknown kind {kind!r}")
     rows = [r for r in found if r["status"] == "ok"]
     skipped = [r for r in found if r["status"] == "skipped"]
+    clear_unused_ages([*rows, *(bad for bad, _ in problems if bad)], roles, name)
     label_problems = check_labels(
         rows,
         dataset=name,
@@ -486,13 +532,12 @@ def build_scan_table(
             + (f"; {len(excluded)} excluded" if excluded else "")
             + (f"; {len(skipped)} skipped ({skipped[0]['reason']}, ...)" if skipped else "")
         )
-    if cache_path:
+    if cache_path and write:
         # Rewrite only on change: rules take this file as input, so a new
         # mtime alone would rerun them.
-        text = table.to_csv(sep="\t", index=False)
-        out = Path(cache_path)
-        if not out.exists() or out.read_text() != text:
-            write_text(text, out)
+        text = table_text(table)
+        if _current_text(cache_path) != text:
+            write_text(text, cache_path)
     print("\n".join(summary_lines(name, table, roles, cache_path)), file=sys.stderr)
     return table
 
@@ -521,7 +566,8 @@ def build_scan_tables(
 
     Args:
         table_path: dataset name -> its scan table (the per-file cache).
-        options: ``on_bad_scan`` and ``label_map``, as ``build_scan_table`` takes them.
+        options: ``on_bad_scan``, ``label_map`` and ``write``, as ``build_scan_table``
+            takes them.
     """
     tables: dict[str, pd.DataFrame] = {}
     failed: dict[str, MedtxError] = {}
@@ -542,6 +588,62 @@ def build_scan_tables(
     return tables
 
 
+def table_text(table: pd.DataFrame) -> str:
+    """A scan table as its file holds it (tab-separated, with the header)."""
+    return table.to_csv(sep="\t", index=False)
+
+
+# --- writing the tables: jobs of the workflow, under the run's lock ---
+#
+# Snakemake reads the workflow (and so builds every table) before a run takes
+# its lock, in dry runs and in refused runs too, so a table is written by the
+# workflow's scan_table job only. Its content is known at parse time; the job's
+# input is a stamp in the working directory (not the results folder) that is
+# newer than the table exactly when the table does not hold that content. So a
+# changed table is rewritten, and every rule that reads it reruns, from any
+# working directory (``-d``), without Snakemake metadata; an unchanged one is
+# left alone (its mtime would rerun those rules).
+
+
+def stamp_scan_table(table_path: str | Path, text: str, stamp_path: str | Path) -> str:
+    """Make ``stamp_path`` newer than the table if it does not hold ``text``, older if
+    it does; return ``stamp_path``. Called at parse time; writes only the stamp.
+
+    A stamp written anew holds the content's digest and the time, so its checksum
+    (which Snakemake records for small inputs) differs from any recorded before.
+    """
+    table, stamp = Path(table_path), Path(stamp_path)
+    if _current_text(table) != text:
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        write_text(f"{digest} {time.time_ns()}\n", stamp)
+        newer = time.time()
+        with contextlib.suppress(OSError):  # strictly newer, even on a coarse clock
+            newer = max(newer, table.stat().st_mtime + 1)
+        os.utime(stamp, (newer, newer))
+        return str(stamp)
+    older = table.stat().st_mtime - 1
+    try:
+        if stamp.stat().st_mtime <= older:
+            return str(stamp)
+    except FileNotFoundError:
+        write_text("current\n", stamp)
+    os.utime(stamp, (older, older))
+    return str(stamp)
+
+
+def write_scan_table(text: str, table_path: str | Path) -> None:
+    """The scan_table job: the table as read at parse time, written whole (atomically)."""
+    write_text(text, table_path)
+
+
+def _current_text(path: str | Path) -> str | None:
+    """What a table file holds now; None if it is missing or cannot be read."""
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 # Paths, ids and line numbers vary from scan to scan; a reason's kind is what is left.
 _KIND_SUBS = [
     (re.compile(r"^subject \S+: "), ""),
@@ -550,6 +652,7 @@ _KIND_SUBS = [
     (re.compile(r"\b(sub|ses|run|acq|rec|ce|echo|part)-[A-Za-z0-9]+"), r"\1-*"),
     (re.compile(r"\bline \d+"), "line *"),
     (re.compile(r"'[^']*'"), "'…'"),
+    (re.compile(r"\bread as [0-9.]+"), "read as …"),
 ]
 
 
@@ -575,10 +678,10 @@ def summary_lines(
     reasons = Counter(
         (rec["status"], reason_kind(rec["reason"]))
         for rec in table.to_dict("records")
-        if rec["status"] != "ok"
+        if rec["reason"]
     )
     lines = [line] + [
-        f"medtx:   {n} {status}: {kind}"
+        f"medtx:   {n} {NOTED if status == 'ok' else status}: {kind}"
         for (status, kind), n in reasons.most_common(MAX_REASON_LINES)
     ]
     if len(reasons) > MAX_REASON_LINES:

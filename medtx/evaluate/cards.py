@@ -15,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -31,7 +33,9 @@ from medtx.evaluate.figures import relative_link
 from medtx.evaluate.tables import (
     HEADLINES,
     METRIC_KEYS,
+    Markdown,
     format_mean_std,
+    md_text,
     read_metrics_json,
     run_identity,
     to_markdown,
@@ -178,14 +182,32 @@ def _order(attr: str, values: Sequence[str], age_bands: Sequence[float]) -> list
 
 
 def _value(v: Any) -> str:
-    """A recorded value as text; None and "" are "not recorded"."""
+    """A recorded value as Markdown text (``md_text``); None and "" are "not recorded"."""
     if v is None or (isinstance(v, str) and not v.strip()):
         return NOT_RECORDED
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.4f}" if math.isfinite(v) else NOT_RECORDED
-    return str(v)
+    return md_text(v)
+
+
+def _hash(v: Any) -> str:
+    """A recorded hash as a code span; anything but hex digits as text (a backtick in
+    it would end the span early)."""
+    text = str(v)
+    return f"`{text}`" if re.fullmatch(r"[0-9a-fA-F]+", text) else md_text(text)
+
+
+def _texts(values: Any) -> str:
+    """Free-text values joined by commas, each ``md_text``."""
+    return ", ".join(md_text(v) for v in values)
+
+
+def md_link(target: str | Path, relative_to: str | Path) -> str:
+    """A Markdown link target relative to ``relative_to``, percent-encoded: a space or
+    a parenthesis in a folder name would end the link early."""
+    return quote(relative_link(target, relative_to), safe="/")
 
 
 def _mapping(v: Any) -> dict[str, Any]:
@@ -224,9 +246,9 @@ def _model_section(
     init = meta.get("init")
     if isinstance(init, Mapping):
         init_text = (
-            f"{run.init}, initialised from {init.get('init')} (stage "
+            f"{run.init}, initialised from {_value(init.get('init'))} (stage "
             f"{_value(init.get('init_stage'))}, sha256 {_value(init.get('init_sha256'))}; "
-            f"parts loaded: {', '.join(map(str, init.get('loaded') or [])) or 'none'})"
+            f"parts loaded: {_texts(init.get('loaded') or []) or 'none'})"
         )
     elif run.init == "scratch":
         init_text = "scratch (random initialisation, no pre-trained weights)"
@@ -243,7 +265,7 @@ def _model_section(
     return [
         "## Model",
         "",
-        f"- backbone: {kwargs.get('backbone', run.backbone)}",
+        f"- backbone: {_value(kwargs.get('backbone', run.backbone))}",
         f"- preset: {_value(meta.get('preset'))}",
         f"- task: {run.task}",
         f"- init: {init_text}",
@@ -255,7 +277,7 @@ def _model_section(
         f"- seed: {_value(meta.get('seed', ckpt.get('seed')))}",
         f"- trained on: device {_value(ckpt.get('device'))}, world size "
         f"{_value(ckpt.get('world_size'))}, torch {_value(ckpt.get('torch_version'))}",
-        f"- weights: {model_pt.name}, sha256 {sha256(model_pt)}",
+        f"- weights: {md_text(model_pt.name)}, sha256 {sha256(model_pt)}",
         "",
     ]
 
@@ -284,7 +306,8 @@ def _label_lines(
             c: len({_subject(lookup, s) for s, x in zip(scans, classes) if x == c}) for c in counts
         }
         cells = [
-            f"{'/'.join(names.get(c, [f'class {c}']))} (class {c}): {counts.get(c, 0)} scans, "
+            f"{md_text('/'.join(names.get(c, [f'class {c}'])))} (class {c}): "
+            f"{counts.get(c, 0)} scans, "
             f"{subjects.get(c, 0)} subjects"
             for c in sorted(set(names) | set(counts))
         ]
@@ -340,7 +363,7 @@ def _data_section(
     train = [str(s) for s in meta.get("train_scans") or []]
     val = [str(s) for s in meta.get("val_scans") or []]
     datasets = sorted({s.split(":", 1)[0] for s in subjects}) or [run.dataset]
-    lines = ["## Training data", "", f"- datasets: {', '.join(datasets)}"]
+    lines = ["## Training data", "", f"- datasets: {_texts(datasets)}"]
     lines.append(
         f"- training subjects: {len(subjects)}; training scans: {len(train)}"
         if subjects and train
@@ -366,7 +389,7 @@ def _data_section(
     sidecar = meta.get("folds_sidecar")
     if isinstance(sidecar, Mapping) and sidecar.get("subjects_sha256"):
         lines.append(
-            f"- fold manifest's subject list: sha256 `{sidecar['subjects_sha256']}` (as the "
+            f"- fold manifest's subject list: sha256 {_hash(sidecar['subjects_sha256'])} (as the "
             f"sidecar records it: all {_value(sidecar.get('n_subjects'))} subjects of the "
             "manifest, every fold and role, bare subject ids); split seed "
             f"{_value(sidecar.get('seed'))}, method {_value(sidecar.get('method'))}, "
@@ -454,12 +477,14 @@ def _metrics_section(
     everything = table[table["attribute"] == subgroups.ALL].iloc[0]
     if everything["status"] == "ok":
         lines.append(
-            f"{metric.label} on all test scans: {everything['pooled']}, bootstrap 95 % CI "
-            f"{everything['95 % CI']} ({settings['bootstrap']} resamples of the "
-            f"{everything['n subjects']} test subjects, seed {settings['seed']})."
+            f"{metric.label} on all test scans: {md_text(everything['pooled'])}, bootstrap "
+            f"95 % CI {md_text(everything['95 % CI'])} ({settings['bootstrap']} resamples of "
+            f"the {md_text(everything['n subjects'])} test subjects, seed {settings['seed']})."
         )
     else:
-        lines.append(f"{metric.label} on all test scans: no interval, {everything['pooled']}.")
+        lines.append(
+            f"{metric.label} on all test scans: no interval, {md_text(everything['pooled'])}."
+        )
     lines.append("")
     if not have_attributes:
         return [*lines, f"Per subgroup: {NOT_RECORDED} (no scan tables were given).", ""]
@@ -489,13 +514,13 @@ def _limits_section(
         rows = composition[
             (composition["attribute"] == "site") & (composition["group"] != "unknown")
         ]
-        sites = ", ".join(rows["group"]) or NOT_RECORDED
+        sites = _texts(rows["group"]) or NOT_RECORDED
     lines = [
         "## Intended use and known limits",
         "",
         f"- Research use only: a {run.task} model of the backbone comparison study. Not a "
         "medical device; not for clinical decisions.",
-        f"- Trained on {len(subjects) or NOT_RECORDED} subjects of {', '.join(datasets)} "
+        f"- Trained on {len(subjects) or NOT_RECORDED} subjects of {_texts(datasets)} "
         f"(sites: {sites}), {run.frac} % of the fold's training subjects.",
     ]
     if any(d.startswith("demo") for d in datasets + [run.dataset]):
@@ -519,7 +544,7 @@ def _limits_section(
         "Their intervals are wide; a group not reported is not shown to be safe."
     )
     lines += [
-        f"- No external validation: tested on held-out fold {run.fold} of {run.dataset} "
+        f"- No external validation: tested on held-out fold {run.fold} of {md_text(run.dataset)} "
         "only; performance on other scanners, sites, populations or preprocessing is "
         "unknown.",
         "",
@@ -555,7 +580,7 @@ def _privacy_section(
             "template, 2 mm voxels (the T1 chain's output)"
         )
     where = (
-        f"{provenance_path(results, run.dataset, '<scan>')}"
+        md_text(provenance_path(results, run.dataset, "<scan>"))
         if results is not None
         else f"{NOT_RECORDED} (the run recorded no cache index under a results folder)"
     )
@@ -634,7 +659,7 @@ def build_model_card(
         age_bands=settings["age_bands"],
     )
     title = (
-        f"# Model card: {run.dataset}, {run.task}, {run.backbone}, {run.init}, "
+        f"# Model card: {md_text(run.dataset)}, {run.task}, {run.backbone}, {run.init}, "
         f"{run.frac} % labels, fold {run.fold}"
     )
     lines = [title, ""]
@@ -731,11 +756,13 @@ def study_card(runs: pd.DataFrame, cards: Sequence[ModelCard], *, relative_to: s
                     f"{s} {counts[s]}" for s in statuses
                 )
                 or "no scans",
-                "cards": ", ".join(
-                    f"[fold {f}]({relative_link(c.path, relative_to)})"
-                    if c is not None
-                    else f"fold {f}: no card"
-                    for f, c in found
+                "cards": Markdown(
+                    ", ".join(
+                        f"[fold {f}]({md_link(c.path, relative_to)})"
+                        if c is not None
+                        else f"fold {f}: no card"
+                        for f, c in found
+                    )
                 ),
             }
         )
@@ -745,7 +772,7 @@ def study_card(runs: pd.DataFrame, cards: Sequence[ModelCard], *, relative_to: s
         "# medtx study: model cards",
         "",
         f"{len(runs)} fine-tuned model(s) in {len(rows)} group(s) on "
-        f"{', '.join(datasets) or 'no dataset'}. Each model's card (model_card.md beside "
+        f"{_texts(datasets) or 'no dataset'}. Each model's card (model_card.md beside "
         "its model.pt) lists its training data (subjects per group, label distribution, "
         "the subject list's sha256), preprocessing and code hashes, how it was selected, "
         "its test metrics pooled and per subgroup with bootstrap 95 % intervals, its "

@@ -14,6 +14,7 @@ summarising them (``medtx.evaluate.cards``), linked from summary.md.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 from medtx.data.cache import read_cache_index
 from medtx.domain import BACKBONES, DEFAULT_BACKBONE, PRETRAIN_STAGES
 from medtx.errors import MedtxError
-from medtx.evaluate.cards import write_model_cards, write_study_card
+from medtx.evaluate.cards import md_link, write_model_cards, write_study_card
 from medtx.evaluate.figures import (
     codebook_stats,
     figures_section,
@@ -32,7 +33,6 @@ from medtx.evaluate.figures import (
     plot_roc,
     plot_segmentation,
     plot_subgroups,
-    relative_link,
 )
 from medtx.evaluate.subgroups import (
     METRICS,
@@ -42,7 +42,7 @@ from medtx.evaluate.subgroups import (
     worst_lines,
     write_subgroup_tables,
 )
-from medtx.evaluate.tables import build_tables
+from medtx.evaluate.tables import build_tables, md_text
 from medtx.io import write_text
 from medtx.train.loop import load_state
 
@@ -50,6 +50,8 @@ OVERLAY_CASES = 2  # test cases drawn per segmentation group
 GROUP_KEYS = ["dataset", "task", "backbone", "init", "frac"]
 PRETRAIN_DIR = "pretrain"  # pre-training figures: a subfolder, apart from "## Figures"
 SUBGROUP_DIR = "subgroups"  # subgroup plots: a subfolder too
+# A pre-training stage's name (after "pretrain_"): it names figure files and summary lines.
+STAGE_NAME = re.compile(r"[A-Za-z0-9_]+")
 
 
 def evaluate_runs(
@@ -118,7 +120,7 @@ def evaluate_runs(
     sections = [
         "## Model cards\n\n"
         f"A card per fine-tuned model ({len(cards)}, model_card.md beside each model.pt) and "
-        f"the study's: [model_cards.md]({relative_link(study_card, path.parent)})."
+        f"the study's: [model_cards.md]({md_link(study_card, path.parent)})."
     ]
     if scans is not None:
         sections.append(subgroups_section(runs, scans, settings, out, path.parent))
@@ -191,8 +193,10 @@ def subgroups_section(
             title=f"{task}: {METRICS[task].label} per subgroup, {frac} % labels",
         )
         lines += [f"### {task}", "", md.read_text().rstrip(), ""]
-        lines += ["Worst group per attribute (group − all):", "", *worst_lines(table, task), ""]
-        lines += [f"![subgroups_{task}]({relative_link(png, relative_to)})", ""]
+        # worst_lines writes group names (sites, diagnoses: free text) as they are
+        shown = table.assign(**{c: table[c].map(md_text) for c in ("dataset", "group")})
+        lines += ["Worst group per attribute (group − all):", "", *worst_lines(shown, task), ""]
+        lines += [f"![subgroups_{task}]({md_link(png, relative_to)})", ""]
     return "\n".join(lines)
 
 
@@ -225,6 +229,12 @@ def _read_pretrain(path: str | Path) -> PretrainStage:
         raise MedtxError(
             f"{path}: not a pre-training checkpoint (metadata stage {stage or 'missing'!r}, "
             "expected pretrain_<stage>)"
+        )
+    if not STAGE_NAME.fullmatch(stage.removeprefix("pretrain_")):
+        # it names figure files ("../" would write elsewhere) and summary lines
+        raise MedtxError(
+            f"{path}: metadata stage {stage!r} is not pretrain_<stage> with a stage name of "
+            "letters, digits and _"
         )
     kwargs = meta.get("model_kwargs")
     backbone = str(
@@ -301,6 +311,6 @@ def pretrain_section(
                     title=f"{s.backbone}, {s.stage}: codebook usage",
                 )
             )
-        lines += [f"{line} ({s.path.name})", ""]
-        lines += [f"![{p.stem}]({relative_link(p, relative_to)})\n" for p in pngs]
+        lines += [f"{line} ({md_text(s.path.name)})", ""]
+        lines += [f"![{md_text(p.stem)}]({md_link(p, relative_to)})\n" for p in pngs]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -500,16 +501,42 @@ def brain_age_gap(runs: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------- writing
 
+# What makes free text Markdown inside a line: emphasis, strikethrough, code spans,
+# links and images, backslash escapes, table cells; "_" only where it can open or close
+# emphasis (not inside a word: site_A stays as written); "<" where it opens an HTML tag,
+# comment or autolink ("n=3 < 5" stays); "&" where it opens an entity.
+_MARKUP = re.compile(r"[\\`*\[\]|~]|(?<![^\W_])_|_(?![^\W_])|<(?=[A-Za-z/!?])|&(?=[A-Za-z#])")
+# Line breaks (a new line starts a new block: a heading, raw HTML) and other controls.
+_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
+
+
+def md_text(value: Any) -> str:
+    """``value`` as Markdown that renders as its own text, on one line.
+
+    Site names, diagnoses, paths and checkpoint records reach the reports as written;
+    unescaped, ``<img src=x onerror=...>`` renders as a live element,
+    ``[x](javascript:...)`` as a link and ``|`` as a new table cell. Every such
+    character gets a CommonMark backslash escape (rendered as the character itself),
+    and line breaks become spaces. For text inside a line: after a list marker, in a
+    table cell, in a sentence.
+    """
+    text = _BREAKS.sub(" ", str(value))
+    return _MARKUP.sub(lambda m: "\\" + m.group(0), text)
+
+
+class Markdown(str):
+    """Markdown medtx wrote itself (a link to a card): ``to_markdown`` keeps it as it is,
+    where every other cell is free text and escaped (``md_text``)."""
+
 
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub pipe table (no tabulate needed); number columns right-aligned."""
+    """A GitHub pipe table (no tabulate needed); number columns right-aligned. Cells and
+    headers are text (``md_text``) unless they are ``Markdown``."""
 
     def cell(v: Any) -> str:
-        return (
-            MISSING
-            if v is None or (isinstance(v, float) and np.isnan(v))
-            else str(v).replace("|", "\\|").replace("\n", " ")
-        )
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            return MISSING
+        return v if isinstance(v, Markdown) else md_text(v)
 
     def numeric(column: pd.Series) -> bool:
         shown = [cell(v) for v in column if cell(v) != MISSING]
@@ -587,7 +614,7 @@ def _note(runs: pd.DataFrame) -> str:
     )
     backbones = _backbones_run(runs)
     what = (
-        f"{len(runs)} fine-tuning run(s) on {', '.join(datasets) or 'no dataset'}, "
+        f"{len(runs)} fine-tuning run(s) on {', '.join(map(md_text, datasets)) or 'no dataset'}, "
         f"{folds} fold(s) per task, backbone(s) {', '.join(backbones) or 'none'}"
     )
     if any(d.startswith("demo") for d in datasets):

@@ -17,7 +17,9 @@ Outputs in ``out``:
   outputs, with sha256s); segmentation: ``<scan>_seg.nii.gz`` on the input's grid.
 
 A scan that fails QC is predicted and flagged (``qc_passed`` false, a warning
-line naming it); one that cannot be read is listed with its error and skipped.
+line naming it); one that cannot be read or preprocessed (a corrupt, empty or
+oversized image: ``medtx.io``) is one ``medtx: skipped:`` line and a row with
+only its identity and ``error`` filled, and the others are predicted and written.
 
 The workflow's predict rule runs the same models and writes the same files from
 its own caches and provenance records (``predict_cached``).
@@ -77,9 +79,8 @@ def predict_bundle(
         say(f"medtx predict: preprocessing {scan.scan} ({n}/{len(scans)})")
         try:
             prepared = _prepare(bundle, scan, out / scan.scan)
-        except MedtxError as err:
-            say(f"medtx: skipped: {err}")
-            rows.append({**_identity(scan), "error": str(err)})
+        except Exception as err:  # one scan's failure never costs the others their predictions
+            rows.append(_skipped(scan, err, say))
             continue
         _warn_if_failed(scan.scan, prepared, say)
         ready.append((scan, prepared))
@@ -148,11 +149,21 @@ def _predict_and_write(
     by_fold = fold_outputs(bundle, ready, device=device, batch_size=batch_size, say=say)
     fold_rows = []
     for (scan, prepared), outputs in zip(ready, by_fold):
-        row, per_fold = _summarize(bundle, scan, prepared, outputs, out / scan.scan)
+        try:
+            row, per_fold = _summarize(bundle, scan, prepared, outputs, out / scan.scan)
+            _write_record(bundle, scan, prepared, row, out / scan.scan, device=str(device))
+        except MedtxError as err:
+            rows.append(_skipped(scan, err, say))
+            continue
         rows.append(row)
         fold_rows += per_fold
-        _write_record(bundle, scan, prepared, row, out / scan.scan, device=str(device))
     table = pd.DataFrame(rows)
+    failed = int(table["error"].notna().sum()) if "error" in table else 0
+    if failed:
+        say(
+            f"medtx predict: {len(table) - failed} scan(s) predicted, {failed} skipped "
+            f"(named in the error column of {out / PREDICTIONS})"
+        )
     write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"), out / PREDICTIONS)
     write_text(
         pd.DataFrame(fold_rows).to_csv(sep="\t", index=False, float_format="%.6g"),
@@ -162,18 +173,34 @@ def _predict_and_write(
 
 
 def fold_models(bundle: Bundle) -> list:
-    """The bundle's fold models in eval mode, weights read from its verified files."""
+    """The bundle's fold models in eval mode. Weights come only from files its
+    manifest lists, inside its folder (``Bundle.file``), even for a ``Bundle`` not
+    made by ``load_bundle``, which has also checked their shapes."""
     from safetensors.torch import load_file
 
     from medtx.models.registry import build
 
     bundle.require(ENSEMBLE)
     out = []
-    for fold in bundle.meta["folds"]:
+    for i, fold in enumerate(bundle.meta["folds"]):
+        weights = bundle.file(fold.get("weights"), f"folds[{i}].weights")
         model = build(bundle.meta["model_kwargs"])
-        model.load_state_dict(load_file(str(bundle.path / fold["weights"])))
+        model.load_state_dict(load_file(str(weights)))
         out.append(model.eval())
     return out
+
+
+def _skipped(scan: ScanInput, err: Exception, say: Callable[[str], None]) -> dict[str, Any]:
+    """The row of a scan that could not be predicted: its identity and, in ``error``,
+    why in one line (a library's exception by its type, as the command line says it)."""
+    if isinstance(err, MedtxError):
+        why = str(err)
+    else:
+        first = (str(err).strip().splitlines() or [""])[0]
+        why = f"{scan.scan}: unexpected {type(err).__name__}: {first}".rstrip(": ")
+    why = " ".join(why.split())  # one line in the log and one cell in the table
+    say(f"medtx: skipped: {why}")
+    return {**_identity(scan), "error": why}
 
 
 def _identity(scan: ScanInput) -> dict[str, Any]:

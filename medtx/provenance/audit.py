@@ -15,7 +15,21 @@ can be edited too. So, per scan, the audit:
    (the step's, the scan's ``qc_passed`` and ``qc_failures``) from the checks;
 5. re-hashes every output, checks that each step read what the step before it
    wrote, and that no two scans hold the same output content where their
-   inputs differ (a file copied over another's, its hash rewritten).
+   inputs differ (a file copied over another's, its hash rewritten);
+6. checks the run against its run index (``medtx.provenance.run_index``), which
+   the workflow writes once every scan is done: each scan it lists must be
+   there (MISSING-SCAN), end its chain at the entry the index records
+   (ROLLBACK: another state of the scan restored; STALE: steps ran after the
+   index), belong to the same image (SUBSTITUTED: another raw image or
+   identity), and each raw input must still hash as the run read it
+   (RAW-CHANGED; scans the index does not list are checked against their
+   own records).
+
+Nothing inside a scan's folder can show that the folder is the one the run
+left; the index can, but only with ``MEDTX_PROVENANCE_KEY`` set: without it,
+whoever can write the results folder can rewrite the index as consistently as
+the chains, and the verdict says so. With the key, an index that is missing,
+unsigned or edited is itself a problem.
 
 Each problem is one line naming the scan, the step and what is wrong; a
 verdict line ends the list, and ``medtx audit`` exits 1 if there is any.
@@ -42,15 +56,24 @@ from medtx.io import sha256
 from medtx.provenance.manifest import (
     KEY_ENV,
     canonical,
+    chain_head,
     digest,
     flatten,
     latest,
+    line_hashes,
     provenance_key,
     read_manifest,
     record_sha256,
 )
 from medtx.provenance.records import check, merged_record, qc_failures
 from medtx.provenance.report import load_scan_record
+from medtx.provenance.run_index import (
+    IDENTITY,
+    INDEX_NAME,
+    INDEX_REL,
+    raw_inputs,
+    read_run_index,
+)
 from medtx.workflow.paths import PROVENANCE_SUFFIX, record_manifest
 
 # Problem kinds, in the order the verdict line counts them.
@@ -66,9 +89,19 @@ SIGNATURE = "signature"  # a missing or wrong HMAC (with the key set)
 UNCHAINED = "unchained"  # a record no manifest vouches for
 UNREADABLE = "unreadable"  # a record that is not JSON
 INCOMPLETE = "incomplete"  # steps that ran but were never merged
+# Against the run index (issue 31):
+ROLLBACK = "rollback"  # a scan's chain does not end where the run left it
+SUBSTITUTED = "substituted"  # a scan's records are another image's
+RAW_CHANGED = "raw-changed"  # a raw input's bytes differ from what the run read
+MISSING_SCAN = "missing-scan"  # a scan the run index lists is gone
+UNINDEXED = "unindexed"  # with the key: no run index says what the run made
 KINDS = (
     CHANGED,
     MISSING,
+    ROLLBACK,
+    SUBSTITUTED,
+    RAW_CHANGED,
+    MISSING_SCAN,
     EDITED,
     DROPPED,
     QC,
@@ -79,11 +112,17 @@ KINDS = (
     UNCHAINED,
     UNREADABLE,
     INCOMPLETE,
+    UNINDEXED,
 )
 # Label maps (brain masks, segmentations) may legitimately be equal for two
 # scans; intensity images and transforms may not.
 LABEL_ROLES = ("mask", "seg", "regions")
 MANIFEST_SUFFIX = "_manifest.jsonl"
+# What an audit without the key cannot promise (the README's stated limit).
+UNSIGNED_LIMIT = (
+    "whoever can write the results folder can rewrite the records, their chains and the "
+    "run index consistently: a scan rolled back, substituted or deleted that way passes"
+)
 
 
 @dataclass
@@ -94,6 +133,11 @@ class AuditResult:
     n_scans: int = 0
     n_records: int = 0
     n_files: int = 0
+    n_raw: int = 0
+    n_raw_absent: int = 0
+    index: str = ""  # the run index(es) read, "" if none
+    n_indexed: int = 0  # scans it lists among those audited
+    n_unlisted: int = 0  # scans audited that it does not list
     signing: str = "unsigned"
 
 
@@ -180,20 +224,38 @@ class _Run:
         self.claims: dict[str, list[_Claim]] = {}
         self.result = AuditResult()
         self.signed = 0
+        self.raw_hashes: dict[Path, str | None] = {}
+        self.states: dict[Path, _ScanState] = {}  # by resolved manifest path
 
     def add(self, kind: str, scan: str | None, step: str | None, message: str, **extra) -> None:
         self.result.problems.append(
             {"status": kind, "scan": scan, "step": step, "message": message, **extra}
         )
 
-    def hash(self, path: Path) -> str | None:
+    def hash(self, path: Path, *, raw: bool = False) -> str | None:
+        """A file's sha256 (None if absent), each file read once; raw inputs are
+        counted apart from outputs."""
+        cache = self.raw_hashes if raw else self.hashes
         key = path.resolve()
-        if key not in self.hashes:
+        if key not in cache:
             try:
-                self.hashes[key] = sha256(key) if key.is_file() else None
+                cache[key] = sha256(key) if key.is_file() else None
             except OSError as err:
-                raise MedtxError(f"{path}: cannot read a recorded output ({err})") from err
-        return self.hashes[key]
+                what = "raw input" if raw else "recorded output"
+                raise MedtxError(f"{path}: cannot read a {what} ({err})") from err
+        return cache[key]
+
+
+@dataclass
+class _ScanState:
+    """What the per-scan audit found of a scan, for the run index's checks."""
+
+    scan: str
+    prov: Path
+    manifest: Path
+    merged: dict[str, Any] | None
+    steps: list[dict[str, Any]]
+    locate: _Locator
 
 
 def find_scans(root_or_files: str | Path | Iterable[str | Path]) -> list[tuple[str, Path, Path]]:
@@ -502,6 +564,10 @@ def _audit_scan(run: _Run, scan: str, prov: Path, manifest: Path) -> None:
             ):
                 add(EDITED, None, f"{prov.name} edited since collect wrote it")
 
+    steps = {**merged_steps, **disk}  # a step's record on disk wins over its merged copy
+    run.states[manifest.resolve()] = _ScanState(
+        scan, prov, manifest, merged, list(steps.values()), locate
+    )
     _audit_files(run, scan, merged, merged_steps, disk, step_entries, locate, add)
 
 
@@ -624,6 +690,231 @@ def _duplicates(run: _Run) -> None:
             )
 
 
+def _raw_path(locate: _Locator, raw: str, cwd: str | None) -> Path:
+    """Where a raw input is now: where the results folder's move maps it, or, if
+    nothing is there, where it was read (raw data rarely moves with the results)."""
+    path = locate.resolve(raw, cwd)
+    if not path.exists():
+        original = _absolute(raw, cwd)
+        if original is not None and original.exists():
+            return original
+    return path
+
+
+def _check_raw(run: _Run, scan: str, raws: list, locate: _Locator, source: str, prov: str) -> None:
+    """Each raw input re-hashed against the sha256 the run read (per ``source``).
+    One that is gone is counted, not a problem: raw data is often archived apart."""
+    for r in raws:
+        if not isinstance(r, dict):
+            continue
+        raw = str(r.get("path"))
+        path = _raw_path(locate, raw, r.get("cwd"))
+        current = run.hash(path, raw=True)
+        if current is None:
+            run.result.n_raw_absent += 1
+        elif current != r.get("sha256"):
+            run.add(
+                RAW_CHANGED,
+                scan,
+                r.get("step"),
+                f"raw input {r.get('role')} {raw}: the run read sha256 {_sha(r.get('sha256'))} "
+                f"({source}), now {_sha(current)}: replaced after the run",
+                provenance=prov,
+                path=raw,
+                recorded_sha256=r.get("sha256"),
+                current_sha256=current,
+            )
+
+
+def _find_indexes(items: list[str | Path]) -> list[Path]:
+    """The run indexes for what is audited: under each folder audited, or else the
+    first ``reports/run_index.json`` above it (a scan folder of a results folder)."""
+    found: dict[Path, Path] = {}
+    for item in items:
+        path = Path(item)
+        below = sorted(path.rglob(INDEX_NAME)) if path.is_dir() else []
+        if not below:
+            start = (path if path.is_dir() else path.parent).resolve()
+            below = [a / INDEX_REL for a in (start, *start.parents) if (a / INDEX_REL).is_file()]
+            below = below[:1]
+        for index in below:
+            if index.is_file():
+                found.setdefault(index.resolve(), index)
+    return list(found.values())
+
+
+def _in_scope(row_dir: Path, row_files: tuple[Path, Path], items: list[str | Path]) -> bool:
+    """Whether an indexed scan is among what is audited: in a folder audited, or named."""
+    for item in items:
+        path = Path(item).resolve()
+        if row_dir.is_relative_to(path) if path.is_dir() else path in row_files:
+            return True
+    return False
+
+
+def _index_scan(run: _Run, row: dict, state: _ScanState, locate: _Locator) -> None:
+    """One scan the run index lists and that is there: its chain head, its identity
+    and raw images, its raw inputs on disk."""
+    scan = str(row.get("scan"))
+    head = row.get("head") if isinstance(row.get("head"), dict) else None
+    prov = str(state.prov)
+    if head is not None and state.manifest.is_file():
+        hashes = line_hashes(state.manifest)
+        if hashes and hashes[-1] == head.get("sha256"):
+            pass
+        elif head.get("sha256") in hashes:
+            after = len(hashes) - 1 - hashes.index(head.get("sha256"))
+            run.add(
+                STALE,
+                scan,
+                None,
+                f"its chain has {after} entr{'y' if after == 1 else 'ies'} after the one the "
+                f"run index records (entry {head.get('seq')}): steps or collect ran after the "
+                "run was indexed; rerun the provenance report to index them",
+                provenance=prov,
+            )
+        else:
+            _rollback_or_substituted(run, state, row, head)
+    _check_raw(run, scan, row.get("raw") or [], locate, "per the run index", prov)
+
+
+def _rollback_or_substituted(run: _Run, state: _ScanState, row: dict, head: dict) -> None:
+    """A chain that does not hold the head the index records: another image's
+    records (SUBSTITUTED), or another state of this one's (ROLLBACK)."""
+    scan, prov = str(row.get("scan")), str(state.prov)
+    differ = []
+    if state.merged is not None:
+        for k in IDENTITY:
+            if canonical(state.merged.get(k)) != canonical(row.get(k)):
+                differ.append(
+                    f"its records say {k} {_short(state.merged.get(k))}, "
+                    f"the run index {_short(row.get(k))}"
+                )
+    mine = {(r["role"], r["path"]): r for r in raw_inputs(state.steps)}
+    listed = [r for r in row.get("raw") or [] if isinstance(r, dict)]
+    for r in listed:
+        have = mine.get((r.get("role"), r.get("path")))
+        if have is not None and have.get("sha256") != r.get("sha256"):
+            differ.append(
+                f"raw input {r.get('role')} {r.get('path')} was read with sha256 "
+                f"{_sha(have.get('sha256'))}, but the run index has {_sha(r.get('sha256'))}"
+            )
+    if listed and not any((r.get("role"), r.get("path")) in mine for r in listed):
+        differ.append("its steps read none of the raw inputs the run index lists")
+    if differ:
+        run.add(
+            SUBSTITUTED,
+            scan,
+            None,
+            f"its records belong to another image than the run's: {'; '.join(differ)}",
+            provenance=prov,
+        )
+        return
+    now = chain_head(state.manifest) or {}
+    earlier = (now.get("seq") or 0) < (head.get("seq") or 0) or str(now.get("time")) < str(
+        head.get("time")
+    )
+    why = (
+        "an earlier state of the scan was restored over the run's (an older run's "
+        "folder, or its latest entries struck)"
+        if earlier
+        else "its chain was replaced or rewritten after the run was indexed"
+    )
+    run.add(
+        ROLLBACK,
+        scan,
+        None,
+        f"its latest chain entry is entry {now.get('seq')} ({now.get('time')}, line sha256 "
+        f"{_sha(now.get('sha256'))}), but the run index records entry {head.get('seq')} "
+        f"({head.get('time')}, {_sha(head.get('sha256'))}), which its chain does not hold: "
+        f"{why}",
+        provenance=prov,
+    )
+
+
+def _audit_index(run: _Run, items: list[str | Path]) -> int:
+    """The run against its run index (see the module docstring); returns how many
+    scans the index lists that are gone."""
+    indexes = _find_indexes(items)
+    if not indexes:
+        where = ", ".join(map(str, items)) if len(items) <= 3 else f"{len(items)} paths"
+        if run.key:
+            run.add(
+                UNINDEXED,
+                None,
+                None,
+                f"no run index ({INDEX_NAME}) in or above {where}: nothing lists the run's "
+                "scans, their latest chain entries and raw inputs, so a scan rolled back, "
+                "substituted or deleted would pass; the workflow's provenance report writes "
+                "it (or python -m medtx.provenance.run_index --records ... --out ...)",
+            )
+        for state in run.states.values():
+            _check_raw(
+                run,
+                state.scan,
+                raw_inputs(state.steps),
+                state.locate,
+                "per its records",
+                str(state.prov),
+            )
+        return 0
+    rows: dict[Path, tuple[dict, str, dict, _Locator, Path]] = {}
+    for path in indexes:
+        index, problems = read_run_index(path, key=run.key)
+        for kind, message in problems:
+            run.add(kind, None, None, message, index=str(path))
+        if index is None:
+            continue
+        run.signed += "hmac" in index
+        anchor = (str(index.get("written_to")), index.get("cwd"), path)
+        locate = _Locator(run.base, anchor if index.get("written_to") else None)
+        for row in index["scans"]:
+            scan_dir = os.path.normpath(path.parent / row["folder"])
+            manifest = (Path(scan_dir) / row["manifest"]).resolve()
+            known = rows.get(manifest)
+            if known is None or str(index.get("written")) > str(known[2].get("written")):
+                rows[manifest] = (row, scan_dir, index, locate, path)
+    missing = 0
+    listed = 0
+    for manifest, (row, folder, _, locate, index_file) in sorted(rows.items()):
+        prov = Path(folder) / row["provenance"]
+        if not _in_scope(manifest.parent, (manifest, prov.resolve()), items):
+            continue
+        listed += 1
+        if manifest in run.states or prov.exists() or manifest.exists():
+            if manifest in run.states:  # else its records could not be audited: said
+                _index_scan(run, row, run.states[manifest], locate)
+            continue
+        missing += 1
+        head: dict = row["head"] if isinstance(row.get("head"), dict) else {}
+        gone = (
+            "its folder is gone"
+            if not Path(folder).exists()
+            else f"its records are gone (no {row['provenance']} nor {row['manifest']})"
+        )
+        run.add(
+            MISSING_SCAN,
+            str(row.get("scan")),
+            None,
+            f"the run index lists it in {folder} (chain entry {head.get('seq')}), but {gone}",
+            index=str(index_file),
+        )
+    indexed = set(rows)
+    unlisted = [s for m, s in run.states.items() if m not in indexed and s.prov.exists()]
+    for state in unlisted:
+        _check_raw(
+            run,
+            state.scan,
+            raw_inputs(state.steps),
+            state.locate,
+            "per its records",
+            str(state.prov),
+        )
+    run.result.index = ", ".join(map(str, indexes))
+    run.result.n_indexed, run.result.n_unlisted = listed, len(unlisted)
+    return missing
+
+
 def run_audit(
     root_or_files: str | Path | Iterable[str | Path],
     *,
@@ -640,7 +931,8 @@ def run_audit(
         key: the HMAC key (default ``$MEDTX_PROVENANCE_KEY``); with a key,
             every manifest entry must carry its signature.
     """
-    scans = find_scans(root_or_files)
+    items = [root_or_files] if isinstance(root_or_files, (str, Path)) else list(root_or_files)
+    scans = find_scans(items)
     if not scans:
         raise MedtxError(f"no *{PROVENANCE_SUFFIX} records found under {root_or_files}")
     run = _Run(Path(base_dir).resolve() if base_dir is not None else None, key or provenance_key())
@@ -651,16 +943,25 @@ def run_audit(
             run.add(
                 UNREADABLE, scan, None, f"its records are malformed ({err!r})", provenance=str(prov)
             )
+    try:
+        missing = _audit_index(run, items)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:  # an index made nonsense
+        run.add(UNREADABLE, None, None, f"the run index is malformed ({err!r})")
+        missing = 0
     _duplicates(run)
     result = run.result
-    result.n_scans = len(scans)
+    result.n_scans = len(scans) + missing
     result.n_files = len(run.hashes)
+    result.n_raw = sum(h is not None for h in run.raw_hashes.values())
     if run.key:
         result.signing = f"signatures checked with {KEY_ENV}"
-    elif run.signed:
-        result.signing = f"signed, but not verified: {KEY_ENV} is not set"
     else:
-        result.signing = f"unsigned (set {KEY_ENV} to sign and verify)"
+        said = (
+            f"signed, but not verified: {KEY_ENV} is not set"
+            if run.signed
+            else f"unsigned (set {KEY_ENV} to sign and verify)"
+        )
+        result.signing = f"{said}: {UNSIGNED_LIMIT}"
     return result
 
 
@@ -680,23 +981,39 @@ def format_audit(result: AuditResult) -> str:
     """One line per problem (kind, scan, step, what is wrong), then a verdict."""
     lines = []
     for p in sorted(result.problems, key=lambda p: str(p.get("scan"))):
-        where = f"scan {p.get('scan')}" + (f", step {p['step']}" if p.get("step") else "")
+        where = "run index" if p.get("scan") is None else f"scan {p.get('scan')}"
+        where += f", step {p['step']}" if p.get("step") else ""
         lines.append(f"{p['status'].upper():<10} {where}: {p['message']}")
+    raw = f"{result.n_raw} raw input(s)" + (
+        f" ({result.n_raw_absent} not found, not re-checked)" if result.n_raw_absent else ""
+    )
+    if not result.index:
+        index = "no run index: a scan rolled back, substituted or deleted is not seen"
+    elif result.problems:
+        index = f"run index {result.index}"
+    else:
+        index = f"the run index {result.index} vouches for all {result.n_indexed} scan(s)"
+        if result.n_unlisted:
+            index += f" ({result.n_unlisted} other(s) not in it: checked on their own records)"
     checked = (
-        f"{result.n_records} record(s) and {result.n_files} output file(s) of "
-        f"{result.n_scans} scan(s) checked; {result.signing}"
+        f"{result.n_records} record(s), {result.n_files} output file(s) and {raw} of "
+        f"{result.n_scans} scan(s) checked; {index}; {result.signing}"
     )
     if not result.problems:
         lines.append(
             f"audit: OK: all {result.n_files} recorded output file(s) match their sha256, "
-            f"and all {result.n_records} record(s) of {result.n_scans} scan(s) match their "
-            f"manifests and re-derive; {result.signing}."
+            f"all {result.n_records} record(s) of {result.n_scans} scan(s) match their "
+            f"manifests and re-derive, and {raw} hash as the run read them; {index}; "
+            f"{result.signing}."
         )
         return "\n".join(lines)
     counts = Counter(p["status"] for p in result.problems)
-    n_bad = len({p.get("scan") for p in result.problems})
+    n_bad = len({p.get("scan") for p in result.problems if p.get("scan") is not None})
+    where = f"{n_bad} of {result.n_scans} scan(s)"
+    if any(p.get("scan") is None for p in result.problems):
+        where = f"{where} and the run index" if n_bad else "the run index"
     lines.append(
-        f"audit: {len(result.problems)} problem(s) in {n_bad} of {result.n_scans} scan(s): "
+        f"audit: {len(result.problems)} problem(s) in {where}: "
         + ", ".join(f"{counts[k]} {k}" for k in KINDS if counts[k])
         + f" ({checked})."
     )

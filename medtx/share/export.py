@@ -1,6 +1,11 @@
 """``medtx export``: a fine-tuned fold ensemble or a pre-training checkpoint as a
 bundle (the format: ``medtx.share.bundle``).
 
+With ``MEDTX_PROVENANCE_KEY`` set (the provenance's key), the bundle's manifest is
+signed (``MANIFEST.sha256.hmac``); a receiver holding the same key then refuses
+the bundle if anything in it was edited, even with the manifest recomputed.
+Without it the manifest only catches accidents.
+
 The study's config must be given: its preprocessing settings are recorded, and
 they must hash to what the checkpoints recorded, so a bundle cannot describe a
 preprocessing its models never saw.
@@ -25,8 +30,10 @@ from medtx.share.bundle import (
     META,
     Bundle,
     BundleError,
+    load_bundle,
     read_json,
     sha256_text,
+    sign_manifest,
     subject_digest,
     write_manifest,
 )
@@ -117,6 +124,7 @@ def export_encoder(checkpoint: str | Path, out: str | Path, *, config: Mapping[s
         }
         write_json(record, tmp / META)
         write_manifest(tmp)
+        sign_manifest(tmp)
         return record
 
     return _atomic(out, write)
@@ -128,8 +136,9 @@ def _check_out(out: Path) -> None:
 
 
 def _atomic(out: Path, write: Any) -> Bundle:
-    """``write(tmp)`` into a temp sibling of ``out``, renamed to ``out`` when complete:
-    no half-written bundle under its name."""
+    """``write(tmp)`` into a temp sibling of ``out``, renamed to ``out`` when complete
+    and loadable as a receiver loads it (``load_bundle``): no half-written or
+    unloadable bundle under its name."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
@@ -137,6 +146,7 @@ def _atomic(out: Path, write: Any) -> Bundle:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a bundle is shared
     try:
         meta = write(tmp)
+        load_bundle(tmp)
         tmp.replace(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,6 +211,7 @@ def _write_bundle(
     }
     write_json(meta, out / META)
     write_manifest(out)
+    sign_manifest(out)
     return meta
 
 

@@ -39,6 +39,18 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 
 
 LR_SCHEDULES = ("exponential", "cosine")
+# Upper bounds, generous: a slip (epochs: 1000000000) stops at the config, not at the
+# end of the allocation, and a seed reaches torch whole (it overflows at 2**64).
+MAXIMA: dict[str, int] = {
+    "epochs": 100_000,
+    "patience": 100_000,  # as epochs: patience = epochs trains every epoch
+    "batch_size": 4096,  # volumes per step: far past any GPU's memory
+    "threads": 1024,
+    "num_workers": 256,
+    "prefetch_factor": 128,  # batches held per worker
+    "log_every": 1_000_000,
+    "seed": 2**32 - 1,  # numpy's seed range (seed_everything takes it modulo 2**32)
+}
 
 
 def _is_int(value: Any) -> bool:
@@ -56,9 +68,9 @@ def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     problems = []
 
     def positive_int(key: str, minimum: int = 1) -> None:
-        v = cfg[key]
-        if not _is_int(v) or v < minimum:
-            problems.append(f"{key} must be an integer >= {minimum}, not {v!r}")
+        v, maximum = cfg[key], MAXIMA[key]
+        if not _is_int(v) or not minimum <= v <= maximum:
+            problems.append(f"{key} must be an integer >= {minimum} and <= {maximum}, not {v!r}")
 
     # patience >= 1: the loop stops once `patience` epochs in a row did not improve, so 0
     # would stop after the first epoch whatever it scored (patience = epochs: no early stop).

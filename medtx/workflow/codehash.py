@@ -43,7 +43,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
         "medtx.preprocess.intensity",
     ),
     "deface": ("medtx.share.deface",),
-    "report": ("medtx.provenance.report",),
+    "report": ("medtx.provenance.report", "medtx.provenance.run_index"),
     "folds": ("medtx.folds.manifest",),
     # its own stage: it reads received encoder bundles, and its reruns retrain nothing
     "firewall": ("medtx.folds.firewall",),

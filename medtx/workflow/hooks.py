@@ -51,7 +51,9 @@ def take_results_lock(lock: ResultsLock) -> None:
     """``onstart``: hold the results folder, or end the run with one line naming its holder.
 
     Snakemake's own lock on the working directory is released on the way out,
-    and no job has started.
+    and no job has started. Held, it marks every job the run starts (their
+    environment carries its token), so a killed Snakemake's lock is not taken
+    over while its jobs still run.
     """
     with user_errors():
         lock.acquire()

@@ -7,6 +7,12 @@ Each test tampers with a copy of that results folder the way issue 12 tells
 (an output edited, a record edited, a step dropped, a QC field flipped, one
 scan's image copied over another's with its hash rewritten) and checks that
 ``medtx audit`` names the scan, the step and what is wrong, and exits 1.
+
+A run ends with its run index (issue 31): the scans it made, each one's chain
+head and raw inputs. A second run is signed (``MEDTX_PROVENANCE_KEY``) with its
+raw images outside the results, as the workflow's are; it is rolled back,
+substituted, has its raw input replaced and a scan deleted, each of which every
+chain inside the scan folders alone would let pass.
 """
 
 from __future__ import annotations
@@ -28,25 +34,31 @@ SCANS = ("sub-01", "sub-02")
 QC = {"bias_max_ratio": 3.0}
 CONTEXT = json.dumps({"backend": "ants", "seed": 42})
 KEY = "MEDTX_PROVENANCE_KEY"
+SECRET = "lab-secret"
+INDEX = "results/reports/run_index.json"
 
 
 def scan_dir(scan: str) -> str:
     return f"results/preprocess/demo/{scan}"
 
 
-def run_scan(scan: str, seed: int, *, steps=("n4", "pool_normalize")) -> None:
-    """A scan's steps and its collect, in the current folder, with relative paths."""
+def run_scan(scan: str, seed: int, *, steps=("n4", "pool_normalize"), raw=None) -> None:
+    """A scan's steps and its collect, in the current folder, with relative paths.
+
+    Its raw images are written in its folder, or under ``raw`` (outside the results).
+    """
     d = scan_dir(scan)
+    r = f"{raw}/{scan}" if raw else d
     image = sphere(seed=seed, radius=6.0 + seed)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    write_nifti(Path(f"{d}/in_brain.nii.gz"), image, affine)
-    write_nifti(Path(f"{d}/in_mask.nii.gz"), (image > 50).astype(np.uint8), affine)
+    write_nifti(Path(f"{r}/in_brain.nii.gz"), image, affine)
+    write_nifti(Path(f"{r}/in_mask.nii.gz"), (image > 50).astype(np.uint8), affine)
     common = ["--context", CONTEXT, "--scan", scan, "--dataset", "demo"]
     records = []
-    source = f"{d}/in_brain.nii.gz"
+    source = f"{r}/in_brain.nii.gz"
     if "n4" in steps:
         n4 = [f"n4={d}/{scan}_n4.nii.gz", f"record={d}/{scan}_step-n4.json"]
-        args = ["step", "n4", "--input", f"brain={source}", "--input", f"mask={d}/in_mask.nii.gz"]
+        args = ["step", "n4", "--input", f"brain={source}", "--input", f"mask={r}/in_mask.nii.gz"]
         params = json.dumps({"shrink_factor": 2})  # the schema fills in the rest
         assert main([*args, *out_args(n4), "--params", params, *common]) == 0
         records.append(f"{d}/{scan}_step-n4.json")
@@ -60,11 +72,23 @@ def run_scan(scan: str, seed: int, *, steps=("n4", "pool_normalize")) -> None:
         f"record={d}/{scan}_step-normalize.json",
     ]
     args = ["step", "pool_normalize", "--input", f"image={source}"]
-    args += ["--input", f"mask={d}/in_mask.nii.gz", *out_args(outputs), "--params", "{}"]
+    args += ["--input", f"mask={r}/in_mask.nii.gz", *out_args(outputs), "--params", "{}"]
     assert main([*args, *common]) == 0
     records += [f"{d}/{scan}_step-pool.json", f"{d}/{scan}_step-normalize.json"]
-    out = f"{d}/{scan}_provenance.json"
-    assert main(["collect", "--record", *records, "--qc", json.dumps(QC), "--out", out]) == 0
+    collect(scan, records)
+
+
+def collect(scan: str, records, qc=QC) -> None:
+    out = f"{scan_dir(scan)}/{scan}_provenance.json"
+    assert main(["collect", "--record", *records, "--qc", json.dumps(qc), "--out", out]) == 0
+
+
+def write_index() -> None:
+    """The end of a run: the provenance report rule's run index, by its command line."""
+    from medtx.provenance.run_index import main as index_main
+
+    records = [str(p) for p in sorted(Path("results").rglob("*_provenance.json"))]
+    assert index_main(["--records", *records, "--out", INDEX]) == 0
 
 
 def out_args(pairs):
@@ -80,6 +104,7 @@ def pristine(tmp_path_factory):
         mp.delenv(KEY, raising=False)
         for seed, scan in enumerate(SCANS, start=1):
             run_scan(scan, seed)
+        write_index()
     return work
 
 
@@ -331,6 +356,7 @@ def test_signed_manifests_catch_a_rewritten_chain(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(KEY, "lab-secret")
     run_scan("sub-07", 7, steps=("pool_normalize",))
+    write_index()
     assert audit("results", capsys)[0] == 0
     monkeypatch.delenv(KEY)
     code, out = audit("results", capsys)
@@ -358,6 +384,8 @@ def test_signed_manifests_catch_a_rewritten_chain(tmp_path, monkeypatch, capsys)
         prev = line_sha256(line)
         lines.append(line.decode())
     manifest.write_text("\n".join(lines) + "\n")
+    # and the run index's chain head, as the same tamperer would
+    edit_json(tmp_path / INDEX, lambda r: r["scans"][0]["head"].update(sha256=prev))
     assert audit("results", capsys)[0] == 0  # unsigned audit: a consistent forgery passes
 
     monkeypatch.setenv(KEY, "lab-secret")
@@ -370,3 +398,144 @@ def test_signed_manifests_catch_a_rewritten_chain(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv(KEY, "another-key")
     code, out = audit("results", capsys)
     assert code == 1 and sum(x.startswith("SIGNATURE  scan sub-07") for x in out) == 3
+
+
+# -- issue 31: what no chain inside a scan's folder can see --------------------------------
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    """A signed run of two scans, raw images under data/ as the workflow's are, indexed.
+
+    Beside it: sub-01's folder as an earlier run left it (QC thresholds it passed;
+    the run re-judged it under stricter ones, which it fails), and another image
+    run and signed as sub-02 in another folder with the same key.
+    """
+    root = tmp_path_factory.mktemp("signed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY, SECRET)
+        (root / "work").mkdir()
+        mp.chdir(root / "work")
+        for seed, scan in enumerate(SCANS, start=1):
+            run_scan(scan, seed, raw="data")
+        shutil.copytree(scan_dir("sub-01"), root / "earlier")
+        steps = ("n4", "pool", "normalize")
+        collect("sub-01", [f"{scan_dir('sub-01')}/sub-01_step-{s}.json" for s in steps], STRICT)
+        write_index()
+        (root / "other").mkdir()
+        mp.chdir(root / "other")
+        run_scan("sub-02", 5, raw="data")
+    return root
+
+
+STRICT = {"bias_max_ratio": 1.0}
+
+
+@pytest.fixture
+def signed_copy(signed, tmp_path, monkeypatch):
+    """A copy of the signed run to tamper with, audited with the key."""
+    shutil.copytree(signed / "work", tmp_path / "work")
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv(KEY, SECRET)
+    return tmp_path / "work"
+
+
+def replace_folder(dst: Path, src: Path) -> None:
+    shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+
+
+def test_signed_run_passes_with_its_index(signed_copy, capsys):
+    code, out = audit("results", capsys)
+    assert code == 0 and len(out) == 1, out
+    assert "signatures checked with MEDTX_PROVENANCE_KEY" in out[0]
+    assert "the run index results/reports/run_index.json vouches for all 2 scan(s)" in out[0]
+
+
+def test_a_scan_rolled_back_to_an_earlier_signed_run_is_named(signed, signed_copy, capsys):
+    """Before issue 31: rc 0, "audit: OK" (every entry of the earlier chain is signed)."""
+    d = signed_copy / scan_dir("sub-01")
+    prov = d / "sub-01_provenance.json"
+    assert json.loads(prov.read_text())["qc_passed"] is False  # the run's verdict
+    replace_folder(d, signed / "earlier")
+    assert json.loads(prov.read_text())["qc_passed"] is True  # the restored one
+    code, out = audit("results", capsys)
+    assert code == 1, out
+    (line,) = lines_about(out, "rollback", "sub-01")
+    assert "latest chain entry is entry 4 (" in line
+    assert "but the run index records entry 5 (" in line and "an earlier state" in line
+    assert len(out) == 2 and "1 rollback" in out[-1]
+
+
+def test_a_scan_substituted_from_another_signed_image_is_named(signed, signed_copy, capsys):
+    """Another image's signed records and outputs under sub-02's id (its cache too).
+
+    Before issue 31: rc 0, "audit: OK"."""
+    replace_folder(signed_copy / scan_dir("sub-02"), signed / "other" / scan_dir("sub-02"))
+    cache = "results/cache/demo/sub-02.npy"
+    shutil.copyfile(signed / "other" / cache, signed_copy / cache)
+    code, out = audit("results", capsys)
+    assert code == 1, out
+    (line,) = lines_about(out, "substituted", "sub-02")
+    assert "its records belong to another image" in line
+    assert "raw input brain data/sub-02/in_brain.nii.gz was read with sha256" in line
+    assert "the run index has" in line
+    assert len(out) == 2, out  # the raw file on disk is still the run's: not RAW-CHANGED
+
+
+def test_a_raw_input_replaced_after_the_run_is_named(signed_copy, capsys):
+    """Before issue 31: rc 0, "audit: OK" (no step writes a raw input, so nothing re-hashed it)."""
+    raw = signed_copy / "data/sub-01/in_brain.nii.gz"
+    write_nifti(raw, sphere(seed=9, radius=8.0), np.diag([2.0, 2.0, 2.0, 1.0]))
+    code, out = audit("results", capsys)
+    assert code == 1, out
+    (line,) = lines_about(out, "raw-changed", "sub-01", "n4")
+    assert "raw input brain data/sub-01/in_brain.nii.gz: the run read sha256" in line
+    assert len(out) == 2 and "1 raw-changed" in out[-1]
+
+
+def test_a_deleted_scan_folder_is_named(signed_copy, capsys):
+    """Before issue 31: rc 0, "audit: OK ... of 1 scan(s)"."""
+    shutil.rmtree(signed_copy / scan_dir("sub-02"))
+    code, out = audit("results", capsys)
+    assert code == 1, out
+    (line,) = lines_about(out, "missing-scan", "sub-02")
+    assert "the run index lists it in results/preprocess/demo/sub-02" in line
+    assert len(out) == 2 and "in 1 of 2 scan(s): 1 missing-scan" in out[-1]
+
+
+def test_an_index_rewritten_without_the_key_fails_its_signature(signed_copy, capsys):
+    """The deletion again, the scan struck from the index too; then the index deleted."""
+    shutil.rmtree(signed_copy / scan_dir("sub-02"))
+    index = signed_copy / INDEX
+    edit_json(index, lambda r: r.update(scans=[s for s in r["scans"] if s["scan"] != "sub-02"]))
+    code, out = audit("results", capsys)
+    assert code == 1, out
+    (line,) = [x for x in out if x.startswith("SIGNATURE  run index")]
+    assert "has a signature that MEDTX_PROVENANCE_KEY does not give" in line
+    index.unlink()
+    code, out = audit("results", capsys)
+    assert code == 1, out
+    (line,) = [x for x in out if x.startswith("UNINDEXED")]
+    assert "no run index" in line and "a scan rolled back, substituted or deleted" in line
+
+
+def test_without_a_key_the_audit_says_what_it_cannot_catch(copy, capsys):
+    """Unsigned: a deletion that forgot the index is caught; one that rewrote it is
+    not, and the verdict says so plainly."""
+    shutil.rmtree(copy / scan_dir("sub-02"))
+    code, out = audit("results", capsys)
+    assert code == 1 and lines_about(out, "missing-scan", "sub-02"), out
+    prov = copy / scan_dir("sub-01") / "sub-01_provenance.json"
+    from medtx.provenance.run_index import main as index_main
+
+    assert index_main(["--records", str(prov), "--out", INDEX]) == 0  # the index rewritten
+    assert "unsigned (MEDTX_PROVENANCE_KEY not set)" in capsys.readouterr().out
+    code, out = audit("results", capsys)
+    assert code == 0 and len(out) == 1, out
+    assert "unsigned (set MEDTX_PROVENANCE_KEY to sign and verify)" in out[0]
+    assert (
+        "whoever can write the results folder can rewrite the records, their chains and "
+        "the run index consistently: a scan rolled back, substituted or deleted that way "
+        "passes" in out[0]
+    )

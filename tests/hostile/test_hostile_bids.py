@@ -308,7 +308,9 @@ def test_the_summary_is_one_line_per_dataset_and_a_few_reasons(tmp_path, capsys)
 
 def test_problems_of_every_dataset_are_raised_together(tmp_path):
     one = make_bids(
-        tmp_path / "one", ["sub-01/anat/sub-01_T1w.nii.gz"], ["sub-01\t60", "sub-09\t1"]
+        tmp_path / "one",
+        ["sub-01/anat/sub-01_T1w.nii.gz"],
+        ["sub-01\t60", "sub-01\t61", "sub-09\t1"],
     )
     two = make_bids(tmp_path / "two", ["sub-01/anat/sub-01_T1w.nii.gz"], ["sub-02\t60"])
     datasets = {
@@ -318,5 +320,192 @@ def test_problems_of_every_dataset_are_raised_together(tmp_path):
     with pytest.raises(CohortError, match=r"problem\(s\) in datasets 'one', 'two'") as err:
         build_scan_tables(datasets, table_path=lambda n: tmp_path / f"{n}.tsv")
     text = "\n".join(problems_of(err.value))
-    assert "sub-09 is listed but" in text and "sub-01 has images but no participant_id" in text
+    assert "sub-09 is listed but" not in text  # a row without a folder is skipped, not a failure
+    assert "line 3: participant_id 'sub-01' is listed more than once" in text
+    assert "sub-01 has images but no participant_id" in text
     assert isinstance(err.value, MedtxError)
+
+
+# --- Issue 31: valid datasets of the bids-examples collection -----------------------------
+
+
+def write_file(root: Path, name: str) -> None:
+    """A non-T1w file the reader must walk past (MEG recording, functional run)."""
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".nii.gz"):
+        write_nifti(path, sphere(shape=(6, 6, 6), radius=2))
+    else:
+        path.write_bytes(b"\x00" * 16)
+
+
+def rows_of(table: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str, str]]:
+    """(subject, session) -> (status, scan, reason), for rows that may have no image."""
+    return {
+        (r["subject"], r["session"] or ""): (r["status"], r["scan"] or "", r["reason"] or "")
+        for r in table.to_dict("records")
+    }
+
+
+def test_bids_examples_layouts_give_a_usable_table_under_the_default_policy(tmp_path, capsys):
+    """Modelled on the 8 bids-examples datasets with T1w images that stopped the run."""
+    names = [
+        "sub-01/anat/sub-01_T1w.nii.gz",
+        "sub-02/anat/sub-02_T1w.nii.gz",
+        # functional-only second session (ds000117-like)
+        "sub-03/ses-1/anat/sub-03_ses-1_T1w.nii.gz",
+        # a scanner test the authors hid from the validator in .bidsignore
+        "sub-04/anat/sub-04_T1w.nii.gz",
+        "sub-04/anat/sub-04_acq-lowres_T1w.nii.gz",
+    ]
+    root = make_bids(
+        tmp_path / "bids",
+        names,
+        # ages capped for de-identification and given as a band; sub-09 shared no data
+        ["sub-01\t89+", "sub-02\t35-40", "sub-03\t60", "sub-04\t61", "sub-09\t70"],
+    )
+    write_file(root, "sub-03/ses-2/func/sub-03_ses-2_task-rest_bold.nii.gz")
+    # MEG empty-room recordings filed as a subject of their own (ds000248-like), not listed
+    write_file(root, "sub-emptyroom/ses-20170324/meg/sub-emptyroom_ses-20170324_task-noise_meg.fif")
+    (root / ".bidsignore").write_text("# scanner tests\n\n**/*_acq-lowres_*\n")
+    tsv = root / "participants.tsv"
+
+    table = read(tmp_path, root, roles=("pretrain", "regression"))
+
+    assert rows_of(table) == {
+        ("01", ""): ("ok", "sub-01", f"{tsv} line 2: age '89+' read as 89, its lower bound"),
+        ("02", ""): ("ok", "sub-02", f"{tsv} line 3: age '35-40' read as 37.5, its midpoint"),
+        ("03", "1"): ("ok", "sub-03_ses-1", ""),
+        ("03", "2"): ("skipped", "", f"{root}/sub-03/ses-2: no T1w image in anat (found: func)"),
+        ("04", ""): ("ok", "sub-04", ""),
+        ("emptyroom", ""): (
+            "skipped",
+            "",
+            f"{root}/sub-emptyroom: no T1w image in anat (found: meg)",
+        ),
+        ("09", ""): (
+            "skipped",
+            "",
+            f"{tsv} line 6: sub-09 is listed but {root}/sub-09 does not exist",
+        ),
+    }
+    ok = table[table["status"] == "ok"]
+    assert ok["age"].tolist() == ["89", "37.5", "60", "61"]  # numbers every later step reads
+    assert Path(ok["t1"].iloc[3]).name == "sub-04_T1w.nii.gz"
+    assert not any("lowres" in str(t) for t in table["t1"])  # ignored: not even a row
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "medtx: dataset 'ds': 4 taken, 3 skipped, 0 excluded"
+    written = read_scan_table(tmp_path / "results/scans/ds.tsv")
+    assert written["status"].tolist().count("skipped") == 3
+    assert usable_subjects([str(tmp_path / "results/scans/ds.tsv")]) == [
+        ("ds", s) for s in ("01", "02", "03", "04")
+    ]
+
+
+def test_without_its_bidsignore_the_hidden_image_makes_the_subject_ambiguous(tmp_path):
+    names = ["sub-01/anat/sub-01_T1w.nii.gz", "sub-01/anat/sub-01_acq-lowres_T1w.nii.gz"]
+    root = make_bids(tmp_path / "bids", names)
+    with pytest.raises(CohortError, match="differing in acq"):
+        read(tmp_path, root)
+    (root / ".bidsignore").write_text("sub-01/anat/sub-01_acq-lowres_T1w.nii.gz\r\n")
+    assert by_file(read(tmp_path, root)) == {"sub-01_T1w.nii.gz": ("ok", "sub-01", "")}
+    (root / ".bidsignore").write_text("sub-01/\n")  # a whole subject hidden
+    with pytest.raises(MedtxError, match="no usable scans; 1 skipped .*sub-01 is listed but"):
+        read(tmp_path, root)
+
+
+def test_a_subject_without_t1w_is_skipped_also_when_participants_tsv_lacks_it(tmp_path):
+    root = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"])
+    write_file(root, "sub-02/func/sub-02_task-rest_bold.nii.gz")
+    write_file(root, "sub-02/anat/sub-02_T2w.nii.gz")
+    table = read(tmp_path, root)
+    assert rows_of(table)[("02", "")] == (
+        "skipped",
+        "",
+        f"{root}/sub-02: no T1w image in anat (found: anat, func)",
+    )
+
+
+@pytest.mark.parametrize("roles", [("pretrain",), ("classification",)])
+def test_an_unreadable_age_is_left_empty_where_no_task_reads_age(tmp_path, roles):
+    names = [f"sub-0{i}/anat/sub-0{i}_T1w.nii.gz" for i in (1, 2, 3)]
+    rows = ["sub-01\tseventy", "sub-02\t150", "sub-03\t90+"]
+    root = make_bids(tmp_path / "bids", names, rows)
+    tsv = root / "participants.tsv"
+    tsv.write_text("participant_id\tage\tdiagnosis\n" + "\n".join(f"{r}\tCN" for r in rows) + "\n")
+    table = read(tmp_path, root, roles=roles)
+    assert table["status"].tolist() == ["ok"] * 3
+    assert table["age"].tolist() == [None, None, "90"]
+    assert table["reason"].tolist() == [
+        f"{tsv} line 2: age 'seventy' is not a number; left empty (no task of dataset 'ds' "
+        "reads age)",
+        f"{tsv} line 3: age '150' is outside 0-120 years; left empty (no task of dataset 'ds' "
+        "reads age)",
+        f"{tsv} line 4: age '90+' read as 90, its lower bound",
+    ]
+    with pytest.raises(CohortError) as err:  # regression reads age: the checks stand
+        read(tmp_path, root, roles=("regression",))
+    assert problems_of(err.value) == [
+        f"{tsv} line 2: age 'seventy' is not a number",
+        f"{tsv} line 3: age '150' is outside 0-120 years",
+    ]
+
+
+def test_an_uppercase_extension_or_suffix_is_named_with_the_name_to_use(tmp_path):
+    names = [
+        "sub-01/anat/sub-01_T1w.NII.GZ",
+        "sub-02/anat/sub-02_T1w.nii.gz",
+        "sub-03/anat/sub-03_t1w.nii",
+    ]
+    root = make_bids(tmp_path / "bids", names)
+    with pytest.raises(CohortError) as err:
+        read(tmp_path, root)
+    assert problems_of(err.value) == [
+        f"{root / names[0]}: not a BIDS file name: the extension '.NII.GZ' must be lowercase "
+        "(BIDS names are case-sensitive; medtx and FSL read .nii.gz and .nii only); "
+        "rename it sub-01_T1w.nii.gz",
+        f"{root / names[2]}: not a BIDS file name: the suffix 't1w' must be written T1w "
+        "(BIDS names are case-sensitive); rename it sub-03_T1w.nii",
+    ]
+    files = by_file(read(tmp_path, root, mode="exclude"))
+    assert files["sub-02_T1w.nii.gz"][0] == "ok"
+    assert files["sub-01_T1w.NII.GZ"][0] == files["sub-03_t1w.nii"][0] == "excluded"
+
+
+def test_run_1_beside_run_01_names_a_fix_that_works(tmp_path):
+    names = ["sub-01/anat/sub-01_run-01_T1w.nii.gz", "sub-01/anat/sub-01_run-1_T1w.nii.gz"]
+    root = make_bids(tmp_path / "bids", names)
+    for select in (None, {"runs": "all"}, {"filters": {"run": 1}}):
+        with pytest.raises(CohortError) as err:
+            read(tmp_path, root, select)
+        lines = problems_of(err.value)
+        assert lines == [
+            f"{root / name}: 2 images left for one scan: run-01 and run-1 are one run "
+            "(runs compare as numbers), which no select key can tell apart; rename or "
+            "remove one, or list one in the dataset's .bidsignore"
+            for name in names
+        ]
+    (root / ".bidsignore").write_text("sub-01_run-1_T1w.nii.gz\n")  # the fix the line names
+    assert by_file(read(tmp_path, root)) == {"sub-01_run-01_T1w.nii.gz": ("ok", "sub-01", "")}
+
+
+def test_a_duplicated_participants_column_is_one_line_naming_it(tmp_path):
+    root = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"])
+    tsv = root / "participants.tsv"
+    tsv.write_text("participant_id\tage\tsex\tage\nsub-01\t60\tM\t61\n")
+    with pytest.raises(MedtxError) as err:
+        read(tmp_path, root, roles=("regression",))
+    assert str(err.value) == (
+        f"{tsv}: participants.tsv has two columns named 'age' (columns 2 and 4 of line 1); keep one"
+    )
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_bidsignore_that_is_not_text_is_one_line(tmp_path):
+    root = make_bids(tmp_path / "bids", ["sub-01/anat/sub-01_T1w.nii.gz"])
+    (root / ".bidsignore").write_bytes(b"sub-02/\n\xff\xfe*.nii\n")
+    with pytest.raises(MedtxError) as err:
+        read(tmp_path, root)
+    assert str(err.value) == (
+        f"{root / '.bidsignore'}: not UTF-8 text (invalid start byte at byte 8)"
+    )

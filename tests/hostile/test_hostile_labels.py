@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from medtx.data.labels import AGE_RANGE, SEX_CODES
+from medtx.data.labels import AGE_RANGE, SEX_CODES, LabelError, parse_age
 from medtx.data.scans import build_scan_table, read_scan_table
 from medtx.errors import CohortError
 from medtx.folds.manifest import make_manifest
@@ -169,7 +169,8 @@ def test_the_fold_step_applies_the_same_rules(age, message):
 def test_dry_run_lists_every_problem_of_every_dataset_before_any_job(tmp_path, medtx_env):
     csv_path = write_csv(tmp_path / "in" / "csv", BAD[:2])
     root = tmp_path / "in" / "bids"
-    write_nifti(root / "sub-01/anat/sub-01_T1w.nii.gz", sphere(shape=(12, 12, 12), radius=4))
+    for sub in ("01", "02", "03"):
+        write_nifti(root / f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz", sphere((12, 12, 12), 4))
     tsv = root / "participants.tsv"
     tsv.write_text("participant_id\tdiagnosis\tage\nsub-01\tCN\t70\nsub-02\tCN\t200\n")
     config = {
@@ -205,10 +206,74 @@ def test_dry_run_lists_every_problem_of_every_dataset_before_any_job(tmp_path, m
     for line in [
         f"  - {csv_path} line 2: age 'seventy' is not a number",
         f"  - {csv_path} line 3: diagnosis 'Dementia' is not in the label map (CN, MCI, AD)",
-        f"  - {tsv}: sub-02 is listed but {root / 'sub-02'} does not exist",
+        f"  - {tsv}: sub-03 has images but no participant_id row",
         f"  - {tsv} line 3: age '200' is outside 0-120 years",
     ]:
         assert line in out.splitlines(), out
     assert "Traceback" not in out and 'File "' not in out
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "in").rglob("*")} == inputs
     assert not (work / "results").exists()
+
+
+# --- Issue 31: ages as de-identified tables write them ---
+
+
+@pytest.mark.parametrize(
+    "text,age",
+    [
+        ("89+", 89.0),
+        ("90 +", 90.0),
+        ("35-40", 37.5),
+        ("35 - 40", 37.5),
+        ("0-1", 0.5),
+        ("64.5", 64.5),
+    ],
+)
+def test_capped_and_banded_ages_read_as_numbers(text, age):
+    assert parse_age(text) == age
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("40-35", "age '40-35' is a range whose end is below its start"),
+        ("130+", "age '130+' is outside 0-120 years"),
+        ("-5", "age '-5' is outside 0-120 years"),
+        ("+", "age '+' is not a number"),
+        ("35-", "age '35-' is not a number"),
+    ],
+)
+def test_ages_that_stay_errors(text, message):
+    with pytest.raises(LabelError) as err:
+        parse_age(text)
+    assert str(err.value) == message
+
+
+def test_a_csv_age_of_89_plus_is_a_number_in_the_table_for_regression(tmp_path, capsys):
+    lines = ["a1,s0.nii.gz,CN,89+,M", "a2,s1.nii.gz,AD,70-80,F", "a3,s2.nii.gz,MCI,61,F"]
+    lines += [f"a{i},s{i - 1}.nii.gz,CN,{i}0,F" for i in (4, 5, 6)]
+    path = write_csv(tmp_path / "in", lines)
+    cache = tmp_path / "results" / "c.tsv"
+    table = build_scan_table("c", csv_ds(path), cache_path=cache)
+    assert table["age"].tolist() == ["89", "75", "61", "40", "50", "60"]
+    assert (
+        table["reason"].tolist()
+        == [
+            f"{path} line 2: age '89+' read as 89, its lower bound",
+            f"{path} line 3: age '70-80' read as 75, its midpoint",
+        ]
+        + [""] * 4
+    )
+    assert capsys.readouterr().err.splitlines() == [
+        "medtx: dataset 'c': 6 taken, 0 skipped, 0 excluded",
+        "medtx:   1 taken with a note: age '…' read as …, its lower bound",
+        "medtx:   1 taken with a note: age '…' read as …, its midpoint",
+    ]
+    manifest, _ = make_manifest(
+        read_scan_table(cache),
+        dataset="c",
+        task="regression",
+        n_folds=3,
+        paths={s: f"/p/{s}.nii.gz" for s in table["scan"]},
+    )
+    assert sorted(manifest["label"].astype(float)) == [40.0, 50.0, 60.0, 61.0, 75.0, 89.0]

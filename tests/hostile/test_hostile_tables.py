@@ -197,3 +197,17 @@ def test_a_file_name_with_braces_is_one_line(tmp_path):
         reason
         == f"{folder / 's{x}.nii.gz'}: braces in a file name are not supported; rename the file"
     )
+
+
+def test_a_duplicated_column_is_one_line_naming_the_file_and_the_column(tmp_path):
+    """Issue 31: csv.DictReader keeps the last of two 'age' columns and says nothing."""
+    path, build = read_csv_text(tmp_path, "subject,age,t1,age\n01,60,s0.nii.gz,61\n")
+    with pytest.raises(MedtxError) as err:
+        build()
+    assert one_line(err.value) == (
+        f"{path}: the dataset table has two columns named 'age' (columns 2 and 4 of line 1); "
+        "keep one"
+    )
+    path, build = read_csv_text(tmp_path, "\nsubject,t1, t1\n01,s0.nii.gz,s1.nii.gz\n")
+    with pytest.raises(MedtxError, match=r"two columns named 't1' \(columns 2 and 3 of line 2\)"):
+        build()

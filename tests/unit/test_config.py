@@ -127,3 +127,19 @@ def test_a_step_given_part_of_its_section_runs_with_the_schema_defaults():
     schedule = ("registration_mm", "aff_iterations", "aff_shrink_factors", "aff_smoothing_sigmas")
     rest = {k: v for k, v in full["flirt"]["ants"].items() if k not in schedule}
     assert {k: v for k, v in flirt.items() if k not in schedule} == rest
+
+
+def test_datasets_inside_results_are_fine_results_inside_a_dataset_are_not(tmp_path, monkeypatch):
+    """The demo generates its datasets under results/ (the reverse is harmless); the
+    check compares the folders themselves, not their names' prefixes."""
+    monkeypatch.chdir(tmp_path)
+    config = base()
+    assert config["datasets"]["demo_adni"]["path"].startswith(config["results"] + "/")
+    validate_config(config)
+    config = base()
+    config["results"] = "results/demo/adni_out"  # beside results/demo/adni, not in it
+    validate_config(config)
+    config = base()
+    config["results"] = "results/demo/adni/out"
+    with pytest.raises(ConfigError, match=r"inside dataset 'demo_adni' \('results/demo/adni'\)"):
+        validate_config(config)

@@ -1,5 +1,10 @@
 # The cohort provenance report: a row per scan, thumbnails, QC, exclusions,
-# and a methods paragraph generated from the settings actually used.
+# and a methods paragraph generated from the settings actually used. Then, the
+# run's index (medtx.provenance.run_index): every scan with its chain head and
+# raw inputs, signed with MEDTX_PROVENANCE_KEY when set, which `medtx audit`
+# holds the scan folders to (a rollback, a substitution, a deletion).
+
+from medtx.provenance.run_index import index_path
 
 
 rule provenance_report:
@@ -7,12 +12,13 @@ rule provenance_report:
         records=scan_targets("provenance", "provenance"),
         tables=[paths.scan_table(RESULTS, name) for name in config["datasets"]],
     output:
-        report(
+        page=report(
             directory(paths.report_dir(RESULTS)),
             htmlindex=paths.REPORT_INDEX,
             caption=f"{CAPTIONS}/provenance.rst",
             category="Provenance",
         ),
+        index=index_path(RESULTS),
     log:
         f"{LOGS}/report/provenance_report.log",
     conda:
@@ -27,3 +33,5 @@ rule provenance_report:
     shell:
         "python -m medtx report --records {input.records:q} --scan-table {input.tables:q}"
         " --settings {params.settings:q} --out {params.page:q} > {log:q} 2>&1"
+        " && python -m medtx.provenance.run_index --records {input.records:q}"
+        " --out {output.index:q} >> {log:q} 2>&1"

@@ -82,3 +82,76 @@ def test_the_schema_documents_exactly_the_select_keys():
     assert all("default" not in spec for spec in select["properties"].values())  # code's DEFAULTS
     assert select["properties"]["runs"]["enum"] == list(bids.RUNS)
     assert select["properties"]["prefer_extension"]["enum"] == list(bids.EXTENSIONS)
+
+
+# --- .bidsignore: gitignore patterns relative to the dataset root, as the validator reads them
+
+IGNORE_PATTERNS = [
+    "# scanner tests",
+    "",
+    "*_acq-lowres_*",
+    "**/meg/",
+    "/sub-02/",
+    "sub-0?/anat/*.nii",
+    "**/func/**",
+    "anat/sub-05_T1w.nii.gz",  # a slash inside: relative to the root, so no sub-05 file
+    "sub-06",
+    "sub-07/**/x_T1w.nii.gz",
+    "ses-[ab]/",
+    "sub-08/*",
+    "!sub-08/anat/",
+    "extra_T1w.nii.gz   ",
+]
+IGNORE_PATHS = [
+    "sub-01/anat/sub-01_T1w.nii.gz",
+    "sub-01/anat/sub-01_acq-lowres_T1w.nii.gz",
+    "sub-01/ses-1/meg/sub-01_ses-1_meg.fif",
+    "sub-01/meg.txt",
+    "sub-02/anat/sub-02_T1w.nii.gz",
+    "x/sub-02/anat/sub-02_T1w.nii.gz",
+    "sub-03/anat/sub-03_T1w.nii",
+    "sub-03/anat/deep/sub-03_T1w.nii",
+    "sub-04/func/a/b.nii.gz",
+    "sub-04/funcx/b.nii.gz",
+    "sub-05/anat/sub-05_T1w.nii.gz",
+    "anat/sub-05_T1w.nii.gz",
+    "sub-06/anat/sub-06_T1w.nii.gz",
+    "sub-07/x_T1w.nii.gz",
+    "sub-07/ses-1/anat/x_T1w.nii.gz",
+    "sub-09/ses-a/anat/sub-09_ses-a_T1w.nii.gz",
+    "sub-09/ses-c/anat/sub-09_ses-c_T1w.nii.gz",
+    "sub-08/anat/sub-08_T1w.nii.gz",
+    "sub-08/dwi/sub-08_dwi.nii.gz",
+    "sub-10/anat/extra_T1w.nii.gz",
+]
+
+
+def test_bidsignore_patterns_match_as_git_reads_them():
+    ignore = bids.BidsIgnore.parse(IGNORE_PATTERNS, Path("/data"))
+    ignored = sorted(p for p in IGNORE_PATHS if ignore.ignores(Path("/data") / p))
+    assert ignored == sorted(
+        [
+            "sub-01/anat/sub-01_acq-lowres_T1w.nii.gz",
+            "sub-01/ses-1/meg/sub-01_ses-1_meg.fif",
+            "sub-02/anat/sub-02_T1w.nii.gz",
+            "sub-03/anat/sub-03_T1w.nii",
+            "sub-04/func/a/b.nii.gz",
+            "anat/sub-05_T1w.nii.gz",
+            "sub-06/anat/sub-06_T1w.nii.gz",
+            "sub-07/x_T1w.nii.gz",
+            "sub-07/ses-1/anat/x_T1w.nii.gz",
+            "sub-09/ses-a/anat/sub-09_ses-a_T1w.nii.gz",
+            "sub-08/dwi/sub-08_dwi.nii.gz",
+            "sub-10/anat/extra_T1w.nii.gz",
+        ]
+    )
+    assert not bids.BidsIgnore.parse(["# only a comment", ""], Path("/d")).patterns
+
+
+def test_bidsignore_agrees_with_pathspec_where_pathspec_is_installed():
+    """pathspec (a dev tool's dependency, not medtx's) implements git's rules in full."""
+    pathspec = pytest.importorskip("pathspec")
+    spec = pathspec.GitIgnoreSpec.from_lines(IGNORE_PATTERNS)
+    ignore = bids.BidsIgnore.parse(IGNORE_PATTERNS, Path("/data"))
+    for path in IGNORE_PATHS:
+        assert ignore.ignores(Path("/data") / path) == spec.match_file(path), path

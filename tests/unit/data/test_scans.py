@@ -36,10 +36,16 @@ def test_bids_rows_with_labels_and_sessions(tmp_path):
     assert table.loc[table["subject"] == "02", "age"].tolist() == ["61", "61"]
 
 
-def test_listed_subject_without_files_fails_with_name(tmp_path):
+def test_listed_subject_without_files_is_a_skipped_row_naming_its_line(tmp_path):
     make_bids(tmp_path, participants=["sub-01\t60\tCN", "sub-02\t61\tCN", "sub-09\t70\tAD"])
-    with pytest.raises(CohortError, match=r"sub-09 is listed but .*sub-09 does not exist"):
-        build_scan_table("ds", bids(tmp_path))
+    table = build_scan_table("ds", bids(tmp_path))
+    assert table["status"].tolist() == ["ok", "ok", "skipped"]
+    skipped = table.iloc[2]
+    assert (skipped["subject"], skipped["scan"], skipped["t1"]) == ("09", "", None)
+    assert skipped["reason"] == (
+        f"{tmp_path / 'participants.tsv'} line 4: sub-09 is listed but "
+        f"{tmp_path / 'sub-09'} does not exist"
+    )
 
 
 def test_exclude_mode_lists_bad_scans_and_keeps_the_rest(tmp_path):

@@ -429,3 +429,24 @@ def test_evaluate_runs_writes_every_card_and_links_the_study_card(study, tmp_pat
     other = evaluate_runs(paths, out, tmp_path / "report" / "s.md").read_text()
     assert "[model_cards.md](../tables/model_cards.md)" in other
     assert "Subjects per group: not recorded" in (paths[0].parent / "model_card.md").read_text()
+
+
+def test_study_card_links_survive_a_folder_name_with_spaces_and_parentheses(tmp_path):
+    """A raw space or ")" in a link target ends a Markdown link early: the targets are
+    percent-encoded, and a renderer's link decodes back to each card."""
+    from urllib.parse import unquote
+
+    from markdown_it import MarkdownIt
+
+    results = tmp_path / "my results (v2)"
+    paths = [regression_run(results, f) for f in (0, 1)]
+    runs = collect_runs(paths)
+    written = write_model_cards(runs, attributes=None, subgroup_settings=SETTINGS)
+    out = tmp_path / "tables"
+    rendered = (
+        MarkdownIt("commonmark").enable("table").render(study_card(runs, written, relative_to=out))
+    )
+    links = re.findall(r'<a href="([^"]+)">fold \d</a>', rendered)
+    assert sorted((out / unquote(link)).resolve() for link in links) == sorted(
+        c.path.resolve() for c in written
+    )

@@ -6,6 +6,7 @@ the fold model's own, and inputs it cannot use are named, not guessed at.
 predicts a workflow scan and matches the evaluation's prediction.)"""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,22 @@ def test_the_command_prints_the_table_and_fails_in_one_line(bundle, cases, tmp_p
     printed = ok.stdout.splitlines()
     assert printed[0].startswith("scan\t") and printed[1].startswith(case.name + "\t")
     assert printed == (tmp_path / "one" / PREDICTIONS).read_text().splitlines()
+    # one unreadable case beside a good one: the good one is predicted, exit 5
+    broken = tmp_path / "broken" / "badcase"
+    broken.mkdir(parents=True)
+    for f in case.iterdir():
+        shutil.copy(f, broken / f.name.replace(case.name, "badcase"))
+    t1 = next(broken.glob("*_t1.nii.gz"))
+    img = nib.load(t1)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.int16), img.affine), t1)
+    mixed = predict(case, broken, "--out", tmp_path / "mixed")
+    assert mixed.returncode == 5, mixed.stderr
+    table = pd.read_csv(tmp_path / "mixed" / PREDICTIONS, sep="\t", keep_default_na=False)
+    errors = dict(zip(table["scan"], table["error"]))
+    assert errors[case.name] == "" and "all zeros" in errors["badcase"], errors
+    assert mixed.stderr.strip().splitlines()[-1] == (
+        "medtx: 1 scan(s) skipped: see the error column"
+    )
     bad = predict(tmp_path / "nope", "--out", tmp_path / "two")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == (
@@ -203,3 +220,33 @@ def test_each_brain_age_fold_answers_in_its_own_training_ages(tmp_path):
         evaluated = pd.read_csv(run_dir / f"fold-{fold}/predictions.tsv", sep="\t")
         for ours, age in zip(outputs, evaluated["prediction"]):
             assert float(ours[fold]) == pytest.approx(age, rel=1e-5)  # the TSV keeps 6 digits
+
+
+def test_a_library_failure_on_one_scan_keeps_the_others(bundle, cases, tmp_path, monkeypatch):
+    """A MemoryError (or any library error) preparing one case is that case's row and
+    one log line; the other case is predicted and written."""
+    from medtx.predict import run
+
+    real = run._prepare
+    names = sorted(p.name for p in cases.iterdir() if p.is_dir())
+
+    def prepare(bundle, scan, folder):
+        if scan.scan == names[0]:
+            raise MemoryError("Unable to allocate 29.8 GiB\nfor an array")
+        return real(bundle, scan, folder)
+
+    monkeypatch.setattr(run, "_prepare", prepare)
+    lines: list[str] = []
+    out = tmp_path / "out"
+    run.predict_bundle(bundle.path, [cases], out, log=lines.append)
+    table = pd.read_csv(out / PREDICTIONS, sep="\t", keep_default_na=False).set_index("scan")
+    why = f"{names[0]}: unexpected MemoryError: Unable to allocate 29.8 GiB"
+    assert table.at[names[0], "error"] == why and table.at[names[0], "segmentation"] == ""
+    assert table.at[names[1], "error"] == "" and Path(table.at[names[1], "segmentation"]).exists()
+    assert f"medtx: skipped: {why}" in lines
+    assert lines[-1] == (
+        "medtx predict: 1 scan(s) predicted, 1 skipped "
+        f"(named in the error column of {out / PREDICTIONS})"
+    )
+    by_fold = pd.read_csv(out / BY_FOLD, sep="\t")
+    assert set(by_fold["scan"]) == {names[1]}

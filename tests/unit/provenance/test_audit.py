@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -88,7 +91,8 @@ def test_each_file_hashed_once(tmp_path, cohort, monkeypatch):
     monkeypatch.setattr(medtx.provenance.audit, "sha256", lambda p: calls.append(p) or real(p))
     jsons = sorted(tmp_path.rglob("*_provenance.json"))
     result = run_audit(jsons + jsons + [tmp_path])  # every scan named three times
-    assert result.problems == [] and result.n_files == 6 and len(calls) == 6
+    assert result.problems == [] and result.n_files == 6 and result.n_raw == 2
+    assert len(calls) == 8 == len(set(calls))  # 6 outputs, and each scan's raw.nii.gz
 
 
 def test_relative_paths_resolve_from_anywhere(tmp_path, monkeypatch):
@@ -179,3 +183,122 @@ def test_a_deleted_merged_record_is_named(tmp_path, cohort):
     manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[:-1]))
     (problem,) = audit(tmp_path)
     assert (problem["status"], problem["scan"]) == ("incomplete", "sub-02")
+
+
+# -- the run index (issue 31) ----------------------------------------------------------------
+
+
+def index_run(root, *records):
+    """The workflow's last step: the run index under results/reports/."""
+    from medtx.provenance.run_index import write_run_index
+
+    out = root / "results/reports/run_index.json"
+    return out, write_run_index(records or [root / "results"], out)
+
+
+def test_the_run_index_lists_each_scan_with_its_chain_head_and_raw_input(tmp_path, cohort):
+    from medtx.provenance.manifest import chain_head
+
+    index_path, index = index_run(tmp_path)
+    assert "hmac" not in index and [s["scan"] for s in index["scans"]] == ["sub-01", "sub-02"]
+    row = index["scans"][0]
+    d = tmp_path / "results/preprocess/demo/sub-01"
+    assert row["folder"] == "../preprocess/demo/sub-01"  # relative: moves with the results
+    assert (row["dataset"], row["subject"], row["provenance"]) == (
+        "demo",
+        "01",
+        "sub-01_provenance.json",
+    )
+    assert row["head"] == chain_head(d / "sub-01_manifest.jsonl") and row["head"]["seq"] == 3
+    # n4 read bet's output; only the image bet read came from outside the scan's steps
+    (raw,) = row["raw"]
+    assert (raw["role"], raw["step"], raw["path"]) == ("in", "bet", str(d / "raw.nii.gz"))
+    assert json.loads(index_path.read_text()) == index
+
+
+def test_a_signed_index_verifies_and_an_edit_to_it_does_not(tmp_path, cohort, monkeypatch):
+    from medtx.provenance.run_index import read_run_index
+
+    monkeypatch.setenv("MEDTX_PROVENANCE_KEY", "k1")
+    path, index = index_run(tmp_path)
+    assert read_run_index(path, key=b"k1") == (index, [])
+    assert read_run_index(path, key=b"k2")[1][0][0] == "signature"
+    index["scans"].pop()
+    path.write_text(json.dumps(index))
+    ((kind, message),) = read_run_index(path, key=b"k1")[1]
+    assert kind == "signature" and "does not give: edited without the key" in message
+    monkeypatch.delenv("MEDTX_PROVENANCE_KEY")
+    index_run(tmp_path)
+    ((kind, message),) = read_run_index(path, key=b"k1")[1]
+    assert "is unsigned, but MEDTX_PROVENANCE_KEY is set" in message
+
+
+def test_a_malformed_index_is_one_line_naming_its_row(tmp_path, cohort, capsys):
+    path, index = index_run(tmp_path)
+    del index["scans"][1]["folder"]
+    path.write_text(json.dumps(index))
+    assert main_audit(str(tmp_path)) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"UNREADABLE run index: {path}: scans row 2 has no folder"
+    path.write_text("{")
+    assert main_audit(str(tmp_path)) == 1
+    assert "not a readable run index" in capsys.readouterr().out
+    index["scans"][1]["folder"] = "../preprocess/demo/sub-02"
+    index["scans"][1]["head"] = {"sha256": "0", "seq": "five"}  # nonsense, not a traceback
+    path.write_text(json.dumps(index))
+    assert main_audit(str(tmp_path)) == 1
+    assert "UNREADABLE run index: the run index is malformed (TypeError(" in capsys.readouterr().out
+
+
+def test_the_index_writer_names_a_bad_record_in_one_line(tmp_path, capsys):
+    from medtx.provenance.run_index import main as index_main
+
+    bad = tmp_path / "x_provenance.json"
+    bad.write_text("[1]")
+    out = tmp_path / "run_index.json"
+    assert index_main(["--records", str(bad), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"medtx: error: {bad}: not a scan's provenance record (no list of steps)\n"
+    assert index_main(["--records", str(tmp_path / "nope.json"), "--out", str(out)]) == 1
+    assert "nope.json: not a *_provenance.json record" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_step_rerun_after_the_index_is_stale_not_a_rollback(tmp_path, cohort):
+    index_run(tmp_path)
+    assert audit(tmp_path) == []
+    d = tmp_path / "results/preprocess/demo/sub-02"
+    merge_scan([d / "bet.json", d / "n4.json"], d / "sub-02_provenance.json")  # collect again
+    (problem,) = audit(tmp_path)
+    assert (problem["status"], problem["scan"]) == ("stale", "sub-02")
+    assert "1 entry after the one the run index records (entry 3)" in problem["message"]
+    index_run(tmp_path)  # the report rule reruns
+    assert audit(tmp_path) == []
+
+
+def test_auditing_one_scan_folder_holds_it_to_the_index_above(tmp_path, cohort, monkeypatch):
+    """The index is found above a scan folder; only the scans audited must be there."""
+    index_run(tmp_path)
+    d = tmp_path / "results/preprocess/demo"
+    shutil.rmtree(d / "sub-02")
+    assert audit(d / "sub-01") == []
+    monkeypatch.setenv("MEDTX_PROVENANCE_KEY", "k")  # it was found: its missing hmac is said
+    (problem,) = [p for p in audit(d / "sub-01") if p["scan"] is None]
+    assert problem["status"] == "signature" and "run_index.json is unsigned" in problem["message"]
+    monkeypatch.delenv("MEDTX_PROVENANCE_KEY")
+    (problem,) = audit(tmp_path)
+    assert (problem["status"], problem["scan"]) == ("missing-scan", "sub-02")
+
+
+def test_raw_inputs_are_rehashed_without_an_index_too(tmp_path, cohort, capsys):
+    """Against the step records when no index lists the scan; a raw file that is gone
+    (archived apart from the results) is counted, not a problem."""
+    d = tmp_path / "results/preprocess/demo"
+    save_nifti(np.zeros((6, 6, 6)), np.eye(4), d / "sub-01/raw.nii.gz")
+    (d / "sub-02/raw.nii.gz").unlink()
+    assert main_audit(str(tmp_path)) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("RAW-CHANGED scan sub-01, step bet: raw input in ")
+    assert "the run read sha256" in out[0] and "(per its records)" in out[0]
+    assert "1 raw input(s) (1 not found, not re-checked)" in out[-1]
+    assert "no run index: a scan rolled back, substituted or deleted is not seen" in out[-1]

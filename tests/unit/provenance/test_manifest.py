@@ -10,8 +10,10 @@ import pytest
 from medtx.provenance.manifest import (
     KEY_ENV,
     append,
+    chain_head,
     flatten,
     latest,
+    line_hashes,
     line_sha256,
     read_manifest,
     record_sha256,
@@ -121,3 +123,17 @@ def test_an_unwritable_manifest_is_one_clear_error(tmp_path):
     (tmp_path / "m.jsonl").mkdir()
     with pytest.raises(ValueError, match="m.jsonl: cannot append to the record manifest"):
         append(tmp_path / "m.jsonl", {"kind": "step"})
+
+
+def test_the_chain_head_is_the_last_lines_hash_which_the_next_entry_links(tmp_path):
+    """What a run index keeps: the hash a later entry's ``prev`` would carry."""
+    m = tmp_path / "m.jsonl"
+    m.write_text("")
+    assert chain_head(m) is None and line_hashes(m) == []
+    for step in ("bet", "flirt"):
+        append(m, {"kind": "step", "step": step, "sha256": step})
+    head = chain_head(m)
+    assert head is not None and head["seq"] == 2 and head["time"]
+    assert line_hashes(m)[-1] == head["sha256"]
+    after = append(m, {"kind": "step", "step": "n4", "sha256": "n4"})
+    assert after["prev"] == head["sha256"] and line_hashes(m)[1] == head["sha256"]

@@ -2,6 +2,7 @@
 whose models predict what the checkpoints predict, and whose files cannot change
 unnoticed."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -14,7 +15,8 @@ import yaml
 
 from medtx.config import load_config
 from medtx.predict.run import fold_models
-from medtx.share.bundle import MANIFEST, BundleError, load_bundle
+from medtx.provenance.manifest import KEY_ENV
+from medtx.share.bundle import MANIFEST, SIGNATURE, BundleError, load_bundle, tensor_shapes
 from medtx.share.export import export_bundle
 from medtx.train.checkpoints import model_from_checkpoint
 from medtx.train.finetune import finetune
@@ -81,7 +83,9 @@ def study(tmp_path_factory):
 
 
 @pytest.fixture
-def bundle(study, tmp_path):
+def bundle(study, tmp_path, monkeypatch):
+    """Exported and loaded with no signing key set."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
     run_dir, config = study
     return export_bundle(run_dir, tmp_path / "bundle", config=config)
 
@@ -188,3 +192,40 @@ def test_a_bundle_is_readable_by_others_under_the_umask(bundle):
     assert stat.S_IMODE(bundle.path.stat().st_mode) == 0o777 & ~umask
     for path in bundle.path.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_a_signed_bundle_loads_under_its_key_and_sha256sum_still_checks_it(
+    study, bundle, tmp_path, monkeypatch
+):
+    """The signature signs the manifest and lies beside it: the listed files, and so
+    the manifest, are the unsigned export's byte for byte."""
+    run_dir, config = study
+    monkeypatch.setenv(KEY_ENV, "lab secret")
+    signed = export_bundle(run_dir, tmp_path / "signed", config=config).path
+    manifest = (signed / MANIFEST).read_bytes()
+    assert manifest == (bundle.path / MANIFEST).read_bytes() and b"hmac" not in manifest
+    record = json.loads((signed / SIGNATURE).read_text())
+    assert record["sha256"] == hashlib.sha256(manifest).hexdigest() and len(record["hmac"]) == 64
+    load_bundle(signed)
+    monkeypatch.delenv(KEY_ENV)
+    load_bundle(signed)  # no key here: the manifest alone is checked
+    if shutil.which("sha256sum"):
+        proc = subprocess.run(["sha256sum", "-c", MANIFEST], cwd=signed, capture_output=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_header_reader_reads_what_safetensors_reads(bundle):
+    from safetensors.torch import load_file
+
+    for name in ("fold-0.safetensors", "fold-1.safetensors"):
+        tensors = load_file(str(bundle.path / name))
+        assert tensor_shapes(bundle.path / name) == {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def test_checking_the_shapes_allocates_and_draws_nothing(bundle):
+    """load_bundle builds the model on the meta device: fine-tuning from a bundle,
+    seeded before it loads one, draws the numbers it would draw without it."""
+    torch.manual_seed(3)
+    before = torch.random.get_rng_state()
+    load_bundle(bundle.path)
+    assert torch.equal(torch.random.get_rng_state(), before)

