@@ -701,6 +701,19 @@ def _raw_path(locate: _Locator, raw: str, cwd: str | None) -> Path:
     return path
 
 
+def _check_raw_by_records(run: _Run, states: Iterable[Any]) -> None:
+    """Re-hash the raw inputs of scans no run index lists, against their step records."""
+    for state in states:
+        _check_raw(
+            run,
+            state.scan,
+            raw_inputs(state.steps),
+            state.locate,
+            "per its records",
+            str(state.prov),
+        )
+
+
 def _check_raw(run: _Run, scan: str, raws: list, locate: _Locator, source: str, prov: str) -> None:
     """Each raw input re-hashed against the sha256 the run read (per ``source``).
     One that is gone is counted, not a problem: raw data is often archived apart."""
@@ -848,15 +861,7 @@ def _audit_index(run: _Run, items: list[str | Path]) -> int:
                 "substituted or deleted would pass; the workflow's provenance report writes "
                 "it (or python -m medtx.provenance.run_index --records ... --out ...)",
             )
-        for state in run.states.values():
-            _check_raw(
-                run,
-                state.scan,
-                raw_inputs(state.steps),
-                state.locate,
-                "per its records",
-                str(state.prov),
-            )
+        _check_raw_by_records(run, run.states.values())
         return 0
     rows: dict[Path, tuple[dict, str, dict, _Locator, Path]] = {}
     for path in indexes:
@@ -901,15 +906,7 @@ def _audit_index(run: _Run, items: list[str | Path]) -> int:
         )
     indexed = set(rows)
     unlisted = [s for m, s in run.states.items() if m not in indexed and s.prov.exists()]
-    for state in unlisted:
-        _check_raw(
-            run,
-            state.scan,
-            raw_inputs(state.steps),
-            state.locate,
-            "per its records",
-            str(state.prov),
-        )
+    _check_raw_by_records(run, unlisted)
     run.result.index = ", ".join(map(str, indexes))
     run.result.n_indexed, run.result.n_unlisted = listed, len(unlisted)
     return missing
