@@ -42,3 +42,32 @@ def medtx_env() -> dict:
     venv_bin = str(REPO / ".venv" / "bin")
     env["PATH"] = os.pathsep.join([venv_bin, bindir, env.get("PATH", "")])
     return env
+
+
+# The learning tier (tests/learning): its option and its summary live here, in the
+# conftest the pytest-xdist controller loads (a sub-folder's is loaded by workers only).
+LEARNING_SECTION = "learnability"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--broken",
+        choices=["labels"],
+        default=None,
+        help="learning tier: train and select on shuffled labels (every check must then fail)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "call"
+        for key, value in getattr(report, "user_properties", [])
+        if key == LEARNING_SECTION
+    ]
+    if lines:
+        terminalreporter.write_sep("-", "learnability: test metric beside the cohort's ceiling")
+        for line in sorted(lines, key=lambda line: line.split(":")[0]):
+            terminalreporter.write_line(line)
