@@ -25,10 +25,13 @@ excluded, the commonest reasons) goes to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import os
 import re
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -458,14 +461,18 @@ def build_scan_table(
     cache_path: str | Path | None = None,
     on_bad_scan: str = "fail",
     label_map: Mapping[str, int] | None = None,
+    write: bool = True,
 ) -> pd.DataFrame:
     """Read, check and cache one dataset's scan table, and summarize it on stderr.
 
     Args:
         dataset: the dataset's config (kind, role, path, and select/columns/generate).
         cache_path: the previous table, read as the per-file check cache, and
-            rewritten with this one.
+            rewritten with this one when ``write`` says so.
         label_map: the config's ``folds/label_map`` (diagnoses of classification datasets).
+        write: False while Snakemake reads the workflow: the table is then only
+            read, and the ``scan_table`` job writes it (``table_text``), under the
+            run's lock, never in a dry run or a refused one.
 
     Raises:
         CohortError: listing every bad scan when ``on_bad_scan`` is ``fail``, and
@@ -525,7 +532,7 @@ def build_scan_table(
             + (f"; {len(excluded)} excluded" if excluded else "")
             + (f"; {len(skipped)} skipped ({skipped[0]['reason']}, ...)" if skipped else "")
         )
-    if cache_path:
+    if cache_path and write:
         # Rewrite only on change: rules take this file as input, so a new
         # mtime alone would rerun them.
         text = table_text(table)
@@ -559,7 +566,8 @@ def build_scan_tables(
 
     Args:
         table_path: dataset name -> its scan table (the per-file cache).
-        options: ``on_bad_scan`` and ``label_map``, as ``build_scan_table`` takes them.
+        options: ``on_bad_scan``, ``label_map`` and ``write``, as ``build_scan_table``
+            takes them.
     """
     tables: dict[str, pd.DataFrame] = {}
     failed: dict[str, MedtxError] = {}
@@ -583,6 +591,56 @@ def build_scan_tables(
 def table_text(table: pd.DataFrame) -> str:
     """A scan table as its file holds it (tab-separated, with the header)."""
     return table.to_csv(sep="\t", index=False)
+
+
+# --- writing the tables: jobs of the workflow, under the run's lock ---
+#
+# Snakemake reads the workflow (and so builds every table) before a run takes
+# its lock, in dry runs and in refused runs too, so a table is written by the
+# workflow's scan_table job only. Its content is known at parse time; the job's
+# input is a stamp in the working directory (not the results folder) that is
+# newer than the table exactly when the table does not hold that content. So a
+# changed table is rewritten, and every rule that reads it reruns, from any
+# working directory (``-d``), without Snakemake metadata; an unchanged one is
+# left alone (its mtime would rerun those rules).
+
+
+def stamp_scan_table(table_path: str | Path, text: str, stamp_path: str | Path) -> str:
+    """Make ``stamp_path`` newer than the table if it does not hold ``text``, older if
+    it does; return ``stamp_path``. Called at parse time; writes only the stamp.
+
+    A stamp written anew holds the content's digest and the time, so its checksum
+    (which Snakemake records for small inputs) differs from any recorded before.
+    """
+    table, stamp = Path(table_path), Path(stamp_path)
+    if _current_text(table) != text:
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        write_text(f"{digest} {time.time_ns()}\n", stamp)
+        newer = time.time()
+        with contextlib.suppress(OSError):  # strictly newer, even on a coarse clock
+            newer = max(newer, table.stat().st_mtime + 1)
+        os.utime(stamp, (newer, newer))
+        return str(stamp)
+    older = table.stat().st_mtime - 1
+    try:
+        if stamp.stat().st_mtime <= older:
+            return str(stamp)
+    except FileNotFoundError:
+        write_text("current\n", stamp)
+    os.utime(stamp, (older, older))
+    return str(stamp)
+
+
+def write_scan_table(text: str, table_path: str | Path) -> None:
+    """The table as read at parse time, written whole (atomically) if it changed.
+
+    The scan_table job calls it, and so does the run's ``onstart``, under the
+    lock, before any job: ``snakemake --touch`` touches the job's outputs
+    without running it, and would leave a table its readers were marked
+    up to date against.
+    """
+    if _current_text(table_path) != text:
+        write_text(text, table_path)
 
 
 def _current_text(path: str | Path) -> str | None:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
+from medtx.data.scans import stamp_scan_table, write_scan_table
 from medtx.workflow.lock import LOCK_NAME, ResultsLock, ResultsLockedError
 from tests.conftest import REPO, sphere, write_nifti
 
@@ -384,16 +385,7 @@ def snakemake(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
-OPEN_SCAN_TABLES = pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 31, item 4): scan tables are still written while Snakemake reads "
-    "the workflow, before the lock; a design with a scan_table job reran every model after "
-    "`snakemake --touch` and was taken back",
-)
-
-
 @pytest.mark.integration
-@OPEN_SCAN_TABLES
 def test_refused_run_leaves_the_first_runs_scan_table(tmp_path, medtx_env):
     """Scan tables are written by a job, under the lock, never while parsing."""
     configfile, results = tiny_workflow(tmp_path)
@@ -434,7 +426,6 @@ def test_refused_run_leaves_the_first_runs_scan_table(tmp_path, medtx_env):
 
 
 @pytest.mark.integration
-@OPEN_SCAN_TABLES
 def test_dry_run_writes_nothing_into_results(tmp_path, medtx_env):
     configfile, results = tiny_workflow(tmp_path)
     fresh = snakemake(snakemake_cmd(configfile, tmp_path / "wd", "-n"), medtx_env)
@@ -546,3 +537,24 @@ def test_lock_of_a_killed_snakemake_is_kept_while_its_jobs_run(tmp_path, medtx_e
         (work / "go").touch()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_scan_table_stamp_is_newer_exactly_when_the_table_is_out_of_date(tmp_path):
+    """The scan_table job's input, written at parse time outside the results folder."""
+    table, stamp = tmp_path / "results" / "scans" / "d.tsv", tmp_path / "wd" / "d.stamp"
+    assert stamp_scan_table(table, "a\n", stamp) == str(stamp)  # no table yet
+    assert not table.exists() and stamp.exists()
+    write_scan_table("a\n", table)  # the job
+    os.utime(table, (1_000_000, 1_000_000))
+    stamp_scan_table(table, "a\n", stamp)  # unchanged: older, so nothing reruns
+    assert stamp.stat().st_mtime < table.stat().st_mtime
+    stamp.unlink()  # another working directory, or tables from before stamps
+    stamp_scan_table(table, "a\n", stamp)
+    assert stamp.stat().st_mtime < table.stat().st_mtime
+    stamp_scan_table(table, "b\n", stamp)  # changed: newer, the job and its readers run
+    first = stamp.read_text()
+    assert stamp.stat().st_mtime > table.stat().st_mtime and table.read_text() == "a\n"
+    stamp_scan_table(table, "b\n", stamp)  # a checksum Snakemake may have recorded: new
+    assert stamp.read_text() != first
+    stamp_scan_table(table, "a\n", stamp)  # back to what the table holds
+    assert stamp.stat().st_mtime < table.stat().st_mtime

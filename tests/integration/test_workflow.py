@@ -495,7 +495,12 @@ def test_bad_scan_fail_and_exclude(run, tmp_path):
     excluding.write_text(yaml.safe_dump(config))
     jobs = planned(snakemake(work, "-n", "all", config=excluding, env=env, timeout=120))
     assert jobs.get("bet") == 1  # only the good new scan
-    table = (work / "results/scans/extra.tsv").read_text()
+    assert jobs.get("scan_table") == 1  # the new dataset's table: written by a job
+    tsv = work / "results/scans/extra.tsv"
+    assert not tsv.exists()  # a dry run writes nothing
+    made = snakemake(work, str(tsv), config=excluding, env=env, timeout=300)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    table = tsv.read_text()
     assert "excluded" in table and "bad.nii.gz: not a readable NIfTI" in table
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before  # nothing computed before was touched

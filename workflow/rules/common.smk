@@ -6,7 +6,12 @@ import shlex
 import sys
 
 from medtx.config import validate_config
-from medtx.data.scans import build_scan_tables
+from medtx.data.scans import (
+    build_scan_tables,
+    stamp_scan_table,
+    table_text,
+    write_scan_table,
+)
 from medtx.domain import BACKBONE_INITS, INITS, PRETRAIN_STAGES, TASKS
 from medtx.train.config import STAGE_BLOCKS, stage_keys
 from medtx.preprocess.backend import resolve_backend
@@ -55,13 +60,17 @@ use_checkout(workflow.basedir)
 
 # One run at a time per results folder, whatever its working directory (-d):
 # taken just before the first job, given back when the run ends. Dry runs and
-# the jobs Snakemake spawns (--no-hooks) call none of these.
+# the jobs Snakemake spawns (--no-hooks) call none of these. Nothing is written
+# into the results folder before it is taken: every file there is a job's output
+# (the scan tables too: rule scan_table, data.smk).
 RESULTS_LOCK = ResultsLock(RESULTS)
 
 
 onstart:
     restore_gc()
     take_results_lock(RESULTS_LOCK)
+    for name, text in SCAN_TEXT.items():  # as the scan_table jobs would (--touch runs none)
+        write_scan_table(text, paths.scan_table(RESULTS, name))
 
 
 onsuccess:
@@ -75,13 +84,26 @@ onerror:
 # One table per dataset, built (and checked) once per run from a per-file cache.
 # A bad dataset stops the run before any job: its problems, one line each, as
 # `medtx: error: ...` (as the medtx command prints them), without Snakemake's traceback.
+# Read here, written only by the scan_table jobs (data.smk: under the lock, never
+# in a dry run); each job's input is a stamp in the working directory that is
+# newer than its table exactly when the table does not hold this content.
 with user_errors():
     SCANS = build_scan_tables(
         config["datasets"],
         table_path=lambda name: paths.scan_table(RESULTS, name),
         on_bad_scan=config["on_bad_scan"],
         label_map=config["folds"]["label_map"],
+        write=False,
     )
+SCAN_TEXT = {name: table_text(table) for name, table in SCANS.items()}
+SCAN_STAMPS = {
+    name: stamp_scan_table(
+        paths.scan_table(RESULTS, name),
+        text,
+        f".snakemake/medtx/scan_tables/{name}.stamp",
+    )
+    for name, text in SCAN_TEXT.items()
+}
 OK = {name: t[t["status"] == "ok"] for name, t in SCANS.items()}
 # (dataset, scan) -> row, so input functions look rows up in O(1).
 ROWS = {

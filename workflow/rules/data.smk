@@ -68,3 +68,25 @@ rule make_demo_brats:
     shell:
         "python -m medtx demo brats-case --spec {params.spec:q} --subject {wildcards.case:q}"
         " --out {wildcards.root:q} > {log:q} 2>&1"
+
+
+# The scan tables (results/scans/<dataset>.tsv), as common.smk read and checked
+# them. Written by this job only, so under the run's lock and never by a dry run
+# or a refused one. Its input, a stamp in the working directory, is newer than the
+# table exactly when the table's content changed (medtx.data.scans): the job and
+# every rule that reads the table then run, from whichever working directory.
+
+
+localrules:
+    scan_table,
+
+
+rule scan_table:
+    input:
+        stamp=lambda w: SCAN_STAMPS[w.dataset],
+    output:
+        table=paths.scan_table(RESULTS, "{dataset}"),
+    log:
+        f"{LOGS}/data/scan_table/{{dataset}}.log",
+    run:
+        write_scan_table(SCAN_TEXT[wildcards.dataset], output.table)
