@@ -47,7 +47,7 @@ def cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """Where and when the figures were measured."""
+    """Where and when (UTC) the figures were measured."""
     commit = _git("rev-parse", "HEAD") or "unknown"
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -61,6 +61,11 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+# Taken when a bench imports this module, at its start: the commit and tree that ran,
+# even if the checkout changes while it runs.
+AT_START = machine()
 
 
 def write_record(
@@ -82,7 +87,7 @@ def write_record(
     record = {
         "bench": bench,
         "command": " ".join(shlex.quote(a) for a in [f"python bench/{bench}.py", *argv[1:]]),
-        "machine": machine(),
+        "machine": AT_START,
         "notes": list(notes),
         "sections": sections,
     }
