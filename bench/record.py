@@ -86,7 +86,7 @@ def write_record(
     argv = sys.argv if argv is None else argv
     record = {
         "bench": bench,
-        "command": " ".join(shlex.quote(a) for a in [f"python bench/{bench}.py", *argv[1:]]),
+        "command": " ".join(shlex.quote(a) for a in ["python", f"bench/{bench}.py", *argv[1:]]),
         "machine": AT_START,
         "notes": list(notes),
         "sections": sections,
