@@ -159,11 +159,16 @@ def code_defaults() -> dict[str, dict[str, Any]]:
 
 
 def training_defaults() -> dict[str, dict[str, Any]]:
-    """Each training key's default per backbone, from medtx.train.config (no torch)."""
+    """Each training key's default per backbone (medtx.train.config), and for PUMIT's
+    pre-training stages, where its authors' schedule replaces them (medtx.train.mim)."""
     from medtx.domain import BACKBONES
     from medtx.train.config import defaults
+    from medtx.train.mim import PRETRAINING_DEFAULTS
 
-    return {b: defaults(b) for b in BACKBONES}
+    out = {b: defaults(b) for b in BACKBONES}
+    for stage, values in PRETRAINING_DEFAULTS.items():
+        out[f"pumit {stage}"] = {**out["pumit"], **values}
+    return out
 
 
 def config_page(schema: dict | None = None) -> str:
@@ -209,8 +214,9 @@ def config_page(schema: dict | None = None) -> str:
         "`train/common` applies to every stage of the Medical Transformer (and its shared",
         "keys to PUMIT's), `train/<stage>` to one stage, `train/pumit/...` to PUMIT's.",
         "A key that does not apply to a backbone is refused, naming the block. The",
-        "defaults are the code's (`medtx.train.config`), one per backbone; PUMIT's",
-        "pre-training stages start from its authors' schedule (`medtx.train.mim`).",
+        "defaults are the code's (`medtx.train.config`), one per backbone, and for",
+        "PUMIT's pre-training stages (tokenizer, mim) its authors' schedule",
+        "(`medtx.train.mim`).",
         "",
         "| key | type | "
         + " | ".join(f"default ({n})" for n in names)
