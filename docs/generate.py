@@ -323,6 +323,7 @@ def bench_page(name: str, results: Path = RESULTS) -> str:
         f"| date (UTC) | {_cell(machine.get('date', '?'))} |",
         f"| CPU | {_cell(machine.get('cpu_model', '?'))} |",
         f"| cores | {machine.get('cores', '?')} (usable: {machine.get('usable_cores', '?')}) |",
+        f"| load average at the start (1 min) | {machine.get('load_1min', '?')} |",
         f"| command | `{_cell(data.get('command', '?'))}` |",
         "",
     ]
