@@ -143,3 +143,18 @@ def test_every_page_in_docs_is_in_the_nav():
     nav = (REPO / "mkdocs.yml").read_text()
     pages = [p.relative_to(REPO / "docs").as_posix() for p in (REPO / "docs").rglob("*.md")]
     assert pages and not [p for p in pages if p not in nav]
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/your-data.md"])
+def test_the_own_data_configs_shown_are_valid(page):
+    """The config a new user copies first must pass the schema as written."""
+    import re
+
+    from medtx.config import validate_config
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / page).read_text(), re.S)
+    configs = [yaml.safe_load(b) for b in blocks if b.lstrip().startswith(("datasets:", "# "))]
+    configs = [c for c in configs if isinstance(c, dict) and "datasets" in c]
+    assert configs, f"{page}: no own-data config shown"
+    for config in configs:
+        validate_config(config)
