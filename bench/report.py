@@ -14,7 +14,7 @@ page's size, its folder's, and, when Chromium is installed, how long headless
 Chromium takes to lay out the page (navigation start to the scan table laid out and
 the page's script done) and to sort once and filter once.
 
-    .venv/bin/python bench/report.py [--scans 2000] [--records GLOB] [--keep DIR]
+    .venv/bin/python bench/report.py [--scans 2000] [--records GLOB] [--keep DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -308,7 +308,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="builds and page loads to time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="build here and keep it (default: a temp dir)")
+    parser.add_argument("--json", help="also write the figures here (bench/record.py)")
     args = parser.parse_args()
+    import record  # the commit and machine, as of this start
 
     reals = real_records(args.records or list(DEFAULT_RECORDS))
     work = args.keep or Path(tempfile.mkdtemp(prefix="medtx-bench-report-"))
@@ -349,11 +351,12 @@ def main() -> int:
             return " / ".join(out)
 
         mb = 1e6
-        print(
+        cohort = (
             f"{args.scans} scans cloned from {len(reals)} real records in {made:.1f} s: "
             f"{n_fail} failed QC, {n_out} outliers; {len(set(sites.values()))} sites "
-            f"over {len(DATASETS)} datasets (under {work})"
+            f"over {len(DATASETS)} datasets"
         )
+        print(f"{cohort} (under {work})")
         rows = [
             ("entry page (MB)", f"{page / mb:.2f}", f"≥ {old / mb:.1f} (computed)"),
             (
@@ -402,6 +405,10 @@ def main() -> int:
         print(f"{'figure':<{width}}  {'new design':<34}  old design")
         for name, new, was in rows:
             print(f"{name:<{width}}  {new:<34}  {was}")
+        table = [
+            {"figure": n.strip(), "new design": new, "old single page": was} for n, new, was in rows
+        ]
+        record.write_record("report", {"the report": table}, args.json, notes=[cohort])
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

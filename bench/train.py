@@ -335,18 +335,13 @@ def write_results(path: str | None, argv: list[str]) -> None:
     run cut short keeps what it measured)."""
     if not path:
         return
+    import record  # bench/record.py: the commit and machine, as of this run's start
+
     cuda = torch.cuda.is_available()
-    out = {
-        "script": "bench/train.py",
-        "argv": argv,
-        "torch": torch.__version__,
-        "cores": os.cpu_count(),
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "gpus": torch.cuda.device_count() if cuda else 0,
-        "sections": RESULTS,
-    }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=1, default=str) + "\n")
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    gpus = torch.cuda.device_count() if cuda else 0
+    notes = [f"torch {torch.__version__}; device {device}; {gpus} GPU(s)"]
+    record.write_record("train", RESULTS, path, notes=notes, argv=["bench/train.py", *argv])
 
 
 def failure(err: BaseException | str) -> str:
@@ -1355,6 +1350,7 @@ def main() -> int:
         set_cuda_determinism(DETERMINISTIC)  # the trainer's default kernels
     if args.json:  # a run stopped by `timeout` still writes what it measured
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        import record  # noqa: F401  (its AT_START: the commit and machine at this start)
     runs: dict[str, Callable[[], None]] = {
         "step": lambda: step_section(steps, args.threads),
         "loader": lambda: loader_section(args, steps, cuda_steps),

@@ -1,8 +1,11 @@
 """The training stages' config: every key a stage reads, its default, its check.
 
-``resolve_config`` is the one place the code checks these values; the config
-schema (``workflow/schemas/config.schema.yaml``, ``$defs/training``) states the
-same defaults and bounds for the workflow, and a test holds the two together.
+``resolve_config`` is the one place the code checks these values, and the
+defaults below are their one statement. The config schema
+(``workflow/schemas/config.schema.yaml``, ``$defs/training``) states the same
+bounds and no defaults; tests/unit/train/test_config_schema.py holds the two
+together, and the generated configuration reference (docs/generate.py) shows
+these defaults beside the schema's keys.
 """
 
 from __future__ import annotations
@@ -105,9 +108,7 @@ def resolve_train_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
 # Keys every backbone's stages read, with their defaults. The loop's own keys
 # (TRAIN_DEFAULTS) come first.
 SHARED_DEFAULTS: dict[str, Any] = {
-    **TRAIN_DEFAULTS,  # lr 1e-4, lr_decay 0.99, epochs 150, patience 30, batch_size 10,
-    # checkpoint_minutes 10, threads 2, seed 42, amp True, num_workers 2,
-    # prefetch_factor 2, log_every 10, deterministic True
+    **TRAIN_DEFAULTS,
     "downsample": 1,  # average-pool volumes by this factor on load (2: 96x114x96 -> 48x57x48)
     "loss_regression": "l1",  # l1 | mse, on standardized ages
     "label_map": dict(DEFAULT_LABEL_MAP),  # diagnosis -> class index; K = number of classes
