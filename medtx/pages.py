@@ -60,3 +60,8 @@ def markdown_environment(
     env = _environment(package, False)
     env.filters.update(filters)
     return env
+
+
+def macros(env: jinja2.Environment, name: str) -> Any:
+    """Template ``name``'s macros as attributes (a page's sections, called one by one)."""
+    return env.get_template(name).module
