@@ -8,6 +8,10 @@ from what the run recorded: the checkpoint's metadata and config, ``metrics.json
 scan's provenance record (the face check of its model-ready volume). A fact the
 files do not hold is written "not recorded", never guessed. The study card
 (``model_cards.md``) has a row per run group, linking every fold's card.
+
+The wording is the templates' (``templates/model_card.md.j2``, ``study_card.md.j2``;
+``medtx.pages``): the functions here gather each section's facts, and the templates
+pass every free-text value through the ``md`` filter (``tables.md_text``).
 """
 
 from __future__ import annotations
@@ -429,9 +433,7 @@ def _metrics_facts(run: RunId, stored: Mapping[str, Any], table: pd.DataFrame) -
     predictions)."""
     metric = subgroups.METRICS[run.task]
     headline = {k for k, _, _ in HEADLINES[run.task]}
-    if not table.empty:
-        rows = table[table["attribute"] != subgroups.ALL][SUBGROUP_COLUMNS]
-    return {
+    facts = {
         "n": stored.get("n"),
         "stored": [
             (key, stored[key], key in headline)
@@ -439,11 +441,14 @@ def _metrics_facts(run: RunId, stored: Mapping[str, Any], table: pd.DataFrame) -
             if key != "n" and stored.get(key) is not None
         ],
         "label": metric.label,
-        "everything": None
-        if table.empty
-        else table[table["attribute"] == subgroups.ALL].iloc[0].to_dict(),
-        "table": None if table.empty else _table(rows.rename(columns={"pooled": metric.label})),
+        "everything": None,
+        "table": None,
     }
+    if not table.empty:
+        rows = table[table["attribute"] != subgroups.ALL][SUBGROUP_COLUMNS]
+        facts["everything"] = table[table["attribute"] == subgroups.ALL].iloc[0].to_dict()
+        facts["table"] = _table(rows.rename(columns={"pooled": metric.label}))
+    return facts
 
 
 def _limits_facts(

@@ -13,6 +13,12 @@ output. Thumbnails are hard links in the sibling folder (``assets_dir``),
 loaded lazily; the per-scan details are inline while they are small
 (``INLINE_DETAILS_BYTES`` in all) and otherwise one small page per scan in that
 folder, linked from its row.
+
+The module gathers what the page shows; the page itself is Jinja2 templates in
+``templates/`` (``report.html.j2`` and the pieces it includes; ``scan.html.j2`` for
+a scan's own page), which escape every value they print, and the stylesheets and
+script are static files beside them, inlined (``medtx.pages``). Reading the records
+is ``medtx.provenance.records``' job (``load_scan_records``).
 """
 
 from __future__ import annotations
