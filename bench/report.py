@@ -42,11 +42,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from medtx.provenance.records import load_scan_records  # noqa: E402
 from medtx.provenance.report import (  # noqa: E402
     _details_body,
     assets_dir,
     build_report,
-    load_scan_records,
 )
 
 DEFAULT_RECORDS = ("results/work/*/*/*_provenance.json",)

@@ -8,6 +8,10 @@ from what the run recorded: the checkpoint's metadata and config, ``metrics.json
 scan's provenance record (the face check of its model-ready volume). A fact the
 files do not hold is written "not recorded", never guessed. The study card
 (``model_cards.md``) has a row per run group, linking every fold's card.
+
+The wording is the templates' (``templates/model_card.md.j2``, ``study_card.md.j2``;
+``medtx.pages``): the functions here gather each section's facts, and the templates
+pass every free-text value through the ``md`` filter (``tables.md_text``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from medtx.evaluate.tables import (
 )
 from medtx.folds.manifest import read_manifest
 from medtx.io import sha256, write_text
+from medtx.pages import markdown_environment
 from medtx.provenance.qc import NOT_MEASURED, face_status
 from medtx.train.loop import load_state
 from medtx.workflow.paths import preprocess_dir, t1_outputs
@@ -210,6 +215,12 @@ def md_link(target: str | Path, relative_to: str | Path) -> str:
     return quote(relative_link(target, relative_to), safe="/")
 
 
+PAGES = markdown_environment(
+    "medtx.evaluate", {"md": md_text, "value": _value, "hash": _hash, "texts": _texts}
+)
+PAGES.globals.update(NOT_RECORDED=NOT_RECORDED, TEMPLATE_NAME=TEMPLATE_NAME)
+
+
 def _mapping(v: Any) -> dict[str, Any]:
     return {str(k): x for k, x in v.items()} if isinstance(v, Mapping) else {}
 
@@ -227,33 +238,25 @@ def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def _table(df: pd.DataFrame) -> list[str]:
-    return to_markdown(df).rstrip("\n").split("\n")
+def _table(df: pd.DataFrame) -> str:
+    """``df`` as a Markdown table (its cells escaped by ``to_markdown``), no final newline."""
+    return to_markdown(df).rstrip("\n")
 
 
 # ---------------------------------------------------------------------------- sections
 
 
-def _model_section(
+def _model_facts(
     run: RunId,
     ckpt: Mapping[str, Any],
     meta: Mapping[str, Any],
     stored: Mapping[str, Any],
     model_pt: Path,
     n_folds: Any,
-) -> list[str]:
+) -> dict[str, Any]:
+    """The card's "Model" section: the network, its initialisation, fold and weights."""
     kwargs = _mapping(meta.get("model_kwargs"))
     init = meta.get("init")
-    if isinstance(init, Mapping):
-        init_text = (
-            f"{run.init}, initialised from {_value(init.get('init'))} (stage "
-            f"{_value(init.get('init_stage'))}, sha256 {_value(init.get('init_sha256'))}; "
-            f"parts loaded: {_texts(init.get('loaded') or []) or 'none'})"
-        )
-    elif run.init == "scratch":
-        init_text = "scratch (random initialisation, no pre-trained weights)"
-    else:
-        init_text = f"{run.init} (the checkpoint it was initialised from is {NOT_RECORDED})"
     state = ckpt.get("model")
     if isinstance(state, Mapping):
         tensors = [t for t in state.values() if hasattr(t, "numel")]
@@ -261,43 +264,38 @@ def _model_section(
         params = f"{total} (all {len(tensors)} tensors of the saved state)"
     else:
         params = NOT_RECORDED
-    val_fold = f", validated on fold {(run.fold + 1) % n_folds}" if _int(n_folds) else ""
-    return [
-        "## Model",
-        "",
-        f"- backbone: {_value(kwargs.get('backbone', run.backbone))}",
-        f"- preset: {_value(meta.get('preset'))}",
-        f"- task: {run.task}",
-        f"- init: {init_text}",
-        f"- transformer used: {_value(stored.get('use_transformer'))}",
-        f"- label fraction: {run.frac} % of the fold's training subjects",
-        f"- fold: {run.fold} (tested on fold {run.fold}{val_fold}"
-        + (f", {n_folds} folds)" if _int(n_folds) else ")"),
-        f"- parameters: {params}",
-        f"- seed: {_value(meta.get('seed', ckpt.get('seed')))}",
-        f"- trained on: device {_value(ckpt.get('device'))}, world size "
-        f"{_value(ckpt.get('world_size'))}, torch {_value(ckpt.get('torch_version'))}",
-        f"- weights: {md_text(model_pt.name)}, sha256 {sha256(model_pt)}",
-        "",
-    ]
+    return {
+        "backbone": kwargs.get("backbone", run.backbone),
+        "preset": meta.get("preset"),
+        "init": _mapping(init) if isinstance(init, Mapping) else None,
+        "use_transformer": stored.get("use_transformer"),
+        "n_folds": _int(n_folds),
+        "params": params,
+        "seed": meta.get("seed", ckpt.get("seed")),
+        "device": ckpt.get("device"),
+        "world_size": ckpt.get("world_size"),
+        "torch_version": ckpt.get("torch_version"),
+        "weights": model_pt.name,
+        "sha256": sha256(model_pt),
+    }
 
 
-def _label_lines(
+def _label_facts(
     task: str,
     scans: Sequence[str],
     lookup: Mapping[str, Mapping[str, str]],
     meta: Mapping[str, Any],
-    source: str,
-) -> tuple[list[str], tuple[float, float] | None]:
-    """The training label distribution; and (min, max) training age for regression."""
+) -> dict[str, Any]:
+    """The training label distribution (``kind``: segmentation, classes, ages, or
+    None where it is not recorded); for ages also their (min, max) as ``range``."""
     if task == "segmentation":
-        return [f"- label distribution: {len(scans)} segmented cases (WT/TC/ET masks)"], None
+        return {"kind": "segmentation"}
     labels = [_number(lookup.get(s, {}).get("label")) for s in scans]
     if task == "classification":
         label_map = meta.get("label_map")
         classes = [int(x) for x in labels if x is not None and x == int(x)]
         if not isinstance(label_map, Mapping) or len(classes) != len(scans):
-            return [f"- label distribution: {NOT_RECORDED}"], None
+            return {"kind": None}
         names: dict[int, list[str]] = {}
         for name, index in label_map.items():
             names.setdefault(int(index), []).append(str(name))
@@ -305,21 +303,20 @@ def _label_lines(
         subjects = {
             c: len({_subject(lookup, s) for s, x in zip(scans, classes) if x == c}) for c in counts
         }
-        cells = [
-            f"{md_text('/'.join(names.get(c, [f'class {c}'])))} (class {c}): "
-            f"{counts.get(c, 0)} scans, "
-            f"{subjects.get(c, 0)} subjects"
+        rows = [
+            ("/".join(names.get(c, [f"class {c}"])), c, counts.get(c, 0), subjects.get(c, 0))
             for c in sorted(set(names) | set(counts))
         ]
-        return [f"- label distribution ({source}): " + "; ".join(cells)], None
+        return {"kind": "classes", "classes": rows}
     ages = [x for x in labels if x is not None]
     if not ages or len(ages) != len(scans):
-        return [f"- label distribution: {NOT_RECORDED}"], None
-    lo, hi = min(ages), max(ages)
-    return [
-        f"- label distribution ({source}): age {format_mean_std(ages, 1)} years "
-        f"(mean ± std over {len(ages)} training scans), range {lo:.1f}–{hi:.1f}"
-    ], (lo, hi)
+        return {"kind": None}
+    return {
+        "kind": "ages",
+        "ages": format_mean_std(ages, 1),
+        "n": len(ages),
+        "range": (min(ages), max(ages)),
+    }
 
 
 def _composition(
@@ -350,7 +347,7 @@ def _composition(
     return pd.DataFrame(rows, columns=["attribute", "group", "subjects", "scans"])
 
 
-def _data_section(
+def _data_facts(
     run: RunId,
     meta: Mapping[str, Any],
     lookup: Mapping[str, Mapping[str, str]],
@@ -358,89 +355,65 @@ def _data_section(
     have_attributes: bool,
     label_source: str,
     age_bands: Sequence[float],
-) -> tuple[list[str], tuple[float, float] | None, pd.DataFrame | None]:
+) -> tuple[dict[str, Any], tuple[float, float] | None, pd.DataFrame | None]:
+    """The card's "Training data" section; and the training ages' range and the
+    composition table, which the limits section reads again."""
     subjects = [str(s) for s in meta.get("subjects") or []]
     train = [str(s) for s in meta.get("train_scans") or []]
     val = [str(s) for s in meta.get("val_scans") or []]
-    datasets = sorted({s.split(":", 1)[0] for s in subjects}) or [run.dataset]
-    lines = ["## Training data", "", f"- datasets: {_texts(datasets)}"]
-    lines.append(
-        f"- training subjects: {len(subjects)}; training scans: {len(train)}"
-        if subjects and train
-        else f"- training subjects and scans: {NOT_RECORDED}"
-    )
-    if val:
-        known = all(_known(lookup.get(s, {}).get("subject")) for s in val)
-        n_val = len({_subject(lookup, s) for s in val}) if known else NOT_RECORDED
-        lines.append(f"- validation subjects: {n_val}; validation scans: {len(val)}")
-    else:
-        lines.append(f"- validation subjects: {NOT_RECORDED}")
-    age_range = None
-    table = None
-    if train:
-        labels, age_range = _label_lines(run.task, train, lookup, meta, label_source)
-        lines += labels
-    if subjects:
-        lines.append(
-            "- training subject list: sha256 "
-            f"`{subjects_list_sha256(subjects)}` (computed here: the {len(subjects)} sorted "
-            "`dataset:subject` lines of the checkpoint, joined by newlines)"
-        )
+    known = all(_known(lookup.get(s, {}).get("subject")) for s in val)
     sidecar = meta.get("folds_sidecar")
-    if isinstance(sidecar, Mapping) and sidecar.get("subjects_sha256"):
-        lines.append(
-            f"- fold manifest's subject list: sha256 {_hash(sidecar['subjects_sha256'])} (as the "
-            f"sidecar records it: all {_value(sidecar.get('n_subjects'))} subjects of the "
-            "manifest, every fold and role, bare subject ids); split seed "
-            f"{_value(sidecar.get('seed'))}, method {_value(sidecar.get('method'))}, "
-            f"{len(sidecar.get('exclusions') or [])} scan(s) excluded"
-        )
-    else:
-        lines.append(f"- fold manifest's subject list sha256: {NOT_RECORDED} (no fold sidecar)")
-    lines.append("")
+    facts: dict[str, Any] = {
+        "datasets": sorted({s.split(":", 1)[0] for s in subjects}) or [run.dataset],
+        "n_subjects": len(subjects),
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_val_subjects": len({_subject(lookup, s) for s in val}) if known else NOT_RECORDED,
+        "labels": None,
+        "subjects_sha256": subjects_list_sha256(subjects),
+        "sidecar": sidecar
+        if isinstance(sidecar, Mapping) and sidecar.get("subjects_sha256")
+        else None,
+        "table": None,
+    }
     if not train:
-        return lines, age_range, None
+        return facts, None, None
+    facts["labels"] = _label_facts(run.task, train, lookup, meta)
+    facts["label_source"] = label_source
+    age_range = facts["labels"].get("range")
     if not have_attributes:
-        lines += [f"Subjects per group: {NOT_RECORDED} (no scan tables were given).", ""]
-        return lines, age_range, None
+        return facts, age_range, None
     table = _composition(run.task, train, lookup, age_bands)
-    lines += ["Training subjects and scans per group (from the scan tables):", ""]
-    lines += [*_table(table), ""]
-    return lines, age_range, table
+    facts["table"] = _table(table)
+    return facts, age_range, table
 
 
-def _code_section(ckpt: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
-    config = _mapping(ckpt.get("config"))
-    return [
-        "## Preprocessing and code",
-        "",
-        f"- preprocessing hash: {_value(meta.get('preprocess_hash'))}",
-        f"- preprocessing backend: {_value(meta.get('backend'))}",
-        f"- training code hash (finetune stage): {_value(config.get('code'))}",
-        f"- config hash: {_value(ckpt.get('config_hash'))}",
-        f"- downsample: {_value(meta.get('downsample'))}; loss: {_value(meta.get('loss'))}",
-        f"- fold manifest: {_value(meta.get('manifest'))}; cache index: "
-        f"{_value(meta.get('cache_index'))}",
-        "",
-    ]
+def _code_facts(ckpt: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The card's "Preprocessing and code" section: the hashes that made the model."""
+    return {
+        "preprocess_hash": meta.get("preprocess_hash"),
+        "backend": meta.get("backend"),
+        "code": _mapping(ckpt.get("config")).get("code"),
+        "config_hash": ckpt.get("config_hash"),
+        "downsample": meta.get("downsample"),
+        "loss": meta.get("loss"),
+        "manifest": meta.get("manifest"),
+        "cache_index": meta.get("cache_index"),
+    }
 
 
-def _selection_section(
+def _selection_facts(
     ckpt: Mapping[str, Any], meta: Mapping[str, Any], stored: Mapping[str, Any]
-) -> list[str]:
-    best = ckpt.get("best_metric", stored.get("val_metric"))
+) -> dict[str, Any]:
+    """The card's "Selection" section: the checkpoint kept, and by what."""
     index = _int(ckpt.get("best_epoch", stored.get("best_epoch")))  # 0-based, -1: none
-    epoch = NOT_RECORDED if index is None else "none" if index < 0 else str(index + 1)
-    return [
-        "## Selection",
-        "",
-        f"- selected by: {_value(meta.get('selected_by') or stored.get('selected_by'))}",
-        f"- best validation metric: {_value(best)}",
-        f"- best epoch: {epoch} (counted from 1); epochs done: "
-        f"{_value(ckpt.get('epochs_done', stored.get('epochs_done')))}; status: "
-        f"{_value(ckpt.get('status', stored.get('status')))}",
-        "",
-    ]
+    return {
+        "selected_by": meta.get("selected_by") or stored.get("selected_by"),
+        "best": ckpt.get("best_metric", stored.get("val_metric")),
+        "epoch": NOT_RECORDED if index is None else "none" if index < 0 else str(index + 1),
+        "epochs_done": ckpt.get("epochs_done", stored.get("epochs_done")),
+        "status": ckpt.get("status", stored.get("status")),
+    }
 
 
 def _subgroup_table(
@@ -454,102 +427,56 @@ def _subgroup_table(
     return subgroups.subgroup_metrics(runs, scans, **settings)
 
 
-def _metrics_section(
-    run: RunId,
-    stored: Mapping[str, Any],
-    table: pd.DataFrame,
-    settings: Mapping[str, Any],
-    *,
-    have_attributes: bool,
-) -> list[str]:
+def _metrics_facts(run: RunId, stored: Mapping[str, Any], table: pd.DataFrame) -> dict[str, Any]:
+    """The card's "Test metrics" section: metrics.json's pooled values, then the
+    subgroup table (``everything``: its row over all test scans; None without
+    predictions)."""
     metric = subgroups.METRICS[run.task]
     headline = {k for k, _, _ in HEADLINES[run.task]}
-    lines = ["## Test metrics", "", f"Pooled over the {_value(stored.get('n'))} test scans of "]
-    lines[-1] += f"fold {run.fold} (metrics.json):"
-    lines.append("")
-    for key in METRIC_KEYS:
-        if key == "n" or stored.get(key) is None:
-            continue
-        lines.append(f"- {key}: {_value(stored[key])}" + (" (headline)" if key in headline else ""))
-    lines.append("")
-    if table.empty:
-        return [*lines, "Per subgroup: no test predictions (predictions.tsv) to split.", ""]
-    everything = table[table["attribute"] == subgroups.ALL].iloc[0]
-    if everything["status"] == "ok":
-        lines.append(
-            f"{metric.label} on all test scans: {md_text(everything['pooled'])}, bootstrap "
-            f"95 % CI {md_text(everything['95 % CI'])} ({settings['bootstrap']} resamples of "
-            f"the {md_text(everything['n subjects'])} test subjects, seed {settings['seed']})."
-        )
-    else:
-        lines.append(
-            f"{metric.label} on all test scans: no interval, {md_text(everything['pooled'])}."
-        )
-    lines.append("")
-    if not have_attributes:
-        return [*lines, f"Per subgroup: {NOT_RECORDED} (no scan tables were given).", ""]
-    rows = table[table["attribute"] != subgroups.ALL][SUBGROUP_COLUMNS]
-    lines += [
-        f"Per subgroup ({metric.label}, this fold's test scans; groups of fewer than "
-        f"{settings['min_group']} subjects are too small and get no number):",
-        "",
-        *_table(rows.rename(columns={"pooled": metric.label})),
-        "",
-    ]
-    return lines
+    facts = {
+        "n": stored.get("n"),
+        "stored": [
+            (key, stored[key], key in headline)
+            for key in METRIC_KEYS
+            if key != "n" and stored.get(key) is not None
+        ],
+        "label": metric.label,
+        "everything": None,
+        "table": None,
+    }
+    if not table.empty:
+        rows = table[table["attribute"] != subgroups.ALL][SUBGROUP_COLUMNS]
+        facts["everything"] = table[table["attribute"] == subgroups.ALL].iloc[0].to_dict()
+        facts["table"] = _table(rows.rename(columns={"pooled": metric.label}))
+    return facts
 
 
-def _limits_section(
+def _limits_facts(
     run: RunId,
     meta: Mapping[str, Any],
     composition: pd.DataFrame | None,
     table: pd.DataFrame,
-    settings: Mapping[str, Any],
     age_range: tuple[float, float] | None,
-) -> list[str]:
+) -> dict[str, Any]:
+    """The card's "Intended use and known limits" section: what the model saw, and how
+    little the subgroup results rest on."""
     subjects = meta.get("subjects") or []
     datasets = sorted({str(s).split(":", 1)[0] for s in subjects}) or [run.dataset]
-    sites = NOT_RECORDED
+    sites: list[str] = []
     if composition is not None:
-        rows = composition[
-            (composition["attribute"] == "site") & (composition["group"] != "unknown")
-        ]
-        sites = _texts(rows["group"]) or NOT_RECORDED
-    lines = [
-        "## Intended use and known limits",
-        "",
-        f"- Research use only: a {run.task} model of the backbone comparison study. Not a "
-        "medical device; not for clinical decisions.",
-        f"- Trained on {len(subjects) or NOT_RECORDED} subjects of {_texts(datasets)} "
-        f"(sites: {sites}), {run.frac} % of the fold's training subjects.",
-    ]
-    if any(d.startswith("demo") for d in datasets + [run.dataset]):
-        lines.append(
-            "- Demo: the data are synthetic and tiny (a handful of generated scans, few "
-            "epochs on downsampled volumes); the model shows that the workflow runs and "
-            "is of no other use."
-        )
-    if age_range is not None:
-        lines.append(
-            f"- Training ages span {age_range[0]:.1f}–{age_range[1]:.1f} years; outside "
-            "that range the model extrapolates."
-        )
+        site = composition["attribute"] == "site"
+        sites = composition[site & (composition["group"] != "unknown")]["group"].tolist()
     small = table[(table["attribute"] != subgroups.ALL) & (table["status"] == "too small")]
     numbered = table[(table["attribute"] != subgroups.ALL) & (table["status"] == "ok")]
-    fewest = min((int(n) for n in numbered["n subjects"]), default=None)
-    lines.append(
-        "- Subgroup results rest on few test subjects: "
-        + (f"the smallest group with a number has {fewest}; " if fewest is not None else "")
-        + f"{len(small)} group(s) under {settings['min_group']} subjects got none. "
-        "Their intervals are wide; a group not reported is not shown to be safe."
-    )
-    lines += [
-        f"- No external validation: tested on held-out fold {run.fold} of {md_text(run.dataset)} "
-        "only; performance on other scanners, sites, populations or preprocessing is "
-        "unknown.",
-        "",
-    ]
-    return lines
+    return {
+        "n_subjects": len(subjects),
+        "datasets": datasets,
+        "sites": sites,
+        "demo": any(d.startswith("demo") for d in datasets + [run.dataset]),
+        "age_range": age_range,
+        "fewest": min((int(n) for n in numbered["n subjects"]), default=None),
+        "n_small": len(small),
+    }
 
 
 def _face_table(face: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
@@ -563,48 +490,61 @@ def _face_table(face: Mapping[str, Mapping[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["scans", "n", *statuses])
 
 
-def _privacy_section(
+def _privacy_facts(
     run: RunId,
     meta: Mapping[str, Any],
     results: Path | None,
     face: Mapping[str, Mapping[str, str]],
-) -> list[str]:
-    if run.task == "segmentation":
-        inputs = (
-            "the BraTS challenge's volumes, skull-stripped and co-registered by the "
-            "challenge (the workflow's face check runs on the T1 chain's volumes only)"
-        )
-    else:
-        inputs = (
-            f"model-ready volumes: skull-stripped, registered to the {TEMPLATE_NAME} "
-            "template, 2 mm voxels (the T1 chain's output)"
-        )
-    where = (
-        md_text(provenance_path(results, run.dataset, "<scan>"))
-        if results is not None
-        else f"{NOT_RECORDED} (the run recorded no cache index under a results folder)"
-    )
-    n = len(meta.get("subjects") or []) or NOT_RECORDED
-    return [
-        "## Privacy",
-        "",
-        f"- Inputs: {inputs}.",
-        f"- Face check of the model-ready volumes, per scan's provenance record ({where}): "
-        "pass / fail as judged by the QC thresholds, not judged (no thresholds set), not "
-        "measured (the record has no face metrics), not recorded (no record).",
-        "",
-        *_table(_face_table(face)),
-        "",
-        f"- The weights were trained on the {n} training subjects hashed above. Membership "
-        "inference (telling from a model whether a person was in its training data) is "
-        "possible in principle: do not share weights trained on data you may not share.",
-        "- predictions.tsv beside the model holds per-scan test predictions with subject ids: "
-        "share it only where the subject ids may be shared.",
-        "",
-    ]
+) -> dict[str, Any]:
+    """The card's "Privacy" section: where the face checks come from, and their counts."""
+    return {
+        "records": None
+        if results is None
+        else str(provenance_path(results, run.dataset, "<scan>")),
+        "table": _table(_face_table(face)),
+        "n_subjects": len(meta.get("subjects") or []),
+    }
 
 
 # ---------------------------------------------------------------------------- cards
+
+
+def _labelled_lookup(
+    run: RunId,
+    meta: Mapping[str, Any],
+    manifest: pd.DataFrame | None,
+    attributes: pd.DataFrame | None,
+) -> dict[str, dict[str, str]]:
+    """``_scan_lookup``; without a fold manifest, the labels from the scan tables
+    (diagnosis through the run's label map, or age)."""
+    lookup = _scan_lookup(run.dataset, manifest, attributes)
+    if manifest is None and attributes is not None and run.task in ("classification", "regression"):
+        column = "diagnosis" if run.task == "classification" else "age"
+        label_map = _mapping(meta.get("label_map"))
+        for entry in lookup.values():
+            text = _known(entry.get(column)) or ""
+            if run.task == "classification":
+                entry["label"] = str(label_map[text]) if text in label_map else ""
+            else:
+                entry["label"] = text
+    return lookup
+
+
+def _face_checks(
+    meta: Mapping[str, Any], results: Path | None, dataset: str, predictions: Path
+) -> dict[str, dict[str, str]]:
+    """role (training, validation, test) -> scan -> its face check."""
+    test_scans: list[str] = []
+    if predictions.is_file():
+        test_scans = pd.read_csv(predictions, sep="\t", dtype={"scan": str})["scan"].tolist()
+    return {
+        role: {s: face_check(results, dataset, s) for s in scans}
+        for role, scans in (
+            ("training", [str(s) for s in meta.get("train_scans") or []]),
+            ("validation", [str(s) for s in meta.get("val_scans") or []]),
+            ("test", test_scans),
+        )
+    }
 
 
 def build_model_card(
@@ -623,58 +563,38 @@ def build_model_card(
     run = run_identity(stored, metrics_path)
     ckpt = load_state(run_dir / "model.pt")
     meta = _mapping(ckpt.get("metadata"))
-    sidecar = _mapping(meta.get("folds_sidecar"))
     manifest = _manifest(meta)
-    lookup = _scan_lookup(run.dataset, manifest, attributes)
-    label_source = "fold manifest" if manifest is not None else "scan tables"
-    if manifest is None and attributes is not None and run.task in ("classification", "regression"):
-        column = "diagnosis" if run.task == "classification" else "age"
-        label_map = _mapping(meta.get("label_map"))
-        for entry in lookup.values():
-            text = _known(entry.get(column)) or ""
-            if run.task == "classification":
-                entry["label"] = str(label_map[text]) if text in label_map else ""
-            else:
-                entry["label"] = text
+    lookup = _labelled_lookup(run, meta, manifest, attributes)
     predictions = run_dir / "predictions.tsv"
-    test_scans: list[str] = []
-    if predictions.is_file():
-        test_scans = pd.read_csv(predictions, sep="\t", dtype={"scan": str})["scan"].tolist()
     results = results_root(meta.get("cache_index"), run.dataset)
-    face = {
-        role: {s: face_check(results, run.dataset, s) for s in scans}
-        for role, scans in (
-            ("training", [str(s) for s in meta.get("train_scans") or []]),
-            ("validation", [str(s) for s in meta.get("val_scans") or []]),
-            ("test", test_scans),
-        )
-    }
+    face = _face_checks(meta, results, run.dataset, predictions)
     table = _subgroup_table(run, predictions, attributes, settings)
-    data, age_range, composition = _data_section(
+    data, age_range, composition = _data_facts(
         run,
         meta,
         lookup,
         have_attributes=attributes is not None,
-        label_source=label_source,
+        label_source="fold manifest" if manifest is not None else "scan tables",
         age_bands=settings["age_bands"],
     )
-    title = (
-        f"# Model card: {md_text(run.dataset)}, {run.task}, {run.backbone}, {run.init}, "
-        f"{run.frac} % labels, fold {run.fold}"
+    n_folds = _mapping(meta.get("folds_sidecar")).get("n_folds")
+    text = PAGES.get_template("model_card.md.j2").render(
+        run=run,
+        settings=settings,
+        have_attributes=attributes is not None,
+        model=_model_facts(run, ckpt, meta, stored, run_dir / "model.pt", n_folds),
+        data=data,
+        code=_code_facts(ckpt, meta),
+        selection=_selection_facts(ckpt, meta, stored),
+        metrics=_metrics_facts(run, stored, table),
+        limits=_limits_facts(run, meta, composition, table, age_range),
+        privacy=_privacy_facts(run, meta, results, face),
     )
-    lines = [title, ""]
-    lines += _model_section(run, ckpt, meta, stored, run_dir / "model.pt", sidecar.get("n_folds"))
-    lines += data
-    lines += _code_section(ckpt, meta)
-    lines += _selection_section(ckpt, meta, stored)
-    lines += _metrics_section(run, stored, table, settings, have_attributes=attributes is not None)
-    lines += _limits_section(run, meta, composition, table, settings, age_range)
-    lines += _privacy_section(run, meta, results, face)
     subjects = meta.get("subjects")
     return ModelCard(
         run_dir=run_dir,
         run=run,
-        text="\n".join(lines).rstrip("\n") + "\n",
+        text=text.rstrip("\n") + "\n",
         train_subjects=len(subjects) if subjects else None,
         face={**face["training"], **face["test"]},
     )
@@ -766,33 +686,14 @@ def study_card(runs: pd.DataFrame, cards: Sequence[ModelCard], *, relative_to: s
                 ),
             }
         )
-    table = pd.DataFrame(rows)
     datasets = sorted(runs["dataset"].astype(str).unique())
-    lines = [
-        "# medtx study: model cards",
-        "",
-        f"{len(runs)} fine-tuned model(s) in {len(rows)} group(s) on "
-        f"{_texts(datasets) or 'no dataset'}. Each model's card (model_card.md beside "
-        "its model.pt) lists its training data (subjects per group, label distribution, "
-        "the subject list's sha256), preprocessing and code hashes, how it was selected, "
-        "its test metrics pooled and per subgroup with bootstrap 95 % intervals, its "
-        "intended use and limits, and the privacy status of its inputs.",
-        "",
-        "All models: research use only, not for clinical decisions; none is externally "
-        "validated. Do not share weights trained on data you may not share.",
-        "",
-    ]
-    if any(d.startswith("demo") for d in datasets):
-        lines += [
-            "Demo: the data are synthetic and tiny; these models only show that the "
-            "workflow runs end to end.",
-            "",
-        ]
-    if rows:
-        lines += [*_table(table), ""]
-    else:
-        lines += ["No fine-tuned model.", ""]
-    return "\n".join(lines)
+    return PAGES.get_template("study_card.md.j2").render(
+        n_runs=len(runs),
+        n_groups=len(rows),
+        datasets=datasets,
+        demo=any(d.startswith("demo") for d in datasets),
+        table=_table(pd.DataFrame(rows)) if rows else None,
+    )
 
 
 def write_study_card(runs: pd.DataFrame, cards: Sequence[ModelCard], out_dir: str | Path) -> Path:

@@ -23,7 +23,7 @@ from typing import Any
 from medtx.data.cache import read_cache_index
 from medtx.domain import BACKBONES, DEFAULT_BACKBONE, PRETRAIN_STAGES
 from medtx.errors import MedtxError
-from medtx.evaluate.cards import md_link, write_model_cards, write_study_card
+from medtx.evaluate.cards import PAGES, md_link, write_model_cards, write_study_card
 from medtx.evaluate.figures import (
     codebook_stats,
     figures_section,
@@ -44,12 +44,15 @@ from medtx.evaluate.subgroups import (
 )
 from medtx.evaluate.tables import build_tables, md_text
 from medtx.io import write_text
+from medtx.pages import macros
 from medtx.train.loop import load_state
 
 OVERLAY_CASES = 2  # test cases drawn per segmentation group
 GROUP_KEYS = ["dataset", "task", "backbone", "init", "frac"]
 PRETRAIN_DIR = "pretrain"  # pre-training figures: a subfolder, apart from "## Figures"
 SUBGROUP_DIR = "subgroups"  # subgroup plots: a subfolder too
+# summary.md's sections after the tables (templates/summary.md.j2's macros)
+SECTIONS = macros(PAGES, "summary.md.j2")
 # A pre-training stage's name (after "pretrain_"): it names figure files and summary lines.
 STAGE_NAME = re.compile(r"[A-Za-z0-9_]+")
 
@@ -117,11 +120,7 @@ def evaluate_runs(
             title=f"{task}, {who}, {frac} % labels",
         )
     path = Path(summary) if summary else written["summary"]
-    sections = [
-        "## Model cards\n\n"
-        f"A card per fine-tuned model ({len(cards)}, model_card.md beside each model.pt) and "
-        f"the study's: [model_cards.md]({md_link(study_card, path.parent)})."
-    ]
+    sections = [SECTIONS.cards(len(cards), md_link(study_card, path.parent))]
     if scans is not None:
         sections.append(subgroups_section(runs, scans, settings, out, path.parent))
     if stages:
@@ -181,9 +180,9 @@ def subgroups_section(
         seed=settings["seed"],
     )
     written = write_subgroup_tables(table, out_dir)
-    lines = ["## Subgroups", ""]
-    if not written:
-        lines.append("No run has test predictions to split into subgroups.")
+    # worst_lines writes group names (sites, diagnoses: free text) as they are
+    shown = table.assign(**{c: table[c].map(md_text) for c in ("dataset", "group")})
+    tasks = []
     for task, (_, md) in written.items():
         rows = table[table["task"] == task]
         frac = int(rows["label fraction (%)"].max())
@@ -192,12 +191,15 @@ def subgroups_section(
             out_dir / SUBGROUP_DIR / f"subgroups_{task}.png",
             title=f"{task}: {METRICS[task].label} per subgroup, {frac} % labels",
         )
-        lines += [f"### {task}", "", md.read_text().rstrip(), ""]
-        # worst_lines writes group names (sites, diagnoses: free text) as they are
-        shown = table.assign(**{c: table[c].map(md_text) for c in ("dataset", "group")})
-        lines += ["Worst group per attribute (group − all):", "", *worst_lines(shown, task), ""]
-        lines += [f"![subgroups_{task}]({md_link(png, relative_to)})", ""]
-    return "\n".join(lines)
+        tasks.append(
+            {
+                "task": task,
+                "table": md.read_text().rstrip(),
+                "worst": worst_lines(shown, task),
+                "link": md_link(png, relative_to),
+            }
+        )
+    return str(SECTIONS.subgroups(tasks))
 
 
 # ---------------------------------------------------------------------------- pre-training
@@ -288,22 +290,15 @@ def pretrain_section(
     loss, a tokenizer's codebook usage) and its figures, linked relative to
     ``relative_to``."""
     fig_dir = Path(fig_dir)
-    lines = ["## Pre-training", ""]
+    shown = []
     backbone = None
     for s in sorted(stages, key=_stage_order):
-        if s.backbone != backbone:
-            backbone = s.backbone
-            lines += [f"### {backbone}", ""]
         stem = fig_dir / f"{s.backbone}_stage-{s.stage}"
         pngs = [plot_curves(s.history, f"{stem}_loss.png", title=f"{s.backbone}, {s.stage} stage")]
         loss = s.history[-1].get("train_loss")
-        line = (
-            f"- {s.stage}: {s.epochs} epoch(s), final train loss "
-            f"{'—' if loss is None else f'{float(loss):.4g}'}"
-        )
+        codes = None
         if s.codebook_usage is not None:
-            used, total, perplexity = codebook_stats(s.codebook_usage)
-            line += f"; codes used: {used} of {total}, perplexity {perplexity:.2f}"
+            codes = codebook_stats(s.codebook_usage)
             pngs.append(
                 plot_codebook(
                     s.codebook_usage,
@@ -311,6 +306,17 @@ def pretrain_section(
                     title=f"{s.backbone}, {s.stage}: codebook usage",
                 )
             )
-        lines += [f"{line} ({md_text(s.path.name)})", ""]
-        lines += [f"![{md_text(p.stem)}]({md_link(p, relative_to)})\n" for p in pngs]
-    return "\n".join(lines)
+        shown.append(
+            {
+                "first_of_backbone": s.backbone != backbone,
+                "backbone": s.backbone,
+                "stage": s.stage,  # letters, digits and _ (_read_pretrain)
+                "epochs": s.epochs,
+                "loss": "—" if loss is None else f"{float(loss):.4g}",
+                "codes": codes,
+                "name": s.path.name,
+                "figures": [{"stem": p.stem, "link": md_link(p, relative_to)} for p in pngs],
+            }
+        )
+        backbone = s.backbone
+    return str(SECTIONS.pretrain(shown))

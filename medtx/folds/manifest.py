@@ -798,7 +798,7 @@ def manifest_from_files(
             age_bins, method).
     """
     from medtx.data.scans import read_scan_table
-    from medtx.provenance.report import load_scan_records
+    from medtx.provenance.records import load_scan_records
 
     loaded = load_scan_records(list(records)) if records else []
     loaded = [r for r in loaded if r.get("dataset") == dataset]

@@ -65,8 +65,7 @@ from medtx.provenance.manifest import (
     read_manifest,
     record_sha256,
 )
-from medtx.provenance.records import check, merged_record, qc_failures
-from medtx.provenance.report import load_scan_record
+from medtx.provenance.records import check, load_scan_record, merged_record, qc_failures
 from medtx.provenance.run_index import (
     IDENTITY,
     INDEX_NAME,

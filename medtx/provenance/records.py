@@ -15,16 +15,18 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import importlib.metadata
+import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from medtx.errors import MedtxError
 from medtx.io import sha256, write_json
 from medtx.provenance.manifest import MERGED, STEP, append_record, record_sha256
+from medtx.workflow.paths import PROVENANCE_SUFFIX
 
 SCHEMA_VERSION = 1
 
@@ -187,8 +189,6 @@ def check(
 
 def load_step_records(step_files: Sequence[str | Path]) -> list[dict[str, Any]]:
     """A scan's step records, in the order given."""
-    import json
-
     steps = []
     for p in step_files:
         try:
@@ -289,3 +289,46 @@ def qc_failures(steps: list[dict[str, Any]]) -> list[str]:
         for c in s["qc"]["checks"]
         if not c["passed"]
     ]
+
+
+# ------------------------------------------------------------------------ reading merged records
+
+PROVENANCE_GLOB = f"*{PROVENANCE_SUFFIX}"
+
+
+def find_provenance_files(root: str | Path) -> list[Path]:
+    """All ``*_provenance.json`` files under ``root`` (recursively), sorted."""
+    root = Path(root)
+    if not root.exists():
+        raise MedtxError(f"provenance root does not exist: {root}")
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob(PROVENANCE_GLOB) if p.is_file())
+
+
+def load_scan_record(path: str | Path) -> dict[str, Any]:
+    """One per-scan provenance record, checked to be a JSON object with steps."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise MedtxError(f"provenance record does not exist: {path}") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MedtxError(f"{path}: not a readable provenance JSON ({err})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("steps"), list):
+        raise MedtxError(
+            f"{path}: not a per-scan provenance record (expected an object "
+            "with a 'steps' list, as medtx.provenance.records.merge_scan writes)"
+        )
+    return record
+
+
+def load_scan_records(paths: str | Path | Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Load per-scan records from JSON files; a directory is searched recursively."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        files.extend(find_provenance_files(p) if p.is_dir() else [p])
+    return [load_scan_record(f) for f in files]

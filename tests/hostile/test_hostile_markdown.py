@@ -197,3 +197,41 @@ def test_a_pretraining_stage_name_that_is_no_name_is_refused(tmp_path, stage):
         "stage name of letters, digits and _"
     )
     assert not (tmp_path / "tables").exists() and not (tmp_path / "escaped_loss.png").exists()
+
+
+def test_an_init_record_reaches_the_card_as_text(tmp_path):
+    """The checkpoint a model was initialised from, its stage and the parts loaded come
+    from the checkpoint's metadata: the card's template prints them through ``md``."""
+    runs, scans = study(tmp_path / "results")
+    path = runs[0].parent / "model.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["metadata"]["init"] = {
+        "init": HOSTILE[2],
+        "init_stage": HOSTILE[0],
+        "init_sha256": HOSTILE[5],
+        "loaded": [HOSTILE[1], HOSTILE[3]],
+    }
+    torch.save(ckpt, path)
+    card = build_model_card(
+        runs[0].parent, attributes=read_scan_tables([scans]), subgroup_settings=SETTINGS
+    )
+    page = assert_inert(card.text, "model_card.md")
+    (init,) = [b for b in page.blocks if b.startswith("init: ")]
+    assert init == (
+        f"init: pretrained, initialised from {HOSTILE[2]} (stage {HOSTILE[0]}, sha256 "
+        f"{shown(HOSTILE[5])}; parts loaded: {HOSTILE[1]}, {HOSTILE[3]})"
+    )
+
+
+def test_a_pretraining_checkpoint_name_reaches_the_summary_as_text(tmp_path, monkeypatch):
+    """The checkpoint's file name is free text (the stage name is checked, the file's
+    name is not): the summary's template prints it, and its figures' names, through
+    ``md``."""
+    monkeypatch.setattr(tables, "table3", lambda rows=None: real_table3(rows=[]))
+    runs, _ = study(tmp_path / "results")
+    ckpt = tmp_path / f"{HOSTILE[0]} {HOSTILE[2]}.pt"
+    meta = {"stage": "pretrain_masked", "model_kwargs": {"backbone": MT}}
+    torch.save({"metadata": meta, "history": [{"epoch": 0, "train_loss": 1.0}]}, ckpt)
+    summary = evaluate_runs(runs, tmp_path / "tables", pretrain=[ckpt])
+    page = assert_inert(summary.read_text(), "summary.md")
+    assert f"masked: 1 epoch(s), final train loss 1 ({ckpt.name})" in page.blocks

@@ -212,3 +212,24 @@ def test_one_stage_twice_is_refused(runs, tmp_path):
     with pytest.raises(MedtxError, match="two checkpoints of pre-training stage exemplar") as err:
         evaluate_runs(runs, tmp_path / "tables", pretrain=[a, b])
     assert str(a) in str(err.value) and str(b) in str(err.value)
+
+
+def test_the_subgroups_section_keeps_a_blank_line_between_tasks():
+    """summary.md's subgroup section, one block per task: a task's heading is a block of
+    its own after the previous task's plot (the template's line breaks)."""
+    from medtx.evaluate.summary import SECTIONS
+
+    tasks = [
+        {"task": task, "table": f"| {task} |", "worst": [f"- worst {task}"], "link": f"{task}.png"}
+        for task in ("classification", "regression")
+    ]
+    assert str(SECTIONS.subgroups(tasks)) == (
+        "## Subgroups\n\n### classification\n\n| classification |\n\n"
+        "Worst group per attribute (group − all):\n\n- worst classification\n\n"
+        "![subgroups_classification](classification.png)\n\n### regression\n\n"
+        "| regression |\n\nWorst group per attribute (group − all):\n\n- worst regression\n\n"
+        "![subgroups_regression](regression.png)\n"
+    )
+    assert str(SECTIONS.subgroups([])) == (
+        "## Subgroups\n\nNo run has test predictions to split into subgroups."
+    )

@@ -21,11 +21,10 @@ from PIL import Image
 from medtx.errors import MedtxError
 from medtx.io import save_nifti, write_text
 from medtx.provenance import report_folder, report_plots
-from medtx.provenance.records import StepRecord, check, merge_scan
+from medtx.provenance.records import StepRecord, check, load_scan_records, merge_scan
 from medtx.provenance.report import (
     assets_dir,
     build_report,
-    load_scan_records,
     methods_paragraph,
     write_report,
 )
@@ -156,7 +155,7 @@ def test_exclusions_and_escaping(cohort):
     assert "brain_volume_ml=310 below 800" in html and "data/a09.nii.gz" in html
     assert html.count("<script>") == 1 and "<script>alert" not in html  # only the page's own
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert "echo &#x27;n4 &lt;quoted&gt; &amp; done&#x27;" in html  # exact command, escaped
+    assert "echo &#39;n4 &lt;quoted&gt; &amp; done&#39;" in html  # exact command, escaped
 
 
 def _img_srcs(html):
@@ -212,7 +211,7 @@ def test_details_hold_hashes_calls_and_versions(cohort):
         for step in rec["steps"]:
             for f in step["inputs"] + step["outputs"]:
                 assert f["sha256"] in html
-    assert "ants.registration(type_of_transform=&quot;AffineFast&quot;)" in html
+    assert "ants.registration(type_of_transform=&#34;AffineFast&#34;)" in html
     assert "ants.apply_transforms" in html
     assert "<h2>Tool versions</h2>" in html and "antspyx" in html and "0.6.3" in html
     methods = re.search(r'<p class="methods">(.*?)</p>', html, flags=re.S).group(1)
@@ -642,11 +641,11 @@ def test_hostile_names_stay_inert_and_links_still_resolve(tmp_path):
     out = build_report(records, [], SETTINGS, page, base_dir=tmp_path, sites=sites)
     html = out.read_text()
     assert html.count("<script>") == 1 and "<script>alert" not in html
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&amp;amp;" in html
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;amp;" in html
     srcs = _img_srcs(html)
     assert len(srcs) == 6 and all(
         src.startswith("my%20%22report%22%20%231%3F_files/") for src in srcs
     )
     assert all((out.parent / unquote(src)).is_file() for src in srcs)
-    assert f'title="{tmp_path}/thumbs/q&quot;&lt;b&gt; #1?.png"' in html
+    assert f'title="{tmp_path}/thumbs/q&#34;&lt;b&gt; #1?.png"' in html
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f.name) for f in assets_dir(out).rglob("*"))
