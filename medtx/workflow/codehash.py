@@ -116,12 +116,21 @@ def closure(entries: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(seen))
 
 
+RENDERER = "medtx.pages"  # renders a package's templates/ (medtx.pages: PackageLoader)
+
+
 def stage_files(stage: str) -> list[str]:
     """The source files (relative to the package's parent) in ``stage``'s hash."""
     if stage not in STAGE_ENTRIES:
         raise KeyError(f"no code entry for stage {stage!r}; known: {sorted(STAGE_ENTRIES)}")
-    files = {module_file(m) for m in closure(STAGE_ENTRIES[stage])}
-    return sorted(str(f.relative_to(PACKAGE.parent)) for f in files if f is not None)
+    modules = closure(STAGE_ENTRIES[stage])
+    files = {module_file(m) for m in modules} - {None}
+    # A module that renders pages (it imports medtx.pages) runs its package's
+    # templates (the report's page, the model cards): they are its code too.
+    for m in modules:
+        if RENDERER in imported_modules(m) and (f := module_file(m)) is not None:
+            files |= {p for p in (f.parent / "templates").rglob("*") if p.is_file()}
+    return sorted(str(f.relative_to(PACKAGE.parent)) for f in files)
 
 
 def _digest(rels: list[str]) -> str:
@@ -143,4 +152,5 @@ def code_hash(stage: str) -> str:
 def package_hash() -> str:
     """The digest of every medtx source file: ``medtx --version``'s code hash, which
     tells two checkouts of one version apart."""
-    return _digest(sorted(str(p.relative_to(PACKAGE.parent)) for p in PACKAGE.rglob("*.py")))
+    files = [*PACKAGE.rglob("*.py"), *PACKAGE.rglob("templates/**/*")]
+    return _digest(sorted(str(p.relative_to(PACKAGE.parent)) for p in files if p.is_file()))

@@ -97,6 +97,14 @@ def test_a_shared_module_changes_every_stage_that_imports_it(package_copy):
     assert changed_by(package_copy, "train/mim.py") == {"pretrain_pumit"}
 
 
+def test_a_template_edit_changes_the_stages_that_render_it(package_copy):
+    """Templates are code: the report's page reruns the report, a card's reruns evaluation."""
+    report = changed_by(package_copy, "provenance/templates/report.html.j2")
+    assert "report" in report and "finetune" not in report, report
+    cards = changed_by(package_copy, "evaluate/templates/model_card.md.j2")
+    assert "evaluate" in cards and "report" not in cards and "bet" not in cards, cards
+
+
 def test_a_new_import_is_covered_without_listing_it(package_copy):
     assert "evaluate/figures.py" not in closure_files("n4")
     n4 = package_copy / "preprocess/n4.py"
