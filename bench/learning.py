@@ -2,7 +2,7 @@
 its pre-trained encoder and from scratch, on a planted cohort whose signal the
 pretext tasks see, over 3 folds with a seed each.
 
-The cohort (``medtx.data.planted.classification_cohort``): CN/MCI/AD differ by an
+The cohort (``medtx.train.planted.classification_cohort``): CN/MCI/AD differ by an
 atrophy severity, the main thing that varies between its images, so pre-training
 without labels has it to find: the exemplar task (one brain under two intensity
 remaps) and masked slices for the Medical Transformer, the tokenizer and masked
@@ -38,9 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtx.data import planted
 from medtx.domain import BACKBONES, PRETRAIN_STAGES
-from medtx.train import learnability
+from medtx.train import learnability, planted
 from medtx.train.finetune import finetune
 from medtx.train.mim import pretrain_mim, pretrain_tokenizer
 from medtx.train.pretrain import pretrain_exemplar, pretrain_masked

@@ -369,7 +369,7 @@ def _summarize(
         for r, p in zip(per_fold, probs):
             r["prediction"] = int(p.argmax())
     elif task == "regression":
-        from medtx.evaluate.brainage import corrected_gap
+        from medtx.brainage import corrected_gap
 
         ages = np.array([float(o) for o in outputs])
         row["brain_age"], row["brain_age_sd"] = ages.mean(), ages.std()

@@ -65,7 +65,8 @@ from medtx.provenance.manifest import (
     read_manifest,
     record_sha256,
 )
-from medtx.provenance.records import check, merged_record, qc_failures
+from medtx.provenance.qc import check
+from medtx.provenance.records import merged_record, qc_failures
 from medtx.provenance.report import load_scan_record
 from medtx.provenance.run_index import (
     IDENTITY,

@@ -361,10 +361,9 @@ def deface(
 
     from medtx.io import atomic_path, load_nifti, load_volume
     from medtx.provenance.face import TISSUE_FRACTION, face_metrics, face_region
-    from medtx.provenance.qc import judge_face
+    from medtx.provenance.qc import check, judge_face
     from medtx.provenance.records import (
         SCHEMA_VERSION,
-        check,
         file_entry,
         package_version,
         tool_versions,

@@ -169,7 +169,7 @@ def _write_bundle(
     out: Path, folds: list, first: dict, settings: dict, study: dict, training: dict
 ) -> dict:
     """The weights, bundle.json and manifest of ``export_bundle``, into ``out``."""
-    from medtx.evaluate.predict import evaluate_predictions
+    from medtx.train.inference import evaluate_predictions
 
     fold_records = []
     for path, model, ckpt in folds:

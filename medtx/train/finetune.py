@@ -5,7 +5,7 @@ pre-trained encoders (+ transformer), or from scratch, and is selected by its
 validation metric (mAUC max / MAE min / mean Dice max); the best state then
 predicts the test set: a per-scan TSV and a JSON of the test metrics. Brain age
 adds the gap (predicted - age), raw and corrected for the age bias fitted on the
-validation set (``medtx.evaluate.brainage``).
+validation set (``medtx.brainage``).
 
 Losses: cross-entropy; L1 (default, ``loss_regression: l1``: the paper reports
 MAE, and L1 optimizes it directly) or MSE on standardized ages (the training
@@ -25,20 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medtx.brainage import fit_age_bias
 from medtx.data.cache import read_cache_index
 from medtx.domain import REGION_NAMES, TASKS, RunId
 from medtx.errors import CohortError, ConfigError, MedtxError
-from medtx.evaluate.brainage import fit_age_bias
-from medtx.evaluate.metrics import mae
-from medtx.evaluate.predict import (
-    evaluate_predictions,
-    log_likelihood,
-    predict,
-    prediction_table,
-    selection_mauc,
-)
 from medtx.folds.manifest import read_manifest
 from medtx.io import write_json, write_text
+from medtx.metrics import mae
 from medtx.models.registry import backbone, build
 from medtx.share.bundle import ENCODER, load_bundle
 from medtx.train.checkpoints import (
@@ -51,6 +44,13 @@ from medtx.train.checkpoints import (
 from medtx.train.config import n_classes, resolve_config
 from medtx.train.data import VolumeSet, collate, manifest_items, read_cached
 from medtx.train.distributed import Group
+from medtx.train.inference import (
+    evaluate_predictions,
+    log_likelihood,
+    predict,
+    prediction_table,
+    selection_mauc,
+)
 from medtx.train.loop import (
     TrainResult,
     default_log,
@@ -99,7 +99,7 @@ def finetune(
             dice_TC, dice_ET (segmentation).
         metrics_out: the test metrics JSON (default: predictions_out with .json);
             regression adds ``age_bias``, the line predicted = slope * age + intercept
-            fitted on the validation set (``medtx.evaluate.brainage``; Beheshti et al.
+            fitted on the validation set (``medtx.brainage``; Beheshti et al.
             2019, de Lange & Cole 2020), whose residual is the TSV's gap_corrected;
             null (and no gap_corrected) when it cannot be fitted, e.g. one
             validation scan.

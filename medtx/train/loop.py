@@ -92,12 +92,20 @@ from torch import Tensor, nn
 
 from medtx.errors import ConfigError, MedtxError
 from medtx.io import atomic_path
+from medtx.train.checkpoints import (
+    CHECKPOINT_FORMAT,
+    FORMAT_VERSION,
+    MODEL_FORMAT,
+    last_path,
+    load_resumable,
+    save_resumable,
+)
+
+# evaluate/cards.py and evaluate/summary.py still read checkpoints through this name;
+# it goes when they import it from medtx.train.checkpoints.
+from medtx.train.checkpoints import load_state as load_state
 from medtx.train.config import resolve_train_config
 from medtx.train.distributed import Group
-
-CHECKPOINT_FORMAT = "medtx-train-state"
-MODEL_FORMAT = "medtx-model"
-FORMAT_VERSION = 1
 
 # Keys that change how a run executes, not what it computes: left out of the config
 # hash, so a job resumed with more threads or another log interval still resumes.
@@ -120,12 +128,6 @@ STATUSES = ("finished", "early_stopped", "interrupted")
 
 def default_log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def last_path(out: str | Path) -> Path:
-    """Where the resumable state of the run that ends in ``out`` lives: ``<out>.last.pt``."""
-    out = Path(out)
-    return out.with_name(out.name + ".last.pt")
 
 
 def to_primitive(obj: Any) -> Any:
@@ -255,18 +257,6 @@ def format_metric(value: float | None) -> str:
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def load_state(path: str | Path) -> dict[str, Any]:
-    """A medtx checkpoint (``<out>`` or ``<out>.last.pt``), read with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise MedtxError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights_only errors have no common base
-        first = (str(err).strip().splitlines() or [""])[0]  # torch's messages run for lines
-        raise MedtxError(f"{path}: cannot read checkpoint ({type(err).__name__}: {first})") from err
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -703,8 +693,6 @@ class Trainer:
         ``medtx.train.checkpoints.load_resumable``) into the model, optimizer, scheduler,
         scaler, RNGs and state when it was written for this config; otherwise keep the
         fresh start, with a warning line when the file was written for another config."""
-        from medtx.train.checkpoints import load_resumable
-
         found = load_resumable(self.out, self.log)
         if found is None:
             return
@@ -1017,8 +1005,6 @@ class Trainer:
         now = time.monotonic()
         self.state.elapsed_s += now - self.elapsed_mark
         self.elapsed_mark = now
-        from medtx.train.checkpoints import save_resumable
-
         if self.group.is_main:
             save_resumable(self.checkpoint(), self.out, keep_previous=self.keep_previous)
         self.keep_previous = True

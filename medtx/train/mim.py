@@ -41,6 +41,7 @@ from medtx.models.pumit.tokenizer import AdversarialTokenizer, GanSettings, Toke
 from medtx.models.pumit.vit import PATCH, random_token_mask
 from medtx.models.registry import build
 from medtx.train.checkpoints import (
+    load_state,
     model_kwargs,
     run_config,
     scans_of,
@@ -48,7 +49,7 @@ from medtx.train.checkpoints import (
 )
 from medtx.train.config import n_classes, resolve_config
 from medtx.train.data import VolumeSet, collate, items_from_indexes
-from medtx.train.loop import TrainResult, load_state, pick_device, seed_everything, train
+from medtx.train.loop import TrainResult, pick_device, seed_everything, train
 
 ISOTROPIC = Grid(0)
 # The authors' pre-training recipe, under what a config sets: warm-up then cosine per

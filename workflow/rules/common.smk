@@ -69,7 +69,8 @@ RESULTS_LOCK = ResultsLock(RESULTS)
 onstart:
     restore_gc()
     take_results_lock(RESULTS_LOCK)
-    for name, text in SCAN_TEXT.items():  # as the scan_table jobs would (--touch runs none)
+    # as the scan_table jobs would (--touch runs none)
+    for name, text in SCAN_TEXT.items():
         write_scan_table(text, paths.scan_table(RESULTS, name))
 
 

@@ -75,8 +75,8 @@ def test_fine_tuning_from_the_bundle_loads_what_the_checkpoint_holds(encoder):
 
 
 def test_finetune_starts_from_a_received_bundle_and_records_it(encoder, tmp_path):
+    from medtx.train.checkpoints import load_state
     from medtx.train.finetune import finetune
-    from medtx.train.loop import load_state
 
     _, bundle, _ = encoder
     items = write_items(tmp_path / "d", 6)

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtx.errors import ConfigError
+from medtx.train.checkpoints import last_path, load_state
 from medtx.train.distributed import Group
-from medtx.train.loop import last_path, load_state, train
+from medtx.train.loop import train
 from medtx.workflow.resources import launcher, training_resources, training_threads
 
 # batch 5 of 10 volumes: two processes get 3 and 2 of each batch (unequal shares)
