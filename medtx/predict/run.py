@@ -36,9 +36,9 @@ import numpy as np
 import pandas as pd
 
 from medtx import __version__
+from medtx.bundle import ENSEMBLE, META, Bundle, load_bundle
 from medtx.errors import MedtxError
 from medtx.predict.inputs import DATASET, ScanInput, collect_inputs
-from medtx.share.bundle import ENSEMBLE, META, Bundle, load_bundle
 
 PREDICTIONS = "predictions.tsv"
 BY_FOLD = "predictions_by_fold.tsv"

@@ -196,7 +196,7 @@ def load_pretrained(
     backbone's rule. Heads stay fresh.
 
     ``checkpoint``: the checkpoint already read, as a received encoder bundle gives
-    it (``medtx.share.bundle.Bundle.as_checkpoint``, whose ``sha256`` is then the
+    it (``medtx.bundle.Bundle.as_checkpoint``, whose ``sha256`` is then the
     ``init_sha256``: its manifest's, which covers every file).
 
     Returns:

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
+from medtx.bundle import MANIFEST, BundleError, encoder_bundles, load_bundle, write_manifest
 from medtx.config import load_config
 from medtx.errors import ConfigError
 from medtx.folds.firewall import LeakageError, bundle_leaks, run_firewall
 from medtx.models.registry import build
-from medtx.share.bundle import MANIFEST, BundleError, encoder_bundles, load_bundle, write_manifest
 from medtx.share.export import export_bundle, export_encoder
 from medtx.train.checkpoints import load_pretrained, model_kwargs
 from medtx.train.config import resolve_config

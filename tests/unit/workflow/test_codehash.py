@@ -145,5 +145,5 @@ def test_exporting_reruns_nothing_and_the_bundle_format_its_readers(package_copy
     encoders' subject digests), fine-tuning from one, and the predict rule."""
     assert changed_by(package_copy, "share/export.py") == set()
     assert changed_by(package_copy, "predict/run.py") == {"predict"}
-    assert changed_by(package_copy, "share/bundle.py") == {"firewall", "finetune", "predict"}
+    assert changed_by(package_copy, "bundle.py") == {"firewall", "finetune", "predict"}
     assert "models/registry.py" not in closure_files("firewall")
