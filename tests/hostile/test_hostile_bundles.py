@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 from safetensors.torch import load_file, save_file
-from tests.unit.share.test_bundle import study  # noqa: F401  (a module fixture)
+from tests.unit.test_bundle import study  # noqa: F401  (a module fixture)
 
 from medtx.bundle import encoder_bundles, load_bundle, write_manifest
 from medtx.cli import main

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from tests.unit.share.test_bundle import train_ensemble
+from tests.unit.test_bundle import train_ensemble
 
 from medtx.bundle import load_bundle
 from medtx.config import load_config
