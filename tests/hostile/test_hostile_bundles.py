@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 from safetensors.torch import load_file, save_file
-from tests.unit.test_bundle import study  # noqa: F401  (a module fixture)
 
 from medtx.bundle import encoder_bundles, load_bundle, write_manifest
 from medtx.cli import main
@@ -20,6 +19,7 @@ from medtx.predict.run import fold_models
 from medtx.share.export import export_bundle
 from tests.conftest import sphere, write_nifti
 from tests.unit.share.test_encoder_bundle import encoder  # noqa: F401  (a module fixture)
+from tests.unit.test_bundle import study  # noqa: F401  (a module fixture)
 
 KEY = "MEDTX_PROVENANCE_KEY"
 SIGNATURE = "MANIFEST.sha256.hmac"
