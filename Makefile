@@ -23,12 +23,14 @@ demo: $(STAMP)
 dryrun: $(STAMP)
 	$(BIN)/snakemake -n all
 
-# ruff (lint, format), snakefmt, mypy on the package, Snakemake's own linter
+# ruff (lint, format), snakefmt, mypy on the package, the layer order (import-linter's
+# contracts in pyproject.toml), Snakemake's own linter
 lint: $(STAMP)
 	$(BIN)/ruff check medtx tests bench
 	$(BIN)/ruff format --check medtx tests bench
 	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/snakemake --lint
 
 # one worker per core (pytest-xdist); a module's tests stay on one worker, so the

@@ -7,7 +7,7 @@
 #   2. bench/train.py --sections cuda --quick: fp32 against bf16 steps (volumes/s,
 #      peak memory), runs per GPU (the packing curve), DDP over 1 and 2 GPUs when
 #      there are 2, and each stage's step against the memory the workflow plans
-#      for it (medtx/workflow/step_cost.json) with the TFLOP/s it reaches.
+#      for it (medtx/train/step_cost.json) with the TFLOP/s it reaches.
 #
 # Each step runs under its own `timeout`. Everything lands in ONE JSON file:
 # $OUT/gpu.json when $OUT is set (the device runner's folder), else

@@ -2,7 +2,7 @@
 its pre-trained encoder and from scratch, on a planted cohort whose signal the
 pretext tasks see, over 3 folds with a seed each.
 
-The cohort (``medtx.data.planted.classification_cohort``): CN/MCI/AD differ by an
+The cohort (``medtx.train.planted.classification_cohort``): CN/MCI/AD differ by an
 atrophy severity, the main thing that varies between its images, so pre-training
 without labels has it to find: the exemplar task (one brain under two intensity
 remaps) and masked slices for the Medical Transformer, the tokenizer and masked
@@ -28,6 +28,7 @@ difference, then the mean margin over folds. Takes about 15 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import tempfile
 import time
@@ -37,23 +38,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from medtx.data import planted
 from medtx.domain import BACKBONES, PRETRAIN_STAGES
-from medtx.train import learnability
+from medtx.models import registry
+from medtx.train import learnability, planted
 from medtx.train.finetune import finetune
-from medtx.train.mim import pretrain_mim, pretrain_tokenizer
-from medtx.train.pretrain import pretrain_exemplar, pretrain_masked
 
 POOL = 120  # the training pool: pre-trained on unlabelled; 10 % of it labelled
 LABELLED = 12  # 10 % of the pool, 4 per class
 HELD_OUT = 72  # validation and test folds (24 each of 3 folds, in turn)
-STAGES = {
-    "exemplar": pretrain_exemplar,
-    "masked": pretrain_masked,
-    "tokenizer": pretrain_tokenizer,
-    "mim": pretrain_mim,
-}
-assert set(STAGES) == {s for stages in PRETRAIN_STAGES.values() for s in stages}
+#: Every backbone's pre-training stages, from the module the registry names.
+PRETRAINING = [importlib.import_module(registry.backbone(b).pretraining) for b in BACKBONES]
+STAGES = {name: entry.run for module in PRETRAINING for name, entry in module.STAGES.items()}
 #: Pre-training epochs per stage (the demo's rates: config.yaml).
 PRETRAIN = {
     "exemplar": {"epochs": 8, "lr": 1e-3},

@@ -43,11 +43,11 @@ flops   What a training run will cost, before it runs. For every backbone preset
         allocates, exact for them, nothing computed, so even PUMIT base's
         segmentation at batch 10 costs no CPU time), parameters, the H100 volumes/s at
         35 % of 989 TFLOP/s (bf16 dense, SXM) and the GPU memory, runs per 80 GB GPU
-        and CPU-run host memory the workflow plans (``medtx.workflow.resources``).
+        and CPU-run host memory the workflow plans (``medtx.train.resources``).
         Then a check: three steps computed on the CPU (a fresh process each, batch
         2), their tensors counted there against the meta count, and the process's
         resident peak against the planned host memory. ``--write-table`` rewrites
-        ``medtx/workflow/step_cost.json`` (the same step at each downsample 1..4 and
+        ``medtx/train/step_cost.json`` (the same step at each downsample 1..4 and
         batches 2 and 64), which the workflow's training rules plan with; the section
         says whether the committed table matches.
 cuda    Only with a GPU; without one a line says the rows were not run.
@@ -131,13 +131,13 @@ from medtx.models.pumit.tokenizer import Tokenizer, tokenizer_loss  # noqa: E402
 from medtx.models.pumit.vit import PATCH, VIT_SIZES, UniversalViT, random_token_mask  # noqa: E402
 from medtx.models.registry import REGISTRY, build  # noqa: E402
 from medtx.models.slice_transformer import TASK_DEFAULTS, build_model  # noqa: E402
+from medtx.train import resources  # noqa: E402
 from medtx.train.config import DOWNSAMPLE_MAX, TRAIN_DEFAULTS  # noqa: E402
 from medtx.train.config import defaults as stage_defaults  # noqa: E402
 from medtx.train.data import VolumeSet, collate  # noqa: E402
 from medtx.train.distributed import Group  # noqa: E402
 from medtx.train.loop import set_cuda_determinism, to_device  # noqa: E402
 from medtx.train.losses import cross_entropy, segmentation_loss  # noqa: E402
-from medtx.workflow import resources  # noqa: E402
 
 SECTIONS = ("step", "loader", "backbones", "remap", "flops", "cuda")
 SIZE = (96, 114, 96)
@@ -161,7 +161,7 @@ DOWNSAMPLES = tuple(range(1, DOWNSAMPLE_MAX + 1))  # the table's sizes: 96x114x9
 PRETRAIN_STEPS = {"medical_transformer": ("exemplar", "masked"), "pumit": ("tokenizer", "mim")}
 H100_BF16_FLOPS = 989e12
 UTILISATION = 0.35
-COST_TABLE = Path(__file__).resolve().parents[1] / "medtx/workflow" / resources.STEP_COST_TABLE
+COST_TABLE = Path(__file__).resolve().parents[1] / "medtx/train" / resources.STEP_COST_TABLE
 
 
 def make_step(
@@ -719,7 +719,7 @@ def step_cost_figures(
 def cost_row(
     case: CostCase, device: str = "meta", downsamples: tuple[int, ...] = DOWNSAMPLES
 ) -> dict[str, Any]:
-    """A row of the step-cost table (``medtx/workflow/step_cost.json``). For each
+    """A row of the step-cost table (``medtx/train/step_cost.json``). For each
     ``downsample`` 1..4 (96x114x96 floor-divided; or those of ``downsamples``), the
     peak bytes of a step as ``fixed_bytes + batch * volume_bytes`` and the FLOPs a
     volume (forward + backward); at full size ``channel_bytes`` per input channel
@@ -768,7 +768,7 @@ def cost_row(
 
 
 def cost_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The step-cost table the workflow plans with (``medtx.workflow.resources``)."""
+    """The step-cost table the workflow plans with (``medtx.train.resources``)."""
     return {
         "about": (
             "Tensor bytes of one training step (forward, backward, optimizer step;"
@@ -776,7 +776,7 @@ def cost_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
             " bench/train.py --sections flops --write-table. Lists are per downsample"
             " 1..4 of the reference size; a step's peak is fixed_bytes + batch *"
             " volume_bytes (+ channel_bytes per extra input channel, at full size)."
-            " medtx.workflow.resources plans with it; docs/slurm.md explains."
+            " medtx.train.resources plans with it; docs/slurm.md explains."
         ),
         "reference": {
             "size": list(SIZE),
@@ -1125,7 +1125,7 @@ def cuda_cost_figures(case: CostCase, batch: int, amp: bool, steps: int) -> tupl
 
 
 def cost_part(batch: int, steps: int, total: int) -> None:
-    """(d) of the cuda section: the planning figures (medtx/workflow/step_cost.json)
+    """(d) of the cuda section: the planning figures (medtx/train/step_cost.json)
     against the GPU, stage by stage."""
     print(
         f"\n(d) the workflow's figures against the GPU: each stage's step (as the flops"
@@ -1214,7 +1214,7 @@ def flops_section(args: argparse.Namespace) -> None:
     print(
         f"H100 vol/s: {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s (H100 SXM bf16 dense; TF32"
         f" 495, fp32 67) at {UTILISATION:.0%} utilisation; GPU MB and runs per 80 GB: as"
-        f" the workflow plans them (medtx.workflow.resources, fp32 x {resources.GPU_MARGIN}"
+        f" the workflow plans them (medtx.train.resources, fp32 x {resources.GPU_MARGIN}"
         f" + {resources.CUDA_CONTEXT_MB} MB CUDA context); host MB: a CPU run's"
     )
     header = (
@@ -1316,7 +1316,7 @@ def main() -> int:
     parser.add_argument(
         "--write-table",
         action="store_true",
-        help=f"flops: rewrite medtx/workflow/{resources.STEP_COST_TABLE} from its rows",
+        help=f"flops: rewrite medtx/train/{resources.STEP_COST_TABLE} from its rows",
     )
     hidden = argparse.SUPPRESS  # modes the cuda section starts in other processes
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help=hidden)

@@ -37,6 +37,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from medtx.domain import BACKBONES, DEFAULT_BACKBONE, INITS, PRETRAIN_STAGES, TASKS
 from medtx.errors import MedtxError
@@ -175,12 +176,15 @@ INTERRUPTED = 3  # exit code of a training job stopped at a checkpoint (rerun re
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    if args.stage in PRETRAIN_STAGES["pumit"]:
-        from medtx.train.mim import pretrain_stage
-    else:
-        from medtx.train.pretrain import pretrain_stage
+    import importlib
 
+    from medtx.models.registry import backbone
+    from medtx.train.pretraining import pretrain_stage
+
+    name = next(b for b, stages in PRETRAIN_STAGES.items() if args.stage in stages)
+    stages = importlib.import_module(backbone(name).pretraining).STAGES
     result = pretrain_stage(
+        stages,
         args.stage,
         args.index,
         init=args.init,
@@ -275,8 +279,8 @@ def cmd_deface(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from medtx.bundle import MANIFEST
     from medtx.config import load_config
-    from medtx.share.bundle import MANIFEST
     from medtx.share.export import export_bundle, export_encoder
 
     config = load_config(args.config)
@@ -364,13 +368,7 @@ def cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medtx", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--version", action="store_true", help="print the version and the code hash, then exit"
-    )
-    sub = parser.add_subparsers(dest="command")
-
+def _preprocess_parser(sub: Any) -> None:
     p = sub.add_parser("preprocess", help="run the whole T1 chain on one scan")
     p.add_argument("t1", help="raw T1-weighted NIfTI")
     p.add_argument("--out", required=True, help="output folder")
@@ -385,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_preprocess)
 
+
+def _deface_parser(sub: Any) -> None:
     p = sub.add_parser("deface", help="a defaced native-space T1 for sharing (quickshear)")
     p.add_argument("t1", help="native-space T1-weighted NIfTI")
     p.add_argument("out", help="the defaced copy (.nii.gz); never the input")
@@ -394,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", help="the scan id for the record")
     p.set_defaults(func=cmd_deface)
 
+
+def _export_parser(sub: Any) -> None:
     p = sub.add_parser(
         "export", help="a fine-tuned fold ensemble or a pre-trained encoder as a bundle"
     )
@@ -406,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the study's config YAML (default: the repo's config.yaml)")
     p.set_defaults(func=cmd_export)
 
+
+def _predict_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="a bundle's fold ensemble on new raw scans")
     p.add_argument("bundle", help="a bundle folder (medtx export)")
     p.add_argument(
@@ -425,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-table", help="with --cache-index: the dataset's scan table (ages)")
     p.set_defaults(func=cmd_predict)
 
+
+def _step_parser(sub: Any) -> None:
     p = sub.add_parser("step", help="one preprocessing step (what the rules call)")
     p.add_argument("step", choices=STEPS)
     p.add_argument("--input", action="append", metavar="ROLE=PATH")
@@ -439,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="the scan's dataset, recorded in provenance")
     p.set_defaults(func=cmd_step)
 
+
+def _collect_parser(sub: Any) -> None:
     p = sub.add_parser("collect", help="merge a scan's step records and draw thumbnails")
     p.add_argument(
         "--record",
@@ -452,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_collect)
 
+
+def _report_parser(sub: Any) -> None:
     p = sub.add_parser("report", help="the cohort provenance report (HTML)")
     p.add_argument("--records", nargs="*", help="per-scan provenance JSONs or folders")
     p.add_argument("--scan-table", nargs="*", help="scan tables, for the exclusions")
@@ -459,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
 
+
+def _derivatives_parser(sub: Any) -> None:
     p = sub.add_parser(
         "derivatives", help="a T1 dataset's preprocessed images as a BIDS-derivatives dataset"
     )
@@ -473,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_derivatives)
 
+
+def _folds_parser(sub: Any) -> None:
     p = sub.add_parser("folds", help="write one dataset x task fold manifest")
     p.add_argument("--dataset", required=True)
     p.add_argument("--task", required=True, choices=TASKS)
@@ -484,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-json", required=True)
     p.set_defaults(func=cmd_folds)
 
+
+def _firewall_parser(sub: Any) -> None:
     p = sub.add_parser("firewall", help="stop if a subject leaks between splits or stages")
     p.add_argument("--manifest", nargs="+", required=True)
     p.add_argument("--pretrain-table", nargs="*", help="scan tables of pre-training datasets")
@@ -492,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_firewall)
 
+
+def _pretrain_parser(sub: Any) -> None:
     p = sub.add_parser(
         "pretrain",
         help="a pre-training stage: exemplar, masked (Medical Transformer); tokenizer, mim (PUMIT)",
@@ -506,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_pretrain)
 
+
+def _finetune_parser(sub: Any) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune one dataset x task x backbone x init x fraction x fold"
     )
@@ -530,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True)
     p.set_defaults(func=cmd_finetune)
 
+
+def _evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="tables like the paper's from fine-tuning metrics")
     p.add_argument("--metrics", nargs="+", required=True)
     p.add_argument(
@@ -544,6 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--summary", help="the summary.md to write (tables go beside it)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _params_parser(sub: Any) -> None:
     p = sub.add_parser(
         "params",
         help="print Table 3: parameters of both backbones' models, and PUMIT base's ViT "
@@ -552,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "tsv"], default="text")
     p.set_defaults(func=cmd_params)
 
+
+def _audit_parser(sub: Any) -> None:
     p = sub.add_parser(
         "audit", help="re-derive every provenance claim: records, manifests, QC, outputs"
     )
@@ -559,12 +585,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="folder relative paths in records are relative to")
     p.set_defaults(func=cmd_audit)
 
+
+def _demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="write part of the synthetic demo cohort")
     p.add_argument("what", choices=["t1-scan", "t1-participants", "brats-case"])
     p.add_argument("--spec", required=True, help="the dataset's generate section as JSON")
     p.add_argument("--subject", help="subject (t1-scan) or case (brats-case)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_demo)
+
+
+# The commands in the order `medtx --help` lists them.
+COMMAND_PARSERS = (
+    _preprocess_parser,
+    _deface_parser,
+    _export_parser,
+    _predict_parser,
+    _step_parser,
+    _collect_parser,
+    _report_parser,
+    _derivatives_parser,
+    _folds_parser,
+    _firewall_parser,
+    _pretrain_parser,
+    _finetune_parser,
+    _evaluate_parser,
+    _params_parser,
+    _audit_parser,
+    _demo_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtx", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--version", action="store_true", help="print the version and the code hash, then exit"
+    )
+    sub = parser.add_subparsers(dest="command")
+    for add in COMMAND_PARSERS:
+        add(sub)
     for name, command in sub.choices.items():
         command.epilog = f"example:\n  {EXAMPLES[name]}"
         command.formatter_class = argparse.RawDescriptionHelpFormatter

@@ -261,7 +261,27 @@ def read_bids(name: str, root: Path, select: dict | None = None) -> ReadResult:
                 problems.append((row, problem))
             else:
                 rows.append(row)
-    for subject, (record, line) in (listed or {}).items():
+    _listed_without_folder(name, root, listed or {}, dirs, hidden, folded, clashes, rows, problems)
+    if unmatched := bids.unmatched_choices(sel, found, key):
+        raise ConfigError("; ".join(unmatched))
+    return rows, problems
+
+
+def _listed_without_folder(
+    name: str,
+    root: Path,
+    listed: dict,
+    dirs: dict,
+    hidden: set,
+    folded: Counter,
+    clashes: dict,
+    rows: list[dict],
+    problems: list[tuple[dict | None, str]],
+) -> None:
+    """participants.tsv rows with no subject folder: a skipped row with the reason,
+    or the problem with the id (and its clashes), added to ``rows`` and ``problems``."""
+    participants = root / "participants.tsv"
+    for subject, (record, line) in listed.items():
         if subject in dirs:
             continue
         where = f"{participants} line {line}"
@@ -279,9 +299,6 @@ def read_bids(name: str, root: Path, select: dict | None = None) -> ReadResult:
             problems += [
                 (_row(name, "bids", subject, None), p) for p in clashes.get(subject.lower(), [])
             ]
-    if unmatched := bids.unmatched_choices(sel, found, key):
-        raise ConfigError("; ".join(unmatched))
-    return rows, problems
 
 
 def _subject_problem(subject, sub_dir, dirs, folded, listed, clashes, participants) -> str | None:

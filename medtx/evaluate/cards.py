@@ -48,7 +48,7 @@ from medtx.folds.manifest import read_manifest
 from medtx.io import sha256, write_text
 from medtx.pages import markdown_environment
 from medtx.provenance.qc import NOT_MEASURED, face_status
-from medtx.train.loop import load_state
+from medtx.train.checkpoints import load_state
 from medtx.workflow.paths import preprocess_dir, t1_outputs
 
 CARD_NAME = "model_card.md"

@@ -34,8 +34,8 @@ import pandas as pd
 
 from medtx.domain import REGION_NAMES, TASKS
 from medtx.errors import MedtxError
-from medtx.evaluate.metrics import mae, mauc
 from medtx.evaluate.tables import MISSING, format_mean_std, write_table
+from medtx.metrics import mae, mauc
 
 SUBGROUP_DEFAULTS: dict[str, Any] = {
     "age_bands": [60, 70, 80],  # band edges in years: <60, 60–70, 70–80, ≥80
@@ -261,7 +261,7 @@ def weighted_metric(data: _Data, weights: np.ndarray) -> np.ndarray:
     """The metric per resample, ``weights`` (B, n) the times each row was drawn.
 
     Classification: Hand & Till's mAUC (scikit-learn's one-vs-one macro average; for
-    two classes the AUC of p_1, as ``medtx.evaluate.metrics.mauc``); NaN where a class
+    two classes the AUC of p_1, as ``medtx.metrics.mauc``); NaN where a class
     was not drawn. Regression: MAE; segmentation: mean per-case Dice. NaN where
     nothing was drawn.
     """

@@ -45,7 +45,7 @@ from medtx.evaluate.subgroups import (
 from medtx.evaluate.tables import build_tables, md_text
 from medtx.io import write_text
 from medtx.pages import macros
-from medtx.train.loop import load_state
+from medtx.train.checkpoints import load_state
 
 OVERLAY_CASES = 2  # test cases drawn per segmentation group
 GROUP_KEYS = ["dataset", "task", "backbone", "init", "frac"]

@@ -3,7 +3,7 @@
 Every fine-tuning run writes ``predictions.tsv`` and ``metrics.json`` (with the
 run's identity, ``run``) into its folder (``medtx.workflow.paths.finetune_dir``).
 ``collect_runs`` reads them into one row per run; the test metrics are recomputed
-from the predictions beside each JSON (``medtx.evaluate.predict.evaluate_predictions``), so
+from the predictions beside each JSON (``medtx.train.inference.evaluate_predictions``), so
 a table never shows a number its predictions no longer support: a disagreement
 beyond 1e-9 is an error naming the file.
 
@@ -58,7 +58,7 @@ HEADLINES: dict[str, tuple[tuple[str, str, int], ...]] = {
 # Every metric ``evaluate_predictions`` returns, as run-table columns.
 METRIC_KEYS = ("n", "mauc", "accuracy", "mae", "dice_WT", "dice_TC", "dice_ET", "dice_mean")
 # Brain age's gap, raw and corrected for the age bias fitted on validation
-# (``medtx.evaluate.brainage``), and its Pearson r with age over the test scans.
+# (``medtx.brainage``), and its Pearson r with age over the test scans.
 GAP_KEYS = (
     ("mean_gap", "mean gap (years)", 2),
     ("r_gap_age", "r(gap, age)", 2),
@@ -126,7 +126,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _run_row(path: Path) -> dict[str, Any]:
-    from medtx.evaluate.predict import evaluate_predictions  # torch: import only when reading runs
+    from medtx.train.inference import evaluate_predictions  # torch: import only when reading runs
 
     stored = read_metrics_json(path)
     run = run_identity(stored, path)

@@ -134,11 +134,11 @@ def bundle_leaks(
     """Subjects evaluated here whom a received encoder was pre-trained on, one line each.
 
     An encoder bundle lists the sha256 of each pre-training subject's
-    ``dataset:subject`` id (``medtx.share.bundle.subject_digest``). A validation or
+    ``dataset:subject`` id (``medtx.bundle.subject_digest``). A validation or
     test subject leaks when its own id, or an id ``identities`` declares the same
     person, has one of those digests.
     """
-    from medtx.share.bundle import subject_digest
+    from medtx.bundle import subject_digest
 
     alias = _identity_map(identities)
     people: dict[str, list[str]] = {}
@@ -200,8 +200,8 @@ def run_firewall(
     """
     import sys
 
+    from medtx.bundle import ENCODER, load_bundle
     from medtx.data.scans import usable_subjects
-    from medtx.share.bundle import ENCODER, load_bundle
 
     manifests = {Path(p).name.removesuffix("_folds.tsv"): read_manifest(p) for p in manifest_paths}
     pretrain = usable_subjects(list(pretrain_tables))

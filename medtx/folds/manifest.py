@@ -31,7 +31,7 @@ Fold assignment (``method``):
   session's), as the issue asked. Its shuffle permutes the whole cohort, so
   one added subject reshuffles almost every fold.
 
-Measured stability (``benchmark_stability``; 60 subjects, 20 each CN/MCI/AD,
+Measured stability (``bench/folds.py``; 60 subjects, 20 each CN/MCI/AD,
 5 folds, one subject of a random class added, 200 seeds; "moved" = existing
 subjects whose fold index changed; in brackets, after the best relabelling of
 the new folds onto the old ones, which forgives a mere renaming of folds):
@@ -465,20 +465,7 @@ def make_manifest(
     strata, names, extra = _stratify(first, dataset, task, n_folds, label_map, age_bins)
     fold_of = (hash_folds if method == "hash" else sklearn_folds)(strata, n_folds, seed)
 
-    role: dict[tuple[str, int], str] = {}
-    frac: dict[tuple[str, int], Any] = {}
-    frac_counts = []
-    for k in range(n_folds):
-        val_fold = (k + 1) % n_folds
-        for s in subjects:
-            role[s, k] = "test" if fold_of[s] == k else "val" if fold_of[s] == val_fold else "train"
-            frac[s, k] = ""
-        train = fraction_order([s for s in subjects if role[s, k] == "train"], strata, seed)
-        sizes = {p: _ceil_pct(p, len(train)) for p in fracs}
-        for rank, s in enumerate(train):
-            frac[s, k] = next(p for p in fracs if rank < sizes[p])
-        frac_counts.append({str(p): sizes[p] for p in fracs})
-
+    role, frac, frac_counts = _roles_and_fractions(subjects, fold_of, strata, n_folds, fracs, seed)
     out = []
     for rec in kept:
         s = rec["subject"]
@@ -497,22 +484,7 @@ def make_manifest(
         out.append(row)
     columns = BASE_COLUMNS + [c for k in range(n_folds) for c in (f"role_{k}", f"frac_{k}")]
     manifest = pd.DataFrame(out, columns=columns)
-
-    folds_info = []
-    for k in range(n_folds):
-        members = [s for s in subjects if fold_of[s] == k]
-        info: dict[str, Any] = {
-            "fold": k,
-            "n_subjects": len(members),
-            "n_scans": int((manifest["fold"] == k).sum()),
-        }
-        if task == "classification":
-            info["class_counts"] = {names[c]: sum(strata[s] == c for s in members) for c in names}
-        elif task == "regression":
-            info["age_mean"] = round(float(np.mean([first[s]["label"] for s in members])), 2)
-            info["age_bin_counts"] = {names[b]: sum(strata[s] == b for s in members) for b in names}
-        info["train_subjects_by_fraction"] = frac_counts[k]
-        folds_info.append(info)
+    folds_info = _folds_info(manifest, first, fold_of, strata, names, task, frac_counts)
     sidecar = {
         "dataset": dataset,
         "task": task,
@@ -533,19 +505,64 @@ def make_manifest(
     return manifest, sidecar
 
 
-def _select_scans(
-    table: pd.DataFrame,
-    dataset: str,
-    task: str,
-    label_map: Mapping[str, int],
-    qc: Mapping[str, tuple[bool, str]],
-    overrides: Mapping[str, Any] | None,
-) -> tuple[list[dict], list[dict], list[dict]]:
-    """(kept rows with label, exclusions, overrides as applied), in subject order.
+def _roles_and_fractions(
+    subjects: Sequence[str],
+    fold_of: Mapping[str, int],
+    strata: Mapping[str, Any],
+    n_folds: int,
+    fracs: Sequence[int],
+    seed: int,
+) -> tuple[dict[tuple[str, int], str], dict[tuple[str, int], Any], list[dict[str, int]]]:
+    """Each subject's role in each run k (test: fold k, val: fold k + 1, train: the
+    rest), the smallest label fraction that holds it there, and each run's counts."""
+    role: dict[tuple[str, int], str] = {}
+    frac: dict[tuple[str, int], Any] = {}
+    frac_counts = []
+    for k in range(n_folds):
+        val_fold = (k + 1) % n_folds
+        for s in subjects:
+            role[s, k] = "test" if fold_of[s] == k else "val" if fold_of[s] == val_fold else "train"
+            frac[s, k] = ""
+        train = fraction_order([s for s in subjects if role[s, k] == "train"], strata, seed)
+        sizes = {p: _ceil_pct(p, len(train)) for p in fracs}
+        for rank, s in enumerate(train):
+            frac[s, k] = next(p for p in fracs if rank < sizes[p])
+        frac_counts.append({str(p): sizes[p] for p in fracs})
+    return role, frac, frac_counts
 
-    Order of judgement: bad input, override exclude, bad label (an error),
-    QC failure unless overridden, missing label.
-    """
+
+def _folds_info(
+    manifest: pd.DataFrame,
+    first: Mapping[str, dict],
+    fold_of: Mapping[str, int],
+    strata: Mapping[str, Any],
+    names: Mapping[int, str],
+    task: str,
+    frac_counts: Sequence[Mapping[str, int]],
+) -> list[dict[str, Any]]:
+    """The sidecar's per-fold figures: subjects, scans, classes or ages, fractions."""
+    subjects = sorted(first)
+    folds_info = []
+    for k in range(len(frac_counts)):
+        members = [s for s in subjects if fold_of[s] == k]
+        info: dict[str, Any] = {
+            "fold": k,
+            "n_subjects": len(members),
+            "n_scans": int((manifest["fold"] == k).sum()),
+        }
+        if task == "classification":
+            info["class_counts"] = {names[c]: sum(strata[s] == c for s in members) for c in names}
+        elif task == "regression":
+            info["age_mean"] = round(float(np.mean([first[s]["label"] for s in members])), 2)
+            info["age_bin_counts"] = {names[b]: sum(strata[s] == b for s in members) for b in names}
+        info["train_subjects_by_fraction"] = frac_counts[k]
+        folds_info.append(info)
+    return folds_info
+
+
+def _dataset_rows(table: pd.DataFrame, dataset: str) -> list[dict]:
+    """The dataset's scans (skipped images left out) with text ids, in subject order;
+    a usable scan id may appear once."""
     rows = [
         rec
         for rec in table.to_dict("records")
@@ -564,6 +581,23 @@ def _select_scans(
     dup = sorted(scan for scan, c in Counter(usable).items() if c > 1)
     if dup:
         raise MedtxError(f"dataset {dataset!r}: scan id(s) {', '.join(dup)} appear more than once")
+    return rows
+
+
+def _select_scans(
+    table: pd.DataFrame,
+    dataset: str,
+    task: str,
+    label_map: Mapping[str, int],
+    qc: Mapping[str, tuple[bool, str]],
+    overrides: Mapping[str, Any] | None,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(kept rows with label, exclusions, overrides as applied), in subject order.
+
+    Order of judgement: bad input, override exclude, bad label (an error),
+    QC failure unless overridden, missing label.
+    """
+    rows = _dataset_rows(table, dataset)
     ovr = _overrides_for(overrides, dataset, {r["scan"] for r in rows})
 
     kept, exclusions, applied, errors = [], [], [], []
@@ -695,79 +729,6 @@ def moved_subjects(old: pd.DataFrame, new: pd.DataFrame) -> list[str]:
     b = new.drop_duplicates("subject").set_index("subject")["fold"].astype(int)
     common = a.index.intersection(b.index)
     return sorted(s for s in common if a[s] != b[s])
-
-
-# --- the stability figures in the module docstring ---
-
-
-def benchmark_stability(
-    method: str,
-    *,
-    task: str = "classification",
-    n_subjects: int = 60,
-    n_folds: int = 5,
-    seeds: Iterable[int] = range(200),
-    age_bins: Sequence[float] | None = None,
-) -> dict[str, float]:
-    """Fraction of existing subjects whose fold changes when one subject is added.
-
-    Returns mean and max over seeds of the plain fraction and of the fraction
-    after the best relabelling of the new folds onto the old ones.
-    """
-    from scipy.optimize import linear_sum_assignment
-
-    plain, relabelled = [], []
-    for seed in seeds:
-        rng = np.random.default_rng(seed)
-        classes = list(DEFAULT_LABEL_MAP)
-        rows = [
-            {
-                "dataset": "d",
-                "subject": f"s{i:03d}",
-                "session": "",
-                "scan": f"sub-s{i:03d}",
-                "diagnosis": classes[i % 3],
-                "age": f"{rng.uniform(55, 90):.1f}",
-                "status": "ok",
-            }
-            for i in range(n_subjects)
-        ]
-        rows.append(
-            {
-                **rows[0],
-                "subject": "new",
-                "scan": "sub-new",
-                "diagnosis": classes[int(rng.integers(3))],
-                "age": f"{rng.uniform(55, 90):.1f}",
-            }
-        )
-        table = pd.DataFrame(rows)
-        paths = {r["scan"]: "x" for r in rows}
-        kw: dict[str, Any] = dict(
-            dataset="d",
-            task=task,
-            n_folds=n_folds,
-            seed=seed,
-            paths=paths,
-            method=method,
-            age_bins=age_bins,
-        )
-        old, _ = make_manifest(table.iloc[:-1], **kw)
-        new, _ = make_manifest(table, **kw)
-        a = old.set_index("subject")["fold"]
-        b = new.set_index("subject")["fold"].loc[a.index]
-        plain.append(float((a != b).mean()))
-        overlap = np.zeros((n_folds, n_folds))
-        np.add.at(overlap, (a.to_numpy(), b.to_numpy()), 1)
-        r, c = linear_sum_assignment(-overlap)
-        relabelled.append(1 - overlap[r, c].sum() / len(a))
-    return {
-        "mean": float(np.mean(plain)),
-        "max": float(np.max(plain)),
-        "relabelled_mean": float(np.mean(relabelled)),
-        "relabelled_max": float(np.max(relabelled)),
-        "zero_moved": float(np.mean(np.array(plain) == 0)),
-    }
 
 
 def preproc_paths(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:

@@ -31,12 +31,16 @@ class Backbone:
     stay fresh); inflate: a 1-channel state made to take ``in_channels`` (BraTS);
     unused_when_finetuning: parameters no task's loss reaches (PUMIT's MIM mask
     token), frozen in fine-tuning so that data parallelism needs no search for them.
+    pretraining: the module of ``medtx.train`` whose ``STAGES`` pre-train it, each
+    run by the one driver ``medtx.train.pretraining`` (named, not imported: models
+    sit below training).
     """
 
     builder: Callable[..., nn.Module]
     presets: Mapping[str, Any]
     pretrained: tuple[str, ...]
     inflate: Callable[[dict[str, Tensor], int], dict[str, Tensor]]
+    pretraining: str
     unused_when_finetuning: tuple[str, ...] = ()
 
 
@@ -46,12 +50,14 @@ REGISTRY: dict[str, Backbone] = {
         slice_transformer.PRESETS,
         ("encoders", "transformer"),
         slice_transformer.inflate_state_dict,
+        "medtx.train.pretrain",
     ),
     "pumit": Backbone(
         pumit.build_model,
         pumit.PRESETS,
         ("vit",),
         pumit.inflate_state_dict,
+        "medtx.train.mim",
         unused_when_finetuning=("vit.mask_token",),
     ),
 }

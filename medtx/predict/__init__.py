@@ -1,1 +1,1 @@
-"""``medtx predict``: a bundle's fold ensemble on new raw scans (``medtx.share.bundle``)."""
+"""``medtx predict``: a bundle's fold ensemble on new raw scans (``medtx.bundle``)."""

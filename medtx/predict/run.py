@@ -36,9 +36,9 @@ import numpy as np
 import pandas as pd
 
 from medtx import __version__
+from medtx.bundle import ENSEMBLE, META, Bundle, load_bundle
 from medtx.errors import MedtxError
 from medtx.predict.inputs import DATASET, ScanInput, collect_inputs
-from medtx.share.bundle import ENSEMBLE, META, Bundle, load_bundle
 
 PREDICTIONS = "predictions.tsv"
 BY_FOLD = "predictions_by_fold.tsv"
@@ -369,7 +369,7 @@ def _summarize(
         for r, p in zip(per_fold, probs):
             r["prediction"] = int(p.argmax())
     elif task == "regression":
-        from medtx.evaluate.brainage import corrected_gap
+        from medtx.brainage import corrected_gap
 
         ages = np.array([float(o) for o in outputs])
         row["brain_age"], row["brain_age_sd"] = ages.mean(), ages.std()

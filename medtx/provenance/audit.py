@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,8 @@ from medtx.provenance.manifest import (
     read_manifest,
     record_sha256,
 )
-from medtx.provenance.records import check, load_scan_record, merged_record, qc_failures
+from medtx.provenance.qc import check
+from medtx.provenance.records import load_scan_record, merged_record, qc_failures
 from medtx.provenance.run_index import (
     IDENTITY,
     INDEX_NAME,
@@ -430,6 +431,34 @@ def _audit_scan(run: _Run, scan: str, prov: Path, manifest: Path) -> None:
             said.add((step, where))
         run.add(kind, scan, step, message, provenance=source, **extra)
 
+    merged = _read_merged(run, scan, prov, add)
+    entries, step_entries, merged_entry = _read_chain(run, prov, manifest, add)
+    locate = _Locator(run.base, _anchor(merged, prov, manifest, step_entries))
+    disk, names = _audit_step_records(run, manifest, step_entries, add)
+
+    merged_steps: dict[str, dict[str, Any]] = {}
+    if merged is not None:
+        merged_steps = {str(s.get("step")): s for s in merged["steps"] if isinstance(s, dict)}
+    stale = _merged_against_manifest(prov, merged, merged_steps, entries, add)
+
+    if merged is not None:
+        n_said = len(said)
+        _audit_merged(prov, merged, merged_steps, merged_entry, disk, names, stale, add)
+        if merged_entry is not None and record_sha256(merged) != merged_entry.get("sha256"):
+            if len(said) == n_said and not any(
+                p["scan"] == scan and p["status"] == DROPPED for p in run.result.problems
+            ):
+                add(EDITED, None, f"{prov.name} edited since collect wrote it")
+
+    steps = {**merged_steps, **disk}  # a step's record on disk wins over its merged copy
+    run.states[manifest.resolve()] = _ScanState(
+        scan, prov, manifest, merged, list(steps.values()), locate
+    )
+    _audit_files(run, scan, merged, merged_steps, disk, step_entries, locate, add)
+
+
+def _read_merged(run: _Run, scan: str, prov: Path, add: Callable[..., None]) -> dict | None:
+    """The scan's merged record, if it exists and can be read; it must name the scan."""
     merged = None
     if prov.is_file():
         try:
@@ -439,7 +468,14 @@ def _audit_scan(run: _Run, scan: str, prov: Path, manifest: Path) -> None:
             add(UNREADABLE, None, str(err))
         if merged is not None and merged.get("scan") != scan:
             add(EDITED, None, f"{prov.name} says it is scan {_short(merged.get('scan'))}")
+    return merged
 
+
+def _read_chain(
+    run: _Run, prov: Path, manifest: Path, add: Callable[..., None]
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The record manifest's entries (its chain checked), the latest entry of each
+    step and of the merged record; a missing manifest or merged record is said."""
     entries: list[dict[str, Any]] = []
     if manifest.is_file():
         entries, chain_problems = read_manifest(manifest, key=run.key)
@@ -467,21 +503,27 @@ def _audit_scan(run: _Run, scan: str, prov: Path, manifest: Path) -> None:
             f"its steps ran but nothing merged them (no {prov.name}): collect never "
             "ran, or its record and manifest entry were removed",
         )
+    return entries, step_entries, merged_entry
 
+
+def _anchor(
+    merged: dict | None, prov: Path, manifest: Path, step_entries: dict[str, dict[str, Any]]
+) -> tuple[Any, Any, Path] | None:
+    """Where the records were written from (folder, cwd, record file), which relative
+    paths in them resolve against: the merged record's, else the latest step's."""
     if merged is not None and merged.get("written_to"):
-        anchor = (merged["written_to"], merged.get("cwd"), prov)
-    elif step_entries:
+        return (merged["written_to"], merged.get("cwd"), prov)
+    if step_entries:
         last = max(step_entries.values(), key=lambda e: e.get("seq", 0))
-        anchor = (
-            last.get("written_to"),
-            last.get("cwd"),
-            manifest.parent / str(last.get("record")),
-        )
-    else:
-        anchor = None
-    locate = _Locator(run.base, anchor)
+        return (last.get("written_to"), last.get("cwd"), manifest.parent / str(last.get("record")))
+    return None
 
-    # Step records on disk, against their manifest entries, then their own QC.
+
+def _audit_step_records(
+    run: _Run, manifest: Path, step_entries: dict[str, dict[str, Any]], add: Callable[..., None]
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Step records on disk against their manifest entries, then their own QC;
+    returns the readable records and each step's record file name."""
     disk: dict[str, dict[str, Any]] = {}
     names: dict[str, str] = {}
     for step, entry in step_entries.items():
@@ -509,65 +551,58 @@ def _audit_scan(run: _Run, scan: str, prov: Path, manifest: Path) -> None:
                 )
         for where, message in _qc_problems(record, None):
             add(QC, step, f"{path.name}: {message}", where=where)
+    return disk, names
 
-    merged_steps: dict[str, dict[str, Any]] = {}
-    if merged is not None:
-        merged_steps = {str(s.get("step")): s for s in merged["steps"] if isinstance(s, dict)}
-    stale = _merged_against_manifest(prov, merged, merged_steps, entries, add)
 
-    if merged is not None:
-        n_said = len(said)
-        # QC verdicts of the merged record, re-derived from its metrics and thresholds.
-        thresholds = (merged.get("qc") or {}).get("thresholds") or {}
-        thresholds = thresholds if isinstance(thresholds, dict) else {}
-        for step, s in merged_steps.items():
-            for where, message in _qc_problems(s, thresholds):
-                add(QC, step, f"{prov.name}: {message}", where=where)
-        for where, message in _scan_verdict(merged):
-            add(QC, None, f"{prov.name}: {message}", where=where)
-        if merged_entry is not None and record_sha256(merged) != merged_entry.get("sha256"):
-            for where, edit in _field_edits(
-                merged_entry.get("fields") or {}, merged, skip=("steps",)
-            ):
-                add(EDITED, None, f"{prov.name} edited since collect wrote it: {edit}", where=where)
+def _audit_merged(
+    prov: Path,
+    merged: dict[str, Any],
+    merged_steps: dict[str, dict[str, Any]],
+    merged_entry: dict[str, Any] | None,
+    disk: dict[str, dict[str, Any]],
+    names: dict[str, str],
+    stale: set[str],
+    add: Callable[..., None],
+) -> None:
+    """The merged record's QC verdicts re-derived from its metrics and thresholds,
+    its fields against its manifest entry, and the whole re-derived from the step
+    records on disk."""
+    thresholds = (merged.get("qc") or {}).get("thresholds") or {}
+    thresholds = thresholds if isinstance(thresholds, dict) else {}
+    for step, s in merged_steps.items():
+        for where, message in _qc_problems(s, thresholds):
+            add(QC, step, f"{prov.name}: {message}", where=where)
+    for where, message in _scan_verdict(merged):
+        add(QC, None, f"{prov.name}: {message}", where=where)
+    if merged_entry is not None and record_sha256(merged) != merged_entry.get("sha256"):
+        for where, edit in _field_edits(merged_entry.get("fields") or {}, merged, skip=("steps",)):
+            add(EDITED, None, f"{prov.name} edited since collect wrote it: {edit}", where=where)
 
-        # The merged record re-derived from the step records on disk.
-        fresh = [disk[s] for s in merged_steps if s in disk and s not in stale]
-        identity = {k: merged.get(k) for k in ("scan", "dataset", "subject", "session")}
-        try:
-            derived = merged_record(fresh, qc=thresholds, **identity)["steps"]
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
-            derived = []
-            add(EDITED, None, f"{prov.name} cannot be re-derived from its step records ({err!r})")
-        for d in derived:
-            step = str(d.get("step"))
-            have, want = flatten(merged_steps[step]), flatten(d)
-            differ = [
-                k
-                for k in list(have) + [k for k in want if k not in have]
-                if canonical(have.get(k, "(absent)")) != canonical(want.get(k, "(absent)"))
-            ]
-            for where in differ:
-                if any(_has_child(k, [where]) for k in differ):  # said at its parent
-                    continue
-                add(
-                    EDITED,
-                    step,
-                    f"{prov.name} says {where} = {_value(have, where)}, but step record "
-                    f"{names.get(step)} gives {_value(want, where)}",
-                    where=where,
-                )
-        if merged_entry is not None and record_sha256(merged) != merged_entry.get("sha256"):
-            if len(said) == n_said and not any(
-                p["scan"] == scan and p["status"] == DROPPED for p in run.result.problems
-            ):
-                add(EDITED, None, f"{prov.name} edited since collect wrote it")
-
-    steps = {**merged_steps, **disk}  # a step's record on disk wins over its merged copy
-    run.states[manifest.resolve()] = _ScanState(
-        scan, prov, manifest, merged, list(steps.values()), locate
-    )
-    _audit_files(run, scan, merged, merged_steps, disk, step_entries, locate, add)
+    fresh = [disk[s] for s in merged_steps if s in disk and s not in stale]
+    identity = {k: merged.get(k) for k in ("scan", "dataset", "subject", "session")}
+    try:
+        derived = merged_record(fresh, qc=thresholds, **identity)["steps"]
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
+        derived = []
+        add(EDITED, None, f"{prov.name} cannot be re-derived from its step records ({err!r})")
+    for d in derived:
+        step = str(d.get("step"))
+        have, want = flatten(merged_steps[step]), flatten(d)
+        differ = [
+            k
+            for k in list(have) + [k for k in want if k not in have]
+            if canonical(have.get(k, "(absent)")) != canonical(want.get(k, "(absent)"))
+        ]
+        for where in differ:
+            if any(_has_child(k, [where]) for k in differ):  # said at its parent
+                continue
+            add(
+                EDITED,
+                step,
+                f"{prov.name} says {where} = {_value(have, where)}, but step record "
+                f"{names.get(step)} gives {_value(want, where)}",
+                where=where,
+            )
 
 
 def _merged_against_manifest(prov, merged, merged_steps, entries, add) -> set[str]:

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from medtx.provenance.records import check
-
 # metric -> (step, config key under qc, bound). The schema's ``qc`` section
 # says what each threshold guards against and what it was calibrated on.
 # "equal": the metric must be the threshold itself (a measuring parameter the
@@ -37,6 +35,18 @@ QC_RULES = {
 }
 FACE_RULES = ("face_margin_mm", "face_signal", "face_component_ml")
 NOT_MEASURED = "not measured"
+
+
+def check(
+    metric: str, value: float, *, minimum: float | None = None, maximum: float | None = None
+) -> dict[str, Any]:
+    """One QC check of ``value`` against optional bounds."""
+    ok = value == value  # NaN fails
+    if minimum is not None:
+        ok = ok and value >= minimum
+    if maximum is not None:
+        ok = ok and value <= maximum
+    return {"metric": metric, "value": value, "min": minimum, "max": maximum, "passed": bool(ok)}
 
 
 def _check(metric: str, value: Any, bound: Any, kind: str) -> dict[str, Any]:

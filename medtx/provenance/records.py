@@ -26,6 +26,7 @@ from typing import Any
 from medtx.errors import MedtxError
 from medtx.io import sha256, write_json
 from medtx.provenance.manifest import MERGED, STEP, append_record, record_sha256
+from medtx.provenance.qc import judge
 from medtx.workflow.paths import PROVENANCE_SUFFIX
 
 SCHEMA_VERSION = 1
@@ -175,18 +176,6 @@ class StepRecord:
         return self.data
 
 
-def check(
-    metric: str, value: float, *, minimum: float | None = None, maximum: float | None = None
-) -> dict[str, Any]:
-    """One QC check of ``value`` against optional bounds."""
-    ok = value == value  # NaN fails
-    if minimum is not None:
-        ok = ok and value >= minimum
-    if maximum is not None:
-        ok = ok and value <= maximum
-    return {"metric": metric, "value": value, "min": minimum, "max": maximum, "passed": bool(ok)}
-
-
 def load_step_records(step_files: Sequence[str | Path]) -> list[dict[str, Any]]:
     """A scan's step records, in the order given."""
     steps = []
@@ -253,8 +242,6 @@ def merged_record(
     comes from the records (each step wrote it from its context) unless given.
     """
     import copy
-
-    from medtx.provenance.qc import judge
 
     steps = copy.deepcopy(steps)
     first = steps[0] if steps else {}

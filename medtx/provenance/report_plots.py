@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from medtx.provenance.report_metrics import OUTLIER_Z, Metric
 
@@ -54,6 +54,26 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
         ticks.append(round(k * step, 12))
         k += 1
     return ticks
+
+
+def _dot_positions(
+    values: Mapping[int, float], x: Callable[[float], float]
+) -> dict[int, tuple[float, float]]:
+    """Each scan's dot: at its value across, stacked about the band's centre with
+    the dots that share its ``BIN_PX`` column (ordered by value, then scan)."""
+    bins: dict[int, list[int]] = defaultdict(list)
+    for i, v in values.items():
+        bins[int((x(v) - LEFT) // BIN_PX)].append(i)
+    tallest = max(len(b) for b in bins.values())
+    step = min(BIN_PX + 0.5, BAND / tallest)
+    centre = TOP + BAND / 2
+    pos: dict[int, tuple[float, float]] = {}
+    for members in bins.values():
+        members.sort(key=lambda i: (values[i], i))
+        mid = (len(members) - 1) / 2
+        for k, i in enumerate(members):
+            pos[i] = (x(values[i]), centre + (k - mid) * step)
+    return pos
 
 
 def strip_plot(metric: Metric, labels: Sequence[str]) -> str:
@@ -121,18 +141,7 @@ def strip_plot(metric: Metric, labels: Sequence[str]) -> str:
                 f"{_e(('◂ ' + label) if left else (label + ' ▸'))}</text>"
             )
 
-    bins: dict[int, list[int]] = defaultdict(list)
-    for i, v in values.items():
-        bins[int((x(v) - LEFT) // BIN_PX)].append(i)
-    tallest = max(len(b) for b in bins.values())
-    step = min(BIN_PX + 0.5, BAND / tallest)
-    centre = TOP + BAND / 2
-    pos: dict[int, tuple[float, float]] = {}
-    for members in bins.values():
-        members.sort(key=lambda i: (values[i], i))
-        mid = (len(members) - 1) / 2
-        for k, i in enumerate(members):
-            pos[i] = (x(values[i]), centre + (k - mid) * step)
+    pos = _dot_positions(values, x)
 
     def rank(i: int) -> int:  # failures and outliers drawn last, on top
         return 2 if i in metric.failed else 1 if i in metric.outliers else 0

@@ -33,6 +33,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,48 @@ def head_orientation(
     anatomical codes so found) and ``refused`` (None, or why the orientation
     cannot be told: a poor match, a tie, or a large tilt).
     """
+    found, failures = _refined_starts(data, affine, threads)
+    if not found:
+        return {
+            "axes": None,
+            "head_ncc_template": -1.0,
+            "runner_up_ncc": None,
+            "tilt_deg": None,
+            "axcodes": None,
+            "refused": (
+                "registration to the ICBM 2009c head failed from every start "
+                f"({failures[-1] or 'no message'})"
+            ),
+        }
+    found.sort(key=lambda item: -item[0])
+    best, (axes, tilt) = found[0]
+
+    def rival(other: np.ndarray | None) -> bool:
+        return axes is None or other is None or not np.array_equal(other[1:], axes[1:])
+
+    rivals = [score for score, (other, _) in found[1:] if rival(other)]
+    runner_up = max(rivals) if rivals else None
+    refused = _refusal(best, runner_up, axes, tilt, ncc_min)
+    codes = None
+    if axes is not None and refused is None:
+        import nibabel as nib
+
+        codes = "".join(nib.aff2axcodes(_oriented(affine, axes)))
+    return {
+        "axes": None if refused else axes,
+        "head_ncc_template": round(float(best), 4),
+        "runner_up_ncc": None if runner_up is None else round(float(runner_up), 4),
+        "tilt_deg": round(float(tilt), 1),
+        "axcodes": codes,
+        "refused": refused,
+    }
+
+
+def _refined_starts(
+    data: np.ndarray, affine: np.ndarray, threads: int
+) -> tuple[list[tuple[float, tuple[np.ndarray | None, float]]], list[str]]:
+    """The best coarse starts refined by ANTs: each one's head NCC with the template
+    and the axes (and tilt) it found, and the last line of each failed refinement."""
     import ants
 
     from medtx.preprocess.antsio import (
@@ -256,57 +299,31 @@ def head_orientation(
             else:
                 os.environ[key] = value
         ants.config._random_seed = saved_seed
-    if not found:
-        return {
-            "axes": None,
-            "head_ncc_template": -1.0,
-            "runner_up_ncc": None,
-            "tilt_deg": None,
-            "axcodes": None,
-            "refused": (
-                "registration to the ICBM 2009c head failed from every start "
-                f"({failures[-1] or 'no message'})"
-            ),
-        }
-    found.sort(key=lambda item: -item[0])
-    best, (axes, tilt) = found[0]
+    return found, failures
 
-    def rival(other: np.ndarray | None) -> bool:
-        return axes is None or other is None or not np.array_equal(other[1:], axes[1:])
 
-    rivals = [score for score, (other, _) in found[1:] if rival(other)]
-    runner_up = max(rivals) if rivals else None
-    refused = None
+def _refusal(
+    best: float, runner_up: float | None, axes: np.ndarray | None, tilt: float, ncc_min: float
+) -> str | None:
+    """Why the orientation cannot be told (a poor match, a tie, a large tilt), or None."""
     if best < ncc_min:
-        refused = (
+        return (
             f"its best match with the ICBM 2009c head is poor (head_ncc_template "
             f"{best:.3f}, qc/head_ncc_min {ncc_min:g})"
         )
-    elif runner_up is not None and best - runner_up < ORIENTATION_MARGIN:
-        refused = (
+    if runner_up is not None and best - runner_up < ORIENTATION_MARGIN:
+        return (
             "another front or top matches the ICBM 2009c head about as well "
             f"(head_ncc_template {best:.3f} and {runner_up:.3f}: orientation_lead_ncc "
             f"{best - runner_up:.3f}, under {ORIENTATION_MARGIN:g})"
         )
-    elif axes is None:
-        refused = (
+    if axes is None:
+        return (
             f"an anatomical axis lies {tilt:.0f} degrees from the nearest image axis "
             f"(orientation_tilt_deg, at most {ORIENTATION_MAX_TILT_DEG:g}): quickshear's "
             "axis-aligned cut cannot follow it"
         )
-    codes = None
-    if axes is not None and refused is None:
-        import nibabel as nib
-
-        codes = "".join(nib.aff2axcodes(_oriented(affine, axes)))
-    return {
-        "axes": None if refused else axes,
-        "head_ncc_template": round(float(best), 4),
-        "runner_up_ncc": None if runner_up is None else round(float(runner_up), 4),
-        "tilt_deg": round(float(tilt), 1),
-        "axcodes": codes,
-        "refused": refused,
-    }
+    return None
 
 
 def _oriented(affine: np.ndarray, axes: np.ndarray) -> np.ndarray:
@@ -357,18 +374,11 @@ def deface(
             overwrite an input; one line naming the file and the problem.
     """
     import nibabel as nib
-    import quickshear  # type: ignore[import-untyped]
 
-    from medtx.io import atomic_path, load_nifti, load_volume
-    from medtx.provenance.face import TISSUE_FRACTION, face_metrics, face_region
+    from medtx.io import load_volume
+    from medtx.provenance.face import face_metrics, face_region
     from medtx.provenance.qc import judge_face
-    from medtx.provenance.records import (
-        SCHEMA_VERSION,
-        check,
-        file_entry,
-        package_version,
-        tool_versions,
-    )
+    from medtx.provenance.records import file_entry
 
     t0, start = time.perf_counter(), _now()
     t1, mask_path, out = Path(t1), Path(brain_mask), Path(out)
@@ -377,6 +387,47 @@ def deface(
     thresholds = {**qc_defaults(), **(qc or {})}
     margin = float(thresholds["face_margin_mm"])
     ncc_min = float(thresholds["head_ncc_min"])
+    data, affine, brain = _t1_and_brain(t1, mask_path)
+
+    orientation = head_orientation(data, affine, ncc_min=ncc_min, threads=threads)
+    axes = orientation.pop("axes")
+    orientation["header_axcodes"] = "".join(nib.aff2axcodes(affine))
+    orientation["axes"] = None if axes is None else axes.astype(int).tolist()
+    record = _record(t1, mask_path, scan, buffer, margin, ncc_min, threads, start, orientation)
+    if axes is None:
+        record["refused"] = f"{t1}: not defaced: cannot tell the head's front and top: " + str(
+            orientation["refused"]
+        )
+        checks = _orientation_checks(orientation, ncc_min)
+        figures = {c["metric"]: c["value"] for c in checks}
+        return _finish(record, None, figures, checks, thresholds, t0, record_path)
+
+    region = face_region(brain, affine, margin_mm=margin, orientation=axes)
+    try:
+        input_face = face_metrics(data, brain, affine, margin_mm=margin, region=region)
+    except MedtxError as err:
+        raise MedtxError(f"{t1}: {err}") from err
+    _shear(t1, mask_path, out, brain, _oriented(affine, axes), buffer)
+
+    # The face check of the file as written (its data type and scaling included).
+    shared, _ = load_volume(out, check_data=False)
+    try:
+        metrics: dict[str, Any] = face_metrics(
+            shared, brain, affine, margin_mm=margin, region=region
+        )
+    except MedtxError as err:
+        raise MedtxError(f"{out}: {err}") from err
+    metrics["face_margin_mm"] = margin
+    record["outputs"] = [file_entry("defaced", out)]
+    record["input_face"] = input_face
+    return _finish(
+        record, out, metrics, judge_face(metrics, thresholds), thresholds, t0, record_path
+    )
+
+
+def _t1_and_brain(t1: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The T1's data and affine, and its brain mask, checked to be on the T1's grid."""
+    from medtx.io import load_volume
 
     data, affine = load_volume(t1)
     mask_data, mask_affine = load_volume(mask_path, check_data=False)
@@ -394,14 +445,32 @@ def deface(
     brain = mask_data > 0.5
     if not brain.any():
         raise MedtxError(f"{mask_path}: brain mask is empty")
+    return data, affine, brain
 
-    orientation = head_orientation(data, affine, ncc_min=ncc_min, threads=threads)
-    axes = orientation.pop("axes")
-    orientation["header_axcodes"] = "".join(nib.aff2axcodes(affine))
-    orientation["axes"] = None if axes is None else axes.astype(int).tolist()
+
+def _record(
+    t1: Path,
+    mask_path: Path,
+    scan: str | None,
+    buffer: int,
+    margin: float,
+    ncc_min: float,
+    threads: int,
+    start: str,
+    orientation: dict[str, Any],
+) -> dict[str, Any]:
+    """The provenance record before the outputs: tool, calls, inputs, orientation."""
+    from medtx.provenance.face import TISSUE_FRACTION
+    from medtx.provenance.records import (
+        SCHEMA_VERSION,
+        file_entry,
+        package_version,
+        tool_versions,
+    )
+
     version = package_version("quickshear")
     ants_version = package_version("antspyx")
-    record: dict[str, Any] = {
+    return {
         "schema": SCHEMA_VERSION,
         "step": "deface",
         "scan": scan,
@@ -442,29 +511,35 @@ def deface(
         "orientation": orientation,
         "refused": orientation["refused"],
     }
-    if axes is None:
-        record["refused"] = f"{t1}: not defaced: cannot tell the head's front and top: " + str(
-            orientation["refused"]
-        )
-        checks = [check("head_ncc_template", orientation["head_ncc_template"], minimum=ncc_min)]
-        if orientation["runner_up_ncc"] is not None:
-            lead = round(orientation["head_ncc_template"] - orientation["runner_up_ncc"], 4)
-            checks.append(check("orientation_lead_ncc", lead, minimum=ORIENTATION_MARGIN))
-        if orientation["tilt_deg"] is not None:
-            tilt = orientation["tilt_deg"]
-            checks.append(check("orientation_tilt_deg", tilt, maximum=ORIENTATION_MAX_TILT_DEG))
-        figures = {c["metric"]: c["value"] for c in checks}
-        return _finish(record, None, figures, checks, thresholds, t0, record_path)
 
-    # quickshear reads the front and top from the mask's affine alone: give it the
-    # anatomical axes, and keep its 0/1 cut, applied to the T1 as given.
-    region = face_region(brain, affine, margin_mm=margin, orientation=axes)
-    try:
-        input_face = face_metrics(data, brain, affine, margin_mm=margin, region=region)
-    except MedtxError as err:
-        raise MedtxError(f"{t1}: {err}") from err
+
+def _orientation_checks(orientation: Mapping[str, Any], ncc_min: float) -> list[dict[str, Any]]:
+    """The checks a refused orientation fails: the match, its lead, the tilt."""
+    from medtx.provenance.qc import check
+
+    checks = [check("head_ncc_template", orientation["head_ncc_template"], minimum=ncc_min)]
+    if orientation["runner_up_ncc"] is not None:
+        lead = round(orientation["head_ncc_template"] - orientation["runner_up_ncc"], 4)
+        checks.append(check("orientation_lead_ncc", lead, minimum=ORIENTATION_MARGIN))
+    if orientation["tilt_deg"] is not None:
+        tilt = orientation["tilt_deg"]
+        checks.append(check("orientation_tilt_deg", tilt, maximum=ORIENTATION_MAX_TILT_DEG))
+    return checks
+
+
+def _shear(
+    t1: Path, mask_path: Path, out: Path, brain: np.ndarray, turned: np.ndarray, buffer: int
+) -> None:
+    """Write the T1 with quickshear's cut applied (atomically) to ``out``.
+
+    quickshear reads the front and top from the mask's affine alone: it gets the
+    anatomical axes (``turned``), and its 0/1 cut is applied to the T1 as given."""
+    import nibabel as nib
+    import quickshear  # type: ignore[import-untyped]
+
+    from medtx.io import atomic_path, load_nifti
+
     anat = _three_d(load_nifti(t1), t1)
-    turned = _oriented(affine, axes)
     try:
         with warnings.catch_warnings():
             # quickshear 1.2.0 takes np.cross of 2-D vectors, deprecated in NumPy 2.0
@@ -480,21 +555,6 @@ def deface(
     defaced = anat.__class__(np.asanyarray(anat.dataobj) * keep, anat.affine, anat.header)
     with atomic_path(out) as tmp:
         nib.save(defaced, str(tmp))
-
-    # The face check of the file as written (its data type and scaling included).
-    shared, _ = load_volume(out, check_data=False)
-    try:
-        metrics: dict[str, Any] = face_metrics(
-            shared, brain, affine, margin_mm=margin, region=region
-        )
-    except MedtxError as err:
-        raise MedtxError(f"{out}: {err}") from err
-    metrics["face_margin_mm"] = margin
-    record["outputs"] = [file_entry("defaced", out)]
-    record["input_face"] = input_face
-    return _finish(
-        record, out, metrics, judge_face(metrics, thresholds), thresholds, t0, record_path
-    )
 
 
 def _finish(

@@ -1,5 +1,5 @@
 """``medtx export``: a fine-tuned fold ensemble or a pre-training checkpoint as a
-bundle (the format: ``medtx.share.bundle``).
+bundle (the format: ``medtx.bundle``).
 
 With ``MEDTX_PROVENANCE_KEY`` set (the provenance's key), the bundle's manifest is
 signed (``MANIFEST.sha256.hmac``); a receiver holding the same key then refuses
@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from medtx import __version__
-from medtx.io import write_json
-from medtx.share.bundle import (
+from medtx.bundle import (
     ENCODER,
     ENCODER_WEIGHTS,
     ENSEMBLE,
@@ -37,6 +36,7 @@ from medtx.share.bundle import (
     subject_digest,
     write_manifest,
 )
+from medtx.io import write_json
 
 #: What must agree between the folds of one ensemble.
 SHARED_KEYS = ("model_kwargs", "task", "label_map", "downsample", "preprocess_hash", "backend")
@@ -169,7 +169,7 @@ def _write_bundle(
     out: Path, folds: list, first: dict, settings: dict, study: dict, training: dict
 ) -> dict:
     """The weights, bundle.json and manifest of ``export_bundle``, into ``out``."""
-    from medtx.evaluate.predict import evaluate_predictions
+    from medtx.train.inference import evaluate_predictions
 
     fold_records = []
     for path, model, ckpt in folds:

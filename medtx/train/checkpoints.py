@@ -30,8 +30,29 @@ from medtx.domain import DEFAULT_BACKBONE
 from medtx.errors import ConfigError, MedtxError
 from medtx.io import atomic_path, sha256
 from medtx.models.registry import backbone, build
-from medtx.train.loop import MODEL_FORMAT, last_path, load_state
 from medtx.workflow.codehash import code_hash
+
+CHECKPOINT_FORMAT = "medtx-train-state"
+MODEL_FORMAT = "medtx-model"
+FORMAT_VERSION = 1
+
+
+def last_path(out: str | Path) -> Path:
+    """Where the resumable state of the run that ends in ``out`` lives: ``<out>.last.pt``."""
+    out = Path(out)
+    return out.with_name(out.name + ".last.pt")
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """A medtx checkpoint (``<out>`` or ``<out>.last.pt``), read with weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedtxError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and weights_only errors have no common base
+        first = (str(err).strip().splitlines() or [""])[0]  # torch's messages run for lines
+        raise MedtxError(f"{path}: cannot read checkpoint ({type(err).__name__}: {first})") from err
 
 
 def previous_path(out: str | Path) -> Path:
@@ -175,7 +196,7 @@ def load_pretrained(
     backbone's rule. Heads stay fresh.
 
     ``checkpoint``: the checkpoint already read, as a received encoder bundle gives
-    it (``medtx.share.bundle.Bundle.as_checkpoint``, whose ``sha256`` is then the
+    it (``medtx.bundle.Bundle.as_checkpoint``, whose ``sha256`` is then the
     ``init_sha256``: its manifest's, which covers every file).
 
     Returns:

@@ -5,7 +5,7 @@ Before a GPU-day goes to a model, a minute on a CPU shows that it learns: each
 backbone x task trains its CPU-sized preset (the demo's) with the real stage
 (``medtx.train.finetune.finetune``: the loop, the loss, the selection, the
 prediction and the metrics a study reports) on a cohort of
-``medtx.data.planted``, whose ceiling is known, and must come within a stated
+``medtx.train.planted``, whose ceiling is known, and must come within a stated
 distance of it (``goals``). The same check with the training and validation
 labels shuffled (``broken="labels"``) must fail: that is what shows the bar means
 something.
@@ -20,10 +20,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from medtx.data.planted import COHORTS, Ceiling, PlantedCohort
 from medtx.domain import BACKBONES, TASKS
 from medtx.errors import ConfigError
 from medtx.train.finetune import finetune
+from medtx.train.planted import COHORTS, Ceiling, PlantedCohort
 
 #: Each backbone's CPU-sized preset (the demo's).
 PRESET = {"medical_transformer": "table3", "pumit": "tiny"}

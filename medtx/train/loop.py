@@ -92,12 +92,16 @@ from torch import Tensor, nn
 
 from medtx.errors import ConfigError, MedtxError
 from medtx.io import atomic_path
+from medtx.train.checkpoints import (
+    CHECKPOINT_FORMAT,
+    FORMAT_VERSION,
+    MODEL_FORMAT,
+    last_path,
+    load_resumable,
+    save_resumable,
+)
 from medtx.train.config import resolve_train_config
 from medtx.train.distributed import Group
-
-CHECKPOINT_FORMAT = "medtx-train-state"
-MODEL_FORMAT = "medtx-model"
-FORMAT_VERSION = 1
 
 # Keys that change how a run executes, not what it computes: left out of the config
 # hash, so a job resumed with more threads or another log interval still resumes.
@@ -120,12 +124,6 @@ STATUSES = ("finished", "early_stopped", "interrupted")
 
 def default_log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def last_path(out: str | Path) -> Path:
-    """Where the resumable state of the run that ends in ``out`` lives: ``<out>.last.pt``."""
-    out = Path(out)
-    return out.with_name(out.name + ".last.pt")
 
 
 def to_primitive(obj: Any) -> Any:
@@ -255,18 +253,6 @@ def format_metric(value: float | None) -> str:
 def format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def load_state(path: str | Path) -> dict[str, Any]:
-    """A medtx checkpoint (``<out>`` or ``<out>.last.pt``), read with weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise MedtxError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights_only errors have no common base
-        first = (str(err).strip().splitlines() or [""])[0]  # torch's messages run for lines
-        raise MedtxError(f"{path}: cannot read checkpoint ({type(err).__name__}: {first})") from err
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -525,49 +511,103 @@ def _better(metric: float, best: float | None, mode: str) -> bool:
     return metric > best if mode == "max" else metric < best
 
 
+@dataclass
+class TrainSettings:
+    """One call of ``train``: what to train, on what, and how.
+
+    Args:
+        model: the network (moved to the device here).
+        dataset: indexable items (``len`` and ``[i]``), batched by ``collate``.
+        loss_fn: (model, batch on the device, StepContext) -> scalar loss.
+        out: the final checkpoint path; the resumable state is ``<out>.last.pt``.
+        config: ``TRAIN_DEFAULTS`` keys, plus anything else that defines the run (all of
+            it except ``RUNTIME_KEYS`` enters the hash that decides whether a saved
+            state may be resumed).
+        validate: (model, group) -> selection metric, or (metric, tie-break): an
+            epoch that equals the best metric is kept when its tie-break is better in the
+            same ``mode`` (a small validation set's mAUC is often 1.0 from the first
+            epoch on). Run after every epoch on every process with the model in eval
+            mode under no_grad; under torchrun it predicts its ``group.shard`` of the
+            validation set and gathers the rest
+            (``group.gather_parts``). None selects by the epoch's mean training loss.
+        mode: "max" or "min" for the validation metric (forced to "min" without one).
+        params: the parameters to optimize (default: all with requires_grad), or groups
+            ``{"params": [...], "lr_scale": s}`` trained at ``lr`` x s.
+        collate: list of items -> batch (default ``torch.utils.data.default_collate``).
+        prepare: batch on the device -> model input (e.g. ``VolumeSet.prepare``: float16
+            to float32, downsampling), so the loader moves what the cache stores.
+        metadata: stored with the final checkpoint (preset, task, subjects, sidecars);
+            tensors and primitive containers only.
+        device: "cpu", "cuda", ...; default cuda when available.
+        max_steps_this_run: stop after this many optimizer steps in this call,
+            checkpointing first (a simulated walltime kill); status "interrupted".
+        min_batch: drop an epoch's last batch when smaller (2 for triplet negatives).
+        log: receives progress lines (default: stderr).
+        handle_signals: SIGTERM/SIGUSR1 checkpoint and stop (main thread only).
+    """
+
+    model: nn.Module
+    dataset: MapDataset
+    loss_fn: Callable[[Any, Any, StepContext], Tensor]
+    out: str | Path
+    config: Mapping[str, Any] | None = None
+    validate: Callable[[Any, Group], float | tuple[float, float]] | None = None
+    mode: Literal["max", "min"] = "max"
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None
+    collate: Callable[[list[Any]], Any] | None = None
+    prepare: Callable[[Any], Any] | None = None
+    metadata: Mapping[str, Any] | None = None
+    device: str | torch.device | None = None
+    max_steps_this_run: int | None = None
+    min_batch: int = 1
+    log: Callable[[str], None] | None = None
+    handle_signals: bool = True
+
+
 class Trainer:
     """One call of ``train``: the model, its optimizer, scheduler and scaler, a
     ``TrainState``, and this run's own bookkeeping (steps run, why it stopped).
 
-    Construction checks the arguments and sets up (threads, seeds, device, AMP);
+    Construction checks the settings and sets up (threads, seeds, device, AMP);
     ``run`` resumes from ``<out>.last.pt`` when it may, trains and writes ``<out>``.
     A Trainer runs once: its optimizer and state belong to that run.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        dataset: MapDataset,
-        *,
-        loss_fn: Callable[[Any, Any, StepContext], Tensor],
-        out: str | Path,
-        config: Mapping[str, Any] | None = None,
-        validate: Callable[[Any, Group], float | tuple[float, float]] | None = None,
-        mode: Literal["max", "min"] = "max",
-        params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
-        collate: Callable[[list[Any]], Any] | None = None,
-        prepare: Callable[[Any], Any] | None = None,
-        metadata: Mapping[str, Any] | None = None,
-        device: str | torch.device | None = None,
-        max_steps_this_run: int | None = None,
-        min_batch: int = 1,
-        log: Callable[[str], None] | None = None,
-        handle_signals: bool = True,
-    ):
-        """Arguments as ``train``'s. Long because the setup order is part of the
-        behaviour: RNGs are seeded before anything else may draw from them."""
-        self.cfg = cfg = resolve_train_config(config)
+    def __init__(self, settings: TrainSettings):
+        """The setup order is part of the behaviour: the device and threads first,
+        then the RNGs are seeded before anything else may draw from them, then the
+        model moves and its optimizer is built."""
+        s = settings
+        self.cfg = cfg = resolve_train_config(s.config)
         self.group = Group.from_env()
-        self.log = (log or default_log) if self.group.is_main else (lambda _line: None)
-        self.mode = mode if validate is not None else "min"
+        self.log = (s.log or default_log) if self.group.is_main else (lambda _line: None)
+        self.mode = s.mode if s.validate is not None else "min"
         if self.mode not in ("max", "min"):
             raise ConfigError(f"mode must be 'max' or 'min', not {self.mode!r}")
-        if len(dataset) == 0:
+        if len(s.dataset) == 0:
             raise MedtxError("no training data: the dataset is empty")
-        self.model, self.dataset, self.loss_fn, self.validate_fn = model, dataset, loss_fn, validate
-        self.out = Path(out)
+        self.model, self.dataset, self.loss_fn = s.model, s.dataset, s.loss_fn
+        self.validate_fn = s.validate
+        self.out = Path(s.out)
         self.last = last_path(self.out)
-        self.device = dev = pick_device(self.group.device(device))
+        self.device = self._place(s.device, s.min_batch)
+        self.seed = int(cfg["seed"])
+        self.config_hash = config_hash(cfg)
+        self.seeds = seed_everything(self.seed)
+        self._optimize(s.params)
+        self.collate = s.collate or torch.utils.data.default_collate
+        self.prepare = s.prepare
+        self.metadata = s.metadata
+        self.max_steps_this_run = s.max_steps_this_run
+        self.handle_signals = s.handle_signals
+        minutes = cfg["checkpoint_minutes"]
+        self.interval = minutes * 60.0 if minutes and minutes > 0 else math.inf
+        self._start_bookkeeping()
+
+    def _place(self, device: str | torch.device | None, min_batch: int) -> torch.device:
+        """The device (threads or deterministic kernels set for it) and the least batch."""
+        cfg = self.cfg
+        dev = pick_device(self.group.device(device))
         if dev.type == "cpu":
             torch.set_num_threads(cfg["threads"])
         else:
@@ -581,10 +621,11 @@ class Trainer:
                 f"processes: each needs a volume of every batch, and a batch at least "
                 f"{min_batch}"
             )
-        self.seed = int(cfg["seed"])
-        self.config_hash = config_hash(cfg)
-        self.seeds = seed_everything(self.seed)
+        return dev
 
+    def _optimize(self, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None) -> None:
+        """AMP, the model on the device, its optimizer, scheduler and gradient scaler."""
+        cfg, dev, model = self.cfg, self.device, self.model
         self.use_amp = bool(cfg["amp"]) and dev.type == "cuda"
         self.amp_dtype = (
             torch.bfloat16 if self.use_amp and torch.cuda.is_bf16_supported() else torch.float16
@@ -614,14 +655,9 @@ class Trainer:
             dev.type, enabled=self.use_amp and self.amp_dtype == torch.float16
         )
 
-        self.collate = collate or torch.utils.data.default_collate
-        self.prepare = prepare
-        self.metadata = metadata
-        self.max_steps_this_run = max_steps_this_run
-        self.handle_signals = handle_signals
-        minutes = cfg["checkpoint_minutes"]
-        self.interval = minutes * 60.0 if minutes and minutes > 0 else math.inf
-
+    def _start_bookkeeping(self) -> None:
+        """A fresh ``TrainState`` and this run's own counters, flags and device sums."""
+        dev = self.device
         self.state = TrainState()
         self.resumed_from: tuple[int, int] | None = None
         self.keep_previous = False  # a save keeps the state it replaces once that is ours
@@ -703,8 +739,6 @@ class Trainer:
         ``medtx.train.checkpoints.load_resumable``) into the model, optimizer, scheduler,
         scaler, RNGs and state when it was written for this config; otherwise keep the
         fresh start, with a warning line when the file was written for another config."""
-        from medtx.train.checkpoints import load_resumable
-
         found = load_resumable(self.out, self.log)
         if found is None:
             return
@@ -1017,8 +1051,6 @@ class Trainer:
         now = time.monotonic()
         self.state.elapsed_s += now - self.elapsed_mark
         self.elapsed_mark = now
-        from medtx.train.checkpoints import save_resumable
-
         if self.group.is_main:
             save_resumable(self.checkpoint(), self.out, keep_previous=self.keep_previous)
         self.keep_previous = True
@@ -1087,80 +1119,17 @@ class Trainer:
         return TrainResult(status=st.status, out=self.out, **common)
 
 
-def train(
-    model: nn.Module,
-    dataset: MapDataset,
-    *,
-    loss_fn: Callable[[Any, Any, StepContext], Tensor],
-    out: str | Path,
-    config: Mapping[str, Any] | None = None,
-    validate: Callable[[Any, Group], float | tuple[float, float]] | None = None,
-    mode: Literal["max", "min"] = "max",
-    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]] | None = None,
-    collate: Callable[[list[Any]], Any] | None = None,
-    prepare: Callable[[Any], Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    device: str | torch.device | None = None,
-    max_steps_this_run: int | None = None,
-    min_batch: int = 1,
-    log: Callable[[str], None] | None = None,
-    handle_signals: bool = True,
-) -> TrainResult:
+def train(model: nn.Module, dataset: MapDataset, **settings: Any) -> TrainResult:
     """Train ``model`` on ``dataset``; checkpoint, resume, select by validation.
 
-    Args:
-        model: the network (moved to the device here).
-        dataset: indexable items (``len`` and ``[i]``), batched by ``collate``.
-        loss_fn: (model, batch on the device, StepContext) -> scalar loss.
-        out: the final checkpoint path; the resumable state is ``<out>.last.pt``.
-        config: ``TRAIN_DEFAULTS`` keys, plus anything else that defines the run (all of
-            it except ``RUNTIME_KEYS`` enters the hash that decides whether a saved
-            state may be resumed).
-        validate: (model, group) -> selection metric, or (metric, tie-break): an
-            epoch that equals the best metric is kept when its tie-break is better in the
-            same ``mode`` (a small validation set's mAUC is often 1.0 from the first
-            epoch on). Run after every epoch on every process with the model in eval
-            mode under no_grad; under torchrun it predicts its ``group.shard`` of the
-            validation set and gathers the rest
-            (``group.gather_parts``). None selects by the epoch's mean training loss.
-        mode: "max" or "min" for the validation metric (forced to "min" without one).
-        params: the parameters to optimize (default: all with requires_grad), or groups
-            ``{"params": [...], "lr_scale": s}`` trained at ``lr`` x s.
-        collate: list of items -> batch (default ``torch.utils.data.default_collate``).
-        prepare: batch on the device -> model input (e.g. ``VolumeSet.prepare``: float16
-            to float32, downsampling), so the loader moves what the cache stores.
-        metadata: stored with the final checkpoint (preset, task, subjects, sidecars);
-            tensors and primitive containers only.
-        device: "cpu", "cuda", ...; default cuda when available.
-        max_steps_this_run: stop after this many optimizer steps in this call,
-            checkpointing first (a simulated walltime kill); status "interrupted".
-        min_batch: drop an epoch's last batch when smaller (2 for triplet negatives).
-        log: receives progress lines (default: stderr).
-        handle_signals: SIGTERM/SIGUSR1 checkpoint and stop (main thread only).
+    ``settings`` are ``TrainSettings``'s keywords (``loss_fn`` and ``out`` required).
 
     Returns:
         TrainResult. After "finished" or "early_stopped" ``<out>`` holds
         {"format", "model" (best state), "config", "config_hash", "metadata", "seed",
         "best_metric", "best_epoch", "mode", "history", "status", ...}.
     """
-    return Trainer(
-        model,
-        dataset,
-        loss_fn=loss_fn,
-        out=out,
-        config=config,
-        validate=validate,
-        mode=mode,
-        params=params,
-        collate=collate,
-        prepare=prepare,
-        metadata=metadata,
-        device=device,
-        max_steps_this_run=max_steps_this_run,
-        min_batch=min_batch,
-        log=log,
-        handle_signals=handle_signals,
-    ).run()
+    return Trainer(TrainSettings(model, dataset, **settings)).run()
 
 
 def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:

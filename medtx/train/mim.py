@@ -23,9 +23,9 @@ out, and the checkpoint's ``left_out`` says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -41,14 +41,16 @@ from medtx.models.pumit.tokenizer import AdversarialTokenizer, GanSettings, Toke
 from medtx.models.pumit.vit import PATCH, random_token_mask
 from medtx.models.registry import build
 from medtx.train.checkpoints import (
+    load_state,
     model_kwargs,
-    run_config,
-    scans_of,
-    stage_metadata,
 )
 from medtx.train.config import n_classes, resolve_config
-from medtx.train.data import VolumeSet, collate, items_from_indexes
-from medtx.train.loop import TrainResult, load_state, pick_device, seed_everything, train
+from medtx.train.data import VolumeSet, collate
+from medtx.train.loop import TrainResult, pick_device, seed_everything
+from medtx.train.pretraining import PretrainRun, Stage, StageEntry, pretrain, pretrain_volumes
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 ISOTROPIC = Grid(0)
 # The authors' pre-training recipe, under what a config sets: warm-up then cosine per
@@ -77,14 +79,7 @@ def build_tokenizer(preset: str, in_channels: int = 1) -> Tokenizer:
 
 
 def pretrain_tokenizer(
-    items: Sequence[Mapping[str, Any]],
-    *,
-    out: str | Path,
-    config: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    device: str | torch.device | None = None,
-    max_steps_this_run: int | None = None,
-    log: Callable[[str], None] | None = None,
+    items: Sequence[Mapping[str, Any]], *, out: str | Path, **run: Unpack[PretrainRun]
 ) -> TrainResult:
     """Stage 1: train the tokenizer against its discriminator; the checkpoint keeps
     the tokenizer alone and records its codebook usage.
@@ -98,9 +93,18 @@ def pretrain_tokenizer(
     loss add their gradients with a value of 0 (``x - x.detach()``), so the epoch's
     mean loss, which selects the kept state, measures the tokenizer's
     reconstruction, not how the two players stand. The schedule and clipping default
-    to the authors' (``PRETRAINING_DEFAULTS``)."""
+    to the authors' (``PRETRAINING_DEFAULTS``). ``run``: as
+    ``medtx.train.pretraining.PretrainRun``."""
+    return pretrain(tokenizer_stage, items, out=out, **run)
+
+
+def tokenizer_stage(
+    items: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None, init: None = None
+) -> Stage:
+    """Stage 1's pieces: the adversarial tokenizer, its loss and parameter groups,
+    and the rewrite of its finished checkpoint (``keep_tokenizer``)."""
     cfg = _pumit_config({**PRETRAINING_DEFAULTS["tokenizer"], **(config or {})})
-    data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"], stored=True)
+    data = pretrain_volumes(items, cfg)
     if not len(data):
         raise MedtxError("tokenizer pre-training has no volumes")
     lpips: LPIPS | None = None
@@ -134,55 +138,63 @@ def pretrain_tokenizer(
     if lpips is not None:
         losses["perceptual"] = 1.0
     losses["gan"] = gan.weight
-    meta = stage_metadata(
-        "pretrain_tokenizer",
-        "pretrain",
-        cfg,
-        {"backbone": "pumit", "preset": cfg["preset"], "in_channels": 1},
-        ["tokenizer"],
-        items,
-        metadata,
-        losses=losses,
-        gan={
-            "threshold": gan.threshold,
-            "momentum": gan.momentum,
-            "ema_init": gan.ema_init,
-            "disc_lr_scale": DISC_LR_SCALE,
-            "loss": "hinge",
-            "discriminator": "trained alongside, not kept in the checkpoint",
-        },
-        lpips_weights=lpips_info,
-        left_out=[] if lpips is not None else ["perceptual (LPIPS: no lpips_weights file)"],
-    )
     groups: list[dict[str, Any]] = [
         {"params": list(model.tokenizer.parameters())},
         {"params": list(model.discriminator.parameters()), "lr_scale": DISC_LR_SCALE},
     ]
-    result = train(
-        model,
-        data,
-        loss_fn=loss_fn,
-        out=out,
-        config=run_config(cfg, items, stage="pretrain_tokenizer", train_scans=scans_of(items)),
-        params=groups,
-        collate=collate,
-        prepare=data.prepare,
-        metadata=meta,
-        device=device,
-        max_steps_this_run=max_steps_this_run,
-        log=log,
-    )
-    if result.status != "interrupted" and result.rank == 0:
-        saved = load_state(out)
-        saved["model"], saved["metadata"]["gan_state"] = tokenizer_state(saved["model"])
-        tokenizer = model.tokenizer
-        tokenizer.load_state_dict(saved["model"])
-        usage = codebook_usage(tokenizer, data, batch_size=cfg["batch_size"], device=device)
-        saved["metadata"]["codebook_usage"] = usage
-        with atomic_path(out) as tmp:
-            torch.save(saved, tmp)
+
+    def finish(result: TrainResult, out: str | Path, device: str | torch.device | None) -> None:
+        usage = keep_tokenizer(out, model.tokenizer, data, cfg["batch_size"], device)
         result.extra["codebook_usage"] = usage
-    return result
+
+    return Stage(
+        "pretrain_tokenizer",
+        model,
+        loss_fn,
+        ["tokenizer"],
+        {"backbone": "pumit", "preset": cfg["preset"], "in_channels": 1},
+        data,
+        cfg,
+        params=groups,
+        metadata={
+            "losses": losses,
+            "gan": _gan_metadata(gan),
+            "lpips_weights": lpips_info,
+            "left_out": [] if lpips is not None else ["perceptual (LPIPS: no lpips_weights file)"],
+        },
+        finish=finish,
+    )
+
+
+def _gan_metadata(gan: GanSettings) -> dict[str, Any]:
+    """How the adversarial term was switched and trained, for the checkpoint."""
+    return {
+        "threshold": gan.threshold,
+        "momentum": gan.momentum,
+        "ema_init": gan.ema_init,
+        "disc_lr_scale": DISC_LR_SCALE,
+        "loss": "hinge",
+        "discriminator": "trained alongside, not kept in the checkpoint",
+    }
+
+
+def keep_tokenizer(
+    out: str | Path,
+    tokenizer: Tokenizer,
+    data: VolumeSet,
+    batch_size: int,
+    device: str | torch.device | None,
+) -> list[int]:
+    """Rewrite the finished checkpoint with the tokenizer alone (the GAN switch's
+    state in its metadata) and its codebook usage over ``data``; returns the usage."""
+    saved = load_state(out)
+    saved["model"], saved["metadata"]["gan_state"] = tokenizer_state(saved["model"])
+    tokenizer.load_state_dict(saved["model"])
+    usage = codebook_usage(tokenizer, data, batch_size=batch_size, device=device)
+    saved["metadata"]["codebook_usage"] = usage
+    with atomic_path(out) as tmp:
+        torch.save(saved, tmp)
+    return usage
 
 
 def tokenizer_state(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -240,16 +252,24 @@ def load_tokenizer(path: str | Path) -> tuple[Tokenizer, dict[str, Any]]:
     return tokenizer.requires_grad_(False).eval(), meta
 
 
+def _start_from_eva02(
+    model: PumitModel, eva02_file: tuple[dict[str, Tensor], str], path: str | Path
+) -> dict[str, Any]:
+    """Load the converted EVA-02 weights into the ViT; their path and sha256."""
+    state, digest = eva02_file
+    try:
+        model.vit.load_state_dict(eva02_to_vit(state, model.vit), strict=True)
+    except MedtxError as err:
+        raise MedtxError(f"pumit eva02_weights {path}: {err}") from err
+    return {"path": str(path), "sha256": digest}
+
+
 def pretrain_mim(
     items: Sequence[Mapping[str, Any]],
     *,
     init: str | Path,
     out: str | Path,
-    config: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    device: str | torch.device | None = None,
-    max_steps_this_run: int | None = None,
-    log: Callable[[str], None] | None = None,
+    **run: Unpack[PretrainRun],
 ) -> TrainResult:
     """Stage 2: the ViT predicts the frozen tokenizer's distributions at masked patches.
 
@@ -257,12 +277,21 @@ def pretrain_mim(
     the authors' ``ViT._load_from_state_dict`` (``medtx.models.pumit.eva02``); a
     missing, unreadable, wrong-hash (``eva02_sha256``) or non-EVA-02 file stops the
     stage before training. Its path and sha256 go to the checkpoint's metadata
-    (``eva02``) and to the run's config, so another file does not resume this run."""
+    (``eva02``) and to the run's config, so another file does not resume this run.
+    ``run``: as ``medtx.train.pretraining.PretrainRun``."""
+    return pretrain(mim_stage, items, out=out, init=init, **run)
+
+
+def mim_stage(
+    items: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None, init: str | Path
+) -> Stage:
+    """Stage 2's pieces: the tokenizer stage's tokenizer frozen, the ViT (from
+    EVA-02 when given) and the MIM head trained."""
     cfg = _pumit_config({**PRETRAINING_DEFAULTS["mim"], **(config or {})})
     eva02_file: tuple[dict[str, Tensor], str] | None = None
     if cfg["eva02_weights"] is not None:
         eva02_file = load_eva02(cfg["eva02_weights"], cfg["eva02_sha256"])
-    data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"], stored=True)
+    data = pretrain_volumes(items, cfg)
     if not len(data):
         raise MedtxError("MIM pre-training has no volumes")
     tokenizer, token_meta = load_tokenizer(init)
@@ -275,14 +304,8 @@ def pretrain_mim(
     model = cast(PumitModel, build(kwargs))
     eva02: dict[str, Any] | None = None
     if eva02_file is not None:
-        state, digest = eva02_file
+        eva02 = _start_from_eva02(model, eva02_file, cfg["eva02_weights"])
         del eva02_file  # the source tensors go once converted
-        try:
-            model.vit.load_state_dict(eva02_to_vit(state, model.vit), strict=True)
-        except MedtxError as err:
-            raise MedtxError(f"pumit eva02_weights {cfg['eva02_weights']}: {err}") from err
-        del state
-        eva02 = {"path": str(cfg["eva02_weights"]), "sha256": digest}
     model.requires_grad_(False)
     model.vit.requires_grad_(True)
     # saved with the model: fine-tuning takes only its vit (registry: pretrained parts)
@@ -308,56 +331,21 @@ def pretrain_mim(
         "init_stage": "pretrain_tokenizer",
         "loaded": ["tokenizer"],
     }
-    meta = stage_metadata(
+    return Stage(
         "pretrain_mim",
-        "pretrain",
-        cfg,
-        kwargs,
-        ["vit", "mim_head"],
-        items,
-        metadata,
-        init=info,
-        mask_ratio=ratio,
-        eva02=eva02,
-    )
-    return train(
         model,
+        loss_fn,
+        ["vit", "mim_head"],
+        kwargs,
         data,
-        loss_fn=loss_fn,
-        out=out,
-        config=run_config(
-            cfg,
-            items,
-            stage="pretrain_mim",
-            train_scans=scans_of(items),
-            init_sha256=info["init_sha256"],
-            eva02=eva02,
-        ),
-        params=[p for p in model.parameters() if p.requires_grad],
-        collate=collate,
-        prepare=data.prepare,
-        metadata=meta,
-        device=device,
-        max_steps_this_run=max_steps_this_run,
-        log=log,
+        cfg,
+        metadata={"init": info, "mask_ratio": ratio, "eva02": eva02},
+        run={"init_sha256": info["init_sha256"], "eva02": eva02},
     )
 
 
-def pretrain_stage(
-    stage: str,
-    indexes: Sequence[str | Path],
-    *,
-    out: str | Path,
-    config: Mapping[str, Any],
-    metadata: Mapping[str, Any],
-    init: str | Path | None = None,
-) -> TrainResult:
-    """``medtx pretrain {tokenizer,mim}``: one stage on the scans the indexes list."""
-    items = items_from_indexes(indexes)
-    if stage == "tokenizer":
-        return pretrain_tokenizer(items, out=out, config=config, metadata=metadata)
-    if stage == "mim":
-        if init is None:
-            raise MedtxError("MIM pre-training needs --init, the tokenizer stage's checkpoint")
-        return pretrain_mim(items, init=init, out=out, config=config, metadata=metadata)
-    raise MedtxError(f"PUMIT pre-training stage {stage!r} is not tokenizer or mim")
+#: ``medtx pretrain`` stages of PUMIT (``medtx.domain.PRETRAIN_STAGES``)
+STAGES = {
+    "tokenizer": StageEntry(tokenizer_stage),
+    "mim": StageEntry(mim_stage, init_from="tokenizer"),
+}

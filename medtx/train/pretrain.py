@@ -5,42 +5,33 @@
    the epoch's mean training loss.
 2. ``pretrain_masked``: with those encoders frozen, the transformer learns to predict
    masked slice encodings. Selection by training loss.
+
+Each builds its ``Stage``; ``medtx.train.pretraining`` runs it, as it runs PUMIT's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
 from torch import Tensor
 
 from medtx.errors import MedtxError
 from medtx.models.pretext import MaskToken, exemplar_loss, masked_encoding_loss
 from medtx.models.registry import build
 from medtx.models.slice_transformer import MedicalTransformer
-from medtx.train.checkpoints import (
-    load_pretrained,
-    model_kwargs,
-    run_config,
-    scans_of,
-    stage_metadata,
-)
+from medtx.train.checkpoints import load_pretrained, model_kwargs
 from medtx.train.config import n_classes, resolve_config
-from medtx.train.data import VolumeSet, collate, items_from_indexes
-from medtx.train.loop import TrainResult, seed_everything, train
+from medtx.train.loop import TrainResult, seed_everything
+from medtx.train.pretraining import PretrainRun, Stage, StageEntry, pretrain, pretrain_volumes
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def pretrain_exemplar(
-    items: Sequence[Mapping[str, Any]],
-    *,
-    out: str | Path,
-    config: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    device: str | torch.device | None = None,
-    max_steps_this_run: int | None = None,
-    log: Callable[[str], None] | None = None,
+    items: Sequence[Mapping[str, Any]], *, out: str | Path, **run: Unpack[PretrainRun]
 ) -> TrainResult:
     """Stage 1: train the three plane encoders with the exemplar (triplet) loss.
 
@@ -48,10 +39,17 @@ def pretrain_exemplar(
     any later stage, but only the encoders are optimized and marked trained. Batches
     need ≥ 2 volumes (the negative is another volume of the batch); an epoch's last
     single volume is skipped. Volumes must lie in [0, 1]. Selection: lowest mean
-    training loss (no labels).
+    training loss (no labels). ``run``: as ``medtx.train.pretraining.PretrainRun``.
     """
+    return pretrain(exemplar_stage, items, out=out, **run)
+
+
+def exemplar_stage(
+    items: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None, init: None = None
+) -> Stage:
+    """Stage 1's pieces: encoders that learn, the rest of the model frozen."""
     cfg = resolve_config(config)
-    data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"], stored=True)
+    data = pretrain_volumes(items, cfg)
     if len(data) < 2:
         raise MedtxError(f"exemplar pre-training needs at least 2 volumes, got {len(data)}")
     seed_everything(cfg["seed"])
@@ -70,23 +68,16 @@ def pretrain_exemplar(
             positions=ctx.group.positions(ctx.volumes),
         )
 
-    meta = stage_metadata(
-        "pretrain_exemplar", "pretrain", cfg, kwargs, ["encoders"], items, metadata
-    )
-    return train(
+    return Stage(
+        "pretrain_exemplar",
         model,
+        loss_fn,
+        ["encoders"],
+        kwargs,
         data,
-        loss_fn=loss_fn,
-        out=out,
-        config=run_config(cfg, items, stage="pretrain_exemplar", train_scans=scans_of(items)),
+        cfg,
         params=model.encoders.parameters(),
-        collate=collate,
-        prepare=data.prepare,
-        metadata=meta,
-        device=device,
-        max_steps_this_run=max_steps_this_run,
         min_batch=2,
-        log=log,
     )
 
 
@@ -95,20 +86,25 @@ def pretrain_masked(
     *,
     init: str | Path,
     out: str | Path,
-    config: Mapping[str, Any] | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    device: str | torch.device | None = None,
-    max_steps_this_run: int | None = None,
-    log: Callable[[str], None] | None = None,
+    **run: Unpack[PretrainRun],
 ) -> TrainResult:
     """Stage 2: frozen stage-1 encoders; train the transformer on masked slice encodings.
 
     ``mask_token: learned`` adds a trained mask vector per plane (saved as
     ``mask_token.tokens``); ``constant`` uses the encoder output of a blank slice.
     Selection: lowest mean training loss. The checkpoint holds encoders + transformer.
+    ``run``: as ``medtx.train.pretraining.PretrainRun``.
     """
+    return pretrain(masked_stage, items, out=out, init=init, **run)
+
+
+def masked_stage(
+    items: Sequence[Mapping[str, Any]], config: Mapping[str, Any] | None, init: str | Path
+) -> Stage:
+    """Stage 2's pieces: the exemplar stage's encoders loaded and frozen, the
+    transformer (and a learned mask token) trained."""
     cfg = resolve_config(config)
-    data = VolumeSet(items, task="pretrain", downsample=cfg["downsample"], stored=True)
+    data = pretrain_volumes(items, cfg)
     seed_everything(cfg["seed"])
     kwargs = model_kwargs(cfg, "classification", n_classes(cfg), 1)
     model = cast(MedicalTransformer, build(kwargs))
@@ -129,53 +125,21 @@ def pretrain_masked(
             mask_token=mask_token,
         )
 
-    meta = stage_metadata(
+    return Stage(
         "pretrain_masked",
-        "pretrain",
-        cfg,
-        kwargs,
-        ["encoders", "transformer"],
-        items,
-        metadata,
-        init=info,
-    )
-    return train(
         model,
+        loss_fn,
+        ["encoders", "transformer"],
+        kwargs,
         data,
-        loss_fn=loss_fn,
-        out=out,
-        config=run_config(
-            cfg,
-            items,
-            stage="pretrain_masked",
-            train_scans=scans_of(items),
-            init_sha256=info["init_sha256"],
-        ),
-        params=[p for p in model.parameters() if p.requires_grad],
-        collate=collate,
-        prepare=data.prepare,
-        metadata=meta,
-        device=device,
-        max_steps_this_run=max_steps_this_run,
-        log=log,
+        cfg,
+        metadata={"init": info},
+        run={"init_sha256": info["init_sha256"]},
     )
 
 
-def pretrain_stage(
-    stage: str,
-    indexes: Sequence[str | Path],
-    *,
-    out: str | Path,
-    config: Mapping[str, Any],
-    metadata: Mapping[str, Any],
-    init: str | Path | None = None,
-) -> TrainResult:
-    """``medtx pretrain {exemplar,masked}``: one stage on the scans the indexes list."""
-    items = items_from_indexes(indexes)
-    if stage == "exemplar":
-        return pretrain_exemplar(items, out=out, config=config, metadata=metadata)
-    if stage == "masked":
-        if init is None:
-            raise MedtxError("masked pre-training needs --init, the exemplar stage's checkpoint")
-        return pretrain_masked(items, init=init, out=out, config=config, metadata=metadata)
-    raise MedtxError(f"pre-training stage {stage!r} is not exemplar or masked")
+#: ``medtx pretrain`` stages of the Medical Transformer (``medtx.domain.PRETRAIN_STAGES``)
+STAGES = {
+    "exemplar": StageEntry(exemplar_stage),
+    "masked": StageEntry(masked_stage, init_from="exemplar"),
+}

@@ -124,7 +124,7 @@ def stage_files(stage: str) -> list[str]:
     if stage not in STAGE_ENTRIES:
         raise KeyError(f"no code entry for stage {stage!r}; known: {sorted(STAGE_ENTRIES)}")
     modules = closure(STAGE_ENTRIES[stage])
-    files = {module_file(m) for m in modules} - {None}
+    files = {f for m in modules if (f := module_file(m)) is not None}
     # A module that renders pages (it imports medtx.pages) runs its package's
     # templates (the report's page, the model cards): they are its code too.
     for m in modules:

@@ -26,8 +26,9 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from medtx.models import slice_transformer
+from medtx.train.checkpoints import load_state
 from medtx.train.finetune import finetune
-from medtx.train.loop import TrainResult, load_state
+from medtx.train.loop import TrainResult
 from medtx.train.mim import pretrain_mim, pretrain_tokenizer
 from medtx.train.pretrain import pretrain_exemplar, pretrain_masked
 from tests.unit.train.test_stages import write_items

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medtx.train.loop import last_path, load_state
+from medtx.train.checkpoints import last_path, load_state
 from tests.distributed import matrix
 
 pytestmark = pytest.mark.distributed

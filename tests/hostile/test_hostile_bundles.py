@@ -12,14 +12,14 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
+from medtx.bundle import encoder_bundles, load_bundle, write_manifest
 from medtx.cli import main
 from medtx.errors import MedtxError
 from medtx.predict.run import fold_models
-from medtx.share.bundle import encoder_bundles, load_bundle, write_manifest
 from medtx.share.export import export_bundle
 from tests.conftest import sphere, write_nifti
-from tests.unit.share.test_bundle import study  # noqa: F401  (a module fixture)
 from tests.unit.share.test_encoder_bundle import encoder  # noqa: F401  (a module fixture)
+from tests.unit.test_bundle import study  # noqa: F401  (a module fixture)
 
 KEY = "MEDTX_PROVENANCE_KEY"
 SIGNATURE = "MANIFEST.sha256.hmac"
@@ -274,7 +274,7 @@ def test_another_key_is_refused(signed, monkeypatch):
 
 def test_fold_models_refuses_a_name_outside_the_manifest_even_unchecked(bundle, tmp_path):
     """A Bundle built by hand (not by load_bundle) still loads only listed files."""
-    from medtx.share.bundle import Bundle
+    from medtx.bundle import Bundle
 
     outside = foreign_weights(bundle, tmp_path)
     meta = json.loads((bundle / "bundle.json").read_text())

@@ -15,9 +15,9 @@ from torch import nn
 from medtx.cli import main
 from medtx.data.cache import write_cache_index
 from medtx.errors import MedtxError
-from medtx.train.checkpoints import previous_path
+from medtx.train.checkpoints import last_path, load_state, previous_path
 from medtx.train.data import items_from_indexes
-from medtx.train.loop import last_path, load_state, train
+from medtx.train.loop import train
 from medtx.train.pretrain import pretrain_exemplar
 
 CONFIG = {

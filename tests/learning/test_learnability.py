@@ -1,16 +1,16 @@
 """Every backbone learns every task on a planted cohort, within a stated distance of
 what the cohort allows (``medtx.train.learnability.goals``).
 
-One cohort per task (``medtx.data.planted``) serves both backbones; each case runs
+One cohort per task (``medtx.train.planted``) serves both backbones; each case runs
 the real fine-tuning stage, about a minute on one core. ``pytest -m learning
 --broken labels`` trains and selects on shuffled labels, and every case must fail.
 """
 
 import pytest
 
-from medtx.data.planted import COHORTS
 from medtx.domain import BACKBONES, TASKS
 from medtx.train.learnability import SIZES, check
+from medtx.train.planted import COHORTS
 
 pytestmark = pytest.mark.learning
 

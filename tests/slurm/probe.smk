@@ -1,10 +1,10 @@
 # A probe for tests/slurm: what `threads:`, `resources: gpu=1` and a 2-GPU
-# training job (medtx.workflow.resources) become under the medtx SLURM profile.
+# training job (medtx.train.resources) become under the medtx SLURM profile.
 # Each job records what SLURM gave it.
 # config: gpu (bool) adds the GPU rules; run with --profile slurm -d <tmp>.
 from pathlib import Path
 
-from medtx.workflow.resources import launcher, training_resources, training_threads
+from medtx.train.resources import launcher, training_resources, training_threads
 
 DDP_STAGE = {"threads": 1, "num_workers": 0}
 

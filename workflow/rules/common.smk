@@ -15,7 +15,7 @@ from medtx.data.scans import (
 from medtx.domain import BACKBONE_INITS, INITS, PRETRAIN_STAGES, TASKS
 from medtx.train.config import STAGE_BLOCKS, stage_keys
 from medtx.preprocess.backend import resolve_backend
-from medtx.share.bundle import check_predict_plan, encoder_bundles, ensemble_bundles
+from medtx.bundle import check_predict_plan, encoder_bundles, ensemble_bundles
 from medtx.workflow import paths
 from medtx.workflow.codehash import code_hash
 from medtx.workflow.config_files import use_config_in_effect
@@ -29,7 +29,7 @@ from medtx.workflow.hooks import (
 from medtx.workflow.inputs import model_input_settings, settings_hash
 from medtx.workflow.lock import ResultsLock
 from medtx.workflow.paths import brats_outputs, step_records, t1_outputs
-from medtx.workflow.resources import launcher, training_resources, training_threads
+from medtx.train.resources import launcher, training_resources, training_threads
 
 # Rarer GC passes while the DAG is built (12 % of a 2,000-subject dry run);
 # onstart restores the defaults before the first job. Jobs Snakemake spawns
@@ -431,7 +431,7 @@ def train_threads(stage, backbone="medical_transformer"):
 def train_resources(stage, *, runtime, backbone="medical_transformer", step=None):
     """Cluster resources of a training job; GPUs only when train/gpu says so. Memory
     (host mem_mb, GPU gpu_mem_mb) from the measured step cost of the stage at its
-    preset, batch and downsample (medtx.workflow.resources, docs/slurm.md); ``step``
+    preset, batch and downsample (medtx.train.resources, docs/slurm.md); ``step``
     names the pre-training stage of "pretrain" (exemplar, masked). Fine-tuning's
     depend on the job's backbone and task: functions of its wildcards."""
     with user_errors():  # every job's figures, before any job (a missing row: one line)

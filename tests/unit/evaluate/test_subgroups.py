@@ -192,7 +192,7 @@ def test_weighted_metric_is_sklearns_on_the_repeated_rows():
         rep = np.repeat(np.arange(n), w.astype(int))
         want = roc_auc_score(y[rep], p[rep], multi_class="ovo", average="macro")
         assert value == pytest.approx(want, abs=1e-12)
-    # two classes: the AUC of p_1, as medtx.evaluate.metrics.mauc
+    # two classes: the AUC of p_1, as medtx.metrics.mauc
     p2 = np.c_[1 - p[:, 0], p[:, 0]]
     two = subgroups.weighted_metric(subgroups._Data(CLS, y % 2, p2), weights[:1])[0]
     rep = np.repeat(np.arange(n), weights[0].astype(int))

@@ -1,7 +1,7 @@
 """Result tables and figures from synthetic fine-tuning run folders.
 
 Each run's metrics JSON is written the way ``medtx.train.finetune.finetune`` writes it: the test
-metrics from ``medtx.evaluate.predict.evaluate_predictions`` on the predictions TSV, plus the
+metrics from ``medtx.train.inference.evaluate_predictions`` on the predictions TSV, plus the
 selection fields.
 """
 
@@ -18,9 +18,9 @@ import pytest
 from medtx.domain import DEFAULT_BACKBONE
 from medtx.errors import MedtxError
 from medtx.evaluate import figures, tables
-from medtx.evaluate.metrics import mauc
-from medtx.evaluate.predict import evaluate_predictions
 from medtx.io import write_json, write_text
+from medtx.metrics import mauc
+from medtx.train.inference import evaluate_predictions
 from medtx.workflow.paths import finetune_dir
 
 CLS, REG, SEG = "classification", "regression", "segmentation"

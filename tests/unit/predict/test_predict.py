@@ -17,16 +17,16 @@ import pandas as pd
 import pytest
 import torch
 
+from medtx.bundle import load_bundle
 from medtx.config import load_config
 from medtx.data.demo import plan_brats_cohort, write_demo_part
 from medtx.domain import BRATS_REGIONS
 from medtx.errors import MedtxError
 from medtx.predict.inputs import collect_inputs
 from medtx.predict.run import BY_FOLD, PREDICTIONS, fold_models, predict_bundle
-from medtx.share.bundle import load_bundle
 from medtx.share.export import export_bundle
 from medtx.train.data import downsample_volume, read_cached
-from tests.unit.share.test_bundle import train_ensemble
+from tests.unit.test_bundle import train_ensemble
 from tests.unit.train.test_stages import FAST, write_items
 
 CROP = [40, 48, 36]  # pooled by 2: the model reads 20x24x18

@@ -21,7 +21,8 @@ from PIL import Image
 from medtx.errors import MedtxError
 from medtx.io import save_nifti, write_text
 from medtx.provenance import report_folder, report_plots
-from medtx.provenance.records import StepRecord, check, load_scan_records, merge_scan
+from medtx.provenance.qc import check
+from medtx.provenance.records import StepRecord, load_scan_records, merge_scan
 from medtx.provenance.report import (
     assets_dir,
     build_report,

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
+from medtx.bundle import MANIFEST, BundleError, encoder_bundles, load_bundle, write_manifest
 from medtx.config import load_config
 from medtx.errors import ConfigError
 from medtx.folds.firewall import LeakageError, bundle_leaks, run_firewall
 from medtx.models.registry import build
-from medtx.share.bundle import MANIFEST, BundleError, encoder_bundles, load_bundle, write_manifest
 from medtx.share.export import export_bundle, export_encoder
 from medtx.train.checkpoints import load_pretrained, model_kwargs
 from medtx.train.config import resolve_config
@@ -75,8 +75,8 @@ def test_fine_tuning_from_the_bundle_loads_what_the_checkpoint_holds(encoder):
 
 
 def test_finetune_starts_from_a_received_bundle_and_records_it(encoder, tmp_path):
+    from medtx.train.checkpoints import load_state
     from medtx.train.finetune import finetune
-    from medtx.train.loop import load_state
 
     _, bundle, _ = encoder
     items = write_items(tmp_path / "d", 6)

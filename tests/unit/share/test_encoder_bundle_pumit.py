@@ -6,8 +6,8 @@ import pytest
 
 from medtx.config import load_config
 from medtx.share.export import export_encoder
+from medtx.train.checkpoints import load_state
 from medtx.train.finetune import finetune
-from medtx.train.loop import load_state
 from medtx.train.mim import pretrain_mim, pretrain_tokenizer
 from medtx.workflow.inputs import model_input_settings, settings_hash
 from tests.unit.train.test_stages import FAST, TWO_CLASSES, write_items

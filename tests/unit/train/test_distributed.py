@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtx.errors import ConfigError
+from medtx.train.checkpoints import last_path, load_state
 from medtx.train.distributed import Group
-from medtx.train.loop import last_path, load_state, train
-from medtx.workflow.resources import launcher, training_resources, training_threads
+from medtx.train.loop import train
+from medtx.train.resources import launcher, training_resources, training_threads
 
 # batch 5 of 10 volumes: two processes get 3 and 2 of each batch (unequal shares)
 CONFIG = {"lr": 1e-2, "lr_decay": 0.9, "epochs": 3, "patience": 10, "batch_size": 5}

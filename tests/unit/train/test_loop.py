@@ -16,17 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtx.errors import ConfigError, MedtxError
+from medtx.train.checkpoints import CHECKPOINT_FORMAT, MODEL_FORMAT, last_path, load_state
 from medtx.train.distributed import Group
 from medtx.train.loop import (
-    CHECKPOINT_FORMAT,
-    MODEL_FORMAT,
     StepContext,
     TrainState,
     config_hash,
     epoch_batches,
     epoch_order,
-    last_path,
-    load_state,
     resolve_train_config,
     train,
 )

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medtx.train.checkpoints import load_state
 from medtx.train.finetune import finetune
-from medtx.train.loop import load_state
 from medtx.train.losses import cross_entropy
 from medtx.train.pretrain import pretrain_exemplar, pretrain_masked
 from tests.unit.train.test_stages import FAST, TWO_CLASSES, write_items

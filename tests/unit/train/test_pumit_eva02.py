@@ -15,8 +15,8 @@ from medtx.io import sha256
 from medtx.models.pumit.eva02 import IMAGENET_MEAN, IMAGENET_STD, eva02_to_vit
 from medtx.models.pumit.sac import Grid
 from medtx.models.pumit.vit import VIT_SIZES, UniversalViT, mlp_hidden
+from medtx.train.checkpoints import last_path, load_state
 from medtx.train.config import resolve_config
-from medtx.train.loop import last_path, load_state
 from medtx.train.mim import pretrain_mim, pretrain_tokenizer
 from tests.unit.train.test_stages import FAST, write_items
 

@@ -13,8 +13,8 @@ from medtx.io import sha256
 from medtx.models.pumit import lpips as lpips_module
 from medtx.models.pumit.tokenizer import GanSettings
 from medtx.train import mim as mim_stage
+from medtx.train.checkpoints import last_path, load_state
 from medtx.train.finetune import finetune
-from medtx.train.loop import last_path, load_state
 from medtx.train.mim import build_tokenizer, pretrain_mim, pretrain_tokenizer
 from medtx.train.pretrain import pretrain_exemplar
 from tests.unit.train.test_stages import FAST, TWO_CLASSES, write_items

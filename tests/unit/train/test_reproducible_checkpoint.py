@@ -5,7 +5,7 @@ docs/reproducibility.md promises this; across machines it promises only closenes
 
 import torch
 
-from medtx.train.loop import load_state
+from medtx.train.checkpoints import load_state
 from medtx.train.mim import pretrain_mim, pretrain_tokenizer
 from medtx.train.pretrain import pretrain_exemplar, pretrain_masked
 from tests.unit.train.test_stages import FAST, TWO_CLASSES, write_items

@@ -9,14 +9,13 @@ import torch
 
 from medtx.data.cache import cache_volume
 from medtx.errors import BadScanError, CohortError, ConfigError, MedtxError
-from medtx.evaluate.metrics import dice, mauc
-from medtx.evaluate.predict import dice_per_case, evaluate_predictions, predict
+from medtx.metrics import dice, mauc
 from medtx.models import build_model
-from medtx.train.checkpoints import load_pretrained, model_from_checkpoint
+from medtx.train.checkpoints import last_path, load_pretrained, load_state, model_from_checkpoint
 from medtx.train.config import DEFAULTS, resolve_config
 from medtx.train.data import VolumeSet, collate, manifest_items
 from medtx.train.finetune import finetune
-from medtx.train.loop import last_path, load_state
+from medtx.train.inference import dice_per_case, evaluate_predictions, predict
 from medtx.train.pretrain import pretrain_exemplar, pretrain_masked
 from tests.conftest import sphere, write_nifti
 

@@ -116,11 +116,11 @@ def test_a_new_import_is_covered_without_listing_it(package_copy):
 
 
 def test_relative_imports_resolve(package_copy):
-    (package_copy / "folds/extra.py").write_text("from ..evaluate import metrics\n")
+    (package_copy / "folds/extra.py").write_text("from ..evaluate import tables\n")
     manifest = package_copy / "folds/manifest.py"
     manifest.write_text(manifest.read_text() + "\nfrom . import extra  # noqa\n")
     hashes()
-    assert {"folds/extra.py", "evaluate/metrics.py"} <= closure_files("folds")
+    assert {"folds/extra.py", "evaluate/tables.py"} <= closure_files("folds")
 
 
 def test_unknown_stage_and_missing_module_are_named():
@@ -153,5 +153,5 @@ def test_exporting_reruns_nothing_and_the_bundle_format_its_readers(package_copy
     encoders' subject digests), fine-tuning from one, and the predict rule."""
     assert changed_by(package_copy, "share/export.py") == set()
     assert changed_by(package_copy, "predict/run.py") == {"predict"}
-    assert changed_by(package_copy, "share/bundle.py") == {"firewall", "finetune", "predict"}
+    assert changed_by(package_copy, "bundle.py") == {"firewall", "finetune", "predict"}
     assert "models/registry.py" not in closure_files("firewall")

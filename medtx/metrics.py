@@ -5,6 +5,9 @@
 - Brain age: mean absolute error in years.
 - BraTS segmentation: Dice of the three nested tumour regions, whole tumour
   WT = {1, 2, 4}, tumour core TC = {1, 4}, enhancing tumour ET = {4}.
+
+Pure numpy and below training: fine-tuning selects its model by these and the
+evaluation reports them, so both read one definition.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import mean_absolute_error, roc_auc_score
 
-from medtx.evaluate.metrics import dice, dice_brats, mae, mauc, regions_from_labels
+from medtx.metrics import dice, dice_brats, mae, mauc, regions_from_labels
 
 
 def random_probs(rng, n, k):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from medtx.data import planted
-from medtx.evaluate.metrics import mauc
+from medtx.metrics import mauc
+from medtx.train import planted
 
 
 def test_classification_ceiling_bounds_the_mauc_of_the_classifier_that_knows_the_severity():

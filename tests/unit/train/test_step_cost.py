@@ -1,5 +1,5 @@
 """What a training job asks for: the committed step-cost table against a fresh count,
-and how ``medtx.workflow.resources`` scales it to a run's batch, size and channels."""
+and how ``medtx.train.resources`` scales it to a run's batch, size and channels."""
 
 import importlib.util
 import json
@@ -13,8 +13,8 @@ import pytest
 
 from medtx.models.registry import REGISTRY
 from medtx.models.slice_transformer import TASK_DEFAULTS
-from medtx.workflow import resources
-from medtx.workflow.resources import (
+from medtx.train import resources
+from medtx.train.resources import (
     CUDA_CONTEXT_MB,
     CUDA_PROCESS_MB,
     GPU_MARGIN,
@@ -58,7 +58,7 @@ def assert_same_row(fresh: dict, row: dict) -> None:
 
 
 def test_the_committed_table_matches_a_recount_of_the_tiny_presets(bench):
-    """medtx/workflow/step_cost.json drifts from the models it describes: rerun
+    """medtx/train/step_cost.json drifts from the models it describes: rerun
     `python bench/train.py --sections flops --write-table` when this fails."""
     sizes = (1, 3)  # full size and the demo's (a third of the table's columns: quicker)
     for case in bench.cost_cases({"pumit": ("tiny",)}):
@@ -85,7 +85,7 @@ def test_the_table_covers_every_preset_and_stage_and_ships_with_the_package():
 
 def test_planning_reads_the_table_without_torch():
     code = (
-        "import sys; from medtx.workflow.resources import step_cost;"
+        "import sys; from medtx.train.resources import step_cost;"
         " step_cost({'backbone': 'pumit', 'preset': 'base'}, step='mim');"
         " assert 'torch' not in sys.modules, 'torch imported'"
     )

@@ -1,7 +1,11 @@
-"""A model's predictions on a split, the per-scan predictions TSV and its test metrics.
+"""Inference: a model run over a manifest's split, the per-scan predictions TSV and its
+test metrics.
 
-Fine-tuning uses ``predict`` for validation and for the test set; the tables read
-``evaluate_predictions`` back from the TSV it wrote.
+The one place a fine-tuned model meets scans to predict: fine-tuning uses
+``predict`` for validation and for the test set, ``medtx predict`` and
+``medtx export`` run it on new scans and bundles, and the tables read
+``evaluate_predictions`` back from the TSV it wrote. It sits below ``evaluate``
+and above the training loop, so nothing here imports an evaluation module.
 """
 
 from __future__ import annotations
@@ -15,17 +19,17 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from medtx.brainage import corrected_gap, pearson_r
 from medtx.domain import REGION_NAMES, TASKS
 from medtx.errors import ConfigError, MedtxError
-from medtx.evaluate.brainage import corrected_gap, pearson_r
-from medtx.evaluate.metrics import mae, mauc
+from medtx.metrics import mae, mauc
 from medtx.train.data import VolumeSet, collate
 from medtx.train.loop import to_device
 
 
 def dice_per_case(logits: Tensor, target: Tensor) -> Tensor:
     """Hard Dice (sigmoid > 0.5) per case and region: (B, K); empty vs empty = 1.0,
-    as ``medtx.evaluate.metrics.dice``."""
+    as ``medtx.metrics.dice``."""
     pred = logits > 0
     truth = target > 0.5
     dims = tuple(range(2, logits.ndim))
@@ -112,7 +116,7 @@ def prediction_table(
     """The per-scan predictions TSV's rows (see ``finetune``).
 
     Regression with ``gaps`` (or an ``age_bias``) adds ``gap`` = predicted - age;
-    ``age_bias`` (``medtx.evaluate.brainage.fit_age_bias`` on the validation set) adds
+    ``age_bias`` (``medtx.brainage.fit_age_bias`` on the validation set) adds
     ``gap_corrected`` = predicted - (slope * age + intercept). The ages are
     ``pred["target"]``.
     """
@@ -143,7 +147,7 @@ def prediction_table(
 def evaluate_predictions(task: str, predictions_tsv: str | Path) -> dict[str, Any]:
     """Test metrics from a predictions TSV written by ``finetune``.
 
-    classification: mAUC (Hand & Till, ``medtx.evaluate.metrics.mauc``; over the classes present,
+    classification: mAUC (Hand & Till, ``medtx.metrics.mauc``; over the classes present,
     listed in ``mauc_classes``, when the test set lacks some) and accuracy;
     regression: MAE (years), and, when the TSV has them, the mean ``gap`` /
     ``gap_corrected`` and their Pearson r with age (``mean_gap``, ``r_gap_age``,

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from medtx.brainage import corrected_gap, fit_age_bias, gap_summary, pearson_r
 from medtx.errors import MedtxError
-from medtx.evaluate.brainage import corrected_gap, fit_age_bias, gap_summary, pearson_r
 
 
 def biased(n=400, seed=0):

@@ -13,10 +13,10 @@ import pytest
 import torch
 import yaml
 
+from medtx.bundle import MANIFEST, SIGNATURE, BundleError, load_bundle, tensor_shapes
 from medtx.config import load_config
 from medtx.predict.run import fold_models
 from medtx.provenance.manifest import KEY_ENV
-from medtx.share.bundle import MANIFEST, SIGNATURE, BundleError, load_bundle, tensor_shapes
 from medtx.share.export import export_bundle
 from medtx.train.checkpoints import model_from_checkpoint
 from medtx.train.finetune import finetune

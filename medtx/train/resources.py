@@ -101,7 +101,7 @@ class StepCost:
 @functools.cache
 def step_cost_table() -> dict[str, Any]:
     """The committed table (``STEP_COST_TABLE``), read once."""
-    text = package_files.files("medtx.workflow").joinpath(STEP_COST_TABLE).read_text()
+    text = package_files.files("medtx.train").joinpath(STEP_COST_TABLE).read_text()
     table: dict[str, Any] = json.loads(text)
     return table
 
@@ -129,7 +129,7 @@ def cost_row(
     raise ConfigError(
         f"no step cost for backbone {backbone}, preset {preset}, stage {step}"
         + (f", task {task}" if task else "")
-        + f" in medtx/workflow/{STEP_COST_TABLE}; rerun"
+        + f" in medtx/train/{STEP_COST_TABLE}; rerun"
         " `python bench/train.py --sections flops --write-table`"
     )
 
