@@ -15,6 +15,7 @@ from medtx.data.scans import (
 from medtx.domain import BACKBONE_INITS, INITS, PRETRAIN_STAGES, TASKS
 from medtx.train.config import STAGE_BLOCKS, stage_keys
 from medtx.preprocess.backend import resolve_backend
+from medtx.preprocess.chain import chain_params
 from medtx.share.bundle import check_predict_plan, encoder_bundles, ensemble_bundles
 from medtx.workflow import paths
 from medtx.workflow.codehash import code_hash
@@ -26,7 +27,7 @@ from medtx.workflow.hooks import (
     use_checkout,
     user_errors,
 )
-from medtx.workflow.inputs import model_input_settings, settings_hash
+from medtx.workflow.inputs import model_input_settings, output_settings, settings_hash
 from medtx.workflow.lock import ResultsLock
 from medtx.workflow.paths import brats_outputs, step_records, t1_outputs
 from medtx.workflow.resources import launcher, training_resources, training_threads
@@ -69,7 +70,10 @@ RESULTS_LOCK = ResultsLock(RESULTS)
 onstart:
     restore_gc()
     take_results_lock(RESULTS_LOCK)
-    for name, text in SCAN_TEXT.items():  # as the scan_table jobs would (--touch runs none)
+    for (
+        name,
+        text,
+    ) in SCAN_TEXT.items():  # as the scan_table jobs would (--touch runs none)
         write_scan_table(text, paths.scan_table(RESULTS, name))
 
 
@@ -286,6 +290,21 @@ def root_pattern(kind):
 
 def raw_t1(wildcards):
     return scan_row(wildcards)["t1"]
+
+
+# One job per scan (preprocess/job_per: scan): the step records' params as the
+# step-per-job rules pass them, with the QC thresholds for collect.
+CHAIN_PARAMS = as_json({**chain_params(PRE, BACKEND, config["qc"]), "qc": config["qc"]})
+# The chain's files that other rules read, declared as the job's outputs (kept
+# while it runs: the steps it skips keep their files). It writes every file of
+# t1_outputs beside them, each named in its step's record.
+CHAIN_OUTPUTS = {
+    "bet_mask": update(T1["bet_mask"]),  # deface
+    "preproc": update(T1["preproc"]),
+    "cache": update(
+        paths.cache_paths(paths.cache_dir(RESULTS), "{dataset}", "{scan}")["image"]
+    ),
+}
 
 
 def bet_outputs():
