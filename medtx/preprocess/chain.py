@@ -18,6 +18,7 @@ from medtx.provenance.collect import collect_scan
 from medtx.provenance.records import merge_scan
 from medtx.workflow.paths import step_records, t1_outputs
 
+
 def chain_files(t1: str, f: dict[str, str], backend: str) -> list[tuple[str, dict, dict]]:
     """(step, inputs, outputs) of each step, files by the roles ``medtx step``
     names, from the scan's files by ``t1_outputs`` key (and ``cache``, the

@@ -337,6 +337,15 @@ def shell_args(flag, paths):
     return f"{flag} {shlex.join(paths)}" if paths else ""
 
 
+def literal_args(**options):
+    """`--name 'value' ...` for static params, written into a shell line as they
+    stand: Snakemake formats each job's shell line three times while planning, and
+    a quoted JSON field costs that on every job. Braces are doubled for its format.
+    """
+    text = " ".join(f"--{name} {shlex.quote(value)}" for name, value in options.items())
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def brats_roles():
     """The named inputs of a BraTS case: the configured modalities and the labels."""
     return [*PRE["brats"]["modalities"], "seg"]

@@ -32,10 +32,11 @@ if PRE["job_per"] == "scan":
             context=STEP_CONTEXT,
             code=code_hash("chain"),
         shell:
-            "python -m medtx step chain --input t1={input.t1:q} "
-            + io_args("output", [*CHAIN_OUTPUTS, "provenance", "qc_png"])
-            + " --params {params.steps:q} --context {params.context:q}"
-            " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
+            # the chain names its other files from the provenance record's folder
+            "python -m medtx step chain --input t1={input.t1:q}"
+            " --output provenance={output.provenance:q} --output cache={output.cache:q} "
+            + literal_args(params=CHAIN_PARAMS, context=STEP_CONTEXT)
+            + " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
 else:
 
