@@ -201,6 +201,7 @@ def main() -> int:
     chains = ["medtx", "workflow"] + (["steps"] if args.step_layout else [])
     chains += ([reference] if reference else []) + (["fsl"] if fsl_available() else [])
     work = Path(args.out or tempfile.mkdtemp(prefix="medtx-bench-"))
+    stamped = stamp()  # the code measured, before any run
     results: dict[tuple[str, str], dict] = {}
     loads: dict[tuple[str, str], float] = {}
     for label, t1 in scans(args.demo, work):
@@ -261,7 +262,7 @@ def main() -> int:
             line += f"   {sum(ref) / sum(cpu):.2f}x less CPU than {reference}"
         print(line)
     Path(args.json).write_text(
-        json.dumps({**stamp(), "threads": args.threads, "runs": rows}, indent=2) + "\n"
+        json.dumps({**stamped, "threads": args.threads, "runs": rows}, indent=2) + "\n"
     )
     print(f"figures: {args.json}")
     print(f"outputs: {work}")
