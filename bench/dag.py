@@ -1,20 +1,28 @@
 #!/usr/bin/env python
-"""Planning benchmark: `snakemake -n all` on synthetic cohorts of growing size.
+"""Planning benchmark: `snakemake -n all` on synthetic cohorts, beside Snakemake's own floor.
 
-For 200, 2,000 and 10,000 subjects it writes a CSV dataset whose scans are
-symbolic links to one small NIfTI (a dry run needs files to check, not
-images to process), then times, side by side:
-  first    `snakemake -n all` on a fresh directory (every scan is checked once
-           and the scan-table cache written)
-  again    the same dry run again (checks come from the cache)
+For 200, 2,000 and 10,000 subjects (and 40,000 with --large) it writes a CSV
+dataset whose scans are symbolic links to one small NIfTI (a dry run needs
+files to check, not images to process), then times, side by side:
+  first    `snakemake -n all` on a fresh directory: every scan is checked (a dry
+           run writes nothing, so the checks are not cached for the next one)
+  again    the same dry run once the scan table exists (a run's scan_table job
+           wrote it, setup, not timed): checks come from its per-file cache
   profile  `snakemake --profile slurm -n all`, the user's command: it adds the
-           per-scan groups and the SLURM resources to the plan
+           groups and the SLURM resources to the plan
+  floor    a bare Snakemake workflow with the same number of jobs (a chain of
+           shell rules per subject from one existing input, one aggregate; no
+           params, no input functions), dry run: the engine's own cost
   unchanged `snakemake -n all` once every output exists with its Snakemake
            metadata, as after a finished run: it must plan 0 jobs. The outputs
            are made by `snakemake --touch all` with each job's files created
            empty first (setup, not timed; --no-unchanged skips it)
-and prints seconds, jobs planned, and seconds per 1,000 jobs, so growth can be
-read as linear or not. Target: the 2,000-subject dry run in <= 20 s on 2 cores.
+Each column is wall seconds and, beside it, the CPU seconds of the snakemake
+process (its rusage: the machine may be shared, and CPU time moves less with
+load than wall time). The ratios profile/floor and again/floor are taken in the
+same run. Targets (issue 34): profile <= 1.5x floor at 10,000 subjects, and
+40,000 subjects planned with the profile in <= 90 s on 2 cores. The figures go
+to a JSON file (--json) stamped with commit, date, CPU model and core count.
 
 A first line times the fixed cost of any `snakemake -n` (imports, plugin
 discovery) on a one-rule workflow. It includes the SLURM executor plugin's
@@ -22,13 +30,17 @@ discovery) on a one-rule workflow. It includes the SLURM executor plugin's
 it waits for its 10 s timeout where SLURM is installed and its controller is
 down (start tests/slurm/cluster.sh first on such a machine).
 
-    .venv/bin/python bench/dag.py [--sizes 200 2000 10000] [--keep DIR] [--no-unchanged]
+    .venv/bin/python bench/dag.py [--sizes 200 2000 10000] [--large] [--keep DIR]
+                                  [--no-unchanged] [--json dag.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -40,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+SNAKEMAKE = str(REPO / ".venv" / "bin" / "snakemake")
 
 
 def make_cohort(root: Path, n: int) -> Path:
@@ -72,33 +85,88 @@ def snakemake_args(workdir: Path, config: Path) -> list[str]:
     return ["-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(config)]
 
 
-def dry_run(workdir: Path, config: Path, *, profile: bool = False) -> tuple[float, int]:
-    env = dict(os.environ, PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}")
-    extra = ["--profile", str(REPO / "slurm")] if profile else []
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [
-            str(REPO / ".venv" / "bin" / "snakemake"),
-            *snakemake_args(workdir, config),
-            *extra,
-            "-n",
-            "--quiet",
-            "rules",
-            "all",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    seconds = time.perf_counter() - t0
-    if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
-    jobs = 0
-    for line in proc.stdout.splitlines():
+def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run ``cmd``: its wall seconds, the CPU seconds of its process tree, stdout."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd[:6])} ... failed:\n{err.read()[-3000:]}")
+        return wall, usage.ru_utime + usage.ru_stime, out.read()
+
+
+def jobs_planned(stdout: str) -> int:
+    for line in stdout.splitlines():
         m = re.match(r"^total\s+(\d+)$", line.strip())
         if m:
-            jobs = int(m.group(1))
-    return seconds, jobs
+            return int(m.group(1))
+    return 0
+
+
+def dry_run(workdir: Path, config: Path, *, profile: bool = False) -> dict:
+    """`snakemake -n all` of medtx: wall and CPU seconds, jobs planned, load."""
+    env = dict(os.environ, PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}")
+    extra = ["--profile", str(REPO / "slurm")] if profile else []
+    cmd = [SNAKEMAKE, *snakemake_args(workdir, config), *extra, "-n", "--quiet", "rules", "all"]
+    wall, cpu, out = run_timed(cmd, env)
+    return {"wall_s": wall, "cpu_s": cpu, "jobs": jobs_planned(out), "load": os.getloadavg()[0]}
+
+
+def floor_snakefile(root: Path, n: int, jobs: int) -> Path:
+    """A bare workflow of ``jobs`` jobs over the cohort's ``n`` scans: per subject a
+    chain of shell rules from its existing scan, one aggregate over the chains'
+    ends, the rest single jobs, and a target rule (as medtx's ``all``)."""
+    per_subject = max(1, (jobs - 2) // n)
+    singles = max(0, jobs - n * per_subject - 2)
+    lines = [
+        f"SUBJECTS = [f's{{i:05d}}' for i in range({n})]",
+        "",
+        "rule all:",
+        "    input:",
+        '        "agg.txt",',
+        f'        expand("single/{{i}}.txt", i=range({singles})),',
+        "",
+    ]
+    for j in range(per_subject):
+        source = '"scans/{s}.nii.gz"' if j == 0 else f'"out/{{s}}/{j - 1}.txt"'
+        lines += [
+            f"rule step{j}:",
+            f"    input: {source}",
+            f'    output: "out/{{s}}/{j}.txt"',
+            '    shell: "touch {output}"',
+            "",
+        ]
+    lines += [
+        "rule aggregate:",
+        f'    input: expand("out/{{s}}/{per_subject - 1}.txt", s=SUBJECTS)',
+        '    output: "agg.txt"',
+        '    shell: "touch {output}"',
+        "",
+        "rule single:",
+        '    output: "single/{i}.txt"',
+        '    shell: "touch {output}"',
+    ]
+    path = root / "floor.smk"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def floor_run(root: Path, n: int, jobs: int) -> dict:
+    """The bare workflow's dry run, in the cohort's folder (its scans are the inputs)."""
+    snakefile = floor_snakefile(root, n, jobs)
+    cmd = [SNAKEMAKE, "-s", str(snakefile), "-d", str(root), "-n", "--quiet", "rules", "all"]
+    wall, cpu, out = run_timed(cmd)
+    return {"wall_s": wall, "cpu_s": cpu, "jobs": jobs_planned(out), "load": os.getloadavg()[0]}
+
+
+def write_scan_table(workdir: Path, config: Path) -> None:
+    """The dataset's scan table, as a run's scan_table job writes it (setup)."""
+    cmd = [SNAKEMAKE, *snakemake_args(workdir, config), "--cores", "1", "results/scans/cohort.tsv"]
+    run_timed(cmd, dict(os.environ, PATH=f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"))
 
 
 # `snakemake --touch all`, in a child Python: each job's outputs are created
@@ -167,41 +235,103 @@ def startup(base: Path) -> float:
     return time.perf_counter() - t0
 
 
+def stamp() -> dict:
+    """Commit, date, CPU model and core count, for a bench JSON (a shared bench
+    helper may replace this)."""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor() or platform.machine(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else platform.processor() or platform.machine()
+    )
+    return {
+        "commit": commit + ("-dirty" if dirty else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def cell(r: dict) -> str:
+    return f"{r['wall_s']:6.1f} {r['cpu_s']:6.1f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000, 10000])
+    parser.add_argument("--large", action="store_true", help="add 40,000 subjects (minutes)")
     parser.add_argument("--keep", help="keep the synthetic cohorts here")
     parser.add_argument(
         "--no-unchanged",
         action="store_true",
         help="skip the unchanged-rerun column (its setup touches every output)",
     )
+    parser.add_argument("--json", default="dag.json", help="write the figures here (dag.json)")
     args = parser.parse_args()
+    sizes = args.sizes + ([40000] if args.large and 40000 not in args.sizes else [])
     base = Path(args.keep or tempfile.mkdtemp(prefix="medtx-dag-"))
-    print(f"# snakemake dry-run planning ({os.cpu_count()} cores)")
-    print(f"# fixed cost of any snakemake -n (one-rule workflow): {startup(base):.1f} s")
+    stamped = stamp()  # the code measured, before any run
+    fixed = startup(base)
+    print(f"# snakemake dry-run planning ({os.cpu_count()} cores); load {os.getloadavg()}")
+    print(f"# fixed cost of any snakemake -n (one-rule workflow): {fixed:.1f} s")
+    print("# each column: wall s, CPU s; ratios are CPU (wall in brackets), same run")
     print(
-        f"{'subjects':>9} {'jobs':>8} {'first s':>8} {'again s':>8} {'profile s':>10}"
-        f" {'unchanged s':>12} {'s/1k jobs':>10} {'vs smallest':>12}"
+        f"{'subjects':>8} {'jobs':>7} {'first':>13} {'again':>13} {'profile':>13}"
+        f" {'floor':>13} {'again/floor':>13} {'profile/floor':>14} {'load':>5}"
+        + ("" if args.no_unchanged else f" {'unchanged':>13}")
     )
-    first_rate = None
-    for n in args.sizes:
+    rows = []
+    for n in sizes:
         root = base / f"n{n}"
         config = make_cohort(root, n)
-        first, jobs = dry_run(root, config)
-        again, _ = dry_run(root, config)
-        with_profile, _ = dry_run(root, config, profile=True)
-        unchanged = "-"
+        first = dry_run(root, config)
+        write_scan_table(root, config)
+        again = dry_run(root, config)
+        profile = dry_run(root, config, profile=True)
+        floor = floor_run(root, n, again["jobs"])
+        row = {
+            "subjects": n,
+            "jobs": again["jobs"],
+            "first": first,
+            "again": again,
+            "profile": profile,
+            "floor": floor,
+            "again_over_floor_cpu": again["cpu_s"] / floor["cpu_s"],
+            "profile_over_floor_cpu": profile["cpu_s"] / floor["cpu_s"],
+            "again_over_floor_wall": again["wall_s"] / floor["wall_s"],
+            "profile_over_floor_wall": profile["wall_s"] / floor["wall_s"],
+        }
+        line = (
+            f"{n:>8} {again['jobs']:>7} {cell(first)} {cell(again)} {cell(profile)}"
+            f" {cell(floor)}"
+            f" {row['again_over_floor_cpu']:5.2f}x ({row['again_over_floor_wall']:4.2f}x)"
+            f" {row['profile_over_floor_cpu']:5.2f}x ({row['profile_over_floor_wall']:4.2f}x)"
+            f" {os.getloadavg()[0]:5.1f}"
+        )
         if not args.no_unchanged:
             make_outputs(root, config)
-            seconds, left = dry_run(root, config)
-            unchanged = f"{seconds:.1f} ({left} jobs)" if left else f"{seconds:.1f}"
-        rate = again / max(jobs, 1) * 1000
-        first_rate = first_rate or rate
-        print(
-            f"{n:>9} {jobs:>8} {first:>8.1f} {again:>8.1f} {with_profile:>10.1f}"
-            f" {unchanged:>12} {rate:>10.2f} {rate / first_rate:>11.2f}x"
-        )
+            row["unchanged"] = dry_run(root, config)
+            line += f" {cell(row['unchanged'])} ({row['unchanged']['jobs']} jobs)"
+        print(line, flush=True)
+        rows.append(row)
+    Path(args.json).write_text(
+        json.dumps({**stamped, "fixed_s": fixed, "sizes": rows}, indent=2) + "\n"
+    )
+    print(f"# figures: {args.json}")
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return 0

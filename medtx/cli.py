@@ -5,7 +5,7 @@
     medtx export {RUN_DIR | CHECKPOINT} --out DIR [--config FILE]
     medtx predict BUNDLE INPUT ... --out DIR [--device cpu|cuda] [--batch-size N]
     medtx predict BUNDLE --cache-index TSV --records JSON ... --scan-table TSV --out DIR
-    medtx step {bet,flirt,n4,pool_normalize,brats} --input ROLE=PATH ... --output ROLE=PATH ...
+    medtx step {bet,flirt,n4,pool_normalize,brats,chain} --input ROLE=PATH ... --output ROLE=PATH
     medtx collect --record FILE ... --out FILE [--thumbnail PNG] [--qc JSON]
     medtx report --records JSON|DIR ... [--scan-table TSV ...] [--settings JSON] --out HTML
     medtx derivatives --dataset D --scan-table TSV --records JSON ... --settings JSON ...
@@ -88,16 +88,14 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 # The preprocessing steps a rule can run. Each step's module is its code-hash
 # entry (medtx.workflow.codehash.STAGE_ENTRIES), and its run_step(inputs,
-# outputs, params, ctx) maps the rule's files to the step's function.
-STEPS = ("bet", "flirt", "n4", "pool_normalize", "brats")
+# outputs, params, ctx) maps the rule's files to the step's function; chain
+# runs a scan's whole T1 chain in one job (medtx.preprocess.chain).
+STEPS = ("bet", "flirt", "n4", "pool_normalize", "brats", "chain")
 
 
 def cmd_step(args: argparse.Namespace) -> int:
-    import importlib
-
     from medtx.config import step_params
     from medtx.preprocess.context import step_context
-    from medtx.workflow.codehash import STAGE_ENTRIES
 
     inputs, outputs = _pairs(args.input, "--input"), _pairs(args.output, "--output")
     params = step_params(args.step, _json(args.params, "--params"))
@@ -107,8 +105,14 @@ def cmd_step(args: argparse.Namespace) -> int:
         dataset=args.dataset,
         brats=args.step == "brats",
     )
-    (entry,) = STAGE_ENTRIES[args.step]
-    importlib.import_module(entry).run_step(inputs, outputs, params, ctx)
+    if args.step == "chain":
+        from medtx.preprocess.chain import run_step as run_chain_step
+
+        run_chain_step(inputs, outputs, params, ctx)
+    else:
+        from medtx.preprocess.steps import run_step
+
+        run_step(args.step, inputs, outputs, params, ctx)
     return 0
 
 

@@ -100,8 +100,13 @@ def step_params(step: str, params: dict) -> dict:
 
     n4 and brats get their preprocess section; bet and flirt a {backend: settings}
     mapping, pool_normalize the pool and normalize sections: only those given are
-    filled.
+    filled. chain gets each of those steps' params by step name, and ``qc``.
     """
+    if step == "chain":  # each step's params as above, and the qc thresholds as given
+        return {
+            key: step_params(key, value) if key != "qc" else copy.deepcopy(value)
+            for key, value in params.items()
+        }
     schema = load_schema()
     pre = schema["properties"]["preprocess"]["properties"]
     out = copy.deepcopy(params)

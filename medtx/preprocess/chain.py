@@ -11,14 +11,92 @@ from pathlib import Path
 from typing import Any
 
 from medtx.data.scan_ids import SCAN_ID_PATTERN, scan_identity
+from medtx.preprocess import steps
 from medtx.preprocess.backend import require_fsl, resolve_backend
-from medtx.preprocess.bet import run_bet
 from medtx.preprocess.context import StepContext
-from medtx.preprocess.flirt import run_flirt
-from medtx.preprocess.intensity import run_normalize, run_pool
-from medtx.preprocess.n4 import run_n4
+from medtx.provenance.collect import collect_scan
 from medtx.provenance.records import merge_scan
 from medtx.workflow.paths import step_records, t1_outputs
+
+
+def chain_files(t1: str, f: dict[str, str], backend: str) -> list[tuple[str, dict, dict]]:
+    """(step, inputs, outputs) of each step, files by the roles ``medtx step``
+    names, from the scan's files by ``t1_outputs`` key (and ``cache``, the
+    training cache, when the workflow asks for it)."""
+    ants = backend == "ants"
+    bet_out = {"brain": f["bet_brain"], "mask": f["bet_mask"], "record": f["bet_record"]}
+    flirt_in = {"brain": f["bet_brain"], "mask": f["bet_mask"]}
+    if ants:  # the head-to-template affine that flirt refines, from the head
+        bet_out["xfm"] = f["bet_xfm"]
+        flirt_in.update(xfm_init=f["bet_xfm"], t1=t1)
+    pool_out = {
+        "pooled": f["pooled"],
+        "mask": f["brain_mask"],
+        "pool_record": f["pool_record"],
+        "image": f["preproc"],
+        "record": f["normalize_record"],
+    }
+    if "cache" in f:
+        pool_out["cache"] = f["cache"]
+    return [
+        ("bet", {"t1": t1}, bet_out),
+        (
+            "flirt",
+            flirt_in,
+            {
+                "brain": f["flirt_brain"],
+                "mask": f["flirt_mask"],
+                "xfm": f["transform"],
+                "record": f["flirt_record"],
+            },
+        ),
+        (
+            "n4",
+            {"brain": f["flirt_brain"], "mask": f["flirt_mask"]},
+            {"n4": f["n4"], "record": f["n4_record"]},
+        ),
+        ("pool_normalize", {"image": f["n4"], "mask": f["flirt_mask"]}, pool_out),
+    ]
+
+
+def chain_params(settings: dict, backend: str, qc: dict | None = None) -> dict:
+    """Each step's params from the config's ``preprocess`` section, as the
+    step-per-job rules pass them (so a record made either way has one rerun key)."""
+    return {
+        "bet": {backend: settings["bet"][backend]},
+        "flirt": {backend: settings["flirt"][backend]},
+        "n4": settings["n4"],
+        "pool_normalize": {
+            "pool": settings["pool"],
+            "normalize": settings["normalize"],
+            "face_margin_mm": (qc or {}).get("face_margin_mm"),
+        },
+    }
+
+
+def run_steps(t1: str | Path, files: dict[str, str], *, params: dict, ctx: StepContext) -> list:
+    """bet -> flirt -> n4 -> pool -> normalize, each skipped while its record
+    matches (``medtx.preprocess.steps``); after a step that ran, all run.
+    Returns the steps that ran."""
+    ran: list[str] = []
+    for step, inputs, outputs in chain_files(str(t1), files, ctx.backend):
+        if steps.run_step(step, inputs, outputs, params[step], ctx, force=bool(ran)):
+            ran.append(step)
+    return ran
+
+
+def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
+    """``medtx step chain``: one workflow job per scan (``preprocess/job_per: scan``).
+
+    ``o`` holds at least ``provenance`` and ``qc_png``, and any file of the chain by
+    its ``t1_outputs`` key (and ``cache``); the others are named by ``t1_outputs``
+    in the provenance record's folder. ``params`` holds each step's params
+    (``chain_params``) and ``qc``. The files and records are those the
+    step-per-job rules write.
+    """
+    f = {**t1_outputs(Path(o["provenance"]).parent, ctx.scan), **o}
+    run_steps(i["t1"], f, params=params, ctx=ctx)
+    return collect_scan(step_records(f), f["provenance"], thumbnail=f["qc_png"], qc=params["qc"])
 
 
 def run_chain(
@@ -33,62 +111,17 @@ def run_chain(
 ) -> dict[str, Any]:
     """Run bet -> flirt -> n4 -> pool -> normalize; return role -> written file.
 
-    The ``qc`` entry holds the verdict (``passed``, ``failures``) the scan's
-    provenance records: a scan that fails QC is still processed to the end.
+    A step whose record in ``outdir`` shows it already ran on these inputs with
+    these settings and code is skipped. The ``qc`` entry holds the verdict
+    (``passed``, ``failures``) the scan's provenance records: a scan that fails
+    QC is still processed to the end.
 
     Args:
         settings: the config's ``preprocess`` section (defaults filled in).
         qc: the config's ``qc`` thresholds.
     """
     f = t1_outputs(outdir, ctx.scan)
-    ants_backend = ctx.backend == "ants"
-    run_bet(
-        t1,
-        brain_out=f["bet_brain"],
-        mask_out=f["bet_mask"],
-        record_out=f["bet_record"],
-        xfm_out=f["bet_xfm"] if ants_backend else None,
-        ctx=ctx,
-        params=settings["bet"],
-    )
-    run_flirt(
-        f["bet_brain"],
-        f["bet_mask"],
-        brain_out=f["flirt_brain"],
-        mask_out=f["flirt_mask"],
-        xfm_out=f["transform"],
-        record_out=f["flirt_record"],
-        ctx=ctx,
-        params=settings["flirt"],
-        xfm_init=f["bet_xfm"] if ants_backend else None,
-        t1=t1 if ants_backend else None,
-    )
-    run_n4(
-        f["flirt_brain"],
-        f["flirt_mask"],
-        n4_out=f["n4"],
-        record_out=f["n4_record"],
-        ctx=ctx,
-        params=settings["n4"],
-    )
-    run_pool(
-        f["n4"],
-        f["flirt_mask"],
-        image_out=f["pooled"],
-        mask_out=f["brain_mask"],
-        record_out=f["pool_record"],
-        ctx=ctx,
-        params=settings["pool"],
-    )
-    run_normalize(
-        f["pooled"],
-        f["brain_mask"],
-        image_out=f["preproc"],
-        record_out=f["normalize_record"],
-        ctx=ctx,
-        params=settings["normalize"],
-        face_margin_mm=(qc or {}).get("face_margin_mm"),
-    )
+    run_steps(t1, f, params=chain_params(settings, ctx.backend, qc), ctx=ctx)
     record = merge_scan(
         step_records(f),
         f["provenance"],

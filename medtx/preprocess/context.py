@@ -18,6 +18,8 @@ class StepContext:
         seed: recorded in provenance; seeds antspyx registration.
         subject, session: recorded in each step record (the collect step reads
             the scan's identity from there) and named in errors.
+        rerun: the step's code hash and settings digest, recorded so that a later
+            job can tell the step need not run again (``medtx.preprocess.steps``).
     """
 
     scan: str
@@ -28,6 +30,7 @@ class StepContext:
     session: str | None = None
     threads: int = 1
     deterministic: bool = True
+    rerun: dict[str, str] | None = None
 
     def record(self, step: str, params: dict) -> StepRecord:
         return StepRecord(
@@ -39,6 +42,7 @@ class StepContext:
             dataset=self.dataset,
             subject=self.subject,
             session=self.session,
+            rerun=self.rerun,
         )
 
 

@@ -100,6 +100,7 @@ class StepRecord:
         dataset: str | None = None,
         subject: str | None = None,
         session: str | None = None,
+        rerun: dict[str, str] | None = None,
     ):
         self.data: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
@@ -126,6 +127,8 @@ class StepRecord:
             "duration_s": None,
             "qc": {"metrics": {}, "checks": [], "passed": True},
         }
+        if rerun is not None:  # what decides a rerun (medtx.preprocess.steps.rerun_key)
+            self.data["rerun"] = dict(rerun)
         self._t0 = time.perf_counter()
 
     def add_input(self, role: str, path: str | Path) -> None:

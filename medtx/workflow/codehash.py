@@ -32,6 +32,15 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     "flirt": ("medtx.preprocess.flirt",),
     "n4": ("medtx.preprocess.n4",),
     "pool_normalize": ("medtx.preprocess.intensity",),
+    # a scan's whole T1 chain in one job (preprocess/job_per: scan): the chain
+    # calls each step's module by name (medtx.preprocess.steps), so they are listed
+    "chain": (
+        "medtx.preprocess.chain",
+        "medtx.preprocess.bet",
+        "medtx.preprocess.flirt",
+        "medtx.preprocess.n4",
+        "medtx.preprocess.intensity",
+    ),
     "brats": ("medtx.preprocess.brats",),
     "collect": ("medtx.provenance.collect",),
     # the dataset's hash covers the chain that made its images (GeneratedBy)
@@ -72,8 +81,10 @@ def _package_of(name: str, path: Path) -> str:
     return name if path.name == "__init__.py" else name.rpartition(".")[0]
 
 
-def imported_modules(name: str) -> set[str]:
-    """The medtx modules that module ``name`` imports anywhere in its source."""
+@functools.cache
+def imported_modules(name: str) -> frozenset[str]:
+    """The medtx modules that module ``name`` imports anywhere in its source
+    (parsed once per process: the stages' closures share most modules)."""
     path = module_file(name)
     if path is None:
         raise KeyError(f"no medtx module {name!r}")
@@ -90,7 +101,7 @@ def imported_modules(name: str) -> set[str]:
             found.add(base)
             # `from medtx.models import slice_transformer` imports a module by name
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {m for m in found if m.split(".")[0] == ROOT and module_file(m) is not None}
+    return frozenset(m for m in found if m.split(".")[0] == ROOT and module_file(m) is not None)
 
 
 def _with_packages(name: str) -> set[str]:

@@ -13,6 +13,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+# Keys of the preprocess section that cut the work into jobs, not what it computes.
+JOB_LAYOUT_KEYS = ("job_per",)
+
+
+def output_settings(preprocess: Mapping[str, Any]) -> dict:
+    """The preprocess section without its job layout: a switch between one job
+    per scan and one per step changes no output, model or report."""
+    return {k: v for k, v in preprocess.items() if k not in JOB_LAYOUT_KEYS}
+
 
 def model_input_settings(preprocess: Mapping[str, Any], backend: str, *, brats: bool) -> dict:
     """The preprocessing settings that made a model's inputs.
@@ -22,7 +31,8 @@ def model_input_settings(preprocess: Mapping[str, Any], backend: str, *, brats: 
     """
     if brats:
         return {"brats": preprocess["brats"]}
-    settings = {k: v for k, v in preprocess.items() if k != "brats"}
+    settings = output_settings(preprocess)
+    settings.pop("brats", None)
     settings["backend"] = backend
     return settings
 

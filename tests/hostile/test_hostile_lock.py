@@ -184,6 +184,7 @@ def tiny_workflow(tmp_path: Path) -> tuple[Path, Path]:
         "preprocess": {
             "backend": "ants",
             "bet": {"ants": {"method": "template", "aff_iterations": [20, 10]}},
+            "job_per": "step",  # so that `--until bet` runs one cheap step
         },
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))

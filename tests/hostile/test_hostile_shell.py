@@ -64,7 +64,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.integration
 def test_hostile_names_reach_medtx_exactly_and_run_nothing(tmp_path, medtx_env):
-    """A real ``bet`` job on a CSV row whose file, folder, results and workdir are hostile."""
+    """A real scan job (``preprocess_t1``) on a CSV row whose file, folder, results and
+    workdir are hostile."""
     data = tmp_path / "in $(touch PWNED_DIR) é"
     image = data / f"{HOSTILE}.nii.gz"
     # 4 mm voxels: a head-sized field of view, so the affine to the template is sane
@@ -86,7 +87,8 @@ def test_hostile_names_reach_medtx_exactly_and_run_nothing(tmp_path, medtx_env):
     before = snapshot(tmp_path)
     proc = subprocess.run(
         [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(work)]
-        + ["--configfile", str(tmp_path / "c.yaml"), "--cores", "1", "--until", "bet"],
+        + ["--configfile", str(tmp_path / "c.yaml"), "--cores", "1"]
+        + ["--until", "preprocess_t1"],
         capture_output=True,
         text=True,
         timeout=300,

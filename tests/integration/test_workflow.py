@@ -96,12 +96,16 @@ def test_lint_is_clean(tmp_path, medtx_env):
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
 
-def test_dry_run_lists_every_step_per_scan(tmp_path, medtx_env):
+# The T1 chain's rules with preprocess/job_per: step (one job per step)
+STEP_RULES = ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance")
+
+
+def test_dry_run_lists_one_job_per_scan(tmp_path, medtx_env):
     proc = snakemake(tmp_path, "-n", "all", env=medtx_env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     jobs = planned(proc)
-    for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
-        assert jobs[rule] == 11, jobs  # two pre-training + nine labelled scans
+    assert jobs["preprocess_t1"] == 11, jobs  # two pre-training + nine labelled scans
+    assert not set(STEP_RULES) & set(jobs), jobs
     assert jobs["brats_preprocess"] == 3 and jobs["provenance_report"] == 1
     assert jobs["bids_derivatives"] == 2  # one per T1 dataset
     assert jobs["make_folds"] == 3 and jobs["leakage_firewall"] == 1
@@ -110,10 +114,18 @@ def test_dry_run_lists_every_step_per_scan(tmp_path, medtx_env):
     assert jobs["pretrain_tokenizer"] == 1 and jobs["pretrain_mim"] == 1
 
 
+def test_step_per_job_layout_lists_every_step_per_scan(tmp_path, medtx_env):
+    config = edited_config(tmp_path, "steps.yaml", lambda c: c["preprocess"].update(job_per="step"))
+    jobs = rerun_plan(snakemake(tmp_path, "-n", "all", config=config, env=medtx_env, timeout=120))
+    for rule in STEP_RULES:
+        assert jobs[rule] == 11, jobs
+    assert "preprocess_t1" not in jobs and jobs["brats_preprocess"] == 3, jobs
+
+
 def test_fsl_branch_dry_run_builds_fsl_jobs(tmp_path, medtx_env):
     proc = snakemake(tmp_path, "-n", "-p", "all", config="fsl.yaml", env=medtx_env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert planned(proc)["bet"] == 1
+    assert planned(proc)["preprocess_t1"] == 1
     assert (
         '{\\"fsl\\":{\\"frac\\":0.5,\\"robust\\":true}}' in proc.stdout
         or '"fsl":{"frac":0.5' in proc.stdout
@@ -271,10 +283,11 @@ def test_n4_change_reruns_only_n4_and_after(run, tmp_path):
     changed = tmp_path / "n4.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
-    # everything downstream of N4 follows (manifests read the QC records, training the
-    # cached volumes); extraction, registration, the demo data and BraTS do not
-    for rule in ("n4_correct", "pool_normalize", "collect_provenance"):
-        assert jobs[rule] == 11, jobs
+    # every scan's chain job (inside it bet and flirt are skipped: their records
+    # match; test_n4_code_edit_reruns_n4_and_after_inside_each_scan_job shows it);
+    # everything downstream of N4 follows (manifests read the QC records, training
+    # the cached volumes); the demo data and BraTS do not
+    assert jobs["preprocess_t1"] == 11, jobs
     # the T1 models (new caches and manifests: 2 tasks x 3 folds x (3 Medical
     # Transformer + 2 PUMIT inits)) and the BraTS models that start from a
     # re-pre-trained checkpoint (3 folds x (2 + 1) inits);
@@ -282,7 +295,7 @@ def test_n4_change_reruns_only_n4_and_after(run, tmp_path):
     assert jobs["make_folds"] == 2 and jobs["pretrain_exemplar"] == 1
     assert jobs["pretrain_tokenizer"] == 1 and jobs["pretrain_mim"] == 1
     assert jobs["finetune"] == 30 + 9, jobs
-    for rule in ("make_demo_t1", "bet", "flirt", "brats_preprocess"):
+    for rule in ("make_demo_t1", "brats_preprocess"):
         assert rule not in jobs, jobs
 
 
@@ -359,8 +372,7 @@ def test_whitespace_edit_deep_in_extraction_reruns_extraction_and_after(run, tmp
     """intensity.py is reached by the ants extraction only through antsio.at_resolution:
     the derived hash still covers it, so every scan's extraction and all after it rerun."""
     jobs = plan_after_code_edit(run, tmp_path, "medtx/preprocess/intensity.py", "\n\n")
-    for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
-        assert jobs[rule] == 11, jobs  # every T1 scan
+    assert jobs["preprocess_t1"] == 11, jobs  # every T1 scan (bet's own hash changed)
     assert jobs["brats_preprocess"] == 3 and jobs["collect_brats"] == 3, jobs  # it pools too
     for rule in (
         "provenance_report",
@@ -429,8 +441,7 @@ def test_adding_a_subject_runs_only_its_preprocessing_and_training(run, tmp_path
             f"sub-{new['subject']}\t{new['age']}\t{new['sex']}\t{new['diagnosis']}\t{new['site']}\n"
         )
     jobs = rerun_plan(snakemake(sandbox, "-n", "all", config=on_disk, env=env, timeout=120))
-    for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "collect_provenance"):
-        assert jobs.pop(rule) == 1, jobs
+    assert jobs.pop("preprocess_t1") == 1, jobs
     # mini_adni: 2 tasks x 3 folds x (3 + 2) inits; the report lists every scan
     assert jobs == {
         "scan_table": 1,  # the new subject's dataset: its table gains a row
@@ -451,9 +462,78 @@ def test_qc_threshold_change_rejudges_without_recomputing(run, tmp_path):
     changed = tmp_path / "qc.yaml"
     changed.write_text(yaml.safe_dump(config))
     jobs = planned(snakemake(work, "-n", "all", config=changed, env=env, timeout=120))
-    assert {"collect_provenance", "collect_brats", "provenance_report", "make_folds"} <= set(jobs)
-    for rule in ("bet", "flirt", "n4_correct", "pool_normalize", "brats_preprocess"):
-        assert rule not in jobs, jobs
+    assert {"preprocess_t1", "collect_brats", "provenance_report", "make_folds"} <= set(jobs)
+    assert "brats_preprocess" not in jobs, jobs
+    # inside each scan's job every image step is skipped, and collect rejudges
+    starts, logs, verdicts = rerun_t1_chains(run, tmp_path, config=changed)
+    for scan, (before, after) in starts.items():
+        assert after == before, scan  # no step record rewritten
+        assert logs[scan].count("; skipped") == 4, logs[scan]  # bet flirt n4 pool_normalize
+    # each provenance record judged again, against the new threshold
+    assert all(v["thresholds"]["ncc_min"] == 0.9 for v in verdicts.values()), verdicts
+
+
+def t1_step_starts(results: Path) -> dict[str, dict[str, str]]:
+    """scan -> step -> its record's start time, for every T1 scan."""
+    out = {}
+    for bet in results.glob("work/*/*/*_step-bet.json"):
+        scan = bet.name.removesuffix("_step-bet.json")
+        out[scan] = {
+            step: json.loads((bet.parent / f"{scan}_step-{step}.json").read_text())["start"]
+            for step in ("bet", "flirt", "n4", "pool", "normalize")
+        }
+    return out
+
+
+def rerun_t1_chains(run, tmp_path, *, config="ants.yaml", env=None, snakefile=None):
+    """Run every T1 scan's chain job again in a copy of the finished run.
+
+    Returns scan -> (step starts before, after), scan -> the job's log, and
+    scan -> the QC block (thresholds) of its new provenance record.
+    """
+    work, run_env = run
+    sandbox = tmp_path / "rerun"
+    shutil.copytree(work, sandbox, symlinks=True)  # copy2 keeps the mtimes
+    before = t1_step_starts(sandbox / "results")
+    targets = [
+        str(p.relative_to(sandbox)) for p in sandbox.glob("results/work/*/*/*_provenance.json")
+    ]
+    targets = [t for t in targets if Path(t).name.removesuffix("_provenance.json") in before]
+    proc = snakemake(
+        sandbox,
+        "--cores",
+        "2",
+        *targets,
+        config=config,
+        env=env or run_env,
+        timeout=900,
+        snakefile=snakefile,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    after = t1_step_starts(sandbox / "results")
+    logs, verdicts = {}, {}
+    for scan in before:
+        dataset = next(sandbox.glob(f"results/work/*/{scan}")).parent.name
+        logs[scan] = (sandbox / f"logs/preprocess/preprocess_t1/{dataset}/{scan}.log").read_text()
+        record = sandbox / f"results/work/{dataset}/{scan}/{scan}_provenance.json"
+        verdicts[scan] = json.loads(record.read_text())["qc"]
+    assert len(before) == 11
+    return {scan: (before[scan], after[scan]) for scan in before}, logs, verdicts
+
+
+def test_n4_code_edit_reruns_n4_and_after_inside_each_scan_job(run, tmp_path):
+    """An edit to N4's code reruns the chain job of every T1 scan; inside it bet and
+    flirt are skipped (their records keep their start times) and n4, pool and
+    normalize run again."""
+    checkout = edited_checkout(tmp_path, "medtx/preprocess/n4.py", "\n# a local edit to N4\n")
+    env = {**run[1], "PYTHONPATH": str(checkout)}
+    starts, logs, _ = rerun_t1_chains(run, tmp_path, env=env, snakefile=checkout / "Snakefile")
+    for scan, (before, after) in starts.items():
+        print(scan, {step: (before[step], after[step]) for step in before})
+        assert after["bet"] == before["bet"] and after["flirt"] == before["flirt"], scan
+        for step in ("n4", "pool", "normalize"):
+            assert after[step] > before[step], (scan, step)
+        assert "bet: unchanged" in logs[scan] and "n4: ran" in logs[scan], logs[scan]
 
 
 def test_audit_finds_changed_output(run, tmp_path):
@@ -495,7 +575,7 @@ def test_bad_scan_fail_and_exclude(run, tmp_path):
     excluding = tmp_path / "exclude.yaml"
     excluding.write_text(yaml.safe_dump(config))
     jobs = planned(snakemake(work, "-n", "all", config=excluding, env=env, timeout=120))
-    assert jobs.get("bet") == 1  # only the good new scan
+    assert jobs.get("preprocess_t1") == 1  # only the good new scan
     assert jobs.get("scan_table") == 1  # the new dataset's table: written by a job
     tsv = work / "results/scans/extra.tsv"
     assert not tsv.exists()  # a dry run writes nothing

@@ -129,6 +129,18 @@ def test_a_step_given_part_of_its_section_runs_with_the_schema_defaults():
     assert {k: v for k, v in flirt.items() if k not in schedule} == rest
 
 
+def test_the_chain_fills_each_steps_params_as_its_own_step_would():
+    """``medtx step chain`` gets every step's params by step name: each filled as that
+    step alone is (so a record has one rerun key whichever layout made it), qc as given."""
+    parts = {"n4": {"shrink_factor": 2}, "bet": {"ants": {"method": "robex"}}}
+    chain = step_params("chain", {**parts, "qc": {"ncc_min": 0.5}})
+    assert chain == {
+        "n4": step_params("n4", parts["n4"]),
+        "bet": step_params("bet", parts["bet"]),
+        "qc": {"ncc_min": 0.5},
+    }
+
+
 def test_datasets_inside_results_are_fine_results_inside_a_dataset_are_not(tmp_path, monkeypatch):
     """The demo generates its datasets under results/ (the reverse is harmless); the
     check compares the folders themselves, not their names' prefixes."""

@@ -16,6 +16,7 @@ from medtx.domain import BACKBONE_INITS, INITS, PRETRAIN_STAGES, TASKS
 from medtx.train.config import STAGE_BLOCKS, stage_keys
 from medtx.preprocess.backend import resolve_backend
 from medtx.bundle import check_predict_plan, encoder_bundles, ensemble_bundles
+from medtx.preprocess.chain import chain_params
 from medtx.workflow import paths
 from medtx.workflow.codehash import code_hash
 from medtx.workflow.config_files import use_config_in_effect
@@ -26,7 +27,7 @@ from medtx.workflow.hooks import (
     use_checkout,
     user_errors,
 )
-from medtx.workflow.inputs import model_input_settings, settings_hash
+from medtx.workflow.inputs import model_input_settings, output_settings, settings_hash
 from medtx.workflow.lock import ResultsLock
 from medtx.workflow.paths import brats_outputs, step_records, t1_outputs
 from medtx.train.resources import launcher, training_resources, training_threads
@@ -289,6 +290,21 @@ def raw_t1(wildcards):
     return scan_row(wildcards)["t1"]
 
 
+# One job per scan (preprocess/job_per: scan): the step records' params as the
+# step-per-job rules pass them, with the QC thresholds for collect.
+CHAIN_PARAMS = as_json({**chain_params(PRE, BACKEND, config["qc"]), "qc": config["qc"]})
+# The chain's files that other rules read, declared as the job's outputs (kept
+# while it runs: the steps it skips keep their files). It writes every file of
+# t1_outputs beside them, each named in its step's record.
+CHAIN_OUTPUTS = {
+    "bet_mask": update(T1["bet_mask"]),  # deface
+    "preproc": update(T1["preproc"]),
+    "cache": update(
+        paths.cache_paths(paths.cache_dir(RESULTS), "{dataset}", "{scan}")["image"]
+    ),
+}
+
+
 def bet_outputs():
     out = {"brain": T1["bet_brain"], "mask": T1["bet_mask"], "record": T1["bet_record"]}
     if BACKEND == "ants":  # the head-to-template affine that flirt refines
@@ -317,6 +333,15 @@ def shell_args(flag, paths):
     """
     paths = [paths] if isinstance(paths, str) else list(paths)
     return f"{flag} {shlex.join(paths)}" if paths else ""
+
+
+def literal_args(**options):
+    """`--name 'value' ...` for static params, written into a shell line as they
+    stand: Snakemake formats each job's shell line three times while planning, and
+    a quoted JSON field costs that on every job. Braces are doubled for its format.
+    """
+    text = " ".join(f"--{name} {shlex.quote(value)}" for name, value in options.items())
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 def brats_roles():

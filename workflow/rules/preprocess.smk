@@ -1,154 +1,184 @@
-# T1 chain: bet -> flirt -> n4 -> pool_normalize. The last rule runs two steps,
-# each with its own record: 2x average pooling, then min-max in the brain (and
-# the float16 training cache). Both take well under a second; as separate jobs
-# they cost Snakemake more planning time per scan than they take to run.
+# T1 chain: bet -> flirt -> n4 -> pool -> normalize -> collect. By default
+# (preprocess/job_per: scan) one job per scan runs them all in one process: a
+# scan pays Python's and antspyx's start-up once, and Snakemake plans one job per
+# scan instead of five. Inside the job a step is skipped while its record shows
+# the same inputs, settings and code; after a step that runs, all later steps
+# run (medtx.preprocess.steps). With job_per: step each step is its own job
+# (for debugging one step); both write the same files and records.
 # Each rule's params hold exactly its config sections plus the hash of the
 # code it runs, so a change reruns that step and what follows, nothing else.
 
+if PRE["job_per"] == "scan":
 
-rule bet:
-    input:
-        t1=raw_t1,
-    output:
-        **bet_outputs(),
-    log:
-        f"{LOGS}/preprocess/bet/{{dataset}}/{{scan}}.log",
-    conda:
-        ENV
-    threads: PRE["threads"]
-    resources:
-        mem_mb=3000,
-        runtime=20,
-    params:
-        bet=as_json({BACKEND: PRE["bet"][BACKEND]}),
-        context=STEP_CONTEXT,
-        code=code_hash("bet"),
-    shell:
-        "python -m medtx step bet --input t1={input.t1:q} "
-        + io_args("output", bet_outputs())
-        + " --params {params.bet:q} --context {params.context:q}"
-        " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
+    rule preprocess_t1:
+        input:
+            t1=raw_t1,
+        output:
+            **CHAIN_OUTPUTS,
+            provenance=T1["provenance"],
+            qc_png=report(T1["qc_png"], **QC_STRIP),
+        log:
+            f"{LOGS}/preprocess/preprocess_t1/{{dataset}}/{{scan}}.log",
+        wildcard_constraints:
+            dataset=one_of(t1_datasets()),  # the cache path is shared with brats_preprocess
+        conda:
+            ENV
+        threads: PRE["threads"]
+        resources:
+            mem_mb=4000,  # the largest step's (flirt, n4)
+            runtime=90,  # the steps' sum
+        params:
+            steps=CHAIN_PARAMS,
+            context=STEP_CONTEXT,
+            code=code_hash("chain"),
+        shell:
+            # the chain names its other files from the provenance record's folder
+            "python -m medtx step chain --input t1={input.t1:q}"
+            " --output provenance={output.provenance:q} --output cache={output.cache:q} "
+            + literal_args(params=CHAIN_PARAMS, context=STEP_CONTEXT)
+            + " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
+else:
 
-rule flirt:
-    input:
-        **flirt_inputs(),
-    output:
-        brain=T1["flirt_brain"],
-        mask=T1["flirt_mask"],
-        xfm=T1["transform"],
-        record=T1["flirt_record"],
-    log:
-        f"{LOGS}/preprocess/flirt/{{dataset}}/{{scan}}.log",
-    conda:
-        ENV
-    threads: PRE["threads"]
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    params:
-        flirt=as_json({BACKEND: PRE["flirt"][BACKEND]}),
-        context=STEP_CONTEXT,
-        code=code_hash("flirt"),
-    shell:
-        "python -m medtx step flirt --input brain={input.brain:q} --input mask={input.mask:q}"
-        + (
-            " --input xfm_init={input.xfm_init:q} --input t1={input.t1:q}"
-            if BACKEND == "ants"
-            else ""
-        )
-        + " --output brain={output.brain:q} --output mask={output.mask:q}"
-        " --output xfm={output.xfm:q} --output record={output.record:q}"
-        " --params {params.flirt:q} --context {params.context:q}"
-        " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
+    rule bet:
+        input:
+            t1=raw_t1,
+        output:
+            **bet_outputs(),
+        log:
+            f"{LOGS}/preprocess/bet/{{dataset}}/{{scan}}.log",
+        conda:
+            ENV
+        threads: PRE["threads"]
+        resources:
+            mem_mb=3000,
+            runtime=20,
+        params:
+            bet=as_json({BACKEND: PRE["bet"][BACKEND]}),
+            context=STEP_CONTEXT,
+            code=code_hash("bet"),
+        shell:
+            "python -m medtx step bet --input t1={input.t1:q} "
+            + io_args("output", bet_outputs())
+            + " --params {params.bet:q} --context {params.context:q}"
+            " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
+    rule flirt:
+        input:
+            **flirt_inputs(),
+        output:
+            brain=T1["flirt_brain"],
+            mask=T1["flirt_mask"],
+            xfm=T1["transform"],
+            record=T1["flirt_record"],
+        log:
+            f"{LOGS}/preprocess/flirt/{{dataset}}/{{scan}}.log",
+        conda:
+            ENV
+        threads: PRE["threads"]
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        params:
+            flirt=as_json({BACKEND: PRE["flirt"][BACKEND]}),
+            context=STEP_CONTEXT,
+            code=code_hash("flirt"),
+        shell:
+            "python -m medtx step flirt --input brain={input.brain:q} --input mask={input.mask:q}"
+            + (
+                " --input xfm_init={input.xfm_init:q} --input t1={input.t1:q}"
+                if BACKEND == "ants"
+                else ""
+            )
+            + " --output brain={output.brain:q} --output mask={output.mask:q}"
+            " --output xfm={output.xfm:q} --output record={output.record:q}"
+            " --params {params.flirt:q} --context {params.context:q}"
+            " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
-rule n4_correct:
-    input:
-        brain=T1["flirt_brain"],
-        mask=T1["flirt_mask"],
-    output:
-        n4=T1["n4"],
-        record=T1["n4_record"],
-    log:
-        f"{LOGS}/preprocess/n4_correct/{{dataset}}/{{scan}}.log",
-    conda:
-        ENV
-    threads: PRE["threads"]
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    params:
-        n4=as_json(PRE["n4"]),
-        context=STEP_CONTEXT,
-        code=code_hash("n4"),
-    shell:
-        "python -m medtx step n4 --input brain={input.brain:q} --input mask={input.mask:q}"
-        " --output n4={output.n4:q} --output record={output.record:q}"
-        " --params {params.n4:q} --context {params.context:q}"
-        " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
+    rule n4_correct:
+        input:
+            brain=T1["flirt_brain"],
+            mask=T1["flirt_mask"],
+        output:
+            n4=T1["n4"],
+            record=T1["n4_record"],
+        log:
+            f"{LOGS}/preprocess/n4_correct/{{dataset}}/{{scan}}.log",
+        conda:
+            ENV
+        threads: PRE["threads"]
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        params:
+            n4=as_json(PRE["n4"]),
+            context=STEP_CONTEXT,
+            code=code_hash("n4"),
+        shell:
+            "python -m medtx step n4 --input brain={input.brain:q} --input mask={input.mask:q}"
+            " --output n4={output.n4:q} --output record={output.record:q}"
+            " --params {params.n4:q} --context {params.context:q}"
+            " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
+    rule pool_normalize:
+        input:
+            image=T1["n4"],
+            mask=T1["flirt_mask"],
+        output:
+            pooled=T1["pooled"],
+            mask=T1["brain_mask"],
+            pool_record=T1["pool_record"],
+            image=T1["preproc"],
+            cache=cache_files("{dataset}", "{scan}")["image"],
+            record=T1["normalize_record"],
+        log:
+            f"{LOGS}/preprocess/pool_normalize/{{dataset}}/{{scan}}.log",
+        wildcard_constraints:
+            dataset=one_of(t1_datasets()),  # the cache path is shared with brats_preprocess
+        conda:
+            ENV
+        resources:
+            mem_mb=2000,
+            runtime=5,
+        params:
+            settings=as_json(
+                {
+                    "pool": PRE["pool"],
+                    "normalize": PRE["normalize"],
+                    "face_margin_mm": config["qc"]["face_margin_mm"],
+                }
+            ),
+            context=STEP_CONTEXT,
+            code=code_hash("pool_normalize"),
+        shell:
+            "python -m medtx step pool_normalize --input image={input.image:q} --input mask={input.mask:q}"
+            " --output pooled={output.pooled:q} --output mask={output.mask:q}"
+            " --output pool_record={output.pool_record:q} --output image={output.image:q}"
+            " --output cache={output.cache:q} --output record={output.record:q}"
+            " --params {params.settings:q} --context {params.context:q}"
+            " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
-rule pool_normalize:
-    input:
-        image=T1["n4"],
-        mask=T1["flirt_mask"],
-    output:
-        pooled=T1["pooled"],
-        mask=T1["brain_mask"],
-        pool_record=T1["pool_record"],
-        image=T1["preproc"],
-        cache=cache_files("{dataset}", "{scan}")["image"],
-        record=T1["normalize_record"],
-    log:
-        f"{LOGS}/preprocess/pool_normalize/{{dataset}}/{{scan}}.log",
-    wildcard_constraints:
-        dataset=one_of(t1_datasets()),  # the cache path is shared with brats_preprocess
-    conda:
-        ENV
-    resources:
-        mem_mb=2000,
-        runtime=5,
-    params:
-        settings=as_json(
-            {
-                "pool": PRE["pool"],
-                "normalize": PRE["normalize"],
-                "face_margin_mm": config["qc"]["face_margin_mm"],
-            }
-        ),
-        context=STEP_CONTEXT,
-        code=code_hash("pool_normalize"),
-    shell:
-        "python -m medtx step pool_normalize --input image={input.image:q} --input mask={input.mask:q}"
-        " --output pooled={output.pooled:q} --output mask={output.mask:q}"
-        " --output pool_record={output.pool_record:q} --output image={output.image:q}"
-        " --output cache={output.cache:q} --output record={output.record:q}"
-        " --params {params.settings:q} --context {params.context:q}"
-        " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
-
-
-rule collect_provenance:
-    input:
-        records=step_records(T1),
-    output:
-        provenance=T1["provenance"],
-        thumbnail=report(T1["qc_png"], **QC_STRIP),
-    log:
-        f"{LOGS}/preprocess/collect_provenance/{{dataset}}/{{scan}}.log",
-    wildcard_constraints:
-        dataset=one_of(t1_datasets()),
-    conda:
-        ENV
-    resources:
-        mem_mb=2000,
-        runtime=5,
-    params:
-        qc=as_json(config["qc"]),
-        code=code_hash("collect"),
-    shell:
-        "python -m medtx collect --record {input.records:q} --thumbnail {output.thumbnail:q}"
-        " --qc {params.qc:q} --out {output.provenance:q} > {log:q} 2>&1"
+    rule collect_provenance:
+        input:
+            records=step_records(T1),
+        output:
+            provenance=T1["provenance"],
+            thumbnail=report(T1["qc_png"], **QC_STRIP),
+        log:
+            f"{LOGS}/preprocess/collect_provenance/{{dataset}}/{{scan}}.log",
+        wildcard_constraints:
+            dataset=one_of(t1_datasets()),
+        conda:
+            ENV
+        resources:
+            mem_mb=2000,
+            runtime=5,
+        params:
+            qc=as_json(config["qc"]),
+            code=code_hash("collect"),
+        shell:
+            "python -m medtx collect --record {input.records:q} --thumbnail {output.thumbnail:q}"
+            " --qc {params.qc:q} --out {output.provenance:q} > {log:q} 2>&1"
 
 
 # A T1 dataset's final images as a BIDS-derivatives dataset (linked, not copied):
@@ -176,7 +206,7 @@ rule bids_derivatives:
         runtime=10,
     params:
         source=lambda w: bids_root(w.dataset),
-        settings=as_json(PRE),
+        settings=as_json(output_settings(PRE)),
         code=code_hash("derivatives"),
     shell:
         "python -m medtx derivatives --dataset {wildcards.dataset:q} --scan-table {input.table:q}"

@@ -27,7 +27,9 @@ rule provenance_report:
         mem_mb=2000,
         runtime=10,
     params:
-        settings=as_json({**PRE, "backend": BACKEND, "seed": config["seed"]}),
+        settings=as_json(
+            {**output_settings(PRE), "backend": BACKEND, "seed": config["seed"]}
+        ),
         page=paths.report(RESULTS),
         code=code_hash("report"),
     shell:

@@ -48,14 +48,17 @@ def package_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(codehash, "PACKAGE", pkg)
     codehash.code_hash.cache_clear()
     codehash.closure.cache_clear()
+    codehash.imported_modules.cache_clear()
     yield pkg
     codehash.code_hash.cache_clear()
     codehash.closure.cache_clear()
+    codehash.imported_modules.cache_clear()
 
 
 def hashes():
     codehash.code_hash.cache_clear()
     codehash.closure.cache_clear()
+    codehash.imported_modules.cache_clear()
     return {s: codehash.code_hash(s) for s in STAGES}
 
 
@@ -70,8 +73,10 @@ def test_an_edit_deep_in_extraction_changes_the_steps_that_run_it(package_copy):
     # the ants extraction reaches intensity.py through antsio.at_resolution; predict
     # preprocesses raw scans through the same chain (`medtx predict` outside the rules);
     # the BIDS derivatives record the chain's hash as their GeneratedBy; defacing
-    # registers the head to find its face (medtx.share.deface.head_orientation)
+    # registers the head to find its face (medtx.share.deface.head_orientation); the
+    # one-job-per-scan chain runs them all
     assert changed_by(package_copy, "preprocess/intensity.py") == {
+        "chain",
         "deface",
         "bet",
         "flirt",
@@ -134,8 +139,8 @@ def test_the_command_line_is_in_no_hash_and_each_step_is_its_own_entry():
     from medtx import cli
 
     assert all("cli.py" not in closure_files(s) for s in STAGES)
-    for step in cli.STEPS:  # `medtx step` runs the one entry module of the step's stage
-        (module,) = codehash.STAGE_ENTRIES[step]
+    for step in cli.STEPS:  # `medtx step` runs the first entry module of the step's stage
+        module = codehash.STAGE_ENTRIES[step][0]
         assert callable(importlib.import_module(module).run_step), module
 
 
