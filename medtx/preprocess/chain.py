@@ -7,6 +7,7 @@ the same place.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,15 @@ def chain_params(settings: dict, backend: str, qc: dict | None = None) -> dict:
     }
 
 
-def run_steps(t1: str | Path, files: dict[str, str], *, params: dict, ctx: StepContext) -> list:
+def run_steps(
+    t1: str | Path, files: dict[str, str], *, params: dict, ctx: StepContext, log=None
+) -> list:
     """bet -> flirt -> n4 -> pool -> normalize, each skipped while its record
     matches (``medtx.preprocess.steps``); after a step that ran, all run.
-    Returns the steps that ran."""
+    Returns the steps that ran; ``log`` gets a line per step."""
     ran: list[str] = []
     for step, inputs, outputs in chain_files(str(t1), files, ctx.backend):
-        if steps.run_step(step, inputs, outputs, params[step], ctx, force=bool(ran)):
+        if steps.run_step(step, inputs, outputs, params[step], ctx, force=bool(ran), log=log):
             ran.append(step)
     return ran
 
@@ -95,7 +98,8 @@ def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
     step-per-job rules write.
     """
     f = {**t1_outputs(Path(o["provenance"]).parent, ctx.scan), **o}
-    run_steps(i["t1"], f, params=params, ctx=ctx)
+    # the job's log says which steps ran and which were skipped
+    run_steps(i["t1"], f, params=params, ctx=ctx, log=lambda line: print(line, file=sys.stderr))
     return collect_scan(step_records(f), f["provenance"], thumbnail=f["qc_png"], qc=params["qc"])
 
 

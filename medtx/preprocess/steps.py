@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from medtx.io import sha256
@@ -85,17 +85,21 @@ def run_step(
     ctx: StepContext,
     *,
     force: bool = False,
+    log: Callable[[str], object] | None = None,
 ) -> bool:
     """Run ``step`` (files by role, as ``medtx step`` takes them) unless its records
-    show it unchanged; ``force`` runs it regardless. Returns whether it ran."""
+    show it unchanged; ``force`` runs it regardless. Returns whether it ran.
+    ``log`` gets one line per step (the workflow's job log); ``medtx preprocess``
+    passes none and stays quiet on success."""
+    log = log or (lambda line: None)
     key = rerun_key(step, params, ctx)
     records = [outputs[role] for role in STEP_RECORDS[step]]
     if not force and unchanged(records, key, inputs):
-        print(f"{step}: unchanged since {', '.join(records)}; skipped", file=sys.stderr)
+        log(f"{step}: unchanged since {', '.join(records)}; skipped")
         return False
     (entry,) = STAGE_ENTRIES[step]
     importlib.import_module(entry).run_step(
         inputs, outputs, params, dataclasses.replace(ctx, rerun=key)
     )
-    print(f"{step}: ran", file=sys.stderr)
+    log(f"{step}: ran")
     return True
