@@ -62,8 +62,8 @@ use_checkout(workflow.basedir)
 # One run at a time per results folder, whatever its working directory (-d):
 # taken just before the first job, given back when the run ends. Dry runs and
 # the jobs Snakemake spawns (--no-hooks) call none of these. Nothing is written
-# into the results folder before it is taken: every file there is a job's output
-# (the scan tables too: rule scan_table, data.smk).
+# into the results folder before it is taken: every file there is a job's output,
+# and the scan tables (rule scan_table, data.smk) are also written here, after it.
 RESULTS_LOCK = ResultsLock(RESULTS)
 
 
@@ -86,9 +86,9 @@ onerror:
 # One table per dataset, built (and checked) once per run from a per-file cache.
 # A bad dataset stops the run before any job: its problems, one line each, as
 # `medtx: error: ...` (as the medtx command prints them), without Snakemake's traceback.
-# Read here, written only by the scan_table jobs (data.smk: under the lock, never
-# in a dry run); each job's input is a stamp in the working directory that is
-# newer than its table exactly when the table does not hold this content.
+# Read here; written only under the lock, by onstart and the scan_table jobs
+# (data.smk), never in a dry run. Each job's input is a stamp in the working
+# directory that is newer than its table exactly when the table does not hold this content.
 with user_errors():
     SCANS = build_scan_tables(
         config["datasets"],
