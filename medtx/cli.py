@@ -41,6 +41,7 @@ from typing import Any
 
 from medtx.domain import BACKBONES, DEFAULT_BACKBONE, INITS, PRETRAIN_STAGES, TASKS
 from medtx.errors import MedtxError
+from medtx.workflow.argfile import PREFIX
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -621,7 +622,14 @@ COMMAND_PARSERS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medtx", description=__doc__.split("\n\n")[0])
+    # @FILE stands for FILE's lines, one argument each: the workflow passes a
+    # dataset's record paths so (medtx.workflow.argfile)
+    parser = argparse.ArgumentParser(
+        prog="medtx",
+        description=__doc__.split("\n\n")[0],
+        epilog="An argument @FILE is read as FILE's lines, one argument per line.",
+        fromfile_prefix_chars=PREFIX,
+    )
     parser.add_argument(
         "--version", action="store_true", help="print the version and the code hash, then exit"
     )

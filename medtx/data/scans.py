@@ -696,13 +696,14 @@ def summary_lines(
         f"medtx: dataset {name!r}: {counts['ok']} taken, {counts['skipped']} skipped, "
         f"{counts['excluded']} excluded"
     )
-    ok = table[table["status"] == "ok"].to_dict("records")
-    for task, n in missing_counts(ok, roles).items():
+    ok = table[table["status"] == "ok"]
+    labels = [c for c in TASK_LABELS.values() if c in ok.columns]  # the only keys read
+    for task, n in missing_counts(ok[labels].to_dict("records"), roles).items():
         line += f"; {n} without {TASK_LABELS[task]} (left out of {task})"
     reasons = Counter(
-        (rec["status"], reason_kind(rec["reason"]))
-        for rec in table.to_dict("records")
-        if rec["reason"]
+        (status, reason_kind(reason))
+        for status, reason in zip(table["status"], table["reason"])
+        if reason
     )
     lines = [line] + [
         f"medtx:   {n} {NOTED if status == 'ok' else status}: {kind}"
@@ -720,7 +721,9 @@ def _load_cache(cache_path) -> dict[str, tuple[str, str]]:
         return {}
     old = pd.read_csv(cache_path, sep="\t", dtype=str, keep_default_na=False)
     cache = {}
-    for rec in old.to_dict("records"):
+    columns = [c for c in ("status", "signature", *IMAGES) if c in old.columns]
+    for values in zip(*(old[c] for c in columns)):  # str columns: no per-value boxing
+        rec = dict(zip(columns, values))
         sigs = rec.get("signature", "").split(";") if rec.get("signature") else []
         images = [rec[m] for m in IMAGES if rec.get(m)]
         if rec.get("status") == "ok" and len(sigs) == len(images):

@@ -45,6 +45,7 @@ from typing import Any
 from medtx.errors import MedtxError
 from medtx.io import sha256, write_json
 from medtx.provenance.manifest import KEY_ENV, chain_head, provenance_key, signature
+from medtx.workflow.argfile import PREFIX
 from medtx.workflow.paths import PROVENANCE_SUFFIX, record_manifest
 
 SCHEMA = 1
@@ -210,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m medtx.provenance.run_index --records R ... --out INDEX``: the
     provenance report rule's last command. A user error is one line, exit 1."""
     parser = argparse.ArgumentParser(
-        prog="python -m medtx.provenance.run_index", description=__doc__.splitlines()[0]
+        prog="python -m medtx.provenance.run_index",
+        description=__doc__.splitlines()[0],
+        fromfile_prefix_chars=PREFIX,  # --records @FILE: FILE's lines (the workflow's record lists)
     )
     parser.add_argument("--records", nargs="+", required=True, help="*_provenance.json or folders")
     parser.add_argument("--out", required=True, help=f"the index ({INDEX_REL} under results)")

@@ -43,6 +43,7 @@ STAGE_ENTRIES: dict[str, tuple[str, ...]] = {
     ),
     "brats": ("medtx.preprocess.brats",),
     "collect": ("medtx.provenance.collect",),
+    "record_list": ("medtx.workflow.argfile",),
     # the dataset's hash covers the chain that made its images (GeneratedBy)
     "derivatives": (
         "medtx.preprocess.derivatives",
@@ -89,7 +90,7 @@ def imported_modules(name: str) -> frozenset[str]:
     if path is None:
         raise KeyError(f"no medtx module {name!r}")
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _statements(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -102,6 +103,20 @@ def imported_modules(name: str) -> frozenset[str]:
             # `from medtx.models import slice_transformer` imports a module by name
             found.update(f"{base}.{alias.name}" for alias in node.names)
     return frozenset(m for m in found if m.split(".")[0] == ROOT and module_file(m) is not None)
+
+
+# Nodes that hold statements: an import is a statement, and expressions hold none,
+# so the walk skips them (nine in ten nodes of a module).
+_HOLDERS = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+def _statements(tree: ast.Module):
+    """Every statement of ``tree``, at any depth (function and class bodies too)."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(c for c in ast.iter_child_nodes(node) if isinstance(c, _HOLDERS))
 
 
 def _with_packages(name: str) -> set[str]:

@@ -77,6 +77,12 @@ def preprocess_dir(results: str, dataset: str, scan: str) -> str:
     return f"{results}/work/{dataset}/{scan}"
 
 
+def record_list(results: str, dataset: str) -> str:
+    """A dataset's provenance records, one path per line: the one input the rules
+    that read every scan depend on (medtx.workflow.argfile)."""
+    return f"{results}/work/{dataset}.records.txt"
+
+
 def derivatives(results: str, dataset: str) -> str:
     """A T1 dataset's BIDS-derivatives dataset: the chain's final images, linked
     from the working folders, with their sidecars."""

@@ -26,8 +26,9 @@ SNAKEMAKE = str(REPO / ".venv" / "bin" / "snakemake")
 RULE_FILES = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
 # A substitution Snakemake makes into a shell line: {input.t1}, {log}, {params.x:q} ...
 PLACEHOLDER = re.compile(r"(?<!\{)\{((?:input|output|log|wildcards|params|resources)[.\w]*)(:q)?\}")
-# Params that are whole arguments ("--init-checkpoint PATH" or ""), built by shell_args.
-ARGUMENT_PARAMS = {"overrides", "pretrain", "init"}
+# Params that are whole arguments ("--init-checkpoint PATH" or ""), built by shell_args
+# (or argfiles: "--records @PATH ...").
+ARGUMENT_PARAMS = {"overrides", "pretrain", "init", "records"}
 
 # Everything a shell reads as code, quotes, a space and letters outside ASCII.
 HOSTILE = "a b;$(touch PWNED1) `touch PWNED2` 'q' \"d\" & é中"
@@ -42,7 +43,7 @@ def test_every_substitution_in_a_shell_line_is_quoted():
             if quoted:
                 continue
             param = name.removeprefix("params.")
-            built = re.search(rf"\b{param}=lambda w, input: shell_args\(", text)
+            built = re.search(rf"\b{param}=lambda w, input: (shell_args|argfiles)\(", text)
             if name.startswith("params.") and param in ARGUMENT_PARAMS and built:
                 continue
             line = text.count("\n", 0, match.start()) + 1
@@ -54,6 +55,7 @@ def test_rule_file_helpers_quote_what_they_build():
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
     assert '{role}={{{direction}.{role}:q}}"' in common  # io_args
     assert 'f"{flag} {shlex.join(paths)}"' in common  # shell_args
+    assert '"@" + shlex.quote(f) for f in files' in common  # argfiles
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

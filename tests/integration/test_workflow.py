@@ -445,6 +445,7 @@ def test_adding_a_subject_runs_only_its_preprocessing_and_training(run, tmp_path
     # mini_adni: 2 tasks x 3 folds x (3 + 2) inits; the report lists every scan
     assert jobs == {
         "scan_table": 1,  # the new subject's dataset: its table gains a row
+        "record_list": 1,  # and its list of records
         "provenance_report": 1,
         "bids_derivatives": 1,  # the new subject's dataset
         "make_folds": 2,

@@ -38,7 +38,8 @@ SNAKEMAKE = (
 CONFIG = REPO / "tests" / "configs" / "slurm.yaml"
 TIMEOUT = int(os.environ.get("MEDTX_SLURM_TEST_TIMEOUT", "1800"))  # seconds, whole run
 TARGETS = os.environ.get("MEDTX_SLURM_TARGETS", "all").split()
-LOCAL_RULES = ("all", "folds", "cache_index", "bids_derivatives", "scan_table")  # target, local
+# the target and the local rules
+LOCAL_RULES = ("all", "folds", "cache_index", "bids_derivatives", "scan_table", "record_list")
 # A step's depth in its scan's chain (workflow/rules/preprocess.smk).
 CHAIN_DEPTH = {
     "bet": 0,

@@ -7,6 +7,7 @@ import sys
 
 from medtx.config import validate_config
 from medtx.data.scans import (
+    IMAGES,
     build_scan_tables,
     stamp_scan_table,
     table_text,
@@ -107,11 +108,11 @@ SCAN_STAMPS = {
     for name, text in SCAN_TEXT.items()
 }
 OK = {name: t[t["status"] == "ok"] for name, t in SCANS.items()}
-# (dataset, scan) -> row, so input functions look rows up in O(1).
+# (dataset, scan) -> its image paths, so input functions look them up in O(1).
 ROWS = {
     (name, row["scan"]): row
     for name, table in OK.items()
-    for row in table.to_dict("records")
+    for row in table[["scan", *(m for m in IMAGES if m in table)]].to_dict("records")
 }
 
 # File names, as patterns with {dataset} and {scan}.
@@ -184,24 +185,24 @@ STEP_CONTEXT = as_json(
 )
 
 
-def scan_targets(key_t1, key_brats=None):
-    out = []
-    for name, table in OK.items():
-        for scan in table["scan"]:
-            if is_brats(name):
-                if key_brats:
-                    out.append(BRATS[key_brats].format(dataset=name, scan=scan))
-            else:
-                out.append(T1[key_t1].format(dataset=name, scan=scan))
-    return out
-
-
 def dataset_targets(dataset, key):
     """One file per usable scan of a dataset (e.g. its provenance records)."""
     files = BRATS if is_brats(dataset) else T1
     return [
         files[key].format(dataset=dataset, scan=scan) for scan in OK[dataset]["scan"]
     ]
+
+
+def record_list(dataset):
+    """The file that stands for all of a dataset's provenance records (rule
+    record_list): the rules that read every scan take it, as one @FILE argument."""
+    return paths.record_list(RESULTS, dataset)
+
+
+def argfiles(flag, files):
+    """`flag @'file' ...`: each file's lines become the flag's arguments."""
+    files = [files] if isinstance(files, str) else list(files)
+    return f"{flag} " + " ".join("@" + shlex.quote(f) for f in files) if files else ""
 
 
 def get_final_output():
@@ -212,7 +213,7 @@ def get_final_output():
     ]
     return (
         demo
-        + scan_targets("preproc", "image")
+        + [record_list(name) for name in OK]  # each scan's job, through its record
         + [paths.derivatives(RESULTS, name) for name in t1_datasets()]
         + [paths.report_dir(RESULTS)]
         + manifest_targets()
@@ -293,11 +294,12 @@ def raw_t1(wildcards):
 # One job per scan (preprocess/job_per: scan): the step records' params as the
 # step-per-job rules pass them, with the QC thresholds for collect.
 CHAIN_PARAMS = as_json({**chain_params(PRE, BACKEND, config["qc"]), "qc": config["qc"]})
-# The chain's files that other rules read, declared as the job's outputs (kept
-# while it runs: the steps it skips keep their files). It writes every file of
-# t1_outputs beside them, each named in its step's record.
+# The chain's products, declared as the job's outputs (kept while it runs: the
+# steps it skips keep their files). It writes every file of t1_outputs beside
+# them, each named in its step's record; a rule that reads one of those (deface:
+# bet's mask) takes the provenance record as its input. Each declared file costs
+# Snakemake planning time on every scan.
 CHAIN_OUTPUTS = {
-    "bet_mask": update(T1["bet_mask"]),  # deface
     "preproc": update(T1["preproc"]),
     "cache": update(
         paths.cache_paths(paths.cache_dir(RESULTS), "{dataset}", "{scan}")["image"]
@@ -383,14 +385,6 @@ def firewall_gate():
 def cache_index(dataset):
     """The file that stands for all of a dataset's caches (rule cache_index)."""
     return paths.cache_index(RESULTS, dataset)
-
-
-def dataset_caches(wildcards):
-    ds = wildcards.dataset
-    files = {"images": [cache_files(ds, scan)["image"] for scan in OK[ds]["scan"]]}
-    if is_brats(ds):
-        files["regions"] = [cache_files(ds, scan)["regions"] for scan in OK[ds]["scan"]]
-    return files
 
 
 def cache_files(dataset, scan):

@@ -5,7 +5,7 @@
 rule make_folds:
     input:
         table=paths.scan_table(RESULTS, "{dataset}"),
-        records=lambda w: dataset_targets(w.dataset, "provenance"),
+        records=lambda w: record_list(w.dataset),
         overrides=folds_overrides(),
     output:
         tsv=paths.manifest(RESULTS, "{dataset}", "{task}"),
@@ -25,7 +25,7 @@ rule make_folds:
         code=code_hash("folds"),
     shell:
         "python -m medtx folds --dataset {wildcards.dataset:q} --task {wildcards.task:q}"
-        " --table {input.table:q} --records {input.records:q} {params.overrides}"
+        " --table {input.table:q} --records @{input.records:q} {params.overrides}"
         " --params {params.folds:q} --out-tsv {output.tsv:q} --out-json {output.sidecar:q}"
         " > {log:q} 2>&1"
 

@@ -7,7 +7,7 @@
 rule predict:
     input:
         index=lambda w: cache_index(w.dataset),
-        records=lambda w: dataset_targets(w.dataset, "provenance"),
+        records=lambda w: record_list(w.dataset),
         table=lambda w: paths.scan_table(RESULTS, w.dataset),
         bundle=lambda w: PREDICT_BUNDLES[w.bundle],
     output:
@@ -26,5 +26,5 @@ rule predict:
         code=code_hash("predict"),
     shell:
         "python -m medtx predict {input.bundle:q} --cache-index {input.index:q}"
-        " --records {input.records:q} --scan-table {input.table:q} --out {output:q}"
+        " --records @{input.records:q} --scan-table {input.table:q} --out {output:q}"
         " > {log:q} 2>&1"

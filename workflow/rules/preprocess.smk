@@ -189,9 +189,34 @@ localrules:
     bids_derivatives,
 
 
-rule bids_derivatives:
+# A dataset's provenance records, one path per line: the rules below and after
+# (derivatives, report, folds, cache index, predictions) depend on this one file
+# instead of every record, so Snakemake plans one edge per scan, not one per
+# scan and consuming rule, and no command line grows with the cohort.
+
+
+localrules:
+    record_list,
+
+
+rule record_list:
     input:
         records=lambda w: dataset_targets(w.dataset, "provenance"),
+    output:
+        record_list("{dataset}"),
+    log:
+        f"{LOGS}/preprocess/record_list/{{dataset}}.log",
+    params:
+        code=code_hash("record_list"),
+    run:
+        from medtx.workflow.argfile import write_argfile
+
+        write_argfile(input.records, output[0])
+
+
+rule bids_derivatives:
+    input:
+        records=lambda w: record_list(w.dataset),
         table=paths.scan_table(RESULTS, "{dataset}"),
     output:
         directory(paths.derivatives(RESULTS, "{dataset}")),
@@ -210,7 +235,7 @@ rule bids_derivatives:
         code=code_hash("derivatives"),
     shell:
         "python -m medtx derivatives --dataset {wildcards.dataset:q} --scan-table {input.table:q}"
-        " --records {input.records:q} --source {params.source:q} --settings {params.settings:q}"
+        " --records @{input.records:q} --source {params.source:q} --settings {params.settings:q}"
         " --code {params.code:q} --out {output:q} > {log:q} 2>&1"
 
 

@@ -9,7 +9,7 @@ from medtx.provenance.run_index import index_path
 
 rule provenance_report:
     input:
-        records=scan_targets("provenance", "provenance"),
+        records=[record_list(name) for name in OK],
         tables=[paths.scan_table(RESULTS, name) for name in config["datasets"]],
     output:
         page=report(
@@ -31,9 +31,10 @@ rule provenance_report:
             {**output_settings(PRE), "backend": BACKEND, "seed": config["seed"]}
         ),
         page=paths.report(RESULTS),
+        records=lambda w, input: argfiles("--records", input.records),
         code=code_hash("report"),
     shell:
-        "python -m medtx report --records {input.records:q} --scan-table {input.tables:q}"
+        "python -m medtx report {params.records} --scan-table {input.tables:q}"
         " --settings {params.settings:q} --out {params.page:q} > {log:q} 2>&1"
-        " && python -m medtx.provenance.run_index --records {input.records:q}"
+        " && python -m medtx.provenance.run_index {params.records}"
         " --out {output.index:q} >> {log:q} 2>&1"

@@ -16,7 +16,7 @@ rule defaced:
 rule deface:
     input:
         t1=raw_t1,
-        mask=T1["bet_mask"],
+        record=T1["provenance"],  # the chain ran; its bet step wrote the mask
     output:
         t1=DEFACED["t1"],
         record=DEFACED["record"],
@@ -30,8 +30,9 @@ rule deface:
         mem_mb=3000,
         runtime=10,
     params:
+        mask=lambda w: T1["bet_mask"].format(**w),
         qc=as_json(config["qc"]),
         code=code_hash("deface"),
     shell:
-        "python -m medtx deface {input.t1:q} {output.t1:q} --mask {input.mask:q}"
+        "python -m medtx deface {input.t1:q} {output.t1:q} --mask {params.mask:q}"
         " --record {output.record:q} --qc {params.qc:q} --scan {wildcards.scan:q} > {log:q} 2>&1"

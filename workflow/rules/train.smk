@@ -11,9 +11,11 @@ localrules:
     cache_index,
 
 
+# The caches are outputs of the jobs that wrote the records, so a missing cache
+# reruns its scan's job even though only the record list is an input here.
 rule cache_index:
     input:
-        unpack(dataset_caches),
+        records=lambda w: record_list(w.dataset),
     output:
         cache_index("{dataset}"),
     log:
@@ -24,13 +26,15 @@ rule cache_index:
     run:
         from medtx.data.cache import write_cache_index
 
+        caches = [cache_files(wildcards.dataset, scan) for scan in params.scans]
+        brats = is_brats(wildcards.dataset)
         write_cache_index(
             wildcards.dataset,
             params.scans,
-            input.images,
+            [c["image"] for c in caches],
             output[0],
-            input.get("regions"),
-            brats=is_brats(wildcards.dataset),
+            [c["regions"] for c in caches] if brats else None,
+            brats=brats,
         )
 
 
