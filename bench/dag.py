@@ -22,7 +22,8 @@ process (its rusage: the machine may be shared, and CPU time moves less with
 load than wall time). The ratios profile/floor and again/floor are taken in the
 same run. Targets (issue 34): profile <= 1.5x floor at 10,000 subjects, and
 40,000 subjects planned with the profile in <= 90 s on 2 cores. The figures go
-to a JSON file (--json) stamped with commit, date, CPU model and core count.
+to a JSON file (--json) through bench/record.py (commit, date, machine), rewritten
+after each size, so a run cut short keeps what it measured.
 
 A first line times the fixed cost of any `snakemake -n` (imports, plugin
 discovery) on a one-rule workflow. It includes the SLURM executor plugin's
@@ -31,16 +32,13 @@ it waits for its 10 s timeout where SLURM is installed and its controller is
 down (start tests/slurm/cluster.sh first on such a machine).
 
     .venv/bin/python bench/dag.py [--sizes 200 2000 10000] [--large] [--keep DIR]
-                                  [--no-unchanged] [--json dag.json]
+                                  [--no-unchanged] [--json bench/results/dag.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -235,35 +233,18 @@ def startup(base: Path) -> float:
     return time.perf_counter() - t0
 
 
-def stamp() -> dict:
-    """Commit, date, CPU model and core count, for a bench JSON (a shared bench
-    helper may replace this)."""
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    model = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor() or platform.machine(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else platform.processor() or platform.machine()
-    )
-    return {
-        "commit": commit + ("-dirty" if dirty else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-    }
+def flat(row: dict) -> dict:
+    """One table row: wall and CPU seconds per column, the ratios (bench/record.py)."""
+    out = {"subjects": row["subjects"], "jobs": row["jobs"]}
+    for column in ("first", "again", "profile", "floor", "unchanged"):
+        if column in row:
+            out[f"{column} wall s"] = round(row[column]["wall_s"], 1)
+            out[f"{column} CPU s"] = round(row[column]["cpu_s"], 1)
+    out["profile/floor CPU"] = round(row["profile_over_floor_cpu"], 3)
+    out["again/floor CPU"] = round(row["again_over_floor_cpu"], 3)
+    if "unchanged" in row:
+        out["unchanged jobs"] = row["unchanged"]["jobs"]
+    return out
 
 
 def cell(r: dict) -> str:
@@ -280,11 +261,12 @@ def main() -> int:
         action="store_true",
         help="skip the unchanged-rerun column (its setup touches every output)",
     )
-    parser.add_argument("--json", default="dag.json", help="write the figures here (dag.json)")
+    parser.add_argument("--json", help="also write the figures here (bench/record.py)")
     args = parser.parse_args()
+    import record  # the commit and machine, as of this start
+
     sizes = args.sizes + ([40000] if args.large and 40000 not in args.sizes else [])
     base = Path(args.keep or tempfile.mkdtemp(prefix="medtx-dag-"))
-    stamped = stamp()  # the code measured, before any run
     fixed = startup(base)
     print(f"# snakemake dry-run planning ({os.cpu_count()} cores); load {os.getloadavg()}")
     print(f"# fixed cost of any snakemake -n (one-rule workflow): {fixed:.1f} s")
@@ -328,10 +310,14 @@ def main() -> int:
             line += f" {cell(row['unchanged'])} ({row['unchanged']['jobs']} jobs)"
         print(line, flush=True)
         rows.append(row)
-    Path(args.json).write_text(
-        json.dumps({**stamped, "fixed_s": fixed, "sizes": rows}, indent=2) + "\n"
-    )
-    print(f"# figures: {args.json}")
+        table = [flat(row) for row in rows]
+        notes = [
+            f"fixed cost of any snakemake -n (one-rule workflow): {fixed:.1f} s wall",
+            "targets (issue 34): profile <= 1.5x floor (CPU) at 10,000 subjects;"
+            " 40,000 subjects planned with the profile in <= 90 s",
+        ]
+        if record.write_record("dag", {"planning": table}, args.json, notes=notes):
+            print(f"# figures: {args.json}", flush=True)
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
     return 0

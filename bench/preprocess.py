@@ -19,10 +19,10 @@ Accuracy is bench/registration.py's job; this prints seconds per step and
 per scan, CPU seconds, peak memory, the workflow's CPU against `medtx
 preprocess` on the same scan (target, issue 34: within 10 %) and the CPU ratio
 against the reference (--no-reference skips it). The figures go to a JSON file
-(--json) stamped with commit, date, CPU model and core count.
+(--json) through bench/record.py (commit, date, machine).
 
     .venv/bin/python bench/preprocess.py [--threads 1] [--demo 1] [--out DIR]
-        [--no-reference] [--step-layout] [--json preprocess.json]
+        [--no-reference] [--step-layout] [--json bench/results/preprocess.json]
 """
 
 from __future__ import annotations
@@ -145,32 +145,6 @@ def scans(n_demo: int, workdir: Path) -> list[tuple[str, str]]:
     return out
 
 
-def stamp() -> dict:
-    """Commit, date, CPU model and core count, for a bench JSON (a shared bench
-    helper may replace this)."""
-    import datetime
-    import platform
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(REPO), *args], capture_output=True, text=True
-        ).stdout.strip()
-
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [
-        line.split(":", 1)[1].strip()
-        for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-        if line.startswith("model name")
-    ]
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {
-        "commit": git("rev-parse", "HEAD") + ("-dirty" if dirty else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_model": models[0] if models else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="ITK threads per chain")
@@ -183,12 +157,14 @@ def main() -> int:
     parser.add_argument(
         "--step-layout", action="store_true", help="add the workflow with one job per step"
     )
-    parser.add_argument("--json", default="preprocess.json", help="figures (preprocess.json)")
+    parser.add_argument("--json", help="also write the figures here (bench/record.py)")
     parser.add_argument("--worker", nargs=3, metavar=("CHAIN", "T1", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, threads=args.threads)))
         return 0
+
+    import record  # the commit and machine, as of this start
 
     from medtx.preprocess.backend import fsl_available
 
@@ -201,7 +177,6 @@ def main() -> int:
     chains = ["medtx", "workflow"] + (["steps"] if args.step_layout else [])
     chains += ([reference] if reference else []) + (["fsl"] if fsl_available() else [])
     work = Path(args.out or tempfile.mkdtemp(prefix="medtx-bench-"))
-    stamped = stamp()  # the code measured, before any run
     results: dict[tuple[str, str], dict] = {}
     loads: dict[tuple[str, str], float] = {}
     for label, t1 in scans(args.demo, work):
@@ -252,6 +227,7 @@ def main() -> int:
             f" {loads[(label, chain)]:5.1f}"
         )
     print()
+    means = {}
     for chain in chains:
         cpu = [r["cpu_s"] for (_, ch), r in results.items() if ch == chain]
         medtx = [r["cpu_s"] for (_, ch), r in results.items() if ch == "medtx"]
@@ -261,10 +237,16 @@ def main() -> int:
             ref = [r["cpu_s"] for (_, ch), r in results.items() if ch == reference]
             line += f"   {sum(ref) / sum(cpu):.2f}x less CPU than {reference}"
         print(line)
-    Path(args.json).write_text(
-        json.dumps({**stamped, "threads": args.threads, "runs": rows}, indent=2) + "\n"
-    )
-    print(f"figures: {args.json}")
+        means[chain] = {
+            "CPU s per scan": round(sum(cpu) / len(cpu), 2),
+            "CPU vs medtx preprocess": round(sum(cpu) / sum(medtx), 3),
+        }
+    notes = [f"{args.threads} ITK thread(s) per chain; target (issue 34): workflow within 1.10x"]
+    if reference:
+        notes.append(f"reference: {reference} (Clinica {how})")
+    sections = {"mean per chain": means, "runs": rows}
+    if record.write_record("preprocess", sections, args.json, notes=notes):
+        print(f"figures: {args.json}")
     print(f"outputs: {work}")
     return 0
 

@@ -55,7 +55,7 @@ def test_rule_file_helpers_quote_what_they_build():
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
     assert '{role}={{{direction}.{role}:q}}"' in common  # io_args
     assert 'f"{flag} {shlex.join(paths)}"' in common  # shell_args
-    assert '"@" + shlex.quote(f) for f in files' in common  # argfiles
+    assert 'f"@{shlex.quote(f)}" for f in files' in common  # argfiles
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

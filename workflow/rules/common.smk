@@ -202,7 +202,8 @@ def record_list(dataset):
 def argfiles(flag, files):
     """`flag @'file' ...`: each file's lines become the flag's arguments."""
     files = [files] if isinstance(files, str) else list(files)
-    return f"{flag} " + " ".join("@" + shlex.quote(f) for f in files) if files else ""
+    quoted = " ".join(f"@{shlex.quote(f)}" for f in files)
+    return f"{flag} {quoted}" if files else ""
 
 
 def get_final_output():
@@ -296,9 +297,9 @@ def raw_t1(wildcards):
 CHAIN_PARAMS = as_json({**chain_params(PRE, BACKEND, config["qc"]), "qc": config["qc"]})
 # The chain's products, declared as the job's outputs (kept while it runs: the
 # steps it skips keep their files). It writes every file of t1_outputs beside
-# them, each named in its step's record; a rule that reads one of those (deface:
-# bet's mask) takes the provenance record as its input. Each declared file costs
-# Snakemake planning time on every scan.
+# them, each named in its step's record; the rules that read one of those (deface
+# reads bet's mask) take the provenance record as their input. Each declared file
+# costs Snakemake planning time on every scan.
 CHAIN_OUTPUTS = {
     "preproc": update(T1["preproc"]),
     "cache": update(
@@ -385,6 +386,15 @@ def firewall_gate():
 def cache_index(dataset):
     """The file that stands for all of a dataset's caches (rule cache_index)."""
     return paths.cache_index(RESULTS, dataset)
+
+
+def dataset_caches(dataset):
+    """A dataset's cache files: images (and BraTS regions), in scan-table order."""
+    caches = [cache_files(dataset, scan) for scan in OK[dataset]["scan"]]
+    files = {"images": [c["image"] for c in caches]}
+    if is_brats(dataset):
+        files["regions"] = [c["regions"] for c in caches]
+    return files
 
 
 def cache_files(dataset, scan):

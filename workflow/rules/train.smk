@@ -22,19 +22,18 @@ rule cache_index:
         f"{LOGS}/train/cache_index/{{dataset}}.log",
     params:
         scans=lambda w: list(OK[w.dataset]["scan"]),
+        caches=lambda w: dataset_caches(w.dataset),
         code=code_hash("cache_index"),
     run:
         from medtx.data.cache import write_cache_index
 
-        caches = [cache_files(wildcards.dataset, scan) for scan in params.scans]
-        brats = is_brats(wildcards.dataset)
         write_cache_index(
             wildcards.dataset,
             params.scans,
-            [c["image"] for c in caches],
+            params.caches["images"],
             output[0],
-            [c["regions"] for c in caches] if brats else None,
-            brats=brats,
+            params.caches.get("regions"),
+            brats=is_brats(wildcards.dataset),
         )
 
 
