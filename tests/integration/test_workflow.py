@@ -827,9 +827,9 @@ def test_a_user_config_that_names_datasets_replaces_the_demo(tmp_path, medtx_env
     )
     elsewhere = snakemake(tmp_path / "else", "-n", "all", config=fsl, env=env, timeout=120)
     assert rerun_plan(here) == rerun_plan(elsewhere)
-    # 22 with `all`: the scan's one preprocessing job, and one that writes the
-    # dataset's scan table (under the lock) among them
-    assert sum(rerun_plan(here).values()) == 21, rerun_plan(here)
+    # 23 with `all`: the scan's one preprocessing job, one that writes the dataset's
+    # scan table (under the lock) and one its record list, among them
+    assert sum(rerun_plan(here).values()) == 22, rerun_plan(here)
     first = here.stderr.splitlines()[0]
     assert first == (
         f"medtx: config {fsl} ({fsl} names its datasets: the demo's config.yaml is not used);"

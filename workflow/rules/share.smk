@@ -4,9 +4,10 @@
 # `snakemake defaced`.
 
 
+# a function: only asked for when the rule is (a list would be read on every start)
 rule defaced:
     input:
-        [
+        lambda w: [
             paths.defaced(RESULTS, name, scan)["t1"]
             for name in t1_datasets()
             for scan in OK[name]["scan"]
