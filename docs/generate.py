@@ -53,7 +53,8 @@ BENCHES: dict[str, tuple[str, str]] = {
         ".venv/bin/python bench/preprocess.py --json bench/results/preprocess.json",
     ),
     "dag": (
-        "Snakemake's planning time (dry runs) on synthetic cohorts of 200 to 10,000 subjects",
+        "Snakemake's planning time (dry runs) on synthetic cohorts of 200 to 10,000 subjects"
+        " (40,000 with --large), beside a bare workflow of the same job count",
         ".venv/bin/python bench/dag.py --json bench/results/dag.json",
     ),
     "train": (
