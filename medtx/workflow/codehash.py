@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent
@@ -110,9 +111,10 @@ def imported_modules(name: str) -> frozenset[str]:
 _HOLDERS = (ast.stmt, ast.excepthandler, ast.match_case)
 
 
-def _statements(tree: ast.Module):
-    """Every statement of ``tree``, at any depth (function and class bodies too)."""
-    todo = list(tree.body)
+def _statements(tree: ast.Module) -> Iterator[ast.AST]:
+    """Every statement of ``tree``, at any depth (function and class bodies too),
+    and the except clauses and match cases that hold some."""
+    todo: list[ast.AST] = list(tree.body)
     while todo:
         node = todo.pop()
         yield node
