@@ -181,14 +181,6 @@ else:
             " --qc {params.qc:q} --out {output.provenance:q} > {log:q} 2>&1"
 
 
-# A T1 dataset's final images as a BIDS-derivatives dataset (linked, not copied):
-# seconds of bookkeeping, run where Snakemake runs rather than queued on a cluster.
-
-
-localrules:
-    bids_derivatives,
-
-
 # A dataset's provenance records, one path per line: the rules below and after
 # (derivatives, report, folds, cache index, predictions) depend on this one file
 # instead of every record, so Snakemake plans one edge per scan, not one per
@@ -212,6 +204,14 @@ rule record_list:
         from medtx.workflow.argfile import write_argfile
 
         write_argfile(input.records, output[0])
+
+
+# A T1 dataset's final images as a BIDS-derivatives dataset (linked, not copied):
+# seconds of bookkeeping, run where Snakemake runs rather than queued on a cluster.
+
+
+localrules:
+    bids_derivatives,
 
 
 rule bids_derivatives:
