@@ -605,6 +605,30 @@ def build_scan_tables(
     return tables
 
 
+def planned_scan_tables(
+    datasets: Mapping[str, dict], *, table_path: Callable[[str], str | Path], **options
+) -> dict[str, pd.DataFrame]:
+    """The tables the planning run wrote, for a job Snakemake spawned on a cluster.
+
+    Each SLURM job reads the whole workflow again to run its one scan. Building
+    every table there would check every image in every job (O(scans) work in
+    each of O(scans) jobs); the planner wrote them under the run's lock before
+    any job started, so a job runs the scan its planner saw. A dataset whose
+    table is missing is built as ``build_scan_tables`` builds it.
+    """
+    tables: dict[str, pd.DataFrame] = {}
+    missing = {}
+    for name, dataset in datasets.items():
+        path = Path(table_path(name))
+        if path.is_file():
+            tables[name] = read_scan_table(path)
+        else:
+            missing[name] = dataset
+    if missing:
+        tables.update(build_scan_tables(missing, table_path=table_path, **options))
+    return {name: tables[name] for name in datasets}
+
+
 def table_text(table: pd.DataFrame) -> str:
     """A scan table as its file holds it (tab-separated, with the header)."""
     return table.to_csv(sep="\t", index=False)

@@ -590,6 +590,27 @@ def test_bad_scan_fail_and_exclude(run, tmp_path):
     assert after == before  # nothing computed before was touched
 
 
+def test_a_spawned_job_reads_the_scan_table_its_planner_wrote(tmp_path, medtx_env):
+    """A job Snakemake spawns on a cluster (``--mode remote``, as each SLURM job runs)
+    reads the workflow again: it takes the scan tables written under the lock instead
+    of checking every image again, so an image gone since stops a plan, not the job."""
+    cohort = tmp_path / "cohort"
+    for subject in ("a", "b"):
+        write_nifti(cohort / f"{subject}.nii.gz", sphere(shape=(40, 48, 40), radius=15))
+    (cohort / "scans.csv").write_text("subject,t1,age\na,a.nii.gz,60\nb,b.nii.gz,61\n")
+    dataset = {"kind": "csv", "role": ["regression"], "path": str(cohort / "scans.csv")}
+    config = edited_config(tmp_path, "spawned.yaml", lambda c: c.update(datasets={"d": dataset}))
+    work, target = tmp_path / "work", "results/work/d.records.txt"
+    made = snakemake(work, "--cores", "1", "results/scans/d.tsv", config=config, env=medtx_env)
+    assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    (cohort / "b.nii.gz").unlink()
+    plan = snakemake(work, "-n", target, config=config, env=medtx_env, timeout=120)
+    assert plan.returncode != 0
+    assert f"{cohort / 'b.nii.gz'}: file does not exist" in plan.stdout + plan.stderr
+    spawned = snakemake(work, "-n", "--mode", "remote", target, config=config, env=medtx_env)
+    assert rerun_plan(spawned) == {"preprocess_t1": 2, "record_list": 1}
+
+
 def test_fold_manifests_subject_level_and_complete(run):
     import pandas as pd
 

@@ -9,6 +9,7 @@ from medtx.config import validate_config
 from medtx.data.scans import (
     IMAGES,
     build_scan_tables,
+    planned_scan_tables,
     stamp_scan_table,
     table_text,
     write_scan_table,
@@ -90,8 +91,10 @@ onerror:
 # Read here; written only under the lock, by onstart and the scan_table jobs
 # (data.smk), never in a dry run. Each job's input is a stamp in the working
 # directory that is newer than its table exactly when the table does not hold this content.
+# A job Snakemake spawned on the cluster (remote mode) reads the written tables
+# instead of checking every image again.
 with user_errors():
-    SCANS = build_scan_tables(
+    SCANS = (planned_scan_tables if workflow.remote_exec else build_scan_tables)(
         config["datasets"],
         table_path=lambda name: paths.scan_table(RESULTS, name),
         on_bad_scan=config["on_bad_scan"],

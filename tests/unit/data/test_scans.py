@@ -150,6 +150,25 @@ def test_cache_not_rewritten_when_unchanged(tmp_path):
     assert cache.stat().st_mtime_ns == first
 
 
+def test_a_spawned_job_reads_the_written_tables_as_they_were_built(tmp_path):
+    """``planned_scan_tables`` (a SLURM job's view) gives each written table with the
+    text the planner built, so its stamps agree; a dataset without a table is built."""
+    written = write_csv(tmp_path, ["a1,,s0.nii.gz,70,CN", "a2,1,s1.nii.gz,71.5,MCI"])
+    make_bids(tmp_path / "bids")
+    datasets = {"c": written, "b": bids(tmp_path / "bids")}
+    table_path = lambda name: tmp_path / f"{name}.tsv"  # noqa: E731
+    built = scans.build_scan_tables(datasets, table_path=table_path, write=False)
+    scans.write_scan_table(scans.table_text(built["c"]), table_path("c"))
+    (tmp_path / "s1.nii.gz").unlink()  # gone since the plan: the job does not look
+    planned = scans.planned_scan_tables(datasets, table_path=table_path, write=False)
+    assert list(planned) == ["c", "b"]
+    for name in datasets:
+        assert scans.table_text(planned[name]) == scans.table_text(built[name])
+    assert not table_path("b").exists()  # built, as the planner builds it: not written
+    with pytest.raises(CohortError, match=r"s1\.nii\.gz: file does not exist"):
+        scans.build_scan_tables(datasets, table_path=table_path, write=False)
+
+
 def test_brats_missing_modality(tmp_path):
     for case in ("BraTS20_Training_001", "BraTS20_Training_002"):
         for mod in ("t1", "t1ce", "t2", "flair", "seg"):
