@@ -71,6 +71,7 @@ def write_cache_index(
     regions: Sequence[str] | None = None,
     *,
     brats: bool = False,
+    records: Sequence[str] | None = None,
 ) -> Path:
     """One dataset's cached volumes as a TSV: who each scan is, and its cache files.
 
@@ -79,12 +80,19 @@ def write_cache_index(
     scans and 30 runs that is 30 inputs, not 60,000, which Snakemake plans in
     seconds less. Rewritten whenever a cache is (the rule's inputs), so a new
     or changed scan still retrains the dataset's models.
+
+    ``records`` (the workflow's) are each scan's provenance record, in the same
+    order. A T1 scan's job declares only its record (each declared file costs
+    planning time on every scan), so Snakemake does not see a deleted cache: it
+    is found here, named with the record whose deletion rebuilds it.
     """
     if len(scans) != len(images) or (regions is not None and len(regions) != len(images)):
         raise MedtxError(
             f"{out}: {len(scans)} scans but {len(images)} cached images"
             + (f" and {len(regions)} region masks" if regions is not None else "")
         )
+    if records is not None:
+        _check_caches(scans, images, regions, records, out)
     rows = []
     for i, (scan, image) in enumerate(zip(scans, images)):
         who = scan_identity(scan, brats=brats)
@@ -102,6 +110,25 @@ def write_cache_index(
     with atomic_path(out) as tmp:
         table.to_csv(tmp, sep="\t", index=False)
     return Path(out)
+
+
+def _check_caches(
+    scans: Sequence[str],
+    images: Sequence[str],
+    regions: Sequence[str] | None,
+    records: Sequence[str],
+    out: str | Path,
+) -> None:
+    if len(records) != len(scans):
+        raise MedtxError(f"{out}: {len(scans)} scans but {len(records)} provenance records")
+    for i, scan in enumerate(scans):
+        for path in (images[i], *([regions[i]] if regions is not None else [])):
+            if not Path(path).is_file():
+                raise MedtxError(
+                    f"{path}: the training cache of scan {scan} is missing; delete"
+                    f" {records[i]} and run again: its job rebuilds the missing files"
+                    " and keeps the others"
+                )
 
 
 def read_cache_index(path: str | Path) -> pd.DataFrame:

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from medtx.data.scan_ids import SCAN_ID_PATTERN, scan_identity
+from medtx.errors import MedtxError
 from medtx.preprocess import steps
 from medtx.preprocess.backend import require_fsl, resolve_backend
 from medtx.preprocess.context import StepContext
 from medtx.provenance.collect import collect_scan
 from medtx.provenance.records import merge_scan
-from medtx.workflow.paths import step_records, t1_outputs
+from medtx.workflow.paths import cache_paths, step_records, t1_outputs
 
 
 def chain_files(t1: str, f: dict[str, str], backend: str) -> list[tuple[str, dict, dict]]:
@@ -91,13 +92,18 @@ def run_steps(
 def run_step(i: dict, o: dict, params: dict, ctx: StepContext) -> dict:
     """``medtx step chain``: one workflow job per scan (``preprocess/job_per: scan``).
 
-    ``o`` holds at least ``provenance`` and ``qc_png``, and any file of the chain by
-    its ``t1_outputs`` key (and ``cache``); the others are named by ``t1_outputs``
-    in the provenance record's folder. ``params`` holds each step's params
-    (``chain_params``) and ``qc``. The files and records are those the
-    step-per-job rules write.
+    ``o`` holds at least ``provenance``, and any file of the chain by its
+    ``t1_outputs`` key, and ``cache`` or ``cache_dir`` (the training cache, or
+    the folder whose ``cache_paths`` name it); the others are named by
+    ``t1_outputs`` in the provenance record's folder. ``params`` holds each
+    step's params (``chain_params``) and ``qc``. The files and records are those
+    the step-per-job rules write.
     """
     f = {**t1_outputs(Path(o["provenance"]).parent, ctx.scan), **o}
+    if "cache_dir" in f:
+        if not ctx.dataset:
+            raise MedtxError("medtx step chain: --output cache_dir=DIR needs --dataset")
+        f["cache"] = cache_paths(f.pop("cache_dir"), ctx.dataset, ctx.scan)["image"]
     # the job's log says which steps ran and which were skipped
     run_steps(i["t1"], f, params=params, ctx=ctx, log=lambda line: print(line, file=sys.stderr))
     return collect_scan(step_records(f), f["provenance"], thumbnail=f["qc_png"], qc=params["qc"])

@@ -152,7 +152,10 @@ def build_derivatives(
         for key in (*IMAGES, TRANSFORM):
             src = Path(work[key])
             if not src.is_file():
-                raise MedtxError(f"{src}: missing; scan {scan} of {dataset} is not preprocessed")
+                raise MedtxError(
+                    f"{src}: missing (scan {scan} of {dataset}); delete {record} and run"
+                    " again: its job rebuilds the missing files and keeps the others"
+                )
             dst = out / folder / src.name
             _link(src, dst)
             if key in IMAGES:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medtx.workflow.paths import PROVENANCE_SUFFIX
 from tests.conftest import REPO, sphere, write_nifti
 
 pytestmark = pytest.mark.integration
@@ -535,6 +536,34 @@ def test_n4_code_edit_reruns_n4_and_after_inside_each_scan_job(run, tmp_path):
         for step in ("n4", "pool", "normalize"):
             assert after[step] > before[step], (scan, step)
         assert "bet: unchanged" in logs[scan] and "n4: ran" in logs[scan], logs[scan]
+
+
+def test_a_deleted_cache_is_named_and_deleting_its_record_rebuilds_it(run, tmp_path):
+    """A T1 job declares its record and QC strip, not its cache: a deleted cache is
+    named by the cache index with the record to delete; deleting that record reruns
+    the scan's job, which skips bet, flirt and n4 and rebuilds the cache. No other
+    scan's job runs."""
+    work, env = run
+    sandbox = tmp_path / "sandbox"
+    shutil.copytree(work, sandbox, symlinks=True)  # copy2 keeps the mtimes
+    before = t1_step_starts(sandbox / "results")
+    cache = sorted((sandbox / "results/cache/mini_adni").glob("*.npy"))[0]
+    scan = cache.stem
+    record = f"results/work/mini_adni/{scan}/{scan}{PROVENANCE_SUFFIX}"
+    cache.unlink()
+    index = "results/cache/mini_adni.index.tsv"
+    proc = snakemake(sandbox, "--cores", "1", "--forcerun", "cache_index", index, env=env)
+    assert proc.returncode != 0
+    named = f"results/cache/mini_adni/{scan}.npy: the training cache of scan {scan} is missing"
+    assert f"{named}; delete {record} and run again" in proc.stderr, proc.stderr[-3000:]
+    (sandbox / record).unlink()
+    proc = snakemake(sandbox, "--cores", "2", index, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert cache.is_file() and (sandbox / record).is_file()
+    after = t1_step_starts(sandbox / "results")
+    assert {s: after[s] for s in after if s != scan} == {s: before[s] for s in before if s != scan}
+    assert all(after[scan][step] == before[scan][step] for step in ("bet", "flirt", "n4"))
+    assert all(after[scan][step] > before[scan][step] for step in ("pool", "normalize"))
 
 
 def test_audit_finds_changed_output(run, tmp_path):

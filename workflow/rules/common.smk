@@ -298,17 +298,14 @@ def raw_t1(wildcards):
 # One job per scan (preprocess/job_per: scan): the step records' params as the
 # step-per-job rules pass them, with the QC thresholds for collect.
 CHAIN_PARAMS = as_json({**chain_params(PRE, BACKEND, config["qc"]), "qc": config["qc"]})
-# The chain's products, declared as the job's outputs (kept while it runs: the
-# steps it skips keep their files). It writes every file of t1_outputs beside
-# them, each named in its step's record; the rules that read one of those (deface
-# reads bet's mask) take the provenance record as their input. Each declared file
-# costs Snakemake planning time on every scan.
-CHAIN_OUTPUTS = {
-    "preproc": update(T1["preproc"]),
-    "cache": update(
-        paths.cache_paths(paths.cache_dir(RESULTS), "{dataset}", "{scan}")["image"]
-    ),
-}
+# The chain's job declares two files: the provenance record, which every later
+# rule reads, and the QC strip for Snakemake's report. Each declared file costs
+# Snakemake planning time on every scan. The chain writes every file of
+# t1_outputs beside them and the training cache under the cache folder, each
+# named in its step's record; the rules that read one (derivatives, the cache
+# index, deface) take the provenance record as their input and name a missing
+# file with the record to delete to rebuild it.
+CHAIN_CACHE_DIR = paths.cache_dir(RESULTS)
 
 
 def bet_outputs():

@@ -14,7 +14,6 @@ if PRE["job_per"] == "scan":
         input:
             t1=raw_t1,
         output:
-            **CHAIN_OUTPUTS,
             provenance=T1["provenance"],
             qc_png=report(T1["qc_png"], **QC_STRIP),
         log:
@@ -32,10 +31,15 @@ if PRE["job_per"] == "scan":
             context=STEP_CONTEXT,
             code=code_hash("chain"),
         shell:
-            # the chain names its other files from the provenance record's folder
+            # the chain names its other files from the provenance record's folder,
+            # and the training cache from the cache folder
             "python -m medtx step chain --input t1={input.t1:q}"
-            " --output provenance={output.provenance:q} --output cache={output.cache:q} "
-            + literal_args(params=CHAIN_PARAMS, context=STEP_CONTEXT)
+            " --output provenance={output.provenance:q} "
+            + literal_args(
+                output=f"cache_dir={CHAIN_CACHE_DIR}",
+                params=CHAIN_PARAMS,
+                context=STEP_CONTEXT,
+            )
             + " --scan {wildcards.scan:q} --dataset {wildcards.dataset:q} > {log:q} 2>&1"
 
 else:

@@ -652,3 +652,37 @@ def test_cache_index_lists_each_scan_once_with_its_identity(tmp_path):
     assert brats["subject"].tolist() == ["BraTS20Training001"]
     with pytest.raises(MedtxError, match="2 scans but 3 cached images"):
         write_cache_index("adni", scans[:2], images, tmp_path / "k.tsv")
+
+
+def test_the_workflows_cache_index_names_a_missing_cache_and_its_record(tmp_path):
+    """A T1 job declares only its record, so a deleted cache is found by the index
+    (the workflow passes each scan's record) and named with the record to delete."""
+    from medtx.data.cache import write_cache_index
+
+    scans = ["sub-0", "sub-1", "sub-2"]
+    images = [tmp_path / f"{s}.npy" for s in scans]
+    for image in images:
+        np.save(image, np.zeros((1, 2, 2, 2), np.float16))
+    records = [str(tmp_path / s / f"{s}_provenance.json") for s in scans]
+    out = write_cache_index(
+        "adni", scans, list(map(str, images)), tmp_path / "i.tsv", records=records
+    )
+    assert out.is_file()
+    images[1].unlink()
+    with pytest.raises(MedtxError) as err:
+        write_cache_index(
+            "adni", scans, list(map(str, images)), tmp_path / "j.tsv", records=records
+        )
+    assert str(err.value).startswith(f"{images[1]}: the training cache of scan sub-1 is missing")
+    assert f"delete {records[1]} and run again" in str(err.value)
+    assert not (tmp_path / "j.tsv").exists()
+    regions = [str(i).replace(".npy", "_regions.npy") for i in images]
+    images[1].touch()
+    with pytest.raises(MedtxError, match=r"sub-0_regions\.npy: the training cache of scan sub-0"):
+        write_cache_index(
+            "adni", scans, list(map(str, images)), tmp_path / "k.tsv", regions, records=records
+        )
+    with pytest.raises(MedtxError, match="3 scans but 2 provenance records"):
+        write_cache_index(
+            "adni", scans, list(map(str, images)), tmp_path / "l.tsv", records=records[:2]
+        )
