@@ -71,7 +71,7 @@ def write_cache_index(
     regions: Sequence[str] | None = None,
     *,
     brats: bool = False,
-    records: Sequence[str] | None = None,
+    record_list: str | Path | None = None,
 ) -> Path:
     """One dataset's cached volumes as a TSV: who each scan is, and its cache files.
 
@@ -81,17 +81,19 @@ def write_cache_index(
     seconds less. Rewritten whenever a cache is (the rule's inputs), so a new
     or changed scan still retrains the dataset's models.
 
-    ``records`` (the workflow's) are each scan's provenance record, in the same
-    order. A T1 scan's job declares only its record (each declared file costs
-    planning time on every scan), so Snakemake does not see a deleted cache: it
-    is found here, named with the record whose deletion rebuilds it.
+    ``record_list`` is the workflow's list of the dataset's provenance records,
+    one path per line in scan order (``medtx.workflow.argfile``). A T1 scan's job
+    declares only its record (each declared file costs planning time on every
+    scan), so Snakemake does not see a deleted cache: it is found here, named
+    with the record to force (``--forcerun``), which rebuilds it.
     """
     if len(scans) != len(images) or (regions is not None and len(regions) != len(images)):
         raise MedtxError(
             f"{out}: {len(scans)} scans but {len(images)} cached images"
             + (f" and {len(regions)} region masks" if regions is not None else "")
         )
-    if records is not None:
+    if record_list is not None:
+        records = Path(record_list).read_text().splitlines()
         _check_caches(scans, images, regions, records, out)
     rows = []
     for i, (scan, image) in enumerate(zip(scans, images)):
@@ -125,8 +127,8 @@ def _check_caches(
         for path in (images[i], *([regions[i]] if regions is not None else [])):
             if not Path(path).is_file():
                 raise MedtxError(
-                    f"{path}: the training cache of scan {scan} is missing; delete"
-                    f" {records[i]} and run again: its job rebuilds the missing files"
+                    f"{path}: the training cache of scan {scan} is missing; run again"
+                    f" with --forcerun {records[i]}: its job rebuilds the missing files"
                     " and keeps the others"
                 )
 

@@ -153,8 +153,8 @@ def build_derivatives(
             src = Path(work[key])
             if not src.is_file():
                 raise MedtxError(
-                    f"{src}: missing (scan {scan} of {dataset}); delete {record} and run"
-                    " again: its job rebuilds the missing files and keeps the others"
+                    f"{src}: missing (scan {scan} of {dataset}); run again with --forcerun"
+                    f" {record}: its job rebuilds the missing files and keeps the others"
                 )
             dst = out / folder / src.name
             _link(src, dst)

@@ -302,9 +302,9 @@ CHAIN_PARAMS = as_json({**chain_params(PRE, BACKEND, config["qc"]), "qc": config
 # rule reads, and the QC strip for Snakemake's report. Each declared file costs
 # Snakemake planning time on every scan. The chain writes every file of
 # t1_outputs beside them and the training cache under the cache folder, each
-# named in its step's record; the rules that read one (derivatives, the cache
-# index, deface) take the provenance record as their input and name a missing
-# file with the record to delete to rebuild it.
+# named in its step's record. The rules that read one take the provenance record
+# as their input; the cache index and the derivatives name a missing one with
+# the record to force (--forcerun), which rebuilds it (docs/preprocessing.md).
 CHAIN_CACHE_DIR = paths.cache_dir(RESULTS)
 
 

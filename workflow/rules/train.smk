@@ -13,7 +13,7 @@ localrules:
 
 # The caches are written by the jobs that wrote the records (a BraTS job declares
 # its cache, a T1 job only its record): a missing cache is named here, with the
-# record whose deletion rebuilds it.
+# record to force (--forcerun), which rebuilds it.
 rule cache_index:
     input:
         records=lambda w: record_list(w.dataset),
@@ -24,7 +24,6 @@ rule cache_index:
     params:
         scans=lambda w: list(OK[w.dataset]["scan"]),
         caches=lambda w: dataset_caches(w.dataset),
-        records=lambda w: dataset_targets(w.dataset, "provenance"),
         code=code_hash("cache_index"),
     run:
         from medtx.data.cache import write_cache_index
@@ -36,7 +35,7 @@ rule cache_index:
             output[0],
             params.caches.get("regions"),
             brats=is_brats(wildcards.dataset),
-            records=params.records,
+            record_list=input.records,
         )
 
 

@@ -97,7 +97,9 @@ def test_a_missing_image_is_named(cohort):
     victim.unlink()
     record = re.escape(str(cohort["records"][0]))
     with pytest.raises(
-        MedtxError, match=f"{victim.name}: missing \\(scan {SCANS[0]} of .*\\); delete {record} "
+        MedtxError,
+        match=f"{victim.name}: missing \\(scan {SCANS[0]} of .*\\); run again with"
+        f" --forcerun {record}:",
     ):
         _build(cohort)
 
