@@ -85,7 +85,7 @@ def write_cache_index(
     one path per line in scan order (``medtx.workflow.argfile``). A T1 scan's job
     declares only its record (each declared file costs planning time on every
     scan), so Snakemake does not see a deleted cache: it is found here, named
-    with the record to force (``--forcerun``), which rebuilds it.
+    with the file to force (``--forcerun``), which rebuilds it.
     """
     if len(scans) != len(images) or (regions is not None and len(regions) != len(images)):
         raise MedtxError(
@@ -94,7 +94,7 @@ def write_cache_index(
         )
     if record_list is not None:
         records = Path(record_list).read_text().splitlines()
-        _check_caches(scans, images, regions, records, out)
+        _check_caches(scans, images, regions, records, out, brats=brats)
     rows = []
     for i, (scan, image) in enumerate(zip(scans, images)):
         who = scan_identity(scan, brats=brats)
@@ -120,16 +120,21 @@ def _check_caches(
     regions: Sequence[str] | None,
     records: Sequence[str],
     out: str | Path,
+    *,
+    brats: bool,
 ) -> None:
+    """Every cache file exists; a missing one is named with what to force: a T1
+    scan's record (its job skips the intact steps), a BraTS case's cache (which
+    its job declares)."""
     if len(records) != len(scans):
         raise MedtxError(f"{out}: {len(scans)} scans but {len(records)} provenance records")
     for i, scan in enumerate(scans):
         for path in (images[i], *([regions[i]] if regions is not None else [])):
             if not Path(path).is_file():
+                force = path if brats else records[i]
                 raise MedtxError(
                     f"{path}: the training cache of scan {scan} is missing; run again"
-                    f" with --forcerun {records[i]}: its job rebuilds the missing files"
-                    " and keeps the others"
+                    f" with --forcerun {force}: its job rebuilds it"
                 )
 
 

@@ -656,7 +656,7 @@ def test_cache_index_lists_each_scan_once_with_its_identity(tmp_path):
 
 def test_the_workflows_cache_index_names_a_missing_cache_and_its_record(tmp_path):
     """A T1 job declares only its record, so a deleted cache is found by the index
-    (the workflow passes each scan's record) and named with the record to delete."""
+    (the workflow passes its record list) and named with the file to force."""
     from medtx.data.cache import write_cache_index
 
     scans = ["sub-0", "sub-1", "sub-2"]
@@ -676,7 +676,16 @@ def test_the_workflows_cache_index_names_a_missing_cache_and_its_record(tmp_path
             "adni", scans, list(map(str, images)), tmp_path / "j.tsv", record_list=record_list
         )
     assert str(err.value).startswith(f"{images[1]}: the training cache of scan sub-1 is missing")
-    assert f"; run again with --forcerun {records[1]}: its job rebuilds" in str(err.value)
+    assert str(err.value).endswith(f"; run again with --forcerun {records[1]}: its job rebuilds it")
+    with pytest.raises(MedtxError, match=f"missing; run again with --forcerun {images[1]}:"):
+        write_cache_index(
+            "brats",
+            scans,
+            list(map(str, images)),
+            tmp_path / "b.tsv",
+            brats=True,
+            record_list=record_list,
+        )
     assert not (tmp_path / "j.tsv").exists()
     regions = [str(i).replace(".npy", "_regions.npy") for i in images]
     images[1].touch()
