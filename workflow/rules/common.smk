@@ -304,8 +304,7 @@ CHAIN_PARAMS = as_json({**chain_params(PRE, BACKEND, config["qc"]), "qc": config
 # t1_outputs beside them and the training cache under the cache folder, each
 # named in its step's record. The rules that read one take the provenance record
 # as their input; the cache index and the derivatives name a missing one with
-# the record to force (--forcerun), which rebuilds it (docs/preprocessing.md).
-CHAIN_CACHE_DIR = paths.cache_dir(RESULTS)
+# the file to force (--forcerun), which rebuilds it (docs/preprocessing.md).
 
 
 def bet_outputs():

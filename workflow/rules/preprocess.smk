@@ -36,7 +36,7 @@ if PRE["job_per"] == "scan":
             "python -m medtx step chain --input t1={input.t1:q}"
             " --output provenance={output.provenance:q} "
             + literal_args(
-                output=f"cache_dir={CHAIN_CACHE_DIR}",
+                output=f"cache_dir={paths.cache_dir(RESULTS)}",
                 params=CHAIN_PARAMS,
                 context=STEP_CONTEXT,
             )

@@ -13,7 +13,7 @@ localrules:
 
 # The caches are written by the jobs that wrote the records (a BraTS job declares
 # its cache, a T1 job only its record): a missing cache is named here, with the
-# record to force (--forcerun), which rebuilds it.
+# file to force (--forcerun), which rebuilds it.
 rule cache_index:
     input:
         records=lambda w: record_list(w.dataset),

@@ -666,41 +666,26 @@ def test_the_workflows_cache_index_names_a_missing_cache_and_its_record(tmp_path
     records = [str(tmp_path / s / f"{s}_provenance.json") for s in scans]
     record_list = tmp_path / "records.txt"
     record_list.write_text("".join(f"{r}\n" for r in records))
-    out = write_cache_index(
-        "adni", scans, list(map(str, images)), tmp_path / "i.tsv", record_list=record_list
-    )
-    assert out.is_file()
+
+    def index(name, dataset="adni", regions=None, **kw):
+        kw.setdefault("record_list", record_list)
+        files = list(map(str, images))
+        return write_cache_index(dataset, scans, files, tmp_path / name, regions, **kw)
+
+    assert index("i.tsv").is_file()
     images[1].unlink()
     with pytest.raises(MedtxError) as err:
-        write_cache_index(
-            "adni", scans, list(map(str, images)), tmp_path / "j.tsv", record_list=record_list
-        )
+        index("j.tsv")
     assert str(err.value).startswith(f"{images[1]}: the training cache of scan sub-1 is missing")
     assert str(err.value).endswith(f"; run again with --forcerun {records[1]}: its job rebuilds it")
     with pytest.raises(MedtxError, match=f"missing; run again with --forcerun {images[1]}:"):
-        write_cache_index(
-            "brats",
-            scans,
-            list(map(str, images)),
-            tmp_path / "b.tsv",
-            brats=True,
-            record_list=record_list,
-        )
+        index("b.tsv", "brats", brats=True)
     assert not (tmp_path / "j.tsv").exists()
     regions = [str(i).replace(".npy", "_regions.npy") for i in images]
     images[1].touch()
     with pytest.raises(MedtxError, match=r"sub-0_regions\.npy: the training cache of scan sub-0"):
-        write_cache_index(
-            "adni",
-            scans,
-            list(map(str, images)),
-            tmp_path / "k.tsv",
-            regions,
-            record_list=record_list,
-        )
+        index("k.tsv", regions=regions)
     short = tmp_path / "short.txt"
     short.write_text("".join(f"{r}\n" for r in records[:2]))
     with pytest.raises(MedtxError, match="3 scans but 2 provenance records"):
-        write_cache_index(
-            "adni", scans, list(map(str, images)), tmp_path / "l.tsv", record_list=short
-        )
+        index("l.tsv", record_list=short)
